@@ -1,0 +1,45 @@
+//! `ferry features`: what this build supports, for humans or (`--json`) for scripts.
+
+use serde::Serialize;
+use std::process::ExitCode;
+
+/// Arguments of `ferry features`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Features {
+    version: &'static str,
+    hypervisors: Vec<&'static str>,
+    transports: Vec<&'static str>,
+    repositories: Vec<&'static str>,
+}
+
+/// Prints the feature list.
+pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
+    let f = Features {
+        version: env!("CARGO_PKG_VERSION"),
+        hypervisors: vec![],
+        transports: vec![],
+        repositories: vec![],
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&f)?);
+    } else {
+        println!("ferry {}", f.version);
+        for (label, items) in [
+            ("hypervisors", &f.hypervisors),
+            ("transports", &f.transports),
+            ("repositories", &f.repositories),
+        ] {
+            let list = if items.is_empty() { "none yet".to_string() } else { items.join(", ") };
+            println!("{label:>13}: {list}");
+        }
+    }
+    tracing::debug!("features listed");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,4 @@
+//! One module per subcommand (or subcommand group). Each exposes `Args` and
+//! `pub async fn run(args: Args, global: &crate::Global) -> anyhow::Result<std::process::ExitCode>`.
+
+pub mod features;

@@ -1,0 +1,68 @@
+//! `ferry`: the command-line face of the Ferry backup proxy.
+//!
+//! Data (ids, tables, JSON) goes to stdout; logs and progress go to stderr. Each subcommand lives
+//! in its own module under `cmd/` and exposes `Args` (clap) plus `async fn run(args, &Global)`.
+
+mod cmd;
+mod logging;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Ferry — cross-hypervisor VM backup proxy.
+///
+/// Backs up VMs from Hyper-V, VMware vSphere and Citrix Hypervisor / XCP-ng (or plain disks, files
+/// and NBD exports) into a deduplicated, encrypted repository on a local disk, S3 or Azure Blob,
+/// and restores them anywhere.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand understands.
+#[derive(Debug, clap::Args)]
+pub struct Global {
+    /// More log output on stderr (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text, env = "FERRY_LOG_FORMAT")]
+    pub log_format: logging::LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show what this build of Ferry supports (formats, transports, backends).
+    Features(cmd::features::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.global.verbose, cli.global.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Features(args) => cmd::features::run(args, &cli.global).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            tracing::debug!(error = ?err, "command failed");
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

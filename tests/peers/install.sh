@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs every peer the test suite uses, idempotently. Fast when everything is present.
+#
+#   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy)
+#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob)
+#   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite)
+#
+# FERRY_PEERS_DIR defaults to <repo>/.peers (git-ignored). Fails loudly on any error.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+peers=${FERRY_PEERS_DIR:-$root/.peers}
+mkdir -p "$peers"
+
+say() { printf 'install.sh: %s\n' "$*" >&2; }
+die() { printf 'install.sh: ERROR: %s\n' "$*" >&2; exit 1; }
+
+# --- Debian packages -------------------------------------------------------------------------
+apt_pkgs=(qemu-utils nbdkit libnbd-bin)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  command -v apt-get >/dev/null || die "apt-get not found; install ${missing[*]} by hand"
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  say "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed"
+fi
+for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy; do
+  command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
+done
+
+# --- Python venv -----------------------------------------------------------------------------
+venv=$peers/venv
+req=$here/requirements.txt
+stamp=$venv/.ferry-requirements
+if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$stamp"; then
+  command -v python3 >/dev/null || die "python3 not found"
+  say "creating Python venv at $venv with $(grep -v '^#' "$req" | tr '\n' ' ')"
+  python3 -m venv "$venv" || die "python3 -m venv failed"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$req" || die "pip install failed"
+  cp "$req" "$stamp"
+fi
+[ -x "$venv/bin/moto_server" ] || die "moto_server missing from $venv"
+
+# --- npm -------------------------------------------------------------------------------------
+node_dir=$peers/node
+pkg=$here/package.json
+nstamp=$node_dir/.ferry-package.json
+if [ ! -x "$node_dir/node_modules/.bin/azurite-blob" ] || ! cmp -s "$pkg" "$nstamp"; then
+  command -v npm >/dev/null || die "npm not found"
+  say "installing npm peers into $node_dir: azurite"
+  mkdir -p "$node_dir"
+  cp "$pkg" "$node_dir/package.json"
+  (cd "$node_dir" && npm install --no-audit --no-fund --loglevel=error >/dev/null 2>"$node_dir/npm.log") \
+    || { cat "$node_dir/npm.log" >&2; die "npm install failed"; }
+  cp "$pkg" "$nstamp"
+fi
+[ -x "$node_dir/node_modules/.bin/azurite-blob" ] || die "azurite-blob missing from $node_dir"
+
+say "peers ready in $peers"
