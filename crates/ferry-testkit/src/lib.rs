@@ -1,0 +1,122 @@
+//! Real peers for Ferry's tests, started on demand and torn down on `Drop`.
+//!
+//! Every guard starts its peer on a private Unix socket or a free loopback port, waits until it
+//! answers, exposes what a client needs (URI, endpoint, credentials), prints the peer's log when
+//! the test panics, and kills the peer's whole process group when dropped.
+//!
+//! A peer that is not installed fails the test with a message naming `tests/peers/install.sh`;
+//! nothing is ever skipped.
+//!
+//! ```no_run
+//! let img = ferry_testkit::scratch_dir();
+//! let path = img.path().join("d.qcow2");
+//! ferry_testkit::qemu_img(&["create", "-f", "qcow2", path.to_str().unwrap(), "16M"]);
+//! let nbd = ferry_testkit::QemuNbd::new(&path).format("qcow2").read_only(true).start();
+//! println!("serving at {}", nbd.uri());
+//! ```
+
+mod azurite;
+mod moto;
+mod nbd;
+mod process;
+mod tls;
+
+pub use azurite::Azurite;
+pub use moto::Moto;
+pub use nbd::{Nbdkit, QemuNbd};
+pub use process::PeerProcess;
+pub use tls::TlsFiles;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Where `tests/peers/install.sh` put the venv and node peers: `$FERRY_PEERS_DIR` or `<repo>/.peers`.
+pub fn peers_dir() -> PathBuf {
+    std::env::var_os("FERRY_PEERS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.peers"))
+}
+
+/// The path of a peer program: the project's venv and node peers first, then `PATH`.
+///
+/// # Panics
+/// When the program is not installed, with a message naming the installer.
+pub fn tool(name: &str) -> PathBuf {
+    let peers = peers_dir();
+    let local = [
+        peers.join("venv/bin").join(name),
+        peers.join("node/node_modules/.bin").join(name),
+    ];
+    let on_path = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    local
+        .into_iter()
+        .chain(on_path)
+        .find(|p| is_executable(p))
+        .unwrap_or_else(|| panic!("peer `{name}` not found: run tests/peers/install.sh"))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Runs a command to completion and returns its stdout.
+///
+/// # Panics
+/// When it cannot start or exits non-zero, showing the command line, stdout and stderr.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (run tests/peers/install.sh?)"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        panic!(
+            "{shown} failed with {}\n--- stdout\n{stdout}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout
+}
+
+/// Runs `qemu-img ARGS`, returning stdout (panics with its output on failure).
+pub fn qemu_img(args: &[&str]) -> String {
+    run_ok(Command::new(tool("qemu-img")).args(args))
+}
+
+/// Runs `qemu-io ARGS`, returning stdout (panics with its output on failure).
+///
+/// qemu-io reports some failures on stdout with exit status 0, so output mentioning `failed` or
+/// `error` also panics.
+pub fn qemu_io(args: &[&str]) -> String {
+    let out = run_ok(Command::new(tool("qemu-io")).args(args));
+    let lower = out.to_ascii_lowercase();
+    if lower.contains("failed") || lower.contains("error") {
+        panic!("qemu-io {args:?} reported an error:\n{out}");
+    }
+    out
+}
+
+/// A fresh temporary directory, removed on drop.
+pub fn scratch_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ferry-test-")
+        .tempdir()
+        .expect("create a temporary directory")
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
