@@ -107,7 +107,12 @@ impl BlockError {
     }
 
     /// Checks that `len` bytes at `offset` lie within a disk of `size` bytes.
-    pub fn check_range(disk: &dyn fmt::Display, offset: u64, len: u64, size: u64) -> Result<(), Self> {
+    pub fn check_range(
+        disk: &dyn fmt::Display,
+        offset: u64,
+        len: u64,
+        size: u64,
+    ) -> Result<(), Self> {
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
             _ => Err(Self::OutOfRange {
@@ -138,7 +143,9 @@ pub trait BlockSource: Send + Sync + fmt::Debug {
     /// The parts of `range` that may hold non-zero data. Everything else reads as zeros.
     /// The default, for sources that cannot tell, is the whole range.
     async fn allocated(&self, range: Range<u64>) -> Result<ExtentMap, BlockError> {
-        Ok(ExtentMap::from_range(range.start..range.end.min(self.size())))
+        Ok(ExtentMap::from_range(
+            range.start..range.end.min(self.size()),
+        ))
     }
 
     /// Preferred read size in bytes (e.g. an image's block size, an NBD server's preferred

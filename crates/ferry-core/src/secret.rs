@@ -56,7 +56,10 @@ mod tests {
     #[test]
     fn never_prints() {
         let s = Secret::new("hunter2");
-        assert_eq!(format!("{s} {s:?} {:?}", Some(&s)), "*** Secret(***) Some(Secret(***))");
+        assert_eq!(
+            format!("{s} {s:?} {:?}", Some(&s)),
+            "*** Secret(***) Some(Secret(***))"
+        );
         assert_eq!(s.expose(), "hunter2");
     }
 }

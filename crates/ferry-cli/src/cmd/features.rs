@@ -36,7 +36,11 @@ pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode
             ("transports", &f.transports),
             ("repositories", &f.repositories),
         ] {
-            let list = if items.is_empty() { "none yet".to_string() } else { items.join(", ") };
+            let list = if items.is_empty() {
+                "none yet".to_string()
+            } else {
+                items.join(", ")
+            };
             println!("{label:>13}: {list}");
         }
     }
