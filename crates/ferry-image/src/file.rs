@@ -1,0 +1,284 @@
+//! Local files and block devices as [`BlockSource`] and [`BlockTarget`].
+//!
+//! Reads are positional (`pread`), so many tasks can read one file at once. On a multi-threaded
+//! Tokio runtime they run in place via `block_in_place` (no copy); elsewhere (a current-thread
+//! runtime) they run on the blocking pool into a scratch buffer. `allocated()` asks the file
+//! system with `SEEK_DATA`/`SEEK_HOLE`, so holes in sparse files cost nothing downstream.
+
+use crate::bytes::is_zero;
+use crate::error::ImageError;
+use async_trait::async_trait;
+use ferry_core::{BlockError, BlockSource, BlockTarget, ExtentMap};
+use nix::unistd::{Whence, lseek};
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Runs blocking file I/O without stalling the async executor.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        Ok(h) => match h.spawn_blocking(f).await {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        },
+        // No runtime (e.g. a plain executor in a fuzz harness): just do it.
+        Err(_) => f(),
+    }
+}
+
+fn in_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
+fn size_of(file: &File, path: &Path) -> Result<(u64, bool), ImageError> {
+    let meta = file
+        .metadata()
+        .map_err(|e| ImageError::io(path.display(), "stat", e))?;
+    if meta.file_type().is_block_device() {
+        let mut f = file;
+        let size = f.seek(SeekFrom::End(0)).map_err(|e| {
+            ImageError::io(path.display(), "seek to the end of the block device", e)
+        })?;
+        Ok((size, false))
+    } else {
+        Ok((meta.len(), meta.is_file()))
+    }
+}
+
+/// A read-only local file or block device.
+#[derive(Debug, Clone)]
+pub struct FileSource {
+    path: PathBuf,
+    name: String,
+    file: Arc<File>,
+    size: u64,
+    regular: bool,
+}
+
+impl FileSource {
+    /// Opens `path` read-only.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ImageError> {
+        let path = path.as_ref();
+        let file =
+            File::open(path).map_err(|e| ImageError::io(path.display(), "open for reading", e))?;
+        let (size, regular) = size_of(&file, path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            name: path.display().to_string(),
+            file: Arc::new(file),
+            size,
+            regular,
+        })
+    }
+
+    /// The path it was opened with.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[async_trait]
+impl BlockSource for FileSource {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        BlockError::check_range(&self.name, offset, buf.len() as u64, self.size)?;
+        let len = buf.len();
+        let op = || format!("read of {len} bytes at offset {offset}");
+        if in_multi_thread_runtime() {
+            let file = &self.file;
+            return tokio::task::block_in_place(|| file.read_exact_at(buf, offset))
+                .map_err(|e| BlockError::io(&self.name, op(), e));
+        }
+        let file = self.file.clone();
+        let scratch = blocking(move || {
+            let mut v = vec![0u8; len];
+            file.read_exact_at(&mut v, offset).map(|()| v)
+        })
+        .await
+        .map_err(|e| BlockError::io(&self.name, op(), e))?;
+        buf.copy_from_slice(&scratch);
+        Ok(())
+    }
+
+    async fn allocated(&self, range: Range<u64>) -> Result<ExtentMap, BlockError> {
+        let range = range.start.min(self.size)..range.end.min(self.size);
+        if !self.regular || range.is_empty() {
+            return Ok(ExtentMap::from_range(range));
+        }
+        let fd = self.file.as_raw_fd();
+        let mut out = ExtentMap::new();
+        let mut pos = range.start;
+        while pos < range.end {
+            let data = match lseek(fd, pos as i64, Whence::SeekData) {
+                Ok(d) => d as u64,
+                Err(nix::errno::Errno::ENXIO) => break, // only a hole remains
+                // A file system without SEEK_DATA: everything may hold data.
+                Err(nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP) => {
+                    out.insert(pos..range.end);
+                    break;
+                }
+                Err(e) => {
+                    return Err(BlockError::io(
+                        &self.name,
+                        format!("SEEK_DATA from offset {pos}"),
+                        e.into(),
+                    ));
+                }
+            };
+            if data >= range.end {
+                break;
+            }
+            let hole = match lseek(fd, data as i64, Whence::SeekHole) {
+                Ok(h) => h as u64,
+                Err(e) => {
+                    return Err(BlockError::io(
+                        &self.name,
+                        format!("SEEK_HOLE from offset {data}"),
+                        e.into(),
+                    ));
+                }
+            };
+            out.insert(data..hole.min(range.end));
+            pos = hole.max(data + 1);
+        }
+        Ok(out)
+    }
+}
+
+/// A writable local file or block device. A file created by [`FileTarget::create`] is sparse:
+/// zeros are left as (or punched into) holes.
+#[derive(Debug, Clone)]
+pub struct FileTarget {
+    name: String,
+    file: Arc<File>,
+    size: u64,
+    regular: bool,
+}
+
+impl FileTarget {
+    /// Creates (or truncates) a sparse file of `size` bytes.
+    pub fn create(path: impl AsRef<Path>, size: u64) -> Result<Self, ImageError> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| ImageError::io(path.display(), "create", e))?;
+        file.set_len(size)
+            .map_err(|e| ImageError::io(path.display(), format!("set length to {size}"), e))?;
+        Ok(Self {
+            name: path.display().to_string(),
+            file: Arc::new(file),
+            size,
+            regular: true,
+        })
+    }
+
+    /// Opens an existing file or block device for writing, keeping its size and contents.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ImageError> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| ImageError::io(path.display(), "open for writing", e))?;
+        let (size, regular) = size_of(&file, path)?;
+        Ok(Self {
+            name: path.display().to_string(),
+            file: Arc::new(file),
+            size,
+            regular,
+        })
+    }
+
+    fn punch(&self, offset: u64, len: u64) -> bool {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        self.regular
+            && fallocate(
+                self.file.as_raw_fd(),
+                FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                offset as i64,
+                len as i64,
+            )
+            .is_ok()
+    }
+}
+
+#[async_trait]
+impl BlockTarget for FileTarget {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), BlockError> {
+        BlockError::check_range(&self.name, offset, data.len() as u64, self.size)?;
+        if is_zero(data) && self.punch(offset, data.len() as u64) {
+            return Ok(());
+        }
+        let op = || format!("write of {} bytes at offset {offset}", data.len());
+        if in_multi_thread_runtime() {
+            let file = &self.file;
+            return tokio::task::block_in_place(|| file.write_all_at(data, offset))
+                .map_err(|e| BlockError::io(&self.name, op(), e));
+        }
+        let file = self.file.clone();
+        let owned = data.to_vec();
+        blocking(move || file.write_all_at(&owned, offset))
+            .await
+            .map_err(|e| BlockError::io(&self.name, op(), e))
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        BlockError::check_range(&self.name, offset, len, self.size)?;
+        if self.punch(offset, len) {
+            return Ok(());
+        }
+        const STEP: u64 = 1 << 20;
+        let zeros = vec![0u8; STEP.min(len) as usize];
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = STEP.min(offset + len - pos) as usize;
+            let file = self.file.clone();
+            let chunk = zeros[..n].to_vec();
+            blocking(move || file.write_all_at(&chunk, pos))
+                .await
+                .map_err(|e| {
+                    BlockError::io(
+                        &self.name,
+                        format!("write of {n} zero bytes at offset {pos}"),
+                        e,
+                    )
+                })?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        let file = self.file.clone();
+        blocking(move || file.sync_data())
+            .await
+            .map_err(|e| BlockError::io(&self.name, "flush", e))
+    }
+}

@@ -1,0 +1,334 @@
+//! Format detection, chain resolution and the `open_*` entry points.
+
+use crate::error::ImageError;
+use crate::file::FileSource;
+use crate::layout::{MappedImage, Mapper};
+use crate::{Format, ImageInfo};
+use async_trait::async_trait;
+use ferry_core::BlockSource;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Longest chain we follow; deeper chains are almost certainly loops through differently
+/// spelled paths.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// What identifies an image to its children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Identity {
+    None,
+    VhdUniqueId([u8; 16]),
+    VhdxDataWrite(crate::bytes::Guid),
+    VmdkCid(u32),
+}
+
+/// Where a differencing image says its parent is, and who the parent must be.
+#[derive(Debug, Clone)]
+pub(crate) struct ParentRef {
+    pub candidates: Vec<String>,
+    pub expect: Identity,
+}
+
+/// One opened image file (or descriptor with its extents), before its parent is attached.
+pub(crate) struct Level {
+    pub format: Format,
+    pub subformat: String,
+    pub size: u64,
+    pub block_size: u64,
+    pub mapper: Box<dyn Mapper>,
+    pub files: Vec<Arc<dyn BlockSource>>,
+    pub parent: Option<ParentRef>,
+    pub identity: Identity,
+}
+
+/// Opens the files an image refers to: VMDK extents and parents of differencing images.
+#[async_trait]
+pub trait Resolver: Send + Sync {
+    /// Opens `name` as written inside the image `from` (a relative or absolute path, possibly
+    /// in Windows syntax).
+    async fn open(&self, from: &str, name: &str) -> Result<Arc<dyn BlockSource>, ImageError>;
+}
+
+/// Resolves names against the directory of the referring file: first the name as a relative
+/// path (Windows separators accepted), then its last component, then (for absolute names) the
+/// path itself.
+#[derive(Debug, Clone, Default)]
+pub struct DirResolver;
+
+impl DirResolver {
+    fn candidates(from: &str, name: &str) -> Vec<PathBuf> {
+        let dir = Path::new(from)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let unix = name.replace('\\', "/");
+        let windows_abs = unix.as_bytes().get(1) == Some(&b':') || unix.starts_with("//");
+        let mut out = Vec::new();
+        if !windows_abs && !unix.starts_with('/') {
+            out.push(dir.join(unix.trim_start_matches("./")));
+        }
+        if let Some(base) = unix
+            .rsplit('/')
+            .next()
+            .filter(|b| !b.is_empty() && *b != ".." && *b != ".")
+        {
+            out.push(dir.join(base));
+        }
+        if unix.starts_with('/') {
+            out.push(PathBuf::from(&unix));
+        }
+        out.dedup();
+        out
+    }
+}
+
+#[async_trait]
+impl Resolver for DirResolver {
+    async fn open(&self, from: &str, name: &str) -> Result<Arc<dyn BlockSource>, ImageError> {
+        let tried = Self::candidates(from, name);
+        for p in &tried {
+            if p.exists() {
+                let p = p
+                    .canonicalize()
+                    .map_err(|e| ImageError::io(p.display(), "resolve path", e))?;
+                return Ok(Arc::new(FileSource::open(p)?));
+            }
+        }
+        let list: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+        Err(ImageError::Chain {
+            file: from.to_string(),
+            message: format!("`{name}` not found (tried {})", list.join(", ")),
+        })
+    }
+}
+
+/// Refuses every reference: for images held in memory (fuzzing, tests) that must be
+/// self-contained.
+#[derive(Debug, Clone, Default)]
+pub struct NoFiles;
+
+#[async_trait]
+impl Resolver for NoFiles {
+    async fn open(&self, from: &str, name: &str) -> Result<Arc<dyn BlockSource>, ImageError> {
+        Err(ImageError::Chain {
+            file: from.to_string(),
+            message: format!("`{name}` cannot be opened: this image must be self-contained"),
+        })
+    }
+}
+
+/// Detects the format of `src` from its content (never its name).
+pub async fn detect(src: &dyn BlockSource) -> Result<Format, ImageError> {
+    let len = src.size();
+    let mut head = vec![0u8; len.min(1024) as usize];
+    src.read_at(0, &mut head).await?;
+    if head.starts_with(b"vhdxfile") {
+        return Ok(Format::Vhdx);
+    }
+    if head.starts_with(b"conectix") {
+        return Ok(Format::Vhd);
+    }
+    if head.starts_with(b"KDMV") || head.starts_with(b"COWD") {
+        return Ok(Format::Vmdk);
+    }
+    if len <= 1 << 20 && crate::vmdk::looks_like_descriptor(&head) {
+        return Ok(Format::Vmdk);
+    }
+    if len >= 512 {
+        let mut tail = [0u8; 8];
+        src.read_at(len - 512, &mut tail).await?;
+        if &tail == b"conectix" {
+            return Ok(Format::Vhd);
+        }
+    }
+    Ok(Format::Raw)
+}
+
+async fn open_level(
+    src: Arc<dyn BlockSource>,
+    resolver: &dyn Resolver,
+) -> Result<Level, ImageError> {
+    match detect(src.as_ref()).await? {
+        Format::Vhd => crate::vhd::open(src).await,
+        Format::Vhdx => crate::vhdx::open(src).await,
+        Format::Vmdk => crate::vmdk::open(src, resolver).await,
+        Format::Raw => Ok(Level {
+            format: Format::Raw,
+            subformat: "raw".into(),
+            size: src.size(),
+            block_size: 0,
+            mapper: Box::new(RawMapper),
+            files: vec![src],
+            parent: None,
+            identity: Identity::None,
+        }),
+    }
+}
+
+#[derive(Debug)]
+struct RawMapper;
+
+#[async_trait]
+impl Mapper for RawMapper {
+    async fn map(
+        &self,
+        _: &[Arc<dyn BlockSource>],
+        offset: u64,
+        max: u64,
+    ) -> Result<(crate::layout::Piece, u64), ferry_core::BlockError> {
+        Ok((crate::layout::Piece::Data { file: 0, offset }, max))
+    }
+}
+
+/// An opened image: the virtual disk and what it is made of.
+#[derive(Debug, Clone)]
+pub struct OpenedImage {
+    /// The virtual disk (with its parents composed in).
+    pub source: Arc<dyn BlockSource>,
+    /// Format, size and chain.
+    pub info: ImageInfo,
+}
+
+/// Opens the image held by `src`, detecting its format, opening extents and parents through
+/// `resolver`, refusing loops and parents whose identity does not match.
+pub async fn open_source(
+    src: Arc<dyn BlockSource>,
+    resolver: &dyn Resolver,
+) -> Result<OpenedImage, ImageError> {
+    let mut levels: Vec<(Level, String)> = Vec::new();
+    let mut seen = HashSet::new();
+    let mut current = src;
+    loop {
+        let name = current.name();
+        seen.insert(name.clone());
+        let level = open_level(current, resolver).await?;
+        let Some(parent) = level.parent.clone() else {
+            levels.push((level, name));
+            break;
+        };
+        if levels.len() + 1 >= MAX_CHAIN_DEPTH {
+            return Err(ImageError::Chain {
+                file: name,
+                message: format!("chain is deeper than {MAX_CHAIN_DEPTH} images"),
+            });
+        }
+        let mut opened = None;
+        let mut errors = Vec::new();
+        for cand in &parent.candidates {
+            match resolver.open(&name, cand).await {
+                Ok(p) => {
+                    opened = Some(p);
+                    break;
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let Some(p) = opened else {
+            let why = if parent.candidates.is_empty() {
+                "the image names no parent".to_string()
+            } else {
+                errors.join("; ")
+            };
+            return Err(ImageError::Chain {
+                file: name,
+                message: format!("parent not found: {why}"),
+            });
+        };
+        if seen.contains(&p.name()) {
+            return Err(ImageError::Chain {
+                file: name,
+                message: format!("loop: parent `{}` is already in the chain", p.name()),
+            });
+        }
+        levels.push((level, name));
+        current = p;
+    }
+    // Check identities top-down, then assemble bottom-up.
+    for pair in levels.windows(2) {
+        let (child, parent) = (&pair[0], &pair[1]);
+        let expect = child.0.parent.as_ref().map_or(Identity::None, |p| p.expect);
+        if expect != Identity::None
+            && parent.0.identity != Identity::None
+            && expect != parent.0.identity
+        {
+            return Err(ImageError::Chain {
+                file: child.1.clone(),
+                message: format!(
+                    "parent `{}` is not the image this one was made from (expected {expect:?}, found {:?})",
+                    parent.1, parent.0.identity
+                ),
+            });
+        }
+        if child.0.format != parent.0.format
+            && !(child.0.format == Format::Vmdk && parent.0.format == Format::Raw)
+        {
+            tracing::debug!(child = %child.1, parent = %parent.1, "parent has a different format");
+        }
+    }
+    let mut below: Option<OpenedImage> = None;
+    while let Some((level, name)) = levels.pop() {
+        let files: Vec<String> = level.files.iter().map(|f| f.name()).collect();
+        let info = ImageInfo {
+            file: name.clone(),
+            format: level.format,
+            subformat: level.subformat.clone(),
+            virtual_size: level.size,
+            block_size: level.block_size,
+            files,
+            parent: below.as_ref().map(|b| Box::new(b.info.clone())),
+        };
+        let source: Arc<dyn BlockSource> = if level.format == Format::Raw && below.is_none() {
+            level.files[0].clone()
+        } else {
+            Arc::new(MappedImage {
+                name,
+                size: level.size,
+                mapper: level.mapper,
+                files: level.files,
+                parent: below.map(|b| b.source),
+                preferred: level.block_size,
+            })
+        };
+        below = Some(OpenedImage { source, info });
+    }
+    below.ok_or_else(|| ImageError::unsupported("", "empty chain"))
+}
+
+/// Opens the image file at `path` (any supported format, detected by content), resolving
+/// extents and parents relative to the directory of the file that names them.
+pub async fn open_image(path: impl AsRef<Path>) -> Result<OpenedImage, ImageError> {
+    let path = path.as_ref();
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| ImageError::io(path.display(), "open", e))?;
+    let src: Arc<dyn BlockSource> = Arc::new(FileSource::open(&canonical)?);
+    open_source(src, &DirResolver).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolver_candidates() {
+        let c = DirResolver::candidates("/d/child.vhd", "..\\base.vhd");
+        assert_eq!(
+            c,
+            vec![
+                PathBuf::from("/d/../base.vhd"),
+                PathBuf::from("/d/base.vhd")
+            ]
+        );
+        let c = DirResolver::candidates("/d/child.vhdx", "C:\\VMs\\base.vhdx");
+        assert_eq!(c, vec![PathBuf::from("/d/base.vhdx")]);
+        let c = DirResolver::candidates("/d/c.vmdk", "/vmfs/volumes/ds/b.vmdk");
+        assert_eq!(
+            c,
+            vec![
+                PathBuf::from("/d/b.vmdk"),
+                PathBuf::from("/vmfs/volumes/ds/b.vmdk")
+            ]
+        );
+    }
+}
