@@ -40,6 +40,9 @@ pub struct Global {
 enum Command {
     /// Show what this build of Ferry supports (formats, transports, backends).
     Features(cmd::features::Args),
+    /// Inspect disk image files (raw, VHD, VHDX, VMDK).
+    #[command(subcommand)]
+    Image(cmd::image::Command),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Features(args) => cmd::features::run(args, &cli.global).await,
+            Command::Image(c) => cmd::image::run(c, &cli.global).await,
         }
     });
     match result {

@@ -38,6 +38,8 @@ mod vhdx;
 mod vmdk;
 mod writer;
 
+pub mod fuzzing;
+
 pub use error::ImageError;
 pub use file::{FileSource, FileTarget};
 pub use open::{

@@ -148,8 +148,13 @@ pub async fn detect(src: &dyn BlockSource) -> Result<Format, ImageError> {
 async fn open_level(
     src: Arc<dyn BlockSource>,
     resolver: &dyn Resolver,
+    force: Option<Format>,
 ) -> Result<Level, ImageError> {
-    match detect(src.as_ref()).await? {
+    let format = match force {
+        Some(f) => f,
+        None => detect(src.as_ref()).await?,
+    };
+    match format {
         Format::Vhd => crate::vhd::open(src).await,
         Format::Vhdx => crate::vhdx::open(src).await,
         Format::Vmdk => crate::vmdk::open(src, resolver).await,
@@ -196,13 +201,23 @@ pub async fn open_source(
     src: Arc<dyn BlockSource>,
     resolver: &dyn Resolver,
 ) -> Result<OpenedImage, ImageError> {
+    open_source_as(src, resolver, None).await
+}
+
+/// [`open_source`] with the top image's format forced (parents are still detected).
+pub(crate) async fn open_source_as(
+    src: Arc<dyn BlockSource>,
+    resolver: &dyn Resolver,
+    force: Option<Format>,
+) -> Result<OpenedImage, ImageError> {
+    let mut force = force;
     let mut levels: Vec<(Level, String)> = Vec::new();
     let mut seen = HashSet::new();
     let mut current = src;
     loop {
         let name = current.name();
         seen.insert(name.clone());
-        let level = open_level(current, resolver).await?;
+        let level = open_level(current, resolver, force.take()).await?;
         let Some(parent) = level.parent.clone() else {
             levels.push((level, name));
             break;

@@ -2,3 +2,4 @@
 //! `pub async fn run(args: Args, global: &crate::Global) -> anyhow::Result<std::process::ExitCode>`.
 
 pub mod features;
+pub mod image;
