@@ -1,0 +1,975 @@
+//! The repository handle: init/open, key slots, the backup writer, and the read side.
+
+use crate::codec::{
+    ChunkCodec, ChunkId, DiskIndex, EncodedChunk, Keys, hex, is_all_zero, open_catalog,
+    random_bytes, seal_catalog,
+};
+use crate::config::{CONFIG_KEY, Encryption, KdfParams, KeySlot, RepoConfig};
+use crate::error::{RepoError, Result};
+use crate::locks::{self, LeaseGuard};
+use crate::manifest::{MANIFEST_VERSION, Manifest, ManifestDisk, SnapshotMeta};
+use crate::store::{Created, Store};
+use crate::time::{now_rfc3339, now_unix};
+use async_trait::async_trait;
+use bytes::Bytes;
+use ferry_core::{BlockError, BlockSource, ExtentMap, Secret};
+use futures::{StreamExt, TryStreamExt};
+use std::collections::HashSet;
+use std::fmt;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// Default chunk size (see docs/adr/0011-chunk-size.md).
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+/// New chunk ids are published to the catalog in segments of this many, so an interrupted
+/// backup's uploads are found by the next run.
+const CATALOG_FLUSH: usize = 64;
+
+/// Settings for a new repository.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// Chunk size in bytes (64 KiB ..= 16 MiB, a power of two).
+    pub chunk_size: u32,
+    /// zstd level for chunks.
+    pub compression_level: i32,
+    /// Encrypt (AES-256-GCM). `false` needs an explicit opt-in from the user.
+    pub encrypted: bool,
+    /// Argon2id parameters for the first password slot.
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            compression_level: 1,
+            encrypted: true,
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// Timing knobs (tests shorten them).
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Lease time-to-live; refreshed every third of it.
+    pub lease_ttl: Duration,
+    /// How long a backup waits for a running GC before giving up.
+    pub backup_wait: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(600),
+            backup_wait: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// An open repository. Cheap to clone.
+#[derive(Clone)]
+pub struct Repository {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) config: RepoConfig,
+    pub(crate) keys: Arc<Keys>,
+    pub(crate) codec: ChunkCodec,
+    pub(crate) timing: Timing,
+}
+
+impl fmt::Debug for Repository {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Repository")
+            .field("location", &self.inner.store.location())
+            .field("chunk_size", &self.inner.config.chunk_size)
+            .field("encryption", &self.inner.config.encryption)
+            .finish()
+    }
+}
+
+/// A new random restore point id that sorts by time.
+fn new_snapshot_id() -> String {
+    let r: [u8; 4] = random_bytes();
+    format!(
+        "{}-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        hex(&r)
+    )
+}
+
+impl Repository {
+    /// Creates a repository at `store`. Encrypted repositories need a password.
+    pub async fn init(store: Store, password: Option<&Secret>, opts: InitOptions) -> Result<Self> {
+        let cs = opts.chunk_size;
+        if !cs.is_power_of_two()
+            || !(crate::codec::MIN_CHUNK_SIZE..=crate::codec::MAX_CHUNK_SIZE).contains(&cs)
+        {
+            return Err(RepoError::Usage(format!(
+                "chunk size {cs} must be a power of two between 64 KiB and 16 MiB"
+            )));
+        }
+        if !(-7..=22).contains(&opts.compression_level) {
+            return Err(RepoError::Usage(format!(
+                "zstd level {} out of range -7..=22",
+                opts.compression_level
+            )));
+        }
+        if store.head(CONFIG_KEY).await?.is_some() {
+            return Err(RepoError::AlreadyInitialized {
+                location: store.location().into(),
+            });
+        }
+        let master: [u8; 32] = random_bytes();
+        let id = hex(&random_bytes::<16>());
+        let config = RepoConfig {
+            id: id.clone(),
+            created: now_rfc3339(),
+            chunk_size: cs,
+            compression_level: opts.compression_level,
+            encryption: if opts.encrypted {
+                Encryption::Aes256Gcm
+            } else {
+                Encryption::None
+            },
+            chunk_id: "blake3-keyed".into(),
+            master_key: (!opts.encrypted).then(|| hex(&master)),
+        };
+        let keys = Keys::from_master(master, opts.encrypted);
+        let mut slot_key = None;
+        if opts.encrypted {
+            let password = password.filter(|p| !p.is_empty()).ok_or_else(|| {
+                RepoError::Usage(
+                    "an encrypted repository needs a password (or choose --insecure-no-encryption)"
+                        .into(),
+                )
+            })?;
+            let slot = KeySlot::create(&id, &master, password, opts.kdf)?;
+            let key = format!("keys/{}", hex(&random_bytes::<8>()));
+            store.create(&key, slot.encode()).await?;
+            slot_key = Some(key);
+        }
+        // The config goes last and only if absent: two racing inits cannot both win.
+        if store.create(CONFIG_KEY, config.encode(&keys)).await? == Created::AlreadyExists {
+            if let Some(k) = slot_key {
+                store.delete(&k).await?;
+            }
+            return Err(RepoError::AlreadyInitialized {
+                location: store.location().into(),
+            });
+        }
+        tracing::info!(location = %store.location(), chunk_size = cs, encrypted = opts.encrypted, "repository initialized");
+        Ok(Self::assemble(store, config, keys))
+    }
+
+    /// Opens the repository at `store`, unlocking it with `password` (ignored when unencrypted).
+    pub async fn open(store: Store, password: Option<&Secret>) -> Result<Self> {
+        let data = match store.get(CONFIG_KEY).await {
+            Ok(d) => d,
+            Err(RepoError::Missing { .. }) => {
+                return Err(RepoError::NotARepository {
+                    location: store.location().into(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let (config, body, mac) = RepoConfig::decode_unauthenticated(&data)?;
+        let keys = match config.encryption {
+            Encryption::None => Keys::from_master(config.plain_master()?, false),
+            Encryption::Aes256Gcm => {
+                let password = password.ok_or_else(|| RepoError::PasswordRequired {
+                    location: store.location().into(),
+                })?;
+                let master = Self::unlock(&store, &config.id, password).await?;
+                Keys::from_master(master, true)
+            }
+        };
+        RepoConfig::authenticate(&body, &mac, &keys)?;
+        Ok(Self::assemble(store, config, keys))
+    }
+
+    async fn unlock(store: &Store, repo_id: &str, password: &Secret) -> Result<[u8; 32]> {
+        let slots = store.list("keys").await?;
+        let mut last_err = None;
+        for meta in slots {
+            let key = meta.location.to_string();
+            let data = store.get(&key).await?;
+            let slot = match KeySlot::decode(&key, &data) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(slot = %key, error = %e, "skipping unreadable key slot");
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            let (k, id, pw, slot) = (key.clone(), repo_id.to_string(), password.clone(), slot);
+            // Argon2id is deliberately slow: keep it off the async executor.
+            let res = tokio::task::spawn_blocking(move || slot.unwrap_master(&k, &id, &pw))
+                .await
+                .map_err(|e| RepoError::Usage(format!("key derivation task failed: {e}")))?;
+            match res {
+                Ok(Some(master)) => return Ok(master),
+                Ok(None) => {}
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if let Some(e @ RepoError::UnsupportedVersion { .. }) = last_err {
+            return Err(e);
+        }
+        Err(RepoError::WrongPassword {
+            location: store.location().into(),
+        })
+    }
+
+    fn assemble(store: Store, config: RepoConfig, keys: Keys) -> Self {
+        let keys = Arc::new(keys);
+        let codec = ChunkCodec::new(keys.clone(), config.compression_level, config.chunk_size);
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                keys,
+                codec,
+                timing: Timing::default(),
+            }),
+        }
+    }
+
+    /// Replaces the timing knobs (call right after open/init).
+    pub fn with_timing(self, timing: Timing) -> Self {
+        let i = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                store: i.store.clone(),
+                config: i.config.clone(),
+                keys: i.keys.clone(),
+                codec: i.codec.clone(),
+                timing,
+            }),
+        }
+    }
+
+    /// Adds a password slot; returns its object key.
+    pub async fn add_password(&self, password: &Secret, kdf: KdfParams) -> Result<String> {
+        if self.inner.config.encryption == Encryption::None {
+            return Err(RepoError::Usage(
+                "the repository is not encrypted; passwords do not apply".into(),
+            ));
+        }
+        if password.is_empty() {
+            return Err(RepoError::Usage("the new password is empty".into()));
+        }
+        let slot = KeySlot::create(
+            &self.inner.config.id,
+            self.inner.keys.master(),
+            password,
+            kdf,
+        )?;
+        let key = format!("keys/{}", hex(&random_bytes::<8>()));
+        self.inner.store.create(&key, slot.encode()).await?;
+        Ok(key)
+    }
+
+    /// The repository's settings.
+    pub fn config(&self) -> &RepoConfig {
+        &self.inner.config
+    }
+
+    /// The object store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The chunk codec (hash → compress → encrypt), to run on worker threads.
+    pub fn codec(&self) -> &ChunkCodec {
+        &self.inner.codec
+    }
+
+    /// Ids of all visible restore points (those whose manifest exists), oldest first.
+    pub async fn snapshot_ids(&self) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = self
+            .inner
+            .store
+            .list("snapshots")
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let k = m.location.to_string();
+                k.strip_prefix("snapshots/")
+                    .and_then(|r| r.strip_suffix("/manifest"))
+                    .map(str::to_string)
+            })
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Loads and authenticates the manifest of restore point `id`.
+    pub async fn load_manifest(&self, id: &str) -> Result<Manifest> {
+        let key = Manifest::key_for(id);
+        let data = match self.inner.store.get(&key).await {
+            Err(RepoError::Missing { .. }) => {
+                return Err(RepoError::SnapshotNotFound { id: id.into() });
+            }
+            other => other?,
+        };
+        Manifest::open(&self.inner.keys, &key, &data)
+    }
+
+    /// All restore points, oldest first. Fails on the first unreadable manifest (naming it);
+    /// `verify` reports them one by one instead.
+    pub async fn snapshots(&self) -> Result<Vec<Manifest>> {
+        let ids = self.snapshot_ids().await?;
+        let mut out: Vec<Manifest> = futures::stream::iter(ids)
+            .map(|id| async move { self.load_manifest(&id).await })
+            .buffered(16)
+            .try_collect()
+            .await?;
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Loads the index of `disk` in `manifest`, checking it against the manifest's digest.
+    pub async fn load_index(&self, manifest: &Manifest, disk: &str) -> Result<DiskIndex> {
+        let d = manifest
+            .disks
+            .iter()
+            .find(|d| d.name == disk)
+            .ok_or_else(|| RepoError::DiskNotFound {
+                snapshot: manifest.id.clone(),
+                disk: disk.into(),
+            })?;
+        self.load_index_of(d).await
+    }
+
+    pub(crate) async fn load_index_of(&self, d: &ManifestDisk) -> Result<DiskIndex> {
+        let data = self.inner.store.get(&d.index_key).await?;
+        if self.inner.keys.digest(&data) != d.index_digest {
+            return Err(RepoError::corrupt(
+                &d.index_key,
+                "digest does not match the manifest",
+            ));
+        }
+        let idx = DiskIndex::open(&self.inner.keys, &d.index_key, &data)?;
+        if idx.disk_size != d.size || idx.chunk_size != d.chunk_size {
+            return Err(RepoError::corrupt(
+                &d.index_key,
+                "disk or chunk size differs from the manifest",
+            ));
+        }
+        Ok(idx)
+    }
+
+    /// Reads chunk `id`, returning its authenticated plaintext. The error names the object key.
+    pub async fn read_chunk(&self, id: ChunkId) -> Result<Vec<u8>> {
+        let data = self.inner.store.get(&id.object_key()).await?;
+        let codec = self.inner.codec.clone();
+        tokio::task::spawn_blocking(move || codec.decode(&id, &data))
+            .await
+            .map_err(|e| RepoError::Usage(format!("decode task failed: {e}")))?
+    }
+
+    /// A restore point's disk as a [`BlockSource`] (for restore, or to serve it over NBD).
+    pub async fn open_disk(&self, snapshot: &str, disk: &str) -> Result<Arc<dyn BlockSource>> {
+        let m = self.load_manifest(snapshot).await?;
+        let index = self.load_index(&m, disk).await?;
+        Ok(Arc::new(SnapshotDisk {
+            repo: self.clone(),
+            name: format!("{snapshot}/{disk}"),
+            index: Arc::new(index),
+            cache: Mutex::new(None),
+        }))
+    }
+
+    /// Every chunk id the catalog lists.
+    pub async fn load_catalog(&self) -> Result<HashSet<ChunkId>> {
+        let keys: Vec<String> = self
+            .inner
+            .store
+            .list("catalog")
+            .await?
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
+        let segs: Vec<Vec<ChunkId>> = futures::stream::iter(keys)
+            .map(|k| async move {
+                let data = self.inner.store.get(&k).await?;
+                open_catalog(&self.inner.keys, &k, &data)
+            })
+            .buffer_unordered(16)
+            .try_collect()
+            .await?;
+        Ok(segs.into_iter().flatten().collect())
+    }
+
+    /// Starts a restore point for `meta.vm`. Takes a backup lease (waiting for a running GC),
+    /// loads the catalog, and finds the previous restore point of the same VM.
+    pub async fn begin_backup(&self, meta: SnapshotMeta) -> Result<BackupWriter> {
+        let id = new_snapshot_id();
+        let t = self.inner.timing;
+        let lease =
+            locks::acquire_backup(&self.inner.store, &id, t.lease_ttl, t.backup_wait).await?;
+        let known = self.load_catalog().await?;
+        let mut previous = None;
+        for pid in self.snapshot_ids().await?.into_iter().rev() {
+            match self.load_manifest(&pid).await {
+                Ok(m) if m.meta.vm.id == meta.vm.id => {
+                    previous = Some(m);
+                    break;
+                }
+                Ok(_) | Err(RepoError::SnapshotNotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(snapshot = %pid, error = %e, "skipping unreadable manifest")
+                }
+            }
+        }
+        tracing::info!(snapshot = %id, vm = %meta.vm.id, known_chunks = known.len(), previous = ?previous.as_ref().map(|m| &m.id), "backup started");
+        Ok(BackupWriter {
+            shared: Arc::new(Shared {
+                repo: self.clone(),
+                id,
+                known: RwLock::new(known),
+                pending: Mutex::new(Vec::new()),
+                segment: AtomicU64::new(0),
+                stats: Stats::default(),
+            }),
+            lease: Some(lease),
+            meta,
+            started: now_rfc3339(),
+            time: now_unix(),
+            previous,
+            disk_names: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+/// Counters of one backup.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Chunks written to the store by this backup.
+    pub uploaded: AtomicU64,
+    /// Stored bytes of those chunks.
+    pub uploaded_bytes: AtomicU64,
+    /// Chunks encoded but found already stored (another writer, or an interrupted run not yet in
+    /// the catalog).
+    pub already_present: AtomicU64,
+    /// Chunks known from the catalog or the previous index (never encoded or uploaded).
+    pub reused: AtomicU64,
+    /// All-zero chunks.
+    pub zero: AtomicU64,
+}
+
+/// A snapshot of [`Stats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// Chunks written.
+    pub uploaded: u64,
+    /// Stored bytes written.
+    pub uploaded_bytes: u64,
+    /// Chunks already stored.
+    pub already_present: u64,
+    /// Chunks reused without upload.
+    pub reused: u64,
+    /// Zero chunks.
+    pub zero: u64,
+}
+
+struct Shared {
+    repo: Repository,
+    id: String,
+    known: RwLock<HashSet<ChunkId>>,
+    pending: Mutex<Vec<ChunkId>>,
+    segment: AtomicU64,
+    stats: Stats,
+}
+
+impl Shared {
+    fn is_known(&self, id: &ChunkId) -> bool {
+        self.known.read().expect("known set lock").contains(id)
+    }
+
+    async fn publish(&self, id: ChunkId) -> Result<()> {
+        self.known.write().expect("known set lock").insert(id);
+        let batch = {
+            let mut p = self.pending.lock().expect("pending lock");
+            p.push(id);
+            if p.len() >= CATALOG_FLUSH {
+                std::mem::take(&mut *p)
+            } else {
+                Vec::new()
+            }
+        };
+        self.write_segment(batch).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let batch = std::mem::take(&mut *self.pending.lock().expect("pending lock"));
+        self.write_segment(batch).await
+    }
+
+    async fn write_segment(&self, ids: Vec<ChunkId>) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let n = self.segment.fetch_add(1, Ordering::Relaxed);
+        let key = format!("catalog/{}-{n:06}", self.id);
+        let data = seal_catalog(&self.repo.inner.keys, &key, &ids)?;
+        self.repo.inner.store.create(&key, data).await?;
+        Ok(())
+    }
+
+    async fn upload(&self, enc: EncodedChunk) -> Result<()> {
+        let len = enc.data.len() as u64;
+        match self
+            .repo
+            .inner
+            .store
+            .create(&enc.id.object_key(), enc.data)
+            .await?
+        {
+            Created::Written => {
+                self.stats.uploaded.fetch_add(1, Ordering::Relaxed);
+                self.stats.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Created::AlreadyExists => {
+                self.stats.already_present.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.publish(enc.id).await
+    }
+}
+
+/// Writes one restore point. Create [`DiskWriter`]s with [`add_disk`](Self::add_disk), fill
+/// them (from many tasks at once if you like), then [`commit`](Self::commit). Dropping the writer
+/// without committing leaves no visible restore point; its uploaded chunks are in the catalog
+/// and are reused by the next backup.
+pub struct BackupWriter {
+    shared: Arc<Shared>,
+    lease: Option<LeaseGuard>,
+    meta: SnapshotMeta,
+    started: String,
+    time: i64,
+    previous: Option<Manifest>,
+    disk_names: Mutex<Vec<String>>,
+}
+
+impl fmt::Debug for BackupWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackupWriter")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+impl BackupWriter {
+    /// The restore point id this writer will commit.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The previous restore point of the same VM, if any.
+    pub fn previous(&self) -> Option<&Manifest> {
+        self.previous.as_ref()
+    }
+
+    /// The previous restore point's index of disk `name` (for changed-block backups: unchanged
+    /// chunks are [`DiskWriter::reuse_chunk`]ed from it). Its chunk ids become known.
+    pub async fn previous_index(&self, name: &str) -> Result<Option<DiskIndex>> {
+        let Some(m) = &self.previous else {
+            return Ok(None);
+        };
+        let Some(d) = m.disks.iter().find(|d| d.name == name) else {
+            return Ok(None);
+        };
+        let idx = self.shared.repo.load_index_of(d).await?;
+        let mut known = self.shared.known.write().expect("known set lock");
+        known.extend(idx.chunks.iter().filter(|c| !c.is_zero()).copied());
+        Ok(Some(idx))
+    }
+
+    /// True if chunk `id` is known to be stored (skip encoding and uploading it).
+    pub fn is_known(&self, id: &ChunkId) -> bool {
+        self.shared.is_known(id)
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> StatsSnapshot {
+        let s = &self.shared.stats;
+        StatsSnapshot {
+            uploaded: s.uploaded.load(Ordering::Relaxed),
+            uploaded_bytes: s.uploaded_bytes.load(Ordering::Relaxed),
+            already_present: s.already_present.load(Ordering::Relaxed),
+            reused: s.reused.load(Ordering::Relaxed),
+            zero: s.zero.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds a disk of `size` bytes named `name` (unique within the restore point).
+    pub fn add_disk(
+        &self,
+        name: &str,
+        size: u64,
+        change_token: Option<String>,
+    ) -> Result<DiskWriter> {
+        let mut names = self.disk_names.lock().expect("disk names lock");
+        if names.iter().any(|n| n == name) {
+            return Err(RepoError::Usage(format!("disk `{name}` added twice")));
+        }
+        let chunk_size = self.shared.repo.inner.config.chunk_size;
+        let count = usize::try_from(DiskIndex::chunk_count(size, chunk_size))
+            .map_err(|_| RepoError::Usage(format!("disk `{name}` of {size} bytes is too large")))?;
+        let ordinal = names.len();
+        names.push(name.into());
+        Ok(DiskWriter {
+            shared: self.shared.clone(),
+            name: name.into(),
+            ordinal,
+            size,
+            chunk_size,
+            change_token,
+            slots: Mutex::new(vec![None; count]),
+            new_chunks: AtomicU64::new(0),
+            reused_chunks: AtomicU64::new(0),
+        })
+    }
+
+    /// Writes the disk indexes, then the manifest (last: only then is the restore point
+    /// visible), and releases the lease.
+    pub async fn commit(mut self, disks: Vec<DiskWriter>) -> Result<Manifest> {
+        let repo = self.shared.repo.clone();
+        let keys = repo.inner.keys.clone();
+        let mut mdisks = Vec::with_capacity(disks.len());
+        let mut idx_data = Vec::with_capacity(disks.len());
+        for d in &disks {
+            let slots = d.slots.lock().expect("slots lock");
+            let mut chunks = Vec::with_capacity(slots.len());
+            for (i, s) in slots.iter().enumerate() {
+                match s {
+                    Some(id) => chunks.push(*id),
+                    None => {
+                        return Err(RepoError::Usage(format!(
+                            "disk `{}`: chunk {i} (offset {}) was never written",
+                            d.name,
+                            i as u64 * u64::from(d.chunk_size)
+                        )));
+                    }
+                }
+            }
+            let index = DiskIndex {
+                disk_size: d.size,
+                chunk_size: d.chunk_size,
+                chunks,
+            };
+            let key = format!("indexes/{}/{}", self.shared.id, d.ordinal);
+            let sealed = index.seal(&keys, &key)?;
+            mdisks.push(ManifestDisk {
+                name: d.name.clone(),
+                size: d.size,
+                chunk_size: d.chunk_size,
+                index_key: key.clone(),
+                index_digest: keys.digest(&sealed),
+                change_token: d.change_token.clone(),
+                zero_chunks: index.chunks.iter().filter(|c| c.is_zero()).count() as u64,
+                new_chunks: d.new_chunks.load(Ordering::Relaxed),
+                reused_chunks: d.reused_chunks.load(Ordering::Relaxed),
+            });
+            idx_data.push((key, sealed));
+        }
+        self.shared.flush().await?;
+        for (key, data) in idx_data {
+            if repo.inner.store.create(&key, data).await? == Created::AlreadyExists {
+                return Err(RepoError::Usage(format!("index `{key}` already exists")));
+            }
+        }
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            id: self.shared.id.clone(),
+            started: self.started.clone(),
+            finished: now_rfc3339(),
+            time: self.time,
+            writer: format!("ferry-repo {}", env!("CARGO_PKG_VERSION")),
+            meta: self.meta.clone(),
+            disks: mdisks,
+        };
+        let key = Manifest::key_for(&manifest.id);
+        if repo.inner.store.create(&key, manifest.seal(&keys)?).await? == Created::AlreadyExists {
+            return Err(RepoError::Usage(format!("manifest `{key}` already exists")));
+        }
+        if let Some(lease) = self.lease.take() {
+            lease.release().await?;
+        }
+        tracing::info!(snapshot = %manifest.id, stats = ?self.stats(), "restore point committed");
+        Ok(manifest)
+    }
+}
+
+/// Outcome of [`DiskWriter::put_chunk`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// All zeros: nothing stored.
+    Zero,
+    /// Already stored: nothing uploaded.
+    Known,
+    /// Encoded and written (or found present by the conditional write).
+    Stored,
+}
+
+/// Accepts the chunks of one disk, by chunk index, in any order and from many tasks.
+pub struct DiskWriter {
+    shared: Arc<Shared>,
+    name: String,
+    ordinal: usize,
+    size: u64,
+    chunk_size: u32,
+    change_token: Option<String>,
+    slots: Mutex<Vec<Option<ChunkId>>>,
+    new_chunks: AtomicU64,
+    reused_chunks: AtomicU64,
+}
+
+impl fmt::Debug for DiskWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskWriter")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl DiskWriter {
+    /// Disk name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        DiskIndex::chunk_count(self.size, self.chunk_size)
+    }
+
+    /// Chunk size.
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// Byte range of chunk `index`.
+    pub fn chunk_range(&self, index: u64) -> Range<u64> {
+        let start = index * u64::from(self.chunk_size);
+        start..(start + u64::from(self.chunk_size)).min(self.size)
+    }
+
+    fn check(&self, index: u64, len: Option<usize>) -> Result<usize> {
+        if index >= self.chunk_count() {
+            return Err(RepoError::Usage(format!(
+                "disk `{}`: chunk index {index} out of range ({} chunks)",
+                self.name,
+                self.chunk_count()
+            )));
+        }
+        let r = self.chunk_range(index);
+        if let Some(len) = len {
+            if len as u64 != r.end - r.start {
+                return Err(RepoError::Usage(format!(
+                    "disk `{}`: chunk {index} must be {} bytes, got {len}",
+                    self.name,
+                    r.end - r.start
+                )));
+            }
+        }
+        Ok(index as usize)
+    }
+
+    fn set(&self, i: usize, id: ChunkId) {
+        self.slots.lock().expect("slots lock")[i] = Some(id);
+    }
+
+    /// Marks chunk `index` as all zeros.
+    pub fn zero_chunk(&self, index: u64) -> Result<()> {
+        let i = self.check(index, None)?;
+        self.shared.stats.zero.fetch_add(1, Ordering::Relaxed);
+        self.set(i, ChunkId::ZERO);
+        Ok(())
+    }
+
+    /// Records chunk `index` as `id`, which must be known to be stored (from the catalog or
+    /// [`BackupWriter::previous_index`]).
+    pub fn reuse_chunk(&self, index: u64, id: ChunkId) -> Result<()> {
+        if id.is_zero() {
+            return self.zero_chunk(index);
+        }
+        let i = self.check(index, None)?;
+        if !self.shared.is_known(&id) {
+            return Err(RepoError::Usage(format!(
+                "disk `{}`: chunk {index} reuses {id}, which this repository does not know",
+                self.name
+            )));
+        }
+        self.shared.stats.reused.fetch_add(1, Ordering::Relaxed);
+        self.reused_chunks.fetch_add(1, Ordering::Relaxed);
+        self.set(i, id);
+        Ok(())
+    }
+
+    /// Stores chunk `index`: zero check, hash, and — only if not already known — compress,
+    /// encrypt and upload (the CPU part on a blocking thread).
+    pub async fn put_chunk(&self, index: u64, data: Bytes) -> Result<PutOutcome> {
+        self.check(index, Some(data.len()))?;
+        if is_all_zero(&data) {
+            self.zero_chunk(index)?;
+            return Ok(PutOutcome::Zero);
+        }
+        let codec = self.shared.repo.inner.codec.clone();
+        let shared = self.shared.clone();
+        let encoded = tokio::task::spawn_blocking(move || {
+            let id = codec.id(&data);
+            if shared.is_known(&id) {
+                return Ok(Err(id));
+            }
+            codec.encode_with_id(id, &data).map(Ok)
+        })
+        .await
+        .map_err(|e| RepoError::Usage(format!("encode task failed: {e}")))??;
+        match encoded {
+            Err(id) => {
+                self.reuse_chunk(index, id)?;
+                Ok(PutOutcome::Known)
+            }
+            Ok(enc) => self
+                .put_encoded(index, enc)
+                .await
+                .map(|()| PutOutcome::Stored),
+        }
+    }
+
+    /// Stores a chunk the caller encoded with [`ChunkCodec::encode`] (e.g. on its own thread
+    /// pool).
+    pub async fn put_encoded(&self, index: u64, enc: EncodedChunk) -> Result<()> {
+        let i = self.check(index, Some(enc.plain_len))?;
+        let id = enc.id;
+        if self.shared.is_known(&id) {
+            return self.reuse_chunk(index, id);
+        }
+        self.shared.upload(enc).await?;
+        self.new_chunks.fetch_add(1, Ordering::Relaxed);
+        self.set(i, id);
+        Ok(())
+    }
+}
+
+/// A restore point's disk, read chunk by chunk from the repository.
+pub struct SnapshotDisk {
+    repo: Repository,
+    name: String,
+    index: Arc<DiskIndex>,
+    cache: Mutex<Option<(ChunkId, Arc<Vec<u8>>)>>,
+}
+
+impl fmt::Debug for SnapshotDisk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SnapshotDisk")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+fn to_block_error(disk: &str, e: RepoError) -> BlockError {
+    match e {
+        RepoError::Corrupt { .. }
+        | RepoError::Missing { .. }
+        | RepoError::UnsupportedVersion { .. } => BlockError::corrupt(disk, e.to_string()),
+        other => BlockError::Other {
+            disk: disk.into(),
+            message: other.to_string(),
+            retryable: other.is_retryable(),
+            source: Some(Box::new(other)),
+        },
+    }
+}
+
+impl SnapshotDisk {
+    async fn chunk(&self, id: ChunkId) -> Result<Arc<Vec<u8>>> {
+        if let Some((cid, data)) = &*self.cache.lock().expect("cache lock") {
+            if *cid == id {
+                return Ok(data.clone());
+            }
+        }
+        let data = Arc::new(self.repo.read_chunk(id).await?);
+        *self.cache.lock().expect("cache lock") = Some((id, data.clone()));
+        Ok(data)
+    }
+}
+
+#[async_trait]
+impl BlockSource for SnapshotDisk {
+    fn size(&self) -> u64 {
+        self.index.disk_size
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        BlockError::check_range(&self.name, offset, buf.len() as u64, self.size())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let cs = u64::from(self.index.chunk_size);
+        let first = offset / cs;
+        let last = (offset + buf.len() as u64 - 1) / cs;
+        // Fetch the chunks of a large read concurrently (bounded by the store's permits).
+        let fetched: Vec<(u64, Option<Arc<Vec<u8>>>)> = futures::stream::iter(first..=last)
+            .map(|c| async move {
+                let id = self.index.chunks[c as usize];
+                if id.is_zero() {
+                    Ok((c, None))
+                } else {
+                    self.chunk(id).await.map(|d| (c, Some(d)))
+                }
+            })
+            .buffered(8)
+            .try_collect()
+            .await
+            .map_err(|e| to_block_error(&self.name, e))?;
+        for (c, data) in fetched {
+            let r = self.index.chunk_range(c as usize);
+            let s = r.start.max(offset);
+            let e = r.end.min(offset + buf.len() as u64);
+            let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
+            match data {
+                None => dst.fill(0),
+                Some(d) => {
+                    let src = d
+                        .get((s - r.start) as usize..(e - r.start) as usize)
+                        .ok_or_else(|| {
+                            BlockError::corrupt(
+                                &self.name,
+                                format!("chunk {c} is shorter than its range"),
+                            )
+                        })?;
+                    dst.copy_from_slice(src);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn allocated(&self, range: Range<u64>) -> Result<ExtentMap, BlockError> {
+        let mut m = ExtentMap::new();
+        for (i, c) in self.index.chunks.iter().enumerate() {
+            if !c.is_zero() {
+                m.insert(self.index.chunk_range(i));
+            }
+        }
+        Ok(m.clip(range.start..range.end.min(self.size())))
+    }
+
+    fn preferred_read_size(&self) -> u64 {
+        u64::from(self.index.chunk_size)
+    }
+}
