@@ -234,6 +234,25 @@ impl Repository {
                 }
             }
         }
+        // The catalog decides what backups skip uploading: a damaged segment matters too.
+        if opts.snapshot.is_none() {
+            for o in self.store().list("catalog").await? {
+                let key = o.location.to_string();
+                let res = match self.store().get(&key).await {
+                    Ok(data) => {
+                        crate::codec::open_catalog(&self.inner.keys, &key, &data).map(|_| ())
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = res {
+                    report.bad.push(BadObject {
+                        key,
+                        error: e.to_string(),
+                        snapshots: Vec::new(),
+                    });
+                }
+            }
+        }
         report.chunks_referenced = users.len();
         let pct = opts.sample_percent.clamp(0.0, 100.0);
         let seed: [u8; 32] = crate::codec::random_bytes();

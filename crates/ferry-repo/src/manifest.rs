@@ -80,7 +80,7 @@ pub struct ManifestDisk {
 pub struct Manifest {
     /// Payload version ([`MANIFEST_VERSION`]).
     pub version: u32,
-    /// Restore point id (`YYYYMMDDTHHMMSSZ-<8 hex>`: sorts by time).
+    /// Restore point id (`YYYYMMDDTHHMMSS.mmmZ-<8 hex>`: sorts by time).
     pub id: String,
     /// When the backup started (RFC 3339).
     pub started: String,

@@ -93,12 +93,12 @@ impl fmt::Debug for Repository {
     }
 }
 
-/// A new random restore point id that sorts by time.
+/// A new random restore point id that sorts by time (millisecond resolution).(millisecond resolution).
 fn new_snapshot_id() -> String {
     let r: [u8; 4] = random_bytes();
     format!(
         "{}-{}",
-        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ"),
         hex(&r)
     )
 }

@@ -86,13 +86,33 @@ impl Store {
     /// (credentials and endpoints from the `AWS_*` / `AZURE_*` environment variables).
     /// `create_dir` creates a missing local directory (for `init`).
     pub fn open(location: &str, create_dir: bool) -> Result<Self> {
+        Self::open_with(location, create_dir, &[])
+    }
+
+    /// Like [`open`](Self::open), with extra settings on top of the environment, given as the
+    /// environment variables `object_store` reads (`AWS_ENDPOINT`, `AZURE_STORAGE_ACCOUNT_KEY`,
+    /// ...); names of the other cloud are ignored.
+    pub fn open_with(
+        location: &str,
+        create_dir: bool,
+        options: &[(String, String)],
+    ) -> Result<Self> {
         let invalid = |reason: String| RepoError::InvalidLocation {
             location: location.into(),
             reason,
         };
         let store: Arc<dyn ObjectStore> = if let Some(rest) = location.strip_prefix("s3://") {
             let (bucket, prefix) = split_bucket(location, rest)?;
-            let s3 = object_store::aws::AmazonS3Builder::from_env()
+            let mut b = object_store::aws::AmazonS3Builder::from_env();
+            for (k, v) in options {
+                if let Ok(key) = k
+                    .to_ascii_lowercase()
+                    .parse::<object_store::aws::AmazonS3ConfigKey>()
+                {
+                    b = b.with_config(key, v);
+                }
+            }
+            let s3 = b
                 .with_bucket_name(bucket)
                 .with_retry(retry_config())
                 .build()
@@ -103,7 +123,16 @@ impl Store {
             .or_else(|| location.strip_prefix("azure://"))
         {
             let (container, prefix) = split_bucket(location, rest)?;
-            let az = object_store::azure::MicrosoftAzureBuilder::from_env()
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env();
+            for (k, v) in options {
+                if let Ok(key) = k
+                    .to_ascii_lowercase()
+                    .parse::<object_store::azure::AzureConfigKey>()
+                {
+                    b = b.with_config(key, v);
+                }
+            }
+            let az = b
                 .with_container_name(container)
                 .with_retry(retry_config())
                 .build()
