@@ -135,6 +135,7 @@ pub(crate) fn parse_region_table(
 pub(crate) struct Metadata {
     pub block_size: u32,
     pub has_parent: bool,
+    pub leave_allocated: bool,
     pub virtual_size: u64,
     pub logical_sector: u32,
     pub physical_sector: u32,
@@ -193,6 +194,7 @@ pub(crate) fn parse_metadata(file: &str, b: &[u8]) -> Result<Metadata, ImageErro
                 need(8)?;
                 md.block_size = le32(item, 0);
                 md.has_parent = le32(item, 4) & 2 != 0;
+                md.leave_allocated = le32(item, 4) & 1 != 0;
                 seen_params = true;
             }
             VIRTUAL_SIZE => {
@@ -661,6 +663,9 @@ pub(crate) async fn open(src: Arc<dyn BlockSource>) -> Result<Level, ImageError>
         format: Format::Vhdx,
         subformat: if differencing {
             "differencing"
+        } else if md.leave_allocated {
+            // LeaveBlocksAllocated: what fixed VHDX files (Hyper-V's and qemu's) set.
+            "fixed"
         } else {
             "dynamic"
         }

@@ -202,7 +202,7 @@ async fn vhdx_fixed() {
         SIZES[0],
         30,
         Format::Vhdx,
-        "dynamic",
+        "fixed",
     )
     .await;
 }
