@@ -99,3 +99,32 @@ async fn vmfs_sparse_delta_over_flat_base() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmfs_flat_descriptor() {
+    let (_d, dir) = scratch();
+    let base = dir.join("esx.vmdk");
+    ferry_testkit::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        s(&base),
+        "3M",
+    ]);
+    write_pattern(&base, "vmdk", 3 << 20, 4);
+    let expect = qemu_raw(&base, "vmdk", &dir);
+    // What ESXi writes for a thick disk: createType vmfs, extent type VMFS.
+    let text = std::fs::read_to_string(&base).unwrap();
+    assert!(text.contains(" FLAT "), "{text}");
+    let text = text
+        .replace(" FLAT ", " VMFS ")
+        .replace("createType=\"monolithicFlat\"", "createType=\"vmfs\"");
+    std::fs::write(&base, text).unwrap();
+    let img = open_image(&base).await.unwrap();
+    assert_eq!(img.info.subformat, "vmfs");
+    assert_eq!(img.info.files.len(), 1);
+    assert_eq!(read_all(img.source.as_ref()).await.unwrap(), expect);
+}
