@@ -158,9 +158,13 @@ fn derive_kek(
     ))
 }
 
-fn slot_aad(repo_id: &str) -> Vec<u8> {
+/// Associated data of a slot: binds it to the repository and to its own fields that do not
+/// already enter the key derivation (so no byte of a slot can change unnoticed).
+fn slot_aad(repo_id: &str, created: &str) -> Vec<u8> {
     let mut aad = b"ferry-repo keyslot v1\0".to_vec();
     aad.extend_from_slice(repo_id.as_bytes());
+    aad.push(0);
+    aad.extend_from_slice(created.as_bytes());
     aad
 }
 
@@ -175,10 +179,11 @@ impl KeySlot {
         let salt: [u8; 16] = random_bytes();
         let nonce: [u8; NONCE_LEN] = random_bytes();
         let kek = derive_kek(password, &salt, &params, "keys/new")?;
+        let created = crate::time::now_rfc3339();
         let mut buf = master.to_vec();
         kek.seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(slot_aad(repo_id)),
+            Aad::from(slot_aad(repo_id, &created)),
             &mut buf,
         )
         .map_err(|_| RepoError::Usage("sealing the master key failed".into()))?;
@@ -188,7 +193,7 @@ impl KeySlot {
             salt: hex(&salt),
             nonce: hex(&nonce),
             wrapped: hex(&buf),
-            created: crate::time::now_rfc3339(),
+            created,
         })
     }
 
@@ -219,7 +224,7 @@ impl KeySlot {
         let kek = derive_kek(password, &salt, &self.params, key)?;
         match kek.open_in_place(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(slot_aad(repo_id)),
+            Aad::from(slot_aad(repo_id, &self.created)),
             &mut wrapped,
         ) {
             Ok(plain) => Ok(Some(plain[..32].try_into().expect("32-byte master key"))),

@@ -24,3 +24,87 @@ pub fn decode_all(data: &[u8]) {
     let _ = KeySlot::decode("keys/f", data);
     let _ = crate::locks::Lease::decode(data);
 }
+
+/// Valid inputs for each fuzz target, as (target, file name, bytes), sealed under the keys
+/// [`decode_all`] uses.
+pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    use crate::codec::seal_catalog;
+    use crate::config::{Encryption, KdfParams};
+    use ferry_core::Secret;
+    let mut out = Vec::new();
+    for encrypted in [true, false] {
+        let tag = if encrypted { "enc" } else { "mac" };
+        let keys = Arc::new(Keys::from_master([0x42; 32], encrypted));
+        let codec = ChunkCodec::new(keys.clone(), 1, 1 << 20);
+        let plain = crate::testdata::compressible(1, 4096);
+        out.push((
+            "sealed_objects",
+            format!("chunk-{tag}"),
+            codec.encode(&plain).expect("encode").data.to_vec(),
+        ));
+        let idx = DiskIndex {
+            disk_size: 3 << 20,
+            chunk_size: 1 << 20,
+            chunks: vec![ChunkId([1; 32]), ChunkId::ZERO, ChunkId([2; 32])],
+        };
+        out.push((
+            "sealed_objects",
+            format!("index-{tag}"),
+            idx.seal(&keys, "indexes/f/0").expect("seal"),
+        ));
+        out.push(("index_payload", format!("index-{tag}"), idx.to_payload()));
+        let cat = seal_catalog(&keys, "catalog/f", &[ChunkId([3; 32])]).expect("seal");
+        out.push(("sealed_objects", format!("catalog-{tag}"), cat));
+        let cfg = RepoConfig {
+            id: "00".into(),
+            created: "2026-01-01T00:00:00Z".into(),
+            chunk_size: 1 << 20,
+            compression_level: 1,
+            encryption: if encrypted {
+                Encryption::Aes256Gcm
+            } else {
+                Encryption::None
+            },
+            chunk_id: "blake3-keyed".into(),
+            master_key: None,
+        };
+        out.push(("sealed_objects", format!("config-{tag}"), cfg.encode(&keys)));
+        let _ = KdfParams::default();
+        let slot = KeySlot::create(
+            "00",
+            &[0x42; 32],
+            &Secret::new("pw"),
+            KdfParams::insecure_fast(),
+        )
+        .expect("slot");
+        out.push(("sealed_objects", format!("keyslot-{tag}"), slot.encode()));
+    }
+    let manifest = br#"{"version":1,"id":"fuzz","started":"2026-01-01T00:00:00Z","finished":"2026-01-01T00:00:01Z","time":0,"writer":"w","vm":{"id":"v","name":"n"},"source":"s","hypervisor":"xen","consistency":"crash","config":{"cpus":1,"memory":1,"firmware":"bios","guest-os":null,"disks":[],"nics":[]},"disks":[]}"#;
+    out.push(("manifest_payload", "manifest".into(), manifest.to_vec()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_are_valid_inputs() {
+        let keys = Keys::from_master([0x42; 32], true);
+        for (target, name, data) in seeds() {
+            decode_all(&data);
+            match (target, name.as_str()) {
+                ("manifest_payload", _) => {
+                    Manifest::from_payload("snapshots/fuzz/manifest", &data).unwrap();
+                }
+                ("index_payload", _) => {
+                    DiskIndex::from_payload("indexes/f/0", &data).unwrap();
+                }
+                (_, "index-enc") => {
+                    DiskIndex::open(&keys, "indexes/f/0", &data).unwrap();
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -269,8 +269,11 @@ impl Repository {
             .copied()
             .collect();
         report.chunks_checked = selected.len();
-        let results: Vec<(ChunkId, Result<Vec<u8>>)> = futures::stream::iter(selected)
-            .map(|c| async move { (c, self.read_chunk(c).await.map(|_| Vec::new())) })
+        let results: Vec<(ChunkId, Result<()>)> = futures::stream::iter(selected)
+            .map(|c| {
+                let repo = self.clone();
+                async move { (c, repo.read_chunk(c).await.map(|_| ())) }
+            })
             .buffer_unordered(8)
             .collect()
             .await;
@@ -429,8 +432,11 @@ impl Repository {
             store.delete(s).await?;
         }
         let results: Vec<Result<()>> =
-            futures::stream::iter(doomed.iter().chain(orphan_indexes.iter()))
-                .map(|k| store.delete(k))
+            futures::stream::iter(doomed.into_iter().chain(orphan_indexes))
+                .map(|k| {
+                    let store = store.clone();
+                    async move { store.delete(&k).await }
+                })
                 .buffer_unordered(16)
                 .collect()
                 .await;

@@ -326,7 +326,10 @@ impl Repository {
     pub async fn snapshots(&self) -> Result<Vec<Manifest>> {
         let ids = self.snapshot_ids().await?;
         let mut out: Vec<Manifest> = futures::stream::iter(ids)
-            .map(|id| async move { self.load_manifest(&id).await })
+            .map(|id| {
+                let repo = self.clone();
+                async move { repo.load_manifest(&id).await }
+            })
             .buffered(16)
             .try_collect()
             .await?;
@@ -397,9 +400,12 @@ impl Repository {
             .map(|m| m.location.to_string())
             .collect();
         let segs: Vec<Vec<ChunkId>> = futures::stream::iter(keys)
-            .map(|k| async move {
-                let data = self.inner.store.get(&k).await?;
-                open_catalog(&self.inner.keys, &k, &data)
+            .map(|k| {
+                let repo = self.clone();
+                async move {
+                    let data = repo.inner.store.get(&k).await?;
+                    open_catalog(&repo.inner.keys, &k, &data)
+                }
             })
             .buffer_unordered(16)
             .try_collect()

@@ -10,7 +10,7 @@ use ferry_repo::{Created, GcOptions, RepoError, Repository, Retention, Store, Ve
 use std::sync::Arc;
 use std::time::Duration;
 
-async fn suite(make: impl Fn(&str) -> Store) {
+async fn suite(make: impl Fn(&str) -> Store, expect_cas: bool) {
     let pw = Secret::new("s3cret pass");
     // init, double init, passwords
     let store = make("main");
@@ -48,6 +48,25 @@ async fn suite(make: impl Fn(&str) -> Store) {
     );
     assert_eq!(&store.get("probe/x").await.unwrap()[..], b"1");
     store.delete("probe/x").await.unwrap();
+    // Compare-and-swap on the ETag takes over an expired GC lock.
+    store.create("probe/cas", &b"1"[..]).await.unwrap();
+    let (_, v1) = store.get_with_meta("probe/cas").await.unwrap();
+    match store.replace_if("probe/cas", &v1, &b"2"[..]).await.unwrap() {
+        Some(swapped) => {
+            assert!(
+                expect_cas && swapped,
+                "CAS with the current version must succeed"
+            );
+            assert_eq!(
+                store.replace_if("probe/cas", &v1, &b"3"[..]).await.unwrap(),
+                Some(false),
+                "stale version"
+            );
+            assert_eq!(&store.get("probe/cas").await.unwrap()[..], b"2");
+        }
+        None => assert!(!expect_cas, "this store should support compare-and-swap"),
+    }
+    store.delete("probe/cas").await.unwrap();
 
     // A full backup: zero chunks, a short last chunk; restore is byte-identical.
     let cs = CHUNK as usize;
@@ -262,33 +281,39 @@ async fn suite(make: impl Fn(&str) -> Store) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory() {
     let stores = std::sync::Mutex::new(std::collections::HashMap::new());
-    suite(|name| {
-        stores
-            .lock()
-            .unwrap()
-            .entry(name.to_string())
-            .or_insert_with(|| {
-                Store::new(
-                    Arc::new(object_store::memory::InMemory::new()),
-                    format!("memory:{name}"),
-                )
-            })
-            .clone()
-    })
+    suite(
+        |name| {
+            stores
+                .lock()
+                .unwrap()
+                .entry(name.to_string())
+                .or_insert_with(|| {
+                    Store::new(
+                        Arc::new(object_store::memory::InMemory::new()),
+                        format!("memory:{name}"),
+                    )
+                })
+                .clone()
+        },
+        true,
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_filesystem() {
     let dir = tempfile::tempdir().unwrap();
-    suite(|name| {
-        let loc = if name == "plain" {
-            format!("file://{}", dir.path().join(name).display())
-        } else {
-            dir.path().join(name).display().to_string()
-        };
-        Store::open(&loc, true).unwrap()
-    })
+    suite(
+        |name| {
+            let loc = if name == "plain" {
+                format!("file://{}", dir.path().join(name).display())
+            } else {
+                dir.path().join(name).display().to_string()
+            };
+            Store::open(&loc, true).unwrap()
+        },
+        false,
+    )
     .await;
 }
 
@@ -296,16 +321,22 @@ async fn local_filesystem() {
 async fn s3_moto() {
     let moto = ferry_testkit::Moto::start();
     let env = moto.env();
-    suite(|name| Store::open_with(&format!("{}/repos/{name}", moto.url()), false, &env).unwrap())
-        .await;
+    suite(
+        |name| Store::open_with(&format!("{}/repos/{name}", moto.url()), false, &env).unwrap(),
+        true,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_azurite() {
     let az = ferry_testkit::Azurite::start();
     let env = az.env();
-    suite(|name| Store::open_with(&format!("{}/repos/{name}", az.url()), false, &env).unwrap())
-        .await;
+    suite(
+        |name| Store::open_with(&format!("{}/repos/{name}", az.url()), false, &env).unwrap(),
+        true,
+    )
+    .await;
 }
 
 #[test]
