@@ -947,6 +947,8 @@ impl NbdClient {
             .min(info.block_max)
             .max(info.block_min)
             .max(512);
+        // A multiple of the minimum block size, so split requests stay aligned.
+        let max_request = max_request / info.block_min * info.block_min;
         tracing::info!(uri = %cfg.uri_redacted(), size = info.size, connections = conns.len(),
             tls = info.tls, structured = info.structured_replies, "connected to NBD export");
         Ok(Self {
@@ -1087,6 +1089,18 @@ impl NbdClient {
     /// Reads `buf.len()` bytes at `offset`, as many requests in flight as the connections allow.
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
         self.check_range("read", offset, buf.len() as u64)?;
+        let min = u64::from(self.info.block_min);
+        let end = offset + buf.len() as u64;
+        if min > 1 && (offset % min != 0 || end % min != 0) {
+            // The server enforces a minimum block size: read the aligned superset.
+            let start = offset / min * min;
+            let aligned_end = end.div_ceil(min).saturating_mul(min).min(self.info.size);
+            let mut tmp = vec![0u8; (aligned_end - start) as usize];
+            Box::pin(self.read(start, &mut tmp)).await?;
+            let at = (offset - start) as usize;
+            buf.copy_from_slice(&tmp[at..at + buf.len()]);
+            return Ok(());
+        }
         let step = self.max_request as usize;
         let futs = buf
             .chunks_mut(step)
@@ -1109,6 +1123,13 @@ impl NbdClient {
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
         self.require_writable("write")?;
         self.check_range("write", offset, data.len() as u64)?;
+        let min = u64::from(self.info.block_min);
+        if min > 1 && (offset % min != 0 || data.len() as u64 % min != 0) {
+            return Err(self.ctx.unsupported(format!(
+                "write of {} bytes at offset {offset} is not aligned to the server's minimum block size {min}",
+                data.len()
+            )));
+        }
         let step = self.max_request as usize;
         let futs = data.chunks(step).enumerate().map(|(i, part)| {
             let o = offset + (i * step) as u64;

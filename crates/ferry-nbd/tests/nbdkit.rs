@@ -169,3 +169,39 @@ async fn stalled_server_times_out_and_pipelining_overlaps_delays() {
     let mut buf = vec![0u8; 32 * 4096];
     c.read(0, &mut buf).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minimum_block_size_is_honoured() {
+    let kit = Nbdkit::new("pattern")
+        .filter("blocksize-policy")
+        .arg("size=1M")
+        .arg("blocksize-minimum=4096")
+        .arg("blocksize-error-policy=error")
+        .start();
+    let c = NbdClient::connect_uri(&kit.uri()).await.unwrap();
+    assert_eq!(c.info().block_min, 4096);
+    // Unaligned reads are widened to whole blocks and trimmed back.
+    let mut part = vec![0u8; 13];
+    c.read(5003, &mut part).await.unwrap();
+    let mut whole = vec![0u8; 16384];
+    c.read(0, &mut whole).await.unwrap();
+    assert_eq!(part[..], whole[5003..5016]);
+    assert_eq!(
+        u64::from_be_bytes(whole[5000..5008].try_into().unwrap()),
+        5000
+    );
+
+    let kit = Nbdkit::new("memory")
+        .filter("blocksize-policy")
+        .arg("size=1M")
+        .arg("blocksize-minimum=4096")
+        .arg("blocksize-error-policy=error")
+        .start();
+    let c = NbdClient::connect_uri(&kit.uri()).await.unwrap();
+    let err = c.write(100, &[1; 10]).await.unwrap_err();
+    assert!(err.to_string().contains("minimum block size 4096"), "{err}");
+    c.write(4096, &[7; 8192]).await.unwrap();
+    let mut got = vec![0u8; 3];
+    c.read(4095, &mut got).await.unwrap();
+    assert_eq!(got, [0, 7, 7]);
+}
