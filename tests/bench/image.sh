@@ -6,7 +6,7 @@
 #
 # Usage: tests/bench/image.sh            (SIZE=4G by default; SIZE=512M for a quick look)
 # Env:   FERRY_IMAGE_READ (a prebuilt image_read example; skips the build), SIZE, BENCH_DIR (scratch, default /tmp/ferry-bench-image), JOBS (Ferry reader tasks, 2),
-#        ROUNDS (timed runs per tool, best kept; default 2). Page cache is warm for both tools.
+#        ROUNDS (timed runs per tool, best kept; default 2), ONLY (e.g. ONLY=vhdx: one reader). Page cache is warm for both tools.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -63,10 +63,11 @@ best() { # command... -> best wall seconds of ROUNDS runs (after one warm-up)
 }
 
 printf '\n%-26s %12s %12s %12s %10s %8s\n' "reader ($SIZE, $JOBS jobs)" "data MiB" "ferry MiB/s" "qemu MiB/s" "ferry s" "ratio"
-for spec in "vpc:subformat=dynamic:vhd" "vhdx::vhdx" "vmdk:subformat=monolithicSparse:vmdk" "vmdk:subformat=streamOptimized:vmdk" "vmdk:subformat=monolithicFlat:vmdk"; do
+for spec in "raw::raw" "vpc:subformat=dynamic:vhd" "vhdx::vhdx" "vmdk:subformat=monolithicSparse:vmdk" "vmdk:subformat=streamOptimized:vmdk" "vmdk:subformat=monolithicFlat:vmdk"; do
   IFS=: read -r fmt opts ext <<<"$spec"
+  [[ -n "${ONLY:-}" && "$spec" != *"$ONLY"* ]] && continue
   img="$DIR/img.$ext"
-  qemu-img convert -f raw -O "$fmt" ${opts:+-o "$opts"} "$SRC" "$img"
+  if [[ $fmt == raw ]]; then cp --sparse=always "$SRC" "$img"; else qemu-img convert -f raw -O "$fmt" ${opts:+-o "$opts"} "$SRC" "$img"; fi
   data=$("$READER" "$img" "$JOBS" | python3 -c "import json,sys; print(json.load(sys.stdin)['bytes'])")
   tf=$(best "$READER" "$img" "$JOBS")
   vsize=$(qemu-img info -f "$fmt" --output=json "$img" | python3 -c "import json,sys; print(json.load(sys.stdin)['virtual-size'])")

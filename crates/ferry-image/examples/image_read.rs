@@ -1,20 +1,21 @@
 //! Benchmark driver: reads every allocated byte of an image through ferry-image and prints one
 //! JSON line `{"bytes":…,"seconds":…,"virtual":…}`. Used by `tests/bench/image.sh`.
 //!
-//! Usage: `image_read PATH [JOBS]` — JOBS tasks read 4 MiB requests concurrently (default 2).
+//! Usage: `[REQUEST_KIB=4096] image_read PATH [JOBS]` — JOBS tasks (default 2) read requests of
+//! REQUEST_KIB KiB concurrently.
 
 use ferry_core::BlockSource;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-const REQUEST: u64 = 4 << 20;
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let path = args.next().ok_or("usage: image_read PATH [JOBS]")?;
     let jobs: usize = args.next().map_or(Ok(2), |j| j.parse())?;
+    // Request size in KiB (default 4 MiB, the repository's chunk size).
+    let request: u64 = std::env::var("REQUEST_KIB").map_or(Ok(4096), |v| v.parse())? << 10;
     let start = Instant::now();
     let img = ferry_image::open_image(&path).await?;
     let src = img.source.clone();
@@ -24,7 +25,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for e in map.iter() {
         let mut pos = e.offset;
         while pos < e.end() {
-            let n = REQUEST.min(e.end() - pos);
+            let n = request.min(e.end() - pos);
             reqs.push((pos, n));
             pos += n;
         }
@@ -35,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..jobs.max(1) {
         let (src, reqs, next) = (src.clone(), reqs.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; REQUEST as usize];
+            let mut buf = vec![0u8; request as usize];
             let mut sum = 0u64;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);

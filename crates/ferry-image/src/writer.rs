@@ -62,7 +62,7 @@ pub struct WriterOptions {
     pub block_size: Option<u64>,
     /// Makes a differencing child of this image (VHD dynamic, VHDX, VMDK sparse only). The path
     /// is recorded relative to the child's directory when possible. Ranges never written read
-    /// from the parent; writes must then be 512-byte aligned.
+    /// from the parent; writes must then be 512-byte aligned, and for VMDK cover whole grains.
     pub parent: Option<PathBuf>,
 }
 
@@ -121,6 +121,9 @@ struct Grains {
     data_end: u64,
     buf: Vec<u8>,
     buf_grain: Option<u64>,
+    /// Bytes written into the buffered grain (deltas must fill whole grains).
+    buf_written: u64,
+    disk_size: u64,
     differencing: Option<ParentInfo>,
     cid: u32,
 }
@@ -354,6 +357,8 @@ impl ImageWriter {
                     data_end: overhead * 512,
                     buf: vec![0; grain as usize],
                     buf_grain: None,
+                    buf_written: 0,
+                    disk_size: virtual_size,
                     differencing,
                     cid: u32::from_le_bytes(fresh_id()[..4].try_into().unwrap_or([1; 4])),
                 })
@@ -453,6 +458,15 @@ impl ImageWriter {
 
     /// Writes the metadata, syncs, and renames the file into place.
     pub fn finish(mut self) -> Result<PathBuf, ImageError> {
+        let r = self.finish_inner();
+        if r.is_err() {
+            // Nothing half-written may stay behind, not even under the temporary name.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        r
+    }
+
+    fn finish_inner(&mut self) -> Result<PathBuf, ImageError> {
         let file = self.file.take().ok_or_else(|| ImageError::Usage {
             file: self.name.clone(),
             message: "writer already finished".into(),
@@ -1047,6 +1061,7 @@ impl Grains {
                 self.buf_grain = Some(grain);
             }
             self.buf[within..within + n].copy_from_slice(&data[pos..pos + n]);
+            self.buf_written += n as u64;
             pos += n;
         }
         Ok(())
@@ -1056,8 +1071,22 @@ impl Grains {
         let Some(grain) = self.buf_grain.take() else {
             return Ok(());
         };
-        // A delta stores every grain written, zeros included (they hide the parent's data).
-        if self.differencing.is_none() && is_zero(&self.buf) {
+        let written = std::mem::take(&mut self.buf_written);
+        if self.differencing.is_some() {
+            // VMDK deltas have no sector bitmap: a grain present in the delta hides all of the
+            // parent's grain, so a partly written grain would silently zero parent data.
+            let whole = self.grain.min(self.disk_size - grain * self.grain);
+            if written < whole {
+                return Err(ImageError::Usage {
+                    file: name.to_string(),
+                    message: format!(
+                        "VMDK deltas store whole grains: grain {grain} ({} bytes at offset {}) was only {written} bytes written",
+                        self.grain,
+                        grain * self.grain
+                    ),
+                });
+            }
+        } else if is_zero(&self.buf) {
             return Ok(());
         }
         let sector = self.data_end / 512;

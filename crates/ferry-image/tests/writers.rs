@@ -322,9 +322,12 @@ async fn vmdk_delta_written_by_us_reads_in_qemu() {
         },
     )
     .unwrap();
-    w.write(65536 * 3 + 512, &[0xAB; 4096]).unwrap();
+    let mut expect = qemu_raw(&base, "vmdk", &dir);
+    w.write(65536 * 3, &[0xAB; 65536]).unwrap();
     w.write(65536 * 7, &[0u8; 65536]).unwrap();
     w.finish().unwrap();
+    expect[65536 * 3..65536 * 4].fill(0xAB);
+    expect[65536 * 7..65536 * 8].fill(0);
     ferry_testkit::qemu_img(&["check", "-f", "vmdk", s(&child)]);
     let want = qemu_raw(&child, "vmdk", &dir);
     let img = open_image(&child).await.unwrap();
@@ -333,4 +336,30 @@ async fn vmdk_delta_written_by_us_reads_in_qemu() {
         read_all(img.source.as_ref()).await.unwrap() == want,
         "vmdk delta differs from qemu's view"
     );
+    assert!(
+        want == expect,
+        "qemu's view of our delta is not the expected composite"
+    );
+    // A partly written grain would hide parent data: refused.
+    let bad = dir.join("bad-000001.vmdk");
+    let mut w = ImageWriter::create_with(
+        &bad,
+        OutputFormat::VmdkSparse,
+        size,
+        &WriterOptions {
+            block_size: None,
+            parent: Some(base.clone()),
+        },
+    )
+    .unwrap();
+    w.write(512, &[1; 512]).unwrap();
+    let err = w.finish().unwrap_err().to_string();
+    assert!(err.contains("whole grains"), "{err}");
+    assert!(!bad.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("ferry-part"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
