@@ -1,0 +1,362 @@
+//! The sources configuration: `ferry.toml`, found by `--config`, then `FERRY_CONFIG`, then
+//! `./ferry.toml`, then `/etc/ferry/ferry.toml`. One `[sources.NAME]` table per hypervisor
+//! source; unknown keys inside a source are refused (a typo must not silently disable TLS
+//! pinning). Other top-level tables belong to other parts of Ferry and are kept untouched.
+//!
+//! ```toml
+//! [sources.lab-xen]
+//! kind = "xen"
+//! url = "https://127.0.0.1:8443"
+//! username = "root"
+//! password-file = "/etc/ferry/lab-xen.password"
+//! tls-fingerprint = "sha256:AB:CD:…"          # or tls-insecure = true in a lab
+//! transports = ["san", "hotadd", "network"]   # order of preference
+//! proxy-vm = "ferry-proxy"                     # hot-add target (name or uuid)
+//! concurrency = 4
+//! hotadd-device-dir = "/dev"
+//! state-dir = "/var/lib/ferry"
+//! [sources.lab-xen.san-paths]                  # SR uuid → where the proxy sees it
+//! "0f6c…" = "/run/sr-mount/0f6c…"
+//! ```
+
+use crate::TransportMode;
+use ferry_core::Secret;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A configuration error; names the file and the source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("config {path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// No configuration file was found.
+    #[error("no configuration file: pass --config, set FERRY_CONFIG, or create ./ferry.toml")]
+    NotFound,
+    /// The source is not configured.
+    #[error("config {path}: no source `{name}` (configured: {known})")]
+    NoSource {
+        /// The file.
+        path: PathBuf,
+        /// Asked for.
+        name: String,
+        /// What exists.
+        known: String,
+    },
+    /// The password file cannot be read.
+    #[error("source `{source_name}`: cannot read password file {path}: {cause}")]
+    Password {
+        /// The source.
+        source_name: String,
+        /// The password file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        cause: std::io::Error,
+    },
+}
+
+/// Which hypervisor a source is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// Citrix Hypervisor / XCP-ng.
+    Xen,
+    /// VMware vSphere.
+    Vmware,
+    /// Hyper-V.
+    Hyperv,
+}
+
+fn default_transports() -> Vec<TransportMode> {
+    TransportMode::ALL.to_vec()
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_device_dir() -> PathBuf {
+    PathBuf::from("/dev")
+}
+
+/// One `[sources.NAME]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The hypervisor kind.
+    pub kind: SourceKind,
+    /// Management endpoint, e.g. `https://xen-pool-master`.
+    pub url: String,
+    /// Login user.
+    pub username: String,
+    /// File holding the password (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The password inline (discouraged; prefer `password-file`).
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// SHA-256 fingerprint of the endpoint's certificate, `sha256:AB:CD:…`.
+    #[serde(default)]
+    pub tls_fingerprint: Option<String>,
+    /// Accept any certificate (labs only; logged as a warning at every connection).
+    #[serde(default)]
+    pub tls_insecure: bool,
+    /// Transports in order of preference; modes not listed are never used.
+    #[serde(default = "default_transports")]
+    pub transports: Vec<TransportMode>,
+    /// The proxy VM disks are hot-added to (name or id).
+    #[serde(default)]
+    pub proxy_vm: Option<String>,
+    /// Disks read at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Where the proxy sees shared storage: storage id (SR uuid, datastore) → local path.
+    #[serde(default)]
+    pub san_paths: BTreeMap<String, PathBuf>,
+    /// Where hot-added disks appear (`/dev`).
+    #[serde(default = "default_device_dir")]
+    pub hotadd_device_dir: PathBuf,
+    /// Where the driver keeps its crash journal.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl SourceConfig {
+    /// The password, from `password-file` or `password`.
+    pub fn password(&self, name: &str) -> Result<Secret, ConfigError> {
+        if let Some(p) = &self.password_file {
+            let s = std::fs::read_to_string(p).map_err(|cause| ConfigError::Password {
+                source_name: name.into(),
+                path: p.clone(),
+                cause,
+            })?;
+            return Ok(Secret::new(s.trim_end_matches(['\n', '\r'])));
+        }
+        Ok(self.password.clone().unwrap_or_default())
+    }
+
+    /// The state directory: `state-dir`, else `$XDG_STATE_HOME/ferry`, else `~/.local/state/ferry`.
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(d) = &self.state_dir {
+            return d.clone();
+        }
+        if let Some(x) = std::env::var_os("XDG_STATE_HOME") {
+            return PathBuf::from(x).join("ferry");
+        }
+        std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".local/state/ferry"))
+            .unwrap_or_else(|| PathBuf::from("/var/lib/ferry"))
+    }
+
+    fn validate(&self, name: &str) -> Result<(), String> {
+        if !self.url.starts_with("https://") {
+            return Err(format!(
+                "source `{name}`: url must be https://…, not `{}`",
+                self.url
+            ));
+        }
+        match (&self.tls_fingerprint, self.tls_insecure) {
+            (Some(_), true) => {
+                return Err(format!(
+                    "source `{name}`: tls-fingerprint and tls-insecure exclude each other"
+                ));
+            }
+            (None, false) => {
+                return Err(format!(
+                    "source `{name}`: set tls-fingerprint (or tls-insecure = true in a lab)"
+                ));
+            }
+            (Some(f), false) if !valid_fingerprint(f) => {
+                return Err(format!(
+                    "source `{name}`: tls-fingerprint must be sha256:XX:XX:… (32 bytes)"
+                ));
+            }
+            _ => {}
+        }
+        if self.password_file.is_some() && self.password.is_some() {
+            return Err(format!(
+                "source `{name}`: password-file and password exclude each other"
+            ));
+        }
+        if self.transports.is_empty() {
+            return Err(format!(
+                "source `{name}`: transports must list at least one mode"
+            ));
+        }
+        let mut seen = self.transports.clone();
+        seen.sort();
+        seen.dedup();
+        if seen.len() != self.transports.len() {
+            return Err(format!("source `{name}`: transports lists a mode twice"));
+        }
+        if self.concurrency == 0 || self.concurrency > 64 {
+            return Err(format!("source `{name}`: concurrency must be 1..=64"));
+        }
+        Ok(())
+    }
+}
+
+fn valid_fingerprint(s: &str) -> bool {
+    let hex: String = s
+        .strip_prefix("sha256:")
+        .or_else(|| s.strip_prefix("SHA256:"))
+        .unwrap_or(s)
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FerryConfig {
+    /// Hypervisor sources by name.
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// Tables owned by other parts of Ferry (repositories, schedules, …).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, toml::Value>,
+    /// Where it was loaded from.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl FerryConfig {
+    /// Parses and validates `text` (from `path`, for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        };
+        let mut cfg: FerryConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        for (name, s) in &cfg.sources {
+            s.validate(name).map_err(invalid)?;
+        }
+        cfg.path = path.into();
+        Ok(cfg)
+    }
+
+    /// Loads `explicit`, else `$FERRY_CONFIG`, else `./ferry.toml`, else `/etc/ferry/ferry.toml`.
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => match std::env::var_os("FERRY_CONFIG") {
+                Some(p) => PathBuf::from(p),
+                None => ["ferry.toml", "/etc/ferry/ferry.toml"]
+                    .iter()
+                    .map(PathBuf::from)
+                    .find(|p| p.exists())
+                    .ok_or(ConfigError::NotFound)?,
+            },
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, &path)
+    }
+
+    /// The source called `name`.
+    pub fn source(&self, name: &str) -> Result<&SourceConfig, ConfigError> {
+        self.sources.get(name).ok_or_else(|| ConfigError::NoSource {
+            path: self.path.clone(),
+            name: name.into(),
+            known: if self.sources.is_empty() {
+                "none".into()
+            } else {
+                self.sources.keys().cloned().collect::<Vec<_>>().join(", ")
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "sha256:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89:AB:CD:EF:01:23:45:67:89";
+
+    fn parse(t: &str) -> Result<FerryConfig, ConfigError> {
+        FerryConfig::parse(t, Path::new("/etc/ferry/ferry.toml"))
+    }
+
+    #[test]
+    fn the_documented_shape_works() {
+        let d = tempfile::tempdir().unwrap();
+        let pw = d.path().join("pw");
+        std::fs::write(&pw, "hunter2\n").unwrap();
+        let t = format!(
+            "[repository]\nurl = \"s3://b\"\n\n[sources.lab-xen]\nkind = \"xen\"\nurl = \"https://127.0.0.1:8443\"\nusername = \"root\"\npassword-file = \"{}\"\ntls-fingerprint = \"{FP}\"\ntransports = [\"san\", \"hotadd\", \"network\"]\n",
+            pw.display()
+        );
+        let c = parse(&t).unwrap();
+        let s = c.source("lab-xen").unwrap();
+        assert_eq!(s.kind, SourceKind::Xen);
+        assert_eq!(s.transports, TransportMode::ALL.to_vec());
+        assert_eq!(s.password("lab-xen").unwrap().expose(), "hunter2");
+        assert!(c.other.contains_key("repository"));
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let e = c.source("nope").unwrap_err().to_string();
+        assert!(e.contains("lab-xen") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn refuses_typos_and_unsafe_tls() {
+        let base = "[sources.x]\nkind = \"xen\"\nurl = \"https://h\"\nusername = \"root\"\n";
+        for (extra, want) in [
+            (
+                "tls-insecure = true\ntls-fingerprnt = \"x\"\n",
+                "unknown field",
+            ),
+            ("", "tls-fingerprint"),
+            ("tls-fingerprint = \"sha256:00\"\n", "32 bytes"),
+            ("tls-insecure = true\ntransports = []\n", "at least one"),
+            (
+                "tls-insecure = true\ntransports = [\"network\", \"network\"]\n",
+                "twice",
+            ),
+            (
+                "tls-insecure = true\ntransports = [\"carrier-pigeon\"]\n",
+                "unknown variant",
+            ),
+            ("tls-insecure = true\nconcurrency = 0\n", "concurrency"),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains("/etc/ferry/ferry.toml"),
+                "{extra}: {e}"
+            );
+        }
+        let e = parse("[sources.x]\nkind = \"xen\"\nurl = \"http://h\"\nusername = \"r\"\ntls-insecure = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("https"), "{e}");
+    }
+
+    #[test]
+    fn password_file_errors_name_the_file_not_the_secret() {
+        let c = parse("[sources.x]\nkind = \"xen\"\nurl = \"https://h\"\nusername = \"r\"\ntls-insecure = true\npassword-file = \"/nonexistent/pw\"\n").unwrap();
+        let e = c
+            .source("x")
+            .unwrap()
+            .password("x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/pw") && e.contains("`x`"), "{e}");
+    }
+}

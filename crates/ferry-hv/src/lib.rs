@@ -1,0 +1,337 @@
+//! The hypervisor driver interface: what Ferry asks of Xen, VMware and Hyper-V alike.
+//!
+//! A driver ([`HypervisorDriver`]) lists VMs, opens a [`BackupSession`] for one VM and restores
+//! whole VMs. A backup session has taken a snapshot at the best consistency the VM supports
+//! ([`ConsistencyLevel`] reached is reported) and offers, per disk, a
+//! [`BlockSource`](ferry_core::BlockSource) of the snapshot plus the extents changed since the
+//! previous restore point ([`Changed`]) and the [`ChangeToken`] to store for next time. How the
+//! bytes travel ([`TransportMode`]: SAN, hot-add, network) is chosen per disk from the source's
+//! order of preference, and the mode used is recorded. Cleanup always runs: on
+//! [`BackupSession::finish`], on drop (best effort, in the background), and — for a process
+//! killed mid-backup — by [`HypervisorDriver::recover`] at the start of the next run, from
+//! markers the driver left on the hypervisor and in its journal ([`journal`]).
+//!
+//! `docs/drivers.md` maps VMware (changeId, QueryChangedDiskAreas, nbdkit-vddk) and Hyper-V
+//! (recovery checkpoints, reference points, RCT, host agent) onto these types.
+//!
+//! [`config`] holds the typed sources configuration (`ferry.toml`).
+
+pub mod config;
+pub mod counting;
+pub mod journal;
+
+pub use config::{FerryConfig, SourceConfig, SourceKind};
+pub use counting::{CountingSource, ReadCounters};
+pub use ferry_core::vm::{ConsistencyLevel, HypervisorKind, NativeConfig, VmConfig};
+
+use async_trait::async_trait;
+use ferry_core::{BlockSource, ExtentMap};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+/// How a disk's bytes travel from the hypervisor's storage to the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportMode {
+    /// The proxy reads the disk's image straight off shared storage (a VHD on an NFS/LVM SR, a
+    /// VMDK on a VMFS LUN, a VHDX on an SMB share).
+    San,
+    /// The snapshot disk is attached to the proxy VM and read as a local block device.
+    Hotadd,
+    /// The hypervisor (or an agent) serves the disk over the network, e.g. NBD over TLS.
+    Network,
+}
+
+impl TransportMode {
+    /// Every mode, in the default order of preference (fastest first).
+    pub const ALL: [TransportMode; 3] = [Self::San, Self::Hotadd, Self::Network];
+}
+
+impl fmt::Display for TransportMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::San => "san",
+            Self::Hotadd => "hotadd",
+            Self::Network => "network",
+        })
+    }
+}
+
+/// Power state of a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PowerState {
+    /// Running.
+    Running,
+    /// Powered off.
+    Off,
+    /// Paused or suspended.
+    Suspended,
+    /// Anything else the hypervisor reports.
+    Unknown,
+}
+
+/// One disk of a VM as the inventory shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiskSummary {
+    /// Stable key of the disk across backups (a VDI uuid, a VMDK's disk key + uuid, a VHDX
+    /// path's identifier); change tokens are keyed by it.
+    pub key: String,
+    /// Display name.
+    pub name: String,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Position on the VM (`xvda`, `scsi0:1`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+}
+
+/// One VM of the inventory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VmSummary {
+    /// The hypervisor's stable id (uuid, MoRef, VM GUID).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Power state.
+    pub power_state: PowerState,
+    /// The host it runs on (or is registered with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The pool or cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// Disks.
+    pub disks: Vec<DiskSummary>,
+    /// Tags or labels.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// A hypervisor's change token for one disk: the value that, at the next backup, lets the
+/// driver ask "what changed since?" (a Xen CBT snapshot VDI uuid, a VMware `changeId`, a
+/// Hyper-V RCT reference point id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChangeToken(pub String);
+
+/// Change tokens of a restore point, keyed by [`DiskSummary::key`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChangeTokens(pub BTreeMap<String, ChangeToken>);
+
+/// What must be read of a disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Changed {
+    /// Everything allocated: there is no usable previous token. The reason is logged and kept
+    /// for the restore point (e.g. "first backup", "CBT was reset").
+    Full {
+        /// Why the backup of this disk is full.
+        reason: String,
+    },
+    /// Only these extents changed since the previous token.
+    Since(ExtentMap),
+}
+
+/// One disk of a backup session.
+#[derive(Debug, Clone)]
+pub struct BackupDisk {
+    /// Stable key (see [`DiskSummary::key`]).
+    pub key: String,
+    /// Name in the restore point.
+    pub name: String,
+    /// The snapshot's content.
+    pub source: Arc<dyn BlockSource>,
+    /// Read counters of `source` (what the backup actually read).
+    pub counters: Arc<ReadCounters>,
+    /// Full or changed extents.
+    pub changed: Changed,
+    /// How the bytes travel.
+    pub transport: TransportMode,
+    /// The token to store with the restore point.
+    pub token: ChangeToken,
+}
+
+/// Options of one backup.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Force a full read even with a usable previous token.
+    pub force_full: bool,
+    /// Skip these disks (by key or name).
+    pub exclude_disks: Vec<String>,
+}
+
+/// How a backup ended, for [`BackupSession::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The restore point was written: keep what the next incremental needs.
+    Committed,
+    /// The backup failed or was cancelled: remove everything this session created, keep the
+    /// previous change anchors untouched.
+    Aborted,
+}
+
+/// An open backup of one VM.
+#[async_trait]
+pub trait BackupSession: Send + Sync + fmt::Debug {
+    /// The VM.
+    fn vm(&self) -> &VmSummary;
+    /// Consistency reached by the snapshot.
+    fn consistency(&self) -> ConsistencyLevel;
+    /// Normalized configuration at snapshot time.
+    fn config(&self) -> &VmConfig;
+    /// The hypervisor's own record at snapshot time.
+    fn native(&self) -> &NativeConfig;
+    /// The disks to read.
+    fn disks(&self) -> &[BackupDisk];
+    /// Ends the session: on [`Outcome::Committed`] converts the snapshot into the change
+    /// anchors of the next backup and returns their tokens; on [`Outcome::Aborted`] removes
+    /// the snapshot. Both detach and remove every temporary object (VBDs, tasks, connections).
+    async fn finish(self: Box<Self>, outcome: Outcome) -> Result<ChangeTokens, HvError>;
+}
+
+/// A disk to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreDisk {
+    /// Name from the restore point.
+    pub name: String,
+    /// Content.
+    pub source: Arc<dyn BlockSource>,
+}
+
+/// What to restore.
+#[derive(Debug, Clone)]
+pub struct RestorePlan {
+    /// Name of the new VM.
+    pub name: String,
+    /// Normalized configuration.
+    pub config: VmConfig,
+    /// The native record, when restoring to the same kind of hypervisor.
+    pub native: Option<NativeConfig>,
+    /// Disks in [`VmConfig::disks`] order.
+    pub disks: Vec<RestoreDisk>,
+    /// Power the VM on afterwards.
+    pub power_on: bool,
+}
+
+/// What a restore created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RestoredVm {
+    /// The new VM's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// How the disks were written.
+    pub transport: String,
+}
+
+/// What [`HypervisorDriver::recover`] cleaned up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CleanupReport {
+    /// Leftover snapshots removed.
+    pub snapshots: usize,
+    /// Leftover disk attachments removed.
+    pub attachments: usize,
+    /// Leftover tasks removed.
+    pub tasks: usize,
+}
+
+/// A hypervisor driver.
+#[async_trait]
+pub trait HypervisorDriver: Send + Sync {
+    /// Which hypervisor.
+    fn kind(&self) -> HypervisorKind;
+    /// The VMs (not templates, snapshots or the control domain).
+    async fn list_vms(&self) -> Result<Vec<VmSummary>, HvError>;
+    /// Snapshots `vm` (id or name) and opens its disks. `previous` holds the tokens of the
+    /// previous restore point of this VM, if any. Runs [`recover`](Self::recover) first.
+    async fn begin_backup(
+        &self,
+        vm: &str,
+        opts: &BackupOptions,
+        previous: Option<&ChangeTokens>,
+    ) -> Result<Box<dyn BackupSession>, HvError>;
+    /// Removes what an earlier, killed run left behind (snapshots in progress, attachments to
+    /// the proxy, tasks).
+    async fn recover(&self) -> Result<CleanupReport, HvError>;
+    /// Creates a VM from a restore point.
+    async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError>;
+}
+
+/// A driver failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HvError {
+    /// The hypervisor API refused a call.
+    #[error("{source_name}: {call} failed: {message}")]
+    Api {
+        /// The configured source.
+        source_name: String,
+        /// The API call and its object.
+        call: String,
+        /// The hypervisor's error.
+        message: String,
+        /// Whether a retry may help.
+        retryable: bool,
+    },
+    /// The hypervisor could not be reached or the connection broke.
+    #[error("{source_name}: cannot reach {url}: {message}")]
+    Connect {
+        /// The configured source.
+        source_name: String,
+        /// Where.
+        url: String,
+        /// Why.
+        message: String,
+    },
+    /// No VM has this id or name (or several have the name).
+    #[error("{source_name}: VM `{vm}`: {message}")]
+    Vm {
+        /// The configured source.
+        source_name: String,
+        /// What was asked for.
+        vm: String,
+        /// Not found, ambiguous, …
+        message: String,
+    },
+    /// None of the configured transports can reach this disk.
+    #[error("{source_name}: disk {disk}: no usable transport ({tried})")]
+    NoTransport {
+        /// The configured source.
+        source_name: String,
+        /// The disk.
+        disk: String,
+        /// Each mode tried and why it was refused.
+        tried: String,
+    },
+    /// Reading or writing disk data failed.
+    #[error("{source_name}: disk {disk}: {message}")]
+    Disk {
+        /// The configured source.
+        source_name: String,
+        /// The disk.
+        disk: String,
+        /// What failed.
+        message: String,
+    },
+    /// The configuration is wrong.
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+}
+
+impl HvError {
+    /// Whether the same operation may succeed if tried again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Api { retryable, .. } => *retryable,
+            Self::Connect { .. } => true,
+            _ => false,
+        }
+    }
+}

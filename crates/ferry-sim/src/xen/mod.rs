@@ -1,0 +1,541 @@
+//! The XenAPI simulator. Start it with [`XenSim::start`]; it serves HTTPS (self-signed
+//! certificate) on the given address and NBD (TLS) on a second port, and stores VDIs under
+//! `dir/<sr-uuid>/`. The side door (`XenSim` methods other than `start`/`url`) lets tests
+//! act as the guest or the administrator and inject faults.
+//!
+//! Fidelity notes: `int` fields travel as strings over XML-RPC and as numbers over JSON-RPC;
+//! `task.result` is an XML-RPC `<value>` document; `VDI.list_changed_blocks` answers a base64
+//! bitmap, one bit per 64 KiB, most significant bit first; `VDI.get_nbd_info` is empty unless a
+//! network has purpose `nbd` or `insecure_nbd`; the NBD port is not 10809 but a free port
+//! (several simulators run at once in tests).
+
+mod api;
+mod http;
+mod nbd;
+mod seed;
+pub mod storage;
+pub mod value;
+
+pub use api::{Failure, NULL};
+pub use value::Value;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Why the simulator could not start or a side-door call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// Binding or file I/O failed.
+    #[error("XenAPI simulator: {what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A XenAPI call failed.
+    #[error("XenAPI simulator: {call} failed: {:?}", failure.0)]
+    Api {
+        /// The call.
+        call: String,
+        /// The XenAPI error.
+        failure: Failure,
+    },
+    /// Anything else.
+    #[error("XenAPI simulator: {0}")]
+    Other(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SimError {
+    let what = what.into();
+    move |source| SimError::Io { what, source }
+}
+
+/// Simulator settings.
+#[derive(Debug, Clone)]
+pub struct XenSimConfig {
+    /// Where VDIs are stored (created if missing).
+    pub dir: PathBuf,
+    /// HTTPS listen address (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Login user.
+    pub username: String,
+    /// Login password.
+    pub password: String,
+    /// Seed an inventory of VMs with data (see [`seed`](XenSim#seeded-inventory)).
+    pub seed: bool,
+    /// Size of each seeded disk in MiB.
+    pub disk_mib: u64,
+}
+
+impl XenSimConfig {
+    /// Defaults: localhost on a free port, `root`/`xensim`, seeded, 32 MiB disks.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            username: "root".into(),
+            password: "xensim".into(),
+            seed: true,
+            disk_mib: 32,
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) state: tokio::sync::Mutex<api::State>,
+}
+
+/// A running XenAPI simulator; stops when dropped.
+///
+/// # Seeded inventory
+/// Pool `ferry-sim-pool` with host `sim-host-1`; SRs `Local storage` (kind `ext`, VDIs as
+/// `<uuid>.vhd`) and `Shared LVM storage` (kind `lvm`, VDIs as `VHD-<uuid>`); network
+/// `Pool-wide network associated with eth0` with purpose `nbd`; the control domain; a running
+/// proxy VM `ferry-proxy` (hot-add target); and running VMs `debian-web` (2 vCPUs, 2 GiB,
+/// disks on both SRs) and `win-db` (4 vCPUs, 4 GiB, both disks on LVM), each with two disks
+/// of boot sectors, log text, binary data and holes, and one VIF.
+pub struct XenSim {
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    url: String,
+    fingerprint: String,
+    cert_pem: String,
+    username: String,
+    password: String,
+    dir: PathBuf,
+}
+
+impl Drop for XenSim {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub(crate) async fn dispatch(
+    shared: &Arc<Shared>,
+    method: &str,
+    params: Vec<Value>,
+) -> Result<Value, Failure> {
+    let Some(inner) = method.strip_prefix("Async.") else {
+        return shared.state.lock().await.call(method, params).await;
+    };
+    let inner = inner.to_string();
+    let mut st = shared.state.lock().await;
+    let sref = params
+        .first()
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if !st.session_valid(&sref) {
+        return Err(Failure::new("SESSION_INVALID", &[&sref]));
+    }
+    let task = st.new_task(&sref, method);
+    let delay = st.faults.task_delay;
+    drop(st);
+    let sh = shared.clone();
+    let t = task.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let mut st = sh.state.lock().await;
+        if st.fstr("task", &t, "status").ok().as_deref() != Some("pending") {
+            return; // cancelled or destroyed
+        }
+        let r = st.call(&inner, params).await;
+        st.finish_task(&t, r);
+    });
+    Ok(Value::s(task))
+}
+
+fn vdi_of_query(st: &api::State, q: &HashMap<String, String>) -> Result<String, Failure> {
+    let sref = q.get("session_id").cloned().unwrap_or_default();
+    if !st.session_valid(&sref) {
+        return Err(Failure::new("SESSION_INVALID", &[&sref]));
+    }
+    let v = q.get("vdi").cloned().unwrap_or_default();
+    if st.obj("VDI", &v).is_ok() {
+        return Ok(v);
+    }
+    st.by_uuid("VDI", &v)
+}
+
+pub(crate) async fn export_vdi(
+    shared: &Arc<Shared>,
+    q: &HashMap<String, String>,
+) -> Result<Arc<dyn ferry_core::BlockSource>, Failure> {
+    let st = shared.state.lock().await;
+    if q.get("format").is_some_and(|f| f != "raw") {
+        return Err(Failure::new(
+            "FORMAT_NOT_SUPPORTED",
+            &[q["format"].as_str()],
+        ));
+    }
+    let vdi = vdi_of_query(&st, q)?;
+    let d = st
+        .disks
+        .get(&vdi)
+        .cloned()
+        .ok_or_else(|| Failure::new("VDI_MISSING", &["", &vdi]))?;
+    let file = d
+        .file
+        .ok_or_else(|| Failure::new("VDI_MISSING", &["", &vdi]))?;
+    drop(st);
+    storage::open(&file, d.live)
+        .await
+        .map_err(|m| Failure::new("SR_BACKEND_FAILURE", &["", "", &m]))
+}
+
+pub(crate) async fn import_target(
+    shared: &Arc<Shared>,
+    q: &HashMap<String, String>,
+    len: u64,
+) -> Result<String, Failure> {
+    let st = shared.state.lock().await;
+    if q.get("format").is_some_and(|f| f != "raw") {
+        return Err(Failure::new(
+            "FORMAT_NOT_SUPPORTED",
+            &[q["format"].as_str()],
+        ));
+    }
+    let vdi = vdi_of_query(&st, q)?;
+    let d = st
+        .disks
+        .get(&vdi)
+        .ok_or_else(|| Failure::new("VDI_MISSING", &["", &vdi]))?;
+    if !d.live {
+        return Err(Failure::new("VDI_READ_ONLY", &[&vdi]));
+    }
+    if len > d.size {
+        return Err(Failure::new("VDI_TOO_SMALL", &[&vdi, &len.to_string()]));
+    }
+    Ok(vdi)
+}
+
+impl XenSim {
+    /// Starts the simulator.
+    pub async fn start(cfg: XenSimConfig) -> Result<Self, SimError> {
+        std::fs::create_dir_all(&cfg.dir).map_err(io(format!("create {}", cfg.dir.display())))?;
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .map_err(|e| SimError::Other(format!("certificate generation: {e}")))?;
+        let cert_pem = ck.cert.pem();
+        let key_pem = ck.key_pair.serialize_pem();
+        let digest: [u8; 32] = {
+            use sha2::Digest;
+            sha2::Sha256::digest(ck.cert.der()).into()
+        };
+        let fingerprint = ferry_nbd::uri::format_fingerprint(&digest);
+        let tls = ferry_nbd::tls::server_config(&cert_pem, &key_pem).map_err(SimError::Other)?;
+
+        let http = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(io(format!("bind {}", cfg.listen)))?;
+        let addr = http.local_addr().map_err(io("local address"))?;
+        let nbd_l = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0))
+            .await
+            .map_err(io("bind NBD port"))?;
+        let nbd_port = nbd_l.local_addr().map_err(io("local address"))?.port();
+
+        let mut st = api::State::new(cfg.dir.clone(), cfg.username.clone(), cfg.password.clone());
+        st.nbd_host = addr.ip().to_string();
+        st.nbd_port = nbd_port;
+        st.cert_pem = cert_pem.clone();
+        seed::base(&mut st).map_err(|f| SimError::Api {
+            call: "seed".into(),
+            failure: f,
+        })?;
+        if cfg.seed {
+            seed::vms(&mut st, cfg.disk_mib << 20).map_err(|f| SimError::Api {
+                call: "seed".into(),
+                failure: f,
+            })?;
+        }
+        let shared = Arc::new(Shared {
+            state: tokio::sync::Mutex::new(st),
+        });
+        let shutdown = CancellationToken::new();
+
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+        let (sh, tok) = (shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = tokio::select! {
+                    _ = tok.cancelled() => return,
+                    r = http.accept() => match r {
+                        Ok(x) => x,
+                        Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+                    },
+                };
+                let (acc, sh, tok) = (acceptor.clone(), sh.clone(), tok.clone());
+                tokio::spawn(async move {
+                    let fut = async {
+                        let tls = acc.accept(sock).await?;
+                        http::serve_conn(sh, tls).await
+                    };
+                    tokio::select! {
+                        _ = tok.cancelled() => {}
+                        r = fut => if let Err(e) = r { tracing::debug!(error = %e, "XenAPI connection ended"); }
+                    }
+                });
+            }
+        });
+        tokio::spawn(nbd::serve(shared.clone(), nbd_l, tls, shutdown.clone()));
+        tracing::info!(%addr, nbd_port, "XenAPI simulator listening");
+        Ok(Self {
+            shared,
+            shutdown,
+            url: format!("https://{addr}"),
+            fingerprint,
+            cert_pem,
+            username: cfg.username,
+            password: cfg.password,
+            dir: cfg.dir,
+        })
+    }
+
+    /// `https://HOST:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    /// Login user.
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+    /// Login password.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+    /// SHA-256 fingerprint of the certificate (HTTPS and NBD), `sha256:AB:CD:…`.
+    pub fn tls_fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+    /// The certificate in PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+    /// The storage directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The one JSON line `ferry sim xen` prints.
+    pub fn info_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "url": self.url,
+            "username": self.username,
+            "password": self.password,
+            "tls_fingerprint": self.fingerprint,
+            "dir": self.dir,
+        })
+    }
+    /// Stops serving.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Runs a XenAPI call in-process, as an administrator would.
+    pub async fn call(&self, method: &str, params: Vec<Value>) -> Result<Value, SimError> {
+        dispatch(&self.shared, method, params)
+            .await
+            .map_err(|failure| SimError::Api {
+                call: method.into(),
+                failure,
+            })
+    }
+
+    /// A session for in-process calls.
+    pub async fn login(&self) -> Result<String, SimError> {
+        let v = self
+            .call(
+                "session.login_with_password",
+                vec![
+                    Value::s(&self.username),
+                    Value::s(&self.password),
+                    Value::s("2.21"),
+                    Value::s("side-door"),
+                ],
+            )
+            .await?;
+        Ok(v.as_str().unwrap_or_default().to_string())
+    }
+
+    async fn with<T>(
+        &self,
+        f: impl FnOnce(&mut api::State) -> Result<T, Failure>,
+    ) -> Result<T, SimError> {
+        let mut st = self.shared.state.lock().await;
+        f(&mut st).map_err(|failure| SimError::Api {
+            call: "side door".into(),
+            failure,
+        })
+    }
+
+    /// The ref of the VM named `name` (not a snapshot).
+    pub async fn vm(&self, name: &str) -> Result<String, SimError> {
+        self.with(|st| {
+            st.all_of("VM")
+                .into_iter()
+                .find(|r| {
+                    st.fstr("VM", r, "name_label").ok().as_deref() == Some(name)
+                        && !st.fbool("VM", r, "is_a_snapshot").unwrap_or(true)
+                })
+                .ok_or_else(|| Failure::new("UUID_INVALID", &["VM", name]))
+        })
+        .await
+    }
+
+    /// The live VDI refs of a VM's disks, in `userdevice` order.
+    pub async fn vm_disks(&self, vm: &str) -> Result<Vec<String>, SimError> {
+        self.with(|st| {
+            let mut v = Vec::new();
+            for b in st.frefs("VM", vm, "VBDs")? {
+                if st.fstr("VBD", &b, "type")? == "Disk" {
+                    v.push((
+                        st.fstr("VBD", &b, "userdevice")?,
+                        st.fstr("VBD", &b, "VDI")?,
+                    ));
+                }
+            }
+            v.sort();
+            Ok(v.into_iter().map(|(_, d)| d).collect())
+        })
+        .await
+    }
+
+    /// A field of an object as a string (refs, uuids, names).
+    pub async fn field(&self, class: &str, r: &str, field: &str) -> Result<String, SimError> {
+        self.with(|st| st.fstr(class, r, field)).await
+    }
+
+    /// All refs of a class.
+    pub async fn all(&self, class: &str) -> Result<Vec<String>, SimError> {
+        self.with(|st| Ok(st.all_of(class))).await
+    }
+
+    /// Writes into a VM's live disk, as its guest would (stamping CBT).
+    pub async fn guest_write(&self, vdi: &str, offset: u64, data: &[u8]) -> Result<(), SimError> {
+        self.with(|st| st.write_vdi(vdi, offset, data)).await
+    }
+
+    /// Reads a VDI's whole virtual content.
+    pub async fn read_vdi(&self, vdi: &str) -> Result<Vec<u8>, SimError> {
+        let (file, live) = self
+            .with(|st| {
+                let d = st
+                    .disks
+                    .get(vdi)
+                    .ok_or_else(|| Failure::new("HANDLE_INVALID", &["VDI", vdi]))?;
+                Ok((
+                    d.file
+                        .clone()
+                        .ok_or_else(|| Failure::new("VDI_MISSING", &["", vdi]))?,
+                    d.live,
+                ))
+            })
+            .await?;
+        let src = storage::open(&file, live).await.map_err(SimError::Other)?;
+        ferry_core::block::read_all(src.as_ref())
+            .await
+            .map_err(|e| SimError::Other(e.to_string()))
+    }
+
+    /// Where a VDI's data lives (raw for live VDIs, VHD for snapshots), if it still has data.
+    pub async fn vdi_file(&self, vdi: &str) -> Result<Option<PathBuf>, SimError> {
+        self.with(|st| Ok(st.disks.get(vdi).and_then(|d| d.file.clone())))
+            .await
+    }
+
+    /// Powers a VM on or off.
+    pub async fn set_power(&self, vm: &str, running: bool) -> Result<(), SimError> {
+        let s = self.login().await?;
+        let m = if running {
+            "VM.start"
+        } else {
+            "VM.hard_shutdown"
+        };
+        let mut p = vec![Value::s(&s), Value::s(vm)];
+        if running {
+            p.extend([Value::Bool(false), Value::Bool(false)]);
+        }
+        let r = self.call(m, p).await.map(|_| ());
+        let _ = self.call("session.logout", vec![Value::s(&s)]).await;
+        r
+    }
+
+    /// Breaks CBT on a live VDI the way a storage migration does: the CBT log is reset, so
+    /// no earlier snapshot can be compared with a later one.
+    pub async fn break_cbt(&self, vdi: &str) -> Result<(), SimError> {
+        self.with(|st| {
+            let d = st
+                .disks
+                .get_mut(vdi)
+                .ok_or_else(|| Failure::new("HANDLE_INVALID", &["VDI", vdi]))?;
+            d.cbt_epoch += 1;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Adds or removes purpose `nbd` on every network.
+    pub async fn set_nbd_network(&self, enabled: bool) -> Result<(), SimError> {
+        self.with(|st| {
+            for n in st.all_of("network") {
+                let mut p = st.frefs("network", &n, "purpose")?;
+                p.retain(|x| x != "nbd" && x != "insecure_nbd");
+                if enabled {
+                    p.push("nbd".into());
+                }
+                st.set("network", &n, "purpose", Value::strs(&p))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Makes the next `count` calls of `method` fail with `error` (`[code, params…]`).
+    pub async fn fail_next(
+        &self,
+        method: &str,
+        error: &[&str],
+        count: usize,
+    ) -> Result<(), SimError> {
+        self.with(|st| {
+            let q = st.faults.fail_next.entry(method.to_string()).or_default();
+            for _ in 0..count {
+                q.push_back(error.iter().map(|s| s.to_string()).collect());
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Keeps every later `Async.*` task pending for `delay` before it runs.
+    pub async fn set_task_delay(&self, delay: Duration) -> Result<(), SimError> {
+        self.with(|st| {
+            st.faults.task_delay = delay;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Drops every later NBD connection after `bytes` bytes sent (`None`: never).
+    pub async fn set_nbd_drop_after(&self, bytes: Option<u64>) -> Result<(), SimError> {
+        self.with(|st| {
+            st.faults.nbd_drop_after = bytes;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Originators of the live sessions (one entry per session).
+    pub async fn sessions(&self) -> Vec<String> {
+        let st = self.shared.state.lock().await;
+        st.sessions
+            .keys()
+            .filter_map(|s| st.originator(s))
+            .collect()
+    }
+}
