@@ -11,7 +11,7 @@ SIZE_MB=${SIZE_MB:-1024}
 RUNS=${RUNS:-3}
 CONNS=${CONNS:-4}
 INFLIGHT=${INFLIGHT:-16}
-REQ=${REQ:-2097152}
+REQ=${REQ:-262144}
 
 cargo build --quiet --release -p ferry-nbd --example nbd_read_bench
 BIN=${CARGO_TARGET_DIR:-target}/release/examples/nbd_read_bench
@@ -49,41 +49,49 @@ nbdkit --foreground --readonly --exportname=disk --ipaddr 127.0.0.1 --port "$P_D
 pids+=($!)
 wait_port "$P_QEMU"; wait_port "$P_KIT"; wait_port "$P_DELAY"
 
-# Best of RUNS, in MB/s (10^6 bytes).
-ferry() {
-    local best=0 v
+# Each prints "MB/s CPU-s": best wall-clock throughput (10^6 bytes/s) and the least client CPU time
+# (user+sys) over RUNS runs. On a shared box, CPU seconds per GiB is the steadier efficiency figure.
+measure() { # label, command...
+    local best=0 cpu=1e9 out wall c
     for _ in $(seq "$RUNS"); do
-        v=$("$BIN" "$1" "${2:-$CONNS}" "$INFLIGHT" "$REQ" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mb_per_s"])')
-        best=$(python3 -c "print(max($best, $v))")
+        /usr/bin/time -f "%e %U %S" -o "$work/time" "$@" > /dev/null
+        read -r wall u s < "$work/time"
+        c=$(python3 -c "print($u+$s)")
+        best=$(python3 -c "print(max($best, round($BYTES/max($wall,0.01)/1e6,1)))")
+        cpu=$(python3 -c "print(min($cpu, $c))")
     done
-    echo "$best"
+    echo "$best $cpu"
 }
-nbdcopy_mbs() {
-    local best=0 t0 t1 v
-    for _ in $(seq "$RUNS"); do
-        t0=$(date +%s.%N); nbdcopy "$1" null:; t1=$(date +%s.%N)
-        v=$(python3 -c "print(round($SIZE_MB*1048576/($t1-$t0)/1e6,1))")
-        best=$(python3 -c "print(max($best, $v))")
-    done
-    echo "$best"
-}
+ferry() { BYTES=${4:-$((SIZE_MB * 1048576))} measure "$BIN" "$1" "${2:-$CONNS}" "${3:-$INFLIGHT}" "$REQ" "${4:-}"; }
+nbdcopy_run() { BYTES=$((SIZE_MB * 1048576)) measure nbdcopy "$1" null:; }
 ratio() { python3 -c "print(f'{$1/$2:.2f}')"; }
+per_gib() { python3 -c "print(f'{$1/($SIZE_MB/1024):.2f}')"; }
 
 q_uri="nbd://127.0.0.1:$P_QEMU/disk"
 k_uri="nbd://127.0.0.1:$P_KIT/disk"
 d_uri="nbd://127.0.0.1:$P_DELAY/disk"
 
-f_q=$(ferry "$q_uri"); n_q=$(nbdcopy_mbs "$q_uri")
-f_q1=$(ferry "$q_uri" 1)
-f_k=$(ferry "$k_uri"); n_k=$(nbdcopy_mbs "$k_uri")
-f_d=$(ferry "$d_uri"); n_d=$(nbdcopy_mbs "$d_uri")
+row() { # label, "ferry MB/s CPU", "ref MB/s CPU"
+    set -- "$1" $2 $3
+    printf '| %-44s | %10s | %10s | %6s | %9s | %9s |\n' "$1" "$2" "$4" "$(ratio "$2" "$4")" "$(per_gib "$3")" "$(per_gib "$5")"
+}
+
+r_q=$(ferry "$q_uri"); r_qn=$(nbdcopy_run "$q_uri")
+r_q1=$(ferry "$q_uri" 1)
+r_k=$(ferry "$k_uri"); r_kn=$(nbdcopy_run "$k_uri")
+r_d=$(ferry "$d_uri"); r_dn=$(nbdcopy_run "$d_uri")
+# Without pipelining: one 256 KiB request per 10 ms round trip (first 64 MiB only).
+r_d1=$(RUNS=1 ferry "$d_uri" 1 1 67108864)
 
 echo
 echo "NBD read, ${SIZE_MB} MiB dense, TCP loopback, best of $RUNS; ferry: $CONNS conns x $INFLIGHT in flight x $REQ B; nbdcopy: defaults"
-printf '| %-40s | %12s | %12s | %8s |\n' "workload" "ferry MB/s" "ref MB/s" "ratio"
-printf '| %-40s | %12s | %12s | %8s |\n' "----------------------------------------" "----------" "----------" "------"
-printf '| %-40s | %12s | %12s | %8s |\n' "qemu-nbd (ref: nbdcopy)" "$f_q" "$n_q" "$(ratio "$f_q" "$n_q")"
-printf '| %-40s | %12s | %12s | %8s |\n' "qemu-nbd, 1 connection (ref: nbdcopy)" "$f_q1" "$n_q" "$(ratio "$f_q1" "$n_q")"
-printf '| %-40s | %12s | %12s | %8s |\n' "nbdkit file (ref: nbdcopy)" "$f_k" "$n_k" "$(ratio "$f_k" "$n_k")"
-printf '| %-40s | %12s | %12s | %8s |\n' "nbdkit file + delay 10ms (ref: nbdcopy)" "$f_d" "$n_d" "$(ratio "$f_d" "$n_d")"
-printf '| %-40s | %12s | %12s | %8s |\n' "delay 10ms kept (ref: ferry, no delay)" "$f_d" "$f_k" "$(ratio "$f_d" "$f_k")"
+printf '| %-44s | %10s | %10s | %6s | %9s | %9s |\n' "workload (reference)" "ferry MB/s" "ref MB/s" "ratio" "ferry CPU" "ref CPU"
+printf '| %-44s | %10s | %10s | %6s | %9s | %9s |\n' "" "" "" "" "s/GiB" "s/GiB"
+printf '|%s|%s|%s|%s|%s|%s|\n' "----------------------------------------------" "-----------:" "-----------:" "-------:" "----------:" "----------:"
+row "qemu-nbd (nbdcopy)" "$r_q" "$r_qn"
+row "qemu-nbd, ferry 1 connection (nbdcopy)" "$r_q1" "$r_qn"
+row "nbdkit file (nbdcopy)" "$r_k" "$r_kn"
+row "nbdkit file + delay 10ms (nbdcopy)" "$r_d" "$r_dn"
+row "delay 10ms kept (ferry without delay)" "$r_d" "$r_k"
+printf '| %-44s | %10s | %10s | %6s | %9s | %9s |\n' "delay 10ms, 1 conn x 1 in flight (ferry)" "$(echo $r_d1 | cut -d' ' -f1)" "$(echo $r_k | cut -d' ' -f1)" "$(ratio "$(echo $r_d1 | cut -d' ' -f1)" "$(echo $r_k | cut -d' ' -f1)")" "" ""
+echo "# load average at the end: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"

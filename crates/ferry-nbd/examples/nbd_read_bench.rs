@@ -1,7 +1,7 @@
 //! Reads a whole NBD export as fast as the client can and prints one JSON line.
 //! Used by `tests/bench/nbd.sh`; not a test.
 //!
-//! `nbd_read_bench URI [CONNECTIONS] [IN_FLIGHT_PER_CONN] [REQUEST_BYTES]`
+//! `nbd_read_bench URI [CONNECTIONS] [IN_FLIGHT_PER_CONN] [REQUEST_BYTES] [LIMIT_BYTES]`
 
 use ferry_nbd::{NbdClient, NbdConfig};
 use std::sync::Arc;
@@ -14,14 +14,19 @@ async fn main() {
     let uri = args
         .get(1)
         .expect("usage: nbd_read_bench URI [CONNS] [IN_FLIGHT] [REQUEST]");
-    let arg = |i: usize, d: u64| args.get(i).map(|s| s.parse().expect("number")).unwrap_or(d);
+    let arg = |i: usize, d: u64| {
+        args.get(i)
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().expect("number"))
+            .unwrap_or(d)
+    };
     let mut cfg = NbdConfig::from_uri(uri).expect("URI");
     cfg.connections = arg(2, 4) as usize;
     cfg.max_in_flight = arg(3, 16) as usize;
-    cfg.max_request = arg(4, 2 << 20) as u32;
+    cfg.max_request = arg(4, 256 << 10) as u32;
     cfg.meta_contexts.clear();
     let client = Arc::new(NbdClient::connect(cfg.clone()).await.expect("connect"));
-    let size = client.size();
+    let size = client.size().min(arg(5, u64::MAX));
     let step = u64::from(cfg.max_request).min(u64::from(client.info().block_max));
     let next = Arc::new(AtomicU64::new(0));
     let workers = client.connections() * cfg.max_in_flight;

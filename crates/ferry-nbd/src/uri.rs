@@ -119,7 +119,7 @@ impl NbdConfig {
             meta_contexts: vec![crate::BASE_ALLOCATION.to_string()],
             connections: 4,
             max_in_flight: 16,
-            max_request: 2 << 20,
+            max_request: 256 << 10,
             connect_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(120),
             retries: 3,
