@@ -43,6 +43,17 @@ enum Command {
     /// Inspect disk image files (raw, VHD, VHDX, VMDK).
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Create and inspect backup repositories.
+    #[command(subcommand)]
+    Repo(cmd::repo::Command),
+    /// List the restore points in a repository.
+    Snapshots(cmd::repo::SnapshotsArgs),
+    /// Re-read and authenticate restore points; names every bad object.
+    Verify(cmd::repo::VerifyArgs),
+    /// Remove restore points by retention rules (GFS).
+    Prune(cmd::repo::PruneArgs),
+    /// Delete chunks no restore point references.
+    Gc(cmd::repo::GcArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +73,11 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Features(args) => cmd::features::run(args, &cli.global).await,
             Command::Image(c) => cmd::image::run(c, &cli.global).await,
+            Command::Repo(c) => cmd::repo::run(c, &cli.global).await,
+            Command::Snapshots(a) => cmd::repo::snapshots(a, &cli.global).await,
+            Command::Verify(a) => cmd::repo::verify(a, &cli.global).await,
+            Command::Prune(a) => cmd::repo::prune(a, &cli.global).await,
+            Command::Gc(a) => cmd::repo::gc(a, &cli.global).await,
         }
     });
     match result {

@@ -42,6 +42,7 @@ const MAX_SMALL_BODY: usize = 64 << 10;
 #[serde(rename_all = "kebab-case")]
 pub enum Encryption {
     /// AES-256-GCM with keys derived from a random master key held in password slots.
+    #[serde(rename = "aes-256-gcm")]
     Aes256Gcm,
     /// No encryption (explicit opt-in); objects carry keyed BLAKE3 MACs against accidents.
     None,
