@@ -24,7 +24,7 @@ start=$(date +%s.%N); zstd -q -1 -T1 -c "$WORK/sample.bin" > "$WORK/sample.zst";
 zmbps=$(python3 -c "print(round($MIB*1048576/($end-$start)/1e6))")
 ratio=$(python3 -c "import os;print(round(os.path.getsize('$WORK/sample.bin')/os.path.getsize('$WORK/sample.zst'),2))")
 echo "zstd -1 -T1 CLI compress: $zmbps MB/s (ratio $ratio)"
-aes=$(openssl speed -seconds 2 -bytes 1048576 -evp aes-256-gcm 2>/dev/null | awk '/^aes-256-gcm/ {print $2}' | sed 's/k$//')
+aes=$(openssl speed -seconds 2 -bytes 1048576 -evp aes-256-gcm 2>/dev/null | awk 'tolower($1) == "aes-256-gcm" {print $2}' | sed 's/k$//')
 aes_mbps=$(python3 -c "print(round(float('$aes')*1000/1e6))")
 echo "openssl AES-256-GCM 1 MiB: $aes_mbps MB/s"
 
@@ -32,3 +32,4 @@ echo
 echo "== ratios (ferry encode of compressible 4 MiB chunks = hash + compress + encrypt, vs zstd -1 alone)"
 enc=$(awk '/codec  compressible/ && / 4 MiB/ {print $6}' "$WORK/ferry.txt")
 python3 -c "print(f'ferry encode / zstd-1 CLI = {float($enc)/$zmbps:.2f}')"
+python3 -c "print(f'ferry encode / openssl AES-256-GCM alone = {float($enc)/$aes_mbps:.2f}')"

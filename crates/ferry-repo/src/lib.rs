@@ -4,7 +4,7 @@
 //! # Design
 //!
 //! * **Chunks**: every disk is cut into fixed-size chunks aligned to disk offsets (size chosen at
-//!   init, 4 MiB by default — see `docs/adr/0011-chunk-size.md`). A chunk's id is the keyed
+//!   init, 1 MiB by default — see `docs/adr/0011-chunk-size.md`). A chunk's id is the keyed
 //!   BLAKE3 hash of its plaintext (the key is derived from the secret master key, so an encrypted
 //!   repository leaks no content hashes); its object is zstd-compressed when that helps and sealed
 //!   with AES-256-GCM. All-zero chunks are never stored: the index holds a zero sentinel.

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// Default chunk size (see docs/adr/0011-chunk-size.md).
-pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 /// New chunk ids are published to the catalog in segments of this many, so an interrupted
 /// backup's uploads are found by the next run.
 const CATALOG_FLUSH: usize = 64;

@@ -61,7 +61,7 @@ pub struct InitArgs {
     #[command(flatten)]
     repo: RepoArgs,
     /// Chunk size (power of two, 64K..16M).
-    #[arg(long, default_value = "4M", value_parser = parse_chunk_size)]
+    #[arg(long, default_value = "1M", value_parser = parse_chunk_size)]
     chunk_size: u32,
     /// zstd level for chunks (-7..22; 1 is fast and compresses OS data ~2.5:1).
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
