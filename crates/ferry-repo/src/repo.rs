@@ -714,6 +714,24 @@ impl BackupWriter {
     }
 }
 
+impl Drop for BackupWriter {
+    fn drop(&mut self) {
+        if self.lease.is_none() {
+            return; // committed
+        }
+        // Abandoned (error or cancellation): publish what was stored so the next run reuses it
+        // instead of re-encoding it. Best effort; a crash loses at most the last 63 chunks.
+        let shared = self.shared.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(err) = shared.flush().await {
+                    tracing::warn!(snapshot = %shared.id, error = %err, "cannot publish the catalog of an abandoned backup");
+                }
+            });
+        }
+    }
+}
+
 /// Outcome of [`DiskWriter::put_chunk`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PutOutcome {
