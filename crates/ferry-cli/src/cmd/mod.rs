@@ -3,4 +3,5 @@
 
 pub mod features;
 pub mod image;
+pub mod nbd;
 pub mod repo;
