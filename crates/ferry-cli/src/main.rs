@@ -43,9 +43,11 @@ enum Command {
     /// Inspect disk image files (raw, VHD, VHDX, VMDK).
     #[command(subcommand)]
     Image(cmd::image::Command),
-    /// Inspect NBD exports: negotiated info, export list, block status.
+    /// List the VMs of a hypervisor source (ferry.toml).
+    Vms(cmd::vms::Args),
+    /// Run a hypervisor simulator (tests, demos).
     #[command(subcommand)]
-    Nbd(cmd::nbd::Command),
+    Sim(cmd::sim::Command),
     /// Create and inspect backup repositories.
     #[command(subcommand)]
     Repo(cmd::repo::Command),
@@ -76,7 +78,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Features(args) => cmd::features::run(args, &cli.global).await,
             Command::Image(c) => cmd::image::run(c, &cli.global).await,
-            Command::Nbd(c) => cmd::nbd::run(c, &cli.global).await,
+            Command::Vms(a) => cmd::vms::run(a, &cli.global).await,
+            Command::Sim(c) => cmd::sim::run(c, &cli.global).await,
             Command::Repo(c) => cmd::repo::run(c, &cli.global).await,
             Command::Snapshots(a) => cmd::repo::snapshots(a, &cli.global).await,
             Command::Verify(a) => cmd::repo::verify(a, &cli.global).await,

@@ -1,0 +1,57 @@
+//! `ferry sim xen --listen HOST:PORT --dir DIR`: runs the XenAPI simulator with a seeded
+//! inventory until killed, after printing one JSON line (`url`, `username`, `password`,
+//! `tls_fingerprint`, `dir`) on stdout.
+
+use anyhow::Context;
+use ferry_sim::xen::{XenSim, XenSimConfig};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// `ferry sim …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// A Citrix Hypervisor / XCP-ng pool: XenAPI over HTTPS, NBD with TLS, VHD storage.
+    Xen(XenArgs),
+}
+
+/// Arguments of `ferry sim xen`.
+#[derive(Debug, clap::Args)]
+pub struct XenArgs {
+    /// HTTPS address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    /// Where VDIs are stored.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Size of each seeded disk in MiB.
+    #[arg(long, default_value_t = 64)]
+    disk_mib: u64,
+    /// Login user.
+    #[arg(long, default_value = "root")]
+    username: String,
+    /// Login password (the simulator is a test tool; it prints it).
+    #[arg(long, default_value = "xensim")]
+    password: String,
+}
+
+/// Runs a simulator.
+pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCode> {
+    let Command::Xen(a) = cmd;
+    let mut cfg = XenSimConfig::new(&a.dir);
+    cfg.listen = a.listen;
+    cfg.disk_mib = a.disk_mib;
+    cfg.username = a.username;
+    cfg.password = a.password;
+    let sim = XenSim::start(cfg)
+        .await
+        .context("cannot start the XenAPI simulator")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", sim.info_json())?;
+    out.flush()?;
+    drop(out);
+    tokio::signal::ctrl_c().await?;
+    sim.shutdown();
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,38 @@
+//! Hypervisor sources from `ferry.toml`: loading the config and connecting the right driver.
+
+use anyhow::{Context, bail};
+use ferry_hv::{FerryConfig, HypervisorDriver, SourceKind};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// `--source NAME [--config FILE]`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceArgs {
+    /// The hypervisor source: a `[sources.NAME]` table of the configuration file.
+    #[arg(long)]
+    pub source: String,
+    /// Configuration file (default: $FERRY_CONFIG, ./ferry.toml, /etc/ferry/ferry.toml).
+    #[arg(long, env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// Loads the configuration and logs in to the source.
+    pub async fn connect(&self) -> anyhow::Result<Arc<dyn HypervisorDriver>> {
+        let cfg = FerryConfig::load(self.config.as_deref())?;
+        let src = cfg.source(&self.source)?;
+        match src.kind {
+            SourceKind::Xen => {
+                let d = ferry_hv_xen::XenDriver::connect(&self.source, src)
+                    .await
+                    .with_context(|| format!("cannot connect to source `{}`", self.source))?;
+                Ok(Arc::new(d))
+            }
+            SourceKind::Vmware | SourceKind::Hyperv => bail!(
+                "source `{}`: the {:?} driver is not part of this build yet (see docs/drivers.md)",
+                self.source,
+                src.kind
+            ),
+        }
+    }
+}
