@@ -48,6 +48,9 @@ enum Command {
     /// Run a hypervisor simulator (tests, demos).
     #[command(subcommand)]
     Sim(cmd::sim::Command),
+    /// Inspect NBD exports: negotiated info, export list, block status.
+    #[command(subcommand)]
+    Nbd(cmd::nbd::Command),
     /// Create and inspect backup repositories.
     #[command(subcommand)]
     Repo(cmd::repo::Command),
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             Command::Image(c) => cmd::image::run(c, &cli.global).await,
             Command::Vms(a) => cmd::vms::run(a, &cli.global).await,
             Command::Sim(c) => cmd::sim::run(c, &cli.global).await,
+            Command::Nbd(c) => cmd::nbd::run(c, &cli.global).await,
             Command::Repo(c) => cmd::repo::run(c, &cli.global).await,
             Command::Snapshots(a) => cmd::repo::snapshots(a, &cli.global).await,
             Command::Verify(a) => cmd::repo::verify(a, &cli.global).await,

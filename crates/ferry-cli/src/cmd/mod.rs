@@ -3,6 +3,7 @@
 
 pub mod features;
 pub mod image;
+pub mod nbd;
 pub mod repo;
 pub mod sim;
 pub mod source;
