@@ -1,0 +1,627 @@
+//! Backup: disks (any [`BlockSource`]) into one restore point.
+//!
+//! Per disk, every chunk of the repository's fixed grid takes one of these paths, cheapest
+//! first:
+//! 1. change tracking says it is unchanged → its id is taken from the previous index (no I/O);
+//! 2. the source reports no allocated byte in it → zero sentinel (no I/O);
+//! 3. read its allocated bytes (holes inside it are zero-filled, never read), then on the CPU
+//!    pool: word-wise zero check → zero sentinel; keyed hash → known id (catalog or previous
+//!    index) → reuse; otherwise compress + encrypt, then upload.
+//!
+//! Up to `reads_in_flight` chunks move through read → CPU → upload at once; CPU work runs on
+//! at most `cpu_workers` blocking threads; read buffers are pooled. Memory is therefore bounded
+//! by the chunks in flight, never by the disk size (the index itself is 33 bytes per chunk).
+//!
+//! **Trust but verify**: before a changed-block backup takes unchanged chunks from the previous
+//! index, it re-reads a random sample of them (`verify_fraction`, default 1 %) and compares
+//! their hashes. On a mismatch the change tracking is reported as broken, this backup reads the
+//! whole disk instead, and the disk's change token is stored as [`UNTRUSTED_TOKEN`], which makes
+//! the next changed-block backup of that disk read everything too.
+
+use crate::error::{EngineError, Result};
+use crate::progress::{Progress, RateLimiter, StageClock, TimeSplit};
+use ferry_core::{BlockSource, ExtentMap};
+use ferry_repo::{
+    BackupWriter, ChunkCodec, ChunkId, DiskIndex, DiskWriter, Repository, SnapshotMeta,
+};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// The change token stored for a disk whose change tracking failed verification: the next
+/// changed-block backup of that disk ignores its change tracking and reads everything.
+pub const UNTRUSTED_TOKEN: &str = "cbt-untrusted";
+
+/// One disk to back up.
+#[derive(Debug, Clone)]
+pub struct BackupDisk {
+    /// Name in the restore point (unique within it).
+    pub name: String,
+    /// Where the data comes from.
+    pub source: Arc<dyn BlockSource>,
+    /// Byte extents changed since the previous restore point of this VM (from a dirty bitmap
+    /// or a hypervisor's change tracking); `None` reads all allocated data.
+    pub changed: Option<ExtentMap>,
+    /// Stored with the disk for the next backup (e.g. `qemu-dirty-bitmap:b0`).
+    pub change_token: Option<String>,
+}
+
+/// Tuning and control of a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Chunks read, processed and uploaded concurrently per disk.
+    pub reads_in_flight: usize,
+    /// Blocking threads for hashing, compression and encryption.
+    pub cpu_workers: usize,
+    /// Fraction (0..=1) of change-tracking-unchanged chunks to re-read and verify.
+    pub verify_fraction: f64,
+    /// Cap on bytes read from sources per second.
+    pub limit_rate: Option<u64>,
+    /// Cancelling stops the backup; nothing becomes visible.
+    pub cancel: CancellationToken,
+    /// Live counters.
+    pub progress: Arc<Progress>,
+    /// Seed of the verification sample (random when `None`).
+    pub seed: Option<u64>,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        Self {
+            reads_in_flight: 8,
+            cpu_workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            verify_fraction: 0.01,
+            limit_rate: None,
+            cancel: CancellationToken::new(),
+            progress: Arc::new(Progress::new()),
+            seed: None,
+        }
+    }
+}
+
+/// How a disk was read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupMode {
+    /// All allocated data read; chunks already stored are not uploaded again.
+    Full,
+    /// Only chunks touched by change tracking read; the rest from the previous index.
+    ChangedBlocks,
+    /// Change tracking was given but not trusted (failed verification now or last time, or
+    /// no usable previous index): all allocated data read.
+    FullCbtDistrusted,
+}
+
+/// Outcome of the trust-but-verify sample.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyOutcome {
+    /// Unchanged chunks re-read and hashed.
+    pub sampled: u64,
+    /// Byte offsets of sampled chunks whose content differs from the previous restore point
+    /// although change tracking called them unchanged.
+    pub mismatched_offsets: Vec<u64>,
+}
+
+/// What happened to one disk. Byte counts are in source (plaintext) bytes unless named
+/// otherwise; `read + holes + unchanged` covers the disk, and `zero + reused + new` covers
+/// the chunks that were read.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DiskReport {
+    /// Disk name.
+    pub name: String,
+    /// The source it was read from.
+    pub source: String,
+    /// Virtual size.
+    pub size: u64,
+    /// How it was read.
+    pub mode: BackupMode,
+    /// Chunks in the index.
+    pub chunks: u64,
+    /// Bytes read from the source.
+    pub read_bytes: u64,
+    /// Bytes skipped without reading because the source reported them unallocated.
+    pub hole_bytes: u64,
+    /// Bytes of chunks read that turned out all zero (never hashed or stored).
+    pub zero_bytes: u64,
+    /// Bytes of chunks change tracking called unchanged (taken from the previous index).
+    pub unchanged_bytes: u64,
+    /// Bytes of chunks read whose content was already stored.
+    pub reused_bytes: u64,
+    /// Bytes of chunks stored by this backup.
+    pub new_bytes: u64,
+    /// Stored (compressed, encrypted) bytes uploaded.
+    pub uploaded_bytes: u64,
+    /// Trust-but-verify result, for changed-block backups.
+    pub verify: Option<VerifyOutcome>,
+}
+
+/// What a backup did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BackupReport {
+    /// The new restore point.
+    pub snapshot: String,
+    /// The VM id.
+    pub vm: String,
+    /// The previous restore point of the VM, if any.
+    pub previous: Option<String>,
+    /// Per-disk detail.
+    pub disks: Vec<DiskReport>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Where the time went.
+    pub time: TimeSplit,
+    /// Whether change tracking failed verification on any disk.
+    pub cbt_mismatch: bool,
+}
+
+impl BackupReport {
+    /// Sums a per-disk counter.
+    pub fn total(&self, f: impl Fn(&DiskReport) -> u64) -> u64 {
+        self.disks.iter().map(f).sum()
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    read: AtomicU64,
+    holes: AtomicU64,
+    zero: AtomicU64,
+    unchanged: AtomicU64,
+    reused: AtomicU64,
+    new: AtomicU64,
+    uploaded: AtomicU64,
+}
+
+/// Reusable chunk buffers: fresh 4 MiB allocations cost a page fault per 4 KiB.
+struct BufferPool {
+    size: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    fn get(&self, len: usize) -> Vec<u8> {
+        let mut b = self
+            .free
+            .lock()
+            .expect("pool lock")
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.size));
+        b.resize(len, 0);
+        b
+    }
+    fn put(&self, b: Vec<u8>) {
+        self.free.lock().expect("pool lock").push(b);
+    }
+}
+
+/// Shared state of one backup run.
+struct Ctx {
+    codec: ChunkCodec,
+    cpu: Semaphore,
+    pool: BufferPool,
+    clock: StageClock,
+    limiter: Option<RateLimiter>,
+    progress: Arc<Progress>,
+    reads_in_flight: usize,
+    chunk_size: u64,
+}
+
+enum Cpu {
+    Zero,
+    Known(ChunkId),
+}
+
+/// Backs up `disks` into a new restore point of `meta.vm` and commits it. On error or
+/// cancellation nothing becomes visible (uploaded chunks are kept and reused by the next run).
+pub async fn backup(
+    repo: &Repository,
+    meta: SnapshotMeta,
+    disks: Vec<BackupDisk>,
+    opts: &BackupOptions,
+) -> Result<BackupReport> {
+    if disks.is_empty() {
+        return Err(EngineError::Usage(
+            "a backup needs at least one disk".into(),
+        ));
+    }
+    if !(0.0..=1.0).contains(&opts.verify_fraction) {
+        return Err(EngineError::Usage(format!(
+            "verify fraction {} must be between 0 and 1",
+            opts.verify_fraction
+        )));
+    }
+    let started = Instant::now();
+    let vm = meta.vm.id.clone();
+    let run = async {
+        let writer = repo
+            .begin_backup(meta)
+            .await
+            .map_err(|e| EngineError::repo("-", e))?;
+        let ctx = Ctx {
+            codec: repo.codec().clone(),
+            cpu: Semaphore::new(opts.cpu_workers.max(1)),
+            pool: BufferPool {
+                size: repo.config().chunk_size as usize,
+                free: Mutex::new(Vec::new()),
+            },
+            clock: StageClock::default(),
+            limiter: opts.limit_rate.map(RateLimiter::new),
+            progress: opts.progress.clone(),
+            reads_in_flight: opts.reads_in_flight.max(1),
+            chunk_size: u64::from(repo.config().chunk_size),
+        };
+        for d in &disks {
+            opts.progress.add_total(d.source.size());
+        }
+        let mut writers = Vec::with_capacity(disks.len());
+        let mut reports = Vec::with_capacity(disks.len());
+        for (n, d) in disks.iter().enumerate() {
+            let seed = opts.seed.unwrap_or_else(random_seed).wrapping_add(n as u64);
+            let (dw, report) = backup_disk(&writer, d, opts.verify_fraction, seed, &ctx).await?;
+            writers.push(dw);
+            reports.push(report);
+        }
+        let snapshot = writer.id().to_string();
+        let previous = writer.previous().map(|m| m.id.clone());
+        writer
+            .commit(writers)
+            .await
+            .map_err(|e| EngineError::repo("-", e))?;
+        let cbt_mismatch = reports.iter().any(|r| {
+            r.verify
+                .as_ref()
+                .is_some_and(|v| !v.mismatched_offsets.is_empty())
+        });
+        Ok(BackupReport {
+            snapshot,
+            vm,
+            previous,
+            disks: reports,
+            seconds: started.elapsed().as_secs_f64(),
+            time: ctx.clock.split(),
+            cbt_mismatch,
+        })
+    };
+    tokio::select! {
+        biased;
+        _ = opts.cancel.cancelled() => Err(EngineError::Cancelled),
+        r = run => r,
+    }
+}
+
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // A failing OS RNG only makes the sample predictable, which is harmless.
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// splitmix64: a tiny deterministic generator for the verification sample.
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Picks `ceil(fraction × len)` distinct elements of `items` (at least one when the fraction
+/// is non-zero), in ascending order.
+pub(crate) fn sample(items: &[u64], fraction: f64, seed: u64) -> Vec<u64> {
+    if fraction <= 0.0 || items.is_empty() {
+        return Vec::new();
+    }
+    let k = ((items.len() as f64 * fraction).ceil() as usize).clamp(1, items.len());
+    let mut v = items.to_vec();
+    let mut st = seed;
+    for i in 0..k {
+        let j = i + (splitmix(&mut st) % (v.len() - i) as u64) as usize;
+        v.swap(i, j);
+    }
+    v.truncate(k);
+    v.sort_unstable();
+    v
+}
+
+/// Byte range of chunk `i` of a disk of `size` bytes cut into `cs`-byte chunks.
+fn chunk_range(i: u64, cs: u64, size: u64) -> Range<u64> {
+    let start = i * cs;
+    start..(start + cs).min(size)
+}
+
+async fn backup_disk(
+    writer: &BackupWriter,
+    d: &BackupDisk,
+    verify_fraction: f64,
+    seed: u64,
+    ctx: &Ctx,
+) -> Result<(DiskWriter, DiskReport)> {
+    let src = &d.source;
+    let size = src.size();
+    ctx.progress.set_current(&d.name);
+    let repo_err = |e| EngineError::repo(&d.name, e);
+    let src_err = |e| EngineError::Source {
+        disk: d.name.clone(),
+        source: e,
+    };
+    let prev_token = writer
+        .previous()
+        .and_then(|m| m.disks.iter().find(|x| x.name == d.name))
+        .and_then(|x| x.change_token.clone());
+    // Loading the previous index also makes its chunk ids known, so even a full read uploads
+    // only what changed.
+    let prev = writer.previous_index(&d.name).await.map_err(repo_err)?;
+    let cs = ctx.chunk_size;
+    let n = DiskIndex::chunk_count(size, cs as u32);
+    let allocated = src.allocated(0..size).await.map_err(src_err)?;
+    tracing::info!(disk = %d.name, source = %src.name(), size, allocated = allocated.total_len(),
+        changed = ?d.changed.as_ref().map(ExtentMap::total_len), "backing up disk");
+
+    let usable_prev = prev
+        .as_ref()
+        .filter(|p| p.disk_size == size && u64::from(p.chunk_size) == cs);
+    let mut mode = BackupMode::Full;
+    let mut verify = None;
+    let mut changed = None;
+    let mut change_token = d.change_token.clone();
+    if let Some(ch) = &d.changed {
+        match usable_prev {
+            Some(p) if prev_token.as_deref() != Some(UNTRUSTED_TOKEN) => {
+                let unchanged: Vec<u64> = (0..n)
+                    .filter(|&i| !ch.intersects(chunk_range(i, cs, size)))
+                    .collect();
+                let picked = sample(&unchanged, verify_fraction, seed);
+                let mismatched = verify_sample(d, p, &allocated, &picked, ctx).await?;
+                if mismatched.is_empty() {
+                    mode = BackupMode::ChangedBlocks;
+                    changed = Some(ch);
+                } else {
+                    tracing::error!(disk = %d.name, source = %src.name(), mismatched = mismatched.len(),
+                        sampled = picked.len(), first_offset = mismatched[0],
+                        "CHANGE TRACKING IS BROKEN: chunks it called unchanged differ from the previous restore point; reading the whole disk now and on the next backup");
+                    mode = BackupMode::FullCbtDistrusted;
+                    change_token = Some(UNTRUSTED_TOKEN.to_string());
+                }
+                verify = Some(VerifyOutcome {
+                    sampled: picked.len() as u64,
+                    mismatched_offsets: mismatched,
+                });
+            }
+            _ => {
+                let why = if usable_prev.is_none() {
+                    "no previous restore point of this disk with the same size"
+                } else {
+                    "its change tracking failed verification last time"
+                };
+                tracing::warn!(disk = %d.name, reason = why, "not trusting change tracking: reading all allocated data");
+                mode = BackupMode::FullCbtDistrusted;
+            }
+        }
+    }
+    let dw = writer
+        .add_disk(&d.name, size, change_token)
+        .map_err(repo_err)?;
+    let counters = Counters::default();
+    run_chunks(
+        writer,
+        d,
+        &dw,
+        &allocated,
+        changed,
+        usable_prev,
+        &counters,
+        ctx,
+    )
+    .await?;
+    Ok((dw, report(d, size, n, mode, verify, &counters)))
+}
+
+fn report(
+    d: &BackupDisk,
+    size: u64,
+    chunks: u64,
+    mode: BackupMode,
+    verify: Option<VerifyOutcome>,
+    c: &Counters,
+) -> DiskReport {
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    DiskReport {
+        name: d.name.clone(),
+        source: d.source.name(),
+        size,
+        mode,
+        chunks,
+        read_bytes: l(&c.read),
+        hole_bytes: l(&c.holes),
+        zero_bytes: l(&c.zero),
+        unchanged_bytes: l(&c.unchanged),
+        reused_bytes: l(&c.reused),
+        new_bytes: l(&c.new),
+        uploaded_bytes: l(&c.uploaded),
+        verify,
+    }
+}
+
+/// Reads the allocated parts of `range` into a pooled buffer (holes zero-filled).
+async fn read_chunk(
+    d: &BackupDisk,
+    range: Range<u64>,
+    allocated: &ExtentMap,
+    ctx: &Ctx,
+) -> Result<(Vec<u8>, u64)> {
+    let mut buf = ctx.pool.get((range.end - range.start) as usize);
+    let mut pos = range.start;
+    let mut read = 0;
+    let t = Instant::now();
+    for e in allocated.clip(range.clone()).iter() {
+        buf[(pos - range.start) as usize..(e.offset - range.start) as usize].fill(0);
+        if let Some(l) = &ctx.limiter {
+            l.acquire(e.length).await;
+        }
+        let dst = &mut buf[(e.offset - range.start) as usize..(e.end() - range.start) as usize];
+        if let Err(err) = d.source.read_at(e.offset, dst).await {
+            ctx.pool.put(buf);
+            return Err(EngineError::Source {
+                disk: d.name.clone(),
+                source: err,
+            });
+        }
+        read += e.length;
+        pos = e.end();
+    }
+    buf[(pos - range.start) as usize..].fill(0);
+    ctx.clock.source(t);
+    ctx.progress.add_read(read);
+    Ok((buf, read))
+}
+
+/// Runs `f` on a blocking thread, at most `cpu_workers` at a time, timing it.
+async fn on_cpu<T: Send + 'static>(ctx: &Ctx, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let _permit = ctx
+        .cpu
+        .acquire()
+        .await
+        .map_err(|_| EngineError::Internal("CPU pool closed".into()))?;
+    let (r, took) = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let r = f();
+        (r, t.elapsed())
+    })
+    .await
+    .map_err(|e| EngineError::Internal(format!("CPU task failed: {e}")))?;
+    ctx.clock.cpu(took);
+    Ok(r)
+}
+
+/// Re-reads the `picked` chunks and returns the offsets of those whose id differs from `prev`.
+async fn verify_sample(
+    d: &BackupDisk,
+    prev: &DiskIndex,
+    allocated: &ExtentMap,
+    picked: &[u64],
+    ctx: &Ctx,
+) -> Result<Vec<u64>> {
+    let mut bad: Vec<u64> = futures::stream::iter(picked.iter().copied())
+        .map(|i| async move {
+            let range = chunk_range(i, ctx.chunk_size, d.source.size());
+            let (buf, _) = read_chunk(d, range.clone(), allocated, ctx).await?;
+            let codec = ctx.codec.clone();
+            let (id, buf) = on_cpu(ctx, move || {
+                let id = if ferry_repo::codec::is_all_zero(&buf) {
+                    ChunkId::ZERO
+                } else {
+                    codec.id(&buf)
+                };
+                (id, buf)
+            })
+            .await?;
+            ctx.pool.put(buf);
+            let expected = prev.chunks.get(i as usize).copied();
+            Ok::<_, EngineError>((expected != Some(id)).then_some(range.start))
+        })
+        .buffer_unordered(ctx.reads_in_flight)
+        .try_filter_map(|x| async move { Ok(x) })
+        .try_collect()
+        .await?;
+    bad.sort_unstable();
+    Ok(bad)
+}
+
+/// Fills every chunk of `dw`.
+#[allow(clippy::too_many_arguments)]
+async fn run_chunks(
+    writer: &BackupWriter,
+    d: &BackupDisk,
+    dw: &DiskWriter,
+    allocated: &ExtentMap,
+    changed: Option<&ExtentMap>,
+    prev: Option<&DiskIndex>,
+    c: &Counters,
+    ctx: &Ctx,
+) -> Result<()> {
+    let repo_err = |e| EngineError::repo(&d.name, e);
+    futures::stream::iter(0..dw.chunk_count())
+        .map(|i| async move {
+            let range = dw.chunk_range(i);
+            let len = range.end - range.start;
+            if let (Some(ch), Some(p)) = (changed, prev) {
+                if !ch.intersects(range.clone()) {
+                    let id = p.chunks[i as usize];
+                    dw.reuse_chunk(i, id).map_err(repo_err)?;
+                    c.unchanged.fetch_add(len, Ordering::Relaxed);
+                    ctx.progress.add_done(len);
+                    return Ok(());
+                }
+            }
+            if !allocated.intersects(range.clone()) {
+                dw.zero_chunk(i).map_err(repo_err)?;
+                c.holes.fetch_add(len, Ordering::Relaxed);
+                ctx.progress.add_done(len);
+                return Ok(());
+            }
+            let (buf, read) = read_chunk(d, range.clone(), allocated, ctx).await?;
+            c.read.fetch_add(read, Ordering::Relaxed);
+            c.holes.fetch_add(len - read, Ordering::Relaxed);
+            // Hash first: a known chunk is never compressed or encrypted.
+            let codec = ctx.codec.clone();
+            let (id, buf) = on_cpu(ctx, move || {
+                let id = (!ferry_repo::codec::is_all_zero(&buf)).then(|| codec.id(&buf));
+                (id, buf)
+            })
+            .await?;
+            let res = match id {
+                None => Cpu::Zero,
+                // The known set only grows during a backup, so a hit stays valid.
+                Some(id) if writer.is_known(&id) => Cpu::Known(id),
+                Some(id) => {
+                    let codec = ctx.codec.clone();
+                    let (enc, b) =
+                        on_cpu(ctx, move || (codec.encode_with_id(id, &buf), buf)).await?;
+                    ctx.pool.put(b);
+                    return finish_new(dw, i, len, enc.map_err(repo_err)?, c, ctx).await;
+                }
+            };
+            ctx.pool.put(buf);
+            match res {
+                Cpu::Zero => {
+                    dw.zero_chunk(i).map_err(repo_err)?;
+                    c.zero.fetch_add(len, Ordering::Relaxed);
+                }
+                Cpu::Known(id) => {
+                    dw.reuse_chunk(i, id).map_err(repo_err)?;
+                    c.reused.fetch_add(len, Ordering::Relaxed);
+                }
+            }
+            ctx.progress.add_done(len);
+            Ok::<_, EngineError>(())
+        })
+        .buffer_unordered(ctx.reads_in_flight)
+        .try_collect::<()>()
+        .await
+}
+
+async fn finish_new(
+    dw: &DiskWriter,
+    i: u64,
+    len: u64,
+    enc: ferry_repo::EncodedChunk,
+    c: &Counters,
+    ctx: &Ctx,
+) -> Result<()> {
+    let stored = enc.data.len() as u64;
+    let t = Instant::now();
+    dw.put_encoded(i, enc)
+        .await
+        .map_err(|e| EngineError::repo(dw.name(), e))?;
+    ctx.clock.target(t);
+    c.new.fetch_add(len, Ordering::Relaxed);
+    c.uploaded.fetch_add(stored, Ordering::Relaxed);
+    ctx.progress.add_written(stored);
+    ctx.progress.add_done(len);
+    Ok(())
+}
