@@ -449,3 +449,33 @@ async fn whole_vm_restore_matches_the_original() {
     assert_eq!(vifs(new).await, vifs(old).await);
     let _ = ChangeTokens::default();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_drops_mid_transfer_are_survived_or_reported() {
+    let lab = lab().await;
+    let d = lab.driver(&["network"]).await;
+    let s = d
+        .begin_backup("debian-web", &BackupOptions::default(), None)
+        .await
+        .unwrap();
+    // Every NBD connection now dies after 1 MiB (four connections cannot carry the 8 MiB disk): the client reconnects and retries reads.
+    lab.sim.set_nbd_drop_after(Some(1 << 20)).await.unwrap();
+    let disk = &s.disks()[0];
+    let all = read_all(disk.source.as_ref()).await.unwrap();
+    assert!(
+        all == lab.qemu_read(&disk.token.0).await,
+        "data read across reconnects differs"
+    );
+    // A connection that dies during the handshake every time is an error naming the disk.
+    lab.sim.set_nbd_drop_after(Some(0)).await.unwrap();
+    let e = d
+        .begin_backup("win-db", &BackupOptions::default(), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, HvError::NoTransport { .. }), "{e}");
+    assert!(e.to_string().contains("win-db"), "{e}");
+    lab.sim.set_nbd_drop_after(None).await.unwrap();
+    s.finish(Outcome::Aborted).await.unwrap();
+    lab.assert_clean("debian-web", 0).await;
+    lab.assert_clean("win-db", 0).await;
+}
