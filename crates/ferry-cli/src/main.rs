@@ -43,6 +43,14 @@ enum Command {
     /// Inspect disk image files (raw, VHD, VHDX, VMDK).
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Back up disks (files, images, NBD exports) into a new restore point.
+    Backup(cmd::backup::Args),
+    /// Restore a disk of a restore point to a file, image, block device or NBD export.
+    Restore(cmd::restore::Args),
+    /// Serve a restore point's disk over NBD (read-only or with a write overlay).
+    Export(cmd::export::Args),
+    /// Run the main job end to end on this machine: backup, incremental, restore, check.
+    Demo(cmd::demo::Args),
     /// List the VMs of a hypervisor source (ferry.toml).
     Vms(cmd::vms::Args),
     /// Run a hypervisor simulator (tests, demos).
@@ -81,6 +89,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Features(args) => cmd::features::run(args, &cli.global).await,
             Command::Image(c) => cmd::image::run(c, &cli.global).await,
+            Command::Backup(a) => cmd::backup::run(a, &cli.global).await,
+            Command::Restore(a) => cmd::restore::run(a, &cli.global).await,
+            Command::Export(a) => cmd::export::run(a, &cli.global).await,
+            Command::Demo(a) => cmd::demo::run(a, &cli.global).await,
             Command::Vms(a) => cmd::vms::run(a, &cli.global).await,
             Command::Sim(c) => cmd::sim::run(c, &cli.global).await,
             Command::Nbd(c) => cmd::nbd::run(c, &cli.global).await,

@@ -1,8 +1,12 @@
 //! One module per subcommand (or subcommand group). Each exposes `Args` and
 //! `pub async fn run(args: Args, global: &crate::Global) -> anyhow::Result<std::process::ExitCode>`.
 
+pub mod backup;
+pub mod demo;
+pub mod export;
 pub mod features;
 pub mod image;
+pub mod restore;
 pub mod nbd;
 pub mod repo;
 pub mod sim;

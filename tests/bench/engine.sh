@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Backup engine benchmark (issue 6): W16 workloads through `ferry backup/restore`, each line
+# beside a reference in the same run (restic and borg from Debian backing up the same file;
+# nbdcopy / qemu-img convert as plain-copy references). Prints one table.
+#
+#   tests/bench/engine.sh            # everything (needs ~15 GiB free under $BENCH_DIR)
+#   ONLY="w16-file holes" tests/bench/engine.sh
+#
+# Workloads come from tests/bench/gen-workload.py (seeded, deterministic) and are cached in
+# $BENCH_DIR (default target/bench-engine). restic/borg are installed with apt if missing.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+BENCH_DIR=${BENCH_DIR:-$ROOT/target/bench-engine}
+ONLY=${ONLY:-"w16-file w16-nbd holes incr-cbt incr-nocbt restore latency random huge"}
+mkdir -p "$BENCH_DIR"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/h-engine}
+cargo build --release -q -p ferry-cli
+FERRY=$CARGO_TARGET_DIR/release/ferry
+
+if ! command -v restic >/dev/null || ! command -v borg >/dev/null; then
+    SUDO=$(command -v sudo >/dev/null && [ "$(id -u)" != 0 ] && echo sudo || true)
+    $SUDO apt-get install -y -qq restic borgbackup >/dev/null
+fi
+
+gen() { # kind file
+    [ -f "$BENCH_DIR/$2" ] || { echo "generating $2 ..." >&2; python3 tests/bench/gen-workload.py "$1" "$BENCH_DIR/$2.tmp"; mv "$BENCH_DIR/$2.tmp" "$BENCH_DIR/$2"; }
+}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+
+export FERRY_PASSWORD=bench-password RESTIC_PASSWORD=bench-password BORG_PASSPHRASE=bench-password
+export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+TIMEF="%e %U %S %M"
+ROWS=()
+# measure NAME CMD... : runs CMD under GNU time; sets WALL CPU RSS_MIB
+measure() {
+    local name=$1; shift
+    sync
+    /usr/bin/time -f "$TIMEF" -o "$BENCH_DIR/time.out" "$@" >"$BENCH_DIR/$name.stdout" 2>"$BENCH_DIR/$name.stderr" || {
+        echo "FAILED: $name: $*" >&2; cat "$BENCH_DIR/$name.stderr" >&2; exit 1; }
+    read -r WALL U S RSS < "$BENCH_DIR/time.out"
+    CPU=$(echo "$U + $S" | bc)
+    RSS_MIB=$((RSS / 1024))
+}
+row() { ROWS+=("$(printf '%-34s %8s %8s %8s %9s  %s' "$@")"); }
+newrepo() { rm -rf "$1"; "$FERRY" repo init --repo "$1" >/dev/null; }
+jget() { python3 -c "import json,sys; d=json.load(open('$1')); print($2)"; }
+
+PORT=$((20000 + RANDOM % 20000))
+QNBD_PID=
+start_qemu_nbd() { # file fmt [bitmap]
+    local extra=()
+    [ -n "${3:-}" ] && extra=(-B "$3")
+    qemu-nbd -r -t --shared=16 -f "$2" -x disk -p "$PORT" -b 127.0.0.1 "${extra[@]}" "$1" &
+    QNBD_PID=$!
+    for _ in $(seq 100); do nbdinfo --size "nbd://127.0.0.1:$PORT/disk" >/dev/null 2>&1 && return; sleep 0.1; done
+    echo "qemu-nbd did not start" >&2; exit 1
+}
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+if want w16-file || want w16-nbd || want incr-cbt || want incr-nocbt || want restore || want latency; then gen w16 w16.raw; fi
+W16=$BENCH_DIR/w16.raw
+DATA_GIB=4
+
+if want w16-file; then
+    newrepo "$BENCH_DIR/repo-file"
+    measure ferry-w16-file "$FERRY" backup --repo "$BENCH_DIR/repo-file" --vm w16 --disk "$W16" --json
+    F_WALL=$WALL; F_CPU=$CPU; F_RSS=$RSS_MIB
+    rm -rf "$BENCH_DIR/restic"; restic init -q -r "$BENCH_DIR/restic"
+    measure restic-w16 restic -q -r "$BENCH_DIR/restic" backup "$W16"
+    R_WALL=$WALL
+    rm -rf "$BENCH_DIR/borg"; borg init -q -e repokey "$BENCH_DIR/borg"
+    measure borg-w16 borg create --sparse --compression lz4 "$BENCH_DIR/borg::w16" "$W16"
+    B_WALL=$WALL
+    row "W16 full, local file" "${F_WALL}s" "${F_CPU}s" "${F_RSS}M" "$(echo "scale=1; $R_WALL / $F_WALL" | bc)x" "restic ${R_WALL}s, borg ${B_WALL}s (ratio = restic/ferry time)"
+    row "  CPU per GiB of non-zero data" "" "$(echo "scale=2; $F_CPU / $DATA_GIB" | bc)s" "" "" "user+sys / 4 GiB"
+    rm -rf "$BENCH_DIR/restic" "$BENCH_DIR/borg"
+fi
+
+if want w16-nbd || want incr-cbt; then
+    newrepo "$BENCH_DIR/repo-nbd"
+    start_qemu_nbd "$W16" raw
+    measure nbdcopy-w16 nbdcopy "nbd://127.0.0.1:$PORT/disk" null:
+    C_WALL=$WALL
+    measure ferry-w16-nbd "$FERRY" backup --repo "$BENCH_DIR/repo-nbd" --vm w16 --disk "nbd://127.0.0.1:$PORT/disk" --json
+    READ=$(jget "$BENCH_DIR/ferry-w16-nbd.stdout" "d['disks'][0]['read_bytes']>>20")
+    stop_pid "$QNBD_PID"
+    row "W16 full, qemu-nbd loopback" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "$(echo "scale=2; $C_WALL / $WALL" | bc)x" "nbdcopy to null: ${C_WALL}s; read ${READ} MiB (allocated 5120 MiB)"
+fi
+
+if want holes; then
+    gen holes holes.raw
+    newrepo "$BENCH_DIR/repo-holes"
+    measure ferry-holes "$FERRY" backup --repo "$BENCH_DIR/repo-holes" --vm holes --disk "$BENCH_DIR/holes.raw"
+    row "all-hole 16 GiB, local file" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "" "target <= 0.5 s"
+fi
+
+if want incr-cbt; then
+    # A qcow2 overlay over W16 (same content as the full above) with a dirty bitmap, then 1 %
+    # of the disk rewritten in clustered runs.
+    OV=$BENCH_DIR/w16-overlay.qcow2
+    rm -f "$OV"
+    qemu-img create -q -f qcow2 -b "$W16" -F raw "$OV"
+    qemu-img bitmap --add -f qcow2 "$OV" b0
+    mapfile -t CMDS < <(python3 tests/bench/gen-workload.py dirty)
+    ARGS=(); for c in "${CMDS[@]}"; do ARGS+=(-c "$c"); done
+    qemu-io -f qcow2 "${ARGS[@]}" "$OV" >/dev/null
+    start_qemu_nbd "$OV" qcow2 b0
+    measure ferry-incr-cbt "$FERRY" backup --repo "$BENCH_DIR/repo-nbd" --vm w16 --disk "nbd://127.0.0.1:$PORT/disk" --bitmap b0 --json
+    stop_pid "$QNBD_PID"
+    READ=$(jget "$BENCH_DIR/ferry-incr-cbt.stdout" "d['disks'][0]['read_bytes']>>20")
+    MODE=$(jget "$BENCH_DIR/ferry-incr-cbt.stdout" "d['disks'][0]['mode']")
+    row "incremental, dirty bitmap, 1 %" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "" "$MODE; read ${READ} MiB (164 MiB changed in 41 x 4 MiB + 1 % sample)"
+fi
+
+if want incr-nocbt; then
+    [ -d "$BENCH_DIR/repo-file" ] || { newrepo "$BENCH_DIR/repo-file"; "$FERRY" backup --repo "$BENCH_DIR/repo-file" --vm w16 --disk "$W16" >/dev/null; }
+    measure ferry-incr-nocbt "$FERRY" backup --repo "$BENCH_DIR/repo-file" --vm w16 --disk "$W16" --json
+    UP=$(jget "$BENCH_DIR/ferry-incr-nocbt.stdout" "d['disks'][0]['uploaded_bytes']")
+    row "incremental, no CBT, unchanged" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "" "chunk bytes uploaded: $UP"
+fi
+
+if want restore; then
+    [ -d "$BENCH_DIR/repo-file" ] || { newrepo "$BENCH_DIR/repo-file"; "$FERRY" backup --repo "$BENCH_DIR/repo-file" --vm w16 --disk "$W16" >/dev/null; }
+    rm -f "$BENCH_DIR/restored.raw" "$BENCH_DIR/copied.raw"
+    measure qemu-img-convert qemu-img convert -f raw -O raw "$W16" "$BENCH_DIR/copied.raw"
+    Q_WALL=$WALL
+    measure ferry-restore "$FERRY" restore --repo "$BENCH_DIR/repo-file" w16@latest --to "$BENCH_DIR/restored.raw"
+    ALLOC=$(( $(stat -c %b "$BENCH_DIR/restored.raw") * 512 >> 20 ))
+    cmp -s "$W16" "$BENCH_DIR/restored.raw" && SAME=identical || SAME=DIFFERENT
+    row "restore W16 to sparse raw" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "$(echo "scale=2; $Q_WALL / $WALL" | bc)x" "qemu-img convert ${Q_WALL}s; output allocated ${ALLOC} MiB (non-zero 4096 MiB); $SAME"
+    rm -f "$BENCH_DIR/restored.raw" "$BENCH_DIR/copied.raw"
+fi
+
+if want latency; then
+    for delay in 0 10ms; do
+        newrepo "$BENCH_DIR/repo-lat"
+        if [ "$delay" = 0 ]; then
+            nbdkit -f -r -i 127.0.0.1 -p "$PORT" file "$W16" & KPID=$!
+        else
+            nbdkit -f -r -i 127.0.0.1 -p "$PORT" --filter=delay file "$W16" rdelay=$delay & KPID=$!
+        fi
+        for _ in $(seq 100); do nbdinfo --size "nbd://127.0.0.1:$PORT" >/dev/null 2>&1 && break; sleep 0.1; done
+        measure "ferry-lat-$delay" "$FERRY" backup --repo "$BENCH_DIR/repo-lat" --vm lat --disk "nbd://127.0.0.1:$PORT/" --in-flight 16
+        stop_pid "$KPID"
+        [ "$delay" = 0 ] && L0=$WALL || L10=$WALL
+    done
+    row "W16 via nbdkit, +10 ms latency" "${L10}s" "" "" "$(echo "scale=2; $L0 / $L10" | bc)x" "no latency ${L0}s (ratio = throughput kept, target >= 0.8)"
+    rm -rf "$BENCH_DIR/repo-lat"
+fi
+
+if want random; then
+    gen random random.raw
+    newrepo "$BENCH_DIR/repo-rnd"
+    measure ferry-random "$FERRY" backup --repo "$BENCH_DIR/repo-rnd" --vm rnd --disk "$BENCH_DIR/random.raw"
+    F=$WALL; FC=$CPU
+    rm -rf "$BENCH_DIR/restic"; restic init -q -r "$BENCH_DIR/restic"
+    measure restic-random restic -q -r "$BENCH_DIR/restic" backup "$BENCH_DIR/random.raw"
+    row "4 GiB incompressible, local file" "${F}s" "${FC}s" "${RSS_MIB}M" "$(echo "scale=1; $WALL / $F" | bc)x" "restic ${WALL}s; CPU/GiB $(echo "scale=2; $FC / 4" | bc)s"
+    rm -rf "$BENCH_DIR/restic" "$BENCH_DIR/repo-rnd"
+fi
+
+if want huge; then
+    gen huge huge.raw
+    newrepo "$BENCH_DIR/repo-huge"
+    measure ferry-huge "$FERRY" backup --repo "$BENCH_DIR/repo-huge" --vm huge --disk "$BENCH_DIR/huge.raw"
+    row "2 TiB sparse, 1 GiB data" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "" "peak RSS target <= 256 MiB"
+    rm -rf "$BENCH_DIR/repo-huge"
+fi
+
+echo
+printf '%-34s %8s %8s %8s %9s  %s\n' workload wall cpu rss vs-ref notes
+for r in "${ROWS[@]}"; do echo "$r"; done
