@@ -17,15 +17,26 @@ struct Features {
     hypervisors: Vec<&'static str>,
     transports: Vec<&'static str>,
     repositories: Vec<&'static str>,
+    image_formats: Vec<&'static str>,
 }
 
 /// Prints the feature list.
 pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     let f = Features {
         version: env!("CARGO_PKG_VERSION"),
-        hypervisors: vec![],
-        transports: vec![],
-        repositories: vec![],
+        hypervisors: vec!["xen (XenAPI; `ferry sim xen` simulates one)"],
+        transports: vec![
+            "network: nbd, nbds (TLS), nbd+unix",
+            "hot-add (xen)",
+            "san: image files and block devices",
+        ],
+        repositories: vec!["local filesystem", "s3://", "az://"],
+        image_formats: vec![
+            "raw",
+            "vhd (fixed, dynamic, differencing)",
+            "vhdx (incl. avhdx chains)",
+            "vmdk (flat, sparse, streamOptimized, vmfsSparse, deltas)",
+        ],
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&f)?);
@@ -35,6 +46,7 @@ pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode
             ("hypervisors", &f.hypervisors),
             ("transports", &f.transports),
             ("repositories", &f.repositories),
+            ("image formats", &f.image_formats),
         ] {
             let list = if items.is_empty() {
                 "none yet".to_string()
