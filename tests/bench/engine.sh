@@ -69,7 +69,7 @@ if want w16-file; then
     rm -rf "$BENCH_DIR/restic"; restic init -q -r "$BENCH_DIR/restic"
     measure restic-w16 restic -q -r "$BENCH_DIR/restic" backup "$W16"
     R_WALL=$WALL
-    rm -rf "$BENCH_DIR/borg"; borg init -q -e repokey "$BENCH_DIR/borg"
+    rm -rf "$BENCH_DIR/borg"; borg init -e repokey "$BENCH_DIR/borg"
     measure borg-w16 borg create --sparse --compression lz4 "$BENCH_DIR/borg::w16" "$W16"
     B_WALL=$WALL
     row "W16 full, local file" "${F_WALL}s" "${F_CPU}s" "${F_RSS}M" "$(echo "scale=1; $R_WALL / $F_WALL" | bc)x" "restic ${R_WALL}s, borg ${B_WALL}s (ratio = restic/ferry time)"
