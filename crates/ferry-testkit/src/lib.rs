@@ -23,7 +23,7 @@ mod tls;
 
 pub use azurite::Azurite;
 pub use moto::Moto;
-pub use nbd::{Nbdkit, QemuNbd};
+pub use nbd::{NbdPeer, Nbdkit, QemuNbd};
 pub use process::PeerProcess;
 pub use tls::TlsFiles;
 

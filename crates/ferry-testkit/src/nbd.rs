@@ -81,7 +81,6 @@ pub struct QemuNbd {
     allocation_depth: bool,
     tls_dir: Option<PathBuf>,
     tcp: bool,
-    running: Option<(PeerProcess, Listen)>,
     dir: tempfile::TempDir,
 }
 
@@ -97,7 +96,6 @@ impl QemuNbd {
             allocation_depth: false,
             tls_dir: None,
             tcp: false,
-            running: None,
             dir: scratch_dir(),
         }
     }
@@ -145,7 +143,7 @@ impl QemuNbd {
     }
 
     /// Starts qemu-nbd and waits until it accepts connections.
-    pub fn start(mut self) -> Self {
+    pub fn start(self) -> NbdPeer {
         let qemu_nbd = tool("qemu-nbd");
         let this = &self;
         let running = start_server("qemu-nbd", &self.dir, self.tcp, |listen| {
@@ -182,48 +180,13 @@ impl QemuNbd {
             c.arg(&this.image);
             c
         });
-        self.running = Some(running);
-        self
-    }
-
-    fn running(&self) -> &(PeerProcess, Listen) {
-        self.running.as_ref().expect("QemuNbd::start() not called")
-    }
-
-    /// The URI of the export: `nbd+unix:///EXPORT?socket=…`, `nbd://127.0.0.1:PORT/EXPORT`, or `nbds…` with TLS.
-    pub fn uri(&self) -> String {
-        nbd_uri(&self.running().1, &self.export, self.tls_dir.is_some())
-    }
-
-    /// The Unix socket, when not listening on TCP.
-    pub fn unix_socket(&self) -> Option<&Path> {
-        match &self.running().1 {
-            Listen::Unix(p) => Some(p),
-            Listen::Tcp(_) => None,
+        NbdPeer {
+            export: self.export.clone(),
+            tls: self.tls_dir.is_some(),
+            process: running.0,
+            listen: running.1,
+            _dir: self.dir,
         }
-    }
-
-    /// The TCP port, when listening on TCP.
-    pub fn tcp_port(&self) -> Option<u16> {
-        match &self.running().1 {
-            Listen::Tcp(p) => Some(*p),
-            Listen::Unix(_) => None,
-        }
-    }
-
-    /// The export name (set with the `export_name` builder call).
-    pub fn export(&self) -> &str {
-        &self.export
-    }
-
-    /// qemu-nbd's process id.
-    pub fn pid(&self) -> u32 {
-        self.running().0.pid()
-    }
-
-    /// qemu-nbd's output so far.
-    pub fn log(&self) -> String {
-        self.running().0.log()
     }
 }
 
@@ -237,7 +200,6 @@ pub struct Nbdkit {
     export: String,
     tls_dir: Option<PathBuf>,
     tcp: bool,
-    running: Option<(PeerProcess, Listen)>,
     dir: tempfile::TempDir,
 }
 
@@ -252,7 +214,6 @@ impl Nbdkit {
             export: String::new(),
             tls_dir: None,
             tcp: false,
-            running: None,
             dir: scratch_dir(),
         }
     }
@@ -294,7 +255,7 @@ impl Nbdkit {
     }
 
     /// Starts nbdkit and waits until it accepts connections.
-    pub fn start(mut self) -> Self {
+    pub fn start(self) -> NbdPeer {
         let nbdkit = tool("nbdkit");
         let this = &self;
         let running = start_server("nbdkit", &self.dir, self.tcp, |listen| {
@@ -321,22 +282,35 @@ impl Nbdkit {
             c.arg(&this.plugin).args(&this.args);
             c
         });
-        self.running = Some(running);
-        self
+        NbdPeer {
+            export: self.export.clone(),
+            tls: self.tls_dir.is_some(),
+            process: running.0,
+            listen: running.1,
+            _dir: self.dir,
+        }
     }
+}
 
-    fn running(&self) -> &(PeerProcess, Listen) {
-        self.running.as_ref().expect("Nbdkit::start() not called")
-    }
+/// A running NBD server (qemu-nbd or nbdkit), killed on drop.
+#[derive(Debug)]
+pub struct NbdPeer {
+    process: PeerProcess,
+    listen: Listen,
+    export: String,
+    tls: bool,
+    _dir: tempfile::TempDir,
+}
 
-    /// The URI of the export.
+impl NbdPeer {
+    /// The URI of the export: `nbd+unix:///EXPORT?socket=…`, `nbd://127.0.0.1:PORT/EXPORT`, or `nbds…` with TLS.
     pub fn uri(&self) -> String {
-        nbd_uri(&self.running().1, &self.export, self.tls_dir.is_some())
+        nbd_uri(&self.listen, &self.export, self.tls)
     }
 
     /// The Unix socket, when not listening on TCP.
     pub fn unix_socket(&self) -> Option<&Path> {
-        match &self.running().1 {
+        match &self.listen {
             Listen::Unix(p) => Some(p),
             Listen::Tcp(_) => None,
         }
@@ -344,19 +318,24 @@ impl Nbdkit {
 
     /// The TCP port, when listening on TCP.
     pub fn tcp_port(&self) -> Option<u16> {
-        match &self.running().1 {
+        match &self.listen {
             Listen::Tcp(p) => Some(*p),
             Listen::Unix(_) => None,
         }
     }
 
-    /// nbdkit's process id.
-    pub fn pid(&self) -> u32 {
-        self.running().0.pid()
+    /// The export name clients ask for.
+    pub fn export(&self) -> &str {
+        &self.export
     }
 
-    /// nbdkit's output so far.
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The server's output so far.
     pub fn log(&self) -> String {
-        self.running().0.log()
+        self.process.log()
     }
 }
