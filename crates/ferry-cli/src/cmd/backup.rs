@@ -3,13 +3,13 @@
 //! and a progress bar (on a terminal) go to stderr. Ctrl-C stops cleanly: no restore point
 //! becomes visible.
 
+use crate::cmd::repo::RepoArgs;
 use anyhow::{Context, bail};
-use ferry_core::Secret;
 use ferry_core::size::{human_bytes, human_rate, parse_size};
 use ferry_core::vm::{ConsistencyLevel, DiskConfig, HypervisorKind, VmConfig};
 use ferry_engine::source::{self, SourceOptions};
 use ferry_engine::{BackupDisk, BackupOptions, BackupReport, EngineError, Progress};
-use ferry_repo::{Repository, SnapshotMeta, Store, VmIdentity};
+use ferry_repo::{SnapshotMeta, VmIdentity};
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,37 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Exit code of a command stopped by Ctrl-C.
 pub const EXIT_CANCELLED: u8 = 130;
-
-/// Where the repository is and how to unlock it (`--repo`/`FERRY_REPO`,
-/// `--password-file`/`FERRY_PASSWORD`), for the data-path commands.
-#[derive(Debug, Clone, clap::Args)]
-pub struct RepoAccess {
-    /// Repository location: a path, file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX.
-    #[arg(long = "repo", env = "FERRY_REPO")]
-    pub repo: String,
-    /// Read the password from this file (first line); default: the FERRY_PASSWORD variable.
-    #[arg(long)]
-    pub password_file: Option<PathBuf>,
-}
-
-impl RepoAccess {
-    /// Opens the repository.
-    pub async fn open(&self) -> anyhow::Result<Repository> {
-        let password = match &self.password_file {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("cannot read password file {}", p.display()))?;
-                Some(Secret::new(text.lines().next().unwrap_or("").to_string()))
-            }
-            None => std::env::var("FERRY_PASSWORD").ok().map(Secret::new),
-        };
-        let store = Store::open(&self.repo, false)
-            .with_context(|| format!("cannot open repository {}", self.repo))?;
-        Repository::open(store, password.as_ref())
-            .await
-            .with_context(|| format!("cannot open repository {}", self.repo))
-    }
-}
 
 /// TLS trust for `nbds://` sources and targets.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -84,7 +53,7 @@ impl TlsArgs {
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub repo: RepoAccess,
+    pub repo: RepoArgs,
     /// The VM these disks belong to (restore points of one VM form its chain).
     #[arg(long)]
     pub vm: String,

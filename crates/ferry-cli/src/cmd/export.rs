@@ -3,7 +3,8 @@
 //! the socket is listening. `--writable` keeps writes in a temporary copy-on-write overlay;
 //! the restore point never changes.
 
-use crate::cmd::backup::{RepoAccess, cancel_on_signal};
+use crate::cmd::backup::cancel_on_signal;
+use crate::cmd::repo::RepoArgs;
 use crate::cmd::restore::resolve_snapshot;
 use anyhow::bail;
 use std::io::Write;
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub repo: RepoAccess,
+    pub repo: RepoArgs,
     /// Restore point: an id (or a unique prefix of one), `latest`, or `VM@latest`.
     pub snapshot: String,
     /// Disk to serve; may be omitted when the restore point has one disk.

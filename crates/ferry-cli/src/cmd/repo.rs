@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// Where the repository is and how to unlock it.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct RepoArgs {
     /// Repository location: a path, file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX.
     #[arg(long = "repo", env = "FERRY_REPO")]
@@ -38,9 +38,13 @@ impl RepoArgs {
         Ok(std::env::var("FERRY_PASSWORD").ok().map(Secret::new))
     }
 
-    async fn open(&self) -> anyhow::Result<Repository> {
-        let store = Store::open(&self.repo, false)?;
-        Ok(Repository::open(store, self.password()?.as_ref()).await?)
+    /// Opens the repository, unlocking it with the password.
+    pub(crate) async fn open(&self) -> anyhow::Result<Repository> {
+        let store = Store::open(&self.repo, false)
+            .with_context(|| format!("cannot open repository {}", self.repo))?;
+        Repository::open(store, self.password()?.as_ref())
+            .await
+            .with_context(|| format!("cannot open repository {}", self.repo))
     }
 }
 

@@ -3,7 +3,8 @@
 //! Every chunk is authenticated before it is written; a new file appears under its name only
 //! when complete. Prints what was written on stdout (`--json`: the reports).
 
-use crate::cmd::backup::{EXIT_CANCELLED, RepoAccess, TlsArgs, cancel_on_signal, progress_bar};
+use crate::cmd::backup::{EXIT_CANCELLED, TlsArgs, cancel_on_signal, progress_bar};
+use crate::cmd::repo::RepoArgs;
 use anyhow::{Context, bail};
 use ferry_core::size::{human_bytes, human_rate};
 use ferry_engine::source;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub repo: RepoAccess,
+    pub repo: RepoArgs,
     /// Restore point: an id (or a unique prefix of one), `latest`, or `VM@latest`.
     pub snapshot: String,
     /// Disk to restore; default: every disk (then --to is a directory unless there is one disk).
