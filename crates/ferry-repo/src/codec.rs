@@ -106,7 +106,13 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    // Only the canonical lower-case form `hex()` writes: accepting `A` for `a` would let a flipped
+    // case bit in a stored object go unnoticed (the tamper test found one in key slots).
+    if s.len() % 2 != 0
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     (0..s.len())

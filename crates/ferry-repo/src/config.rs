@@ -274,6 +274,12 @@ fn decode_small<'a>(
             supported: FORMAT_VERSION,
         });
     }
+    if data[6..8] != [0, 0] {
+        return Err(RepoError::corrupt(
+            key,
+            "reserved header bytes are not zero",
+        ));
+    }
     let len = u32::from_le_bytes(data[8..12].try_into().expect("4")) as usize;
     if len > MAX_SMALL_BODY || data.len() != 12 + len + trailer {
         return Err(RepoError::corrupt(
