@@ -218,23 +218,7 @@ async fn moto_round_trips_an_object_through_object_store() {
         .build()
         .unwrap();
     put_get(&store).await;
-    // The env() view configures object_store the same way.
-    let url = url_of(&s3.url());
-    let (store, _) = object_store::parse_url_opts(
-        &url,
-        s3.env()
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v)),
-    )
-    .unwrap();
-    let got = store
-        .get(&ObjPath::from("testkit/hello.bin"))
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(&got[..], b"ferry says hello");
+    assert_hello_via_env(&s3.url(), s3.env()).await;
 }
 
 #[tokio::test]
@@ -249,14 +233,15 @@ async fn azurite_round_trips_an_object_through_object_store() {
         .build()
         .unwrap();
     put_get(&store).await;
-    let url = url_of(&az.url());
-    let (store, _) = object_store::parse_url_opts(
-        &url,
-        az.env()
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v)),
-    )
-    .unwrap();
+    assert_hello_via_env(&az.url(), az.env()).await;
+}
+
+/// Opens the store from its URL and the guard's `env()` alone, as Ferry's users configure it, and
+/// reads back the object `put_get` wrote.
+async fn assert_hello_via_env(url: &str, env: Vec<(String, String)>) {
+    let url = url::Url::parse(url).unwrap();
+    let opts = env.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v));
+    let (store, _) = object_store::parse_url_opts(&url, opts).unwrap();
     let got = store
         .get(&ObjPath::from("testkit/hello.bin"))
         .await
@@ -265,10 +250,6 @@ async fn azurite_round_trips_an_object_through_object_store() {
         .await
         .unwrap();
     assert_eq!(&got[..], b"ferry says hello");
-}
-
-fn url_of(s: &str) -> url::Url {
-    url::Url::parse(s).unwrap()
 }
 
 #[test]
