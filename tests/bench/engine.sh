@@ -58,8 +58,8 @@ start_qemu_nbd() { # file fmt [bitmap]
 }
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-if want w16-file || want w16-nbd || want incr-cbt || want incr-nocbt || want restore || want latency; then gen w16 w16.raw; fi
-W16=$BENCH_DIR/w16.raw
+if want w16-file || want w16-nbd || want incr-cbt || want incr-nocbt || want restore || want latency; then gen w16 w16-v2.raw; fi
+W16=$BENCH_DIR/w16-v2.raw
 DATA_GIB=4
 
 if want w16-file; then
@@ -161,9 +161,9 @@ if want random; then
 fi
 
 if want huge; then
-    gen huge huge.raw
+    gen huge huge-v2.raw
     newrepo "$BENCH_DIR/repo-huge"
-    measure ferry-huge "$FERRY" backup --repo "$BENCH_DIR/repo-huge" --vm huge --disk "$BENCH_DIR/huge.raw"
+    measure ferry-huge "$FERRY" backup --repo "$BENCH_DIR/repo-huge" --vm huge --disk "$BENCH_DIR/huge-v2.raw"
     row "2 TiB sparse, 1 GiB data" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "" "peak RSS target <= 256 MiB"
     rm -rf "$BENCH_DIR/repo-huge"
 fi

@@ -18,7 +18,7 @@
 //! whole disk instead, and the disk's change token is stored as [`UNTRUSTED_TOKEN`], which makes
 //! the next changed-block backup of that disk read everything too.
 
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, joined};
 use crate::progress::{Progress, RateLimiter, StageClock, TimeSplit};
 use ferry_core::{BlockSource, ExtentMap};
 use ferry_repo::{
@@ -211,9 +211,19 @@ struct Ctx {
     chunk_size: u64,
 }
 
-enum Cpu {
+/// What the CPU stage made of a chunk that was read.
+enum Processed {
     Zero,
     Known(ChunkId),
+    New(ferry_repo::EncodedChunk),
+}
+
+/// What every chunk task of one disk shares.
+struct DiskJob {
+    disk: BackupDisk,
+    dw: DiskWriter,
+    allocated: ExtentMap,
+    counters: Counters,
 }
 
 /// Backs up `disks` into a new restore point of `meta.vm` and commits it. On error or
@@ -242,7 +252,7 @@ pub async fn backup(
             .begin_backup(meta)
             .await
             .map_err(|e| EngineError::repo("-", e))?;
-        let ctx = Ctx {
+        let ctx = Arc::new(Ctx {
             codec: repo.codec().clone(),
             cpu: Semaphore::new(opts.cpu_workers.max(1)),
             pool: BufferPool {
@@ -254,7 +264,7 @@ pub async fn backup(
             progress: opts.progress.clone(),
             reads_in_flight: opts.reads_in_flight.max(1),
             chunk_size: u64::from(repo.config().chunk_size),
-        };
+        });
         for d in &disks {
             opts.progress.add_total(d.source.size());
         }
@@ -339,7 +349,7 @@ async fn backup_disk(
     d: &BackupDisk,
     verify_fraction: f64,
     seed: u64,
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
 ) -> Result<(DiskWriter, DiskReport)> {
     let src = &d.source;
     let size = src.size();
@@ -406,19 +416,17 @@ async fn backup_disk(
     let dw = writer
         .add_disk(&d.name, size, change_token)
         .map_err(repo_err)?;
-    let counters = Counters::default();
-    run_chunks(
-        writer,
-        d,
-        &dw,
-        &allocated,
-        changed,
-        usable_prev,
-        &counters,
-        ctx,
-    )
-    .await?;
-    Ok((dw, report(d, size, n, mode, verify, &counters)))
+    let job = Arc::new(DiskJob {
+        disk: d.clone(),
+        dw,
+        allocated,
+        counters: Counters::default(),
+    });
+    run_chunks(&job, changed, usable_prev, ctx).await?;
+    let job = Arc::try_unwrap(job)
+        .map_err(|_| EngineError::Internal("a chunk task outlived its disk".into()))?;
+    let report = report(d, size, n, mode, verify, &job.counters);
+    Ok((job.dw, report))
 }
 
 fn report(
@@ -532,77 +540,99 @@ async fn verify_sample(
     Ok(bad)
 }
 
-/// Fills every chunk of `dw`.
-#[allow(clippy::too_many_arguments)]
+/// Fills every chunk of the disk. Chunks that need no I/O are settled inline; every other
+/// chunk runs as its own task (at most `reads_in_flight` at once), so a read blocking one
+/// worker thread never stalls the other chunks' CPU work or uploads.
 async fn run_chunks(
-    writer: &BackupWriter,
-    d: &BackupDisk,
-    dw: &DiskWriter,
-    allocated: &ExtentMap,
+    job: &Arc<DiskJob>,
     changed: Option<&ExtentMap>,
     prev: Option<&DiskIndex>,
-    c: &Counters,
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
 ) -> Result<()> {
-    let repo_err = |e| EngineError::repo(&d.name, e);
-    futures::stream::iter(0..dw.chunk_count())
-        .map(|i| async move {
-            let range = dw.chunk_range(i);
-            let len = range.end - range.start;
-            if let (Some(ch), Some(p)) = (changed, prev) {
-                if !ch.intersects(range.clone()) {
-                    let id = p.chunks[i as usize];
-                    dw.reuse_chunk(i, id).map_err(repo_err)?;
-                    c.unchanged.fetch_add(len, Ordering::Relaxed);
-                    ctx.progress.add_done(len);
-                    return Ok(());
-                }
-            }
-            if !allocated.intersects(range.clone()) {
-                dw.zero_chunk(i).map_err(repo_err)?;
-                c.holes.fetch_add(len, Ordering::Relaxed);
+    let repo_err = |e| EngineError::repo(&job.disk.name, e);
+    let slots = Arc::new(Semaphore::new(ctx.reads_in_flight));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..job.dw.chunk_count() {
+        let range = job.dw.chunk_range(i);
+        let len = range.end - range.start;
+        if let (Some(ch), Some(p)) = (changed, prev) {
+            if !ch.intersects(range.clone()) {
+                job.dw
+                    .reuse_chunk(i, p.chunks[i as usize])
+                    .map_err(repo_err)?;
+                job.counters.unchanged.fetch_add(len, Ordering::Relaxed);
                 ctx.progress.add_done(len);
-                return Ok(());
+                continue;
             }
-            let (buf, read) = read_chunk(d, range.clone(), allocated, ctx).await?;
-            c.read.fetch_add(read, Ordering::Relaxed);
-            c.holes.fetch_add(len - read, Ordering::Relaxed);
-            // Hash first: a known chunk is never compressed or encrypted.
-            let codec = ctx.codec.clone();
-            let (id, buf) = on_cpu(ctx, move || {
-                let id = (!ferry_repo::codec::is_all_zero(&buf)).then(|| codec.id(&buf));
-                (id, buf)
-            })
-            .await?;
-            let res = match id {
-                None => Cpu::Zero,
-                // The known set only grows during a backup, so a hit stays valid.
-                Some(id) if writer.is_known(&id) => Cpu::Known(id),
-                Some(id) => {
-                    let codec = ctx.codec.clone();
-                    let (enc, b) =
-                        on_cpu(ctx, move || (codec.encode_with_id(id, &buf), buf)).await?;
-                    ctx.pool.put(b);
-                    return finish_new(dw, i, len, enc.map_err(repo_err)?, c, ctx).await;
-                }
-            };
-            ctx.pool.put(buf);
-            match res {
-                Cpu::Zero => {
-                    dw.zero_chunk(i).map_err(repo_err)?;
-                    c.zero.fetch_add(len, Ordering::Relaxed);
-                }
-                Cpu::Known(id) => {
-                    dw.reuse_chunk(i, id).map_err(repo_err)?;
-                    c.reused.fetch_add(len, Ordering::Relaxed);
-                }
-            }
+        }
+        if !job.allocated.intersects(range.clone()) {
+            job.dw.zero_chunk(i).map_err(repo_err)?;
+            job.counters.holes.fetch_add(len, Ordering::Relaxed);
             ctx.progress.add_done(len);
-            Ok::<_, EngineError>(())
-        })
-        .buffer_unordered(ctx.reads_in_flight)
-        .try_collect::<()>()
-        .await
+            continue;
+        }
+        let permit = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::Internal("chunk slots closed".into()))?;
+        // Surface a failed chunk early instead of after the whole disk was scheduled.
+        while let Some(r) = tasks.try_join_next() {
+            joined(r)?;
+        }
+        let (job, ctx) = (job.clone(), ctx.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            chunk_task(job, i, range, &ctx).await
+        });
+    }
+    // Returning early drops `tasks`, which aborts the chunks still running.
+    while let Some(r) = tasks.join_next().await {
+        joined(r)?;
+    }
+    Ok(())
+}
+
+/// Read → zero check → hash → (unknown only) compress + encrypt → upload, for chunk `i`.
+async fn chunk_task(job: Arc<DiskJob>, i: u64, range: Range<u64>, ctx: &Ctx) -> Result<()> {
+    let len = range.end - range.start;
+    let c = &job.counters;
+    let (buf, read) = read_chunk(&job.disk, range, &job.allocated, ctx).await?;
+    c.read.fetch_add(read, Ordering::Relaxed);
+    c.holes.fetch_add(len - read, Ordering::Relaxed);
+    let codec = ctx.codec.clone();
+    let j = job.clone();
+    let (res, buf) = on_cpu(ctx, move || {
+        let r = if ferry_repo::codec::is_all_zero(&buf) {
+            Ok(Processed::Zero)
+        } else {
+            let id = codec.id(&buf);
+            // Hash first: a known chunk is never compressed or encrypted. The known set only
+            // grows during a backup, so a hit stays valid.
+            if j.dw.is_known(&id) {
+                Ok(Processed::Known(id))
+            } else {
+                codec.encode_with_id(id, &buf).map(Processed::New)
+            }
+        };
+        (r, buf)
+    })
+    .await?;
+    ctx.pool.put(buf);
+    let repo_err = |e| EngineError::repo(&job.disk.name, e);
+    match res.map_err(repo_err)? {
+        Processed::Zero => {
+            job.dw.zero_chunk(i).map_err(repo_err)?;
+            c.zero.fetch_add(len, Ordering::Relaxed);
+        }
+        Processed::Known(id) => {
+            job.dw.reuse_chunk(i, id).map_err(repo_err)?;
+            c.reused.fetch_add(len, Ordering::Relaxed);
+        }
+        Processed::New(enc) => return finish_new(&job.dw, i, len, enc, c, ctx).await,
+    }
+    ctx.progress.add_done(len);
+    Ok(())
 }
 
 async fn finish_new(

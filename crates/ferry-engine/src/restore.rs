@@ -7,7 +7,7 @@
 //! WRITE_ZEROES on devices and NBD exports); image formats are written strictly in order.
 //! New files appear under their final name only when complete.
 
-use crate::error::{EngineError, Result};
+use crate::error::{EngineError, Result, joined};
 use crate::progress::{Progress, StageClock, TimeSplit};
 use ferry_core::{BlockError, BlockTarget};
 use ferry_image::{FileTarget, ImageWriter, OutputFormat};
@@ -109,17 +109,15 @@ pub async fn restore_disk(
         .map_err(|e| EngineError::repo(disk, e))?;
     opts.progress.set_current(disk);
     opts.progress.add_total(index.disk_size);
-    let clock = StageClock::default();
-    let counters = Counters::default();
-    let job = Job {
-        repo,
-        disk,
-        index: &index,
-        clock: &clock,
-        counters: &counters,
-        progress: &opts.progress,
+    let job = Arc::new(Job {
+        repo: repo.clone(),
+        disk: disk.to_string(),
+        index,
+        clock: StageClock::default(),
+        counters: Counters::default(),
+        progress: opts.progress.clone(),
         in_flight: opts.fetches_in_flight.max(1),
-    };
+    });
     let run = async {
         match &to {
             RestoreTo::Nbd(client) => {
@@ -144,17 +142,18 @@ pub async fn restore_disk(
         r = run => r?,
     }
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let counters = &job.counters;
     Ok(RestoreReport {
         snapshot: manifest.id.clone(),
         disk: disk.to_string(),
         target: target_label,
-        size: index.disk_size,
+        size: job.index.disk_size,
         chunks_fetched: l(&counters.fetched),
         fetched_bytes: l(&counters.fetched_bytes),
         written_bytes: l(&counters.written),
         zero_bytes: l(&counters.zero),
         seconds: started.elapsed().as_secs_f64(),
-        time: clock.split(),
+        time: job.clock.split(),
     })
 }
 
@@ -167,17 +166,18 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.ferry-part"))
 }
 
-struct Job<'a> {
-    repo: &'a Repository,
-    disk: &'a str,
-    index: &'a DiskIndex,
-    clock: &'a StageClock,
-    counters: &'a Counters,
-    progress: &'a Progress,
+/// One disk's restore, shared by its per-chunk tasks.
+struct Job {
+    repo: Repository,
+    disk: String,
+    index: DiskIndex,
+    clock: StageClock,
+    counters: Counters,
+    progress: Arc<Progress>,
     in_flight: usize,
 }
 
-impl Job<'_> {
+impl Job {
     /// Fetches and authenticates chunk `i` (`None` for a zero chunk).
     async fn fetch(&self, i: usize) -> Result<Option<Vec<u8>>> {
         let id: ChunkId = self.index.chunks[i];
@@ -195,7 +195,7 @@ impl Job<'_> {
             .store()
             .get(&key)
             .await
-            .map_err(|e| EngineError::repo(self.disk, e))?;
+            .map_err(|e| EngineError::repo(&self.disk, e))?;
         self.clock.source(t);
         self.counters.fetched.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -210,11 +210,11 @@ impl Job<'_> {
         .await
         .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))?;
         self.clock.cpu(took);
-        let plain = plain.map_err(|e| EngineError::repo(self.disk, e))?;
+        let plain = plain.map_err(|e| EngineError::repo(&self.disk, e))?;
         let r = self.index.chunk_range(i);
         if plain.len() as u64 != r.end - r.start {
             return Err(EngineError::repo(
-                self.disk,
+                &self.disk,
                 ferry_repo::RepoError::Corrupt {
                     key,
                     reason: format!(
@@ -236,9 +236,11 @@ impl Job<'_> {
         }
     }
 
-    /// Parallel positional writes. `fresh`: the target reads as zeros already (a new sparse
-    /// file), so zero runs are skipped instead of written.
-    async fn to_block_target(&self, t: Arc<dyn BlockTarget>, fresh: bool) -> Result<()> {
+    /// Parallel positional writes, one task per non-zero chunk (at most `in_flight` at once,
+    /// so a write blocking one worker thread never stalls the others' fetches). `fresh`: the
+    /// target reads as zeros already (a new sparse file), so zero runs are skipped instead of
+    /// written.
+    async fn to_block_target(self: &Arc<Self>, t: Arc<dyn BlockTarget>, fresh: bool) -> Result<()> {
         let size = self.index.disk_size;
         let name = t.name();
         if t.size() < size {
@@ -249,52 +251,78 @@ impl Job<'_> {
                 disk_size: size,
             });
         }
-        let t = &t;
-        let name = &name;
-        futures::stream::iter(0..self.index.chunks.len())
-            .map(|i| async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(self.in_flight));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..self.index.chunks.len() {
+            if fresh && self.index.chunks[i].is_zero() {
                 let r = self.index.chunk_range(i);
-                let len = r.end - r.start;
-                let data = self.fetch(i).await?;
-                let w = Instant::now();
-                match data {
-                    None if fresh => {}
-                    None => t
-                        .write_zeroes(r.start, len)
-                        .await
-                        .map_err(|e| self.target_err(name, e))?,
-                    Some(data) => {
-                        for (off, run, zero) in runs(&data) {
-                            let at = r.start + off as u64;
-                            if zero {
-                                if !fresh {
-                                    t.write_zeroes(at, run.len() as u64)
-                                        .await
-                                        .map_err(|e| self.target_err(name, e))?;
-                                }
-                            } else {
-                                t.write_at(at, run)
-                                    .await
-                                    .map_err(|e| self.target_err(name, e))?;
-                                self.counters
-                                    .written
-                                    .fetch_add(run.len() as u64, Ordering::Relaxed);
-                                self.progress.add_written(run.len() as u64);
-                            }
-                        }
-                    }
-                }
-                self.clock.target(w);
-                self.progress.add_done(len);
-                Ok::<_, EngineError>(())
-            })
-            .buffer_unordered(self.in_flight)
-            .try_collect::<()>()
-            .await?;
-        t.flush().await.map_err(|e| self.target_err(name, e))
+                self.counters
+                    .zero
+                    .fetch_add(r.end - r.start, Ordering::Relaxed);
+                self.progress.add_done(r.end - r.start);
+                continue;
+            }
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| EngineError::Internal("chunk slots closed".into()))?;
+            while let Some(r) = tasks.try_join_next() {
+                joined(r)?;
+            }
+            let (job, t) = (self.clone(), t.clone());
+            tasks.spawn(async move {
+                let _permit = permit;
+                job.write_chunk(i, &*t, fresh).await
+            });
+        }
+        // Returning early drops `tasks`, which aborts the chunks still running.
+        while let Some(r) = tasks.join_next().await {
+            joined(r)?;
+        }
+        t.flush().await.map_err(|e| self.target_err(&name, e))
     }
 
-    async fn to_file(&self, path: &Path, format: OutputFormat) -> Result<()> {
+    /// Fetches chunk `i` and writes it to `t`.
+    async fn write_chunk(&self, i: usize, t: &dyn BlockTarget, fresh: bool) -> Result<()> {
+        let name = t.name();
+        let r = self.index.chunk_range(i);
+        let len = r.end - r.start;
+        let data = self.fetch(i).await?;
+        let w = Instant::now();
+        match data {
+            None if fresh => {}
+            None => t
+                .write_zeroes(r.start, len)
+                .await
+                .map_err(|e| self.target_err(&name, e))?,
+            Some(data) => {
+                for (off, run, zero) in runs(&data) {
+                    let at = r.start + off as u64;
+                    if zero {
+                        if !fresh {
+                            t.write_zeroes(at, run.len() as u64)
+                                .await
+                                .map_err(|e| self.target_err(&name, e))?;
+                        }
+                    } else {
+                        t.write_at(at, run)
+                            .await
+                            .map_err(|e| self.target_err(&name, e))?;
+                        self.counters
+                            .written
+                            .fetch_add(run.len() as u64, Ordering::Relaxed);
+                        self.progress.add_written(run.len() as u64);
+                    }
+                }
+            }
+        }
+        self.clock.target(w);
+        self.progress.add_done(len);
+        Ok(())
+    }
+
+    async fn to_file(self: &Arc<Self>, path: &Path, format: OutputFormat) -> Result<()> {
         let size = self.index.disk_size;
         let is_device = std::fs::metadata(path)
             .map(|m| {

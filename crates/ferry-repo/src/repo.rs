@@ -771,6 +771,11 @@ impl DiskWriter {
         &self.name
     }
 
+    /// True if chunk `id` is known to be stored (the same set as [`BackupWriter::is_known`]).
+    pub fn is_known(&self, id: &ChunkId) -> bool {
+        self.shared.is_known(id)
+    }
+
     /// Number of chunks.
     pub fn chunk_count(&self) -> u64 {
         DiskIndex::chunk_count(self.size, self.chunk_size)
