@@ -43,7 +43,16 @@ measure() {
     RSS_MIB=$((RSS / 1024))
 }
 row() { ROWS+=("$(printf '%-34s %8s %8s %8s %9s  %s' "$@")"); }
-newrepo() { rm -rf "$1"; "$FERRY" repo init --repo "$1" >/dev/null; }
+# Repositories (thousands of files) are removed only when the script ends: on this machine's
+# journal-less ext4, creating files within ~30 s of deleting thousands of others costs a scan per
+# create (`recently_deleted`), which would bill one benchmark line for the previous one's cleanup.
+TRASH=$BENCH_DIR/trash
+mkdir -p "$TRASH"
+trap 'rm -rf "$TRASH"' EXIT
+discard() { for p in "$@"; do [ -e "$p" ] && mv "$p" "$TRASH/$(basename "$p").$RANDOM$RANDOM"; done; true; }
+newrepo() { discard "$1"; "$FERRY" repo init --repo "$1" >/dev/null; }
+# warm PATH... : read allocated data into the page cache (tests/bench/warm.py says why).
+warm() { python3 tests/bench/warm.py "$@"; }
 jget() { python3 -c "import json,sys; d=json.load(open('$1')); print($2)"; }
 
 PORT=$((20000 + RANDOM % 20000))
@@ -62,26 +71,42 @@ if want w16-file || want w16-nbd || want incr-cbt || want incr-nocbt || want res
 W16=$BENCH_DIR/w16-v2.raw
 DATA_GIB=4
 
+if [ -f "$W16" ]; then
+    # Calibration: what one core of this machine compresses of W16's content (zstd CLI, 1 MiB
+    # blocks, the repository's default level -1 and the old default 1).
+    dd if="$W16" of="$BENCH_DIR/calib.bin" bs=1M count=64 status=none
+    for lvl in --fast=1 -1; do
+        Z=$(zstd -b $lvl -B1M "$BENCH_DIR/calib.bin" 2>&1 | tr '\r' '\n' | grep -o 'x[0-9.]*), *[0-9.]* MB/s' | tail -1)
+        row "calibration: zstd $lvl, 1 core" "" "" "" "" "W16 data in 1 MiB blocks: ratio $Z"
+    done
+    rm -f "$BENCH_DIR/calib.bin"
+fi
+
 if want w16-file; then
     newrepo "$BENCH_DIR/repo-file"
+    warm "$W16"
     measure ferry-w16-file "$FERRY" backup --repo "$BENCH_DIR/repo-file" --vm w16 --disk "$W16" --json
     F_WALL=$WALL; F_CPU=$CPU; F_RSS=$RSS_MIB
-    rm -rf "$BENCH_DIR/restic"; restic init -q -r "$BENCH_DIR/restic"
+    discard "$BENCH_DIR/restic"; restic init -q -r "$BENCH_DIR/restic"
+    warm "$W16"
     measure restic-w16 restic -q -r "$BENCH_DIR/restic" backup "$W16"
     R_WALL=$WALL
-    rm -rf "$BENCH_DIR/borg"; borg init -e repokey "$BENCH_DIR/borg"
+    discard "$BENCH_DIR/borg"; borg init -e repokey "$BENCH_DIR/borg"
+    warm "$W16"
     measure borg-w16 borg create --sparse --compression lz4 "$BENCH_DIR/borg::w16" "$W16"
     B_WALL=$WALL
     row "W16 full, local file" "${F_WALL}s" "${F_CPU}s" "${F_RSS}M" "$(echo "scale=1; $R_WALL / $F_WALL" | bc)x" "restic ${R_WALL}s, borg ${B_WALL}s (ratio = restic/ferry time)"
     row "  CPU per GiB of non-zero data" "" "$(echo "scale=2; $F_CPU / $DATA_GIB" | bc)s" "" "" "user+sys / 4 GiB"
-    rm -rf "$BENCH_DIR/restic" "$BENCH_DIR/borg"
+    discard "$BENCH_DIR/restic" "$BENCH_DIR/borg"
 fi
 
 if want w16-nbd || want incr-cbt; then
     newrepo "$BENCH_DIR/repo-nbd"
     start_qemu_nbd "$W16" raw
+    warm "$W16"
     measure nbdcopy-w16 nbdcopy "nbd://127.0.0.1:$PORT/disk" null:
     C_WALL=$WALL
+    warm "$W16"
     measure ferry-w16-nbd "$FERRY" backup --repo "$BENCH_DIR/repo-nbd" --vm w16 --disk "nbd://127.0.0.1:$PORT/disk" --json
     READ=$(jget "$BENCH_DIR/ferry-w16-nbd.stdout" "d['disks'][0]['read_bytes']>>20")
     stop_pid "$QNBD_PID"
@@ -106,6 +131,7 @@ if want incr-cbt; then
     ARGS=(); for c in "${CMDS[@]}"; do ARGS+=(-c "$c"); done
     qemu-io -f qcow2 "${ARGS[@]}" "$OV" >/dev/null
     start_qemu_nbd "$OV" qcow2 b0
+    warm "$W16" "$OV"
     measure ferry-incr-cbt "$FERRY" backup --repo "$BENCH_DIR/repo-nbd" --vm w16 --disk "nbd://127.0.0.1:$PORT/disk" --bitmap b0 --json
     stop_pid "$QNBD_PID"
     READ=$(jget "$BENCH_DIR/ferry-incr-cbt.stdout" "d['disks'][0]['read_bytes']>>20")
@@ -115,6 +141,7 @@ fi
 
 if want incr-nocbt; then
     [ -d "$BENCH_DIR/repo-file" ] || { newrepo "$BENCH_DIR/repo-file"; "$FERRY" backup --repo "$BENCH_DIR/repo-file" --vm w16 --disk "$W16" >/dev/null; }
+    warm "$W16"
     measure ferry-incr-nocbt "$FERRY" backup --repo "$BENCH_DIR/repo-file" --vm w16 --disk "$W16" --json
     UP=$(jget "$BENCH_DIR/ferry-incr-nocbt.stdout" "d['disks'][0]['uploaded_bytes']")
     row "incremental, no CBT, unchanged" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "" "chunk bytes uploaded: $UP"
@@ -123,8 +150,10 @@ fi
 if want restore; then
     [ -d "$BENCH_DIR/repo-file" ] || { newrepo "$BENCH_DIR/repo-file"; "$FERRY" backup --repo "$BENCH_DIR/repo-file" --vm w16 --disk "$W16" >/dev/null; }
     rm -f "$BENCH_DIR/restored.raw" "$BENCH_DIR/copied.raw"
+    warm "$W16"
     measure qemu-img-convert qemu-img convert -f raw -O raw "$W16" "$BENCH_DIR/copied.raw"
     Q_WALL=$WALL
+    warm "$BENCH_DIR/repo-file"
     measure ferry-restore "$FERRY" restore --repo "$BENCH_DIR/repo-file" w16@latest --to "$BENCH_DIR/restored.raw"
     ALLOC=$(( $(stat -c %b "$BENCH_DIR/restored.raw") * 512 >> 20 ))
     cmp -s "$W16" "$BENCH_DIR/restored.raw" && SAME=identical || SAME=DIFFERENT
@@ -141,31 +170,35 @@ if want latency; then
             nbdkit -f -r -i 127.0.0.1 -p "$PORT" --filter=delay file "$W16" rdelay=$delay & KPID=$!
         fi
         for _ in $(seq 100); do nbdinfo --size "nbd://127.0.0.1:$PORT" >/dev/null 2>&1 && break; sleep 0.1; done
+        warm "$W16"
         measure "ferry-lat-$delay" "$FERRY" backup --repo "$BENCH_DIR/repo-lat" --vm lat --disk "nbd://127.0.0.1:$PORT/" --in-flight 16
         stop_pid "$KPID"
         [ "$delay" = 0 ] && L0=$WALL || L10=$WALL
     done
     row "W16 via nbdkit, +10 ms latency" "${L10}s" "" "" "$(echo "scale=2; $L0 / $L10" | bc)x" "no latency ${L0}s (ratio = throughput kept, target >= 0.8)"
-    rm -rf "$BENCH_DIR/repo-lat"
+    discard "$BENCH_DIR/repo-lat"
 fi
 
 if want random; then
     gen random random.raw
     newrepo "$BENCH_DIR/repo-rnd"
+    warm "$BENCH_DIR/random.raw"
     measure ferry-random "$FERRY" backup --repo "$BENCH_DIR/repo-rnd" --vm rnd --disk "$BENCH_DIR/random.raw"
-    F=$WALL; FC=$CPU
-    rm -rf "$BENCH_DIR/restic"; restic init -q -r "$BENCH_DIR/restic"
+    F=$WALL; FC=$CPU; FR=$RSS_MIB
+    discard "$BENCH_DIR/restic"; restic init -q -r "$BENCH_DIR/restic"
+    warm "$BENCH_DIR/random.raw"
     measure restic-random restic -q -r "$BENCH_DIR/restic" backup "$BENCH_DIR/random.raw"
-    row "4 GiB incompressible, local file" "${F}s" "${FC}s" "${RSS_MIB}M" "$(echo "scale=1; $WALL / $F" | bc)x" "restic ${WALL}s; CPU/GiB $(echo "scale=2; $FC / 4" | bc)s"
-    rm -rf "$BENCH_DIR/restic" "$BENCH_DIR/repo-rnd"
+    row "4 GiB incompressible, local file" "${F}s" "${FC}s" "${FR}M" "$(echo "scale=1; $WALL / $F" | bc)x" "restic ${WALL}s; CPU/GiB $(echo "scale=2; $FC / 4" | bc)s"
+    discard "$BENCH_DIR/restic" "$BENCH_DIR/repo-rnd"
 fi
 
 if want huge; then
     gen huge huge-v2.raw
     newrepo "$BENCH_DIR/repo-huge"
+    warm "$BENCH_DIR/huge-v2.raw"
     measure ferry-huge "$FERRY" backup --repo "$BENCH_DIR/repo-huge" --vm huge --disk "$BENCH_DIR/huge-v2.raw"
     row "2 TiB sparse, 1 GiB data" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "" "peak RSS target <= 256 MiB"
-    rm -rf "$BENCH_DIR/repo-huge"
+    discard "$BENCH_DIR/repo-huge"
 fi
 
 echo

@@ -82,7 +82,7 @@ pub use maintenance::{
 };
 pub use manifest::{Manifest, ManifestDisk, SnapshotMeta, VmIdentity};
 pub use repo::{
-    BackupWriter, DEFAULT_CHUNK_SIZE, DiskWriter, InitOptions, PutOutcome, Repository,
-    SnapshotDisk, Stats, StatsSnapshot, Timing,
+    BackupWriter, DEFAULT_CHUNK_SIZE, DEFAULT_COMPRESSION_LEVEL, DiskWriter, InitOptions,
+    PutOutcome, Repository, SnapshotDisk, Stats, StatsSnapshot, Timing,
 };
 pub use store::{Created, Store};

@@ -23,6 +23,10 @@ use std::time::Duration;
 
 /// Default chunk size (see docs/adr/0011-chunk-size.md).
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+
+/// Default zstd level of new repositories: -1 ("fast 1") compresses OS-like data ~35 % faster
+/// than level 1 for ~3 % less reduction (ADR 0016).
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = -1;
 /// New chunk ids are published to the catalog in segments of this many, so an interrupted
 /// backup's uploads are found by the next run.
 const CATALOG_FLUSH: usize = 64;
@@ -44,7 +48,7 @@ impl Default for InitOptions {
     fn default() -> Self {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
-            compression_level: 1,
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
             encrypted: true,
             kdf: KdfParams::default(),
         }
