@@ -642,7 +642,10 @@ impl BackupWriter {
             size,
             chunk_size,
             change_token,
-            slots: Mutex::new(vec![None; count]),
+            slots: Mutex::new(Slots {
+                ids: vec![ChunkId::ZERO; count],
+                filled: vec![0; count.div_ceil(64)],
+            }),
             new_chunks: AtomicU64::new(0),
             reused_chunks: AtomicU64::new(0),
         })
@@ -656,20 +659,16 @@ impl BackupWriter {
         let mut mdisks = Vec::with_capacity(disks.len());
         let mut idx_data = Vec::with_capacity(disks.len());
         for d in &disks {
-            let slots = d.slots.lock().expect("slots lock");
-            let mut chunks = Vec::with_capacity(slots.len());
-            for (i, s) in slots.iter().enumerate() {
-                match s {
-                    Some(id) => chunks.push(*id),
-                    None => {
-                        return Err(RepoError::Usage(format!(
-                            "disk `{}`: chunk {i} (offset {}) was never written",
-                            d.name,
-                            i as u64 * u64::from(d.chunk_size)
-                        )));
-                    }
-                }
+            // Moved out, not copied: a 2 TiB disk has 2 M chunk ids (64 MiB).
+            let slots = std::mem::take(&mut *d.slots.lock().expect("slots lock"));
+            if let Some(i) = slots.first_unfilled() {
+                return Err(RepoError::Usage(format!(
+                    "disk `{}`: chunk {i} (offset {}) was never written",
+                    d.name,
+                    i as u64 * u64::from(d.chunk_size)
+                )));
             }
+            let chunks = slots.ids;
             let index = DiskIndex {
                 disk_size: d.size,
                 chunk_size: d.chunk_size,
@@ -747,6 +746,26 @@ pub enum PutOutcome {
     Stored,
 }
 
+/// A disk's chunk ids by index, plus which of them were set (32 bytes and one bit per chunk,
+/// instead of 33 bytes for an `Option` each).
+#[derive(Default)]
+struct Slots {
+    ids: Vec<ChunkId>,
+    filled: Vec<u64>,
+}
+
+impl Slots {
+    fn first_unfilled(&self) -> Option<usize> {
+        // Bits past the last chunk are never set, so a full last word is not required.
+        self.filled
+            .iter()
+            .enumerate()
+            .find(|(_, bits)| **bits != u64::MAX)
+            .map(|(w, bits)| w * 64 + (!bits).trailing_zeros() as usize)
+            .filter(|&i| i < self.ids.len())
+    }
+}
+
 /// Accepts the chunks of one disk, by chunk index, in any order and from many tasks.
 pub struct DiskWriter {
     shared: Arc<Shared>,
@@ -755,7 +774,7 @@ pub struct DiskWriter {
     size: u64,
     chunk_size: u32,
     change_token: Option<String>,
-    slots: Mutex<Vec<Option<ChunkId>>>,
+    slots: Mutex<Slots>,
     new_chunks: AtomicU64,
     reused_chunks: AtomicU64,
 }
@@ -818,7 +837,9 @@ impl DiskWriter {
     }
 
     fn set(&self, i: usize, id: ChunkId) {
-        self.slots.lock().expect("slots lock")[i] = Some(id);
+        let mut s = self.slots.lock().expect("slots lock");
+        s.ids[i] = id;
+        s.filled[i / 64] |= 1 << (i % 64);
     }
 
     /// Marks chunk `index` as all zeros.
@@ -1004,5 +1025,40 @@ impl BlockSource for SnapshotDisk {
 
     fn preferred_read_size(&self) -> u64 {
         u64::from(self.index.chunk_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(len: usize, set: impl IntoIterator<Item = usize>) -> Slots {
+        let mut s = Slots {
+            ids: vec![ChunkId::ZERO; len],
+            filled: vec![0; len.div_ceil(64)],
+        };
+        for i in set {
+            s.filled[i / 64] |= 1 << (i % 64);
+        }
+        s
+    }
+
+    #[test]
+    fn first_unfilled_finds_the_first_gap_and_ignores_bits_past_the_end() {
+        assert_eq!(slots(0, []).first_unfilled(), None);
+        for len in [1, 63, 64, 65, 200] {
+            assert_eq!(slots(len, 0..len).first_unfilled(), None, "len {len}");
+            assert_eq!(slots(len, []).first_unfilled(), Some(0), "len {len}");
+            let last = len - 1;
+            assert_eq!(
+                slots(len, 0..last).first_unfilled(),
+                Some(last),
+                "len {len}"
+            );
+        }
+        assert_eq!(
+            slots(200, (0..200).filter(|&i| i != 130)).first_unfilled(),
+            Some(130)
+        );
     }
 }
