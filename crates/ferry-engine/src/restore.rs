@@ -343,16 +343,19 @@ impl Job {
                     path.display()
                 )));
             }
-            let t = FileTarget::open(path).map_err(image_err(format!(
-                "cannot open {} for writing",
-                path.display()
-            )))?;
+            let t = FileTarget::open(path)
+                .map_err(image_err(format!(
+                    "cannot open {} for writing",
+                    path.display()
+                )))?
+                .with_direct_io();
             return self.to_block_target(Arc::new(t), false).await;
         }
         if format == OutputFormat::Raw {
             let tmp = temp_path(path);
             let t = FileTarget::create(&tmp, size)
-                .map_err(image_err(format!("cannot create {}", tmp.display())))?;
+                .map_err(image_err(format!("cannot create {}", tmp.display())))?
+                .with_direct_io();
             let r = self.to_block_target(Arc::new(t), true).await;
             if let Err(e) = r {
                 let _ = std::fs::remove_file(&tmp);

@@ -7,13 +7,20 @@ use common::*;
 use ferry_core::{BlockSource, BlockTarget};
 use ferry_image::{FileSource, FileTarget};
 
-async fn round_trip() {
+async fn round_trip(direct: bool) {
     let (_d, dir) = scratch();
     let p = dir.join("t.raw");
     let size = 32u64 << 20;
-    let t = FileTarget::create(&p, size).unwrap();
+    let mut t = FileTarget::create(&p, size).unwrap();
+    if direct {
+        // The scratch directory is on a disk file system, which takes O_DIRECT.
+        t = t.with_direct_io();
+        assert!(t.is_direct());
+    }
     t.write_at(1 << 20, &vec![0x5A; 3 << 20]).await.unwrap();
     t.write_at(20 << 20, &vec![0x11; 4096]).await.unwrap();
+    // Unaligned: through the page cache even with O_DIRECT, next to a direct-written block.
+    t.write_at((20 << 20) + 4096, &[0x22; 100]).await.unwrap();
     // Zeros over data punch a hole; zeros elsewhere allocate nothing.
     t.write_zeroes(2 << 20, 1 << 20).await.unwrap();
     t.write_at(10 << 20, &vec![0u8; 1 << 20]).await.unwrap();
@@ -43,6 +50,7 @@ async fn round_trip() {
     expect[1 << 20..4 << 20].fill(0x5A);
     expect[2 << 20..3 << 20].fill(0);
     expect[20 << 20..(20 << 20) + 4096].fill(0x11);
+    expect[(20 << 20) + 4096..(20 << 20) + 4196].fill(0x22);
     assert!(want == expect);
     ferry_testkit::qemu_io(&[
         "-f",
@@ -57,12 +65,22 @@ async fn round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_round_trip_multi_thread() {
-    round_trip().await;
+    round_trip(false).await;
 }
 
 #[tokio::test]
 async fn file_round_trip_current_thread() {
-    round_trip().await;
+    round_trip(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_round_trip_direct_io_multi_thread() {
+    round_trip(true).await;
+}
+
+#[tokio::test]
+async fn file_round_trip_direct_io_current_thread() {
+    round_trip(true).await;
 }
 
 #[tokio::test]
