@@ -388,6 +388,7 @@ impl State {
             "VDI" => "VDI",
             "VIF" => "VIF",
             "task" => "task",
+            "sim" => return self.side_door(name, &strs, &params),
             _ => return Err(Failure::new("MESSAGE_METHOD_UNKNOWN", &[method])),
         };
         let rec_param = |i: usize| -> R<Rec> {
