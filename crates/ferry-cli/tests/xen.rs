@@ -276,6 +276,45 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// A throttled full backup of `debian-web`, returned once the engine reads its disks.
+    fn throttled_backup_reading(&self) -> Child {
+        let mut child = self
+            .ferry()
+            .args([
+                "backup",
+                "--source",
+                "lab",
+                "--vm",
+                "debian-web",
+                "--full",
+                "--limit-rate",
+                "1M",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut l = String::new();
+            assert!(
+                err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
+                "backup ended before it read: {seen}"
+            );
+            seen.push_str(&l);
+            if l.contains("backing up disk") {
+                break;
+            }
+        }
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        std::thread::sleep(Duration::from_millis(300));
+        child
+    }
+}
+
 fn init_repo(path: &Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -466,37 +505,7 @@ fn hotadd_full_then_incremental_and_sigkill_mid_transfer() {
     let (mut lab, vdis) = full_then_incremental("hotadd");
     let before = lab.snapshots();
     lab.probe.guest_write(&vdis[1], 2 * CHUNK, &[0x17; 8192]);
-    // A throttled full backup, killed once the engine is reading.
-    let mut child = lab
-        .ferry()
-        .args([
-            "backup",
-            "--source",
-            "lab",
-            "--vm",
-            "debian-web",
-            "--full",
-            "--limit-rate",
-            "1M",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut l = String::new();
-        assert!(
-            err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
-            "backup ended before it read: {seen}"
-        );
-        seen.push_str(&l);
-        if l.contains("backing up disk") {
-            break;
-        }
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let mut child = lab.throttled_backup_reading();
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let l = lab.probe.ask(json!({"op": "leftovers"}));
@@ -534,7 +543,7 @@ fn hotadd_full_then_incremental_and_sigkill_mid_transfer() {
 }
 
 #[test]
-fn san_full_then_incremental_and_an_api_failure() {
+fn san_full_then_incremental_an_api_failure_and_ctrl_c() {
     let (mut lab, _) = full_then_incremental("san");
     let before = lab.snapshots();
     // The API fails right after the snapshot was taken: the driver removes it.
@@ -552,6 +561,18 @@ fn san_full_then_incremental_and_an_api_failure() {
     assert!(err.contains("injected by the test"), "{err}");
     assert_eq!(lab.snapshots(), before);
     lab.probe.assert_clean(2, "a backup failed by the API");
+
+    // Ctrl-C (here SIGTERM) mid-transfer: exit 130, no restore point, the snapshot removed.
+    let mut child = lab.throttled_backup_reading();
+    ferry_testkit::run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert_eq!(
+        lab.snapshots(),
+        before,
+        "a cancelled backup must not be visible"
+    );
+    lab.probe.assert_clean(2, "a cancelled backup");
 }
 
 #[test]
