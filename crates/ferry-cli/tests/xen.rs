@@ -643,6 +643,63 @@ fn cbt_reset_means_a_logged_full_read_and_several_vms_run_despite_one_failure() 
     lab.probe.assert_clean(4, "backing up two VMs");
 }
 
+#[test]
+fn cbt_that_misses_a_write_is_caught_and_distrusted_until_a_fresh_full() {
+    let mut lab = Lab::start(&["network"]);
+    let web = lab.probe.vm("debian-web");
+    let vdi = web["disks"][0]["uuid"].as_str().unwrap().to_string();
+    lab.backup(&["--vm", "debian-web"]);
+    // CBT records one write and misses another (a hypervisor bug): verifying every unchanged
+    // chunk must catch it, and this restore point must still be right.
+    lab.probe.guest_write(&vdi, 0, b"tracked");
+    let missed = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode([0x99u8; 4096])
+    };
+    lab.probe.sim(
+        "untracked_write",
+        json!([vdi, (10 * CHUNK).to_string(), missed]),
+    );
+    let expected = lab.probe.export_disks("debian-web", lab.dir.path(), "lie");
+    let (r, err) = lab.backup(&["--vm", "debian-web", "--verify-sample", "100"]);
+    assert_eq!(r["cbt_mismatch"], true, "{r}");
+    let a = disk(&r, "xvda");
+    assert_eq!(a["mode"], "full-cbt-distrusted", "{a}");
+    assert!(
+        a["full_reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed verification"),
+        "{a}"
+    );
+    assert!(err.contains("CHANGE TRACKING IS BROKEN"), "{err}");
+    assert_eq!(disk(&r, "xvdb")["mode"], "changed-blocks");
+    lab.probe.assert_clean(2, "a backup that caught broken CBT");
+    lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
+
+    // The next backup reads that disk in full again, saying why, and replaces its anchor.
+    let (r, err) = lab.backup(&["--vm", "debian-web"]);
+    let a = disk(&r, "xvda");
+    assert_eq!(a["mode"], "full-cbt-distrusted", "{a}");
+    assert!(
+        a["full_reason"]
+            .as_str()
+            .unwrap()
+            .contains("previous restore point"),
+        "{a}"
+    );
+    assert!(
+        err.lines()
+            .any(|l| l.contains("WARN") && l.contains("FULL read of the disk")),
+        "{err}"
+    );
+    lab.probe.assert_clean(2, "the backup after broken CBT");
+    // Then change tracking is trusted again.
+    let (r, _) = lab.backup(&["--vm", "debian-web"]);
+    assert_eq!(disk(&r, "xvda")["mode"], "changed-blocks", "{r}");
+    lab.probe.assert_clean(2, "the backup after the fresh full");
+}
+
 /// The record fields a restore must carry over.
 fn machine(v: &Value) -> Value {
     let mut m = json!({});

@@ -10,7 +10,7 @@
 
 use anyhow::Context;
 use ferry_core::ExtentMap;
-use ferry_engine::{BackupOptions, BackupReport, UNTRUSTED_TOKEN};
+use ferry_engine::{BackupMode, BackupOptions, BackupReport, UNTRUSTED_TOKEN};
 use ferry_hv::{
     BackupOptions as HvOptions, ChangeToken, ChangeTokens, Changed, HypervisorDriver,
     HypervisorKind, Outcome, TransportMode, VmSummary,
@@ -369,6 +369,26 @@ pub async fn backup_vm(
             report.snapshot, vm.name
         )
     })?;
+    // The engine may still have read a disk in full (no usable previous index, or a
+    // verification mismatch just now): the report then says why, like the driver's fulls.
+    for d in &mut info {
+        let Some(r) = report.disks.iter().find(|r| r.name == d.name) else {
+            continue;
+        };
+        if d.full_reason.is_none() && r.mode != BackupMode::ChangedBlocks {
+            d.full_reason = Some(
+                if r.verify
+                    .as_ref()
+                    .is_some_and(|v| !v.mismatched_offsets.is_empty())
+                {
+                    "change tracking failed verification (sampled unchanged chunks differ)"
+                } else {
+                    "the previous restore point has no index of this disk with the same size"
+                }
+                .into(),
+            );
+        }
+    }
     for d in &info {
         if kept.0.values().all(|t| t.0 != d.token) {
             tracing::warn!(vm = %vm.name, disk = %d.name, "the driver kept no anchor for the token this restore point stores; the next backup of the disk will be full");

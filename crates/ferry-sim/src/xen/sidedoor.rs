@@ -8,6 +8,7 @@
 //! | call | parameters after the session | effect |
 //! |---|---|---|
 //! | `sim.guest_write` | VDI (ref or uuid), offset, base64 data | the guest writes (CBT stamped) |
+//! | `sim.untracked_write` | same | a write CBT misses (a hypervisor bug) |
 //! | `sim.break_cbt` | VDI | CBT log reset, as after a storage migration |
 //! | `sim.set_nbd_network` | bool | purpose `nbd` on every network, or on none |
 //! | `sim.fail_next` | method, `[code, params…]`, count | the next `count` calls of `method` fail |
@@ -88,14 +89,14 @@ impl State {
             }
         };
         match name {
-            "guest_write" => {
+            "guest_write" | "untracked_write" => {
                 let vdi = self.vdi_ref(arg(1)?)?;
                 let offset = u64::try_from(int(2)?)
                     .map_err(|_| Failure::new("FIELD_TYPE_ERROR", &["offset"]))?;
                 let data = base64::engine::general_purpose::STANDARD
                     .decode(arg(3)?.trim())
                     .map_err(|e| Failure::new("FIELD_TYPE_ERROR", &[&format!("data: {e}")]))?;
-                self.write_vdi(&vdi, offset, &data)?;
+                self.write_live_vdi(&vdi, offset, &data, name == "guest_write")?;
             }
             "break_cbt" => {
                 let vdi = self.vdi_ref(arg(1)?)?;
