@@ -585,10 +585,7 @@ impl XenSession {
                     .changed_since(&tok.0, snap_vdi, n(live_rec, "virtual_size"))
                     .await
                 {
-                    Ok(ext) => {
-                        self.old_anchors.push(tok.0.clone());
-                        Changed::Since(ext)
-                    }
+                    Ok(ext) => Changed::Since(ext),
                     Err(reason) => Changed::Full { reason },
                 }
             } else {
@@ -622,6 +619,12 @@ impl XenSession {
                 token: ChangeToken(snap_uuid),
             });
         }
+        // Once this backup commits, its snapshot VDIs are the anchors: every anchor of the
+        // previous restore point goes, used or not (a CBT reset, a forced full or a disk that
+        // left the VM would otherwise strand a cbt_metadata VDI on the SR forever).
+        self.old_anchors = previous
+            .map(|p| p.0.values().map(|t| t.0.clone()).collect())
+            .unwrap_or_default();
         let _ = (vbds, snap_rec);
         Ok(())
     }
@@ -800,9 +803,21 @@ impl XenSession {
                 }
                 c.call("VM.destroy", vec![json!(self.snapshot)]).await?;
                 for old in std::mem::take(&mut self.old_anchors) {
-                    if let Ok(r) = c.call_str("VDI.get_by_uuid", vec![json!(old)]).await {
-                        if let Err(e) = c.call("VDI.destroy", vec![json!(r)]).await {
-                            tracing::warn!(error = %e, anchor = %old, "cannot remove the previous CBT anchor");
+                    let Ok(r) = c.call_str("VDI.get_by_uuid", vec![json!(old)]).await else {
+                        continue; // already gone
+                    };
+                    // Tokens come from the repository: destroy only a CBT anchor, never a disk
+                    // that happens to carry the uuid.
+                    match c.call_str("VDI.get_type", vec![json!(r)]).await {
+                        Ok(t) if t == "cbt_metadata" => {
+                            if let Err(e) = c.call("VDI.destroy", vec![json!(r)]).await {
+                                tracing::warn!(error = %e, anchor = %old, "cannot remove the previous CBT anchor");
+                            }
+                        }
+                        Ok(t) => tracing::warn!(anchor = %old, vdi_type = %t,
+                            "the previous change token names a VDI that is not a CBT anchor; left alone"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, anchor = %old, "cannot check the previous CBT anchor")
                         }
                     }
                 }

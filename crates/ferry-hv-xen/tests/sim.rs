@@ -283,6 +283,17 @@ async fn cbt_reset_means_a_logged_full_and_abort_leaves_nothing() {
     // A failed backup removes its snapshot and keeps the previous anchors.
     s2.finish(Outcome::Aborted).await.unwrap();
     lab.assert_clean("win-db", 2).await;
+    // A committed one replaces every previous anchor, the one CBT could not use included.
+    let s3 = d
+        .begin_backup("win-db", &BackupOptions::default(), Some(&tokens))
+        .await
+        .unwrap();
+    assert!(matches!(s3.disks()[1].changed, Changed::Full { .. }));
+    let t3 = s3.finish(Outcome::Committed).await.unwrap();
+    lab.assert_clean("win-db", 2).await;
+    for old in tokens.0.values() {
+        assert!(!t3.0.values().any(|t| t == old), "{old:?} still in use");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

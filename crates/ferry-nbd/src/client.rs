@@ -701,6 +701,17 @@ impl Connection {
     }
 
     async fn disconnect(&self) {
+        let cause = DeadCause {
+            message: "disconnected by the client".into(),
+            protocol: false,
+        };
+        // Closed on purpose: the server's EOF that follows is expected, not a lost connection.
+        {
+            let mut g = self.inflight.lock().expect("inflight lock");
+            if g.dead.is_none() {
+                g.dead = Some(cause.clone());
+            }
+        }
         let hdr = Request {
             flags: 0,
             cmd: cmd::DISC,
@@ -716,10 +727,7 @@ impl Connection {
             let _ = w.shutdown().await;
         })
         .await;
-        self.kill(DeadCause {
-            message: "disconnected by the client".into(),
-            protocol: false,
-        });
+        self.kill(cause);
     }
 }
 

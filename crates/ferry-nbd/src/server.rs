@@ -499,9 +499,20 @@ async fn transmission(stream: Box<dyn NbdStream>, session: Session) -> std::io::
     let tasks = TaskTracker::new();
     let size = session.export.source.size();
     let read_only = session.export.overlay.is_none();
+    // Cancelled when a reply cannot be sent: the stream may hold half a reply, so nothing
+    // after it can be framed; closing lets the client see the loss and reconnect instead of
+    // waiting for a reply that never comes.
+    let broken = CancellationToken::new();
     let result = loop {
         let mut h = [0u8; codec::REQUEST_LEN];
-        match rd.read_exact(&mut h).await {
+        let r = tokio::select! {
+            r = rd.read_exact(&mut h) => r,
+            _ = broken.cancelled() => break Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "a reply could not be sent; closing the connection",
+            )),
+        };
+        match r {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e),
@@ -525,7 +536,7 @@ async fn transmission(stream: Box<dyn NbdStream>, session: Session) -> std::io::
         let Ok(permit) = limit.clone().acquire_owned().await else {
             break Ok(());
         };
-        let (w, sess) = (writer.clone(), session.clone());
+        let (w, sess, broken) = (writer.clone(), session.clone(), broken.clone());
         tasks.spawn(async move {
             let reply = match check {
                 RequestCheck::Reject(e) => error_reply(&sess, &req, e, "invalid request"),
@@ -539,6 +550,7 @@ async fn transmission(stream: Box<dyn NbdStream>, session: Session) -> std::io::
             .await
             {
                 tracing::debug!(error = %e, "NBD reply could not be sent");
+                broken.cancel();
             }
             drop(permit);
         });

@@ -468,3 +468,104 @@ async fn misbehaving_clients_get_errors_or_closed_connections() {
     assert_eq!(got[..], src.data()[..100]);
     srv.stop().await;
 }
+
+/// A stream whose writes fail once `left` bytes went through (a peer that vanished mid-reply).
+struct WriteLimit {
+    inner: tokio::net::UnixStream,
+    left: usize,
+}
+
+impl tokio::io::AsyncRead for WriteLimit {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteLimit {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+        }
+        let n = buf.len().min(self.left);
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, &buf[..n]);
+        if let std::task::Poll::Ready(Ok(w)) = &r {
+            self.left -= *w;
+        }
+        r
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+struct Choking(tokio::net::UnixListener);
+
+impl ferry_nbd::NbdListener for Choking {
+    async fn accept_stream(&mut self) -> std::io::Result<(Box<dyn ferry_nbd::NbdStream>, String)> {
+        let (s, _) = self.0.accept().await?;
+        let s = WriteLimit {
+            inner: s,
+            left: 4096,
+        };
+        Ok((Box::new(s), "choking".into()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_cannot_be_sent_closes_the_connection() {
+    let dir = scratch_dir();
+    let socket = dir.path().join("choke.sock");
+    let listener = Choking(tokio::net::UnixListener::bind(&socket).unwrap());
+    let src: Arc<dyn BlockSource> = Arc::new(disk());
+    let token = CancellationToken::new();
+    let task = tokio::spawn(
+        NbdServer::new(vec![NbdExport::read_only("ro", src)]).serve(listener, token.clone()),
+    );
+    let mut c = RawClient::go(&socket, "ro").await;
+    let read = Request {
+        flags: 0,
+        cmd: cmd::READ,
+        cookie: 1,
+        offset: 0,
+        length: 1 << 20,
+    };
+    c.s.write_all(&read.encode()).await.unwrap();
+    // Half a reply arrives, then the connection must close: the client can reconnect instead
+    // of waiting for the rest forever.
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut b = vec![0u8; 1 << 16];
+        let mut got = 0;
+        loop {
+            match c.s.read(&mut b).await {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await
+    .expect("the server kept a connection whose reply could not be sent");
+    assert!(drained < (1 << 20) + 16, "{drained}");
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

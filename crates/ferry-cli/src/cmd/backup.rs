@@ -3,7 +3,9 @@
 //! and a progress bar (on a terminal) go to stderr. Ctrl-C stops cleanly: no restore point
 //! becomes visible.
 
+use crate::cmd::hvbackup::{VmBackupOptions, backup_vm, find_vm};
 use crate::cmd::repo::RepoArgs;
+use crate::cmd::source::SourceArgs;
 use anyhow::{Context, bail};
 use ferry_core::size::{human_bytes, human_rate, parse_size};
 use ferry_core::vm::{ConsistencyLevel, DiskConfig, HypervisorKind, VmConfig};
@@ -54,14 +56,34 @@ impl TlsArgs {
 pub struct Args {
     #[command(flatten)]
     pub repo: RepoArgs,
-    /// The VM these disks belong to (restore points of one VM form its chain).
-    #[arg(long)]
-    pub vm: String,
+    /// With --disk: the VM these disks belong to (restore points of one VM form its chain).
+    /// With --source: a VM of that source (name or id); repeat for more VMs, one restore
+    /// point each.
+    #[arg(long, required = true)]
+    pub vm: Vec<String>,
     /// A disk: `[NAME=]SOURCE`, SOURCE being a file or block device (raw, VHD, VHDX, VMDK,
     /// detected by content) or an nbd://, nbds://, nbd+unix:// URI. Repeat for more disks;
     /// unnamed disks are called disk0, disk1, … in order.
-    #[arg(long = "disk", required = true)]
+    #[arg(
+        long = "disk",
+        required_unless_present = "source",
+        conflicts_with = "source"
+    )]
     pub disks: Vec<String>,
+    /// Back up VMs of this hypervisor source (a `[sources.NAME]` table of ferry.toml): the
+    /// driver snapshots each VM, reads its disks (changed blocks since its previous restore
+    /// point where change tracking allows) and removes the snapshot.
+    #[arg(long, conflicts_with = "bitmap")]
+    pub source: Option<String>,
+    /// Configuration file (default: $FERRY_CONFIG, ./ferry.toml, /etc/ferry/ferry.toml).
+    #[arg(long, env = "FERRY_CONFIG", requires = "source")]
+    pub config: Option<PathBuf>,
+    /// With --source: read every disk in full even where change tracking could be used.
+    #[arg(long, requires = "source")]
+    pub full: bool,
+    /// With --source: leave out this disk (key, name or position); repeatable.
+    #[arg(long, requires = "source")]
+    pub exclude_disk: Vec<String>,
     /// Take changed extents from the NBD context `qemu:dirty-bitmap:BITMAP` (changes since
     /// the previous restore point of the VM); other chunks are reused from it.
     #[arg(long)]
@@ -193,6 +215,12 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     if !(0.0..=100.0).contains(&a.verify_sample) {
         bail!("--verify-sample must be a percentage between 0 and 100");
     }
+    if a.source.is_some() {
+        return run_source(a).await;
+    }
+    let [vm] = a.vm.as_slice() else {
+        bail!("backing up disks takes one --vm (several need --source)");
+    };
     let repo = a.repo.open().await?;
     let mut opts = a.tls.source_options()?;
     opts.bitmap = a.bitmap.clone();
@@ -228,8 +256,8 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     }
     let meta = SnapshotMeta {
         vm: VmIdentity {
-            id: a.vm.clone(),
-            name: a.vm.clone(),
+            id: vm.clone(),
+            name: vm.clone(),
         },
         source: if transports.iter().any(|t| t == "nbd") {
             "nbd".into()
@@ -288,6 +316,109 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
         println!("{}", report.snapshot);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry backup --source NAME --vm VM [--vm …]`: one restore point per VM. A VM that fails
+/// does not stop the others; the exit code is non-zero if any failed.
+async fn run_source(a: Args) -> anyhow::Result<ExitCode> {
+    let name = a.source.clone().unwrap_or_default();
+    let src = SourceArgs {
+        source: name.clone(),
+        config: a.config.clone(),
+    };
+    let repo = a.repo.open().await?;
+    let driver = src.connect().await?;
+    let inventory = driver
+        .list_vms()
+        .await
+        .with_context(|| format!("cannot list the VMs of source `{name}`"))?;
+    let cancel = CancellationToken::new();
+    cancel_on_signal(cancel.clone());
+    let mut json = Vec::new();
+    let mut failed = Vec::new();
+    for want in &a.vm {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let vm = match find_vm(&inventory, want) {
+            Ok(v) => v.clone(),
+            Err(e) => {
+                eprintln!("error: VM `{want}`: {e:#}");
+                json.push(serde_json::json!({"vm_name": want, "error": format!("{e:#}")}));
+                failed.push(want.clone());
+                continue;
+            }
+        };
+        let progress = Arc::new(Progress::new());
+        let opts = VmBackupOptions {
+            engine: BackupOptions {
+                reads_in_flight: a.in_flight.max(1),
+                verify_fraction: a.verify_sample / 100.0,
+                limit_rate: a.limit_rate,
+                cancel: cancel.clone(),
+                progress: progress.clone(),
+                ..BackupOptions::default()
+            },
+            force_full: a.full,
+            exclude_disks: a.exclude_disk.clone(),
+        };
+        let bar = if a.json {
+            None
+        } else {
+            progress_bar(progress, "backup")
+        };
+        let r = backup_vm(driver.as_ref(), &name, &repo, &vm, &opts).await;
+        if let Some(b) = bar {
+            b.finish().await;
+        }
+        match r {
+            Ok(done) => {
+                if a.json {
+                    json.push(done.to_json());
+                } else {
+                    eprint!("{}{}", summary(&done.report), done.summary());
+                    println!("{}", done.report.snapshot);
+                }
+            }
+            Err(e) if is_cancelled(&e) => {
+                eprintln!(
+                    "backup of VM `{}` cancelled: no restore point was written",
+                    vm.name
+                );
+                return Ok(ExitCode::from(EXIT_CANCELLED));
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                json.push(
+                    serde_json::json!({"vm_name": vm.name, "vm": vm.id, "error": format!("{e:#}")}),
+                );
+                failed.push(vm.name.clone());
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    if failed.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "{} of {} VM backup(s) failed: {}",
+            failed.len(),
+            a.vm.len(),
+            failed.join(", ")
+        );
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn is_cancelled(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<EngineError>(),
+            Some(EngineError::Cancelled)
+        )
+    })
 }
 
 /// The human summary of a backup.

@@ -1,30 +1,35 @@
 //! `ferry demo`: the main job end to end on one machine, with no hypervisor and no cloud.
 //!
-//! 1. A local encrypted repository and a generated VM disk (qcow2, deterministic content:
-//!    data, allocated zeros and holes) with a persistent dirty bitmap, served by `qemu-nbd`.
-//! 2. A full backup over NBD.
-//! 3. Simulated guest writes (`qemu-io`), recorded by the dirty bitmap.
-//! 4. A changed-block incremental over NBD using `qemu:dirty-bitmap:…`, with trust-but-verify.
-//! 5. Restores of both restore points, compared byte for byte with the disk as it was.
+//! 1. A local encrypted repository, and the in-tree XenAPI simulator (an XCP-ng pool whose VMs
+//!    have generated disks: boot sector, logs, binary data, holes) running in this process.
+//! 2. A full backup of VM `debian-web` through the Xen driver, exactly as
+//!    `ferry backup --source` does it: snapshot, CBT enabled, disks read over NBD with TLS,
+//!    snapshot turned into CBT anchors.
+//! 3. Simulated guest writes (the simulator's side door), recorded by CBT.
+//! 4. A changed-block incremental from `VDI.list_changed_blocks`, with trust-but-verify.
+//! 5. Restores of both restore points to raw files, compared byte for byte with the disks as
+//!    they were at snapshot time, and a whole-VM restore into the pool, compared the same way.
 //!
-//! Needs `qemu-img`, `qemu-nbd` and `qemu-io` (Debian `qemu-utils`; `tests/peers/install.sh`
-//! installs them).
+//! Needs nothing outside this binary.
 
+use crate::cmd::hvbackup::{VmBackup, VmBackupOptions, backup_vm, find_vm};
+use crate::cmd::restore::restore_plan;
 use anyhow::{Context, bail};
 use ferry_core::Secret;
 use ferry_core::size::{human_bytes, human_rate};
-use ferry_core::vm::{ConsistencyLevel, HypervisorKind, VmConfig};
-use ferry_engine::source::{self, SourceOptions};
-use ferry_engine::{BackupDisk, BackupOptions, BackupReport, RestoreOptions, RestoreTo};
+use ferry_engine::{RestoreOptions, RestoreTo};
+use ferry_hv::{FerryConfig, HypervisorDriver};
+use ferry_hv_xen::XenDriver;
 use ferry_image::OutputFormat;
-use ferry_repo::{InitOptions, KdfParams, Repository, SnapshotMeta, Store, VmIdentity};
+use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use ferry_sim::xen::{Value, XenSim, XenSimConfig};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::process::ExitCode;
+use std::time::Instant;
 
-const MIB: u64 = 1 << 20;
-const BITMAP: &str = "ferry-demo";
+const SOURCE: &str = "demo-xen";
+const VM: &str = "debian-web";
 
 /// Arguments of `ferry demo`.
 #[derive(Debug, clap::Args)]
@@ -32,146 +37,36 @@ pub struct Args {
     /// Work directory (default: a fresh temporary directory, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Virtual size of the generated disk in MiB.
-    #[arg(long, default_value_t = 512)]
+    /// Virtual size of the VM's first disk in MiB (the second is half of it).
+    #[arg(long, default_value_t = 256)]
     pub size_mib: u64,
     /// Keep the work directory (repository, images) for a look afterwards.
     #[arg(long)]
     pub keep: bool,
 }
 
-fn tool(name: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in
-        std::env::split_paths(&path).chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
-    {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
+/// Runs `ferry demo`.
+pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
+    let (dir, temporary) = match &a.dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id())),
+            !a.keep,
+        ),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let result = demo(&dir, a.size_mib.max(8)).await;
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("work directory kept: {}", dir.display());
     }
-    bail!("`{name}` not found: run tests/peers/install.sh (it installs qemu-utils)")
-}
-
-fn exec(cmd: &mut Command) -> anyhow::Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// `qemu-nbd` serving an image read-only on a Unix socket; killed on drop.
-struct Served {
-    child: Child,
-    uri: String,
-}
-
-impl Served {
-    fn start(image: &Path, socket: &Path, bitmap: Option<&str>) -> anyhow::Result<Self> {
-        let _ = std::fs::remove_file(socket);
-        let mut cmd = Command::new(tool("qemu-nbd")?);
-        cmd.args([
-            "--read-only",
-            "--persistent",
-            "--shared=8",
-            "-f",
-            "qcow2",
-            "-x",
-            "disk0",
-        ])
-        .arg("-k")
-        .arg(socket);
-        if let Some(b) = bitmap {
-            cmd.args(["-B", b]);
-        }
-        let child = cmd
-            .arg(image)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot start qemu-nbd")?;
-        let mut s = Self {
-            child,
-            uri: format!("nbd+unix:///disk0?socket={}", socket.display()),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Some(st) = s.child.try_wait()? {
-                let mut err = String::new();
-                if let Some(e) = s.child.stderr.as_mut() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                bail!("qemu-nbd exited ({st}): {}", err.trim());
-            }
-            if Instant::now() > deadline {
-                bail!("qemu-nbd did not create {} within 10 s", socket.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(s)
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Deterministic, roughly 2:1 compressible content: half of every 64-byte line pseudo-random,
-/// half a repeated phrase.
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed | 1;
-    let phrase = b"ferry demo: a VM disk block that compresses about two to one.. ";
-    for (i, line) in buf.chunks_mut(64).enumerate() {
-        for (j, b) in line.iter_mut().enumerate() {
-            if j < 32 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
-            } else {
-                *b = phrase[(i + j) % phrase.len()];
-            }
-        }
-    }
-}
-
-fn generate(raw: &Path, size: u64) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f =
-        std::fs::File::create(raw).with_context(|| format!("cannot create {}", raw.display()))?;
-    f.set_len(size)?;
-    // Data in a few regions (an OS, an application, logs), the rest holes.
-    let regions = [
-        (0, 48 * MIB),
-        (size / 4, 24 * MIB),
-        (size / 2 + 3 * MIB, 20 * MIB),
-    ];
-    let mut buf = vec![0u8; MIB as usize];
-    for (n, (start, len)) in regions.iter().enumerate() {
-        let mut off = *start;
-        while off < start + len && off + MIB <= size {
-            fill(off ^ (n as u64) << 40, &mut buf);
-            f.write_all_at(&buf, off)?;
-            off += MIB;
-        }
-    }
-    Ok(())
+    result
 }
 
 fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    let mut fa = std::fs::File::open(a)?;
-    let mut fb = std::fs::File::open(b)?;
+    let mut fa = std::fs::File::open(a).with_context(|| format!("open {}", a.display()))?;
+    let mut fb = std::fs::File::open(b).with_context(|| format!("open {}", b.display()))?;
     if fa.metadata()?.len() != fb.metadata()?.len() {
         return Ok(false);
     }
@@ -188,89 +83,87 @@ fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
     }
 }
 
-async fn backup_once(
-    repo: &Repository,
-    uri: &str,
-    bitmap: Option<&str>,
-) -> anyhow::Result<BackupReport> {
-    let opts = SourceOptions {
-        bitmap: bitmap.map(str::to_string),
-        ..SourceOptions::default()
-    };
-    let opened = source::open(uri, &opts).await?;
-    let changed = match bitmap {
-        Some(b) => Some(source::changed_extents(&opened, b).await?),
-        None => None,
-    };
-    let meta = SnapshotMeta {
-        vm: VmIdentity {
-            id: "demo-vm".into(),
-            name: "demo-vm".into(),
-        },
-        source: "nbd".into(),
-        hypervisor: HypervisorKind::Generic,
-        consistency: ConsistencyLevel::Crash,
-        config: VmConfig::default(),
-        native_config: None,
-        transport: Some("nbd".into()),
-        labels: Default::default(),
-    };
-    let disk = BackupDisk {
-        name: "disk0".into(),
-        source: opened.source,
-        changed,
-        change_token: bitmap.map(|b| format!("qemu-dirty-bitmap:{b}")),
-    };
-    let r = ferry_engine::backup(repo, meta, vec![disk], &BackupOptions::default()).await?;
-    if let Some(n) = opened.nbd {
-        n.close().await;
-    }
-    Ok(r)
+/// The live VDIs of `vm` with their disk names (`xvda`, `xvdb`, … in userdevice order).
+async fn live_disks(sim: &XenSim, vm: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let r = sim.vm(vm).await?;
+    Ok(sim
+        .vm_disks(&r)
+        .await?
+        .into_iter()
+        .enumerate()
+        .map(|(i, vdi)| (format!("xvd{}", (b'a' + i as u8) as char), vdi))
+        .collect())
 }
 
-fn line(what: &str, r: &BackupReport) -> String {
-    let d = &r.disks[0];
+/// Saves every disk of `vm` as it is now into `dir/<label>-<disk>.raw`.
+async fn save_disks(
+    sim: &XenSim,
+    vm: &str,
+    dir: &Path,
+    label: &str,
+) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for (name, vdi) in live_disks(sim, vm).await? {
+        let p = dir.join(format!("{label}-{name}.raw"));
+        sim.save_vdi(&vdi, &p).await?;
+        out.push((name, p));
+    }
+    Ok(out)
+}
+
+fn line(what: &str, b: &VmBackup) -> String {
+    let r = &b.report;
+    let t = |f: fn(&ferry_engine::DiskReport) -> u64| human_bytes(r.total(f));
     format!(
-        "{what}: {} in {:.2} s ({} of virtual disk) — read {}, skipped {} as holes, {} zero, {} unchanged (dirty bitmap), reused {}, new {}, uploaded {} after compression+encryption",
+        "{what}: restore point {} in {:.2} s ({} of virtual disk) — read {}, skipped {} as holes, {} zero, {} unchanged (CBT), reused {}, new {}, uploaded {} after compression+encryption",
         r.snapshot,
         r.seconds,
-        human_rate(d.size, r.seconds),
-        human_bytes(d.read_bytes),
-        human_bytes(d.hole_bytes),
-        human_bytes(d.zero_bytes),
-        human_bytes(d.unchanged_bytes),
-        human_bytes(d.reused_bytes),
-        human_bytes(d.new_bytes),
-        human_bytes(d.uploaded_bytes),
+        human_rate(r.total(|d| d.size), r.seconds),
+        t(|d| d.read_bytes),
+        t(|d| d.hole_bytes),
+        t(|d| d.zero_bytes),
+        t(|d| d.unchanged_bytes),
+        t(|d| d.reused_bytes),
+        t(|d| d.new_bytes),
+        t(|d| d.uploaded_bytes),
     )
 }
 
-/// Runs `ferry demo`.
-pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
-    let (qemu_img, qemu_io) = (tool("qemu-img")?, tool("qemu-io")?);
-    tool("qemu-nbd")?;
-    let size = a.size_mib.max(64) * MIB;
-    let (dir, temporary) = match &a.dir {
-        Some(d) => (d.clone(), false),
-        None => (
-            std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id())),
-            !a.keep,
-        ),
-    };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let result = demo(&dir, size, &qemu_img, &qemu_io).await;
-    if temporary {
-        let _ = std::fs::remove_dir_all(&dir);
-    } else {
-        eprintln!("work directory kept: {}", dir.display());
+/// What is left on the pool besides VMs and their disks: snapshot VMs, CBT anchors,
+/// snapshot VDIs still holding data, VBDs on the proxy, tasks.
+async fn leftovers(sim: &XenSim) -> anyhow::Result<(usize, usize, usize, usize, usize)> {
+    let (mut snaps, mut anchors, mut snap_vdis) = (0, 0, 0);
+    for vm in sim.all("VM").await? {
+        if sim.flag("VM", &vm, "is_a_snapshot").await? {
+            snaps += 1;
+        }
     }
-    result
+    for vdi in sim.all("VDI").await? {
+        if sim.field("VDI", &vdi, "type").await? == "cbt_metadata" {
+            anchors += 1;
+        } else if sim.flag("VDI", &vdi, "is_a_snapshot").await? {
+            snap_vdis += 1;
+        }
+    }
+    let proxy = sim.vm("ferry-proxy").await?;
+    let sess = sim.login().await?;
+    let vbds = sim
+        .call("VM.get_VBDs", vec![Value::s(&sess), Value::s(&proxy)])
+        .await?;
+    let tasks = sim.call("task.get_all", vec![Value::s(&sess)]).await?;
+    sim.call("session.logout", vec![Value::s(&sess)]).await?;
+    let len = |v: &Value| match v {
+        Value::Array(a) => a.len(),
+        _ => 0,
+    };
+    Ok((snaps, anchors, snap_vdis, len(&vbds), len(&tasks)))
 }
 
-async fn demo(dir: &Path, size: u64, qemu_img: &Path, qemu_io: &Path) -> anyhow::Result<ExitCode> {
+async fn demo(dir: &Path, size_mib: u64) -> anyhow::Result<ExitCode> {
     let t0 = Instant::now();
     let say = |s: String| println!("{s}");
-    // 1. Repository and disk.
+
+    // 1. Repository and simulated pool.
     let store = Store::open(&dir.join("repo").display().to_string(), true)?;
     let password = Secret::new("ferry demo password");
     let opts = InitOptions {
@@ -283,110 +176,178 @@ async fn demo(dir: &Path, size: u64, qemu_img: &Path, qemu_io: &Path) -> anyhow:
         dir.join("repo").display(),
         human_bytes(u64::from(repo.config().chunk_size))
     ));
-    let raw_v1 = dir.join("expected-full.raw");
-    let image = dir.join("vm-disk.qcow2");
-    generate(&raw_v1, size)?;
-    exec(
-        Command::new(qemu_img)
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw_v1)
-            .arg(&image),
-    )?;
-    // The bitmap starts recording now: the full backup below is its base.
-    exec(
-        Command::new(qemu_img)
-            .args(["bitmap", "--add", "-f", "qcow2"])
-            .arg(&image)
-            .arg(BITMAP),
-    )?;
+    let mut cfg = XenSimConfig::new(dir.join("xen-pool"));
+    cfg.disk_mib = size_mib;
+    let sim = XenSim::start(cfg)
+        .await
+        .context("cannot start the XenAPI simulator")?;
+    let pw = dir.join("xen.password");
+    std::fs::write(&pw, sim.password())?;
+    let toml = format!(
+        "[sources.{SOURCE}]\nkind = \"xen\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\ntransports = [\"network\"]\nstate-dir = \"{}\"\n",
+        sim.url(),
+        sim.username(),
+        pw.display(),
+        sim.tls_fingerprint(),
+        dir.join("state").display()
+    );
+    let config_path = dir.join("ferry.toml");
+    std::fs::write(&config_path, &toml)?;
+    let config = FerryConfig::parse(&toml, &config_path)?;
+    let driver = XenDriver::connect(SOURCE, config.source(SOURCE)?).await?;
+    let vms = driver.list_vms().await?;
+    let vm = find_vm(&vms, VM)?.clone();
     say(format!(
-        "   VM disk {} ({} virtual, 92 MiB of data) with dirty bitmap `{BITMAP}`, served by qemu-nbd",
-        image.display(),
-        human_bytes(size)
+        "   XenAPI simulator (XCP-ng pool) at {}, TLS pinned; {} VMs: {}; backing up `{VM}` ({} disks, {}) over NBD with TLS — source `{SOURCE}` in {}",
+        sim.url(),
+        vms.len(),
+        vms.iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        vm.disks.len(),
+        human_bytes(vm.disks.iter().map(|d| d.size).sum()),
+        config_path.display()
     ));
-    let socket = dir.join("nbd.sock");
 
     // 2. Full backup.
-    let full = {
-        let served = Served::start(&image, &socket, Some(BITMAP))?;
-        backup_once(&repo, &served.uri, None).await?
-    };
+    let expected_full = save_disks(&sim, VM, dir, "expected-full").await?;
+    let full = backup_vm(&driver, SOURCE, &repo, &vm, &VmBackupOptions::default()).await?;
     say(format!("2. {}", line("full backup", &full)));
 
-    // 3. Guest writes.
-    let writes = [
-        format!("write -P 0xa5 {} {}", 2 * MIB, 3 * MIB),
-        format!("write -P 0x5a {} {}", size / 4 + 5 * MIB, MIB),
-        format!("write -z {} {}", 40 * MIB, 2 * MIB),
-        format!("write -P 0x77 {} {}", size - 7 * MIB, 512 * 1024),
+    // 3. Guest writes, recorded by CBT.
+    let live = live_disks(&sim, VM).await?;
+    let mib = 1u64 << 20;
+    let writes: [(usize, u64, Vec<u8>); 4] = [
+        (0, 2 * mib, vec![0xa5; 3 * mib as usize]),
+        (
+            0,
+            5 * mib + 4000,
+            b"guest log line: nightly job done\n".repeat(100),
+        ),
+        (1, mib, vec![0x5a; mib as usize / 2]),
+        (1, 3 * mib - 100, vec![0u8; 200]),
     ];
-    let mut cmd = Command::new(qemu_io);
-    cmd.args(["-f", "qcow2"]);
-    for w in &writes {
-        cmd.arg("-c").arg(w);
+    let mut written = 0;
+    for (disk, off, data) in &writes {
+        sim.guest_write(&live[*disk].1, *off, data).await?;
+        written += data.len() as u64;
     }
-    exec(cmd.arg(&image))?;
-    let raw_v2 = dir.join("expected-incremental.raw");
-    exec(
-        Command::new(qemu_img)
-            .args(["convert", "-q", "-f", "qcow2", "-O", "raw"])
-            .arg(&image)
-            .arg(&raw_v2),
-    )?;
-    say("3. simulated guest writes: 6.5 MiB in 4 places (one of them zeroes)".to_string());
+    let expected_incr = save_disks(&sim, VM, dir, "expected-incremental").await?;
+    say(format!(
+        "3. simulated guest writes: {} in {} places on both disks (one of them zeroes)",
+        human_bytes(written),
+        writes.len()
+    ));
 
-    // 4. Incremental from the dirty bitmap.
-    let incr = {
-        let served = Served::start(&image, &socket, Some(BITMAP))?;
-        backup_once(&repo, &served.uri, Some(BITMAP)).await?
-    };
-    say(format!("4. {}", line("incremental (dirty bitmap)", &incr)));
-    if let Some(v) = &incr.disks[0].verify {
-        say(format!(
-            "   trust but verify: {} unchanged chunk(s) re-read, {} mismatch(es)",
-            v.sampled,
-            v.mismatched_offsets.len()
-        ));
-    }
+    // 4. Incremental from CBT.
+    let incr = backup_vm(&driver, SOURCE, &repo, &vm, &VmBackupOptions::default()).await?;
+    say(format!("4. {}", line("incremental (CBT)", &incr)));
+    let cbt: u64 = incr.disks.iter().filter_map(|d| d.cbt_changed_bytes).sum();
+    let fetched: u64 = incr.disks.iter().map(|d| d.source_read_bytes).sum();
+    say(format!(
+        "   CBT (VDI.list_changed_blocks) reported {} changed; the driver fetched {} from the pool",
+        human_bytes(cbt),
+        human_bytes(fetched)
+    ));
+    let (sampled, mismatched) =
+        incr.report
+            .disks
+            .iter()
+            .fold((0, 0), |(s, m), d| match &d.verify {
+                Some(v) => (s + v.sampled, m + v.mismatched_offsets.len()),
+                None => (s, m),
+            });
+    say(format!(
+        "   trust but verify: {sampled} unchanged chunk(s) re-read, {mismatched} mismatch(es)"
+    ));
+    let (snaps, anchors, snap_vdis, vbds, tasks) = leftovers(&sim).await?;
+    say(format!(
+        "   left on the pool: {snaps} snapshot VM(s), {anchors} CBT anchor(s) without data, {snap_vdis} snapshot disk(s) with data, {vbds} VBD(s) on the proxy, {tasks} task(s)"
+    ));
+    let clean =
+        snaps == 0 && snap_vdis == 0 && vbds == 0 && tasks == 0 && anchors == vm.disks.len();
 
     // 5. Restores, checked byte for byte.
-    let mut all_ok = true;
-    for (m, expected, label) in [(&full, &raw_v1, "full"), (&incr, &raw_v2, "incremental")] {
-        let manifest = repo.load_manifest(&m.snapshot).await?;
-        let out = dir.join(format!("restored-{label}.raw"));
-        let r = ferry_engine::restore_disk(
-            &repo,
-            &manifest,
-            "disk0",
-            RestoreTo::File {
-                path: out.clone(),
-                format: OutputFormat::Raw,
-            },
-            &RestoreOptions::default(),
-        )
-        .await?;
-        let ok = same_content(&out, expected)?;
+    let mut all_ok = clean;
+    for (b, expected, label) in [
+        (&full, &expected_full, "full"),
+        (&incr, &expected_incr, "incremental"),
+    ] {
+        let manifest = repo.load_manifest(&b.report.snapshot).await?;
+        let (mut secs, mut bytes, mut ok) = (0.0, 0, true);
+        for (disk, want) in expected {
+            let out = dir.join(format!("restored-{label}-{disk}.raw"));
+            let r = ferry_engine::restore_disk(
+                &repo,
+                &manifest,
+                disk,
+                RestoreTo::File {
+                    path: out.clone(),
+                    format: OutputFormat::Raw,
+                },
+                &RestoreOptions::default(),
+            )
+            .await?;
+            secs += r.seconds;
+            bytes += r.size;
+            ok &= same_content(&out, want)?;
+        }
         all_ok &= ok;
         say(format!(
-            "5. restored the {label} restore point in {:.2} s ({}): {}",
-            r.seconds,
-            human_rate(r.size, r.seconds),
+            "5. restored the {label} restore point ({} disks) in {secs:.2} s ({}): {}",
+            expected.len(),
+            human_rate(bytes, secs),
             if ok {
-                "identical to the disk at backup time"
+                "identical to the disks at snapshot time"
             } else {
-                "DIFFERENT from the disk at backup time"
+                "DIFFERENT from the disks at snapshot time"
             }
         ));
     }
-    let uploaded = full.disks[0].uploaded_bytes + incr.disks[0].uploaded_bytes;
+    let manifest = repo.load_manifest(&incr.report.snapshot).await?;
+    let t = Instant::now();
+    let plan = restore_plan(
+        &repo,
+        &manifest,
+        driver.kind(),
+        format!("{VM}-restored"),
+        false,
+    )
+    .await?;
+    let restored = driver.restore_vm(&plan).await?;
+    let secs = t.elapsed().as_secs_f64();
+    let got = save_disks(&sim, &restored.name, dir, "restored-vm").await?;
+    let mut vm_ok = got.len() == expected_incr.len();
+    for ((_, g), (_, w)) in got.iter().zip(&expected_incr) {
+        vm_ok &= same_content(g, w)?;
+    }
+    all_ok &= vm_ok;
     say(format!(
-        "done in {:.1} s: 2 restore points of a {} disk hold {} in the repository; the incremental read {} and uploaded {}",
-        t0.elapsed().as_secs_f64(),
-        human_bytes(size),
-        human_bytes(uploaded),
-        human_bytes(incr.disks[0].read_bytes),
-        human_bytes(incr.disks[0].uploaded_bytes),
+        "   whole-VM restore into the pool: VM `{}` ({}) with {} disks in {secs:.2} s: {}",
+        restored.name,
+        restored.id,
+        got.len(),
+        if vm_ok {
+            "disks identical to the VM at snapshot time"
+        } else {
+            "disks DIFFERENT from the VM at snapshot time"
+        }
     ));
+    driver.close().await;
+    let uploaded =
+        full.report.total(|d| d.uploaded_bytes) + incr.report.total(|d| d.uploaded_bytes);
+    say(format!(
+        "done in {:.1} s: 2 restore points of a {} VM hold {} in the repository; the incremental read {} and uploaded {}",
+        t0.elapsed().as_secs_f64(),
+        human_bytes(vm.disks.iter().map(|d| d.size).sum()),
+        human_bytes(uploaded),
+        human_bytes(incr.report.total(|d| d.read_bytes)),
+        human_bytes(incr.report.total(|d| d.uploaded_bytes)),
+    ));
+    if !clean {
+        bail!("the backups left objects on the pool");
+    }
     if !all_ok {
         bail!("a restored disk differs from the original");
     }

@@ -5,6 +5,7 @@ pub mod backup;
 pub mod demo;
 pub mod export;
 pub mod features;
+pub mod hvbackup;
 pub mod image;
 pub mod nbd;
 pub mod repo;

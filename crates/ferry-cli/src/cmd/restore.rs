@@ -2,16 +2,24 @@
 //! disk to a sparse raw file, an image file (VHD, VHDX, VMDK), a block device or an NBD export.
 //! Every chunk is authenticated before it is written; a new file appears under its name only
 //! when complete. Prints what was written on stdout (`--json`: the reports).
+//!
+//! `ferry restore SNAPSHOT --to-source NAME [--name NEW] [--power-on]`: the whole VM onto a
+//! hypervisor source through its driver; a failed or cancelled restore removes what it created.
 
 use crate::cmd::backup::{EXIT_CANCELLED, TlsArgs, cancel_on_signal, progress_bar};
 use crate::cmd::repo::RepoArgs;
+use crate::cmd::source::SourceArgs;
 use anyhow::{Context, bail};
 use ferry_core::size::{human_bytes, human_rate};
+use ferry_core::vm::{DiskConfig, HypervisorKind};
+use ferry_core::{BlockError, BlockSource, ExtentMap};
 use ferry_engine::source;
 use ferry_engine::{EngineError, Progress, RestoreOptions, RestoreReport, RestoreTo};
+use ferry_hv::{RestoreDisk, RestorePlan};
 use ferry_image::OutputFormat;
 use ferry_nbd::NbdClient;
 use ferry_repo::{Manifest, Repository};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -28,8 +36,25 @@ pub struct Args {
     #[arg(long)]
     pub disk: Option<String>,
     /// Output path (file, block device, or directory for several disks) or NBD URI.
-    #[arg(long)]
-    pub to: String,
+    #[arg(
+        long,
+        required_unless_present = "to_source",
+        conflicts_with = "to_source"
+    )]
+    pub to: Option<String>,
+    /// Restore the whole VM (configuration, disks, network adapters) onto this hypervisor
+    /// source (a `[sources.NAME]` table of ferry.toml). Prints the new VM's id.
+    #[arg(long, conflicts_with = "disk")]
+    pub to_source: Option<String>,
+    /// Configuration file (default: $FERRY_CONFIG, ./ferry.toml, /etc/ferry/ferry.toml).
+    #[arg(long, env = "FERRY_CONFIG", requires = "to_source")]
+    pub config: Option<PathBuf>,
+    /// With --to-source: name of the new VM (default: "<VM> (restore point <id>)").
+    #[arg(long, requires = "to_source")]
+    pub name: Option<String>,
+    /// With --to-source: start the VM once it is complete.
+    #[arg(long, requires = "to_source")]
+    pub power_on: bool,
     /// Output format for files: raw, vhd, vhd-fixed, vhdx, vmdk, vmdk-stream.
     #[arg(long, default_value = "raw")]
     pub format: String,
@@ -81,8 +106,173 @@ fn extension(f: OutputFormat) -> &'static str {
     }
 }
 
+/// Builds the plan to recreate the VM of restore point `m` on a hypervisor of kind `kind`:
+/// its configuration (and native record when the kind matches) and its disks read straight
+/// from the repository, in configuration order.
+pub async fn restore_plan(
+    repo: &Repository,
+    m: &Manifest,
+    kind: HypervisorKind,
+    name: String,
+    power_on: bool,
+) -> anyhow::Result<RestorePlan> {
+    let meta = &m.meta;
+    let mut config = meta.config.clone();
+    if config.cpus == 0 || config.memory == 0 {
+        bail!(
+            "restore point {} holds no VM configuration (CPUs, memory): it was backed up from disks, not from a hypervisor; restore its disks with --to",
+            m.id
+        );
+    }
+    if config.disks.is_empty() {
+        config.disks = m
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DiskConfig {
+                name: d.name.clone(),
+                size: d.size,
+                controller: None,
+                bootable: i == 0,
+            })
+            .collect();
+    }
+    let mut disks = Vec::new();
+    for d in &config.disks {
+        if !m.disks.iter().any(|x| x.name == d.name) {
+            bail!(
+                "restore point {} describes disk `{}` in its configuration but holds no data for it",
+                m.id,
+                d.name
+            );
+        }
+        let source = repo
+            .open_disk(&m.id, &d.name)
+            .await
+            .with_context(|| format!("cannot open disk `{}` of restore point {}", d.name, m.id))?;
+        disks.push(RestoreDisk {
+            name: d.name.clone(),
+            source,
+        });
+    }
+    Ok(RestorePlan {
+        name,
+        config,
+        native: meta
+            .native_config
+            .clone()
+            .filter(|_| meta.hypervisor == kind),
+        disks,
+        power_on,
+    })
+}
+
+/// A source that fails every read once `cancel` fires, so a driver's upload stops at the next
+/// read and takes its own error path (which removes the half-created VM).
+#[derive(Debug)]
+struct Cancellable {
+    inner: Arc<dyn BlockSource>,
+    cancel: CancellationToken,
+}
+
+#[async_trait::async_trait]
+impl BlockSource for Cancellable {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        if self.cancel.is_cancelled() {
+            return Err(BlockError::Unsupported {
+                disk: self.inner.name(),
+                message: "restore cancelled".into(),
+            });
+        }
+        self.inner.read_at(offset, buf).await
+    }
+    async fn allocated(&self, range: Range<u64>) -> Result<ExtentMap, BlockError> {
+        self.inner.allocated(range).await
+    }
+    fn preferred_read_size(&self) -> u64 {
+        self.inner.preferred_read_size()
+    }
+}
+
+/// `ferry restore SNAPSHOT --to-source NAME [--name NEW] [--power-on]`.
+async fn run_to_source(a: Args, source: String) -> anyhow::Result<ExitCode> {
+    let repo = a.repo.open().await?;
+    let manifest = resolve_snapshot(&repo, &a.snapshot).await?;
+    let driver = SourceArgs {
+        source: source.clone(),
+        config: a.config.clone(),
+    }
+    .connect()
+    .await?;
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{} (restore point {})", manifest.meta.vm.name, manifest.id));
+    let mut plan = restore_plan(&repo, &manifest, driver.kind(), name, a.power_on).await?;
+    let cancel = CancellationToken::new();
+    cancel_on_signal(cancel.clone());
+    for d in &mut plan.disks {
+        d.source = Arc::new(Cancellable {
+            inner: d.source.clone(),
+            cancel: cancel.clone(),
+        });
+    }
+    let t0 = std::time::Instant::now();
+    let r = driver.restore_vm(&plan).await;
+    if cancel.is_cancelled() {
+        eprintln!("restore cancelled: the partial VM was removed");
+        return Ok(ExitCode::from(EXIT_CANCELLED));
+    }
+    let vm = r.with_context(|| {
+        format!(
+            "cannot restore VM `{}` of restore point {} onto source `{source}`",
+            manifest.meta.vm.name, manifest.id
+        )
+    })?;
+    let size: u64 = plan.disks.iter().map(|d| d.source.size()).sum();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "snapshot": manifest.id,
+                "source": source,
+                "vm": vm,
+                "disks": plan.disks.iter().map(|d| &d.name).collect::<Vec<_>>(),
+                "seconds": t0.elapsed().as_secs_f64(),
+            }))?
+        );
+    } else {
+        eprintln!(
+            "restored VM `{}` of restore point {} onto source `{source}` as `{}` ({}): {} disk(s), {} in {:.2} s via {}{}",
+            manifest.meta.vm.name,
+            manifest.id,
+            vm.name,
+            vm.id,
+            plan.disks.len(),
+            human_bytes(size),
+            t0.elapsed().as_secs_f64(),
+            vm.transport,
+            if a.power_on { ", powered on" } else { "" }
+        );
+        println!("{}", vm.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Runs `ferry restore`.
 pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
+    if let Some(source) = a.to_source.clone() {
+        return run_to_source(a, source).await;
+    }
+    let Some(to) = a.to.clone() else {
+        bail!("pass --to PATH or --to-source NAME");
+    };
     let format: OutputFormat = a.format.parse().map_err(anyhow::Error::msg)?;
     let repo = a.repo.open().await?;
     let manifest = resolve_snapshot(&repo, &a.snapshot).await?;
@@ -104,13 +294,13 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
         }
         None => manifest.disks.iter().map(|d| d.name.clone()).collect(),
     };
-    let nbd = source::is_nbd_uri(&a.to);
+    let nbd = source::is_nbd_uri(&to);
     if nbd && disks.len() != 1 {
         bail!("an NBD target takes one disk: pass --disk");
     }
     let mut targets = Vec::new();
     if nbd {
-        let cfg = source::nbd_config(&a.to, &a.tls.source_options()?)?;
+        let cfg = source::nbd_config(&to, &a.tls.source_options()?)?;
         let label = cfg.uri_redacted();
         let client = NbdClient::connect(cfg)
             .await
@@ -120,12 +310,12 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
         targets.push((
             disks[0].clone(),
             RestoreTo::File {
-                path: PathBuf::from(&a.to),
+                path: PathBuf::from(&to),
                 format,
             },
         ));
     } else {
-        let dir = PathBuf::from(&a.to);
+        let dir = PathBuf::from(&to);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create directory {}", dir.display()))?;
         for d in &disks {

@@ -388,6 +388,7 @@ impl State {
             "VDI" => "VDI",
             "VIF" => "VIF",
             "task" => "task",
+            "sim" => return self.side_door(name, &strs, &params),
             _ => return Err(Failure::new("MESSAGE_METHOD_UNKNOWN", &[method])),
         };
         let rec_param = |i: usize| -> R<Rec> {
@@ -697,6 +698,12 @@ impl State {
 
     /// Writes into a live VDI (a guest write or an import) and stamps CBT.
     pub fn write_vdi(&mut self, vdi: &str, offset: u64, data: &[u8]) -> R<()> {
+        self.write_live_vdi(vdi, offset, data, true)
+    }
+
+    /// Writes into a live VDI, stamping CBT unless `tracked` is false (a write change
+    /// tracking misses: the silent corruption trust-but-verify exists for).
+    pub fn write_live_vdi(&mut self, vdi: &str, offset: u64, data: &[u8], tracked: bool) -> R<()> {
         self.generation += 1;
         let g = self.generation;
         let d = self
@@ -724,7 +731,10 @@ impl State {
             let first = offset / CBT_BLOCK;
             let last = (offset + data.len() as u64 - 1) / CBT_BLOCK;
             for b in first..=last {
-                d.gens[b as usize] = g;
+                let stamp = &mut d.gens[b as usize];
+                // A stamp also says "written at all" (snapshots copy only such blocks): an
+                // untracked write gets the oldest one, older than any snapshot.
+                *stamp = if tracked { g } else { (*stamp).max(1) };
             }
         }
         Ok(())

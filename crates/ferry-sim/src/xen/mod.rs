@@ -13,6 +13,7 @@ mod api;
 mod http;
 mod nbd;
 mod seed;
+mod sidedoor;
 pub mod storage;
 pub mod value;
 
@@ -109,6 +110,8 @@ pub struct XenSim {
     username: String,
     password: String,
     dir: PathBuf,
+    /// SR uuid → the directory holding its VDIs (what a proxy's `san-paths` would name).
+    san_paths: std::collections::BTreeMap<String, PathBuf>,
 }
 
 impl Drop for XenSim {
@@ -254,6 +257,12 @@ impl XenSim {
                 failure: f,
             })?;
         }
+        let san_paths = st
+            .all_of("SR")
+            .iter()
+            .filter_map(|r| st.fstr("SR", r, "uuid").ok())
+            .map(|u| (u.clone(), cfg.dir.join(u)))
+            .collect();
         let shared = Arc::new(Shared {
             state: tokio::sync::Mutex::new(st),
         });
@@ -294,6 +303,7 @@ impl XenSim {
             username: cfg.username,
             password: cfg.password,
             dir: cfg.dir,
+            san_paths,
         })
     }
 
@@ -321,7 +331,16 @@ impl XenSim {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-    /// The one JSON line `ferry sim xen` prints.
+    /// SR uuid → the directory holding its VDI files (a proxy's `san-paths`).
+    pub fn san_paths(&self) -> &std::collections::BTreeMap<String, PathBuf> {
+        &self.san_paths
+    }
+    /// Where hot-added disks appear as files (a proxy's `hotadd-device-dir`).
+    pub fn hotadd_device_dir(&self) -> PathBuf {
+        self.dir.join("dev")
+    }
+    /// The one JSON line `ferry sim xen` prints: how to log in, plus what a proxy on this
+    /// machine needs for the SAN and hot-add transports.
     pub fn info_json(&self) -> serde_json::Value {
         serde_json::json!({
             "url": self.url,
@@ -329,6 +348,9 @@ impl XenSim {
             "password": self.password,
             "tls_fingerprint": self.fingerprint,
             "dir": self.dir,
+            "proxy_vm": "ferry-proxy",
+            "hotadd_device_dir": self.hotadd_device_dir(),
+            "san_paths": self.san_paths,
         })
     }
     /// Stops serving.
@@ -410,6 +432,11 @@ impl XenSim {
         self.with(|st| st.fstr(class, r, field)).await
     }
 
+    /// A boolean field of an object.
+    pub async fn flag(&self, class: &str, r: &str, field: &str) -> Result<bool, SimError> {
+        self.with(|st| st.fbool(class, r, field)).await
+    }
+
     /// All refs of a class.
     pub async fn all(&self, class: &str) -> Result<Vec<String>, SimError> {
         self.with(|st| Ok(st.all_of(class))).await
@@ -420,8 +447,8 @@ impl XenSim {
         self.with(|st| st.write_vdi(vdi, offset, data)).await
     }
 
-    /// Reads a VDI's whole virtual content.
-    pub async fn read_vdi(&self, vdi: &str) -> Result<Vec<u8>, SimError> {
+    /// A VDI's virtual content as a block source.
+    async fn vdi_source(&self, vdi: &str) -> Result<Arc<dyn ferry_core::BlockSource>, SimError> {
         let (file, live) = self
             .with(|st| {
                 let d = st
@@ -436,10 +463,23 @@ impl XenSim {
                 ))
             })
             .await?;
-        let src = storage::open(&file, live).await.map_err(SimError::Other)?;
+        storage::open(&file, live).await.map_err(SimError::Other)
+    }
+
+    /// Reads a VDI's whole virtual content.
+    pub async fn read_vdi(&self, vdi: &str) -> Result<Vec<u8>, SimError> {
+        let src = self.vdi_source(vdi).await?;
         ferry_core::block::read_all(src.as_ref())
             .await
             .map_err(|e| SimError::Other(e.to_string()))
+    }
+
+    /// Writes a VDI's whole virtual content into a sparse raw file at `out`.
+    pub async fn save_vdi(&self, vdi: &str, out: &Path) -> Result<(), SimError> {
+        let src = self.vdi_source(vdi).await?;
+        storage::materialize(src.as_ref(), out)
+            .await
+            .map_err(SimError::Other)
     }
 
     /// Where a VDI's data lives (raw for live VDIs, VHD for snapshots), if it still has data.
@@ -468,31 +508,12 @@ impl XenSim {
     /// Breaks CBT on a live VDI the way a storage migration does: the CBT log is reset, so
     /// no earlier snapshot can be compared with a later one.
     pub async fn break_cbt(&self, vdi: &str) -> Result<(), SimError> {
-        self.with(|st| {
-            let d = st
-                .disks
-                .get_mut(vdi)
-                .ok_or_else(|| Failure::new("HANDLE_INVALID", &["VDI", vdi]))?;
-            d.cbt_epoch += 1;
-            Ok(())
-        })
-        .await
+        self.with(|st| st.break_cbt(vdi)).await
     }
 
     /// Adds or removes purpose `nbd` on every network.
     pub async fn set_nbd_network(&self, enabled: bool) -> Result<(), SimError> {
-        self.with(|st| {
-            for n in st.all_of("network") {
-                let mut p = st.frefs("network", &n, "purpose")?;
-                p.retain(|x| x != "nbd" && x != "insecure_nbd");
-                if enabled {
-                    p.push("nbd".into());
-                }
-                st.set("network", &n, "purpose", Value::strs(&p))?;
-            }
-            Ok(())
-        })
-        .await
+        self.with(|st| st.set_nbd_network(enabled)).await
     }
 
     /// Makes the next `count` calls of `method` fail with `error` (`[code, params…]`).
@@ -503,10 +524,7 @@ impl XenSim {
         count: usize,
     ) -> Result<(), SimError> {
         self.with(|st| {
-            let q = st.faults.fail_next.entry(method.to_string()).or_default();
-            for _ in 0..count {
-                q.push_back(error.iter().map(|s| s.to_string()).collect());
-            }
+            st.fail_next(method, error.iter().map(|s| s.to_string()).collect(), count);
             Ok(())
         })
         .await
