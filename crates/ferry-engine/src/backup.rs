@@ -56,7 +56,7 @@ pub struct BackupDisk {
 pub struct BackupOptions {
     /// Chunks read, processed and uploaded concurrently per disk.
     pub reads_in_flight: usize,
-    /// Blocking threads for hashing, compression and encryption.
+    /// Threads hashing, compressing and encrypting (a fixed pool; see `cpu.rs`).
     pub cpu_workers: usize,
     /// Fraction (0..=1) of change-tracking-unchanged chunks to re-read and verify.
     pub verify_fraction: f64,
@@ -202,7 +202,7 @@ impl BufferPool {
 /// Shared state of one backup run.
 struct Ctx {
     codec: ChunkCodec,
-    cpu: Semaphore,
+    cpu: crate::cpu::CpuPool,
     pool: BufferPool,
     clock: StageClock,
     limiter: Option<RateLimiter>,
@@ -254,7 +254,7 @@ pub async fn backup(
             .map_err(|e| EngineError::repo("-", e))?;
         let ctx = Arc::new(Ctx {
             codec: repo.codec().clone(),
-            cpu: Semaphore::new(opts.cpu_workers.max(1)),
+            cpu: crate::cpu::CpuPool::new(opts.cpu_workers)?,
             pool: BufferPool {
                 size: repo.config().chunk_size as usize,
                 free: Mutex::new(Vec::new()),
@@ -488,20 +488,9 @@ async fn read_chunk(
     Ok((buf, read))
 }
 
-/// Runs `f` on a blocking thread, at most `cpu_workers` at a time, timing it.
+/// Runs `f` on the CPU pool, timing it.
 async fn on_cpu<T: Send + 'static>(ctx: &Ctx, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let _permit = ctx
-        .cpu
-        .acquire()
-        .await
-        .map_err(|_| EngineError::Internal("CPU pool closed".into()))?;
-    let (r, took) = tokio::task::spawn_blocking(move || {
-        let t = Instant::now();
-        let r = f();
-        (r, t.elapsed())
-    })
-    .await
-    .map_err(|e| EngineError::Internal(format!("CPU task failed: {e}")))?;
+    let (r, took) = ctx.cpu.run(f).await?;
     ctx.clock.cpu(took);
     Ok(r)
 }

@@ -97,11 +97,22 @@ pub struct Args {
     /// Chunks in flight per disk (reads, CPU work and uploads overlap).
     #[arg(long, default_value_t = 8)]
     pub in_flight: usize,
+    /// Threads hashing, compressing and encrypting (default: one per CPU core).
+    #[arg(long)]
+    pub cpu_workers: Option<usize>,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Print the whole report as JSON on stdout instead of the restore point id.
     #[arg(long)]
     pub json: bool,
+}
+
+impl Args {
+    fn cpu_workers(&self) -> usize {
+        self.cpu_workers
+            .unwrap_or_else(|| BackupOptions::default().cpu_workers)
+            .max(1)
+    }
 }
 
 fn parse_rate(s: &str) -> Result<u64, String> {
@@ -287,6 +298,7 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     let progress = Arc::new(Progress::new());
     let bopts = BackupOptions {
         reads_in_flight: a.in_flight.max(1),
+        cpu_workers: a.cpu_workers(),
         verify_fraction: a.verify_sample / 100.0,
         limit_rate: a.limit_rate,
         cancel,
@@ -353,6 +365,7 @@ async fn run_source(a: Args) -> anyhow::Result<ExitCode> {
         let opts = VmBackupOptions {
             engine: BackupOptions {
                 reads_in_flight: a.in_flight.max(1),
+                cpu_workers: a.cpu_workers(),
                 verify_fraction: a.verify_sample / 100.0,
                 limit_rate: a.limit_rate,
                 cancel: cancel.clone(),
