@@ -117,6 +117,7 @@ pub async fn restore_disk(
         counters: Counters::default(),
         progress: opts.progress.clone(),
         in_flight: opts.fetches_in_flight.max(1),
+        cpu: crate::cpu::CpuPool::new(std::thread::available_parallelism().map_or(2, |n| n.get()))?,
     });
     let run = async {
         match &to {
@@ -175,6 +176,7 @@ struct Job {
     counters: Counters,
     progress: Arc<Progress>,
     in_flight: usize,
+    cpu: crate::cpu::CpuPool,
 }
 
 impl Job {
@@ -203,12 +205,7 @@ impl Job {
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.progress.add_read(data.len() as u64);
         let codec = self.repo.codec().clone();
-        let (plain, took) = tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            (codec.decode(&id, &data), t.elapsed())
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))?;
+        let (plain, took) = self.cpu.run(move || codec.decode(&id, &data)).await?;
         self.clock.cpu(took);
         let plain = plain.map_err(|e| EngineError::repo(&self.disk, e))?;
         let r = self.index.chunk_range(i);
