@@ -51,8 +51,15 @@ mkdir -p "$TRASH"
 trap 'rm -rf "$TRASH"' EXIT
 discard() { for p in "$@"; do [ -e "$p" ] && mv "$p" "$TRASH/$(basename "$p").$RANDOM$RANDOM"; done; true; }
 newrepo() { discard "$1"; "$FERRY" repo init --repo "$1" >/dev/null; }
-# warm PATH... : read allocated data into the page cache (tests/bench/warm.py says why).
-warm() { python3 tests/bench/warm.py "$@"; }
+# warm PATH... : start every timed run from the same memory state: flush and drop the page
+# cache (as root; earlier lines' repositories would otherwise have to be reclaimed during the
+# next run, billing it for up to 8 s of extra kernel time here), then read PATH's allocated
+# data back in (tests/bench/warm.py says why).
+warm() {
+    sync
+    if [ -w /proc/sys/vm/drop_caches ]; then echo 3 > /proc/sys/vm/drop_caches; fi
+    python3 tests/bench/warm.py "$@"
+}
 jget() { python3 -c "import json,sys; d=json.load(open('$1')); print($2)"; }
 
 PORT=$((20000 + RANDOM % 20000))
