@@ -270,9 +270,9 @@ async fn demo(dir: &Path, size_mib: u64) -> anyhow::Result<ExitCode> {
 
     // 5. Restores, checked byte for byte.
     let mut all_ok = clean;
-    for (b, expected, label) in [
-        (&full, &expected_full, "full"),
-        (&incr, &expected_incr, "incremental"),
+    for (b, expected, label, step) in [
+        (&full, &expected_full, "full", "5."),
+        (&incr, &expected_incr, "incremental", "  "),
     ] {
         let manifest = repo.load_manifest(&b.report.snapshot).await?;
         let (mut secs, mut bytes, mut ok) = (0.0, 0, true);
@@ -295,7 +295,7 @@ async fn demo(dir: &Path, size_mib: u64) -> anyhow::Result<ExitCode> {
         }
         all_ok &= ok;
         say(format!(
-            "5. restored the {label} restore point ({} disks) in {secs:.2} s ({}): {}",
+            "{step} restored the {label} restore point ({} disks) in {secs:.2} s ({}): {}",
             expected.len(),
             human_rate(bytes, secs),
             if ok {
