@@ -18,7 +18,7 @@
 //! whole disk instead, and the disk's change token is stored as [`UNTRUSTED_TOKEN`], which makes
 //! the next changed-block backup of that disk read everything too.
 
-use crate::error::{EngineError, Result, joined};
+use crate::error::{EngineError, Result};
 use crate::progress::{Progress, RateLimiter, StageClock, TimeSplit};
 use ferry_core::{BlockSource, ExtentMap};
 use ferry_repo::{
@@ -30,7 +30,6 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// The change token stored for a disk whose change tracking failed verification: the next
@@ -539,8 +538,7 @@ async fn run_chunks(
     ctx: &Arc<Ctx>,
 ) -> Result<()> {
     let repo_err = |e| EngineError::repo(&job.disk.name, e);
-    let slots = Arc::new(Semaphore::new(ctx.reads_in_flight));
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = crate::tasks::ChunkTasks::new(ctx.reads_in_flight);
     for i in 0..job.dw.chunk_count() {
         let range = job.dw.chunk_range(i);
         let len = range.end - range.start;
@@ -560,26 +558,12 @@ async fn run_chunks(
             ctx.progress.add_done(len);
             continue;
         }
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| EngineError::Internal("chunk slots closed".into()))?;
-        // Surface a failed chunk early instead of after the whole disk was scheduled.
-        while let Some(r) = tasks.try_join_next() {
-            joined(r)?;
-        }
         let (job, ctx) = (job.clone(), ctx.clone());
-        tasks.spawn(async move {
-            let _permit = permit;
-            chunk_task(job, i, range, &ctx).await
-        });
+        tasks
+            .spawn(async move { chunk_task(job, i, range, &ctx).await })
+            .await?;
     }
-    // Returning early drops `tasks`, which aborts the chunks still running.
-    while let Some(r) = tasks.join_next().await {
-        joined(r)?;
-    }
-    Ok(())
+    tasks.finish().await
 }
 
 /// Read → zero check → hash → (unknown only) compress + encrypt → upload, for chunk `i`.

@@ -100,8 +100,3 @@ impl EngineError {
         }
     }
 }
-
-/// The result of a spawned per-chunk task: a panic or abort becomes an internal error.
-pub(crate) fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
-    r.map_err(|e| EngineError::Internal(format!("chunk task failed: {e}")))?
-}

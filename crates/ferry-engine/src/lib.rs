@@ -35,6 +35,7 @@ pub mod export;
 mod progress;
 pub mod restore;
 pub mod source;
+mod tasks;
 
 pub use backup::{
     BackupDisk, BackupMode, BackupOptions, BackupReport, DiskReport, UNTRUSTED_TOKEN,

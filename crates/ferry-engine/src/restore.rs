@@ -7,7 +7,7 @@
 //! WRITE_ZEROES on devices and NBD exports); image formats are written strictly in order.
 //! New files appear under their final name only when complete.
 
-use crate::error::{EngineError, Result, joined};
+use crate::error::{EngineError, Result};
 use crate::progress::{Progress, StageClock, TimeSplit};
 use ferry_core::{BlockError, BlockTarget};
 use ferry_image::{FileTarget, ImageWriter, OutputFormat};
@@ -248,8 +248,7 @@ impl Job {
                 disk_size: size,
             });
         }
-        let slots = Arc::new(tokio::sync::Semaphore::new(self.in_flight));
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut tasks = crate::tasks::ChunkTasks::new(self.in_flight);
         for i in 0..self.index.chunks.len() {
             if fresh && self.index.chunks[i].is_zero() {
                 let r = self.index.chunk_range(i);
@@ -259,24 +258,12 @@ impl Job {
                 self.progress.add_done(r.end - r.start);
                 continue;
             }
-            let permit = slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| EngineError::Internal("chunk slots closed".into()))?;
-            while let Some(r) = tasks.try_join_next() {
-                joined(r)?;
-            }
             let (job, t) = (self.clone(), t.clone());
-            tasks.spawn(async move {
-                let _permit = permit;
-                job.write_chunk(i, &*t, fresh).await
-            });
+            tasks
+                .spawn(async move { job.write_chunk(i, &*t, fresh).await })
+                .await?;
         }
-        // Returning early drops `tasks`, which aborts the chunks still running.
-        while let Some(r) = tasks.join_next().await {
-            joined(r)?;
-        }
+        tasks.finish().await?;
         t.flush().await.map_err(|e| self.target_err(&name, e))
     }
 
