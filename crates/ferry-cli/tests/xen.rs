@@ -124,6 +124,16 @@ impl Probe {
         }
     }
 
+    /// The VDI uuids of VM `name`'s disks, in device order.
+    fn disk_uuids(&mut self, name: &str) -> Vec<String> {
+        self.vm(name)["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["uuid"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     fn vm(&mut self, name: &str) -> Value {
         self.ask(json!({"op": "vm", "name": name}))
     }
@@ -391,12 +401,7 @@ fn cbt_bytes(ranges: &[(u64, u64)]) -> u64 {
 fn full_then_incremental(mode: &str) -> (Lab, Vec<String>) {
     let mut lab = Lab::start(&[mode]);
     let web = lab.probe.vm("debian-web");
-    let vdis: Vec<String> = web["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["uuid"].as_str().unwrap().to_string())
-        .collect();
+    let vdis = lab.probe.disk_uuids("debian-web");
     assert_eq!(vdis.len(), 2);
 
     // Full: both disks read in full, with the reason, through `mode`.
@@ -579,13 +584,7 @@ fn san_full_then_incremental_an_api_failure_and_ctrl_c() {
 fn cbt_reset_means_a_logged_full_read_and_several_vms_run_despite_one_failure() {
     // Default transports: SAN first, which the proxy can use here.
     let mut lab = Lab::start(&[]);
-    let db = lab.probe.vm("win-db");
-    let vdis: Vec<String> = db["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["uuid"].as_str().unwrap().to_string())
-        .collect();
+    let vdis = lab.probe.disk_uuids("win-db");
     let (full, _) = lab.backup(&["--vm", "win-db"]);
     assert_eq!(disk(&full, "xvda")["transport"], "san");
     lab.probe.assert_clean(2, "the full backup");

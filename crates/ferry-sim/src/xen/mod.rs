@@ -155,6 +155,14 @@ pub(crate) async fn dispatch(
     Ok(Value::s(task))
 }
 
+/// The VDI of an `/export_raw_vdi` or `/import_raw_vdi` query; only `format=raw` is served.
+fn raw_vdi_of_query(st: &api::State, q: &HashMap<String, String>) -> Result<String, Failure> {
+    if let Some(f) = q.get("format").filter(|f| *f != "raw") {
+        return Err(Failure::new("FORMAT_NOT_SUPPORTED", &[f.as_str()]));
+    }
+    vdi_of_query(st, q)
+}
+
 fn vdi_of_query(st: &api::State, q: &HashMap<String, String>) -> Result<String, Failure> {
     let sref = q.get("session_id").cloned().unwrap_or_default();
     if !st.session_valid(&sref) {
@@ -172,13 +180,7 @@ pub(crate) async fn export_vdi(
     q: &HashMap<String, String>,
 ) -> Result<Arc<dyn ferry_core::BlockSource>, Failure> {
     let st = shared.state.lock().await;
-    if q.get("format").is_some_and(|f| f != "raw") {
-        return Err(Failure::new(
-            "FORMAT_NOT_SUPPORTED",
-            &[q["format"].as_str()],
-        ));
-    }
-    let vdi = vdi_of_query(&st, q)?;
+    let vdi = raw_vdi_of_query(&st, q)?;
     let d = st
         .disks
         .get(&vdi)
@@ -199,13 +201,7 @@ pub(crate) async fn import_target(
     len: u64,
 ) -> Result<String, Failure> {
     let st = shared.state.lock().await;
-    if q.get("format").is_some_and(|f| f != "raw") {
-        return Err(Failure::new(
-            "FORMAT_NOT_SUPPORTED",
-            &[q["format"].as_str()],
-        ));
-    }
-    let vdi = vdi_of_query(&st, q)?;
+    let vdi = raw_vdi_of_query(&st, q)?;
     let d = st
         .disks
         .get(&vdi)
