@@ -179,21 +179,50 @@ struct Counters {
 /// Reusable chunk buffers: fresh 4 MiB allocations cost a page fault per 4 KiB.
 struct BufferPool {
     size: usize,
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<ChunkBuf>>,
+}
+
+/// Alignment of chunk buffers: lets a local source read straight into them with `O_DIRECT`.
+const BUF_ALIGN: usize = 4096;
+
+/// A pooled chunk buffer that starts on a [`BUF_ALIGN`] boundary.
+struct ChunkBuf {
+    mem: Vec<u8>,
+    at: usize,
+    len: usize,
+}
+
+impl std::ops::Deref for ChunkBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.mem[self.at..self.at + self.len]
+    }
+}
+
+impl std::ops::DerefMut for ChunkBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.mem[self.at..self.at + self.len]
+    }
 }
 
 impl BufferPool {
-    fn get(&self, len: usize) -> Vec<u8> {
+    /// A buffer of `len` (≤ the chunk size) bytes; its contents are unspecified.
+    fn get(&self, len: usize) -> ChunkBuf {
         let mut b = self
             .free
             .lock()
             .expect("pool lock")
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(self.size));
-        b.resize(len, 0);
+            .unwrap_or_else(|| {
+                let mem = vec![0; self.size + BUF_ALIGN];
+                let at = mem.as_ptr().align_offset(BUF_ALIGN);
+                ChunkBuf { mem, at, len: 0 }
+            });
+        debug_assert!(len <= self.size, "chunk of {len} bytes over the pool size");
+        b.len = len.min(self.size);
         b
     }
-    fn put(&self, b: Vec<u8>) {
+    fn put(&self, b: ChunkBuf) {
         self.free.lock().expect("pool lock").push(b);
     }
 }
@@ -460,7 +489,7 @@ async fn read_chunk(
     range: Range<u64>,
     allocated: &ExtentMap,
     ctx: &Ctx,
-) -> Result<(Vec<u8>, u64)> {
+) -> Result<(ChunkBuf, u64)> {
     let mut buf = ctx.pool.get((range.end - range.start) as usize);
     let mut pos = range.start;
     let mut read = 0;

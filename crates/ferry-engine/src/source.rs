@@ -97,7 +97,7 @@ pub async fn open(location: &str, opts: &SourceOptions) -> Result<OpenedSource> 
             "{location}: --bitmap needs an NBD source (qemu:dirty-bitmap:NAME)"
         )));
     }
-    let img = ferry_image::open_image(location)
+    let img = ferry_image::open_image_direct(location)
         .await
         .map_err(|source| EngineError::Image {
             what: format!("cannot open source {location}"),

@@ -61,6 +61,8 @@ pub struct FileSource {
     file: Arc<File>,
     size: u64,
     regular: bool,
+    /// A second descriptor opened with `O_DIRECT`, for block-aligned reads into aligned buffers.
+    direct: Option<Arc<File>>,
 }
 
 impl FileSource {
@@ -76,7 +78,34 @@ impl FileSource {
             file: Arc::new(file),
             size,
             regular,
+            direct: None,
         })
+    }
+
+    /// Reads block-aligned ranges into block-aligned buffers with `O_DIRECT`: a backup of a
+    /// large disk then neither evicts the machine's page cache nor pays the kernel's copy out
+    /// of it (a quarter of a buffered backup's kernel time on this kind of VM). Other reads
+    /// (image metadata, unaligned pieces) stay buffered; the kernel writes back dirty cached
+    /// pages of a range before reading it directly, so both views agree. A file system without
+    /// `O_DIRECT` (tmpfs) keeps buffered reads.
+    pub fn with_direct_io(mut self) -> Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+            .open(&self.path)
+        {
+            Ok(f) => self.direct = Some(Arc::new(f)),
+            Err(e) => {
+                tracing::debug!(source = %self.name, error = %e, "no O_DIRECT: buffered reads")
+            }
+        }
+        self
+    }
+
+    /// Whether aligned reads bypass the page cache (see [`with_direct_io`](Self::with_direct_io)).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 
     /// The path it was opened with.
@@ -99,6 +128,13 @@ impl BlockSource for FileSource {
         BlockError::check_range(&self.name, offset, buf.len() as u64, self.size)?;
         let len = buf.len();
         let op = || format!("read of {len} bytes at offset {offset}");
+        let aligned = offset % DIRECT_ALIGN as u64 == 0
+            && len % DIRECT_ALIGN == 0
+            && buf.as_ptr().align_offset(DIRECT_ALIGN) == 0;
+        if let (Some(direct), true) = (&self.direct, aligned && in_multi_thread_runtime()) {
+            return tokio::task::block_in_place(|| direct.read_exact_at(buf, offset))
+                .map_err(|e| BlockError::io(&self.name, op(), e));
+        }
         if in_multi_thread_runtime() {
             let file = &self.file;
             return tokio::task::block_in_place(|| file.read_exact_at(buf, offset))

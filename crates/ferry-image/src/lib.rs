@@ -43,7 +43,8 @@ pub mod fuzzing;
 pub use error::ImageError;
 pub use file::{FileSource, FileTarget};
 pub use open::{
-    DirResolver, MAX_CHAIN_DEPTH, NoFiles, OpenedImage, Resolver, detect, open_image, open_source,
+    DirResolver, MAX_CHAIN_DEPTH, NoFiles, OpenedImage, Resolver, detect, open_image,
+    open_image_direct, open_source,
 };
 pub use writer::{ImageWriter, OutputFormat, WriterOptions};
 

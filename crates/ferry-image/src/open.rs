@@ -313,12 +313,24 @@ pub(crate) async fn open_source_as(
 /// Opens the image file at `path` (any supported format, detected by content), resolving
 /// extents and parents relative to the directory of the file that names them.
 pub async fn open_image(path: impl AsRef<Path>) -> Result<OpenedImage, ImageError> {
-    let path = path.as_ref();
+    open_image_as(path.as_ref(), false).await
+}
+
+/// Like [`open_image`], reading the file's aligned data with `O_DIRECT`
+/// ([`FileSource::with_direct_io`]): for a backup, which reads a disk once.
+pub async fn open_image_direct(path: impl AsRef<Path>) -> Result<OpenedImage, ImageError> {
+    open_image_as(path.as_ref(), true).await
+}
+
+async fn open_image_as(path: &Path, direct: bool) -> Result<OpenedImage, ImageError> {
     let canonical = path
         .canonicalize()
         .map_err(|e| ImageError::io(path.display(), "open", e))?;
-    let src: Arc<dyn BlockSource> = Arc::new(FileSource::open(&canonical)?);
-    open_source(src, &DirResolver).await
+    let mut file = FileSource::open(&canonical)?;
+    if direct {
+        file = file.with_direct_io();
+    }
+    open_source(Arc::new(file), &DirResolver).await
 }
 
 #[cfg(test)]

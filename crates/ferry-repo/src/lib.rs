@@ -63,6 +63,7 @@
 
 pub mod codec;
 pub mod config;
+mod direct;
 mod error;
 pub mod fuzz;
 pub mod locks;

@@ -1,6 +1,7 @@
 //! The object-store backend: location parsing, bounded concurrency, retries, and the few
 //! operations the repository needs (conditional create, CAS update, get, list, delete).
 
+use crate::direct::DirectWriter;
 use crate::error::{RepoError, Result};
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -29,6 +30,8 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     location: String,
     permits: Arc<Semaphore>,
+    /// Local repositories: large objects bypass the page cache (see `direct.rs`).
+    direct: Option<Arc<DirectWriter>>,
 }
 
 impl fmt::Debug for Store {
@@ -79,6 +82,7 @@ impl Store {
             inner,
             location: location.into(),
             permits: Arc::new(Semaphore::new(DEFAULT_CONCURRENCY)),
+            direct: None,
         }
     }
 
@@ -101,6 +105,7 @@ impl Store {
             location: location.into(),
             reason,
         };
+        let mut direct = None;
         let store: Arc<dyn ObjectStore> = if let Some(rest) = location.strip_prefix("s3://") {
             let (bucket, prefix) = split_bucket(location, rest)?;
             let mut b = object_store::aws::AmazonS3Builder::from_env();
@@ -151,9 +156,15 @@ impl Store {
             }
             let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
                 .map_err(|e| invalid(format!("cannot open directory: {e}")))?;
+            direct = std::fs::canonicalize(path)
+                .ok()
+                .map(|root| Arc::new(DirectWriter::new(root)));
             Arc::new(fs)
         };
-        Ok(Self::new(store, location))
+        Ok(Self {
+            direct,
+            ..Self::new(store, location)
+        })
     }
 
     /// Where the repository lives (for messages).
@@ -208,10 +219,28 @@ impl Store {
     /// Writes an object only if none exists at `key` (objects are never overwritten).
     pub async fn create(&self, key: &str, data: impl Into<Bytes>) -> Result<Created> {
         let _p = self.permit().await;
+        let data = data.into();
+        if let Some(d) = self.direct.as_ref().filter(|d| d.accepts(key, data.len())) {
+            let (d, k, bytes) = (d.clone(), key.to_string(), data.clone());
+            let local = |e: std::io::Error| {
+                let source = object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source: Box::new(e),
+                };
+                RepoError::backend("put", key, source)
+            };
+            let r = tokio::task::spawn_blocking(move || d.create(&k, &bytes))
+                .await
+                .map_err(|e| local(std::io::Error::other(e)))?
+                .map_err(local)?;
+            if let Some(created) = r {
+                return Ok(created);
+            }
+        }
         let opts = PutOptions::from(PutMode::Create);
         match self
             .inner
-            .put_opts(&Path::from(key), PutPayload::from_bytes(data.into()), opts)
+            .put_opts(&Path::from(key), PutPayload::from_bytes(data), opts)
             .await
         {
             Ok(_) => Ok(Created::Written),
