@@ -220,6 +220,87 @@ fn unencrypted_repository_must_be_explicit() {
     let info: serde_json::Value =
         serde_json::from_str(&ok(&ferry(&repo, None, &[], &["repo", "info", "--json"]))).unwrap();
     assert_eq!(info["encryption"], "none");
-    // Not the default (-1), so ignoring the flag would fail here.
+    // Not the default (-1), so ignoring the flag would fail here; a level implies zstd.
     assert_eq!(info["compression_level"], -3);
+    assert_eq!(info["compression"], "zstd");
+}
+
+/// New repositories compress with LZ4 unless told otherwise; the choice shows in `repo info`
+/// and every method backs up and restores the same bytes.
+#[test]
+fn compression_methods() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    let data = ferry_repo::testdata::compressible(3, 3 << 20);
+    std::fs::write(&disk, &data).unwrap();
+    for (flags, method, human) in [
+        (&[][..], "lz4", "compression:  lz4"),
+        (
+            &["--compression", "zstd"][..],
+            "zstd",
+            "compression:  zstd level -1",
+        ),
+        (&["--compression", "none"][..], "none", "compression:  none"),
+    ] {
+        let repo = dir.path().join(method).display().to_string();
+        let mut args = vec!["repo", "init"];
+        args.extend_from_slice(flags);
+        ok(&ferry(&repo, Some(PW), &[], &args));
+        let info: serde_json::Value = serde_json::from_str(&ok(&ferry(
+            &repo,
+            Some(PW),
+            &[],
+            &["repo", "info", "--json"],
+        )))
+        .unwrap();
+        assert_eq!(info["compression"], method);
+        assert!(ok(&ferry(&repo, Some(PW), &[], &["repo", "info"])).contains(human));
+        let d = format!("disk0={}", disk.display());
+        ok(&ferry(
+            &repo,
+            Some(PW),
+            &[],
+            &["backup", "--vm", "v", "--disk", &d],
+        ));
+        let info: serde_json::Value = serde_json::from_str(&ok(&ferry(
+            &repo,
+            Some(PW),
+            &[],
+            &["repo", "info", "--json"],
+        )))
+        .unwrap();
+        let stored = info["chunk_bytes"].as_u64().unwrap();
+        if method == "none" {
+            assert!(stored > data.len() as u64, "{method}: {stored}");
+        } else {
+            assert!(stored < data.len() as u64 * 2 / 3, "{method}: {stored}");
+        }
+        let out = dir.path().join(format!("{method}.raw"));
+        ok(&ferry(
+            &repo,
+            Some(PW),
+            &[],
+            &["restore", "v@latest", "--to", out.to_str().unwrap()],
+        ));
+        assert!(std::fs::read(&out).unwrap() == data, "{method}");
+    }
+    let repo = dir.path().join("bad").display().to_string();
+    let out = ferry(
+        &repo,
+        Some(PW),
+        &[],
+        &[
+            "repo",
+            "init",
+            "--compression",
+            "lz4",
+            "--compression-level",
+            "3",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("applies to zstd only"),
+        "{out:?}"
+    );
 }

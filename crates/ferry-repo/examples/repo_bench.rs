@@ -24,7 +24,11 @@ fn mbps(bytes: usize, secs: f64) -> f64 {
 }
 
 fn codec_case(kind: &str, chunk: usize, total: usize) {
-    let codec = ChunkCodec::new(Arc::new(Keys::from_master([1; 32], true)), 1, chunk as u32);
+    let codec = ChunkCodec::new(
+        Arc::new(Keys::from_master([1; 32], true)),
+        ferry_repo::Compression::Lz4,
+        chunk as u32,
+    );
     let n = (total / chunk).max(1);
     let chunks: Vec<Vec<u8>> = (0..n)
         .map(|i| match kind {

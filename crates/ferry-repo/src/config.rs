@@ -48,6 +48,26 @@ pub enum Encryption {
     None,
 }
 
+/// How chunks are compressed (metadata objects always use zstd).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompressionMethod {
+    /// zstd at the configured level (repositories made before LZ4 existed say nothing, which
+    /// means this).
+    #[default]
+    Zstd,
+    /// LZ4 block format: the default of new repositories (ADR 0055).
+    Lz4,
+    /// Stored uncompressed.
+    None,
+}
+
+impl CompressionMethod {
+    fn is_zstd(&self) -> bool {
+        *self == Self::Zstd
+    }
+}
+
 /// The repository's settings, fixed at init.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -58,7 +78,11 @@ pub struct RepoConfig {
     pub created: String,
     /// Chunk size in bytes.
     pub chunk_size: u32,
-    /// Default zstd level for chunks.
+    /// Chunk compression. Omitted for zstd, so zstd repositories stay readable by builds
+    /// that predate the field.
+    #[serde(default, skip_serializing_if = "CompressionMethod::is_zstd")]
+    pub compression: CompressionMethod,
+    /// zstd level for chunks (used when `compression` is zstd).
     pub compression_level: i32,
     /// Object protection.
     pub encryption: Encryption,
@@ -296,6 +320,14 @@ fn decode_small<'a>(
 }
 
 impl RepoConfig {
+    /// What chunks of this repository are compressed with.
+    pub fn chunk_compression(&self) -> crate::codec::Compression {
+        match self.compression {
+            CompressionMethod::Zstd => crate::codec::Compression::Zstd(self.compression_level),
+            CompressionMethod::Lz4 => crate::codec::Compression::Lz4,
+            CompressionMethod::None => crate::codec::Compression::None,
+        }
+    }
     /// Encodes the config, MACed with `keys`.
     pub fn encode(&self, keys: &Keys) -> Vec<u8> {
         let body = serde_json::to_vec(self).expect("config serializes");
@@ -400,6 +432,7 @@ mod tests {
             id: "abc".into(),
             created: "2026-01-01T00:00:00Z".into(),
             chunk_size: 4 << 20,
+            compression: CompressionMethod::Lz4,
             compression_level: 1,
             encryption: Encryption::Aes256Gcm,
             chunk_id: "blake3-keyed".into(),

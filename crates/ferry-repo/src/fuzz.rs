@@ -1,7 +1,7 @@
 //! Entry points shared by the cargo-fuzz targets (`fuzz/`) and the proptests: every decoder of
 //! untrusted repository bytes, fed the same input. None may panic.
 
-use crate::codec::{ChunkCodec, ChunkId, DiskIndex, Keys, open_catalog};
+use crate::codec::{ChunkCodec, ChunkId, Compression, DiskIndex, Keys, open_catalog};
 use crate::config::{KeySlot, RepoConfig};
 use crate::manifest::Manifest;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 pub fn decode_all(data: &[u8]) {
     for encrypted in [true, false] {
         let keys = Arc::new(Keys::from_master([0x42; 32], encrypted));
-        let codec = ChunkCodec::new(keys.clone(), 1, 1 << 20);
+        let codec = ChunkCodec::new(keys.clone(), Compression::Zstd(1), 1 << 20);
         let id = ChunkId([1; 32]);
         let _ = codec.decode(&id, data);
         let _ = DiskIndex::open(&keys, "indexes/f/0", data);
@@ -18,6 +18,11 @@ pub fn decode_all(data: &[u8]) {
         let _ = Manifest::open(&keys, "snapshots/f/manifest", data);
     }
     // Payload parsers behind the authentication, reached directly.
+    for method in 0..=3 {
+        for plain_len in [0, 4096, 1 << 20] {
+            let _ = crate::codec::decompress(method, data.to_vec(), plain_len);
+        }
+    }
     let _ = DiskIndex::from_payload("indexes/f/0", data);
     let _ = Manifest::from_payload("snapshots/f/manifest", data);
     let _ = RepoConfig::decode_unauthenticated(data);
@@ -35,13 +40,15 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for encrypted in [true, false] {
         let tag = if encrypted { "enc" } else { "mac" };
         let keys = Arc::new(Keys::from_master([0x42; 32], encrypted));
-        let codec = ChunkCodec::new(keys.clone(), 1, 1 << 20);
         let plain = crate::testdata::compressible(1, 4096);
-        out.push((
-            "sealed_objects",
-            format!("chunk-{tag}"),
-            codec.encode(&plain).expect("encode").data.to_vec(),
-        ));
+        for (name, c) in [("zstd", Compression::Zstd(1)), ("lz4", Compression::Lz4)] {
+            let codec = ChunkCodec::new(keys.clone(), c, 1 << 20);
+            out.push((
+                "sealed_objects",
+                format!("chunk-{name}-{tag}"),
+                codec.encode(&plain).expect("encode").data.to_vec(),
+            ));
+        }
         let idx = DiskIndex {
             disk_size: 3 << 20,
             chunk_size: 1 << 20,
@@ -59,6 +66,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             id: "00".into(),
             created: "2026-01-01T00:00:00Z".into(),
             chunk_size: 1 << 20,
+            compression: crate::config::CompressionMethod::Lz4,
             compression_level: 1,
             encryption: if encrypted {
                 Encryption::Aes256Gcm

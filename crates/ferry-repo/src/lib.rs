@@ -6,7 +6,8 @@
 //! * **Chunks**: every disk is cut into fixed-size chunks aligned to disk offsets (size chosen at
 //!   init, 1 MiB by default — see `docs/adr/0011-chunk-size.md`). A chunk's id is the keyed
 //!   BLAKE3 hash of its plaintext (the key is derived from the secret master key, so an encrypted
-//!   repository leaks no content hashes); its object is zstd-compressed when that helps and sealed
+//!   repository leaks no content hashes); its object is compressed (LZ4 by default, or zstd) when
+//!   that helps and sealed
 //!   with AES-256-GCM. All-zero chunks are never stored: the index holds a zero sentinel.
 //! * **Restore points** are synthetic fulls: a manifest (VM identity, source, hypervisor,
 //!   consistency, normalized and native VM config, per-disk change tokens) and per disk a fixed
@@ -74,8 +75,8 @@ pub mod store;
 pub mod testdata;
 pub mod time;
 
-pub use codec::{ChunkCodec, ChunkId, DiskIndex, EncodedChunk, Keys};
-pub use config::{Encryption, KdfParams, RepoConfig};
+pub use codec::{ChunkCodec, ChunkId, Compression, DiskIndex, EncodedChunk, Keys};
+pub use config::{CompressionMethod, Encryption, KdfParams, RepoConfig};
 pub use error::{RepoError, Result};
 pub use maintenance::{
     BadObject, GcOptions, GcReport, PruneDecision, Retention, VerifyOptions, VerifyReport,

@@ -2,7 +2,7 @@
 //! configuration, and per disk its index object, size and change token. Sealed (AEAD or MAC)
 //! with its own object key as context, so tampering or moving it is detected.
 
-use crate::codec::{Keys, MAGIC_MANIFEST, open, seal};
+use crate::codec::{Compression, Keys, MAGIC_MANIFEST, open, seal};
 use crate::error::{RepoError, Result};
 use ferry_core::vm::{ConsistencyLevel, HypervisorKind, NativeConfig, VmConfig};
 use serde::{Deserialize, Serialize};
@@ -107,7 +107,13 @@ impl Manifest {
     pub fn seal(&self, keys: &Keys) -> Result<Vec<u8>> {
         let key = Self::key_for(&self.id);
         let json = serde_json::to_vec(self).expect("manifest serializes");
-        seal(keys, MAGIC_MANIFEST, key.as_bytes(), &json, Some(3))
+        seal(
+            keys,
+            MAGIC_MANIFEST,
+            key.as_bytes(),
+            &json,
+            Compression::Zstd(3),
+        )
     }
 
     /// Opens manifest object `key`.

@@ -24,8 +24,8 @@ use std::time::Duration;
 /// Default chunk size (see docs/adr/0011-chunk-size.md).
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 
-/// Default zstd level of new repositories: -1 ("fast 1") compresses OS-like data ~35 % faster
-/// than level 1 for ~3 % less reduction (ADR 0016).
+/// Default zstd level, for repositories that choose zstd: -1 ("fast 1") compresses OS-like
+/// data ~35 % faster than level 1 for ~3 % less reduction (ADR 0016).
 pub const DEFAULT_COMPRESSION_LEVEL: i32 = -1;
 /// New chunk ids are published to the catalog in segments of this many, so an interrupted
 /// backup's uploads are found by the next run.
@@ -36,7 +36,9 @@ const CATALOG_FLUSH: usize = 64;
 pub struct InitOptions {
     /// Chunk size in bytes (64 KiB ..= 16 MiB, a power of two).
     pub chunk_size: u32,
-    /// zstd level for chunks.
+    /// Chunk compression (LZ4 by default: ADR 0055).
+    pub compression: crate::config::CompressionMethod,
+    /// zstd level for chunks, when `compression` is zstd.
     pub compression_level: i32,
     /// Encrypt (AES-256-GCM). `false` needs an explicit opt-in from the user.
     pub encrypted: bool,
@@ -48,6 +50,7 @@ impl Default for InitOptions {
     fn default() -> Self {
         Self {
             chunk_size: DEFAULT_CHUNK_SIZE,
+            compression: crate::config::CompressionMethod::Lz4,
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             encrypted: true,
             kdf: KdfParams::default(),
@@ -135,6 +138,7 @@ impl Repository {
             id: id.clone(),
             created: now_rfc3339(),
             chunk_size: cs,
+            compression: opts.compression,
             compression_level: opts.compression_level,
             encryption: if opts.encrypted {
                 Encryption::Aes256Gcm
@@ -232,7 +236,7 @@ impl Repository {
 
     fn assemble(store: Store, config: RepoConfig, keys: Keys) -> Self {
         let keys = Arc::new(keys);
-        let codec = ChunkCodec::new(keys.clone(), config.compression_level, config.chunk_size);
+        let codec = ChunkCodec::new(keys.clone(), config.chunk_compression(), config.chunk_size);
         Self {
             inner: Arc::new(Inner {
                 store,
