@@ -233,6 +233,15 @@ fn compression_methods() {
     let disk = dir.path().join("disk.raw");
     let data = ferry_repo::testdata::compressible(3, 3 << 20);
     std::fs::write(&disk, &data).unwrap();
+    let info_json = |repo: &str| -> serde_json::Value {
+        serde_json::from_str(&ok(&ferry(
+            repo,
+            Some(PW),
+            &[],
+            &["repo", "info", "--json"],
+        )))
+        .unwrap()
+    };
     for (flags, method, human) in [
         (&[][..], "lz4", "compression:  lz4"),
         (
@@ -246,13 +255,7 @@ fn compression_methods() {
         let mut args = vec!["repo", "init"];
         args.extend_from_slice(flags);
         ok(&ferry(&repo, Some(PW), &[], &args));
-        let info: serde_json::Value = serde_json::from_str(&ok(&ferry(
-            &repo,
-            Some(PW),
-            &[],
-            &["repo", "info", "--json"],
-        )))
-        .unwrap();
+        let info = info_json(&repo);
         assert_eq!(info["compression"], method);
         assert!(ok(&ferry(&repo, Some(PW), &[], &["repo", "info"])).contains(human));
         let d = format!("disk0={}", disk.display());
@@ -262,13 +265,7 @@ fn compression_methods() {
             &[],
             &["backup", "--vm", "v", "--disk", &d],
         ));
-        let info: serde_json::Value = serde_json::from_str(&ok(&ferry(
-            &repo,
-            Some(PW),
-            &[],
-            &["repo", "info", "--json"],
-        )))
-        .unwrap();
+        let info = info_json(&repo);
         let stored = info["chunk_bytes"].as_u64().unwrap();
         if method == "none" {
             assert!(stored > data.len() as u64, "{method}: {stored}");

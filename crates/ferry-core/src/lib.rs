@@ -7,10 +7,12 @@
 //! * [`vm`]: the hypervisor-neutral VM model stored in restore points.
 //! * [`secret`]: a string that never prints.
 //! * [`size`]: human-readable byte counts.
+//! * [`aligned`]: block-aligned bounce buffers for callers doing `O_DIRECT` I/O.
 //!
 //! This crate does no I/O; the one in-memory source ([`block::MemSource`]) exists for tests,
 //! fuzzing and small fixtures.
 
+pub mod aligned;
 pub mod block;
 pub mod extent;
 pub mod secret;

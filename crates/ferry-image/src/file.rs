@@ -8,6 +8,7 @@
 use crate::bytes::is_zero;
 use crate::error::ImageError;
 use async_trait::async_trait;
+use ferry_core::aligned::{BouncePool, DIRECT_ALIGN};
 use ferry_core::{BlockError, BlockSource, BlockTarget, ExtentMap};
 use nix::unistd::{Whence, lseek};
 use std::fs::{File, OpenOptions};
@@ -254,37 +255,19 @@ pub struct FileTarget {
     direct: Option<Arc<Direct>>,
 }
 
-/// Alignment of direct writes: covers devices with 512-byte and 4 KiB logical blocks.
-const DIRECT_ALIGN: usize = 4096;
-
 /// The `O_DIRECT` descriptor plus reusable bounce buffers (caller buffers are not
-/// block-aligned); the pool holds at most one buffer per concurrent writer.
+/// block-aligned).
 #[derive(Debug)]
 struct Direct {
     file: File,
-    bounce: std::sync::Mutex<Vec<Vec<u8>>>,
+    bounce: BouncePool,
 }
 
 impl Direct {
     /// Writes `data` at `offset` from an aligned copy.
     fn write(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        let mut b = self
-            .bounce
-            .lock()
-            .map(|mut p| p.pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        if b.len() < data.len() + DIRECT_ALIGN {
-            b = vec![0; data.len() + DIRECT_ALIGN];
-        }
-        let at = b.as_ptr().align_offset(DIRECT_ALIGN);
-        b[at..at + data.len()].copy_from_slice(data);
-        let r = self.file.write_all_at(&b[at..at + data.len()], offset);
-        if let Ok(mut p) = self.bounce.lock() {
-            p.push(b);
-        }
-        r
+        self.bounce
+            .with_aligned(data, data.len(), |b| self.file.write_all_at(b, offset))
     }
 }
 
@@ -345,7 +328,7 @@ impl FileTarget {
             Ok(file) => {
                 self.direct = Some(Arc::new(Direct {
                     file,
-                    bounce: std::sync::Mutex::new(Vec::new()),
+                    bounce: BouncePool::default(),
                 }))
             }
             Err(e) => {

@@ -17,11 +17,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Result};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-/// Alignment of direct writes: covers devices with 512-byte and 4 KiB logical blocks.
-const ALIGN: usize = 4096;
+use ferry_core::aligned::{BouncePool, DIRECT_ALIGN as ALIGN};
 /// Objects below this size are written buffered (the copy is cheap; the padding is not).
 pub(crate) const MIN_DIRECT: usize = 64 * 1024;
 
@@ -32,8 +30,7 @@ pub(crate) struct DirectWriter {
     /// Set after the file system refused `O_DIRECT`: every later write takes the normal path.
     refused: AtomicBool,
     next: AtomicU64,
-    /// Reusable bounce buffers, at most one per concurrent writer.
-    bounce: Mutex<Vec<Vec<u8>>>,
+    bounce: BouncePool,
 }
 
 impl DirectWriter {
@@ -42,7 +39,7 @@ impl DirectWriter {
             root: root.into(),
             refused: AtomicBool::new(false),
             next: AtomicU64::new(0),
-            bounce: Mutex::new(Vec::new()),
+            bounce: BouncePool::default(),
         }
     }
 
@@ -111,30 +108,12 @@ impl DirectWriter {
     /// Writes `data` padded to the block size from an aligned copy, then trims the padding.
     fn write(&self, file: &File, data: &[u8]) -> Result<()> {
         let padded = data.len().div_ceil(ALIGN) * ALIGN;
-        let mut b = self
-            .bounce
-            .lock()
-            .map(|mut p| p.pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        if b.len() < padded + ALIGN {
-            b = vec![0; padded + ALIGN];
+        self.bounce
+            .with_aligned(data, padded, |b| file.write_all_at(b, 0))?;
+        if padded != data.len() {
+            file.set_len(data.len() as u64)?;
         }
-        let at = b.as_ptr().align_offset(ALIGN);
-        b[at..at + data.len()].copy_from_slice(data);
-        b[at + data.len()..at + padded].fill(0);
-        let r = file.write_all_at(&b[at..at + padded], 0).and_then(|()| {
-            if padded != data.len() {
-                file.set_len(data.len() as u64)
-            } else {
-                Ok(())
-            }
-        });
-        if let Ok(mut p) = self.bounce.lock() {
-            p.push(b);
-        }
-        r
+        Ok(())
     }
 }
 
