@@ -183,7 +183,7 @@ struct BufferPool {
 }
 
 /// Alignment of chunk buffers: lets a local source read straight into them with `O_DIRECT`.
-const BUF_ALIGN: usize = 4096;
+const BUF_ALIGN: usize = ferry_core::aligned::DIRECT_ALIGN;
 
 /// A pooled chunk buffer that starts on a [`BUF_ALIGN`] boundary.
 struct ChunkBuf {

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use ferry_core::aligned::{BouncePool, DIRECT_ALIGN as ALIGN};
+
 /// Objects below this size are written buffered (the copy is cheap; the padding is not).
 pub(crate) const MIN_DIRECT: usize = 64 * 1024;
 
@@ -76,29 +77,25 @@ impl DirectWriter {
 
     /// Opens a new staging file beside `dest`, creating parent directories as needed.
     fn staging(&self, dest: &Path) -> Result<(File, PathBuf)> {
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+                .open(p)
+        };
         loop {
             let n = self.next.fetch_add(1, Ordering::Relaxed);
             let mut path = dest.as_os_str().to_owned();
             path.push(format!("#{}{n:06}", std::process::id()));
             let path = PathBuf::from(path);
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc_o_direct())
-                .open(&path)
-            {
+            match open(&path) {
                 Ok(f) => return Ok((f, path)),
                 Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
                 Err(e) if e.kind() == ErrorKind::NotFound => {
-                    let parent = path.parent().unwrap_or(&self.root);
-                    std::fs::create_dir_all(parent)?;
-                    // Retry once the directory exists; a second NotFound is a real error.
-                    return OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .custom_flags(libc_o_direct())
-                        .open(&path)
-                        .map(|f| (f, path));
+                    std::fs::create_dir_all(path.parent().unwrap_or(&self.root))?;
+                    // Once more now that the directory exists; a second NotFound is real.
+                    return open(&path).map(|f| (f, path));
                 }
                 Err(e) => return Err(e),
             }
@@ -115,10 +112,6 @@ impl DirectWriter {
         }
         Ok(())
     }
-}
-
-fn libc_o_direct() -> i32 {
-    nix::fcntl::OFlag::O_DIRECT.bits()
 }
 
 /// Keys whose path is the key itself under `object_store`'s local encoding (no escaping, no
