@@ -297,7 +297,8 @@ fn compression_methods() {
     );
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("applies to zstd only"),
+        String::from_utf8_lossy(&out.stderr)
+            .contains("applies to zstd only, not to --compression lz4"),
         "{out:?}"
     );
 }

@@ -54,6 +54,16 @@ fn size_of(file: &File, path: &Path) -> Result<(u64, bool), ImageError> {
     }
 }
 
+/// A second descriptor of `path` with `O_DIRECT`, for reading or for writing.
+fn open_direct(path: &Path, write: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+        .open(path)
+}
+
 /// Whether the page cache holds every page of `offset..offset + len` of `file`, asked with
 /// `cachestat(2)` (Linux 6.5+; no I/O, no readahead). Unknown (older kernel, block device
 /// without support) counts as not cached.
@@ -130,12 +140,7 @@ impl FileSource {
     /// reading it directly, so both views agree. A file system without `O_DIRECT` (tmpfs)
     /// keeps buffered reads.
     pub fn with_direct_io(mut self) -> Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        match OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
-            .open(&self.path)
-        {
+        match open_direct(&self.path, false) {
             Ok(f) => self.direct = Some(Arc::new(f)),
             Err(e) => {
                 tracing::debug!(source = %self.name, error = %e, "no O_DIRECT: buffered reads")
@@ -319,12 +324,7 @@ impl FileTarget {
     /// (a disk's odd-sized tail) still go through the page cache. A file system without
     /// `O_DIRECT` (tmpfs) keeps buffered writes.
     pub fn with_direct_io(mut self) -> Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        match OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
-            .open(&self.path)
-        {
+        match open_direct(&self.path, true) {
             Ok(file) => {
                 self.direct = Some(Arc::new(Direct {
                     file,

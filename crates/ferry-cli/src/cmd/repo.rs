@@ -227,7 +227,10 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         (Some(CompressionArg::Lz4) | None, None) => CompressionMethod::Lz4,
         (Some(CompressionArg::None), None) => CompressionMethod::None,
         (Some(other), Some(_)) => {
-            bail!("--compression-level applies to zstd only, not to --compression {other:?}")
+            let name = clap::ValueEnum::to_possible_value(&other)
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
+            bail!("--compression-level applies to zstd only, not to --compression {name}")
         }
     };
     let opts = InitOptions {
