@@ -72,7 +72,23 @@ enum Command {
     Gc(cmd::repo::GcArgs),
 }
 
+/// Keeps freed buffers mapped. Backups and restores cycle megabyte-sized chunk and object
+/// buffers through every thread; with glibc's adaptive thresholds the allocator kept returning
+/// them to the kernel and faulting fresh zeroed pages back in: 40–90 thousand page faults per
+/// W16 backup, 13 thousand with these settings, at the same peak RSS (the wall time difference
+/// was within this machine's noise).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
+    // exists, and a refused setting just leaves the default.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     logging::init(cli.global.verbose, cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -25,7 +25,9 @@ impl BouncePool {
             .flatten()
             .unwrap_or_default();
         if b.len() < len + DIRECT_ALIGN {
-            b = vec![0; len + DIRECT_ALIGN];
+            // Rounded up so that lengths varying by a few bytes (compressed objects) reuse one
+            // buffer instead of faulting in a fresh one each time.
+            b = vec![0; (len + DIRECT_ALIGN).next_multiple_of(64 << 10)];
         }
         let at = b.as_ptr().align_offset(DIRECT_ALIGN);
         b[at..at + data.len()].copy_from_slice(data);

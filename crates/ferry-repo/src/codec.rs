@@ -221,6 +221,26 @@ pub fn seal(
     payload: &[u8],
     compression: Compression,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(sealed_capacity(keys, payload.len()));
+    seal_into(keys, magic, context, payload, compression, &mut out)?;
+    Ok(out)
+}
+
+/// The most bytes [`seal`] makes of a `len`-byte payload (stored uncompressed).
+fn sealed_capacity(keys: &Keys, len: usize) -> usize {
+    HEADER_LEN + if keys.aead.is_some() { NONCE_LEN } else { 0 } + len + MAC_LEN
+}
+
+/// Appends the envelope to `out` (which has room for [`sealed_capacity`] more bytes, so it is
+/// never reallocated).
+fn seal_into(
+    keys: &Keys,
+    magic: [u8; 4],
+    context: &[u8],
+    payload: &[u8],
+    compression: Compression,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let plain_len = u32::try_from(payload.len()).map_err(|_| {
         RepoError::Usage(format!(
             "object of {} bytes is too large to seal",
@@ -233,21 +253,21 @@ pub fn seal(
         PROTECTION_MAC
     };
     // One buffer from the start: header and nonce, then the body compressed straight into place.
-    let prefix = HEADER_LEN + if keys.aead.is_some() { NONCE_LEN } else { 0 };
-    let mut out = Vec::with_capacity(prefix + payload.len() + MAC_LEN);
+    let start = out.len();
+    let prefix = start + HEADER_LEN + if keys.aead.is_some() { NONCE_LEN } else { 0 };
     out.resize(prefix, 0);
-    let compression = compress_into(payload, compression, &mut out);
+    let compression = compress_into(payload, compression, out);
     let mut header = [0u8; HEADER_LEN];
     header[..4].copy_from_slice(&magic);
     header[4..6].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     header[6] = compression;
     header[7] = protection;
     header[8..12].copy_from_slice(&plain_len.to_le_bytes());
-    out[..HEADER_LEN].copy_from_slice(&header);
+    out[start..start + HEADER_LEN].copy_from_slice(&header);
     match &keys.aead {
         Some(aead) => {
             let nonce: [u8; NONCE_LEN] = random_bytes();
-            out[HEADER_LEN..prefix].copy_from_slice(&nonce);
+            out[start + HEADER_LEN..prefix].copy_from_slice(&nonce);
             let aad = aad(&header, context);
             let tag = aead
                 .seal_in_place_separate_tag(
@@ -265,7 +285,7 @@ pub fn seal(
             out.extend_from_slice(&mac);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 fn aad(header: &[u8; HEADER_LEN], context: &[u8]) -> Vec<u8> {
@@ -539,10 +559,24 @@ impl ChunkCodec {
                 self.chunk_size
             )));
         }
-        let data = seal(&self.keys, MAGIC_CHUNK, &id.0, plaintext, self.compression)?;
+        // The object starts on a direct-I/O boundary, so a local repository writes it to disk
+        // from this buffer, without a bounce copy (`direct.rs`).
+        let align = ferry_core::aligned::DIRECT_ALIGN;
+        let mut out =
+            Vec::<u8>::with_capacity(align + sealed_capacity(&self.keys, plaintext.len()));
+        let skip = out.as_ptr().align_offset(align).min(align);
+        out.resize(skip, 0);
+        seal_into(
+            &self.keys,
+            MAGIC_CHUNK,
+            &id.0,
+            plaintext,
+            self.compression,
+            &mut out,
+        )?;
         Ok(EncodedChunk {
             id,
-            data: Bytes::from(data),
+            data: Bytes::from(out).slice(skip..),
             plain_len: plaintext.len(),
         })
     }
@@ -739,15 +773,27 @@ mod tests {
             .into_iter()
             .zip([COMPRESSION_LZ4, COMPRESSION_ZSTD])
         {
-            let e = enc.encode(&text).unwrap();
+            // Whatever the outcome, the object starts on a direct-I/O boundary (`direct.rs`
+            // writes it from there) and never outgrew its buffer.
+            let encode = |p: &[u8]| {
+                let e = enc.encode(p).unwrap();
+                assert_eq!(
+                    e.data
+                        .as_ptr()
+                        .align_offset(ferry_core::aligned::DIRECT_ALIGN),
+                    0
+                );
+                e
+            };
+            let e = encode(&text);
             assert!(e.data.len() < 10_000, "{}", e.data.len());
             assert_eq!(e.data[6], method);
             assert_eq!(enc.decode(&e.id, &e.data).unwrap(), text);
-            let e = enc.encode(&mixed).unwrap();
+            let e = encode(&mixed);
             assert_eq!(e.data[6], method);
             assert!(e.data.len() < mixed.len() * 2 / 3, "{}", e.data.len());
             assert_eq!(enc.decode(&e.id, &e.data).unwrap(), mixed);
-            let e = enc.encode(&random).unwrap();
+            let e = encode(&random);
             assert_eq!(e.data[6], COMPRESSION_NONE);
             assert_eq!(enc.decode(&e.id, &e.data).unwrap(), random);
         }

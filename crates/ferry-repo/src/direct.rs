@@ -3,9 +3,9 @@
 //! On the appliance's kind of VM a buffered write costs more CPU than compressing the data
 //! did not save: every page-cache page is freshly allocated (and, under memory ballooning or
 //! free-page reporting, faulted in from the host), then copied into. A backup writes gigabytes of
-//! chunk objects that nobody reads soon, so they bypass the cache: the sealed object is copied
-//! once into an aligned bounce buffer, written with `O_DIRECT` rounded up to the block size,
-//! and truncated to its length. Semantics match `object_store`'s local backend: the data goes
+//! chunk objects that nobody reads soon, so their whole blocks bypass the cache (written from
+//! the sealed buffer itself, which starts on a block boundary) and only the last partial block
+//! is written through it. Semantics match `object_store`'s local backend: the data goes
 //! to a staging file `<key>#<digits>` (which its listing ignores), then is hard-linked to the key
 //! only if absent, so a crash never leaves a partial object under its name.
 //!
@@ -13,8 +13,10 @@
 //! the ordinary `object_store` path.
 
 use crate::store::Created;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Result};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -81,7 +83,7 @@ impl DirectWriter {
             OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+                .custom_flags(OFlag::O_DIRECT.bits())
                 .open(p)
         };
         loop {
@@ -102,13 +104,22 @@ impl DirectWriter {
         }
     }
 
-    /// Writes `data` padded to the block size from an aligned copy, then trims the padding.
+    /// Writes `data`: its whole blocks with `O_DIRECT` (from where they are when `data` starts
+    /// on a block boundary, as sealed chunks do; else from an aligned copy), the last partial
+    /// block through the page cache. Padding that block for `O_DIRECT` and truncating the
+    /// file afterwards made ext4 read it back from disk to zero its end, once per object.
     fn write(&self, file: &File, data: &[u8]) -> Result<()> {
-        let padded = data.len().div_ceil(ALIGN) * ALIGN;
-        self.bounce
-            .with_aligned(data, padded, |b| file.write_all_at(b, 0))?;
-        if padded != data.len() {
-            file.set_len(data.len() as u64)?;
+        let body = data.len() / ALIGN * ALIGN;
+        if data.as_ptr().align_offset(ALIGN) == 0 {
+            file.write_all_at(&data[..body], 0)?;
+        } else {
+            self.bounce
+                .with_aligned(&data[..body], body, |b| file.write_all_at(b, 0))?;
+        }
+        if body < data.len() {
+            let flags = OFlag::from_bits_retain(fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)?);
+            fcntl(file.as_raw_fd(), FcntlArg::F_SETFL(flags - OFlag::O_DIRECT))?;
+            file.write_all_at(&data[body..], body as u64)?;
         }
         Ok(())
     }
@@ -144,10 +155,21 @@ mod tests {
     fn writes_exact_bytes_once_and_leaves_no_staging() {
         let dir = tempfile::tempdir().unwrap();
         let w = DirectWriter::new(dir.path());
-        for len in [MIN_DIRECT, MIN_DIRECT + 1, 1 << 20, (1 << 20) + 4095] {
-            let key = format!("chunks/{len:x}/obj");
-            let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
-            let first = w.create(&key, &data).unwrap();
+        // Lengths with and without a partial last block; data starting on a block boundary
+        // (written in place) and one byte off it (written from a copy).
+        let cases = [MIN_DIRECT, MIN_DIRECT + 1, 1 << 20, (1 << 20) + 4095]
+            .into_iter()
+            .flat_map(|len| [(len, 0), (len, 1)]);
+        for (len, shift) in cases {
+            let key = format!("chunks/{len:x}/obj{shift}");
+            let mut backing = vec![0u8; len + 2 * ALIGN];
+            let at = backing.as_ptr().align_offset(ALIGN) + shift;
+            let data = &mut backing[at..at + len];
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = (i * 7 + len) as u8;
+            }
+            let data = &*data;
+            let first = w.create(&key, data).unwrap();
             let tmpfs = nix::sys::statfs::statfs(dir.path())
                 .unwrap()
                 .filesystem_type()
