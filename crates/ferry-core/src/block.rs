@@ -8,6 +8,7 @@
 
 use crate::extent::ExtentMap;
 use async_trait::async_trait;
+use bytes::Bytes;
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
@@ -140,6 +141,14 @@ pub trait BlockSource: Send + Sync + fmt::Debug {
     /// Fills `buf` with the bytes at `offset`. The whole range must lie within [`size`](Self::size).
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError>;
 
+    /// The `len` bytes at `offset` in a buffer the source already holds them in (an NBD
+    /// reply as received), so the caller reads them without a copy. `None`: the source has no
+    /// such buffer; use [`read_at`](Self::read_at).
+    async fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Bytes>, BlockError> {
+        let _ = (offset, len);
+        Ok(None)
+    }
+
     /// The parts of `range` that may hold non-zero data. Everything else reads as zeros.
     /// The default, for sources that cannot tell, is the whole range.
     async fn allocated(&self, range: Range<u64>) -> Result<ExtentMap, BlockError> {
@@ -165,6 +174,9 @@ impl<T: BlockSource + ?Sized> BlockSource for Arc<T> {
     }
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         (**self).read_at(offset, buf).await
+    }
+    async fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Bytes>, BlockError> {
+        (**self).read_shared(offset, len).await
     }
     async fn allocated(&self, range: Range<u64>) -> Result<ExtentMap, BlockError> {
         (**self).allocated(range).await

@@ -205,6 +205,23 @@ impl std::ops::DerefMut for ChunkBuf {
     }
 }
 
+/// A chunk's bytes: a pooled buffer the source read into, or a buffer the source already
+/// held them in (an NBD reply as received), used without a copy.
+enum ChunkData {
+    Pooled(ChunkBuf),
+    Shared(bytes::Bytes),
+}
+
+impl std::ops::Deref for ChunkData {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ChunkData::Pooled(b) => b,
+            ChunkData::Shared(b) => b,
+        }
+    }
+}
+
 impl BufferPool {
     /// A buffer of `len` (≤ the chunk size) bytes; its contents are unspecified.
     fn get(&self, len: usize) -> ChunkBuf {
@@ -224,6 +241,12 @@ impl BufferPool {
     }
     fn put(&self, b: ChunkBuf) {
         self.free.lock().expect("pool lock").push(b);
+    }
+    /// Takes back a chunk's buffer if it came from the pool.
+    fn recycle(&self, d: ChunkData) {
+        if let ChunkData::Pooled(b) = d {
+            self.put(b);
+        }
     }
 }
 
@@ -483,18 +506,49 @@ fn report(
     }
 }
 
-/// Reads the allocated parts of `range` into a pooled buffer (holes zero-filled).
+/// Reads the allocated parts of `range` (holes zero-filled): a wholly allocated chunk as the
+/// source's own buffer when it has one, else into a pooled buffer.
 async fn read_chunk(
     d: &BackupDisk,
     range: Range<u64>,
     allocated: &ExtentMap,
     ctx: &Ctx,
-) -> Result<(ChunkBuf, u64)> {
-    let mut buf = ctx.pool.get((range.end - range.start) as usize);
+) -> Result<(ChunkData, u64)> {
+    let len = range.end - range.start;
+    let t = Instant::now();
+    let parts = allocated.clip(range.clone());
+    if parts.total_len() == len {
+        if let Some(l) = &ctx.limiter {
+            l.acquire(len).await;
+        }
+        let source_err = |source| EngineError::Source {
+            disk: d.name.clone(),
+            source,
+        };
+        if let Some(b) = d
+            .source
+            .read_shared(range.start, len as usize)
+            .await
+            .map_err(source_err)?
+            .filter(|b| b.len() as u64 == len)
+        {
+            ctx.clock.source(t);
+            ctx.progress.add_read(len);
+            return Ok((ChunkData::Shared(b), len));
+        }
+        let mut buf = ctx.pool.get(len as usize);
+        if let Err(err) = d.source.read_at(range.start, &mut buf).await {
+            ctx.pool.put(buf);
+            return Err(source_err(err));
+        }
+        ctx.clock.source(t);
+        ctx.progress.add_read(len);
+        return Ok((ChunkData::Pooled(buf), len));
+    }
+    let mut buf = ctx.pool.get(len as usize);
     let mut pos = range.start;
     let mut read = 0;
-    let t = Instant::now();
-    for e in allocated.clip(range.clone()).iter() {
+    for e in parts.iter() {
         buf[(pos - range.start) as usize..(e.offset - range.start) as usize].fill(0);
         if let Some(l) = &ctx.limiter {
             l.acquire(e.length).await;
@@ -513,7 +567,7 @@ async fn read_chunk(
     buf[(pos - range.start) as usize..].fill(0);
     ctx.clock.source(t);
     ctx.progress.add_read(read);
-    Ok((buf, read))
+    Ok((ChunkData::Pooled(buf), read))
 }
 
 /// Runs `f` on the CPU pool, timing it.
@@ -545,7 +599,7 @@ async fn verify_sample(
                 (id, buf)
             })
             .await?;
-            ctx.pool.put(buf);
+            ctx.pool.recycle(buf);
             let expected = prev.chunks.get(i as usize).copied();
             Ok::<_, EngineError>((expected != Some(id)).then_some(range.start))
         })
@@ -620,7 +674,7 @@ async fn chunk_task(job: Arc<DiskJob>, i: u64, range: Range<u64>, ctx: &Ctx) -> 
         (r, buf)
     })
     .await?;
-    ctx.pool.put(buf);
+    ctx.pool.recycle(buf);
     let repo_err = |e| EngineError::repo(&job.disk.name, e);
     match res.map_err(repo_err)? {
         Processed::Zero => {

@@ -2,6 +2,7 @@
 //! how much an incremental backup really fetched from the hypervisor.
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use ferry_core::{BlockError, BlockSource, ExtentMap};
 use std::ops::Range;
 use std::sync::Arc;
@@ -61,6 +62,14 @@ impl BlockSource for CountingSource {
             .bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())
+    }
+    async fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Bytes>, BlockError> {
+        let r = self.inner.read_shared(offset, len).await?;
+        if r.is_some() {
+            self.counters.reads.fetch_add(1, Ordering::Relaxed);
+            self.counters.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        }
+        Ok(r)
     }
     async fn allocated(&self, range: Range<u64>) -> Result<ExtentMap, BlockError> {
         self.inner.allocated(range).await

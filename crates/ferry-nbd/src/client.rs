@@ -1083,15 +1083,36 @@ impl NbdClient {
                 c.request(cmd::READ, 0, offset, len, None).await
             })
             .await?;
-        let filled: usize = reply.data.iter().map(|(_, b)| b.len()).sum();
-        if filled != out.len() {
-            out.fill(0);
-        }
-        for (o, b) in reply.data {
-            let at = (o - offset) as usize;
-            out[at..at + b.len()].copy_from_slice(&b);
-        }
+        fill_from_reply(out, offset, reply);
         Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` into a buffer of their own, as one request up to the
+    /// server's maximum block size (not split at `max_request`: joining pieces would be a
+    /// copy). When the server answers with one data piece (the usual case), that buffer is the
+    /// received reply itself. The backup engine reads whole chunks (1 MiB by default) this way.
+    pub async fn read_shared(&self, offset: u64, len: usize) -> Result<Bytes, NbdError> {
+        self.check_range("read", offset, len as u64)?;
+        let min = u64::from(self.info.block_min);
+        let aligned = min <= 1 || (offset % min == 0 && len as u64 % min == 0);
+        if len == 0 || len > self.info.block_max as usize || !aligned {
+            let mut v = vec![0u8; len];
+            self.read(offset, &mut v).await?;
+            return Ok(Bytes::from(v));
+        }
+        let reply = self
+            .run(true, |c| async move {
+                c.request(cmd::READ, 0, offset, len as u32, None).await
+            })
+            .await?;
+        if let [(o, b)] = reply.data.as_slice() {
+            if *o == offset && b.len() == len {
+                return Ok(b.clone());
+            }
+        }
+        let mut v = vec![0u8; len];
+        fill_from_reply(&mut v, offset, reply);
+        Ok(Bytes::from(v))
     }
 
     /// Reads `buf.len()` bytes at `offset`, as many requests in flight as the connections allow.
@@ -1322,5 +1343,18 @@ impl NbdClient {
             let c = slot.conn.lock().expect("slot lock").clone();
             c.disconnect().await;
         }
+    }
+}
+
+/// Copies a READ reply's data pieces (already checked to lie within the request) into `out`,
+/// which starts at disk offset `offset`; what no piece covers reads as zeros.
+fn fill_from_reply(out: &mut [u8], offset: u64, reply: Reply) {
+    let filled: usize = reply.data.iter().map(|(_, b)| b.len()).sum();
+    if filled != out.len() {
+        out.fill(0);
+    }
+    for (o, b) in reply.data {
+        let at = (o - offset) as usize;
+        out[at..at + b.len()].copy_from_slice(&b);
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::client::NbdClient;
 use async_trait::async_trait;
+use bytes::Bytes;
 use ferry_core::{BlockError, BlockSource, BlockTarget, ExtentMap};
 use std::ops::Range;
 
@@ -20,6 +21,14 @@ impl BlockSource for NbdClient {
         BlockError::check_range(&self.uri_redacted(), offset, buf.len() as u64, self.size())?;
         self.read(offset, buf)
             .await
+            .map_err(|e| e.into_block_error(&self.uri_redacted()))
+    }
+
+    async fn read_shared(&self, offset: u64, len: usize) -> Result<Option<Bytes>, BlockError> {
+        BlockError::check_range(&self.uri_redacted(), offset, len as u64, self.size())?;
+        NbdClient::read_shared(self, offset, len)
+            .await
+            .map(Some)
             .map_err(|e| e.into_block_error(&self.uri_redacted()))
     }
 

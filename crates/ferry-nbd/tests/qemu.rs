@@ -71,6 +71,17 @@ async fn reads_qcow2_bytes_and_maps_like_nbdinfo() {
     let mut odd = vec![0u8; 12345];
     client.read(4 * 1024 * 1024 - 100, &mut odd).await.unwrap();
     assert_eq!(odd[..], expect[4 * 1024 * 1024 - 100..][..12345]);
+    // Shared reads (one request each, the reply's own buffer or holes filled in), chunk by
+    // chunk, unaligned, and the whole disk in one request.
+    let mut ranges: Vec<(u64, usize)> = (0..16).map(|i| (i << 20, 1 << 20)).collect();
+    ranges.extend([(4 * 1024 * 1024 - 100, 12345), (0, 16 << 20)]);
+    for (o, len) in ranges {
+        let b = client.read_shared(o, len).await.unwrap();
+        assert!(
+            b[..] == expect[o as usize..][..len],
+            "shared read of {len} at {o}"
+        );
+    }
 
     let ours = rows(
         client
