@@ -517,57 +517,45 @@ async fn read_chunk(
     let len = range.end - range.start;
     let t = Instant::now();
     let parts = allocated.clip(range.clone());
-    if parts.total_len() == len {
-        if let Some(l) = &ctx.limiter {
-            l.acquire(len).await;
-        }
-        let source_err = |source| EngineError::Source {
-            disk: d.name.clone(),
-            source,
-        };
-        if let Some(b) = d
-            .source
+    let read = parts.total_len();
+    if let Some(l) = &ctx.limiter {
+        l.acquire(read).await;
+    }
+    let source_err = |source| EngineError::Source {
+        disk: d.name.clone(),
+        source,
+    };
+    let shared = if read == len {
+        d.source
             .read_shared(range.start, len as usize)
             .await
             .map_err(source_err)?
             .filter(|b| b.len() as u64 == len)
-        {
-            ctx.clock.source(t);
-            ctx.progress.add_read(len);
-            return Ok((ChunkData::Shared(b), len));
+    } else {
+        None
+    };
+    let data = match shared {
+        Some(b) => ChunkData::Shared(b),
+        None => {
+            let mut buf = ctx.pool.get(len as usize);
+            let mut pos = range.start;
+            for e in parts.iter() {
+                buf[(pos - range.start) as usize..(e.offset - range.start) as usize].fill(0);
+                let dst =
+                    &mut buf[(e.offset - range.start) as usize..(e.end() - range.start) as usize];
+                if let Err(err) = d.source.read_at(e.offset, dst).await {
+                    ctx.pool.put(buf);
+                    return Err(source_err(err));
+                }
+                pos = e.end();
+            }
+            buf[(pos - range.start) as usize..].fill(0);
+            ChunkData::Pooled(buf)
         }
-        let mut buf = ctx.pool.get(len as usize);
-        if let Err(err) = d.source.read_at(range.start, &mut buf).await {
-            ctx.pool.put(buf);
-            return Err(source_err(err));
-        }
-        ctx.clock.source(t);
-        ctx.progress.add_read(len);
-        return Ok((ChunkData::Pooled(buf), len));
-    }
-    let mut buf = ctx.pool.get(len as usize);
-    let mut pos = range.start;
-    let mut read = 0;
-    for e in parts.iter() {
-        buf[(pos - range.start) as usize..(e.offset - range.start) as usize].fill(0);
-        if let Some(l) = &ctx.limiter {
-            l.acquire(e.length).await;
-        }
-        let dst = &mut buf[(e.offset - range.start) as usize..(e.end() - range.start) as usize];
-        if let Err(err) = d.source.read_at(e.offset, dst).await {
-            ctx.pool.put(buf);
-            return Err(EngineError::Source {
-                disk: d.name.clone(),
-                source: err,
-            });
-        }
-        read += e.length;
-        pos = e.end();
-    }
-    buf[(pos - range.start) as usize..].fill(0);
+    };
     ctx.clock.source(t);
     ctx.progress.add_read(read);
-    Ok((ChunkData::Pooled(buf), read))
+    Ok((data, read))
 }
 
 /// Runs `f` on the CPU pool, timing it.
