@@ -70,6 +70,9 @@ enum Command {
     Prune(cmd::repo::PruneArgs),
     /// Delete chunks no restore point references.
     Gc(cmd::repo::GcArgs),
+    /// Measure this machine's CPU ceiling for backups and restores (hashing, compression,
+    /// encryption; one core and all), on a sample of a disk or on generated data.
+    Benchmark(cmd::benchmark::Args),
 }
 
 /// Keeps freed buffers mapped. Backups and restores cycle megabyte-sized chunk and object
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
             Command::Verify(a) => cmd::repo::verify(a, &cli.global).await,
             Command::Prune(a) => cmd::repo::prune(a, &cli.global).await,
             Command::Gc(a) => cmd::repo::gc(a, &cli.global).await,
+            Command::Benchmark(a) => cmd::benchmark::run(a, &cli.global).await,
         }
     });
     match result {

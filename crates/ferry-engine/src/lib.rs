@@ -29,6 +29,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod backup;
+pub mod calibrate;
 mod cpu;
 mod error;
 pub mod export;

@@ -322,6 +322,14 @@ fn compress_into(payload: &[u8], compression: Compression, out: &mut Vec<u8>) ->
     COMPRESSION_NONE
 }
 
+/// `payload` compressed the way a chunk would be (or stored, when that does not pay), and the
+/// method byte; for measuring the codec on its own (`ferry benchmark`).
+pub fn compress_chunk(payload: &[u8], compression: Compression) -> (u8, Vec<u8>) {
+    let mut out = Vec::with_capacity(payload.len());
+    let method = compress_into(payload, compression, &mut out);
+    (method, out)
+}
+
 /// LZ4-compresses `payload` onto the end of `out` if the result is under `limit` bytes.
 fn lz4_into(payload: &[u8], limit: usize, out: &mut Vec<u8>) -> bool {
     let (Ok(src_len), Ok(cap)) = (

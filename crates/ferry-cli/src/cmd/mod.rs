@@ -2,6 +2,7 @@
 //! `pub async fn run(args: Args, global: &crate::Global) -> anyhow::Result<std::process::ExitCode>`.
 
 pub mod backup;
+pub mod benchmark;
 pub mod demo;
 pub mod export;
 pub mod features;
