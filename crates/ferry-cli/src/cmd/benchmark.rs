@@ -17,7 +17,7 @@ pub struct Args {
     /// allocated data. Without it: generated file-system-like data.
     #[arg(long, value_name = "SOURCE")]
     sample: Option<String>,
-    /// How much sample data to read or generate.
+    /// How much sample data to read or generate (held in memory; at most 4G).
     #[arg(long, default_value = "128M", value_parser = parse_bytes)]
     sample_size: u64,
     /// Chunk size, as the repository uses it.
@@ -69,6 +69,9 @@ pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode
         .ok()
         .filter(|c| c.is_power_of_two() && (64 << 10..=16 << 20).contains(c))
         .context("--chunk-size must be a power of two from 64K to 16M")?;
+    if args.sample_size > 4 << 30 {
+        anyhow::bail!("--sample-size is at most 4G: the sample is held in memory");
+    }
     if !(args.seconds.is_finite() && args.seconds > 0.0) {
         anyhow::bail!("--seconds must be a positive number");
     }
@@ -76,7 +79,7 @@ pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode
         Some(loc) => {
             let opened = ferry_engine::source::open(loc, &args.tls.source_options()?)
                 .await
-                .with_context(|| format!("cannot open the sample {loc}"))?;
+                .context("cannot open the sample")?; // the cause names it, without secrets
             let s = calibrate::sample_source(&*opened.source, args.sample_size, chunk_size)
                 .await
                 .with_context(|| format!("cannot sample {}", opened.source.name()))?;
