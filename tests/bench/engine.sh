@@ -232,6 +232,12 @@ if want s3 || want azure; then
     [ -f "$BENCH_DIR/w4-v2.raw" ] || { gen w16 w16-v2.raw; dd if="$BENCH_DIR/w16-v2.raw" of="$BENCH_DIR/w4-v2.raw.tmp" bs=1M count=4096 conv=sparse status=none; mv "$BENCH_DIR/w4-v2.raw.tmp" "$BENCH_DIR/w4-v2.raw"; }
     W4=$BENCH_DIR/w4-v2.raw
     OBJ_PORT=$((PORT + 1))
+    # storage_row REPO: the store's own ceiling for W16-sized objects, 8 requests in flight
+    # (`ferry benchmark --repo`), to read the backup line against.
+    storage_row() {
+        measure ferry-store "$FERRY" benchmark --repo "$1" --sample "$W4" --sample-size 256M --seconds 3 --json
+        row "  storage alone (ferry benchmark)" "" "" "" "" "upload $(jget "$BENCH_DIR/ferry-store.stdout" "round(d['storage']['upload_bytes_per_sec']/2**20)") MiB/s, download $(jget "$BENCH_DIR/ferry-store.stdout" "round(d['storage']['download_bytes_per_sec']/2**20)") MiB/s of objects"
+    }
 fi
 if want s3; then
     .peers/venv/bin/moto_server -H 127.0.0.1 -p "$OBJ_PORT" >"$BENCH_DIR/moto.log" 2>&1 & MOTO=$!
@@ -243,6 +249,7 @@ if want s3; then
     measure ferry-s3 "$FERRY" backup --repo s3://bench/repo --vm w4 --disk "$W4" --json
     UP=$(jget "$BENCH_DIR/ferry-s3.stdout" "d['disks'][0]['uploaded_bytes']>>20")
     row "1 GiB of W16 data to moto S3" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "" "$(echo "scale=0; 1024 / $WALL" | bc) MiB/s of data; ${UP} MiB uploaded"
+    storage_row s3://bench/repo
     stop_pid "$MOTO"
 fi
 if want azure; then
@@ -260,6 +267,7 @@ BlobServiceClient.from_connection_string(sys.argv[1]).create_container('bench')"
     measure ferry-azure "$FERRY" backup --repo az://bench/repo --vm w4 --disk "$W4" --json
     UP=$(jget "$BENCH_DIR/ferry-azure.stdout" "d['disks'][0]['uploaded_bytes']>>20")
     row "1 GiB of W16 data to Azurite" "${WALL}s" "${CPU}s" "${RSS_MIB}M" "" "$(echo "scale=0; 1024 / $WALL" | bc) MiB/s of data; ${UP} MiB uploaded"
+    storage_row az://bench/repo
     stop_pid "$AZ"
     discard "$BENCH_DIR/azurite"
 fi

@@ -1,12 +1,21 @@
-//! `ferry benchmark` through the binary: generated data, a sample read from an image file that
-//! qemu-img wrote, and clear errors for bad samples and options.
+//! `ferry benchmark` through the binary: generated data, samples read from an image file that
+//! qemu-img wrote and from qemu-nbd, storage rates of local, S3 (moto) and Azure (Azurite)
+//! repositories, and clear errors for bad samples, options and targets.
 
+use ferry_core::Secret;
+use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use std::process::{Command, Output};
 
 fn ferry(args: &[&str]) -> Output {
+    ferry_env(args, &[])
+}
+
+fn ferry_env(args: &[&str], env: &[(String, String)]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(args)
         .env_remove("RUST_LOG")
+        .env_remove("FERRY_PASSWORD")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("run ferry");
     eprintln!(
@@ -103,9 +112,7 @@ fn image_sample_reads_only_its_non_zero_data() {
         vhdx.to_str().unwrap(),
     ]);
     // The same disk over NBD: qemu-nbd's block status tells the holes apart.
-    let nbd = ferry_testkit::QemuNbd::new(&raw)
-        .read_only(true)
-        .start();
+    let nbd = ferry_testkit::QemuNbd::new(&raw).read_only(true).start();
     for sample in [
         raw.display().to_string(),
         vhdx.display().to_string(),
@@ -162,4 +169,101 @@ fn bad_samples_and_options_fail_clearly() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{flag} {value}: {err}");
     }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Runtime::new().unwrap().block_on(f)
+}
+
+/// Every object key of the store at `url`.
+fn keys(url: &str, env: &[(String, String)]) -> Vec<String> {
+    block_on(async {
+        let store = Store::open_with(url, false, env).unwrap();
+        let mut k: Vec<_> = store
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .collect();
+        k.sort();
+        k
+    })
+}
+
+#[test]
+fn storage_rates_of_local_s3_and_azure_repositories_leave_nothing_behind() {
+    let dir = ferry_testkit::scratch_dir();
+    let local = dir.path().join("repo");
+    let s3 = ferry_testkit::Moto::start();
+    let az = ferry_testkit::Azurite::start();
+    for (url, env) in [
+        (local.display().to_string(), Vec::new()),
+        (s3.url(), s3.env()),
+        (az.url(), az.env()),
+    ] {
+        block_on(async {
+            let store = Store::open_with(&url, true, &env).unwrap();
+            let opts = InitOptions {
+                kdf: KdfParams::insecure_fast(),
+                ..Default::default()
+            };
+            Repository::init(store, Some(&Secret::new("pw")), opts)
+                .await
+                .unwrap();
+        });
+        let before = keys(&url, &env);
+        // The listing sees top-level objects, where the benchmark writes its own.
+        assert!(before.iter().any(|k| k == "config"), "{url}: {before:?}");
+        let out = ferry_env(
+            &[
+                "benchmark",
+                "--repo",
+                &url,
+                "--sample-size",
+                "2M",
+                "--chunk-size",
+                "256K",
+                "--in-flight",
+                "4",
+                "--seconds",
+                "0.1",
+                "--json",
+            ],
+            &env,
+        );
+        let v = json(&out);
+        let st = &v["storage"];
+        assert!(st["objects"].as_u64().unwrap() >= 8, "{url}: {st}");
+        assert_eq!(st["in_flight"], 4);
+        for k in ["upload_bytes_per_sec", "download_bytes_per_sec"] {
+            assert!(st[k].as_f64().unwrap() > 0.0, "{url}: {st}");
+        }
+        assert_eq!(
+            keys(&url, &env),
+            before,
+            "{url}: benchmark objects left behind"
+        );
+    }
+}
+
+#[test]
+fn storage_benchmark_writes_only_into_repositories() {
+    let dir = ferry_testkit::scratch_dir();
+    std::fs::write(dir.path().join("precious.txt"), b"keep").unwrap();
+    let out = ferry(&[
+        "benchmark",
+        "--repo",
+        dir.path().to_str().unwrap(),
+        "--seconds",
+        "0.05",
+    ]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no measurement before the check");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a Ferry repository"));
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["precious.txt"]);
 }

@@ -5,8 +5,12 @@
 //! wall time of a full backup can only approach `data / all-core pipeline rate`.
 
 use crate::error::{EngineError, Result};
+use bytes::Bytes;
 use ferry_core::BlockSource;
+use ferry_repo::Store;
 use ferry_repo::codec::{self, ChunkCodec, ChunkId, Compression, Keys};
+use ferry_repo::config::CONFIG_KEY;
+use futures::StreamExt;
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -221,6 +225,158 @@ pub fn calibrate(sample: &[Vec<u8>], opts: &CalibrateOptions) -> Result<Calibrat
         backup_all_cores: backup_all,
         restore_all_cores: restore_all,
     })
+}
+
+/// The sealed objects of `sample` (as a backup would upload them), for [`measure_store`].
+pub fn sealed_objects(sample: &[Vec<u8>], opts: &CalibrateOptions) -> Result<Vec<Bytes>> {
+    let keys = Arc::new(Keys::from_master([0x5a; 32], opts.encrypted));
+    let codec = ChunkCodec::new(keys, opts.compression, opts.chunk_size);
+    sample
+        .iter()
+        .map(|c| {
+            codec
+                .encode(c)
+                .map(|e| e.data)
+                .map_err(|e| EngineError::repo("benchmark", e))
+        })
+        .collect()
+}
+
+/// Upload and download rates of a repository's storage.
+#[derive(Clone, Debug, Serialize)]
+pub struct StoreRates {
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// Objects written (each read back at least once, then deleted).
+    pub objects: u64,
+    /// Object bytes written per second.
+    pub upload_bytes_per_sec: f64,
+    /// Object bytes read per second.
+    pub download_bytes_per_sec: f64,
+}
+
+/// Fails unless `store` holds a repository: the storage benchmark writes nowhere else.
+pub async fn ensure_repository(store: &Store) -> Result<()> {
+    let found = store
+        .head(CONFIG_KEY)
+        .await
+        .map_err(|e| EngineError::repo("benchmark", e))?;
+    if found.is_none() {
+        return Err(EngineError::Usage(format!(
+            "{} is not a Ferry repository (it has no `{CONFIG_KEY}` object); the benchmark writes \
+             only into repositories",
+            store.location()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `objects` (cycled) into the repository's storage for at least `min_time`, reads them
+/// back (checking every byte), then deletes them all, `in_flight` requests at a time. Only
+/// writes into an existing repository, under keys of its own (`benchmark-RUN-N`) that nothing
+/// else reads; they are deleted even when a step fails.
+pub async fn measure_store(
+    store: &Store,
+    objects: &[Bytes],
+    in_flight: usize,
+    min_time: Duration,
+) -> Result<StoreRates> {
+    let repo_err = |e| EngineError::repo("benchmark", e);
+    if objects.is_empty() {
+        return Err(EngineError::Usage("no objects to upload".into()));
+    }
+    ensure_repository(store).await?;
+    let mut run = [0u8; 8];
+    getrandom::fill(&mut run)
+        .map_err(|e| EngineError::Internal(format!("no random numbers: {e}")))?;
+    let run = u64::from_le_bytes(run);
+    let key = move |i: u64| format!("benchmark-{run:016x}-{i}");
+    let in_flight = in_flight.max(1);
+    // Which objects were written, so that exactly those are deleted.
+    let written = std::sync::Mutex::new(Vec::new());
+
+    let measured = async {
+        let n = objects.len() as u64;
+        let object = |i: u64| &objects[(i % n) as usize];
+        let up = run_workers(in_flight, n, min_time, |i| {
+            let (k, data) = (key(i), object(i).clone());
+            let written = &written;
+            async move {
+                let len = data.len() as u64;
+                // Noted before the write: one cut short may still land, and deleting a
+                // missing object is fine.
+                written.lock().expect("written lock").push(i);
+                store.create(&k, data).await.map_err(repo_err)?;
+                Ok(len)
+            }
+        })
+        .await?;
+        let mut ids = written.lock().expect("written lock").clone();
+        ids.sort_unstable();
+        let ids = &ids;
+        let down = run_workers(in_flight, ids.len() as u64, min_time, |j| {
+            let i = ids[(j % ids.len() as u64) as usize];
+            async move {
+                let k = key(i);
+                let got = store.get(&k).await.map_err(repo_err)?;
+                if got != object(i) {
+                    return Err(EngineError::Internal(format!(
+                        "{}: `{k}` read back differs from what was written",
+                        store.location()
+                    )));
+                }
+                Ok(got.len() as u64)
+            }
+        })
+        .await?;
+        Ok::<_, EngineError>(StoreRates {
+            in_flight,
+            objects: ids.len() as u64,
+            upload_bytes_per_sec: up,
+            download_bytes_per_sec: down,
+        })
+    }
+    .await;
+
+    let ids = std::mem::take(&mut *written.lock().expect("written lock"));
+    let deleted: Vec<_> = futures::stream::iter(ids)
+        .map(|i| async move { store.delete(&key(i)).await })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await;
+    if let Some(Err(e)) = deleted.into_iter().find(Result::is_err) {
+        return Err(EngineError::Usage(format!(
+            "could not delete the benchmark's objects `benchmark-{run:016x}-*` from {}: {e}; \
+             delete them by hand",
+            store.location()
+        )));
+    }
+    measured
+}
+
+/// `workers` futures take indices from one counter and run `f` until `min_time` has passed and
+/// at least `n` indices were taken; total bytes per second.
+async fn run_workers<F, Fut>(workers: usize, n: u64, min_time: Duration, f: F) -> Result<f64>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<u64>>,
+{
+    // A ceiling on objects, whatever the storage's speed.
+    const MAX_OBJECTS: u64 = 100_000;
+    let next = AtomicU64::new(0);
+    let start = Instant::now();
+    let worker = || async {
+        let mut bytes = 0u64;
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= MAX_OBJECTS || (i >= n && start.elapsed() >= min_time) {
+                return Ok::<_, EngineError>(bytes);
+            }
+            bytes += f(i).await?;
+        }
+    };
+    let totals = futures::future::try_join_all((0..workers).map(|_| worker())).await?;
+    Ok(totals.iter().sum::<u64>() as f64 / start.elapsed().as_secs_f64())
 }
 
 fn rate(name: &'static str, bytes_per_sec: f64) -> Rate {

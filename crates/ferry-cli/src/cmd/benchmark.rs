@@ -35,6 +35,14 @@ pub struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
+    /// Also measure uploads to and downloads from this repository's storage (a path, file://,
+    /// s3:// or az:// URL of an initialized repository). Test objects are written beside its
+    /// data and deleted afterwards; no password is needed.
+    #[arg(long)]
+    repo: Option<String>,
+    /// Storage requests in flight (as `ferry backup --in-flight`).
+    #[arg(long, default_value_t = 8)]
+    in_flight: usize,
     #[command(flatten)]
     tls: TlsArgs,
     /// Print JSON instead of text.
@@ -75,6 +83,16 @@ pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode
     if !(args.seconds.is_finite() && args.seconds > 0.0) {
         anyhow::bail!("--seconds must be a positive number");
     }
+    let store = match &args.repo {
+        Some(loc) => {
+            let st = ferry_repo::Store::open(loc, false)
+                .with_context(|| format!("cannot open repository {loc}"))?;
+            // Before the CPU work, not after it.
+            calibrate::ensure_repository(&st).await?;
+            Some(st)
+        }
+        None => None,
+    };
     let (sample, origin) = match &args.sample {
         Some(loc) => {
             let opened = ferry_engine::source::open(loc, &args.tls.source_options()?)
@@ -101,17 +119,48 @@ pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode
     };
     tracing::info!(sample = %origin, bytes = sample.iter().map(Vec::len).sum::<usize>(),
         "measuring");
-    let c = tokio::task::spawn_blocking(move || {
-        calibrate::calibrate(&sample, &opts).map_err(anyhow::Error::from)
+    let want_objects = store.is_some();
+    let (c, objects) = tokio::task::spawn_blocking(move || {
+        let c = calibrate::calibrate(&sample, &opts)?;
+        let objects = if want_objects {
+            calibrate::sealed_objects(&sample, &opts)?
+        } else {
+            Vec::new()
+        };
+        Ok::<_, anyhow::Error>((c, objects))
     })
     .await
     .context("the benchmark thread failed")??;
+    let storage = match &store {
+        Some(st) => Some(
+            calibrate::measure_store(
+                st,
+                &objects,
+                args.in_flight,
+                Duration::from_secs_f64(args.seconds),
+            )
+            .await
+            .context("storage benchmark")?,
+        ),
+        None => None,
+    };
     if args.json {
         let mut v = serde_json::to_value(&c)?;
         v["sample"] = serde_json::Value::String(origin);
+        v["storage"] = serde_json::to_value(&storage)?;
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_human(&c, &origin);
+        if let (Some(st), Some(r)) = (&store, &storage) {
+            println!(
+                "storage {} ({} requests in flight, {} objects): upload {} download {}",
+                st.location(),
+                r.in_flight,
+                r.objects,
+                mbs(r.upload_bytes_per_sec).trim(),
+                mbs(r.download_bytes_per_sec).trim()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
