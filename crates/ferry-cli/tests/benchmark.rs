@@ -4,27 +4,14 @@
 
 use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn ferry(args: &[&str]) -> Output {
     ferry_env(args, &[])
 }
 
 fn ferry_env(args: &[&str], env: &[(String, String)]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("FERRY_PASSWORD")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("run ferry");
-    eprintln!(
-        "$ ferry {}\n--- stdout\n{}\n--- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, env)
 }
 
 fn json(out: &Output) -> serde_json::Value {

@@ -2,21 +2,10 @@
 //! Ferry-written images; clear errors for missing parents.
 
 use ferry_image::{ImageWriter, OutputFormat, WriterOptions};
-use std::process::{Command, Output};
+use std::process::Output;
 
 fn ferry(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ferry");
-    eprintln!(
-        "$ ferry {}\n--- stdout\n{}\n--- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &[])
 }
 
 #[test]

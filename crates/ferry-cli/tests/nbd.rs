@@ -4,18 +4,7 @@
 use std::process::{Command, Output};
 
 fn ferry(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ferry");
-    eprintln!(
-        "$ ferry {}\n--- stdout\n{}\n--- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &[])
 }
 
 #[test]

@@ -120,3 +120,28 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("bind an ephemeral loopback port")
 }
+
+/// Runs `program` (a test's `env!("CARGO_BIN_EXE_…")`) with `args` and the extra variables `env`,
+/// and prints the command line, stdout and stderr for the test's log. The test process's
+/// `RUST_LOG` and `FERRY_PASSWORD` are not passed on: log volume and secrets are the test's
+/// explicit choice.
+pub fn run_logged(program: &str, args: &[&str], env: &[(String, String)]) -> std::process::Output {
+    let out = Command::new(program)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("FERRY_PASSWORD")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let name = Path::new(program)
+        .file_name()
+        .map_or_else(|| program.into(), |n| n.to_string_lossy());
+    eprintln!(
+        "$ {name} {}\n--- {}\n--- stdout\n{}\n--- stderr\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
