@@ -10,21 +10,9 @@ use std::process::{Command, Output};
 const PASSWORD: &str = "test password";
 
 fn ferry(args: &[&str], env: &[(String, String)]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env("FERRY_PASSWORD", PASSWORD)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("run ferry");
-    eprintln!(
-        "$ ferry {}\n--- status {}\n--- stdout\n{}\n--- stderr\n{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    let mut all = vec![("FERRY_PASSWORD".to_string(), PASSWORD.to_string())];
+    all.extend_from_slice(env);
+    ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &all)
 }
 
 fn ferry_ok(args: &[&str]) -> String {
