@@ -138,10 +138,8 @@ pub fn calibrate(sample: &[Vec<u8>], opts: &CalibrateOptions) -> Result<Calibrat
             opts.chunk_size
         )));
     }
-    // A throwaway key: nothing measured here is stored.
-    let keys = Arc::new(Keys::from_master([0x5a; 32], opts.encrypted));
-    let codec = ChunkCodec::new(keys.clone(), opts.compression, opts.chunk_size);
-    let store_only = ChunkCodec::new(keys.clone(), Compression::None, opts.chunk_size);
+    let codec = throwaway_codec(opts, opts.compression);
+    let store_only = throwaway_codec(opts, Compression::None);
     let repo_err = |e| EngineError::repo("benchmark", e);
     let t = opts.min_time;
 
@@ -227,10 +225,15 @@ pub fn calibrate(sample: &[Vec<u8>], opts: &CalibrateOptions) -> Result<Calibrat
     })
 }
 
+/// A codec under a fixed throwaway key: nothing the benchmark seals is kept.
+fn throwaway_codec(opts: &CalibrateOptions, compression: Compression) -> ChunkCodec {
+    let keys = Arc::new(Keys::from_master([0x5a; 32], opts.encrypted));
+    ChunkCodec::new(keys, compression, opts.chunk_size)
+}
+
 /// The sealed objects of `sample` (as a backup would upload them), for [`measure_store`].
 pub fn sealed_objects(sample: &[Vec<u8>], opts: &CalibrateOptions) -> Result<Vec<Bytes>> {
-    let keys = Arc::new(Keys::from_master([0x5a; 32], opts.encrypted));
-    let codec = ChunkCodec::new(keys, opts.compression, opts.chunk_size);
+    let codec = throwaway_codec(opts, opts.compression);
     sample
         .iter()
         .map(|c| {
@@ -320,8 +323,8 @@ pub async fn measure_store(
                 let k = key(i);
                 let got = store.get(&k).await.map_err(repo_err)?;
                 if got != object(i) {
-                    return Err(EngineError::Internal(format!(
-                        "{}: `{k}` read back differs from what was written",
+                    return Err(EngineError::Usage(format!(
+                        "the storage at {} returned other bytes for `{k}` than were written",
                         store.location()
                     )));
                 }
