@@ -227,15 +227,16 @@ impl Lab {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let out = self.ferry().args(args).output().unwrap();
-        eprintln!(
-            "$ ferry {}\n--- {}\n--- stdout\n{}--- stderr\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        let env = [
+            ("FERRY_PASSWORD", PASSWORD.to_string()),
+            ("FERRY_REPO", self.path("repo").display().to_string()),
+            (
+                "FERRY_CONFIG",
+                self.path("ferry.toml").display().to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v));
+        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &env)
     }
 
     fn ok(&self, args: &[&str]) -> (String, String) {
