@@ -1,41 +1,30 @@
-//! A XenAPI client over HTTPS: JSON-RPC calls (`/jsonrpc`), `Async.*` calls with task
-//! polling, and raw VDI upload (`PUT /import_raw_vdi`). TLS is pinned by certificate
-//! fingerprint, or (labs only, warned) not verified. One short-lived connection per request
-//! keeps the client free of connection-state bugs; XenAPI calls are few and coarse.
+//! A XenAPI client on Ferry's HTTP stack (`ferry-http`: reqwest, rustls, pooled keep-alive
+//! connections): JSON-RPC calls (`/jsonrpc`), `Async.*` calls with task polling, and raw VDI
+//! transfers (`PUT /import_raw_vdi`, `GET /export_raw_vdi`) as streamed bodies, one 1 MiB
+//! piece in memory at a time. TLS trust, proxies and timeouts come from the source's config.
 
-use ferry_core::{BlockSource, Secret};
+use bytes::Bytes;
+use ferry_core::{BlockSource, BlockTarget, Secret};
+use ferry_http::{ClientOptions, HttpClient};
 use ferry_hv::HvError;
-use rustls::pki_types::ServerName;
+use futures::StreamExt;
 use serde_json::{Value as J, json};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
 
 /// Longest an `Async.*` task may stay pending.
 const TASK_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Largest RPC response accepted.
 const MAX_RESPONSE: usize = 64 << 20;
-/// Connect and per-request I/O timeout.
-const IO_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// How to check the server's certificate.
-#[derive(Debug, Clone)]
-pub enum Trust {
-    /// Exactly this SHA-256 fingerprint (`sha256:AB:…`).
-    Fingerprint(String),
-    /// Anything (labs).
-    Insecure,
-}
+/// Bytes of a raw VDI transfer held in memory at a time.
+const PIECE: usize = 1 << 20;
 
 /// A logged-in XenAPI connection.
 pub struct XenClient {
     source: String,
-    url: String,
-    host: String,
-    port: u16,
-    tls: tokio_rustls::TlsConnector,
+    base: url::Url,
+    http: HttpClient,
     session: Mutex<String>,
     ids: AtomicU64,
 }
@@ -43,43 +32,8 @@ pub struct XenClient {
 impl std::fmt::Debug for XenClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("XenClient")
-            .field("url", &self.url)
+            .field("url", &self.base.as_str())
             .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug)]
-struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -92,60 +46,27 @@ pub fn api_code(e: &HvError) -> Option<&str> {
 }
 
 impl XenClient {
-    /// Connects to `url` (`https://host[:port]`) and logs in.
+    /// Connects to `url` (`https://host[:port]`) with the HTTP settings `http` and logs in.
     pub async fn login(
-        source: &str,
         url: &str,
         username: &str,
         password: &Secret,
-        trust: Trust,
+        http: &ClientOptions,
     ) -> Result<Self, HvError> {
+        let source = http.source.clone();
         let conn_err = |m: String| HvError::Connect {
-            source_name: source.into(),
+            source_name: source.clone(),
             url: url.into(),
             message: m,
         };
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(|| conn_err("the URL must start with https://".into()))?;
-        let hostport = rest.split('/').next().unwrap_or(rest);
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h.trim_matches(['[', ']']).to_string(),
-                p.parse().map_err(|_| conn_err(format!("bad port `{p}`")))?,
-            ),
-            _ => (hostport.trim_matches(['[', ']']).to_string(), 443),
-        };
-        let config = match &trust {
-            Trust::Fingerprint(fp) => {
-                let d = ferry_nbd::uri::parse_fingerprint(fp)
-                    .ok_or_else(|| conn_err(format!("bad TLS fingerprint `{fp}`")))?;
-                ferry_nbd::tls::client_config(&ferry_nbd::TlsVerify::Fingerprint(d))
-                    .map_err(conn_err)?
-            }
-            Trust::Insecure => {
-                tracing::warn!(
-                    source,
-                    url,
-                    "TLS certificate NOT verified (tls-insecure = true)"
-                );
-                let p = Arc::new(rustls::crypto::ring::default_provider());
-                Arc::new(
-                    rustls::ClientConfig::builder_with_provider(p.clone())
-                        .with_safe_default_protocol_versions()
-                        .map_err(|e| conn_err(e.to_string()))?
-                        .dangerous()
-                        .with_custom_certificate_verifier(Arc::new(AcceptAny(p)))
-                        .with_no_client_auth(),
-                )
-            }
-        };
+        let base = url::Url::parse(url).map_err(|e| conn_err(format!("bad URL: {e}")))?;
+        if base.scheme() != "https" {
+            return Err(conn_err("the URL must start with https://".into()));
+        }
         let me = Self {
-            source: source.into(),
-            url: url.into(),
-            host,
-            port,
-            tls: tokio_rustls::TlsConnector::from(config),
+            http: HttpClient::new(http)?,
+            source: source.clone(),
+            base,
             session: Mutex::new(String::new()),
             ids: AtomicU64::new(1),
         };
@@ -174,97 +95,35 @@ impl XenClient {
         self.session.lock().await.clone()
     }
 
-    fn conn_err(&self, m: impl Into<String>) -> HvError {
-        HvError::Connect {
-            source_name: self.source.clone(),
-            url: self.url.clone(),
-            message: m.into(),
-        }
+    fn endpoint(&self, path: &str) -> url::Url {
+        let mut u = self.base.clone();
+        u.set_path(path);
+        u.set_query(None);
+        u
     }
 
-    async fn connect(
-        &self,
-    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, HvError> {
-        let tcp = tokio::time::timeout(
-            IO_TIMEOUT,
-            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| self.conn_err("connect timed out"))?
-        .map_err(|e| self.conn_err(format!("connect: {e}")))?;
-        let name = ServerName::try_from(self.host.clone())
-            .map_err(|e| self.conn_err(format!("bad host name: {e}")))?;
-        self.tls
-            .connect(name, tcp)
-            .await
-            .map_err(|e| self.conn_err(format!("TLS: {e}")))
-    }
-
-    async fn read_response(
-        &self,
-        mut s: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    ) -> Result<(u16, Vec<u8>), HvError> {
-        let mut buf = Vec::new();
-        let read = async {
-            let mut chunk = vec![0u8; 64 << 10];
-            loop {
-                let n = match s.read(&mut chunk).await {
-                    Ok(n) => n,
-                    // Servers that close without close_notify: treat as the end.
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
-                    Err(e) => return Err(e),
-                };
-                if n == 0 {
-                    return Ok(());
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                if buf.len() > MAX_RESPONSE {
-                    return Err(std::io::Error::other("response too large"));
-                }
-                if let Some(h) = find(&buf, b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..h]).to_ascii_lowercase();
-                    if let Some(len) = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                    {
-                        if buf.len() >= h + 4 + len {
-                            buf.truncate(h + 4 + len);
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-        };
-        tokio::time::timeout(IO_TIMEOUT, read)
-            .await
-            .map_err(|_| self.conn_err("response timed out"))?
-            .map_err(|e| self.conn_err(format!("read response: {e}")))?;
-        let h = find(&buf, b"\r\n\r\n").ok_or_else(|| self.conn_err("truncated HTTP response"))?;
-        let status = String::from_utf8_lossy(&buf[..h])
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| self.conn_err("malformed HTTP status line"))?;
-        Ok((status, buf[h + 4..].to_vec()))
+    /// `/PATH?session_id=…&vdi=…&format=raw` (the query carries the session: never log it).
+    async fn raw_vdi_url(&self, path: &str, vdi: &str) -> url::Url {
+        let session = self.session().await;
+        let mut u = self.endpoint(path);
+        u.query_pairs_mut()
+            .append_pair("session_id", &session)
+            .append_pair("vdi", vdi)
+            .append_pair("format", "raw");
+        u
     }
 
     async fn raw_call(&self, method: &str, params: Vec<J>) -> Result<J, HvError> {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        let body =
-            json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id}).to_string();
-        let mut s = self.connect().await?;
-        let head = format!(
-            "POST /jsonrpc HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nUser-Agent: ferry\r\n\r\n",
-            self.host,
-            body.len()
-        );
-        s.write_all(head.as_bytes())
-            .await
-            .and(s.write_all(body.as_bytes()).await)
-            .and(s.flush().await)
-            .map_err(|e| self.conn_err(format!("send {method}: {e}")))?;
-        let (status, body) = self.read_response(s).await?;
+        let body = json!({"jsonrpc": "2.0", "method": method, "params": params, "id": id});
+        let req = self
+            .http
+            .inner()
+            .post(self.endpoint("/jsonrpc"))
+            .json(&body);
+        let resp = self.http.send(method, req).await?;
+        let status = resp.status().as_u16();
+        let body = self.http.body_limited(method, resp, MAX_RESPONSE).await?;
         let api = |message: String, retryable: bool| HvError::Api {
             source_name: self.source.clone(),
             call: method.to_string(),
@@ -387,55 +246,121 @@ impl XenClient {
         result
     }
 
-    /// Uploads `src` into the VDI `vdi` (ref or uuid) with `PUT /import_raw_vdi`.
+    /// Uploads `src` into the VDI `vdi` (ref or uuid) with `PUT /import_raw_vdi`, streamed:
+    /// one piece is read from `src` when the connection can take it. Holes are sent as zeros
+    /// (the raw format has no other way to say them).
     pub async fn import_raw(&self, vdi: &str, src: &dyn BlockSource) -> Result<(), HvError> {
-        let session = self.session().await;
         let size = src.size();
-        let mut s = self.connect().await?;
-        let head = format!(
-            "PUT /import_raw_vdi?session_id={session}&vdi={vdi}&format=raw HTTP/1.1\r\nHost: {}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n",
-            self.host
-        );
         let disk_err = |m: String| HvError::Disk {
             source_name: self.source.clone(),
             disk: vdi.to_string(),
             message: m,
         };
-        s.write_all(head.as_bytes())
-            .await
-            .map_err(|e| disk_err(format!("import: {e}")))?;
-        let mut buf = vec![0u8; 1 << 20];
         let alloc = src
             .allocated(0..size)
             .await
             .map_err(|e| disk_err(format!("import: {e}")))?;
-        let mut pos = 0u64;
-        while pos < size {
-            let n = (size - pos).min(buf.len() as u64) as usize;
-            let chunk = &mut buf[..n];
-            if alloc.intersects(pos..pos + n as u64) {
-                src.read_at(pos, chunk)
-                    .await
-                    .map_err(|e| disk_err(format!("import: {e}")))?;
-            } else {
-                chunk.fill(0);
+        // The body stream must own what it reads from: hand it a channel fed by this task.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+        let feed = async {
+            let mut pos = 0u64;
+            while pos < size {
+                let n = (size - pos).min(PIECE as u64) as usize;
+                let mut piece = vec![0u8; n];
+                if alloc.intersects(pos..pos + n as u64) {
+                    if let Err(e) = src.read_at(pos, &mut piece).await {
+                        let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                        return Err(disk_err(format!("import: reading offset {pos}: {e}")));
+                    }
+                }
+                if tx.send(Ok(Bytes::from(piece))).await.is_err() {
+                    return Ok(()); // the request ended early; its error says why
+                }
+                pos += n as u64;
             }
-            s.write_all(chunk)
-                .await
-                .map_err(|e| disk_err(format!("import at offset {pos}: {e}")))?;
-            pos += n as u64;
-        }
-        s.flush()
+            Ok(())
+        };
+        let body = reqwest::Body::wrap_stream(tokio_stream(rx));
+        let req = self
+            .http
+            .inner()
+            .put(self.raw_vdi_url("/import_raw_vdi", vdi).await)
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        let (fed, sent) = tokio::join!(feed, self.http.send_ok("import_raw_vdi", req));
+        fed?;
+        sent.map_err(|e| disk_err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Downloads the VDI `vdi` (ref or uuid) with `GET /export_raw_vdi` into `dst`, streamed;
+    /// all-zero pieces are written as zeroes (sparse on targets that can). Returns the bytes
+    /// received.
+    pub async fn export_raw(&self, vdi: &str, dst: &dyn BlockTarget) -> Result<u64, HvError> {
+        let disk_err = |m: String| HvError::Disk {
+            source_name: self.source.clone(),
+            disk: vdi.to_string(),
+            message: m,
+        };
+        let req = self
+            .http
+            .inner()
+            .get(self.raw_vdi_url("/export_raw_vdi", vdi).await);
+        let resp = self
+            .http
+            .send_ok("export_raw_vdi", req)
             .await
-            .map_err(|e| disk_err(format!("import: {e}")))?;
-        let (status, body) = self.read_response(s).await?;
-        if status != 200 {
+            .map_err(|e| disk_err(e.to_string()))?;
+        let expected = resp.content_length();
+        if let Some(n) = expected.filter(|n| *n > dst.size()) {
             return Err(disk_err(format!(
-                "import_raw_vdi answered HTTP {status}: {}",
-                String::from_utf8_lossy(&body).trim()
+                "export: the VDI has {n} bytes, the target only {}",
+                dst.size()
             )));
         }
-        Ok(())
+        let mut stream = resp.bytes_stream();
+        let mut piece = Vec::with_capacity(PIECE);
+        let mut pos = 0u64;
+        loop {
+            let next = stream.next().await;
+            let end = next.is_none();
+            if let Some(chunk) = next {
+                let chunk = chunk
+                    .map_err(|e| disk_err(self.http.error("export_raw_vdi", e).to_string()))?;
+                piece.extend_from_slice(&chunk);
+            }
+            if piece.len() >= PIECE || (end && !piece.is_empty()) {
+                let at = pos;
+                if at + piece.len() as u64 > dst.size() {
+                    return Err(disk_err(format!(
+                        "export: more than the target's {} bytes received",
+                        dst.size()
+                    )));
+                }
+                let w = if piece.iter().all(|b| *b == 0) {
+                    dst.write_zeroes(at, piece.len() as u64).await
+                } else {
+                    dst.write_at(at, &piece).await
+                };
+                w.map_err(|e| disk_err(format!("export: writing offset {at}: {e}")))?;
+                pos += piece.len() as u64;
+                piece.clear();
+            }
+            if end {
+                break;
+            }
+        }
+        if expected.is_some_and(|n| n != pos) {
+            return Err(disk_err(format!(
+                "export ended after {pos} of {} bytes",
+                expected.unwrap_or_default()
+            )));
+        }
+        dst.flush()
+            .await
+            .map_err(|e| disk_err(format!("export: flush: {e}")))?;
+        Ok(pos)
     }
 
     /// Logs out (errors are logged, not returned: the session expires anyway).
@@ -446,8 +371,11 @@ impl XenClient {
     }
 }
 
-fn find(h: &[u8], n: &[u8]) -> Option<usize> {
-    h.windows(n.len()).position(|w| w == n)
+/// The receiving end of a channel as a stream.
+fn tokio_stream<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// `<value>OpaqueRef:…</value>` → `OpaqueRef:…` (also `<value><string>…</string></value>`).

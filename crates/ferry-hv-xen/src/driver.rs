@@ -1,7 +1,7 @@
 //! [`XenDriver`]: the [`HypervisorDriver`] for Citrix Hypervisor / XCP-ng.
 
 use crate::cbt;
-use crate::client::{Trust, XenClient, api_code};
+use crate::client::{XenClient, api_code};
 use async_trait::async_trait;
 use base64::Engine as _;
 use ferry_core::BlockSource;
@@ -70,19 +70,9 @@ fn refs(v: &J, k: &str) -> Vec<String> {
 impl XenDriver {
     /// Logs in to source `name`.
     pub async fn connect(name: &str, cfg: &SourceConfig) -> Result<Self, HvError> {
-        let trust = match (&cfg.tls_fingerprint, cfg.tls_insecure) {
-            (Some(f), _) => Trust::Fingerprint(f.clone()),
-            (None, true) => Trust::Insecure,
-            (None, false) => {
-                return Err(HvError::Connect {
-                    source_name: name.into(),
-                    url: cfg.url.clone(),
-                    message: "no tls-fingerprint configured (or tls-insecure = true)".into(),
-                });
-            }
-        };
+        let http = cfg.http_options(name)?;
         let password = cfg.password(name)?;
-        let client = XenClient::login(name, &cfg.url, &cfg.username, &password, trust).await?;
+        let client = XenClient::login(&cfg.url, &cfg.username, &password, &http).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 name: name.into(),

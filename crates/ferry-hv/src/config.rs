@@ -9,7 +9,8 @@
 //! url = "https://127.0.0.1:8443"
 //! username = "root"
 //! password-file = "/etc/ferry/lab-xen.password"
-//! tls-fingerprint = "sha256:AB:CD:…"          # or tls-insecure = true in a lab
+//! tls-fingerprint = "sha256:AB:CD:…"          # or tls-ca-file = "ca.pem"; tls-insecure = true in a lab
+//! # proxy = "http://proxy:3128"               # default: HTTPS_PROXY etc.; "none" ignores them
 //! transports = ["san", "hotadd", "network"]   # order of preference
 //! proxy-vm = "ferry-proxy"                     # hot-add target (name or uuid)
 //! concurrency = 4
@@ -57,6 +58,14 @@ pub enum ConfigError {
         name: String,
         /// What exists.
         known: String,
+    },
+    /// A source's settings are unusable.
+    #[error("source `{source_name}`: {message}")]
+    Source {
+        /// The source.
+        source_name: String,
+        /// What is wrong.
+        message: String,
     },
     /// The password file cannot be read.
     #[error("source `{source_name}`: cannot read password file {path}: {cause}")]
@@ -112,9 +121,19 @@ pub struct SourceConfig {
     /// SHA-256 fingerprint of the endpoint's certificate, `sha256:AB:CD:…`.
     #[serde(default)]
     pub tls_fingerprint: Option<String>,
+    /// Trust certificates issued by the CAs in this PEM file (names are checked).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// Accept any certificate (labs only; logged as a warning at every connection).
     #[serde(default)]
     pub tls_insecure: bool,
+    /// HTTP proxy for the control plane: `http://[user:password@]host:port`, or `none` to
+    /// ignore `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` of the environment (used when unset).
+    #[serde(default)]
+    pub proxy: Option<ProxyUrl>,
+    /// Hosts reached without the proxy (`NO_PROXY` syntax), on top of `NO_PROXY`.
+    #[serde(default)]
+    pub no_proxy: Vec<String>,
     /// Transports in order of preference; modes not listed are never used.
     #[serde(default = "default_transports")]
     pub transports: Vec<TransportMode>,
@@ -162,6 +181,38 @@ impl SourceConfig {
             .unwrap_or_else(|| PathBuf::from("/var/lib/ferry"))
     }
 
+    /// The HTTP client settings of this source's control plane: its TLS trust (reading
+    /// `tls-ca-file`), proxy and exclusions.
+    pub fn http_options(&self, name: &str) -> Result<ferry_http::ClientOptions, ConfigError> {
+        let invalid = |message: String| ConfigError::Source {
+            source_name: name.into(),
+            message,
+        };
+        let trust = match (&self.tls_fingerprint, &self.tls_ca_file, self.tls_insecure) {
+            (Some(f), _, _) => ferry_tls::Trust::Fingerprint(
+                ferry_tls::parse_fingerprint(f)
+                    .ok_or_else(|| invalid("tls-fingerprint must be sha256:XX:XX:… (32 bytes)".into()))?,
+            ),
+            (None, Some(p), _) => ferry_tls::Trust::CaPem(std::fs::read_to_string(p).map_err(
+                |e| invalid(format!("cannot read tls-ca-file {}: {e}", p.display())),
+            )?),
+            (None, None, true) => ferry_tls::Trust::Insecure,
+            (None, None, false) => {
+                return Err(invalid(
+                    "set tls-fingerprint or tls-ca-file (or tls-insecure = true in a lab)".into(),
+                ));
+            }
+        };
+        let mut o = ferry_http::ClientOptions::new(name, trust);
+        o.proxy = match &self.proxy {
+            None => ferry_http::ProxySetting::FromEnv,
+            Some(p) if p.0.eq_ignore_ascii_case("none") => ferry_http::ProxySetting::Off,
+            Some(p) => ferry_http::ProxySetting::Url(p.0.clone()),
+        };
+        o.no_proxy = self.no_proxy.clone();
+        Ok(o)
+    }
+
     fn validate(&self, name: &str) -> Result<(), String> {
         if !self.url.starts_with("https://") {
             return Err(format!(
@@ -169,18 +220,26 @@ impl SourceConfig {
                 self.url
             ));
         }
-        match (&self.tls_fingerprint, self.tls_insecure) {
-            (Some(_), true) => {
+        let trusts = [
+            self.tls_fingerprint.is_some(),
+            self.tls_ca_file.is_some(),
+            self.tls_insecure,
+        ];
+        match trusts.iter().filter(|t| **t).count() {
+            0 => {
                 return Err(format!(
-                    "source `{name}`: tls-fingerprint and tls-insecure exclude each other"
+                    "source `{name}`: set tls-fingerprint or tls-ca-file (or tls-insecure = true in a lab)"
                 ));
             }
-            (None, false) => {
+            1 => {}
+            _ => {
                 return Err(format!(
-                    "source `{name}`: set tls-fingerprint (or tls-insecure = true in a lab)"
+                    "source `{name}`: tls-fingerprint, tls-ca-file and tls-insecure exclude each other"
                 ));
             }
-            (Some(f), false) if !valid_fingerprint(f) => {
+        }
+        match &self.tls_fingerprint {
+            Some(f) if ferry_tls::parse_fingerprint(f).is_none() => {
                 return Err(format!(
                     "source `{name}`: tls-fingerprint must be sha256:XX:XX:… (32 bytes)"
                 ));
@@ -210,15 +269,24 @@ impl SourceConfig {
     }
 }
 
-fn valid_fingerprint(s: &str) -> bool {
-    let hex: String = s
-        .strip_prefix("sha256:")
-        .or_else(|| s.strip_prefix("SHA256:"))
-        .unwrap_or(s)
-        .chars()
-        .filter(|c| *c != ':')
-        .collect();
-    hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit())
+/// A proxy URL from the config; its `Debug` hides the password.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct ProxyUrl(pub String);
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `scheme://user:password@host` → `scheme://user:***@host`.
+        let s = &self.0;
+        let shown = match (s.find("://"), s.rfind('@')) {
+            (Some(i), Some(at)) if at > i => match s[i + 3..at].split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &s[..i + 3], &s[at..]),
+                None => s.clone(),
+            },
+            _ => s.clone(),
+        };
+        write!(f, "{shown:?}")
+    }
 }
 
 /// The whole file.
@@ -335,6 +403,10 @@ mod tests {
                 "unknown variant",
             ),
             ("tls-insecure = true\nconcurrency = 0\n", "concurrency"),
+            (
+                "tls-insecure = true\ntls-ca-file = \"/ca.pem\"\n",
+                "exclude each other",
+            ),
         ] {
             let e = parse(&format!("{base}{extra}")).unwrap_err().to_string();
             assert!(
@@ -358,5 +430,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("/nonexistent/pw") && e.contains("`x`"), "{e}");
+    }
+
+    #[test]
+    fn http_options_carry_trust_and_proxy_without_leaking_the_proxy_password() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = d.path().join("ca.pem");
+        let cert = ferry_tls::SelfSigned::generate(&["localhost"]).unwrap();
+        std::fs::write(&ca, &cert.cert_pem).unwrap();
+        let base = "[sources.x]\nkind = \"xen\"\nurl = \"https://h\"\nusername = \"r\"\n";
+        let c = parse(&format!(
+            "{base}tls-ca-file = \"{}\"\nproxy = \"http://bob:hunter2@proxy:3128\"\nno-proxy = [\"h\"]\n",
+            ca.display()
+        ))
+        .unwrap();
+        let s = c.source("x").unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"), "{s:?}");
+        let o = s.http_options("x").unwrap();
+        assert_eq!(o.trust, ferry_tls::Trust::CaPem(cert.cert_pem.clone()));
+        assert_eq!(
+            o.proxy,
+            ferry_http::ProxySetting::Url("http://bob:hunter2@proxy:3128".into())
+        );
+        assert_eq!(o.no_proxy, vec!["h".to_string()]);
+        assert!(!format!("{o:?}").contains("hunter2"));
+
+        let c = parse(&format!("{base}tls-fingerprint = \"{FP}\"\nproxy = \"none\"\n")).unwrap();
+        let o = c.source("x").unwrap().http_options("x").unwrap();
+        assert!(matches!(o.trust, ferry_tls::Trust::Fingerprint(_)));
+        assert_eq!(o.proxy, ferry_http::ProxySetting::Off);
+
+        let c = parse(&format!("{base}tls-ca-file = \"/nonexistent/ca.pem\"\n")).unwrap();
+        let e = c.source("x").unwrap().http_options("x").unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem") && e.contains("`x`"), "{e}");
     }
 }

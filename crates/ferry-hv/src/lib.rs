@@ -323,6 +323,9 @@ pub enum HvError {
     /// The configuration is wrong.
     #[error("{0}")]
     Config(#[from] config::ConfigError),
+    /// The control plane's HTTP transport failed (TLS, connection, status, transfer).
+    #[error(transparent)]
+    Http(#[from] ferry_http::HttpError),
 }
 
 impl HvError {
@@ -331,6 +334,7 @@ impl HvError {
         match self {
             Self::Api { retryable, .. } => *retryable,
             Self::Connect { .. } => true,
+            Self::Http(e) => e.is_retryable(),
             _ => false,
         }
     }

@@ -6,6 +6,8 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use ferry_tls::{format_fingerprint, parse_fingerprint};
+
 /// Default NBD TCP port.
 pub const DEFAULT_PORT: u16 = 10809;
 
@@ -306,29 +308,6 @@ fn percent_encode(s: &str) -> String {
     o
 }
 
-/// Parses `sha256:AB:CD:…`, `AB:CD:…` or plain hex into a digest.
-pub fn parse_fingerprint(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    let s = s
-        .strip_prefix("sha256:")
-        .or_else(|| s.strip_prefix("SHA256:"))
-        .unwrap_or(s);
-    let hex: String = s.chars().filter(|c| *c != ':').collect();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut d = [0u8; 32];
-    for (i, byte) in d.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(d)
-}
-
-/// Formats a digest as `sha256:AB:CD:…`.
-pub fn format_fingerprint(d: &[u8; 32]) -> String {
-    let hex: Vec<String> = d.iter().map(|b| format!("{b:02X}")).collect();
-    format!("sha256:{}", hex.join(":"))
-}
 
 #[cfg(test)]
 mod tests {
@@ -378,14 +357,5 @@ mod tests {
         assert!(shown.contains("/abc?***"), "{shown}");
         let err = NbdConfig::from_uri("bogus://h/x?session_id=secret").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
-    }
-
-    #[test]
-    fn fingerprints_round_trip() {
-        let d = [0xabu8; 32];
-        let s = format_fingerprint(&d);
-        assert_eq!(parse_fingerprint(&s), Some(d));
-        assert_eq!(parse_fingerprint(&"ab".repeat(32)), Some(d));
-        assert_eq!(parse_fingerprint("sha256:AB"), None);
     }
 }

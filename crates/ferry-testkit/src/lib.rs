@@ -19,12 +19,14 @@ mod azurite;
 mod moto;
 mod nbd;
 mod process;
+mod proxy;
 mod tls;
 
 pub use azurite::Azurite;
 pub use moto::Moto;
 pub use nbd::{NbdPeer, Nbdkit, QemuNbd};
 pub use process::PeerProcess;
+pub use proxy::ConnectProxy;
 pub use tls::TlsFiles;
 
 use std::path::{Path, PathBuf};

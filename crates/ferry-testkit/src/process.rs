@@ -144,21 +144,28 @@ pub fn unix_ready(path: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
-/// Sends one HTTP/1.1 request with an empty body to `127.0.0.1:port` and returns the status code.
+/// Sends one HTTP request with an empty body to `127.0.0.1:port` (no proxy) and returns the
+/// status code; `None` when nothing answers. Runs its own runtime on a thread of its own, so
+/// it can be called from sync and async tests alike.
 pub fn http_status(port: u16, method: &str, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(500),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    let method = reqwest::Method::from_bytes(method.as_bytes()).ok()?;
+    let url = format!("http://127.0.0.1:{port}{path}");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        rt.block_on(async {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .connect_timeout(Duration::from_millis(500))
+                .timeout(Duration::from_secs(10))
+                .build()
+                .ok()?;
+            let r = client.request(method, url).send().await.ok()?;
+            Some(r.status().as_u16())
+        })
+    })
+    .join()
+    .ok()?
 }

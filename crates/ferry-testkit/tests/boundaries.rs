@@ -10,26 +10,58 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ferry-core", &[]),
     ("ferry-testkit", &[]),
     ("ferry-repo", &["ferry-core"]),
-    ("ferry-nbd", &["ferry-core"]),
+    ("ferry-tls", &[]),
+    ("ferry-http", &["ferry-tls"]),
+    ("ferry-nbd", &["ferry-core", "ferry-tls"]),
     ("ferry-image", &["ferry-core"]),
     (
         "ferry-engine",
         &["ferry-core", "ferry-repo", "ferry-nbd", "ferry-image"],
     ),
-    ("ferry-hv", &["ferry-core"]),
+    ("ferry-hv", &["ferry-core", "ferry-http", "ferry-tls"]),
     (
         "ferry-hv-xen",
-        &["ferry-core", "ferry-hv", "ferry-nbd", "ferry-image"],
+        &[
+            "ferry-core",
+            "ferry-hv",
+            "ferry-nbd",
+            "ferry-image",
+            "ferry-http",
+            "ferry-tls",
+        ],
     ),
     (
         "ferry-hv-vmware",
-        &["ferry-core", "ferry-hv", "ferry-nbd", "ferry-image"],
+        &[
+            "ferry-core",
+            "ferry-hv",
+            "ferry-nbd",
+            "ferry-image",
+            "ferry-http",
+            "ferry-tls",
+        ],
     ),
     (
         "ferry-hv-hyperv",
-        &["ferry-core", "ferry-hv", "ferry-nbd", "ferry-image"],
+        &[
+            "ferry-core",
+            "ferry-hv",
+            "ferry-nbd",
+            "ferry-image",
+            "ferry-http",
+            "ferry-tls",
+        ],
     ),
-    ("ferry-sim", &["ferry-core", "ferry-nbd", "ferry-image"]),
+    (
+        "ferry-sim",
+        &[
+            "ferry-core",
+            "ferry-nbd",
+            "ferry-image",
+            "ferry-http",
+            "ferry-tls",
+        ],
+    ),
     ("ferry-cli", &["*"]),
 ];
 
@@ -82,4 +114,36 @@ fn dependencies_point_inward() {
         "crate boundaries broken:\n{}",
         problems.join("\n")
     );
+}
+
+/// Every HTTP request and response is built by hyper or reqwest (ADR 0059): no product source
+/// spells an HTTP/1.x status or request line by hand.
+#[test]
+fn no_hand_written_http_in_product_code() {
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(&crates).unwrap() {
+        let src = entry.unwrap().path().join("src");
+        if src.is_dir() {
+            walk(&src, &mut files);
+        }
+    }
+    assert!(files.len() > 50, "found only {} sources", files.len());
+    let needle = ["HTTP/1.", ""].concat();
+    let offenders: Vec<String> = files
+        .iter()
+        .filter(|f| std::fs::read_to_string(f).unwrap().contains(&needle))
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(offenders.is_empty(), "hand-written HTTP in {offenders:?}");
 }

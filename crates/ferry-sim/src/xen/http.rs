@@ -1,268 +1,79 @@
-//! A small HTTP/1.1 server over TLS: XML-RPC (`/`, `/RPC2`), JSON-RPC (`/jsonrpc`),
-//! `GET /export_raw_vdi` and `PUT /import_raw_vdi`. Requests carry `Content-Length` (chunked
-//! bodies are refused with 411); connections are kept alive until the client closes them.
+//! The simulator's HTTP side, an `axum::Router` served by `ferry-http` (hyper): XML-RPC (`/`,
+//! `/RPC2`), JSON-RPC (`/jsonrpc`), `GET /export_raw_vdi` streamed from the VDI and
+//! `PUT /import_raw_vdi` streamed into it (`Content-Length` or chunked). Keep-alive, chunked
+//! bodies and HTTP/2 come from hyper; memory per transfer stays at one 1 MiB buffer.
 
 use super::Shared;
 use super::api::Failure;
 use super::value::{self, Value};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
-const MAX_HEAD: usize = 64 << 10;
-const MAX_RPC_BODY: u64 = value::MAX_XML as u64;
+const MAX_RPC_BODY: usize = value::MAX_XML;
+/// Bytes read from or written to a VDI at a time.
+const PIECE: usize = 1 << 20;
 
-struct Request {
-    method: String,
-    path: String,
-    query: HashMap<String, String>,
-    headers: HashMap<String, String>,
+type Q = Query<HashMap<String, String>>;
+
+/// The routes of the XenAPI endpoint.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", post(xmlrpc))
+        .route("/RPC2", post(xmlrpc))
+        .route("/jsonrpc", post(jsonrpc))
+        .route("/export_raw_vdi", get(export_raw))
+        .route("/import_raw_vdi", put(import_raw))
+        .fallback(|| async { text(StatusCode::NOT_FOUND, "not found") })
+        .with_state(shared)
 }
 
-fn pct_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let hex = |c: u8| (c as char).to_digit(16);
-                match (hex(b[i + 1]), hex(b[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    let mut b = body.into();
+    b.push('\n');
+    (status, [(header::CONTENT_TYPE, "text/plain")], b).into_response()
 }
 
-async fn read_head<S: AsyncRead + Unpin>(r: &mut BufReader<S>) -> std::io::Result<Option<Request>> {
-    let mut head = Vec::new();
-    loop {
-        let n = r.read_until(b'\n', &mut head).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if head.len() > MAX_HEAD {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "request head too large",
-            ));
-        }
-        if head.ends_with(b"\r\n\r\n") || head.ends_with(b"\n\n") || head == b"\r\n" {
-            if head == b"\r\n" {
-                head.clear();
-                continue;
-            }
-            break;
-        }
-    }
-    let text = String::from_utf8_lossy(&head);
-    let mut lines = text.lines();
-    let first = lines.next().unwrap_or("");
-    let mut parts = first.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let target = parts.next().unwrap_or("").to_string();
-    let (path, q) = target.split_once('?').unwrap_or((&target, ""));
-    let query = q
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (pct_decode(k), pct_decode(v))
-        })
-        .collect();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Ok(Some(Request {
-        method,
-        path: path.to_string(),
-        query,
-        headers,
-    }))
+fn failure(status: StatusCode, f: &Failure) -> Response {
+    text(status, f.0.join(" "))
 }
 
-async fn respond<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    status: &str,
-    ctype: &str,
-    body: &[u8],
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    w.write_all(head.as_bytes()).await?;
-    w.write_all(body).await?;
-    w.flush().await
+async fn rpc_body(body: Body) -> Result<Bytes, Response> {
+    axum::body::to_bytes(body, MAX_RPC_BODY)
+        .await
+        .map_err(|_| text(StatusCode::PAYLOAD_TOO_LARGE, "request too large"))
 }
 
-/// Serves one connection until the client closes it.
-pub(crate) async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin>(
-    shared: Arc<Shared>,
-    stream: S,
-) -> std::io::Result<()> {
-    let (rd, mut wr) = tokio::io::split(stream);
-    let mut rd = BufReader::new(rd);
-    while let Some(req) = read_head(&mut rd).await? {
-        if req
-            .headers
-            .get("transfer-encoding")
-            .is_some_and(|v| v.contains("chunked"))
-        {
-            respond(
-                &mut wr,
-                "411 Length Required",
-                "text/plain",
-                b"chunked bodies are not supported\n",
-            )
-            .await?;
-            return Ok(());
-        }
-        let len: u64 = req
-            .headers
-            .get("content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        tracing::debug!(method = %req.method, path = %req.path, len, "XenAPI HTTP request");
-        match (req.method.as_str(), req.path.as_str()) {
-            ("POST", "/" | "/RPC2" | "/jsonrpc") => {
-                if len > MAX_RPC_BODY {
-                    respond(
-                        &mut wr,
-                        "413 Payload Too Large",
-                        "text/plain",
-                        b"request too large\n",
-                    )
-                    .await?;
-                    return Ok(());
-                }
-                let mut body = vec![0u8; len as usize];
-                rd.read_exact(&mut body).await?;
-                let (status, ctype, out) = if req.path == "/jsonrpc" {
-                    jsonrpc(&shared, &body).await
-                } else {
-                    xmlrpc(&shared, &body).await
-                };
-                respond(&mut wr, status, ctype, &out).await?;
-            }
-            ("GET", "/export_raw_vdi") => match super::export_vdi(&shared, &req.query).await {
-                Ok(src) => {
-                    let size = src.size();
-                    let head = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n"
-                    );
-                    wr.write_all(head.as_bytes()).await?;
-                    let mut buf = vec![0u8; 1 << 20];
-                    let mut pos = 0;
-                    while pos < size {
-                        let n = (size - pos).min(buf.len() as u64) as usize;
-                        src.read_at(pos, &mut buf[..n])
-                            .await
-                            .map_err(std::io::Error::other)?;
-                        wr.write_all(&buf[..n]).await?;
-                        pos += n as u64;
-                    }
-                    wr.flush().await?;
-                }
-                Err(f) => {
-                    respond(
-                        &mut wr,
-                        "403 Forbidden",
-                        "text/plain",
-                        format!("{:?}\n", f.0).as_bytes(),
-                    )
-                    .await?
-                }
-            },
-            ("PUT", "/import_raw_vdi") => {
-                let vdi = match super::import_target(&shared, &req.query, len).await {
-                    Ok(v) => v,
-                    Err(f) => {
-                        respond(
-                            &mut wr,
-                            "403 Forbidden",
-                            "text/plain",
-                            format!("{:?}\n", f.0).as_bytes(),
-                        )
-                        .await?;
-                        return Ok(());
-                    }
-                };
-                let mut buf = vec![0u8; 1 << 20];
-                let mut pos = 0u64;
-                let mut failed = None;
-                while pos < len {
-                    let n = (len - pos).min(buf.len() as u64) as usize;
-                    rd.read_exact(&mut buf[..n]).await?;
-                    if failed.is_none() && buf[..n].iter().any(|b| *b != 0) {
-                        let mut st = shared.state.lock().await;
-                        if let Err(f) = st.write_vdi(&vdi, pos, &buf[..n]) {
-                            failed = Some(f);
-                        }
-                    }
-                    pos += n as u64;
-                }
-                match failed {
-                    None => respond(&mut wr, "200 OK", "text/plain", b"").await?,
-                    Some(f) => {
-                        respond(
-                            &mut wr,
-                            "500 Internal Server Error",
-                            "text/plain",
-                            format!("{:?}\n", f.0).as_bytes(),
-                        )
-                        .await?
-                    }
-                }
-            }
-            _ => {
-                // Drain the body so the connection stays usable.
-                tokio::io::copy(&mut (&mut rd).take(len), &mut tokio::io::sink()).await?;
-                respond(&mut wr, "404 Not Found", "text/plain", b"not found\n").await?;
-            }
-        }
-        if req
-            .headers
-            .get("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-        {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
-async fn xmlrpc(shared: &Arc<Shared>, body: &[u8]) -> (&'static str, &'static str, Vec<u8>) {
-    let Ok(text) = std::str::from_utf8(body) else {
-        return (
-            "500 Internal Server Error",
-            "text/html",
-            b"<html><body>bad UTF-8</body></html>".to_vec(),
-        );
+async fn xmlrpc(State(shared): State<Arc<Shared>>, body: Body) -> Response {
+    let body = match rpc_body(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let html = |m: String| {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/html")],
+            format!("<html><body>{m}</body></html>"),
+        )
+            .into_response()
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return html("bad UTF-8".into());
     };
     let (method, params) = match value::decode_call(text) {
         Ok(x) => x,
         Err(e) => {
             tracing::info!(error = %e, "refused XML-RPC request");
-            return (
-                "500 Internal Server Error",
-                "text/html",
-                format!("<html><body>{e}</body></html>").into_bytes(),
-            );
+            return html(e.to_string());
         }
     };
-    let v = match super::dispatch(shared, &method, params).await {
+    let v = match super::dispatch(&shared, &method, params).await {
         Ok(v) => Value::record([("Status", Value::s("Success")), ("Value", v)]),
         Err(Failure(e)) => Value::record([
             ("Status", Value::s("Failure")),
@@ -270,21 +81,26 @@ async fn xmlrpc(shared: &Arc<Shared>, body: &[u8]) -> (&'static str, &'static st
         ]),
     };
     (
-        "200 OK",
-        "text/xml",
-        value::encode_response(&v).into_bytes(),
+        [(header::CONTENT_TYPE, "text/xml")],
+        value::encode_response(&v),
     )
+        .into_response()
 }
 
-async fn jsonrpc(shared: &Arc<Shared>, body: &[u8]) -> (&'static str, &'static str, Vec<u8>) {
+async fn jsonrpc(State(shared): State<Arc<Shared>>, body: Body) -> Response {
+    let body = match rpc_body(body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let bad = |m: &str| {
         (
-            "500 Internal Server Error",
-            "text/html",
-            format!("<html><body>{m}</body></html>").into_bytes(),
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/html")],
+            format!("<html><body>{m}</body></html>"),
         )
+            .into_response()
     };
-    let Ok(req) = serde_json::from_slice::<serde_json::Value>(body) else {
+    let Ok(req) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return bad("malformed JSON");
     };
     let (Some(method), Some(id)) = (req.get("method").and_then(|m| m.as_str()), req.get("id"))
@@ -300,7 +116,7 @@ async fn jsonrpc(shared: &Arc<Shared>, body: &[u8]) -> (&'static str, &'static s
         Some(_) => return bad("params must be an array"),
     };
     let v2 = req.get("jsonrpc").and_then(|v| v.as_str()) == Some("2.0");
-    let out = match (super::dispatch(shared, method, params).await, v2) {
+    let out = match (super::dispatch(&shared, method, params).await, v2) {
         (Ok(v), true) => serde_json::json!({"jsonrpc": "2.0", "result": v.to_json(), "id": id}),
         (Ok(v), false) => serde_json::json!({"result": v.to_json(), "error": null, "id": id}),
         (Err(Failure(e)), true) => serde_json::json!({"jsonrpc": "2.0",
@@ -308,5 +124,94 @@ async fn jsonrpc(shared: &Arc<Shared>, body: &[u8]) -> (&'static str, &'static s
             "id": id}),
         (Err(Failure(e)), false) => serde_json::json!({"result": null, "error": e, "id": id}),
     };
-    ("200 OK", "application/json", out.to_string().into_bytes())
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        out.to_string(),
+    )
+        .into_response()
+}
+
+async fn export_raw(State(shared): State<Arc<Shared>>, Query(q): Q) -> Response {
+    let src = match super::export_vdi(&shared, &q).await {
+        Ok(s) => s,
+        Err(f) => return failure(StatusCode::FORBIDDEN, &f),
+    };
+    let size = src.size();
+    // One piece in flight: hyper pulls the next only when the previous one is on the wire.
+    let stream = futures::stream::try_unfold(0u64, move |pos| {
+        let src = src.clone();
+        async move {
+            if pos >= size {
+                return Ok::<_, std::io::Error>(None);
+            }
+            let n = (size - pos).min(PIECE as u64) as usize;
+            let mut buf = vec![0u8; n];
+            src.read_at(pos, &mut buf)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok(Some((Bytes::from(buf), pos + n as u64)))
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+async fn import_raw(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Q,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    // Chunked uploads carry no length: the size is checked as the bytes arrive.
+    let declared: Option<u64> = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let (vdi, size) = match super::import_target(&shared, &q, declared.unwrap_or(0)).await {
+        Ok(v) => v,
+        Err(f) => return failure(StatusCode::FORBIDDEN, &f),
+    };
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::with_capacity(PIECE);
+    let mut pos = 0u64;
+    loop {
+        let next = stream.next().await;
+        let end = next.is_none();
+        if let Some(chunk) = next {
+            match chunk {
+                Ok(c) => buf.extend_from_slice(&c),
+                Err(e) => {
+                    tracing::debug!(error = %e, vdi, "import body broke off");
+                    return text(StatusCode::BAD_REQUEST, format!("upload broke off: {e}"));
+                }
+            }
+        }
+        if buf.len() >= PIECE || (end && !buf.is_empty()) {
+            if pos + buf.len() as u64 > size {
+                let f = Failure::new("VDI_TOO_SMALL", &[&vdi, &(pos + buf.len() as u64).to_string()]);
+                return failure(StatusCode::INTERNAL_SERVER_ERROR, &f);
+            }
+            if buf.iter().any(|b| *b != 0) {
+                let mut st = shared.state.lock().await;
+                if let Err(f) = st.write_vdi(&vdi, pos, &buf) {
+                    return failure(StatusCode::INTERNAL_SERVER_ERROR, &f);
+                }
+            }
+            pos += buf.len() as u64;
+            buf.clear();
+        }
+        if end {
+            break;
+        }
+    }
+    if declared.is_some_and(|d| d != pos) {
+        return text(StatusCode::BAD_REQUEST, "body shorter than Content-Length");
+    }
+    StatusCode::OK.into_response()
 }

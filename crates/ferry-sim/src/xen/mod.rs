@@ -107,6 +107,7 @@ pub struct XenSim {
     url: String,
     fingerprint: String,
     cert_pem: String,
+    http_connections: Arc<std::sync::atomic::AtomicU64>,
     username: String,
     password: String,
     dir: PathBuf,
@@ -199,7 +200,7 @@ pub(crate) async fn import_target(
     shared: &Arc<Shared>,
     q: &HashMap<String, String>,
     len: u64,
-) -> Result<String, Failure> {
+) -> Result<(String, u64), Failure> {
     let st = shared.state.lock().await;
     let vdi = raw_vdi_of_query(&st, q)?;
     let d = st
@@ -212,23 +213,20 @@ pub(crate) async fn import_target(
     if len > d.size {
         return Err(Failure::new("VDI_TOO_SMALL", &[&vdi, &len.to_string()]));
     }
-    Ok(vdi)
+    let size = d.size;
+    Ok((vdi, size))
 }
 
 impl XenSim {
     /// Starts the simulator.
     pub async fn start(cfg: XenSimConfig) -> Result<Self, SimError> {
         std::fs::create_dir_all(&cfg.dir).map_err(io(format!("create {}", cfg.dir.display())))?;
-        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-            .map_err(|e| SimError::Other(format!("certificate generation: {e}")))?;
-        let cert_pem = ck.cert.pem();
-        let key_pem = ck.key_pair.serialize_pem();
-        let digest: [u8; 32] = {
-            use sha2::Digest;
-            sha2::Sha256::digest(ck.cert.der()).into()
-        };
-        let fingerprint = ferry_nbd::uri::format_fingerprint(&digest);
-        let tls = ferry_nbd::tls::server_config(&cert_pem, &key_pem).map_err(SimError::Other)?;
+        let cert = ferry_tls::SelfSigned::generate(&["localhost", "127.0.0.1"])
+            .map_err(|e| SimError::Other(e.to_string()))?;
+        let (cert_pem, fingerprint) = (cert.cert_pem.clone(), cert.fingerprint());
+        let tls = cert
+            .server_config()
+            .map_err(|e| SimError::Other(e.to_string()))?;
 
         let http = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -264,30 +262,12 @@ impl XenSim {
         });
         let shutdown = CancellationToken::new();
 
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-        let (sh, tok) = (shared.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            loop {
-                let (sock, _) = tokio::select! {
-                    _ = tok.cancelled() => return,
-                    r = http.accept() => match r {
-                        Ok(x) => x,
-                        Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-                    },
-                };
-                let (acc, sh, tok) = (acceptor.clone(), sh.clone(), tok.clone());
-                tokio::spawn(async move {
-                    let fut = async {
-                        let tls = acc.accept(sock).await?;
-                        http::serve_conn(sh, tls).await
-                    };
-                    tokio::select! {
-                        _ = tok.cancelled() => {}
-                        r = fut => if let Err(e) = r { tracing::debug!(error = %e, "XenAPI connection ended"); }
-                    }
-                });
-            }
-        });
+        // No grace period: a stopped simulator must look like a host that died.
+        let server = ferry_http::Server::new(http)
+            .tls(tls.clone())
+            .grace(Duration::ZERO);
+        let http_connections = server.connections();
+        tokio::spawn(server.run(http::router(shared.clone()), shutdown.clone()));
         tokio::spawn(nbd::serve(shared.clone(), nbd_l, tls, shutdown.clone()));
         tracing::info!(%addr, nbd_port, "XenAPI simulator listening");
         Ok(Self {
@@ -296,6 +276,7 @@ impl XenSim {
             url: format!("https://{addr}"),
             fingerprint,
             cert_pem,
+            http_connections,
             username: cfg.username,
             password: cfg.password,
             dir: cfg.dir,
@@ -348,6 +329,12 @@ impl XenSim {
             "hotadd_device_dir": self.hotadd_device_dir(),
             "san_paths": self.san_paths,
         })
+    }
+    /// TCP connections accepted on the HTTPS port so far (keep-alive: many calls, few
+    /// connections).
+    pub fn http_connections(&self) -> u64 {
+        self.http_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
     /// Stops serving.
     pub fn shutdown(&self) {
