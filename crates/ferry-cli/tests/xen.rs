@@ -864,6 +864,13 @@ fn sim_then_vms_lists_the_seeded_inventory() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("lab"), "{err}");
     assert!(!err.contains(info["password"].as_str().unwrap()), "{err}");
+    // The message names what the host presented and what is pinned.
+    assert!(
+        err.contains(info["tls_fingerprint"].as_str().unwrap())
+            && err.contains("sha256:00:00")
+            && err.contains("does not match"),
+        "{err}"
+    );
     let o = ferry()
         .args(["vms", "--source", "nope", "--config"])
         .arg(&cfg)
@@ -873,5 +880,58 @@ fn sim_then_vms_lists_the_seeded_inventory() {
     assert!(
         !o.status.success() && err.contains("no source `nope`"),
         "{err}"
+    );
+}
+
+#[test]
+fn the_control_plane_goes_through_the_environments_proxy() {
+    let lab = Lab::start(&[]);
+    let cfg = lab.path("ferry.toml");
+    // The pool's name resolves nowhere (`.invalid`): only the proxy, which maps it to loopback,
+    // can reach it. The pin still decides trust through the tunnel.
+    let url = lab.info["url"].as_str().unwrap();
+    let port = url.rsplit_once(':').unwrap().1;
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("url = \"{url}\""),
+        &format!("url = \"https://xen-pool.invalid:{port}\""),
+    );
+    std::fs::write(&cfg, &text).unwrap();
+    let proxy = ferry_testkit::ConnectProxy::start();
+    let out = ferry_testkit::run_ok(
+        ferry()
+            .args(["vms", "--source", "lab", "--json", "--config"])
+            .arg(&cfg)
+            .env("HTTPS_PROXY", proxy.url()),
+    );
+    let vms: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(vms.as_array().unwrap().len(), 3, "{vms}");
+    let targets = proxy.targets();
+    assert!(!targets.is_empty(), "no CONNECT seen");
+    assert!(
+        targets
+            .iter()
+            .all(|t| *t == format!("xen-pool.invalid:{port}")),
+        "{targets:?}"
+    );
+
+    // `proxy = "none"` ignores the environment: the name cannot be resolved, and says so.
+    let none = text.replace("[sources.lab]\n", "[sources.lab]\nproxy = \"none\"\n");
+    std::fs::write(&cfg, none).unwrap();
+    let o = ferry()
+        .args(["vms", "--source", "lab", "--config"])
+        .arg(&cfg)
+        .env("HTTPS_PROXY", proxy.url())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("cannot connect to xen-pool.invalid") && !err.contains("through proxy"),
+        "{err}"
+    );
+    assert_eq!(
+        proxy.targets().len(),
+        targets.len(),
+        "no CONNECT with proxy = none"
     );
 }

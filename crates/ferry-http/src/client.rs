@@ -205,7 +205,11 @@ impl HttpClient {
             ProxySetting::Url(u) => {
                 let p = reqwest::Proxy::all(u.as_str())
                     .map_err(|e| {
-                        config_err(format!("proxy `{}`: {}", redact_userinfo(u), e.without_url()))
+                        config_err(format!(
+                            "proxy `{}`: {}",
+                            redact_userinfo(u),
+                            e.without_url()
+                        ))
                     })?
                     .no_proxy(no_proxy());
                 b = b.no_proxy().proxy(p);
@@ -324,7 +328,10 @@ impl HttpClient {
     /// Maps a `reqwest` error to an [`HttpError`] for operation `what`.
     pub fn error(&self, what: &str, e: reqwest::Error) -> HttpError {
         let source_name = self.source.to_string();
-        let host = e.url().map(host_port).unwrap_or_else(|| "the server".into());
+        let host = e
+            .url()
+            .map(host_port)
+            .unwrap_or_else(|| "the server".into());
         let e = e.without_url();
         if let Some(m) = ferry_tls::find_pin_mismatch(&e) {
             return HttpError::Tls {

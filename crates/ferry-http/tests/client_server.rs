@@ -42,7 +42,12 @@ fn app() -> Router {
         )
         .route(
             "/fail",
-            get(|| async { (http::StatusCode::SERVICE_UNAVAILABLE, "pool busy, try later") }),
+            get(|| async {
+                (
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "pool busy, try later",
+                )
+            }),
         )
         .route(
             "/count",
@@ -136,7 +141,11 @@ async fn connections_are_kept_alive() {
     for _ in 0..20 {
         assert_eq!(get_text(&c, &s.url("/hello")).await.unwrap(), "hello");
     }
-    assert_eq!(s.connections.load(Ordering::Relaxed), 1, "20 calls, one connection");
+    assert_eq!(
+        s.connections.load(Ordering::Relaxed),
+        1,
+        "20 calls, one connection"
+    );
 }
 
 #[tokio::test]
@@ -149,7 +158,10 @@ async fn requests_go_through_a_configured_proxy() {
     // `.invalid` never resolves: only the proxy (which maps it to loopback) can reach it.
     let url = format!("https://xen-pool.invalid:{}/hello", s.port);
     assert_eq!(get_text(&c, &url).await.unwrap(), "hello");
-    assert_eq!(proxy.targets(), vec![format!("xen-pool.invalid:{}", s.port)]);
+    assert_eq!(
+        proxy.targets(),
+        vec![format!("xen-pool.invalid:{}", s.port)]
+    );
 
     // Excluded hosts go direct (and so fail to resolve, naming no proxy).
     o.no_proxy = vec!["xen-pool.invalid".into()];
@@ -188,7 +200,10 @@ async fn bodies_stream_chunked_or_with_a_length() {
         .unwrap();
     assert_eq!(r.text().await.unwrap(), "800000 chunked=true");
     let r = c
-        .send_ok("upload", c.inner().put(s.url("/count")).body(vec![1u8; 4096]))
+        .send_ok(
+            "upload",
+            c.inner().put(s.url("/count")).body(vec![1u8; 4096]),
+        )
         .await
         .unwrap();
     assert_eq!(r.text().await.unwrap(), "4096 chunked=false");
@@ -207,7 +222,10 @@ async fn errors_say_what_failed() {
     assert!(matches!(e, HttpError::Status { status: 404, .. }), "{e}");
     assert!(!e.is_retryable());
 
-    let r = c.send_ok("GET", c.inner().get(s.url("/hello"))).await.unwrap();
+    let r = c
+        .send_ok("GET", c.inner().get(s.url("/hello")))
+        .await
+        .unwrap();
     let e = c.body_limited("GET", r, 2).await.unwrap_err();
     assert!(e.to_string().contains("larger than"), "{e}");
 
@@ -221,9 +239,12 @@ async fn errors_say_what_failed() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    let e = get_text(&c, &format!("https://127.0.0.1:{port}/?session_id=OpaqueRef:secret"))
-        .await
-        .unwrap_err();
+    let e = get_text(
+        &c,
+        &format!("https://127.0.0.1:{port}/?session_id=OpaqueRef:secret"),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, HttpError::Connect { .. }), "{e}");
     assert!(!e.to_string().contains("secret"), "queries stay out: {e}");
 }

@@ -189,13 +189,16 @@ impl SourceConfig {
             message,
         };
         let trust = match (&self.tls_fingerprint, &self.tls_ca_file, self.tls_insecure) {
-            (Some(f), _, _) => ferry_tls::Trust::Fingerprint(
-                ferry_tls::parse_fingerprint(f)
-                    .ok_or_else(|| invalid("tls-fingerprint must be sha256:XX:XX:… (32 bytes)".into()))?,
-            ),
-            (None, Some(p), _) => ferry_tls::Trust::CaPem(std::fs::read_to_string(p).map_err(
-                |e| invalid(format!("cannot read tls-ca-file {}: {e}", p.display())),
-            )?),
+            (Some(f), _, _) => {
+                ferry_tls::Trust::Fingerprint(ferry_tls::parse_fingerprint(f).ok_or_else(|| {
+                    invalid("tls-fingerprint must be sha256:XX:XX:… (32 bytes)".into())
+                })?)
+            }
+            (None, Some(p), _) => {
+                ferry_tls::Trust::CaPem(std::fs::read_to_string(p).map_err(|e| {
+                    invalid(format!("cannot read tls-ca-file {}: {e}", p.display()))
+                })?)
+            }
             (None, None, true) => ferry_tls::Trust::Insecure,
             (None, None, false) => {
                 return Err(invalid(
@@ -455,13 +458,24 @@ mod tests {
         assert_eq!(o.no_proxy, vec!["h".to_string()]);
         assert!(!format!("{o:?}").contains("hunter2"));
 
-        let c = parse(&format!("{base}tls-fingerprint = \"{FP}\"\nproxy = \"none\"\n")).unwrap();
+        let c = parse(&format!(
+            "{base}tls-fingerprint = \"{FP}\"\nproxy = \"none\"\n"
+        ))
+        .unwrap();
         let o = c.source("x").unwrap().http_options("x").unwrap();
         assert!(matches!(o.trust, ferry_tls::Trust::Fingerprint(_)));
         assert_eq!(o.proxy, ferry_http::ProxySetting::Off);
 
         let c = parse(&format!("{base}tls-ca-file = \"/nonexistent/ca.pem\"\n")).unwrap();
-        let e = c.source("x").unwrap().http_options("x").unwrap_err().to_string();
-        assert!(e.contains("/nonexistent/ca.pem") && e.contains("`x`"), "{e}");
+        let e = c
+            .source("x")
+            .unwrap()
+            .http_options("x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/nonexistent/ca.pem") && e.contains("`x`"),
+            "{e}"
+        );
     }
 }

@@ -276,7 +276,12 @@ async fn negotiate(
         let tls_stream = tokio::time::timeout(t, connector.connect(name, s))
             .await
             .map_err(|_| ctx.timeout("TLS handshake", t))?
-            .map_err(|e| ctx.tls(format!("handshake failed: {}", ferry_tls::describe_handshake_error(&e))))?;
+            .map_err(|e| {
+                ctx.tls(format!(
+                    "handshake failed: {}",
+                    ferry_tls::describe_handshake_error(&e)
+                ))
+            })?;
         n.s = Box::new(tls_stream);
         tls = true;
     }
@@ -480,7 +485,12 @@ pub async fn list_exports(cfg: &NbdConfig) -> Result<Vec<(String, String)>, NbdE
             tokio::time::timeout(t, tokio_rustls::TlsConnector::from(config).connect(name, s))
                 .await
                 .map_err(|_| ctx.timeout("TLS handshake", t))?
-                .map_err(|e| ctx.tls(format!("handshake failed: {}", ferry_tls::describe_handshake_error(&e))))?;
+                .map_err(|e| {
+                    ctx.tls(format!(
+                        "handshake failed: {}",
+                        ferry_tls::describe_handshake_error(&e)
+                    ))
+                })?;
         n.s = Box::new(tls_stream);
     }
     n.send(opt::LIST, &[]).await?;

@@ -308,7 +308,6 @@ fn percent_encode(s: &str) -> String {
     o
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

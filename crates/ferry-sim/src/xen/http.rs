@@ -19,6 +19,8 @@ use std::sync::Arc;
 const MAX_RPC_BODY: usize = value::MAX_XML;
 /// Bytes read from or written to a VDI at a time.
 const PIECE: usize = 1 << 20;
+/// How much of an oversize upload is read (and dropped) before the refusal is sent.
+const DRAIN_LIMIT: u64 = 64 << 20;
 
 type Q = Query<HashMap<String, String>>;
 
@@ -194,7 +196,15 @@ async fn import_raw(
         }
         if buf.len() >= PIECE || (end && !buf.is_empty()) {
             if pos + buf.len() as u64 > size {
-                let f = Failure::new("VDI_TOO_SMALL", &[&vdi, &(pos + buf.len() as u64).to_string()]);
+                // Read on (bounded) so the client, still sending, gets to see the answer.
+                let mut total = pos + buf.len() as u64;
+                while let Some(Ok(c)) = stream.next().await {
+                    total += c.len() as u64;
+                    if total > size + DRAIN_LIMIT {
+                        break;
+                    }
+                }
+                let f = Failure::new("VDI_TOO_SMALL", &[&vdi, &total.to_string()]);
                 return failure(StatusCode::INTERNAL_SERVER_ERROR, &f);
             }
             if buf.iter().any(|b| *b != 0) {
