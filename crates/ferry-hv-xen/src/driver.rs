@@ -250,7 +250,8 @@ impl Inner {
             self.journal(false, &e.kind, &e.id);
         }
         if report != CleanupReport::default() {
-            tracing::warn!(source = %self.name, ?report, "removed leftovers of an interrupted backup");
+            tracing::warn!(source = %self.name, snapshots = report.snapshots, attachments = report.attachments,
+                tasks = report.tasks, "removed leftovers of an interrupted backup");
         }
         Ok(report)
     }
