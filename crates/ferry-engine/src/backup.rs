@@ -460,7 +460,7 @@ async fn backup_disk(
                 } else {
                     "its change tracking failed verification last time"
                 };
-                tracing::warn!(disk = %d.name, reason = why, "not trusting change tracking: reading all allocated data");
+                tracing::warn!(disk = %d.name, reason = %why, "not trusting change tracking: reading all allocated data");
                 mode = BackupMode::FullCbtDistrusted;
             }
         }

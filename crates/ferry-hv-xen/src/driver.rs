@@ -407,7 +407,7 @@ impl HypervisorDriver for XenDriver {
         for (_, _, vdi, vr) in &disks {
             if !b(vr, "cbt_enabled") {
                 i.client.call("VDI.enable_cbt", vec![json!(vdi)]).await?;
-                tracing::info!(source = %i.name, vm, disk = %s(vr, "uuid"), "enabled CBT on the disk; this backup reads it in full");
+                tracing::info!(source = %i.name, %vm, disk = %s(vr, "uuid"), "enabled CBT on the disk; this backup reads it in full");
                 cbt_off.insert(vdi.clone(), ());
             }
         }
@@ -671,10 +671,10 @@ impl XenSession {
             match r {
                 Ok(src) => {
                     if rank > 0 {
-                        tracing::warn!(source = %i.name, disk = label, transport = %mode, refused = %refused.join("; "),
+                        tracing::warn!(source = %i.name, disk = %label, transport = %mode, refused = %refused.join("; "),
                             "using a less preferred transport");
                     } else {
-                        tracing::info!(source = %i.name, disk = label, transport = %mode, "transport chosen");
+                        tracing::info!(source = %i.name, disk = %label, transport = %mode, "transport chosen");
                     }
                     return Ok((src, *mode));
                 }
