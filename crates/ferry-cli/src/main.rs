@@ -100,6 +100,25 @@ fn tune_allocator() {
     }
 }
 
+/// An error and its causes on one line, like `{:#}`, but leaving out a cause whose text the
+/// line already holds: many library errors (object_store's HTTP errors among them) repeat
+/// their source in their own message, which `{:#}` then printed again and again.
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim_end_matches([' ', ':']);
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    line
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
@@ -145,7 +164,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             tracing::debug!(error = ?err, "command failed");
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_text(&err));
             ExitCode::FAILURE
         }
     }

@@ -158,7 +158,8 @@ pub fn with_raw_hint(err: anyhow::Error, name: &str, location: &str) -> anyhow::
         return err;
     }
     anyhow::anyhow!(
-        "{err:#}; if it really is a raw disk, force it with `--disk {name}=raw:{location}` or `--format raw`"
+        "{}; if it really is a raw disk, force it with `--disk {name}=raw:{location}` or `--format raw`",
+        crate::error_text(&err)
     )
 }
 
@@ -414,7 +415,7 @@ async fn run_source(a: Args) -> anyhow::Result<ExitCode> {
         let vm = match find_vm(&inventory, want) {
             Ok(v) => v.clone(),
             Err(e) => {
-                eprintln!("error: VM `{want}`: {e:#}");
+                eprintln!("error: VM `{want}`: {}", crate::error_text(&e));
                 json.push(serde_json::json!({"vm_name": want, "error": format!("{e:#}")}));
                 failed.push(want.clone());
                 continue;
@@ -462,7 +463,7 @@ async fn run_source(a: Args) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_CANCELLED));
             }
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", crate::error_text(&e));
                 json.push(
                     serde_json::json!({"vm_name": vm.name, "vm": vm.id, "error": format!("{e:#}")}),
                 );
