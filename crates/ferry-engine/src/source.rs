@@ -128,7 +128,8 @@ pub async fn open(location: &str, opts: &SourceOptions) -> Result<OpenedSource> 
     let img = ferry_image::open_image_with(path, &img_opts)
         .await
         .map_err(|source| EngineError::Image {
-            what: format!("cannot open source {path}"),
+            // Every image error starts with the file it is about.
+            what: "cannot open source".into(),
             source: Box::new(source),
         })?;
     Ok(OpenedSource {

@@ -49,7 +49,7 @@ pub enum ImageError {
     /// The file's name says it is an image of some format, but its content has no signature of
     /// that (or any) format: reading it as a raw disk would back up garbage.
     #[error(
-        "{file}: the name says {} but no {} signature was found (expected {signature}; found {found}); not reading it as a raw disk",
+        "{file}: the name says {} but no {} signature was found (expected {signature}; found {found})",
         named.to_string().to_uppercase(),
         named.to_string().to_uppercase()
     )]

@@ -410,7 +410,7 @@ async fn not_the_named_format(
         format!("`{}` at offset {at}", hex.join(" "))
     };
     let signature = match named {
-        Format::Vhd => "the `conectix` footer in the last 512 bytes (or its copy at offset 0)",
+        Format::Vhd => "the `conectix` footer in the last 512 bytes or its copy at offset 0",
         Format::Vhdx => "`vhdxfile` at offset 0",
         _ => "`KDMV` at offset 0 (sparse) or a `# Disk DescriptorFile` text descriptor",
     };

@@ -158,7 +158,7 @@ pub fn with_raw_hint(err: anyhow::Error, name: &str, location: &str) -> anyhow::
         return err;
     }
     anyhow::anyhow!(
-        "{}; if it really is a raw disk, force it with `--disk {name}=raw:{location}` or `--format raw`",
+        "{}; not backing it up as a raw disk: if it really is one, force it with `--disk {name}=raw:{location}` or `--format raw`",
         crate::error_text(&err)
     )
 }

@@ -63,7 +63,7 @@ async fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
             // Showing what the file is (plain bytes) helps more than refusing; the warning
             // says why a backup refuses it.
             tracing::warn!(
-                "{e}; showing it as raw (a backup needs `--format raw` or a `raw:` prefix to take it)"
+                "{e}; showing it as raw (a backup refuses it unless forced with `--format raw` or a `raw:` prefix)"
             );
             let raw = ferry_image::OpenOptions {
                 format: Some(ferry_image::Format::Raw),
