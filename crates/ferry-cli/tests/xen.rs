@@ -292,7 +292,9 @@ impl Lab {
     fn throttled_backup_reading(&self) -> Child {
         let mut child = self
             .ferry()
+            // -v: the engine's info event says when it starts reading.
             .args([
+                "-v",
                 "backup",
                 "--source",
                 "lab",

@@ -595,7 +595,8 @@ impl XenSession {
                 }
             };
             match &changed {
-                Changed::Full { reason } if prev.is_some() => {
+                // Asked for, a full read is no surprise worth a warning.
+                Changed::Full { reason } if prev.is_some() && !opts.force_full => {
                     tracing::warn!(source = %i.name, disk = %label, %reason, "FULL backup of the disk: changed-block tracking cannot be used")
                 }
                 Changed::Full { reason } => {
