@@ -154,3 +154,23 @@ pub async fn changed_extents(src: &OpenedSource, bitmap: &str) -> Result<ExtentM
             source: Box::new(source),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_prefixes() {
+        assert_eq!(
+            split_format("raw:/d/junk.vhdx"),
+            (Some(Format::Raw), "/d/junk.vhdx")
+        );
+        assert_eq!(split_format("vmdk:a.img"), (Some(Format::Vmdk), "a.img"));
+        assert_eq!(split_format("/d/a:b.raw"), (None, "/d/a:b.raw"));
+        assert_eq!(split_format("raw:"), (None, "raw:"));
+        assert_eq!(
+            split_format("nbd://host/export"),
+            (None, "nbd://host/export")
+        );
+    }
+}

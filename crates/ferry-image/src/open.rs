@@ -440,6 +440,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn names_that_claim_a_format() {
+        let named = |n: &str| format_named_by(Path::new(n));
+        assert_eq!(named("/d/WEB01.VHDX"), Some(Format::Vhdx));
+        assert_eq!(named("snap.avhdx"), Some(Format::Vhdx));
+        assert_eq!(named("old.avhd"), Some(Format::Vhd));
+        assert_eq!(named("a.vhd"), Some(Format::Vhd));
+        assert_eq!(named("web.vmdk"), Some(Format::Vmdk));
+        assert_eq!(named("web-s001.vmdk"), Some(Format::Vmdk));
+        // VMware's flat extents are raw bytes by design.
+        assert_eq!(named("web-flat.vmdk"), None);
+        assert_eq!(named("web-f001.vmdk"), None);
+        assert_eq!(named("disk.img"), None);
+        assert_eq!(named("vhdx"), None);
+    }
+
+    #[test]
     fn resolver_candidates() {
         let c = DirResolver::candidates("/d/child.vhd", "..\\base.vhd");
         assert_eq!(

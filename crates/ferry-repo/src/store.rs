@@ -105,6 +105,7 @@ fn is_true(v: Option<String>) -> bool {
 fn s3_credentials(
     b: object_store::aws::AmazonS3Builder,
     options: &[(String, String)],
+    location: &str,
 ) -> Result<object_store::aws::AmazonS3Builder> {
     use object_store::aws::AmazonS3ConfigKey as K;
     let has = |k: K| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
@@ -119,7 +120,7 @@ fn s3_credentials(
     if configured {
         return Ok(b);
     }
-    if let Some(c) = shared_credentials_file(options)? {
+    if let Some(c) = shared_credentials_file(options, location)? {
         let mut b = b
             .with_config(K::AccessKeyId, c.key_id)
             .with_config(K::SecretAccessKey, c.secret);
@@ -154,7 +155,10 @@ struct FileCredentials {
 /// The profile `AWS_PROFILE` (default `default`) of the shared credentials file
 /// (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`), if the file exists and the
 /// profile has both keys. Values are never logged.
-fn shared_credentials_file(options: &[(String, String)]) -> Result<Option<FileCredentials>> {
+fn shared_credentials_file(
+    options: &[(String, String)],
+    location: &str,
+) -> Result<Option<FileCredentials>> {
     let path = match setting(options, "AWS_SHARED_CREDENTIALS_FILE") {
         Some(p) => std::path::PathBuf::from(p),
         None => match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
@@ -168,8 +172,11 @@ fn shared_credentials_file(options: &[(String, String)]) -> Result<Option<FileCr
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
             return Err(RepoError::InvalidLocation {
-                location: path.display().to_string(),
-                reason: format!("cannot read the AWS shared credentials file: {e}"),
+                location: location.into(),
+                reason: format!(
+                    "cannot read the AWS shared credentials file {}: {e}",
+                    path.display()
+                ),
             });
         }
     };
@@ -287,7 +294,7 @@ impl Store {
                     b = b.with_config(key, v);
                 }
             }
-            b = s3_credentials(b, options)?;
+            b = s3_credentials(b, options, location)?;
             let s3 = b
                 .with_bucket_name(bucket)
                 .with_retry(retry_config())
