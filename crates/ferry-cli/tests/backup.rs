@@ -634,7 +634,7 @@ fn files_named_like_images_without_their_signature_are_refused_unless_forced_raw
             signature.to_string(),
             "found `".to_string(),
             "in a file of 1000 bytes".to_string(),
-            format!("--disk d=raw:{}", junk.display()),
+            format!("`--disk d=raw:{}`", junk.display()),
             "--format raw".to_string(),
         ] {
             assert!(err.contains(&needle), "the refusal names {needle}: {err}");
@@ -645,6 +645,16 @@ fn files_named_like_images_without_their_signature_are_refused_unless_forced_raw
         snapshot_count(r),
         0,
         "a refused backup writes no restore point"
+    );
+    // `ferry benchmark --sample` opens disks the same way, and says how to force raw there.
+    let junk = dir.path().join("junk.vhdx");
+    let out = ferry(&["benchmark", "--sample", junk.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the name says VHDX")
+            && err.contains(&format!("`--sample raw:{}`", junk.display())),
+        "{err}"
     );
 
     // Forced raw, per disk or for all: backed up as the bytes they are.

@@ -142,8 +142,9 @@ impl InputFormat {
     }
 }
 
-/// Adds how to force a raw read to an error that refused a file named like an image.
-pub fn with_raw_hint(err: anyhow::Error, name: &str, location: &str) -> anyhow::Error {
+/// Adds how to force a raw read (`how`, e.g. "`--disk d=raw:PATH`") to an error that refused a
+/// file named like an image; other errors come back unchanged.
+pub fn with_raw_hint(err: anyhow::Error, how: &str) -> anyhow::Error {
     let refused = err.chain().any(|c| {
         let image = c.downcast_ref::<ferry_image::ImageError>().or_else(|| {
             c.downcast_ref::<Box<ferry_image::ImageError>>()
@@ -158,7 +159,7 @@ pub fn with_raw_hint(err: anyhow::Error, name: &str, location: &str) -> anyhow::
         return err;
     }
     anyhow::anyhow!(
-        "{}; not backing it up as a raw disk: if it really is one, force it with `--disk {name}=raw:{location}` or `--format raw`",
+        "{}; not reading it as a raw disk: if it really is one, force it with {how}",
         crate::error_text(&err)
     )
 }
@@ -306,7 +307,12 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
         let opened = source::open(&location, &o)
             .await
             .with_context(|| format!("disk `{name}`"))
-            .map_err(|e| with_raw_hint(e, &name, &location))?;
+            .map_err(|e| {
+                with_raw_hint(
+                    e,
+                    &format!("`--disk {name}=raw:{location}` or `--format raw`"),
+                )
+            })?;
         let changed = match &a.bitmap {
             Some(b) => Some(
                 source::changed_extents(&opened, b)
