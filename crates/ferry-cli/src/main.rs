@@ -27,13 +27,23 @@ struct Cli {
 /// Options every subcommand understands.
 #[derive(Debug, clap::Args)]
 pub struct Global {
-    /// More log output on stderr (-v: debug, -vv: trace). RUST_LOG overrides.
+    /// Show the log on stderr: -v Ferry's info events, -vv debug, -vvv trace (by default only
+    /// warnings and errors). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
-    /// Log line format on stderr.
+    /// Errors only: no warnings, progress bars or summaries on stderr (data on stdout stays).
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// Log line format (stderr and --log-file): `json` for one JSON object per line.
     #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text, env = "FERRY_LOG_FORMAT")]
     pub log_format: logging::LogFormat,
+
+    /// Also append the log to this file, at least Ferry's info events (more with -v), whatever
+    /// the terminal shows.
+    #[arg(long, global = true, env = "FERRY_LOG_FILE", value_name = "PATH")]
+    pub log_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,10 +100,37 @@ fn tune_allocator() {
     }
 }
 
+/// An error and its causes on one line, like `{:#}`, but leaving out a cause whose text the
+/// line already holds: many library errors (object_store's HTTP errors among them) repeat
+/// their source in their own message, which `{:#}` then printed again and again.
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.trim_end_matches([' ', ':']);
+        if text.is_empty() || line.contains(text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(text);
+    }
+    line
+}
+
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
-    logging::init(cli.global.verbose, cli.global.log_format);
+    if let Err(err) = logging::init(
+        cli.global.verbose,
+        cli.global.quiet,
+        cli.global.log_format,
+        cli.global.log_file.as_deref(),
+    ) {
+        eprintln!("error: {err:#}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -127,7 +164,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             tracing::debug!(error = ?err, "command failed");
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_text(&err));
             ExitCode::FAILURE
         }
     }

@@ -592,3 +592,140 @@ fn backups_to_s3_and_azure_work_end_to_end() {
         std::fs::remove_file(&out).unwrap();
     }
 }
+
+/// `len` bytes of xorshift noise: no image signature anywhere.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn files_named_like_images_without_their_signature_are_refused_unless_forced_raw() {
+    let dir = ferry_testkit::scratch_dir();
+    let repo = dir.path().join("repo");
+    let r = repo.to_str().unwrap();
+    init_repo(r, &[]);
+    for (ext, named, signature) in [
+        ("vhd", "VHD", "`conectix`"),
+        ("vhdx", "VHDX", "`vhdxfile`"),
+        ("avhdx", "VHDX", "`vhdxfile`"),
+        ("vmdk", "VMDK", "`KDMV`"),
+    ] {
+        let junk = dir.path().join(format!("junk.{ext}"));
+        std::fs::write(&junk, noise(1000, 42)).unwrap();
+        let spec = format!("d={}", junk.display());
+        let out = ferry(
+            &["backup", "--repo", r, "--vm", "junk", "--disk", &spec],
+            &[],
+        );
+        assert!(!out.status.success(), "junk.{ext} must be refused");
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        for needle in [
+            format!("junk.{ext}"),
+            format!("the name says {named}"),
+            signature.to_string(),
+            "found `".to_string(),
+            "in a file of 1000 bytes".to_string(),
+            format!("`--disk d=raw:{}`", junk.display()),
+            "--format raw".to_string(),
+        ] {
+            assert!(err.contains(&needle), "the refusal names {needle}: {err}");
+        }
+        assert_eq!(err.lines().count(), 1, "one error line: {err}");
+    }
+    assert_eq!(
+        snapshot_count(r),
+        0,
+        "a refused backup writes no restore point"
+    );
+    // `ferry benchmark --sample` opens disks the same way, and says how to force raw there.
+    let junk = dir.path().join("junk.vhdx");
+    let out = ferry(&["benchmark", "--sample", junk.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the name says VHDX")
+            && err.contains(&format!("`--sample raw:{}`", junk.display())),
+        "{err}"
+    );
+
+    // Forced raw, per disk or for all: backed up as the bytes they are.
+    let junk = dir.path().join("junk.vhdx");
+    let id = ferry_ok(&[
+        "backup",
+        "--repo",
+        r,
+        "--vm",
+        "junk",
+        "--disk",
+        &format!("d=raw:{}", junk.display()),
+    ]);
+    let restored = dir.path().join("restored.raw");
+    ferry_ok(&[
+        "restore",
+        "--repo",
+        r,
+        id.trim(),
+        "--to",
+        restored.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&restored).unwrap(), noise(1000, 42));
+    ferry_ok(&[
+        "backup",
+        "--repo",
+        r,
+        "--vm",
+        "junk",
+        "--format",
+        "raw",
+        "--disk",
+        dir.path().join("junk.vmdk").to_str().unwrap(),
+    ]);
+    // VMware's flat extents are raw by name.
+    let flat = dir.path().join("web-flat.vmdk");
+    std::fs::write(&flat, noise(4096, 7)).unwrap();
+    ferry_ok(&[
+        "backup",
+        "--repo",
+        r,
+        "--vm",
+        "flat",
+        "--disk",
+        flat.to_str().unwrap(),
+    ]);
+    // A real image with such a name is still read as what it is.
+    let real = dir.path().join("real.vhdx");
+    ferry_testkit::qemu_img(&["create", "-q", "-f", "vhdx", real.to_str().unwrap(), "4M"]);
+    ferry_testkit::qemu_io(&[
+        "-f",
+        "vhdx",
+        "-c",
+        "write -P 0x5a 1M 64k",
+        real.to_str().unwrap(),
+    ]);
+    let out = ferry(
+        &[
+            "backup",
+            "--repo",
+            r,
+            "--vm",
+            "real",
+            "--json",
+            "--disk",
+            real.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["disks"][0]["size"], 4u64 << 20, "{report}");
+    assert_eq!(snapshot_count(r), 4);
+}

@@ -48,14 +48,15 @@ fn unknown_subcommand_fails_with_usage_on_stderr() {
 
 #[test]
 fn json_logs_go_to_stderr_and_data_to_stdout() {
-    let out = ferry(&["-v", "--log-format", "json", "features", "--json"]);
+    // `features` logs one debug event: -vv shows it.
+    let out = ferry(&["-vv", "--log-format", "json", "features", "--json"]);
     assert!(out.status.success());
     let data: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
     assert_eq!(data["version"], env!("CARGO_PKG_VERSION"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(!lines.is_empty(), "-v must log something");
+    assert!(!lines.is_empty(), "-vv must log something");
     for line in lines {
         let v: serde_json::Value =
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));

@@ -45,4 +45,13 @@ fn demo_runs_green() {
         stdout.contains("CBT (VDI.list_changed_blocks) reported"),
         "{stdout}"
     );
+    // The numbered steps are the story: no log lines or Rust debug dumps around them.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [" INFO ", "DEBUG", "StatsSnapshot", "Some(", " { "] {
+        assert!(
+            !stderr.contains(needle) && !stdout.contains(needle),
+            "`{needle}` in the demo's output"
+        );
+    }
+    assert!(stdout.starts_with("1. repository "), "{stdout}");
 }

@@ -87,3 +87,36 @@ fn info_detects_by_content_not_name() {
     assert_eq!(v["subformat"], "streamOptimized");
     assert_eq!(v["allocated_bytes"], 0);
 }
+
+#[test]
+fn info_warns_about_a_file_named_like_an_image_without_its_signature() {
+    let dir = ferry_testkit::scratch_dir();
+    for (ext, named, signature) in [("vhdx", "VHDX", "`vhdxfile`"), ("vhd", "VHD", "`conectix`")] {
+        let junk = dir.path().join(format!("junk.{ext}"));
+        let bytes: Vec<u8> = (0..1000u32)
+            .map(|i| (i * 7919 % 251) as u8 ^ 0x5c)
+            .collect();
+        std::fs::write(&junk, &bytes).unwrap();
+        let j = junk.to_str().unwrap();
+        for args in [vec!["image", "info", j], vec!["image", "info", "--json", j]] {
+            let out = ferry(&args);
+            assert!(out.status.success(), "a warning, not a refusal");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.starts_with("warning: "), "{err}");
+            for needle in [
+                format!("junk.{ext}"),
+                format!("the name says {named}"),
+                signature.to_string(),
+                "showing it as raw".into(),
+                "--format raw".into(),
+            ] {
+                assert!(err.contains(&needle), "the warning names {needle}: {err}");
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("format:       raw") || text.contains("\"format\": \"raw\""),
+                "{text}"
+            );
+        }
+    }
+}

@@ -82,7 +82,7 @@ fn info_list_and_map_an_export() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("\"nope\"") && err.contains("NBD_REP_ERR_UNKNOWN"),
+        err.contains("export `nope`") && err.contains("NBD_REP_ERR_UNKNOWN"),
         "{err}"
     );
 }

@@ -292,7 +292,9 @@ impl Lab {
     fn throttled_backup_reading(&self) -> Child {
         let mut child = self
             .ferry()
+            // -v: the engine's info event says when it starts reading.
             .args([
+                "-v",
                 "backup",
                 "--source",
                 "lab",
@@ -608,7 +610,7 @@ fn cbt_reset_means_a_logged_full_read_and_several_vms_run_despite_one_failure() 
         "{b}"
     );
     assert!(
-        err.lines().any(|l| l.contains("WARN")
+        err.lines().any(|l| l.starts_with("warning: ")
             && l.contains("FULL backup of the disk")
             && l.contains("win-db/xvdb")
             && l.contains("CBT")),
@@ -690,7 +692,7 @@ fn cbt_that_misses_a_write_is_caught_and_distrusted_until_a_fresh_full() {
     );
     assert!(
         err.lines()
-            .any(|l| l.contains("WARN") && l.contains("FULL read of the disk")),
+            .any(|l| l.starts_with("warning: ") && l.contains("FULL read of the disk")),
         "{err}"
     );
     lab.probe.assert_clean(2, "the backup after broken CBT");

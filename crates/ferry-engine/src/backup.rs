@@ -421,7 +421,8 @@ async fn backup_disk(
     let n = DiskIndex::chunk_count(size, cs as u32);
     let allocated = src.allocated(0..size).await.map_err(src_err)?;
     tracing::info!(disk = %d.name, source = %src.name(), size, allocated = allocated.total_len(),
-        changed = ?d.changed.as_ref().map(ExtentMap::total_len), "backing up disk");
+        changed = %d.changed.as_ref().map_or_else(|| "all".to_string(), |c| c.total_len().to_string()),
+        "backing up disk");
 
     let usable_prev = prev
         .as_ref()
@@ -459,7 +460,7 @@ async fn backup_disk(
                 } else {
                     "its change tracking failed verification last time"
                 };
-                tracing::warn!(disk = %d.name, reason = why, "not trusting change tracking: reading all allocated data");
+                tracing::warn!(disk = %d.name, reason = %why, "not trusting change tracking: reading all allocated data");
                 mode = BackupMode::FullCbtDistrusted;
             }
         }

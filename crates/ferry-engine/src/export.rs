@@ -64,7 +64,7 @@ pub async fn serve(
     }
     .with_description(format!("ferry restore point {snapshot}, disk {disk}"));
     let server = NbdServer::new(vec![export]);
-    tracing::info!(snapshot, disk, writable, "exporting over NBD");
+    tracing::info!(%snapshot, %disk, writable, "exporting over NBD");
     let r = match listener {
         Listener::Tcp(l) => server.serve(l, shutdown).await,
         Listener::Unix(l, path) => {

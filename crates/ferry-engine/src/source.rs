@@ -1,9 +1,11 @@
 //! Opening what a backup reads: a local file or block device (raw, VHD, VHDX or VMDK, detected
-//! by content) or an NBD export (`nbd://`, `nbds://`, `nbd+unix://`, `nbds+unix://`), and the
+//! by content; `raw:PATH`, `vhd:PATH`, … or [`SourceOptions::format`] force a format) or an NBD
+//! export (`nbd://`, `nbds://`, `nbd+unix://`, `nbds+unix://`), and the
 //! changed extents of a qemu dirty bitmap.
 
 use crate::error::{EngineError, Result};
 use ferry_core::{BlockSource, ExtentMap};
+use ferry_image::{Format, OpenOptions};
 use ferry_nbd::{NbdClient, NbdConfig};
 use std::sync::Arc;
 
@@ -16,6 +18,27 @@ pub struct SourceOptions {
     pub tls_fingerprint: Option<String>,
     /// Dirty bitmap whose `qemu:dirty-bitmap:NAME` context is selected (NBD sources only).
     pub bitmap: Option<String>,
+    /// Format of file sources without a `FORMAT:` prefix; `None` detects it by content
+    /// (refusing files named like an image that hold none).
+    pub format: Option<Format>,
+}
+
+/// Splits a `FORMAT:PATH` location (`raw:`, `vhd:`, `vhdx:`, `vmdk:`) into the forced format
+/// and the path; other locations come back unchanged.
+pub fn split_format(location: &str) -> (Option<Format>, &str) {
+    if let Some((prefix, path)) = location.split_once(':') {
+        let format = match prefix {
+            "raw" => Some(Format::Raw),
+            "vhd" => Some(Format::Vhd),
+            "vhdx" => Some(Format::Vhdx),
+            "vmdk" => Some(Format::Vmdk),
+            _ => None,
+        };
+        if format.is_some() && !path.is_empty() {
+            return (format, path);
+        }
+    }
+    (None, location)
 }
 
 /// An opened source.
@@ -97,10 +120,16 @@ pub async fn open(location: &str, opts: &SourceOptions) -> Result<OpenedSource> 
             "{location}: --bitmap needs an NBD source (qemu:dirty-bitmap:NAME)"
         )));
     }
-    let img = ferry_image::open_image_direct(location)
+    let (prefixed, path) = split_format(location);
+    let img_opts = OpenOptions {
+        format: prefixed.or(opts.format),
+        direct_io: true,
+    };
+    let img = ferry_image::open_image_with(path, &img_opts)
         .await
         .map_err(|source| EngineError::Image {
-            what: format!("cannot open source {location}"),
+            // Every image error starts with the file it is about.
+            what: "cannot open source".into(),
             source: Box::new(source),
         })?;
     Ok(OpenedSource {
@@ -124,4 +153,24 @@ pub async fn changed_extents(src: &OpenedSource, bitmap: &str) -> Result<ExtentM
             what: format!("reading dirty bitmap `{bitmap}` of {}", nbd.uri_redacted()),
             source: Box::new(source),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_prefixes() {
+        assert_eq!(
+            split_format("raw:/d/junk.vhdx"),
+            (Some(Format::Raw), "/d/junk.vhdx")
+        );
+        assert_eq!(split_format("vmdk:a.img"), (Some(Format::Vmdk), "a.img"));
+        assert_eq!(split_format("/d/a:b.raw"), (None, "/d/a:b.raw"));
+        assert_eq!(split_format("raw:"), (None, "raw:"));
+        assert_eq!(
+            split_format("nbd://host/export"),
+            (None, "nbd://host/export")
+        );
+    }
 }

@@ -240,7 +240,8 @@ impl Inner {
             self.journal(false, &e.kind, &e.id);
         }
         if report != CleanupReport::default() {
-            tracing::warn!(source = %self.name, ?report, "removed leftovers of an interrupted backup");
+            tracing::warn!(source = %self.name, snapshots = report.snapshots, attachments = report.attachments,
+                tasks = report.tasks, "removed leftovers of an interrupted backup");
         }
         Ok(report)
     }
@@ -396,7 +397,7 @@ impl HypervisorDriver for XenDriver {
         for (_, _, vdi, vr) in &disks {
             if !b(vr, "cbt_enabled") {
                 i.client.call("VDI.enable_cbt", vec![json!(vdi)]).await?;
-                tracing::info!(source = %i.name, vm, disk = %s(vr, "uuid"), "enabled CBT on the disk; this backup reads it in full");
+                tracing::info!(source = %i.name, %vm, disk = %s(vr, "uuid"), "enabled CBT on the disk; this backup reads it in full");
                 cbt_off.insert(vdi.clone(), ());
             }
         }
@@ -584,7 +585,8 @@ impl XenSession {
                 }
             };
             match &changed {
-                Changed::Full { reason } if prev.is_some() => {
+                // Asked for, a full read is no surprise worth a warning.
+                Changed::Full { reason } if prev.is_some() && !opts.force_full => {
                     tracing::warn!(source = %i.name, disk = %label, %reason, "FULL backup of the disk: changed-block tracking cannot be used")
                 }
                 Changed::Full { reason } => {
@@ -660,10 +662,10 @@ impl XenSession {
             match r {
                 Ok(src) => {
                     if rank > 0 {
-                        tracing::warn!(source = %i.name, disk = label, transport = %mode, refused = %refused.join("; "),
+                        tracing::warn!(source = %i.name, disk = %label, transport = %mode, refused = %refused.join("; "),
                             "using a less preferred transport");
                     } else {
-                        tracing::info!(source = %i.name, disk = label, transport = %mode, "transport chosen");
+                        tracing::info!(source = %i.name, disk = %label, transport = %mode, "transport chosen");
                     }
                     return Ok((src, *mode));
                 }

@@ -46,6 +46,23 @@ pub enum ImageError {
         /// What is wrong.
         message: String,
     },
+    /// The file's name says it is an image of some format, but its content has no signature of
+    /// that (or any) format: reading it as a raw disk would back up garbage.
+    #[error(
+        "{file}: the name says {} but no {} signature was found (expected {signature}; found {found})",
+        named.to_string().to_uppercase(),
+        named.to_string().to_uppercase()
+    )]
+    NotTheNamedFormat {
+        /// Which file.
+        file: String,
+        /// The format its name claims.
+        named: crate::Format,
+        /// The signature looked for, and where.
+        signature: String,
+        /// What the file holds instead.
+        found: String,
+    },
     /// The block source under the image failed.
     #[error(transparent)]
     Block(#[from] BlockError),
@@ -113,11 +130,13 @@ impl From<ImageError> for BlockError {
             },
             other @ (ImageError::Corrupt { .. }
             | ImageError::Chain { .. }
-            | ImageError::Usage { .. }) => {
+            | ImageError::Usage { .. }
+            | ImageError::NotTheNamedFormat { .. }) => {
                 let disk = match &other {
                     ImageError::Corrupt { file, .. }
                     | ImageError::Chain { file, .. }
-                    | ImageError::Usage { file, .. } => file.clone(),
+                    | ImageError::Usage { file, .. }
+                    | ImageError::NotTheNamedFormat { file, .. } => file.clone(),
                     _ => String::new(),
                 };
                 let full = other.to_string();

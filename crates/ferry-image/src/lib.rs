@@ -5,6 +5,9 @@
 //! differencing), VHDX (dynamic, fixed, differencing `.avhdx`), VMDK (descriptor with flat /
 //! sparse / VMFS extents, monolithicSparse, streamOptimized, vmfsSparse deltas) — detected by
 //! content, never by name, and follows differencing chains relative to the file's directory.
+//! A name is only used to refuse: a `.vhd`, `.vhdx`, `.avhdx` or `.vmdk` file with no image
+//! signature at all is an error, not a raw disk, unless the caller forces the format
+//! ([`open_image_with`]).
 //! The result is a [`BlockSource`](ferry_core::BlockSource) of the *virtual* disk whose
 //! `allocated()` reports what the allocation tables say is present, so zero and unallocated
 //! ranges cost nothing downstream. [`open_source`] does the same over any `BlockSource` (an NBD
@@ -43,8 +46,8 @@ pub mod fuzzing;
 pub use error::ImageError;
 pub use file::{FileSource, FileTarget};
 pub use open::{
-    DirResolver, MAX_CHAIN_DEPTH, NoFiles, OpenedImage, Resolver, detect, open_image,
-    open_image_direct, open_source,
+    DirResolver, MAX_CHAIN_DEPTH, NoFiles, OpenOptions, OpenedImage, Resolver, detect,
+    format_named_by, open_image, open_image_direct, open_image_with, open_source,
 };
 pub use writer::{ImageWriter, OutputFormat, WriterOptions};
 

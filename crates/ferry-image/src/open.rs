@@ -23,6 +23,20 @@ pub(crate) enum Identity {
     VmdkCid(u32),
 }
 
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("no identity"),
+            Self::VhdUniqueId(id) => {
+                f.write_str("VHD unique id ")?;
+                id.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
+            Self::VhdxDataWrite(g) => write!(f, "VHDX data write GUID {g}"),
+            Self::VmdkCid(cid) => write!(f, "VMDK CID {cid:08x}"),
+        }
+    }
+}
+
 /// Where a differencing image says its parent is, and who the parent must be.
 #[derive(Debug, Clone)]
 pub(crate) struct ParentRef {
@@ -270,7 +284,7 @@ pub(crate) async fn open_source_as(
             return Err(ImageError::Chain {
                 file: child.1.clone(),
                 message: format!(
-                    "parent `{}` is not the image this one was made from (expected {expect:?}, found {:?})",
+                    "parent `{}` is not the image this one was made from (expected {expect}, found {})",
                     parent.1, parent.0.identity
                 ),
             });
@@ -310,32 +324,136 @@ pub(crate) async fn open_source_as(
     below.ok_or_else(|| ImageError::unsupported("", "empty chain"))
 }
 
+/// How to open an image file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Read the top image as this format instead of detecting it (parents are still
+    /// detected). `Some(Format::Raw)` reads any file as plain bytes, whatever its name.
+    pub format: Option<Format>,
+    /// Read the file's aligned data with `O_DIRECT` ([`FileSource::with_direct_io`]): for a
+    /// backup, which reads a disk once.
+    pub direct_io: bool,
+}
+
 /// Opens the image file at `path` (any supported format, detected by content), resolving
-/// extents and parents relative to the directory of the file that names them.
+/// extents and parents relative to the directory of the file that names them. A file whose
+/// name says it is an image (see [`format_named_by`]) but whose content has no signature of
+/// any format is refused ([`ImageError::NotTheNamedFormat`]) rather than read as raw.
 pub async fn open_image(path: impl AsRef<Path>) -> Result<OpenedImage, ImageError> {
-    open_image_as(path.as_ref(), false).await
+    open_image_with(path, &OpenOptions::default()).await
 }
 
-/// Like [`open_image`], reading the file's aligned data with `O_DIRECT`
-/// ([`FileSource::with_direct_io`]): for a backup, which reads a disk once.
+/// Like [`open_image`], reading the file's aligned data with `O_DIRECT`.
 pub async fn open_image_direct(path: impl AsRef<Path>) -> Result<OpenedImage, ImageError> {
-    open_image_as(path.as_ref(), true).await
+    let opts = OpenOptions {
+        direct_io: true,
+        ..OpenOptions::default()
+    };
+    open_image_with(path, &opts).await
 }
 
-async fn open_image_as(path: &Path, direct: bool) -> Result<OpenedImage, ImageError> {
+/// [`open_image`] with options: a forced format, direct I/O.
+pub async fn open_image_with(
+    path: impl AsRef<Path>,
+    opts: &OpenOptions,
+) -> Result<OpenedImage, ImageError> {
+    let path = path.as_ref();
     let canonical = path
         .canonicalize()
         .map_err(|e| ImageError::io(path.display(), "open", e))?;
     let mut file = FileSource::open(&canonical)?;
-    if direct {
+    if opts.direct_io {
         file = file.with_direct_io();
     }
-    open_source(Arc::new(file), &DirResolver).await
+    let file: Arc<dyn BlockSource> = Arc::new(file);
+    let mut force = opts.format;
+    if force.is_none() {
+        let detected = detect(file.as_ref()).await?;
+        if let (Format::Raw, Some(named)) = (detected, format_named_by(path)) {
+            return Err(not_the_named_format(file.as_ref(), named).await?);
+        }
+        force = Some(detected);
+    }
+    open_source_as(file, &DirResolver, force).await
+}
+
+/// The image format a file's name claims: `.vhd`/`.avhd` VHD, `.vhdx`/`.avhdx` VHDX,
+/// `.vmdk` VMDK (case-insensitive). `None` for other names and for VMware's flat extents
+/// (`NAME-flat.vmdk`, `NAME-f001.vmdk`), which are raw bytes by design.
+pub fn format_named_by(path: &Path) -> Option<Format> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    let (stem, ext) = name.rsplit_once('.')?;
+    match ext {
+        "vhd" | "avhd" => Some(Format::Vhd),
+        "vhdx" | "avhdx" => Some(Format::Vhdx),
+        "vmdk" => {
+            let flat_split = stem
+                .rsplit_once("-f")
+                .is_some_and(|(_, n)| n.len() == 3 && n.bytes().all(|b| b.is_ascii_digit()));
+            (!stem.ends_with("-flat") && !flat_split).then_some(Format::Vmdk)
+        }
+        _ => None,
+    }
+}
+
+/// The refusal of a file named like a `named` image without its signature: what signature
+/// was looked for and what the file holds instead.
+async fn not_the_named_format(
+    src: &dyn BlockSource,
+    named: Format,
+) -> Result<ImageError, ImageError> {
+    let len = src.size();
+    let mut head = vec![0u8; len.min(8) as usize];
+    src.read_at(0, &mut head).await?;
+    let show = |bytes: &[u8], at: u64| {
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("`{}` at offset {at}", hex.join(" "))
+    };
+    let signature = match named {
+        Format::Vhd => "the `conectix` footer in the last 512 bytes or its copy at offset 0",
+        Format::Vhdx => "`vhdxfile` at offset 0",
+        _ => "`KDMV` at offset 0 (sparse) or a `# Disk DescriptorFile` text descriptor",
+    };
+    let found = if len == 0 {
+        "an empty file".to_string()
+    } else if named == Format::Vhd && len >= 512 {
+        let mut tail = [0u8; 8];
+        src.read_at(len - 512, &mut tail).await?;
+        format!(
+            "{} and {} in a file of {len} bytes",
+            show(&head, 0),
+            show(&tail, len - 512)
+        )
+    } else {
+        format!("{} in a file of {len} bytes", show(&head, 0))
+    };
+    Ok(ImageError::NotTheNamedFormat {
+        file: src.name(),
+        named,
+        signature: signature.to_string(),
+        found,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_that_claim_a_format() {
+        let named = |n: &str| format_named_by(Path::new(n));
+        assert_eq!(named("/d/WEB01.VHDX"), Some(Format::Vhdx));
+        assert_eq!(named("snap.avhdx"), Some(Format::Vhdx));
+        assert_eq!(named("old.avhd"), Some(Format::Vhd));
+        assert_eq!(named("a.vhd"), Some(Format::Vhd));
+        assert_eq!(named("web.vmdk"), Some(Format::Vmdk));
+        assert_eq!(named("web-s001.vmdk"), Some(Format::Vmdk));
+        // VMware's flat extents are raw bytes by design.
+        assert_eq!(named("web-flat.vmdk"), None);
+        assert_eq!(named("web-f001.vmdk"), None);
+        assert_eq!(named("disk.img"), None);
+        assert_eq!(named("vhdx"), None);
+    }
 
     #[test]
     fn resolver_candidates() {

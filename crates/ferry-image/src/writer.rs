@@ -36,6 +36,19 @@ pub enum OutputFormat {
     VmdkStream,
 }
 
+impl std::fmt::Display for OutputFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Raw => "raw",
+            Self::VhdFixed => "vhd-fixed",
+            Self::VhdDynamic => "vhd-dynamic",
+            Self::Vhdx => "vhdx",
+            Self::VmdkSparse => "vmdk-sparse",
+            Self::VmdkStream => "vmdk-stream",
+        })
+    }
+}
+
 impl std::str::FromStr for OutputFormat {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -219,7 +232,7 @@ fn read_parent(
         _ => {
             return Err(ImageError::unsupported(
                 &pname,
-                format!("{format:?} cannot have a parent"),
+                format!("{format} cannot have a parent"),
             ));
         }
     }
@@ -259,7 +272,7 @@ impl ImageWriter {
             && (virtual_size == 0 || virtual_size % 512 != 0 || virtual_size > max)
         {
             return Err(usage(format!(
-                "{format:?} needs a virtual size that is a non-zero multiple of 512 up to {max}, not {virtual_size}"
+                "{format} needs a virtual size that is a non-zero multiple of 512 up to {max}, not {virtual_size}"
             )));
         }
         let differencing = match &opts.parent {

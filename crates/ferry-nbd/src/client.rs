@@ -314,7 +314,7 @@ async fn negotiate(
                             codec::decode_meta_context(&r.data).map_err(|e| ctx.protocol(e.0))?;
                         if !cfg.meta_contexts.contains(&name) {
                             return Err(ctx.protocol(format!(
-                                "server selected meta context {name:?} that was not asked for"
+                                "server selected meta context `{name}` that was not asked for"
                             )));
                         }
                         if contexts.len() >= cfg.meta_contexts.len() {
@@ -1253,8 +1253,12 @@ impl NbdClient {
         let end = range.end.min(self.info.size);
         if !self.info.meta_contexts.iter().any(|c| c == context) {
             return Err(self.ctx.unsupported(format!(
-                "meta context {context:?} was not negotiated (selected: {:?})",
-                self.info.meta_contexts
+                "meta context `{context}` was not negotiated (selected: {})",
+                if self.info.meta_contexts.is_empty() {
+                    "none".to_string()
+                } else {
+                    self.info.meta_contexts.join(", ")
+                }
             )));
         }
         let mut out: Vec<(Range<u64>, u32)> = Vec::new();
@@ -1265,7 +1269,7 @@ impl NbdClient {
             let extents = self
                 .run(true, |c| async move {
                     let id = c.context_id(context).ok_or_else(|| {
-                        self.ctx.unsupported(format!("meta context {context:?} lost on reconnect"))
+                        self.ctx.unsupported(format!("meta context `{context}` lost on reconnect"))
                     })?;
                     let reply = c.request(cmd::BLOCK_STATUS, 0, o, len, None).await?;
                     let d = reply
@@ -1275,7 +1279,7 @@ impl NbdClient {
                         .map(|(_, d)| d)
                         .ok_or_else(|| {
                             self.ctx.protocol(format!(
-                                "BLOCK_STATUS reply at offset {o} lacks context {context:?} (id {id})"
+                                "BLOCK_STATUS reply at offset {o} lacks context `{context}` (id {id})"
                             ))
                         })?;
                     Ok(codec::descriptors_to_extents(o, o + u64::from(len), &d))

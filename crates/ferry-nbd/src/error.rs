@@ -17,7 +17,7 @@ pub enum NbdError {
         message: String,
     },
     /// Connecting or a socket operation failed.
-    #[error("NBD server {server}, export {export:?}: {op}: {source}")]
+    #[error("NBD server {server}, export `{export}`: {op}: {source}")]
     Io {
         /// Server address.
         server: String,
@@ -30,7 +30,7 @@ pub enum NbdError {
         source: std::io::Error,
     },
     /// A step took longer than its timeout (a stalled server).
-    #[error("NBD server {server}, export {export:?}: {op} timed out after {secs:.1} s")]
+    #[error("NBD server {server}, export `{export}`: {op} timed out after {secs:.1} s")]
     Timeout {
         /// Server address.
         server: String,
@@ -43,7 +43,7 @@ pub enum NbdError {
     },
     /// The server broke the protocol (bad magic, wrong cookie, overlong length, chunk outside
     /// the request, …). The connection is dropped.
-    #[error("NBD server {server}, export {export:?}: protocol violation: {message}")]
+    #[error("NBD server {server}, export `{export}`: protocol violation: {message}")]
     Protocol {
         /// Server address.
         server: String,
@@ -53,7 +53,7 @@ pub enum NbdError {
         message: String,
     },
     /// The server refused an option during negotiation.
-    #[error("NBD server {server}, export {export:?}: {option} refused: {reply} {message}")]
+    #[error("NBD server {server}, export `{export}`: {option} refused: {reply} {message}")]
     Refused {
         /// Server address.
         server: String,
@@ -69,7 +69,7 @@ pub enum NbdError {
         code: u32,
     },
     /// TLS setup or handshake failed (refused STARTTLS, bad certificate, wrong fingerprint).
-    #[error("NBD server {server}, export {export:?}: TLS: {message}")]
+    #[error("NBD server {server}, export `{export}`: TLS: {message}")]
     Tls {
         /// Server address.
         server: String,
@@ -80,7 +80,7 @@ pub enum NbdError {
     },
     /// The server answered a request with an error.
     #[error(
-        "NBD server {server}, export {export:?}: {cmd} of {len} bytes at offset {offset} failed: \
+        "NBD server {server}, export `{export}`: {cmd} of {len} bytes at offset {offset} failed: \
          {errno_name} ({errno}){}", if message.is_empty() { String::new() } else { format!(": {message}") }
     )]
     Command {
@@ -102,7 +102,7 @@ pub enum NbdError {
         message: String,
     },
     /// The export cannot do what was asked (read-only, no block status, …).
-    #[error("NBD server {server}, export {export:?}: {message}")]
+    #[error("NBD server {server}, export `{export}`: {message}")]
     Unsupported {
         /// Server address.
         server: String,
@@ -112,7 +112,7 @@ pub enum NbdError {
         message: String,
     },
     /// The connection was lost earlier; requests on it fail with the original cause.
-    #[error("NBD server {server}, export {export:?}: connection lost: {message}")]
+    #[error("NBD server {server}, export `{export}`: connection lost: {message}")]
     Disconnected {
         /// Server address.
         server: String,

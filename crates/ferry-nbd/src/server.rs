@@ -270,7 +270,7 @@ impl NbdServer {
                 opt::EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
                     let Some(export) = self.find(&name) else {
-                        tracing::info!(peer, export = %name, "NBD client asked for an unknown export");
+                        tracing::info!(%peer, export = %name, "NBD client asked for an unknown export");
                         return Ok(None);
                     };
                     out.extend_from_slice(&export.source.size().to_be_bytes());

@@ -181,7 +181,7 @@ async fn read_err(script: Script) -> (NbdError, u16) {
 fn assert_names(e: &NbdError, port: u16, needle: &str) {
     let s = e.to_string();
     assert!(
-        s.contains(&format!("127.0.0.1:{port}")) && s.contains("\"disk\""),
+        s.contains(&format!("127.0.0.1:{port}")) && s.contains("export `disk`"),
         "{s}"
     );
     assert!(s.contains(needle), "expected {needle:?} in: {s}");

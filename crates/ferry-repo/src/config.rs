@@ -136,7 +136,10 @@ impl KdfParams {
         {
             return Err(RepoError::corrupt(
                 key,
-                format!("key slot has out-of-range Argon2id parameters {self:?}"),
+                format!(
+                    "key slot has out-of-range Argon2id parameters (memory {} KiB, {} iteration(s), parallelism {})",
+                    self.memory_kib, self.iterations, self.parallelism
+                ),
             ));
         }
         Ok(())

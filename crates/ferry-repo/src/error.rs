@@ -80,6 +80,15 @@ pub enum RepoError {
         /// Why it is not usable.
         reason: String,
     },
+    /// A cloud location has no credentials configured, and asking the cloud's instance
+    /// metadata service for them was not opted into.
+    #[error("no {cloud} credentials found: {help}")]
+    NoCredentials {
+        /// `S3` or `Azure`.
+        cloud: &'static str,
+        /// Which settings provide credentials.
+        help: String,
+    },
     /// A lock is held by someone else.
     #[error("lock `{key}` is held by {holder} until {expires}; {hint}")]
     Locked {

@@ -442,7 +442,7 @@ impl Repository {
                 }
             }
         }
-        tracing::info!(snapshot = %id, vm = %meta.vm.id, known_chunks = known.len(), previous = ?previous.as_ref().map(|m| &m.id), "backup started");
+        tracing::info!(snapshot = %id, vm = %meta.vm.id, known_chunks = known.len(), previous = %previous.as_ref().map_or("none", |m| m.id.as_str()), "backup started");
         Ok(BackupWriter {
             shared: Arc::new(Shared {
                 repo: self.clone(),
@@ -716,7 +716,9 @@ impl BackupWriter {
         if let Some(lease) = self.lease.take() {
             lease.release().await?;
         }
-        tracing::info!(snapshot = %manifest.id, stats = ?self.stats(), "restore point committed");
+        let stats = self.stats();
+        tracing::info!(snapshot = %manifest.id, uploaded_chunks = stats.uploaded, uploaded_bytes = stats.uploaded_bytes,
+            already_stored = stats.already_present, reused = stats.reused, zero = stats.zero, "restore point committed");
         Ok(manifest)
     }
 }

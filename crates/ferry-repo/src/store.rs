@@ -75,6 +75,180 @@ fn with_prefix(store: Arc<dyn ObjectStore>, prefix: &str) -> Arc<dyn ObjectStore
     }
 }
 
+/// Setting (environment variable or `open_with` option) that lets S3 take credentials from the
+/// EC2 instance metadata service (IMDS) when nothing else provides them: for proxies running
+/// on an EC2 instance with a role. Off by default, so that a proxy without credentials fails
+/// at once instead of retrying a link-local address that only a cloud VM can reach.
+pub const S3_INSTANCE_METADATA: &str = "FERRY_S3_INSTANCE_METADATA";
+
+/// Setting that lets Azure take a token from the managed identity endpoint (IMDS) when nothing
+/// else provides credentials: for proxies running on an Azure VM with a managed identity.
+pub const AZURE_MANAGED_IDENTITY: &str = "FERRY_AZURE_MANAGED_IDENTITY";
+
+/// `name` from the `open_with` options (case-insensitive), else from the environment.
+fn setting(options: &[(String, String)], name: &str) -> Option<String> {
+    options
+        .iter()
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+        .or_else(|| std::env::var(name).ok())
+        .filter(|v| !v.is_empty())
+}
+
+fn is_true(v: Option<String>) -> bool {
+    v.is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+/// Makes sure an S3 builder has a credential source other than the instance metadata
+/// service, or that the operator opted into that one; fills in the shared credentials file.
+fn s3_credentials(
+    b: object_store::aws::AmazonS3Builder,
+    options: &[(String, String)],
+    location: &str,
+) -> Result<object_store::aws::AmazonS3Builder> {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let has = |k: K| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
+    let configured = has(K::AccessKeyId)
+        || has(K::SecretAccessKey)
+        || is_true(b.get_config_value(&K::SkipSignature))
+        || has(K::ContainerCredentialsRelativeUri)
+        || (has(K::ContainerCredentialsFullUri) && has(K::ContainerAuthorizationTokenFile))
+        // object_store reads these two from the environment itself.
+        || (std::env::var_os("AWS_WEB_IDENTITY_TOKEN_FILE").is_some()
+            && std::env::var_os("AWS_ROLE_ARN").is_some());
+    if configured {
+        return Ok(b);
+    }
+    if let Some(c) = shared_credentials_file(options, location)? {
+        let mut b = b
+            .with_config(K::AccessKeyId, c.key_id)
+            .with_config(K::SecretAccessKey, c.secret);
+        if let Some(t) = c.token {
+            b = b.with_config(K::Token, t);
+        }
+        return Ok(b);
+    }
+    if is_true(setting(options, S3_INSTANCE_METADATA)) {
+        return Ok(b);
+    }
+    Err(RepoError::NoCredentials {
+        cloud: "S3",
+        help: format!(
+            "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (plus AWS_SESSION_TOKEN for temporary \
+             keys), put them in the shared credentials file (~/.aws/credentials or \
+             AWS_SHARED_CREDENTIALS_FILE, profile AWS_PROFILE or `default`), set \
+             AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN, or AWS_SKIP_SIGNATURE=true for a public \
+             bucket; on an EC2 instance with a role, set {S3_INSTANCE_METADATA}=true to ask the \
+             instance metadata service"
+        ),
+    })
+}
+
+/// Keys of one profile of the AWS shared credentials file.
+struct FileCredentials {
+    key_id: String,
+    secret: String,
+    token: Option<String>,
+}
+
+/// The profile `AWS_PROFILE` (default `default`) of the shared credentials file
+/// (`AWS_SHARED_CREDENTIALS_FILE`, default `~/.aws/credentials`), if the file exists and the
+/// profile has both keys. Values are never logged.
+fn shared_credentials_file(
+    options: &[(String, String)],
+    location: &str,
+) -> Result<Option<FileCredentials>> {
+    let path = match setting(options, "AWS_SHARED_CREDENTIALS_FILE") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+            Some(home) => std::path::Path::new(&home).join(".aws/credentials"),
+            None => return Ok(None),
+        },
+    };
+    let profile = setting(options, "AWS_PROFILE").unwrap_or_else(|| "default".into());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(RepoError::InvalidLocation {
+                location: location.into(),
+                reason: format!(
+                    "cannot read the AWS shared credentials file {}: {e}",
+                    path.display()
+                ),
+            });
+        }
+    };
+    let (mut key_id, mut secret, mut token) = (None, None, None);
+    let mut in_profile = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            in_profile = section.trim() == profile;
+            continue;
+        }
+        if !in_profile {
+            continue;
+        }
+        if let Some((k, v)) = line.split_once('=') {
+            let v = Some(v.trim().to_string()).filter(|v| !v.is_empty());
+            match k.trim().to_ascii_lowercase().as_str() {
+                "aws_access_key_id" => key_id = v,
+                "aws_secret_access_key" => secret = v,
+                "aws_session_token" => token = v,
+                _ => {}
+            }
+        }
+    }
+    Ok(match (key_id, secret) {
+        (Some(key_id), Some(secret)) => {
+            tracing::debug!(file = %path.display(), profile, "S3 credentials from the shared credentials file");
+            Some(FileCredentials {
+                key_id,
+                secret,
+                token,
+            })
+        }
+        _ => None,
+    })
+}
+
+/// Makes sure an Azure builder has a credential source other than the managed identity
+/// endpoint, or that the operator opted into that one.
+fn azure_credentials(
+    b: &object_store::azure::MicrosoftAzureBuilder,
+    options: &[(String, String)],
+) -> Result<()> {
+    use object_store::azure::AzureConfigKey as K;
+    let has = |k: K| b.get_config_value(&k).is_some_and(|v| !v.is_empty());
+    let configured = is_true(b.get_config_value(&K::UseEmulator))
+        || is_true(b.get_config_value(&K::SkipSignature))
+        || is_true(b.get_config_value(&K::UseAzureCli))
+        || has(K::AccessKey)
+        || has(K::SasKey)
+        || has(K::Token)
+        || (has(K::ClientId)
+            && has(K::AuthorityId)
+            && (has(K::ClientSecret) || has(K::FederatedTokenFile)))
+        || has(K::FabricTokenServiceUrl);
+    if configured || is_true(setting(options, AZURE_MANAGED_IDENTITY)) {
+        return Ok(());
+    }
+    Err(RepoError::NoCredentials {
+        cloud: "Azure",
+        help: format!(
+            "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN, \
+             AZURE_CLIENT_ID, AZURE_CLIENT_SECRET and AZURE_TENANT_ID for a service principal, \
+             AZURE_USE_AZURE_CLI=true to use `az login`, or AZURE_STORAGE_USE_EMULATOR=true for \
+             Azurite; on an Azure VM with a managed identity, set {AZURE_MANAGED_IDENTITY}=true"
+        ),
+    })
+}
+
 impl Store {
     /// Wraps any object store (e.g. `InMemory` for tests); `location` names it in messages.
     pub fn new(inner: Arc<dyn ObjectStore>, location: impl Into<String>) -> Self {
@@ -87,7 +261,10 @@ impl Store {
     }
 
     /// Opens a location: `/path`, `file:///path`, `s3://bucket/prefix`, `az://container/prefix`
-    /// (credentials and endpoints from the `AWS_*` / `AZURE_*` environment variables).
+    /// (credentials and endpoints from the `AWS_*` / `AZURE_*` environment variables, for S3
+    /// also the shared credentials file). A cloud location without credentials fails here
+    /// with [`RepoError::NoCredentials`] unless [`S3_INSTANCE_METADATA`] /
+    /// [`AZURE_MANAGED_IDENTITY`] opt into asking the instance metadata service.
     /// `create_dir` creates a missing local directory (for `init`).
     pub fn open(location: &str, create_dir: bool) -> Result<Self> {
         Self::open_with(location, create_dir, &[])
@@ -117,6 +294,7 @@ impl Store {
                     b = b.with_config(key, v);
                 }
             }
+            b = s3_credentials(b, options, location)?;
             let s3 = b
                 .with_bucket_name(bucket)
                 .with_retry(retry_config())
@@ -137,6 +315,7 @@ impl Store {
                     b = b.with_config(key, v);
                 }
             }
+            azure_credentials(&b, options)?;
             let az = b
                 .with_container_name(container)
                 .with_retry(retry_config())

@@ -128,16 +128,40 @@ pub fn free_port() -> u16 {
 /// `RUST_LOG` and `FERRY_PASSWORD` are not passed on: log volume and secrets are the test's
 /// explicit choice.
 pub fn run_logged(program: &str, args: &[&str], env: &[(String, String)]) -> std::process::Output {
-    let out = Command::new(program)
+    let mut cmd = Command::new(program);
+    cmd.env_remove("RUST_LOG").env_remove("FERRY_PASSWORD");
+    run_logged_with(cmd, args, env)
+}
+
+/// [`run_logged`] in an environment holding nothing but `env` and a `PATH`: for tests of what a
+/// command does when nothing (no credentials, no `HOME` settings) is configured.
+pub fn run_logged_env_clear(
+    program: &str,
+    args: &[&str],
+    env: &[(String, String)],
+) -> std::process::Output {
+    let mut cmd = Command::new(program);
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    run_logged_with(cmd, args, env)
+}
+
+fn run_logged_with(
+    mut cmd: Command,
+    args: &[&str],
+    env: &[(String, String)],
+) -> std::process::Output {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd
         .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("FERRY_PASSWORD")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    let name = Path::new(program)
+    let name = Path::new(&program)
         .file_name()
-        .map_or_else(|| program.into(), |n| n.to_string_lossy());
+        .map_or_else(|| program.clone(), |n| n.to_string_lossy().into_owned());
     eprintln!(
         "$ {name} {}\n--- {}\n--- stdout\n{}\n--- stderr\n{}",
         args.join(" "),

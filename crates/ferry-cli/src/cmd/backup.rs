@@ -47,6 +47,7 @@ impl TlsArgs {
             tls_ca_pem,
             tls_fingerprint: self.tls_fingerprint.clone(),
             bitmap: None,
+            format: None,
         })
     }
 }
@@ -61,9 +62,10 @@ pub struct Args {
     /// point each.
     #[arg(long, required = true)]
     pub vm: Vec<String>,
-    /// A disk: `[NAME=]SOURCE`, SOURCE being a file or block device (raw, VHD, VHDX, VMDK,
-    /// detected by content) or an nbd://, nbds://, nbd+unix:// URI. Repeat for more disks;
-    /// unnamed disks are called disk0, disk1, … in order.
+    /// A disk: `[NAME=][FORMAT:]SOURCE`, SOURCE being a file or block device (raw, VHD, VHDX,
+    /// VMDK, detected by content; a `raw:`, `vhd:`, `vhdx:` or `vmdk:` prefix forces the format)
+    /// or an nbd://, nbds://, nbd+unix:// URI. Repeat for more disks; unnamed disks are called
+    /// disk0, disk1, … in order.
     #[arg(
         long = "disk",
         required_unless_present = "source",
@@ -100,11 +102,66 @@ pub struct Args {
     /// Threads hashing, compressing and encrypting (default: one per CPU core).
     #[arg(long)]
     pub cpu_workers: Option<usize>,
+    /// Format of the --disk files without a `FORMAT:` prefix: `auto` detects it by content and
+    /// refuses a file named like an image (.vhd, .vhdx, .avhdx, .vmdk) that holds none; `raw`
+    /// reads every file as plain bytes.
+    #[arg(long, value_enum, default_value_t = InputFormat::Auto, conflicts_with = "source")]
+    pub format: InputFormat,
     #[command(flatten)]
     pub tls: TlsArgs,
     /// Print the whole report as JSON on stdout instead of the restore point id.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--format` of `ferry backup` (and of other commands reading disks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputFormat {
+    /// Detect by content.
+    Auto,
+    /// Plain bytes, whatever the file's name.
+    Raw,
+    /// VHD.
+    Vhd,
+    /// VHDX (also `.avhdx`).
+    Vhdx,
+    /// VMDK (descriptor or sparse).
+    Vmdk,
+}
+
+impl InputFormat {
+    /// The forced image format, `None` for `auto`.
+    pub fn forced(self) -> Option<ferry_image::Format> {
+        match self {
+            Self::Auto => None,
+            Self::Raw => Some(ferry_image::Format::Raw),
+            Self::Vhd => Some(ferry_image::Format::Vhd),
+            Self::Vhdx => Some(ferry_image::Format::Vhdx),
+            Self::Vmdk => Some(ferry_image::Format::Vmdk),
+        }
+    }
+}
+
+/// Adds how to force a raw read (`how`, e.g. "`--disk d=raw:PATH`") to an error that refused a
+/// file named like an image; other errors come back unchanged.
+pub fn with_raw_hint(err: anyhow::Error, how: &str) -> anyhow::Error {
+    let refused = err.chain().any(|c| {
+        let image = c.downcast_ref::<ferry_image::ImageError>().or_else(|| {
+            c.downcast_ref::<Box<ferry_image::ImageError>>()
+                .map(|b| &**b)
+        });
+        matches!(
+            image,
+            Some(ferry_image::ImageError::NotTheNamedFormat { .. })
+        )
+    });
+    if !refused {
+        return err;
+    }
+    anyhow::anyhow!(
+        "{}; not reading it as a raw disk: if it really is one, force it with {how}",
+        crate::error_text(&err)
+    )
 }
 
 impl Args {
@@ -162,7 +219,7 @@ pub fn cancel_on_signal(token: CancellationToken) {
 /// Draws a progress bar on stderr while the job runs (terminals only; plain lines are left
 /// to the summary). Returns a guard that clears the line when dropped.
 pub fn progress_bar(progress: Arc<Progress>, verb: &'static str) -> Option<ProgressGuard> {
-    if !std::io::stderr().is_terminal() {
+    if !std::io::stderr().is_terminal() || crate::logging::quiet() {
         return None;
     }
     let stop = CancellationToken::new();
@@ -235,6 +292,7 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     let repo = a.repo.open().await?;
     let mut opts = a.tls.source_options()?;
     opts.bitmap = a.bitmap.clone();
+    opts.format = a.format.forced();
     let mut disks = Vec::new();
     let mut transports = Vec::new();
     for (i, spec) in a.disks.iter().enumerate() {
@@ -248,7 +306,13 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
         }
         let opened = source::open(&location, &o)
             .await
-            .with_context(|| format!("disk `{name}`"))?;
+            .with_context(|| format!("disk `{name}`"))
+            .map_err(|e| {
+                with_raw_hint(
+                    e,
+                    &format!("`--disk {name}=raw:{location}` or `--format raw`"),
+                )
+            })?;
         let changed = match &a.bitmap {
             Some(b) => Some(
                 source::changed_extents(&opened, b)
@@ -324,7 +388,9 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        eprint!("{}", summary(&report));
+        if !crate::logging::quiet() {
+            eprint!("{}", summary(&report));
+        }
         println!("{}", report.snapshot);
     }
     Ok(ExitCode::SUCCESS)
@@ -355,7 +421,7 @@ async fn run_source(a: Args) -> anyhow::Result<ExitCode> {
         let vm = match find_vm(&inventory, want) {
             Ok(v) => v.clone(),
             Err(e) => {
-                eprintln!("error: VM `{want}`: {e:#}");
+                eprintln!("error: VM `{want}`: {}", crate::error_text(&e));
                 json.push(serde_json::json!({"vm_name": want, "error": format!("{e:#}")}));
                 failed.push(want.clone());
                 continue;
@@ -389,7 +455,9 @@ async fn run_source(a: Args) -> anyhow::Result<ExitCode> {
                 if a.json {
                     json.push(done.to_json());
                 } else {
-                    eprint!("{}{}", summary(&done.report), done.summary());
+                    if !crate::logging::quiet() {
+                        eprint!("{}{}", summary(&done.report), done.summary());
+                    }
                     println!("{}", done.report.snapshot);
                 }
             }
@@ -401,7 +469,7 @@ async fn run_source(a: Args) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_CANCELLED));
             }
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", crate::error_text(&e));
                 json.push(
                     serde_json::json!({"vm_name": vm.name, "vm": vm.id, "error": format!("{e:#}")}),
                 );

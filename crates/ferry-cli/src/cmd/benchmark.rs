@@ -97,7 +97,10 @@ pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode
         Some(loc) => {
             let opened = ferry_engine::source::open(loc, &args.tls.source_options()?)
                 .await
-                .context("cannot open the sample")?; // the cause names it, without secrets
+                .context("cannot open the sample") // the cause names it, without secrets
+                .map_err(|e| {
+                    crate::cmd::backup::with_raw_hint(e, &format!("`--sample raw:{loc}`"))
+                })?;
             let s = calibrate::sample_source(&*opened.source, args.sample_size, chunk_size)
                 .await
                 .with_context(|| format!("cannot sample {}", opened.source.name()))?;

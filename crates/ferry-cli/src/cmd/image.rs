@@ -2,7 +2,8 @@
 //!
 //! `ferry image info PATH [--json]` prints the format (detected by content), virtual size,
 //! allocated bytes (what the allocation tables say is present, parents included) and the
-//! differencing chain.
+//! differencing chain. A file named like an image (`.vhdx`, …) without its signature is shown
+//! as raw, with a warning.
 
 use anyhow::Context;
 use ferry_core::size::human_bytes;
@@ -57,9 +58,22 @@ pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCo
 }
 
 async fn info(args: InfoArgs) -> anyhow::Result<ExitCode> {
-    let img = ferry_image::open_image(&args.path)
-        .await
-        .with_context(|| format!("cannot open image {}", args.path.display()))?;
+    let img = match ferry_image::open_image(&args.path).await {
+        Err(e @ ferry_image::ImageError::NotTheNamedFormat { .. }) => {
+            // Showing what the file is (plain bytes) helps more than refusing; the warning
+            // says why a backup refuses it.
+            tracing::warn!(
+                "{e}; showing it as raw (a backup refuses it unless forced with `--format raw` or a `raw:` prefix)"
+            );
+            let raw = ferry_image::OpenOptions {
+                format: Some(ferry_image::Format::Raw),
+                direct_io: false,
+            };
+            ferry_image::open_image_with(&args.path, &raw).await
+        }
+        other => other,
+    }
+    .with_context(|| format!("cannot open image {}", args.path.display()))?;
     let size = img.source.size();
     let allocated = img
         .source

@@ -242,7 +242,8 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         encrypted: !a.insecure_no_encryption,
         kdf: KdfParams::default(),
     };
-    let store = Store::open(&a.repo.repo, true)?;
+    let store = Store::open(&a.repo.repo, true)
+        .with_context(|| format!("cannot create repository {}", a.repo.repo))?;
     let repo = Repository::init(store, password.as_ref(), opts).await?;
     println!(
         "created repository {} at {} (chunk size {}, {})",

@@ -247,7 +247,7 @@ async fn run_to_source(a: Args, source: String) -> anyhow::Result<ExitCode> {
                 "seconds": t0.elapsed().as_secs_f64(),
             }))?
         );
-    } else {
+    } else if !crate::logging::quiet() {
         eprintln!(
             "restored VM `{}` of restore point {} onto source `{source}` as `{}` ({}): {} disk(s), {} in {:.2} s via {}{}",
             manifest.meta.vm.name,
@@ -354,7 +354,7 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
             }
             other => other?,
         };
-        if !a.json {
+        if !a.json && !crate::logging::quiet() {
             eprintln!(
                 "restored disk {} of {} to {}: {} in {:.2} s ({}), fetched {}, wrote {}, zero {}; time: repository {:.0}% / CPU {:.0}% / target {:.0}%",
                 r.disk,

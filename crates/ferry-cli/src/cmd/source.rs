@@ -29,9 +29,12 @@ impl SourceArgs {
                 Ok(Arc::new(d))
             }
             SourceKind::Vmware | SourceKind::Hyperv => bail!(
-                "source `{}`: the {:?} driver is not part of this build yet (see docs/drivers.md)",
+                "source `{}`: the {} driver is not part of this build yet (see docs/drivers.md)",
                 self.source,
-                src.kind
+                match src.kind {
+                    SourceKind::Vmware => "VMware",
+                    _ => "Hyper-V",
+                }
             ),
         }
     }

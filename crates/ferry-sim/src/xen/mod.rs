@@ -40,7 +40,7 @@ pub enum SimError {
         source: std::io::Error,
     },
     /// A XenAPI call failed.
-    #[error("XenAPI simulator: {call} failed: {:?}", failure.0)]
+    #[error("XenAPI simulator: {call} failed: {}", failure.0.join(" "))]
     Api {
         /// The call.
         call: String,
