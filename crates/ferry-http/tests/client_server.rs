@@ -34,6 +34,21 @@ fn app() -> Router {
     Router::new()
         .route("/hello", get(|| async { "hello" }))
         .route(
+            "/whoami",
+            get(|h: http::HeaderMap| async move {
+                let ua = h
+                    .get(http::header::USER_AGENT)
+                    .map(|v| v.to_str().unwrap().to_string());
+                let cookie = h
+                    .get(http::header::COOKIE)
+                    .map(|v| v.to_str().unwrap().to_string());
+                (
+                    [(http::header::SET_COOKIE, "session=abc; Path=/")],
+                    format!("{} {}", ua.unwrap_or_default(), cookie.unwrap_or_default()),
+                )
+            }),
+        )
+        .route(
             "/slow",
             get(|| async {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -132,6 +147,27 @@ async fn a_ca_bundle_checks_issuer_and_name() {
         .unwrap_err();
     assert!(matches!(e, HttpError::Tls { .. }), "{e}");
     assert!(e.to_string().contains("invalid peer certificate"), "{e}");
+}
+
+#[tokio::test]
+async fn requests_name_ferry_and_keep_session_cookies_when_asked() {
+    let s = start(Duration::from_secs(1)).await;
+    let mut o = ClientOptions::new("lab", s.pin());
+    o.proxy = ProxySetting::Off;
+    o.cookies = true;
+    let with = HttpClient::new(&o).unwrap();
+    let first = get_text(&with, &s.url("/whoami")).await.unwrap();
+    assert_eq!(first, format!("{} ", ferry_http::USER_AGENT));
+    assert!(first.starts_with("ferry/0."), "{first}");
+    let second = get_text(&with, &s.url("/whoami")).await.unwrap();
+    assert!(
+        second.ends_with(" session=abc"),
+        "the cookie came back: {second}"
+    );
+    let without = client(s.pin());
+    get_text(&without, &s.url("/whoami")).await.unwrap();
+    let again = get_text(&without, &s.url("/whoami")).await.unwrap();
+    assert!(again.ends_with(' '), "no cookie store, no cookie: {again}");
 }
 
 #[tokio::test]

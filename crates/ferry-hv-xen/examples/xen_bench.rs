@@ -121,4 +121,111 @@ async fn main() {
         d.close().await;
     }
     println!("qemu-img   (reference)  {:.3} s", reference.unwrap_or(0.0));
+    raw_transfers(&sim, dir.path(), mib).await;
+}
+
+/// Peak RSS of this process (MiB) since the last reset.
+fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        >> 10
+}
+
+/// Raw VDI import and export of a `mib`×8 MiB disk (a quarter data) through Ferry's XenAPI
+/// client, beside curl moving the same bytes to and from the same simulator.
+async fn raw_transfers(sim: &XenSim, dir: &Path, mib: u64) {
+    use std::os::unix::fs::FileExt;
+    let size = mib * 8 << 20;
+    let raw = dir.join("raw-src.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(size).unwrap();
+    let quarter: Vec<u8> = (0..size / 4)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    f.write_all_at(&quarter, size / 2).unwrap();
+    drop(f);
+    let mut http = ferry_http::ClientOptions::new(
+        "b",
+        ferry_tls::Trust::Fingerprint(ferry_tls::parse_fingerprint(sim.tls_fingerprint()).unwrap()),
+    );
+    http.proxy = ferry_http::ProxySetting::Off;
+    let c = ferry_hv_xen::client::XenClient::login(
+        sim.url(),
+        sim.username(),
+        &ferry_core::Secret::new(sim.password()),
+        &http,
+    )
+    .await
+    .unwrap();
+    let sr = c.call("SR.get_all", vec![]).await.unwrap()[0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vdi = c
+        .call_str(
+            "VDI.create",
+            vec![serde_json::json!({"SR": sr, "name_label": "bench", "virtual_size": size.to_string(),
+                "type": "user", "sharable": false, "read_only": false, "other_config": {},
+                "xenstore_data": {}, "sm_config": {}, "tags": []})],
+        )
+        .await
+        .unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, sim.cert_pem()).unwrap();
+    let q = format!("session_id={}&vdi={vdi}&format=raw", c.session().await);
+    let curl = |args: &[&str]| {
+        let t = Instant::now();
+        let st = std::process::Command::new("curl")
+            .args(["-sS", "--fail", "--http1.1", "--cacert"])
+            .arg(&ca)
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        t.elapsed().as_secs_f64()
+    };
+    let gib = size as f64 / 1048576.0;
+    let src = ferry_image::FileSource::open(&raw).unwrap();
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let t = Instant::now();
+    c.import_raw(&vdi, &src).await.unwrap();
+    let ferry_import = t.elapsed().as_secs_f64();
+    let import_rss = peak_rss_mib();
+    let curl_import = curl(&[
+        "--upload-file",
+        raw.to_str().unwrap(),
+        &format!("{}/import_raw_vdi?{q}", sim.url()),
+    ]);
+    let out = dir.join("raw-out.raw");
+    let dst = ferry_image::FileTarget::create(&out, size).unwrap();
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let t = Instant::now();
+    c.export_raw(&vdi, &dst).await.unwrap();
+    let ferry_export = t.elapsed().as_secs_f64();
+    let export_rss = peak_rss_mib();
+    let curl_out = dir.join("raw-curl.raw");
+    let curl_export = curl(&[
+        "-o",
+        curl_out.to_str().unwrap(),
+        &format!("{}/export_raw_vdi?{q}", sim.url()),
+    ]);
+    c.logout().await;
+    println!();
+    println!(
+        "raw VDI transfer of {gib:.0} MiB (simulator and client in this process; curl beside it)"
+    );
+    println!(
+        "import_raw_vdi  ferry {ferry_import:.2} s ({:.0} MiB/s, peak RSS {import_rss} MiB)  curl {curl_import:.2} s  ratio {:.2}x",
+        gib / ferry_import,
+        curl_import / ferry_import
+    );
+    println!(
+        "export_raw_vdi  ferry {ferry_export:.2} s ({:.0} MiB/s, peak RSS {export_rss} MiB)  curl {curl_export:.2} s  ratio {:.2}x",
+        gib / ferry_export,
+        curl_export / ferry_export
+    );
 }
