@@ -139,7 +139,7 @@ fn peak_rss_mib() -> u64 {
 /// client, beside curl moving the same bytes to and from the same simulator.
 async fn raw_transfers(sim: &XenSim, dir: &Path, mib: u64) {
     use std::os::unix::fs::FileExt;
-    let size = mib * 8 << 20;
+    let size = (mib * 8) << 20;
     let raw = dir.join("raw-src.raw");
     let f = std::fs::File::create(&raw).unwrap();
     f.set_len(size).unwrap();
