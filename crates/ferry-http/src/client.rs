@@ -197,22 +197,25 @@ impl HttpClient {
                 .collect();
             reqwest::NoProxy::from_string(&list.join(","))
         };
+        // One proxy for every request, except the `NO_PROXY` hosts plus the source's own.
+        let explicit = |u: &str, origin: &str| {
+            reqwest::Proxy::all(u)
+                .map(|p| p.no_proxy(no_proxy()))
+                .map_err(|e| {
+                    config_err(format!(
+                        "proxy `{}`{origin}: {}",
+                        redact_userinfo(u),
+                        e.without_url()
+                    ))
+                })
+        };
         let proxy = match &o.proxy {
             ProxySetting::Off => {
                 b = b.no_proxy();
                 None
             }
             ProxySetting::Url(u) => {
-                let p = reqwest::Proxy::all(u.as_str())
-                    .map_err(|e| {
-                        config_err(format!(
-                            "proxy `{}`: {}",
-                            redact_userinfo(u),
-                            e.without_url()
-                        ))
-                    })?
-                    .no_proxy(no_proxy());
-                b = b.no_proxy().proxy(p);
+                b = b.no_proxy().proxy(explicit(u, "")?);
                 Some(redact_userinfo(u))
             }
             ProxySetting::FromEnv => {
@@ -220,16 +223,7 @@ impl HttpClient {
                 // proxy of our own, so rebuild it from the same variables in that case.
                 let env = env_proxy();
                 if let (Some(u), false) = (&env, o.no_proxy.is_empty()) {
-                    let p = reqwest::Proxy::all(u.as_str())
-                        .map_err(|e| {
-                            config_err(format!(
-                                "proxy `{}` (from the environment): {}",
-                                redact_userinfo(u),
-                                e.without_url()
-                            ))
-                        })?
-                        .no_proxy(no_proxy());
-                    b = b.no_proxy().proxy(p);
+                    b = b.no_proxy().proxy(explicit(u, " (from the environment)")?);
                 }
                 env.map(|u| redact_userinfo(&u))
             }

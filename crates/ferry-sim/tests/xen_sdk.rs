@@ -65,6 +65,26 @@ async fn python_sdk_accepts_the_simulator() {
     );
 }
 
+/// `curl --upload-file -` of `data` to `url`, trusting `ca`; its output.
+fn upload(ca: &std::path::Path, url: &str, data: &[u8], chunked: bool) -> std::process::Output {
+    let mut up = curl();
+    up.arg("--cacert").arg(ca);
+    if chunked {
+        up.args(["-H", "Transfer-Encoding: chunked"]);
+    }
+    let mut child = up
+        .args(["--upload-file", "-", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(data); // the server may stop reading early
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
 fn curl() -> Command {
     let mut c = Command::new(ferry_testkit::tool("curl"));
     c.args(["--silent", "--show-error", "--fail-with-body", "--http1.1"]);
@@ -135,22 +155,7 @@ async fn curl_keeps_alive_and_uploads_chunked() {
         "{}/import_raw_vdi?session_id={session}&vdi={vdi}&format=raw",
         sim.url()
     );
-    let mut up = curl();
-    up.arg("--cacert")
-        .arg(&ca)
-        .args([
-            "-H",
-            "Transfer-Encoding: chunked",
-            "--upload-file",
-            "-",
-            &target,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = up.spawn().unwrap();
-    child.stdin.take().unwrap().write_all(&data).unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = upload(&ca, &target, &data, true);
     assert!(
         o.status.success(),
         "upload: {}",
@@ -165,24 +170,7 @@ async fn curl_keeps_alive_and_uploads_chunked() {
 
     // Larger than the VDI, chunked: refused with XenAPI's error, and nothing past the end.
     let big = vec![7u8; (9 << 20) as usize];
-    let mut up = curl();
-    up.arg("--cacert")
-        .arg(&ca)
-        .args([
-            "-H",
-            "Transfer-Encoding: chunked",
-            "--upload-file",
-            "-",
-            &target,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = up.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let _ = stdin.write_all(&big); // the server may stop reading early
-    drop(stdin);
-    let o = child.wait_with_output().unwrap();
+    let o = upload(&ca, &target, &big, true);
     assert!(!o.status.success(), "an oversize upload must fail");
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("VDI_TOO_SMALL"),
@@ -192,16 +180,7 @@ async fn curl_keeps_alive_and_uploads_chunked() {
 
     // A wrong session is refused before any byte is written.
     let bad = target.replace(&session, "OpaqueRef:nope");
-    let mut up = curl();
-    up.arg("--cacert")
-        .arg(&ca)
-        .args(["--upload-file", "-", &bad])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = up.spawn().unwrap();
-    let _ = child.stdin.take().unwrap().write_all(b"hello");
-    let o = child.wait_with_output().unwrap();
+    let o = upload(&ca, &bad, b"hello", false);
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("SESSION_INVALID"),
