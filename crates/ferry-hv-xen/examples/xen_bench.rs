@@ -147,7 +147,7 @@ async fn raw_transfers(sim: &XenSim, dir: &Path, mib: u64) {
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     f.write_all_at(&quarter, size / 2).unwrap();
-    drop(f);
+    drop((f, quarter)); // out of the peak-RSS measurement
     let mut http = ferry_http::ClientOptions::new(
         "b",
         ferry_tls::Trust::Fingerprint(ferry_tls::parse_fingerprint(sim.tls_fingerprint()).unwrap()),
