@@ -235,7 +235,7 @@ fn local_copy_restores_byte_for_byte_and_sends_only_missing_chunks() {
             .map(|m| m["id"].as_str().unwrap().to_string())
             .collect()
     };
-    assert_eq!(ids(snapshots(d, DST_PW, &[])), [third.clone()]);
+    assert_eq!(ids(snapshots(d, DST_PW, &[])), std::slice::from_ref(&third));
     assert_eq!(ids(snapshots(s, SRC_PW, &[])), [first, second, third]);
 }
 

@@ -109,18 +109,12 @@ pub async fn copy(
             .iter()
             .filter(|p| p.meta.vm.id == m.meta.vm.id && p.id < m.id && present.contains(&p.id))
             .max_by(|a, b| a.id.cmp(&b.id));
-        let dst_base = match base {
-            Some(b) => Some(
-                dst.load_manifest(&b.id)
-                    .await
-                    .map_err(|e| EngineError::repo("-", e))?,
-            ),
-            None => None,
-        };
         let writer = dst
-            .begin_copy(m, dst_base)
+            .begin_copy(m, base.map(|b| b.id.as_str()))
             .await
             .map_err(|e| EngineError::repo("-", e))?;
+        // Pruned from the destination meanwhile: no positional reuse.
+        let base = base.filter(|_| writer.previous().is_some());
         let mut disks = Vec::with_capacity(m.disks.len());
         for d in &m.disks {
             let dw = writer

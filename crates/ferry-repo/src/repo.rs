@@ -425,29 +425,17 @@ impl Repository {
     /// loads the catalog, and finds the previous restore point of the same VM.
     pub async fn begin_backup(&self, meta: SnapshotMeta) -> Result<BackupWriter> {
         let id = new_snapshot_id();
-        let mut previous = None;
-        for pid in self.snapshot_ids().await?.into_iter().rev() {
-            match self.load_manifest(&pid).await {
-                Ok(m) if m.meta.vm.id == meta.vm.id => {
-                    previous = Some(m);
-                    break;
-                }
-                Ok(_) | Err(RepoError::SnapshotNotFound { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(snapshot = %pid, error = %e, "skipping unreadable manifest")
-                }
-            }
-        }
         let writer = self
-            .begin(id.clone(), id.clone(), id, meta, previous, None)
+            .begin(id.clone(), id.clone(), id, meta, Previous::SameVm, None)
             .await?;
         tracing::info!(snapshot = %writer.shared.id, vm = %writer.meta.vm.id, known_chunks = writer.shared.known.read().expect("known set lock").len(), previous = %writer.previous.as_ref().map_or("none", |m| m.id.as_str()), "backup started");
         Ok(writer)
     }
 
     /// Starts writing a copy of restore point `source` (read from another repository) under the
-    /// same id, keeping its times, VM, labels and per-disk counters (ADR 0061). `previous` is a
-    /// restore point of this repository whose indexes the copy may reuse chunk ids from.
+    /// same id, keeping its times, VM, labels and per-disk counters (ADR 0061). `previous` names
+    /// a restore point of this repository whose indexes the copy may reuse chunk ids from; it
+    /// is loaded once the lease is held (if it was pruned meanwhile, there is none).
     ///
     /// Unlike a backup, every chunk the copy stores is read back and authenticated before it
     /// is published to the catalog, and the lease and catalog segments carry a random suffix,
@@ -456,7 +444,7 @@ impl Repository {
     pub async fn begin_copy(
         &self,
         source: &Manifest,
-        previous: Option<Manifest>,
+        previous: Option<&str>,
     ) -> Result<BackupWriter> {
         let run = hex(&random_bytes::<4>());
         let writer = self
@@ -465,7 +453,7 @@ impl Repository {
                 format!("copy-{}-{run}", source.id),
                 format!("{}-copy-{run}", source.id),
                 source.meta.clone(),
-                previous,
+                previous.map_or(Previous::None, |p| Previous::Id(p.to_string())),
                 Some(source.clone()),
             )
             .await?;
@@ -473,13 +461,15 @@ impl Repository {
         Ok(writer)
     }
 
+    /// Takes the lease, *then* reads the catalog and the previous restore point: whatever they
+    /// reference cannot be swept by a GC from now on (ADR 0013).
     async fn begin(
         &self,
         id: String,
         lease_name: String,
         catalog_tag: String,
         meta: SnapshotMeta,
-        previous: Option<Manifest>,
+        previous: Previous,
         copy_of: Option<Manifest>,
     ) -> Result<BackupWriter> {
         let t = self.inner.timing;
@@ -487,6 +477,30 @@ impl Repository {
             locks::acquire_backup(&self.inner.store, &lease_name, t.lease_ttl, t.backup_wait)
                 .await?;
         let known = self.load_catalog().await?;
+        let previous = match previous {
+            Previous::None => None,
+            Previous::Id(pid) => match self.load_manifest(&pid).await {
+                Ok(m) => Some(m),
+                Err(RepoError::SnapshotNotFound { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            Previous::SameVm => {
+                let mut found = None;
+                for pid in self.snapshot_ids().await?.into_iter().rev() {
+                    match self.load_manifest(&pid).await {
+                        Ok(m) if m.meta.vm.id == meta.vm.id => {
+                            found = Some(m);
+                            break;
+                        }
+                        Ok(_) | Err(RepoError::SnapshotNotFound { .. }) => {}
+                        Err(e) => {
+                            tracing::warn!(snapshot = %pid, error = %e, "skipping unreadable manifest")
+                        }
+                    }
+                }
+                found
+            }
+        };
         Ok(BackupWriter {
             shared: Arc::new(Shared {
                 repo: self.clone(),
@@ -507,6 +521,16 @@ impl Repository {
             disk_names: Mutex::new(Vec::new()),
         })
     }
+}
+
+/// Which restore point a new writer reuses chunk ids from.
+enum Previous {
+    /// None.
+    None,
+    /// The newest one of the same VM (backups).
+    SameVm,
+    /// This one, if it still exists (copies).
+    Id(String),
 }
 
 /// Counters of one backup.
