@@ -61,7 +61,8 @@ pub struct CopyReport {
     pub chunks_not_fetched: u64,
     /// All-zero chunks (never stored).
     pub zero_chunks: u64,
-    /// Bytes fetched from the source (stored, i.e. compressed and encrypted, sizes).
+    /// Bytes fetched from the source: stored (compressed, encrypted) sizes; plaintext bytes
+    /// read when the two repositories use different chunk sizes.
     pub bytes_read: u64,
     /// Bytes written to the destination (stored sizes).
     pub bytes_written: u64,
