@@ -78,6 +78,9 @@ enum Command {
     Verify(cmd::repo::VerifyArgs),
     /// Remove restore points by retention rules (GFS).
     Prune(cmd::repo::PruneArgs),
+    /// Copy restore points to another repository (only the chunks it lacks), then apply
+    /// that repository's retention.
+    Copy(cmd::copy::Args),
     /// Delete chunks no restore point references.
     Gc(cmd::repo::GcArgs),
     /// Measure this machine's CPU ceiling for backups and restores (hashing, compression,
@@ -156,6 +159,7 @@ fn main() -> ExitCode {
             Command::Snapshots(a) => cmd::repo::snapshots(a, &cli.global).await,
             Command::Verify(a) => cmd::repo::verify(a, &cli.global).await,
             Command::Prune(a) => cmd::repo::prune(a, &cli.global).await,
+            Command::Copy(a) => cmd::copy::run(a, &cli.global).await,
             Command::Gc(a) => cmd::repo::gc(a, &cli.global).await,
             Command::Benchmark(a) => cmd::benchmark::run(a, &cli.global).await,
         }

@@ -57,6 +57,19 @@ pub enum EngineError {
         #[source]
         source: Box<ferry_nbd::NbdError>,
     },
+    /// A copy job could not read a chunk (or index) of the source repository.
+    #[error(
+        "copy of restore point `{snapshot}`, disk `{disk}`: reading the source repository failed"
+    )]
+    CopySource {
+        /// The restore point being copied.
+        snapshot: String,
+        /// Its disk.
+        disk: String,
+        /// The cause (names the object key).
+        #[source]
+        source: RepoError,
+    },
     /// A restore target cannot hold the disk.
     #[error(
         "restore of disk `{disk}`: target {target} holds {target_size} bytes, the disk needs {disk_size}"
@@ -87,7 +100,7 @@ impl EngineError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Source { source, .. } | Self::Target { source, .. } => source.is_retryable(),
-            Self::Repo { source, .. } => source.is_retryable(),
+            Self::Repo { source, .. } | Self::CopySource { source, .. } => source.is_retryable(),
             Self::Nbd { source, .. } => source.is_retryable(),
             _ => false,
         }

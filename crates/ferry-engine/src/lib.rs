@@ -19,6 +19,8 @@
 //!   complete, so a failed restore never leaves something that looks like a disk.
 //! * **Export** ([`export`]): a restore point's disk served over NBD, read-only or through a
 //!   copy-on-write overlay.
+//! * **Copy** ([`copy::copy`]): restore points from one repository into another with its own
+//!   keys: only chunks the destination lacks are sent, each read back before the manifest.
 //! * **Sources** ([`source`]): a file or block device (raw, VHD, VHDX, VMDK detected by
 //!   content) or an NBD URI, with dirty-bitmap extents for changed-block backups.
 //!
@@ -30,6 +32,7 @@
 
 pub mod backup;
 pub mod calibrate;
+pub mod copy;
 mod cpu;
 mod error;
 pub mod export;

@@ -21,6 +21,9 @@
 //!   `locks/gc`. A writer registers its lease *then* checks for the GC lock; GC takes its lock
 //!   *then* waits until no writer lease is live. Either order, one of them sees the other, so GC
 //!   never sweeps while a backup might reference a chunk it considers unreferenced.
+//! * **Copies** ([`Repository::begin_copy`]): a restore point of another repository is written
+//!   under its own id and times; every chunk the copy stores is read back and authenticated
+//!   before the catalog lists it (ADR 0061).
 //!
 //! The object formats and the protocol are specified in `docs/repository-format.md`.
 //!

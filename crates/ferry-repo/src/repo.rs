@@ -425,28 +425,88 @@ impl Repository {
     /// loads the catalog, and finds the previous restore point of the same VM.
     pub async fn begin_backup(&self, meta: SnapshotMeta) -> Result<BackupWriter> {
         let id = new_snapshot_id();
+        let writer = self
+            .begin(id.clone(), id.clone(), id, meta, Previous::SameVm, None)
+            .await?;
+        tracing::info!(snapshot = %writer.shared.id, vm = %writer.meta.vm.id, known_chunks = writer.shared.known.read().expect("known set lock").len(), previous = %writer.previous.as_ref().map_or("none", |m| m.id.as_str()), "backup started");
+        Ok(writer)
+    }
+
+    /// Starts writing a copy of restore point `source` (read from another repository) under the
+    /// same id, keeping its times, VM, labels and per-disk counters (ADR 0061). `previous` names
+    /// a restore point of this repository whose indexes the copy may reuse chunk ids from; it
+    /// is loaded once the lease is held (if it was pruned meanwhile, there is none).
+    ///
+    /// Unlike a backup, every chunk the copy stores is read back and authenticated before it
+    /// is published to the catalog, and the lease and catalog segments carry a random suffix,
+    /// so a re-run after a kill neither collides with the dead run's objects nor waits for its
+    /// lease to expire. Add the disks in the order of `source.disks` (index keys follow it).
+    pub async fn begin_copy(
+        &self,
+        source: &Manifest,
+        previous: Option<&str>,
+    ) -> Result<BackupWriter> {
+        let run = hex(&random_bytes::<4>());
+        let writer = self
+            .begin(
+                source.id.clone(),
+                format!("copy-{}-{run}", source.id),
+                format!("{}-copy-{run}", source.id),
+                source.meta.clone(),
+                previous.map_or(Previous::None, |p| Previous::Id(p.to_string())),
+                Some(source.clone()),
+            )
+            .await?;
+        tracing::info!(snapshot = %source.id, known_chunks = writer.shared.known.read().expect("known set lock").len(), previous = %writer.previous.as_ref().map_or("none", |m| m.id.as_str()), "copy started");
+        Ok(writer)
+    }
+
+    /// Takes the lease, *then* reads the catalog and the previous restore point: whatever they
+    /// reference cannot be swept by a GC from now on (ADR 0013).
+    async fn begin(
+        &self,
+        id: String,
+        lease_name: String,
+        catalog_tag: String,
+        meta: SnapshotMeta,
+        previous: Previous,
+        copy_of: Option<Manifest>,
+    ) -> Result<BackupWriter> {
         let t = self.inner.timing;
         let lease =
-            locks::acquire_backup(&self.inner.store, &id, t.lease_ttl, t.backup_wait).await?;
+            locks::acquire_backup(&self.inner.store, &lease_name, t.lease_ttl, t.backup_wait)
+                .await?;
         let known = self.load_catalog().await?;
-        let mut previous = None;
-        for pid in self.snapshot_ids().await?.into_iter().rev() {
-            match self.load_manifest(&pid).await {
-                Ok(m) if m.meta.vm.id == meta.vm.id => {
-                    previous = Some(m);
-                    break;
+        let previous = match previous {
+            Previous::None => None,
+            Previous::Id(pid) => match self.load_manifest(&pid).await {
+                Ok(m) => Some(m),
+                Err(RepoError::SnapshotNotFound { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            Previous::SameVm => {
+                let mut found = None;
+                for pid in self.snapshot_ids().await?.into_iter().rev() {
+                    match self.load_manifest(&pid).await {
+                        Ok(m) if m.meta.vm.id == meta.vm.id => {
+                            found = Some(m);
+                            break;
+                        }
+                        Ok(_) | Err(RepoError::SnapshotNotFound { .. }) => {}
+                        Err(e) => {
+                            tracing::warn!(snapshot = %pid, error = %e, "skipping unreadable manifest")
+                        }
+                    }
                 }
-                Ok(_) | Err(RepoError::SnapshotNotFound { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(snapshot = %pid, error = %e, "skipping unreadable manifest")
-                }
+                found
             }
-        }
-        tracing::info!(snapshot = %id, vm = %meta.vm.id, known_chunks = known.len(), previous = %previous.as_ref().map_or("none", |m| m.id.as_str()), "backup started");
+        };
         Ok(BackupWriter {
             shared: Arc::new(Shared {
                 repo: self.clone(),
+                verify_writes: copy_of.is_some(),
                 id,
+                catalog_tag,
                 known: RwLock::new(known),
                 pending: Mutex::new(Vec::new()),
                 segment: AtomicU64::new(0),
@@ -457,9 +517,20 @@ impl Repository {
             started: now_rfc3339(),
             time: now_unix(),
             previous,
+            copy_of,
             disk_names: Mutex::new(Vec::new()),
         })
     }
+}
+
+/// Which restore point a new writer reuses chunk ids from.
+enum Previous {
+    /// None.
+    None,
+    /// The newest one of the same VM (backups).
+    SameVm,
+    /// This one, if it still exists (copies).
+    Id(String),
 }
 
 /// Counters of one backup.
@@ -476,6 +547,8 @@ pub struct Stats {
     pub reused: AtomicU64,
     /// All-zero chunks.
     pub zero: AtomicU64,
+    /// Stored chunks read back and authenticated after writing (copies).
+    pub verified: AtomicU64,
 }
 
 /// A snapshot of [`Stats`].
@@ -491,11 +564,17 @@ pub struct StatsSnapshot {
     pub reused: u64,
     /// Zero chunks.
     pub zero: u64,
+    /// Chunks read back after writing.
+    pub verified: u64,
 }
 
 struct Shared {
     repo: Repository,
     id: String,
+    /// Names this writer's catalog segments (`catalog/<tag>-<seq>`).
+    catalog_tag: String,
+    /// Read every stored chunk back and authenticate it before publishing it (copies).
+    verify_writes: bool,
     known: RwLock<HashSet<ChunkId>>,
     pending: Mutex<Vec<ChunkId>>,
     segment: AtomicU64,
@@ -531,7 +610,7 @@ impl Shared {
             return Ok(());
         }
         let n = self.segment.fetch_add(1, Ordering::Relaxed);
-        let key = format!("catalog/{}-{n:06}", self.id);
+        let key = format!("catalog/{}-{n:06}", self.catalog_tag);
         let data = seal_catalog(&self.repo.inner.keys, &key, &ids)?;
         self.repo.inner.store.create(&key, data).await?;
         Ok(())
@@ -554,6 +633,11 @@ impl Shared {
                 self.stats.already_present.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if self.verify_writes {
+            // The catalog must never list a chunk that does not read back: re-runs trust it.
+            self.repo.read_chunk(enc.id).await?;
+            self.stats.verified.fetch_add(1, Ordering::Relaxed);
+        }
         self.publish(enc.id).await
     }
 }
@@ -569,6 +653,8 @@ pub struct BackupWriter {
     started: String,
     time: i64,
     previous: Option<Manifest>,
+    /// The restore point this writer copies (keeps its times and counters).
+    copy_of: Option<Manifest>,
     disk_names: Mutex<Vec<String>>,
 }
 
@@ -620,6 +706,7 @@ impl BackupWriter {
             already_present: s.already_present.load(Ordering::Relaxed),
             reused: s.reused.load(Ordering::Relaxed),
             zero: s.zero.load(Ordering::Relaxed),
+            verified: s.verified.load(Ordering::Relaxed),
         }
     }
 
@@ -653,6 +740,23 @@ impl BackupWriter {
             new_chunks: AtomicU64::new(0),
             reused_chunks: AtomicU64::new(0),
         })
+    }
+
+    /// The digest of index object `key` left by an earlier run of this copy, if it lists
+    /// exactly the chunks of `index`.
+    async fn existing_index(&self, key: &str, index: &DiskIndex) -> Result<String> {
+        let repo = &self.shared.repo;
+        let data = repo.inner.store.get(key).await?;
+        let old = DiskIndex::open(&repo.inner.keys, key, &data)?;
+        if old.disk_size != index.disk_size
+            || old.chunk_size != index.chunk_size
+            || old.chunks != index.chunks
+        {
+            return Err(RepoError::Usage(format!(
+                "index `{key}` already exists and lists other chunks; `ferry gc` removes such orphan indexes"
+            )));
+        }
+        Ok(repo.inner.keys.digest(&data))
     }
 
     /// Writes the disk indexes, then the manifest (last: only then is the restore point
@@ -691,15 +795,20 @@ impl BackupWriter {
                 new_chunks: d.new_chunks.load(Ordering::Relaxed),
                 reused_chunks: d.reused_chunks.load(Ordering::Relaxed),
             });
-            idx_data.push((key, sealed));
+            idx_data.push((key, sealed, index));
         }
         self.shared.flush().await?;
-        for (key, data) in idx_data {
+        for ((key, data, index), md) in idx_data.into_iter().zip(&mut mdisks) {
             if repo.inner.store.create(&key, data).await? == Created::AlreadyExists {
-                return Err(RepoError::Usage(format!("index `{key}` already exists")));
+                if self.copy_of.is_none() {
+                    return Err(RepoError::Usage(format!("index `{key}` already exists")));
+                }
+                // A copy killed between its indexes and its manifest left this one behind
+                // (same restore point id); take it if it lists the same chunks.
+                md.index_digest = self.existing_index(&key, &index).await?;
             }
         }
-        let manifest = Manifest {
+        let mut manifest = Manifest {
             version: MANIFEST_VERSION,
             id: self.shared.id.clone(),
             started: self.started.clone(),
@@ -709,9 +818,30 @@ impl BackupWriter {
             meta: self.meta.clone(),
             disks: mdisks,
         };
+        if let Some(src) = &self.copy_of {
+            manifest.started.clone_from(&src.started);
+            manifest.finished.clone_from(&src.finished);
+            manifest.time = src.time;
+            manifest.writer.clone_from(&src.writer);
+            for md in &mut manifest.disks {
+                if let Some(sd) = src.disks.iter().find(|s| s.name == md.name) {
+                    md.new_chunks = sd.new_chunks;
+                    md.reused_chunks = sd.reused_chunks;
+                }
+            }
+        }
         let key = Manifest::key_for(&manifest.id);
         if repo.inner.store.create(&key, manifest.seal(&keys)?).await? == Created::AlreadyExists {
-            return Err(RepoError::Usage(format!("manifest `{key}` already exists")));
+            if self.copy_of.is_none() {
+                return Err(RepoError::Usage(format!("manifest `{key}` already exists")));
+            }
+            // Another copy of the same restore point finished first: it is complete.
+            tracing::info!(snapshot = %manifest.id, "restore point already copied by another run");
+            let existing = repo.load_manifest(&manifest.id).await?;
+            if let Some(lease) = self.lease.take() {
+                lease.release().await?;
+            }
+            return Ok(existing);
         }
         if let Some(lease) = self.lease.take() {
             lease.release().await?;

@@ -13,7 +13,7 @@ use ferry_repo::{
     VerifyOptions,
 };
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -28,24 +28,37 @@ pub struct RepoArgs {
     password_file: Option<PathBuf>,
 }
 
+/// A password from the first line of `file`, else from the environment variable `var`.
+pub(crate) fn read_password(file: Option<&Path>, var: &str) -> anyhow::Result<Option<Secret>> {
+    if let Some(p) = file {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read password file {}", p.display()))?;
+        let line = text.lines().next().unwrap_or("").to_string();
+        return Ok(Some(Secret::new(line)));
+    }
+    Ok(std::env::var(var).ok().map(Secret::new))
+}
+
+/// Opens the repository at `location`, unlocking it with `password`.
+pub(crate) async fn open_repository(
+    location: &str,
+    password: Option<&Secret>,
+) -> anyhow::Result<Repository> {
+    let store = Store::open(location, false)
+        .with_context(|| format!("cannot open repository {location}"))?;
+    Repository::open(store, password)
+        .await
+        .with_context(|| format!("cannot open repository {location}"))
+}
+
 impl RepoArgs {
     fn password(&self) -> anyhow::Result<Option<Secret>> {
-        if let Some(p) = &self.password_file {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read password file {}", p.display()))?;
-            let line = text.lines().next().unwrap_or("").to_string();
-            return Ok(Some(Secret::new(line)));
-        }
-        Ok(std::env::var("FERRY_PASSWORD").ok().map(Secret::new))
+        read_password(self.password_file.as_deref(), "FERRY_PASSWORD")
     }
 
     /// Opens the repository, unlocking it with the password.
     pub(crate) async fn open(&self) -> anyhow::Result<Repository> {
-        let store = Store::open(&self.repo, false)
-            .with_context(|| format!("cannot open repository {}", self.repo))?;
-        Repository::open(store, self.password()?.as_ref())
-            .await
-            .with_context(|| format!("cannot open repository {}", self.repo))
+        open_repository(&self.repo, self.password()?.as_ref()).await
     }
 }
 
@@ -145,6 +158,19 @@ pub struct VerifyArgs {
 pub struct PruneArgs {
     #[command(flatten)]
     repo: RepoArgs,
+    #[command(flatten)]
+    keep: RetentionArgs,
+    /// Show the plan, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// GFS retention rules (`ferry prune`, and `ferry copy` for its destination).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct RetentionArgs {
     /// Keep the N newest restore points of each VM.
     #[arg(long, default_value_t = 0)]
     keep_last: u32,
@@ -160,12 +186,20 @@ pub struct PruneArgs {
     /// Keep the newest of each of the last N years.
     #[arg(long, default_value_t = 0)]
     keep_yearly: u32,
-    /// Show the plan, delete nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+}
+
+impl RetentionArgs {
+    /// The rules; `None` when no rule is given.
+    pub fn policy(&self) -> Option<Retention> {
+        let p = Retention {
+            last: self.keep_last,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+        };
+        (p != Retention::default()).then_some(p)
+    }
 }
 
 /// Arguments of `ferry gc`.
@@ -440,13 +474,8 @@ pub async fn verify(a: VerifyArgs, _global: &crate::Global) -> anyhow::Result<Ex
 /// `ferry prune`.
 pub async fn prune(a: PruneArgs, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     let repo = a.repo.open().await?;
-    let policy = Retention {
-        last: a.keep_last,
-        daily: a.keep_daily,
-        weekly: a.keep_weekly,
-        monthly: a.keep_monthly,
-        yearly: a.keep_yearly,
-    };
+    // No rule: the library refuses with the message that names the flags.
+    let policy = a.keep.policy().unwrap_or_default();
     let plan = repo.prune(policy, a.dry_run).await?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&plan)?);
