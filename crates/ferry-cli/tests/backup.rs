@@ -593,19 +593,6 @@ fn backups_to_s3_and_azure_work_end_to_end() {
     }
 }
 
-/// `len` bytes of xorshift noise: no image signature anywhere.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn files_named_like_images_without_their_signature_are_refused_unless_forced_raw() {
     let dir = ferry_testkit::scratch_dir();
@@ -619,7 +606,7 @@ fn files_named_like_images_without_their_signature_are_refused_unless_forced_raw
         ("vmdk", "VMDK", "`KDMV`"),
     ] {
         let junk = dir.path().join(format!("junk.{ext}"));
-        std::fs::write(&junk, noise(1000, 42)).unwrap();
+        std::fs::write(&junk, ferry_testkit::noise(1000, 42)).unwrap();
         let spec = format!("d={}", junk.display());
         let out = ferry(
             &["backup", "--repo", r, "--vm", "junk", "--disk", &spec],
@@ -677,7 +664,10 @@ fn files_named_like_images_without_their_signature_are_refused_unless_forced_raw
         "--to",
         restored.to_str().unwrap(),
     ]);
-    assert_eq!(std::fs::read(&restored).unwrap(), noise(1000, 42));
+    assert_eq!(
+        std::fs::read(&restored).unwrap(),
+        ferry_testkit::noise(1000, 42)
+    );
     ferry_ok(&[
         "backup",
         "--repo",
@@ -691,7 +681,7 @@ fn files_named_like_images_without_their_signature_are_refused_unless_forced_raw
     ]);
     // VMware's flat extents are raw by name.
     let flat = dir.path().join("web-flat.vmdk");
-    std::fs::write(&flat, noise(4096, 7)).unwrap();
+    std::fs::write(&flat, ferry_testkit::noise(4096, 7)).unwrap();
     ferry_ok(&[
         "backup",
         "--repo",

@@ -48,25 +48,13 @@ fn init_repo(location: &str, password: &str, chunk_size: u32, env: &[(String, St
     });
 }
 
-/// `len` bytes of xorshift noise (every chunk distinct, incompressible).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// A 12 MiB raw disk: noise, patterned data, zeros and a hole.
 fn make_disk(path: &Path, seed: u64) {
     let mut data = vec![0u8; 12 << 20];
-    data[..3 << 20].copy_from_slice(&noise(3 << 20, seed));
+    data[..3 << 20].copy_from_slice(&ferry_testkit::noise(3 << 20, seed));
     data[5 << 20..6 << 20].fill(0x22);
-    data[(11 << 20) + 4096..(11 << 20) + 8192].copy_from_slice(&noise(4096, seed + 1));
+    data[(11 << 20) + 4096..(11 << 20) + 8192]
+        .copy_from_slice(&ferry_testkit::noise(4096, seed + 1));
     std::fs::write(path, data).unwrap();
 }
 
@@ -200,7 +188,7 @@ fn local_copy_restores_byte_for_byte_and_sends_only_missing_chunks() {
 
     // An incremental: only its new chunks travel, unchanged ones are not even read.
     let mut data = std::fs::read(&a).unwrap();
-    data[(1 << 20)..(1 << 20) + 300_000].copy_from_slice(&noise(300_000, 9));
+    data[(1 << 20)..(1 << 20) + 300_000].copy_from_slice(&ferry_testkit::noise(300_000, 9));
     std::fs::write(&a, data).unwrap();
     let before = chunk_objects(&src).len() as u64;
     let second = backup(s, "vm-1", &disks, &[]);
@@ -300,7 +288,7 @@ fn sigkill_mid_copy_leaves_no_restore_point_and_a_rerun_resumes() {
     init_repo(s, SRC_PW, 64 << 10, &[]);
     init_repo(d, DST_PW, 64 << 10, &[]);
     let disk = dir.path().join("big.raw");
-    std::fs::write(&disk, noise(16 << 20, 7)).unwrap();
+    std::fs::write(&disk, ferry_testkit::noise(16 << 20, 7)).unwrap();
     let id = backup(s, "k", &[disk.display().to_string()], &[]);
     let total = chunk_objects(&src).len();
     assert_eq!(total, 256);

@@ -45,27 +45,15 @@ fn meta(vm: &str) -> SnapshotMeta {
     }
 }
 
-/// Deterministic pseudo-random bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// 40 chunks: data in 0..6, zeros (allocated) in 10..12, data in 20..22 + half of 30, holes
 /// elsewhere; allocation reported at 4 KiB grain.
 fn disk_v1() -> Vec<u8> {
     let mut d = vec![0u8; (40 * CS) as usize];
-    d[..(6 * CS) as usize].copy_from_slice(&noise(1, (6 * CS) as usize));
-    d[(20 * CS) as usize..(22 * CS) as usize].copy_from_slice(&noise(2, (2 * CS) as usize));
+    d[..(6 * CS) as usize].copy_from_slice(&ferry_testkit::noise((6 * CS) as usize, 1));
+    d[(20 * CS) as usize..(22 * CS) as usize]
+        .copy_from_slice(&ferry_testkit::noise((2 * CS) as usize, 2));
     let h = (30 * CS) as usize;
-    d[h..h + (CS / 2) as usize].copy_from_slice(&noise(3, (CS / 2) as usize));
+    d[h..h + (CS / 2) as usize].copy_from_slice(&ferry_testkit::noise((CS / 2) as usize, 3));
     d
 }
 
@@ -394,7 +382,7 @@ async fn limit_rate_paces_the_source() {
 async fn several_disks_and_bad_options() {
     let repo = repo().await;
     let a = disk_v1();
-    let b = noise(9, (3 * CS + 100) as usize); // size not a multiple of the chunk size
+    let b = ferry_testkit::noise((3 * CS + 100) as usize, 9); // size not a multiple of the chunk size
     let r = backup(
         &repo,
         meta("vm"),
