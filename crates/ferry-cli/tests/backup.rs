@@ -69,15 +69,7 @@ fn make_raw(path: &Path) {
 }
 
 fn compare(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
-    ferry_testkit::qemu_img(&[
-        "compare",
-        "-f",
-        a_fmt,
-        "-F",
-        b_fmt,
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-    ]);
+    ferry_testkit::qemu_img_compare(a, a_fmt, b, b_fmt);
 }
 
 #[test]

@@ -59,15 +59,7 @@ fn make_disk(path: &Path, seed: u64) {
 }
 
 fn compare(a: &Path, b: &Path) {
-    ferry_testkit::qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-    ]);
+    ferry_testkit::qemu_img_compare(a, "raw", b, "raw");
 }
 
 fn backup(repo: &str, vm: &str, disks: &[String], env: &[(String, String)]) -> String {

@@ -111,15 +111,7 @@ fn export_serves_a_restore_point_read_only_and_writable() {
         ferry_testkit::run_ok(
             Command::new(ferry_testkit::tool("nbdcopy")).args([&e.uri, copy.to_str().unwrap()]),
         );
-        ferry_testkit::qemu_img(&[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            p,
-            copy.to_str().unwrap(),
-        ]);
+        ferry_testkit::qemu_img_compare(std::path::Path::new(p), "raw", &copy, "raw");
     }
     // Writable over a Unix socket: writes are visible to clients, the restore point unchanged.
     let sock = dir.path().join("x.sock");

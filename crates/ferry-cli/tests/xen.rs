@@ -352,16 +352,7 @@ fn assert_same(a: &Path, b: &Path) {
         a.display(),
         b.display()
     );
-    ferry_testkit::qemu_img(&[
-        "compare",
-        "-q",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-    ]);
+    ferry_testkit::qemu_img_compare(a, "raw", b, "raw");
 }
 
 fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {

@@ -113,17 +113,7 @@ async fn multi_gib_import_and_export_keep_rss_flat() {
         export_peak < base + 64,
         "export grew the peak RSS from {base} to {export_peak} MiB"
     );
-    ferry_testkit::run_ok(
-        std::process::Command::new(ferry_testkit::tool("qemu-img")).args([
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            disk.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]),
-    );
+    ferry_testkit::qemu_img_compare(&disk, "raw", &out, "raw");
     // The export wrote zeros as holes: the copy is as sparse as the source.
     let allocated = {
         use std::os::unix::fs::MetadataExt;

@@ -94,6 +94,13 @@ pub fn qemu_img(args: &[&str]) -> String {
     run_ok(Command::new(tool("qemu-img")).args(args))
 }
 
+/// Panics unless `qemu-img compare` finds the two images' guest-visible contents identical
+/// (formats named as qemu-img names them: `raw`, `vpc`, `vhdx`, `vmdk`, `qcow2`).
+pub fn qemu_img_compare(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
+    let (a, b) = (a.to_string_lossy(), b.to_string_lossy());
+    qemu_img(&["compare", "-q", "-f", a_fmt, "-F", b_fmt, &a, &b]);
+}
+
 /// Runs `qemu-io ARGS`, returning stdout (panics with its output on failure).
 ///
 /// qemu-io reports some failures on stdout with exit status 0, so output mentioning `failed` or

@@ -127,16 +127,15 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TlsErro
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
-        Trust::Fingerprint(digest) => builder
+        Trust::Fingerprint(_) | Trust::Insecure => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                digest: *digest,
+                pin: match trust {
+                    Trust::Fingerprint(d) => Some(*d),
+                    _ => None,
+                },
                 provider: provider(),
             }))
-            .with_no_client_auth(),
-        Trust::Insecure => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny(provider())))
             .with_no_client_auth(),
     };
     Ok(Arc::new(config))
@@ -249,12 +248,13 @@ pub fn describe_handshake_error(e: &(dyn std::error::Error + 'static)) -> String
     }
 }
 
-/// Accepts exactly one end-entity certificate, identified by its SHA-256 digest. Handshake
-/// signatures are still verified, so the peer must hold the matching private key. Name and
-/// expiry are deliberately not checked: the pin is the trust decision.
+/// Accepts exactly one end-entity certificate, identified by its SHA-256 digest, or (no pin,
+/// labs) any certificate. Handshake signatures are still verified, so the peer must hold the
+/// certificate's private key. Name and expiry are deliberately not checked: the pin is the
+/// trust decision.
 #[derive(Debug)]
 struct PinnedCert {
-    digest: [u8; 32],
+    pin: Option<[u8; 32]>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -267,14 +267,17 @@ impl ServerCertVerifier for PinnedCert {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let got: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if got == self.digest {
+        let Some(pinned) = self.pin else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        let presented: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if presented == pinned {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch {
-                    presented: got,
-                    pinned: self.digest,
+                    presented,
+                    pinned,
                 }))),
             ))
         }
@@ -286,7 +289,12 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify12(&self.provider, message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -295,7 +303,12 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify13(&self.provider, message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
@@ -303,63 +316,6 @@ impl ServerCertVerifier for PinnedCert {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// Accepts any certificate; handshake signatures are still checked against it.
-#[derive(Debug)]
-struct AcceptAny(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify12(&self.0, message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify13(&self.0, message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-fn verify12(
-    p: &CryptoProvider,
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls12_signature(message, cert, dss, &p.signature_verification_algorithms)
-}
-
-fn verify13(
-    p: &CryptoProvider,
-    message: &[u8],
-    cert: &CertificateDer<'_>,
-    dss: &DigitallySignedStruct,
-) -> Result<HandshakeSignatureValid, rustls::Error> {
-    rustls::crypto::verify_tls13_signature(message, cert, dss, &p.signature_verification_algorithms)
 }
 
 /// Finds a [`PinMismatch`] anywhere in an error's source chain (through `io::Error` and the
