@@ -256,6 +256,26 @@ impl XenClient {
             disk: vdi.to_string(),
             message: m,
         };
+        // Ask the API first: a wrong or too small VDI gets the pool's own error, not a broken
+        // pipe from an upload the pool stopped reading.
+        let vdi_ref = if vdi.starts_with("OpaqueRef:") {
+            vdi.to_string()
+        } else {
+            self.call_str("VDI.get_by_uuid", vec![json!(vdi)]).await?
+        };
+        let capacity: u64 = match self
+            .call("VDI.get_virtual_size", vec![json!(vdi_ref)])
+            .await?
+        {
+            J::Number(n) => n.as_u64().unwrap_or(0),
+            J::String(s) => s.parse().unwrap_or(0),
+            _ => 0,
+        };
+        if capacity < size {
+            return Err(disk_err(format!(
+                "import: the VDI holds {capacity} bytes, the disk has {size}"
+            )));
+        }
         let alloc = src
             .allocated(0..size)
             .await

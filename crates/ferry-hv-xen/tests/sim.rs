@@ -490,3 +490,44 @@ async fn nbd_drops_mid_transfer_are_survived_or_reported() {
     lab.assert_clean("debian-web", 0).await;
     lab.assert_clean("win-db", 0).await;
 }
+
+/// An upload the pool refuses up front (read-only or unknown VDI) fails at once with the pool's
+/// error; the client stops feeding the body instead of waiting on a connection that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_import_fails_promptly_with_the_pools_error() {
+    let lab = lab().await;
+    let d = lab.driver(&["network"]).await;
+    // The seeded disks hold 8 MiB; a snapshot of one is read-only.
+    let src = ferry_core::block::MemSource::new("disk", vec![0x5a; 8 << 20], 1 << 20);
+    let big = ferry_core::block::MemSource::new("big", vec![0x5a; 64 << 20], 1 << 20);
+    let s = lab.sim.login().await.unwrap();
+    let vm = lab.sim.vm("debian-web").await.unwrap();
+    let snap = lab
+        .sim
+        .call(
+            "VM.snapshot",
+            vec![Value::s(&s), Value::s(&vm), Value::s("ro")],
+        )
+        .await
+        .unwrap();
+    let snap_disk = lab.sim.vm_disks(snap.as_str().unwrap()).await.unwrap()[0].clone();
+    let live_disk = lab.sim.vm_disks(&vm).await.unwrap()[0].clone();
+    for (vdi, src, want) in [
+        ("OpaqueRef:nope", &src, "HANDLE_INVALID"),
+        (live_disk.as_str(), &big, "holds 8388608 bytes"),
+        (snap_disk.as_str(), &src, "VDI_READ_ONLY"),
+    ] {
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            d.client().import_raw(vdi, src),
+        )
+        .await
+        .expect("the refused upload returned within 30 s");
+        let e = r.expect_err("a refused upload is an error").to_string();
+        assert!(e.contains(want), "{e}");
+        assert!(
+            !e.contains("session_id"),
+            "the session stays out of errors: {e}"
+        );
+    }
+}

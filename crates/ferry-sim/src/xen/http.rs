@@ -19,7 +19,7 @@ use std::sync::Arc;
 const MAX_RPC_BODY: usize = value::MAX_XML;
 /// Bytes read from or written to a VDI at a time.
 const PIECE: usize = 1 << 20;
-/// How much of an oversize upload is read (and dropped) before the refusal is sent.
+/// How much of a refused upload is read (and dropped) before the refusal is sent.
 const DRAIN_LIMIT: u64 = 64 << 20;
 
 type Q = Query<HashMap<String, String>>;
@@ -175,11 +175,14 @@ async fn import_raw(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
+    let mut stream = body.into_data_stream();
     let (vdi, size) = match super::import_target(&shared, &q, declared.unwrap_or(0)).await {
         Ok(v) => v,
-        Err(f) => return failure(StatusCode::FORBIDDEN, &f),
+        Err(f) => {
+            drain(&mut stream).await;
+            return failure(StatusCode::FORBIDDEN, &f);
+        }
     };
-    let mut stream = body.into_data_stream();
     let mut buf = Vec::with_capacity(PIECE);
     let mut pos = 0u64;
     loop {
@@ -196,14 +199,7 @@ async fn import_raw(
         }
         if buf.len() >= PIECE || (end && !buf.is_empty()) {
             if pos + buf.len() as u64 > size {
-                // Read on (bounded) so the client, still sending, gets to see the answer.
-                let mut total = pos + buf.len() as u64;
-                while let Some(Ok(c)) = stream.next().await {
-                    total += c.len() as u64;
-                    if total > size + DRAIN_LIMIT {
-                        break;
-                    }
-                }
+                let total = pos + buf.len() as u64 + drain(&mut stream).await;
                 let f = Failure::new("VDI_TOO_SMALL", &[&vdi, &total.to_string()]);
                 return failure(StatusCode::INTERNAL_SERVER_ERROR, &f);
             }
@@ -224,4 +220,17 @@ async fn import_raw(
         return text(StatusCode::BAD_REQUEST, "body shorter than Content-Length");
     }
     StatusCode::OK.into_response()
+}
+
+/// Reads and drops up to [`DRAIN_LIMIT`] more of a body the server refuses, so a client still
+/// sending gets to read the refusal instead of a reset. Returns the bytes dropped.
+async fn drain(stream: &mut axum::body::BodyDataStream) -> u64 {
+    let mut n = 0u64;
+    while let Some(Ok(c)) = stream.next().await {
+        n += c.len() as u64;
+        if n > DRAIN_LIMIT {
+            break;
+        }
+    }
+    n
 }
