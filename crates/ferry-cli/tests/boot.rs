@@ -13,16 +13,21 @@ use std::process::{Command, Output};
 
 const PW: &str = "boot test password";
 
-fn env() -> Vec<(String, String)> {
-    vec![("FERRY_PASSWORD".into(), PW.into())]
+/// The environment of every ferry run: its scratch files (the boot's `ferry-boot-*` directory)
+/// go under this test's own directory, so the leftover check sees only this test's qemu.
+fn env(tmp: &Path) -> Vec<(String, String)> {
+    vec![
+        ("FERRY_PASSWORD".into(), PW.into()),
+        ("TMPDIR".into(), tmp.to_str().unwrap().into()),
+    ]
 }
 
-fn ferry(args: &[&str]) -> Output {
-    ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &env())
+fn ferry_in(tmp: &Path, args: &[&str]) -> Output {
+    ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &env(tmp))
 }
 
-fn ferry_ok(args: &[&str]) -> String {
-    let out = ferry(args);
+fn ferry_ok_in(tmp: &Path, args: &[&str]) -> String {
+    let out = ferry_in(tmp, args);
     assert!(
         out.status.success(),
         "ferry {args:?} failed: {}",
@@ -90,15 +95,16 @@ fn objects(root: &Path) -> BTreeSet<String> {
     out
 }
 
-/// qemu processes started by a boot verification (their scratch directory is `ferry-boot-*`).
-fn boot_qemus() -> Vec<String> {
+/// qemu processes started by a boot verification whose scratch directory is under `tmp`.
+fn boot_qemus(tmp: &Path) -> Vec<String> {
+    let tmp = tmp.to_str().unwrap();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("qemu-system") && cmd.contains("ferry-boot-") {
+        if cmd.contains("qemu-system") && cmd.contains(&format!("{tmp}/ferry-boot-")) {
             out.push(format!("{}: {cmd}", e.file_name().to_string_lossy()));
         }
     }
@@ -112,16 +118,19 @@ fn png_size(png: &[u8]) -> (u32, u32) {
     (be(&png[16..20]), be(&png[20..24]))
 }
 
-fn backup(repo: &str, disk: &Path, vm: &str) -> String {
-    ferry_ok(&[
-        "backup",
-        "--repo",
-        repo,
-        "--vm",
-        vm,
-        "--disk",
-        disk.to_str().unwrap(),
-    ])
+fn backup(tmp: &Path, repo: &str, disk: &Path, vm: &str) -> String {
+    ferry_ok_in(
+        tmp,
+        &[
+            "backup",
+            "--repo",
+            repo,
+            "--vm",
+            vm,
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+    )
     .trim()
     .to_string()
 }
@@ -133,7 +142,10 @@ fn a_restore_point_boots_and_the_verdict_is_attached() {
     let root = dir.path().join("repo");
     init_repo(&root);
     let repo = root.to_str().unwrap();
-    let id = backup(repo, &disk, "linux-vm");
+    let tmp = dir.path();
+    let ferry = |args: &[&str]| ferry_in(tmp, args);
+    let ferry_ok = |args: &[&str]| ferry_ok_in(tmp, args);
+    let id = backup(tmp, repo, &disk, "linux-vm");
     let before = objects(&root);
 
     let shot = dir.path().join("screen.png");
@@ -168,9 +180,9 @@ fn a_restore_point_boots_and_the_verdict_is_attached() {
     let (w, h) = png_size(&std::fs::read(&shot).unwrap());
     assert!(w >= 320 && h >= 200, "{w}x{h}");
     assert!(
-        boot_qemus().is_empty(),
+        boot_qemus(tmp).is_empty(),
         "qemu left running: {:?}",
-        boot_qemus()
+        boot_qemus(tmp)
     );
 
     // The repository gained the record and the screenshot, and lost or changed nothing.
@@ -208,7 +220,10 @@ fn a_disk_that_does_not_boot_fails_with_a_screenshot() {
     let repo = root.to_str().unwrap();
     let zeros = dir.path().join("zeros.raw");
     std::fs::write(&zeros, vec![0u8; 8 << 20]).unwrap();
-    let id = backup(repo, &zeros, "blank-vm");
+    let tmp = dir.path();
+    let ferry = |args: &[&str]| ferry_in(tmp, args);
+    let ferry_ok = |args: &[&str]| ferry_ok_in(tmp, args);
+    let id = backup(tmp, repo, &zeros, "blank-vm");
     let out = ferry(&[
         "verify",
         "--repo",
@@ -232,9 +247,9 @@ fn a_disk_that_does_not_boot_fails_with_a_screenshot() {
         "a failed boot still has a screenshot: {v}"
     );
     assert!(
-        boot_qemus().is_empty(),
+        boot_qemus(tmp).is_empty(),
         "qemu left running: {:?}",
-        boot_qemus()
+        boot_qemus(tmp)
     );
     let table = ferry_ok(&["snapshots", "--repo", repo]);
     assert!(table.contains("failed"), "{table}");
