@@ -606,11 +606,11 @@ pub(crate) async fn removal(lock: &S3Lock, key: &str, now: i64) -> Result<Remova
 /// written: extends the retention of every referenced chunk that no ledger segment covers
 /// until `now + retention` (in one concurrent batch), keeps `config` and `keys/` locked, and
 /// records what it locked in a ledger segment. Returns the number of retention calls.
-pub(crate) async fn secure_commit<'a>(
+pub(crate) async fn secure_commit(
     repo: &crate::Repository,
     tag: &str,
     started: i64,
-    referenced: impl Iterator<Item = &'a ChunkId>,
+    referenced: Vec<ChunkId>,
     locked: Vec<ChunkId>,
 ) -> Result<u64> {
     use futures::StreamExt as _;
@@ -636,8 +636,8 @@ pub(crate) async fn secure_commit<'a>(
         fresh.extend(locked.iter().copied());
     }
     let mut extend: Vec<ChunkId> = referenced
+        .into_iter()
         .filter(|c| !c.is_zero() && !fresh.contains(c))
-        .copied()
         .collect();
     extend.sort_unstable();
     extend.dedup();
@@ -658,8 +658,8 @@ pub(crate) async fn secure_commit<'a>(
             calls += 1;
         }
     }
-    let results: Vec<Result<()>> = futures::stream::iter(extend.iter())
-        .map(|id| {
+    let results: Vec<Result<()>> = futures::stream::iter(extend.clone())
+        .map(|id: ChunkId| {
             let lock = lock.clone();
             let key = id.object_key();
             async move { lock.put_retention(&key, p.mode, new_until).await }

@@ -837,15 +837,21 @@ impl BackupWriter {
         }
         self.shared.flush().await?;
         if repo.inner.store.immutability().is_some() {
-            let referenced = idx_data
+            let mut referenced: Vec<ChunkId> = idx_data
                 .iter()
-                .flat_map(|(_, _, index)| index.chunks.iter());
+                .flat_map(|(_, _, index)| index.chunks.iter())
+                .filter(|c| !c.is_zero())
+                .copied()
+                .collect();
+            referenced.sort_unstable();
+            referenced.dedup();
+            let locked = std::mem::take(&mut *self.shared.locked.lock().expect("locked list"));
             let n = crate::immutable::secure_commit(
                 &repo,
                 &self.shared.id,
                 self.time,
                 referenced,
-                std::mem::take(&mut *self.shared.locked.lock().expect("locked list")),
+                locked,
             )
             .await?;
             self.shared
