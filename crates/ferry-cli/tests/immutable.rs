@@ -176,6 +176,23 @@ fn init_is_refused_without_object_lock() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("S3 bucket with Object Lock"), "{err}");
     assert!(!local.join("config").exists());
+
+    // Azure immutability is not implemented (Azurite cannot emulate it): refused, and says so.
+    let az = ferry_testkit::Azurite::start();
+    let mut az_env = az.env();
+    az_env.push(("FERRY_PASSWORD".into(), PW.into()));
+    let out = ferry(
+        &["repo", "init", "--repo", &az.url(), "--immutable-days", "7"],
+        &az_env,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Azure immutability policies are not implemented"),
+        "{err}"
+    );
+    let out = ferry(&["repo", "info", "--repo", &az.url()], &az_env);
+    assert!(!out.status.success(), "nothing was created on Azure");
 }
 
 #[test]
