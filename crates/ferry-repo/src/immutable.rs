@@ -117,12 +117,14 @@ pub fn now() -> i64 {
     crate::time::now_unix() + offset
 }
 
-/// Whether objects under `key` carry retention (coordination objects do not: they are
-/// rewritten or deleted by design).
+/// Whether objects under `key` carry retention: what a restore needs. Coordination objects
+/// (`locks/`, `catalog/`, `retention/`) are rewritten or deleted by design, and anything else
+/// (e.g. `ferry benchmark --repo`'s scratch objects) must stay deletable.
 pub fn is_data_key(key: &str) -> bool {
-    !["locks/", "catalog/", "retention/"]
-        .iter()
-        .any(|p| key.starts_with(p))
+    key == crate::config::CONFIG_KEY
+        || ["keys/", "chunks/", "indexes/", "snapshots/"]
+            .iter()
+            .any(|p| key.starts_with(p))
 }
 
 fn rfc3339(t: i64) -> String {
@@ -711,6 +713,8 @@ mod tests {
         assert!(!is_data_key("locks/gc"));
         assert!(!is_data_key("catalog/x-000001"));
         assert!(!is_data_key("retention/000000000100-x"));
+        assert!(!is_data_key("benchmark-00000000000000ab-1"));
+        assert!(!is_data_key("configuration"));
     }
 
     #[test]
