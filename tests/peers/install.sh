@@ -40,7 +40,13 @@ done
 # --- A Debian kernel for the boot-verification test disk (extracted, never installed) ----------
 boot=$peers/boot
 if [ ! -s "$boot/vmlinuz" ]; then
-  kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+  kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+  kpkg=$(kernel_pkg)
+  if [ -z "$kpkg" ]; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq || die "apt-get update failed"
+    kpkg=$(kernel_pkg)
+  fi
   [ -n "$kpkg" ] || die "cannot find the kernel package linux-image-amd64 depends on (apt-get update?)"
   say "extracting the kernel of $kpkg into $boot"
   ktmp=$(mktemp -d)
