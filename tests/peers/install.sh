@@ -2,7 +2,7 @@
 # Installs every peer the test suite uses, idempotently. Fast when everything is present.
 #
 #   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy)
-#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob)
+#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob, schemathesis)
 #   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite)
 #
 # FERRY_PEERS_DIR defaults to <repo>/.peers (git-ignored). Fails loudly on any error.
@@ -46,6 +46,7 @@ if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$stamp"; then
   cp "$req" "$stamp"
 fi
 [ -x "$venv/bin/moto_server" ] || die "moto_server missing from $venv"
+[ -x "$venv/bin/schemathesis" ] || die "schemathesis missing from $venv"
 
 # --- npm -------------------------------------------------------------------------------------
 node_dir=$peers/node
