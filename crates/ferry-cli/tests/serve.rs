@@ -333,7 +333,7 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
         let s = scrape
             .samples
             .iter()
-            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v)))
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
             .unwrap_or_else(|| panic!("no {name} {label:?} in:\n{}", m.text));
         match s.value {
             prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,

@@ -334,7 +334,7 @@ fn table_to_json(kind: Kind, name: &str, t: &toml::Table, doc: &Document, app: &
 }
 
 /// API JSON to a table; `password` is taken out and returned apart.
-fn json_to_table(body: &Bytes, read_only: &[&str]) -> ApiResult<(toml::Table, Option<Secret>, serde_json::Map<String, Value>)> {
+fn json_to_table(body: &Bytes, read_only: &[&'static str]) -> ApiResult<(toml::Table, Option<Secret>, serde_json::Map<String, Value>)> {
     let v: Value = parse_body(body)?;
     let Value::Object(mut o) = v else {
         return Err(Problem::bad_request("request body: expected a JSON object"));
@@ -345,8 +345,16 @@ fn json_to_table(body: &Bytes, read_only: &[&str]) -> ApiResult<(toml::Table, Op
         Some(_) => return Err(Problem::invalid("password", "password must be a non-empty string")),
     };
     // Read-only fields a client may send back unchanged from a GET.
-    for k in ["name", "password_set", "next_run"].iter().chain(read_only) {
-        o.remove(*k);
+    for k in ["name", "password_set", "next_run"] {
+        let ok = match (k, o.remove(k)) {
+            (_, None) => true,
+            ("name", Some(v)) => v.is_string(),
+            ("password_set", Some(v)) => v.is_boolean(),
+            (_, Some(v)) => v.is_string() || v.is_null(),
+        };
+        if !ok {
+            return Err(Problem::invalid(k, format!("`{k}` is read-only and has the wrong type")));
+        }
     }
     let mut extra = serde_json::Map::new();
     let mut t = toml::Table::new();
@@ -357,12 +365,12 @@ fn json_to_table(body: &Bytes, read_only: &[&str]) -> ApiResult<(toml::Table, Op
                 "send `password`; the appliance keeps it in its own secret file",
             ));
         }
-        if k == "init" {
+        if k == "init" && read_only.contains(&"init") {
             extra.insert(k, v);
             continue;
         }
         if v.is_null() {
-            continue;
+            return Err(Problem::invalid(k.clone(), format!("`{k}` cannot be null: leave it out for the default")));
         }
         let tv = toml::Value::try_from(&v)
             .map_err(|e| Problem::invalid(k.clone(), format!("`{k}`: {e}")))?;
@@ -407,6 +415,24 @@ async fn delete_one(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The table's shape alone (types, unknown keys), before preconditions are looked at: a body
+/// that can never be valid is a 422 whatever the ETag.
+fn precheck<T: serde::de::DeserializeOwned>(kind: Kind, name: &str, t: &toml::Table) -> ApiResult<()> {
+    toml::Value::Table(t.clone())
+        .try_into::<T>()
+        .map(|_| ())
+        .map_err(|e: toml::de::Error| {
+            Problem::invalid(
+                kind.noun(),
+                format!(
+                    "{} `{name}`: {}",
+                    kind.noun(),
+                    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+                ),
+            )
+        })
+}
+
 fn saved(app: &App, kind: Kind, name: &str, tag: String, created: bool) -> ApiResult<Response> {
     let doc = app.store.load()?;
     let t = doc
@@ -431,6 +457,7 @@ async fn put_source(
 ) -> ApiResult<Response> {
     c.require(Role::Admin)?;
     let (t, pw, _) = json_to_table(&body, &[])?;
+    precheck::<ferry_hv::SourceConfig>(Kind::Source, &name, &t)?;
     let (tag, created) = app
         .store
         .put(
@@ -453,7 +480,8 @@ async fn put_repository(
     body: Bytes,
 ) -> ApiResult<Response> {
     c.require(Role::Admin)?;
-    let (t, pw, extra) = json_to_table(&body, &[])?;
+    let (t, pw, extra) = json_to_table(&body, &["init"])?;
+    precheck::<crate::config::RepositoryConfig>(Kind::Repository, &name, &t)?;
     let init = match extra.get("init") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -508,6 +536,7 @@ async fn put_job(
     if pw.is_some() {
         return Err(Problem::invalid("password", "a job has no password"));
     }
+    precheck::<crate::config::JobConfig>(Kind::Job, &name, &t)?;
     let (tag, created) = app
         .store
         .put(Kind::Job, &name, t, None, &precondition(&h), |_| async { Ok(()) })
@@ -632,6 +661,13 @@ async fn run_job(State(app): St, c: Caller, Path(name): Path<String>) -> ApiResu
     Ok(r)
 }
 
+fn limit(l: Option<u32>) -> ApiResult<u32> {
+    match l.unwrap_or(100) {
+        n @ 1..=1000 => Ok(n),
+        n => Err(Problem::bad_request(format!("limit {n}: use 1 to 1000"))),
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
@@ -642,7 +678,7 @@ struct ListQuery {
 async fn list_sessions(State(app): St, c: Caller, q: QueryResult<ListQuery>) -> ApiResult<Response> {
     c.require(Role::Viewer)?;
     let q = query(q)?;
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = limit(q.limit)?;
     let mut rows = app
         .catalog
         .sessions(limit)
@@ -720,7 +756,7 @@ async fn vm_history(
     let q = query(q)?;
     let rows = app
         .catalog
-        .vm_history(&vm, q.limit.unwrap_or(100).clamp(1, 1000))
+        .vm_history(&vm, limit(q.limit)?)
         .map_err(|e| Problem::internal(e.to_string()))?;
     Ok(json_ok(StatusCode::OK, json!(rows)))
 }

@@ -348,10 +348,11 @@ impl App {
             .cloned();
         match s {
             Some(s) => {
-                if !s.view().status.done() {
-                    s.cancel.cancel();
-                    self.log(&s, "warn", None, "cancel requested".into());
+                if s.view().status.done() {
+                    return Err(Problem::conflict(format!("session {id} has ended")));
                 }
+                s.cancel.cancel();
+                self.log(&s, "warn", None, "cancel requested".into());
                 Ok(s.view())
             }
             None => match self.catalog.session(id) {
