@@ -40,7 +40,15 @@ fn first_line(child: &mut Child) -> Value {
 
 fn start_sim(dir: &Path) -> (Killed, Value) {
     let mut child = ferry()
-        .args(["sim", "xen", "--listen", "127.0.0.1:0", "--disk-mib", "8", "--dir"])
+        .args([
+            "sim",
+            "xen",
+            "--listen",
+            "127.0.0.1:0",
+            "--disk-mib",
+            "8",
+            "--dir",
+        ])
         .arg(dir)
         .stdout(Stdio::piped())
         .spawn()
@@ -51,7 +59,16 @@ fn start_sim(dir: &Path) -> (Killed, Value) {
 
 fn start_serve(state: &Path, extra: &[&str]) -> (Killed, Value) {
     let mut child = ferry()
-        .args(["serve", "--listen", "127.0.0.1:0", "--job-grace", "30", "--init-admin", "admin", "--state-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--job-grace",
+            "30",
+            "--init-admin",
+            "admin",
+            "--state-dir",
+        ])
         .arg(state)
         .args(extra)
         .env("FERRY_ADMIN_PASSWORD", ADMIN_PW)
@@ -92,7 +109,13 @@ impl Api {
         }
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<Value>, if_match: Option<&str>) -> Reply {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<&str>,
+    ) -> Reply {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut r = self.http.request(m, format!("{}{path}", self.base));
         if let Some(t) = &self.token {
@@ -104,19 +127,34 @@ impl Api {
         if let Some(e) = if_match {
             r = r.header("If-Match", e);
         }
-        let resp = r.send().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let resp = r
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let text = resp.text().await.unwrap();
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Reply { status, headers, body, text }
+        Reply {
+            status,
+            headers,
+            body,
+            text,
+        }
     }
 
     async fn get(&self, path: &str) -> Reply {
         self.call("GET", path, None, None).await
     }
 
-    async fn ok(&self, method: &str, path: &str, body: Option<Value>, if_match: Option<&str>, want: u16) -> Reply {
+    async fn ok(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<&str>,
+        want: u16,
+    ) -> Reply {
         let r = self.call(method, path, body, if_match).await;
         assert_eq!(r.status, want, "{method} {path}: {}", r.text);
         r
@@ -124,7 +162,13 @@ impl Api {
 
     async fn login(&mut self, user: &str, pw: &str) {
         let r = self
-            .ok("POST", "/api/login", Some(json!({"username": user, "password": pw})), None, 200)
+            .ok(
+                "POST",
+                "/api/login",
+                Some(json!({"username": user, "password": pw})),
+                None,
+                200,
+            )
             .await;
         self.token = Some(r.body["token"].as_str().unwrap().into());
     }
@@ -133,11 +177,17 @@ impl Api {
     async fn wait_session(&self, id: &str) -> Value {
         let t = Instant::now();
         loop {
-            let s = self.ok("GET", &format!("/api/sessions/{id}"), None, None, 200).await.body;
+            let s = self
+                .ok("GET", &format!("/api/sessions/{id}"), None, None, 200)
+                .await
+                .body;
             if !["queued", "running", "retrying"].contains(&s["status"].as_str().unwrap()) {
                 return s;
             }
-            assert!(t.elapsed() < Duration::from_secs(120), "session {id} still running: {s}");
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "session {id} still running: {s}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -186,7 +236,12 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
     assert_eq!(h.body["status"], "ok");
     problem(&api.get("/api/sources").await, 401, "Bearer");
     let r = api
-        .call("POST", "/api/login", Some(json!({"username": "admin", "password": "nope"})), None)
+        .call(
+            "POST",
+            "/api/login",
+            Some(json!({"username": "admin", "password": "nope"})),
+            None,
+        )
         .await;
     problem(&r, 401, "wrong user name or password");
     api.login("admin", ADMIN_PW).await;
@@ -195,47 +250,104 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
     assert!(!users.contains(ADMIN_PW));
 
     // A viewer reads but cannot change; an operator runs but cannot configure.
-    api.ok("POST", "/api/users", Some(json!({"name": "vic", "role": "viewer", "password": "viewer pass"})), None, 201).await;
-    api.ok("POST", "/api/users", Some(json!({"name": "olga", "role": "operator", "password": "operator pass"})), None, 201).await;
+    api.ok(
+        "POST",
+        "/api/users",
+        Some(json!({"name": "vic", "role": "viewer", "password": "viewer pass"})),
+        None,
+        201,
+    )
+    .await;
+    api.ok(
+        "POST",
+        "/api/users",
+        Some(json!({"name": "olga", "role": "operator", "password": "operator pass"})),
+        None,
+        201,
+    )
+    .await;
     let mut viewer = Api::new(&info);
     viewer.login("vic", "viewer pass").await;
     viewer.ok("GET", "/api/sources", None, None, 200).await;
-    let r = viewer.call("PUT", "/api/sources/lab", Some(source_body(&sim, &sim_pw)), None).await;
+    let r = viewer
+        .call(
+            "PUT",
+            "/api/sources/lab",
+            Some(source_body(&sim, &sim_pw)),
+            None,
+        )
+        .await;
     problem(&r, 403, "admin role");
     let mut operator = Api::new(&info);
     operator.login("olga", "operator pass").await;
-    let r = operator.call("PUT", "/api/jobs/x", Some(json!({})), None).await;
+    let r = operator
+        .call("PUT", "/api/jobs/x", Some(json!({})), None)
+        .await;
     problem(&r, 403, "admin role");
 
     // The source: its password is write-only and kept out of ferry.toml.
-    let r = api.ok("PUT", "/api/sources/lab", Some(source_body(&sim, &sim_pw)), None, 201).await;
+    let r = api
+        .ok(
+            "PUT",
+            "/api/sources/lab",
+            Some(source_body(&sim, &sim_pw)),
+            None,
+            201,
+        )
+        .await;
     assert_eq!(r.body["password_set"], true);
-    assert!(r.body.get("password").is_none() && !r.text.contains(&sim_pw), "{}", r.text);
+    assert!(
+        r.body.get("password").is_none() && !r.text.contains(&sim_pw),
+        "{}",
+        r.text
+    );
     let src_etag = r.headers["etag"].to_str().unwrap().to_string();
     let cfg_text = std::fs::read_to_string(&toml_path).unwrap();
-    assert!(!cfg_text.contains(&sim_pw) && cfg_text.contains("[sources.lab]"), "{cfg_text}");
+    assert!(
+        !cfg_text.contains(&sim_pw) && cfg_text.contains("[sources.lab]"),
+        "{cfg_text}"
+    );
     let r = api.ok("GET", "/api/sources/lab", None, None, 200).await;
     assert_eq!(r.headers["etag"].to_str().unwrap(), src_etag);
     assert!(!r.text.contains(&sim_pw));
 
     // Test connection: the stored source logs in; a candidate with a wrong password is refused
     // by the pool and nothing is saved.
-    let r = operator.ok("POST", "/api/sources/lab/test", None, None, 200).await;
+    let r = operator
+        .ok("POST", "/api/sources/lab/test", None, None, 200)
+        .await;
     assert!(r.body["vms"].as_u64().unwrap() >= 2, "{}", r.text);
     let r = operator
-        .call("POST", "/api/sources/lab/test", Some(source_body(&sim, "wrong password")), None)
+        .call(
+            "POST",
+            "/api/sources/lab/test",
+            Some(source_body(&sim, "wrong password")),
+            None,
+        )
         .await;
     problem(&r, 422, "lab");
     assert_eq!(r.body["field"], "connection");
     assert_eq!(std::fs::read_to_string(&toml_path).unwrap(), cfg_text);
     // A change without the ETag, or with a stale one, is refused.
     problem(
-        &api.call("PUT", "/api/sources/lab", Some(source_body(&sim, &sim_pw)), None).await,
+        &api.call(
+            "PUT",
+            "/api/sources/lab",
+            Some(source_body(&sim, &sim_pw)),
+            None,
+        )
+        .await,
         428,
         "If-Match",
     );
     problem(
-        &api.call("PUT", "/api/sources/lab", Some(source_body(&sim, &sim_pw)), Some("\"stale\"")).await,
+        &api.call(
+            "PUT",
+            "/api/sources/lab",
+            Some(source_body(&sim, &sim_pw)),
+            Some("\"stale\""),
+        )
+        .await,
         412,
         "changed since",
     );
@@ -243,13 +355,24 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
     // A repository, created by the API.
     let repo_dir = dir.path().join("repo");
     let r = api
-        .ok("PUT", "/api/repositories/local", Some(json!({"url": repo_dir, "password": "repo password", "init": true})), None, 201)
+        .ok(
+            "PUT",
+            "/api/repositories/local",
+            Some(json!({"url": repo_dir, "password": "repo password", "init": true})),
+            None,
+            201,
+        )
         .await;
     assert_eq!(r.body["password_set"], true);
     assert!(repo_dir.join("config").exists() || std::fs::read_dir(&repo_dir).unwrap().count() > 0);
     // Opening with the wrong password fails and is not saved.
     let r = api
-        .call("PUT", "/api/repositories/other", Some(json!({"url": repo_dir, "password": "wrong"})), None)
+        .call(
+            "PUT",
+            "/api/repositories/other",
+            Some(json!({"url": repo_dir, "password": "wrong"})),
+            None,
+        )
         .await;
     problem(&r, 422, "cannot open the repository");
     assert!(api.get("/api/repositories/other").await.status == 404);
@@ -257,19 +380,53 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
     // Bad jobs: clear problems, nothing saved.
     let before = std::fs::read_to_string(&toml_path).unwrap();
     for (body, field, needle) in [
-        (json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "schedule": "0 0 30 2 *"}), "schedule", "never fires"),
-        (json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "schedule": "every night"}), "schedule", "every night"),
-        (json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "timezone": "Mars/Base"}), "timezone", "Mars/Base"),
-        (json!({"source": "lab", "repository": "local", "vms": "debian-web"}), "job", "vms"),
-        (json!({"source": "nope", "repository": "local", "vms": ["x"]}), "source", "no source `nope`"),
-        (json!({"source": "lab", "repository": "local", "vms": ["x"], "retention": {}}), "retention", "every count 0"),
-        (json!({"source": "lab", "repository": "local", "vms": ["x"], "colour": "red"}), "job", "colour"),
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "schedule": "0 0 30 2 *"}),
+            "schedule",
+            "never fires",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "schedule": "every night"}),
+            "schedule",
+            "every night",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "timezone": "Mars/Base"}),
+            "timezone",
+            "Mars/Base",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": "debian-web"}),
+            "job",
+            "vms",
+        ),
+        (
+            json!({"source": "nope", "repository": "local", "vms": ["x"]}),
+            "source",
+            "no source `nope`",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["x"], "retention": {}}),
+            "retention",
+            "every count 0",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["x"], "colour": "red"}),
+            "job",
+            "colour",
+        ),
     ] {
-        let r = api.call("PUT", "/api/jobs/nightly", Some(body.clone()), None).await;
+        let r = api
+            .call("PUT", "/api/jobs/nightly", Some(body.clone()), None)
+            .await;
         problem(&r, 422, needle);
         assert_eq!(r.body["field"], field, "{body}: {}", r.text);
     }
-    problem(&api.call("PUT", "/api/jobs/nightly", None, None).await, 400, "request body");
+    problem(
+        &api.call("PUT", "/api/jobs/nightly", None, None).await,
+        400,
+        "request body",
+    );
     assert_eq!(std::fs::read_to_string(&toml_path).unwrap(), before);
 
     // A good job, by pattern, with a schedule in a time zone and retention.
@@ -278,16 +435,29 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
         "schedule": "0 22 * * *", "timezone": "Europe/Berlin",
         "retention": {"last": 1}, "retries": 1, "retry_delay_seconds": 1
     });
-    let r = api.ok("PUT", "/api/jobs/nightly", Some(job.clone()), None, 201).await;
-    assert!(r.body["next_run"].as_str().unwrap().contains("T2"), "{}", r.text);
+    let r = api
+        .ok("PUT", "/api/jobs/nightly", Some(job.clone()), None, 201)
+        .await;
+    assert!(
+        r.body["next_run"].as_str().unwrap().contains("T2"),
+        "{}",
+        r.text
+    );
     let etag = r.headers["etag"].to_str().unwrap().to_string();
-    problem(&api.call("DELETE", "/api/sources/lab", None, Some(&src_etag)).await, 409, "nightly");
+    problem(
+        &api.call("DELETE", "/api/sources/lab", None, Some(&src_etag))
+            .await,
+        409,
+        "nightly",
+    );
 
     // Run it by hand twice: each a session with a log, per-VM progress and a restore point;
     // retention keeps one.
     let mut points = Vec::new();
     for round in 0..2 {
-        let r = operator.ok("POST", "/api/jobs/nightly/run", None, None, 202).await;
+        let r = operator
+            .ok("POST", "/api/jobs/nightly/run", None, None, 202)
+            .await;
         let id = r.body["session"].as_str().unwrap().to_string();
         let s = api.wait_session(&id).await;
         assert_eq!(s["status"], "success", "round {round}: {s}");
@@ -299,30 +469,104 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
         assert!(!vms[0]["disks"].as_array().unwrap().is_empty(), "{s}");
         points.push(vms[0]["restore_point"].as_str().unwrap().to_string());
         assert_eq!(s["pruned"], round, "{s}");
-        let log = api.ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200).await.body;
-        let lines: Vec<&str> = log.as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
-        assert!(lines.iter().any(|l| l.contains("restore point") && l.contains("written")), "{lines:?}");
-        let after = api.ok("GET", &format!("/api/sessions/{id}/log?after=1"), None, None, 200).await.body;
+        let log = api
+            .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
+            .await
+            .body;
+        let lines: Vec<&str> = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap())
+            .collect();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("restore point") && l.contains("written")),
+            "{lines:?}"
+        );
+        let after = api
+            .ok(
+                "GET",
+                &format!("/api/sessions/{id}/log?after=1"),
+                None,
+                None,
+                200,
+            )
+            .await
+            .body;
         assert_eq!(after.as_array().unwrap().len(), lines.len() - 1);
     }
-    let rps = api.ok("GET", "/api/repositories/local/restore-points", None, None, 200).await.body;
-    let ids: Vec<&str> = rps.as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec![points[1].as_str()], "retention keeps the newest only");
+    let rps = api
+        .ok(
+            "GET",
+            "/api/repositories/local/restore-points",
+            None,
+            None,
+            200,
+        )
+        .await
+        .body;
+    let ids: Vec<&str> = rps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![points[1].as_str()],
+        "retention keeps the newest only"
+    );
     let sessions = api.ok("GET", "/api/sessions", None, None, 200).await.body;
     assert_eq!(sessions.as_array().unwrap().len(), 2);
-    let hist = api.ok("GET", "/api/vms/debian-web/history", None, None, 200).await.body;
+    let hist = api
+        .ok("GET", "/api/vms/debian-web/history", None, None, 200)
+        .await
+        .body;
     assert_eq!(hist[0]["restore_point"], points[1].as_str());
 
     // Cancel: a run cancelled at once ends cancelled and adds no restore point.
-    let r = operator.ok("POST", "/api/jobs/nightly/run", None, None, 202).await;
+    let r = operator
+        .ok("POST", "/api/jobs/nightly/run", None, None, 202)
+        .await;
     let id = r.body["session"].as_str().unwrap().to_string();
-    problem(&operator.call("POST", "/api/jobs/nightly/run", None, None).await, 409, "already running");
-    operator.ok("POST", &format!("/api/sessions/{id}/cancel"), None, None, 202).await;
+    problem(
+        &operator
+            .call("POST", "/api/jobs/nightly/run", None, None)
+            .await,
+        409,
+        "already running",
+    );
+    operator
+        .ok(
+            "POST",
+            &format!("/api/sessions/{id}/cancel"),
+            None,
+            None,
+            202,
+        )
+        .await;
     let s = api.wait_session(&id).await;
     assert_eq!(s["status"], "cancelled", "{s}");
-    let rps2 = api.ok("GET", "/api/repositories/local/restore-points", None, None, 200).await.body;
+    let rps2 = api
+        .ok(
+            "GET",
+            "/api/repositories/local/restore-points",
+            None,
+            None,
+            200,
+        )
+        .await
+        .body;
     assert_eq!(rps2.as_array().unwrap().len(), 1, "{rps2}");
-    problem(&operator.call("POST", &format!("/api/sessions/{id}/cancel"), None, None).await, 409, "ended");
+    problem(
+        &operator
+            .call("POST", &format!("/api/sessions/{id}/cancel"), None, None)
+            .await,
+        409,
+        "ended",
+    );
 
     // Metrics, parsed as Prometheus text.
     let m = api.get("/metrics").await;
@@ -336,29 +580,61 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
             .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
             .unwrap_or_else(|| panic!("no {name} {label:?} in:\n{}", m.text));
         match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
             _ => panic!("{name}: {:?}", s.value),
         }
     };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    let last = value("ferry_vm_last_success_timestamp_seconds", Some(("vm", "debian-web")));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = value(
+        "ferry_vm_last_success_timestamp_seconds",
+        Some(("vm", "debian-web")),
+    );
     assert!(now - last < 600.0 && last <= now, "{last} vs {now}");
     let rpo = value("ferry_vm_rpo_age_seconds", Some(("vm", "debian-web")));
     assert!((0.0..600.0).contains(&rpo), "{rpo}");
     assert!(value("ferry_bytes_read_total", None) > 0.0);
     assert!(value("ferry_bytes_uploaded_total", None) > 0.0);
-    assert_eq!(value("ferry_repository_restore_points", Some(("repository", "local"))), 1.0);
-    assert!(value("ferry_repository_chunk_bytes", Some(("repository", "local"))) > 0.0);
-    assert_eq!(value("ferry_vm_backups_total", Some(("result", "success"))), 2.0);
-    assert_eq!(value("ferry_sessions_total", Some(("status", "cancelled"))), 1.0);
+    assert_eq!(
+        value(
+            "ferry_repository_restore_points",
+            Some(("repository", "local"))
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            "ferry_repository_chunk_bytes",
+            Some(("repository", "local"))
+        ) > 0.0
+    );
+    assert_eq!(
+        value("ferry_vm_backups_total", Some(("result", "success"))),
+        2.0
+    );
+    assert_eq!(
+        value("ferry_sessions_total", Some(("status", "cancelled"))),
+        1.0
+    );
 
     // Jobs change only with their ETag; delete needs it too.
     let mut j2 = job.clone();
     j2["retention"] = json!({"last": 3});
-    let r = api.ok("PUT", "/api/jobs/nightly", Some(j2), Some(&etag), 200).await;
+    let r = api
+        .ok("PUT", "/api/jobs/nightly", Some(j2), Some(&etag), 200)
+        .await;
     let etag2 = r.headers["etag"].to_str().unwrap().to_string();
     assert_ne!(etag, etag2);
-    problem(&api.call("DELETE", "/api/jobs/nightly", None, Some(&etag)).await, 412, "changed since");
+    problem(
+        &api.call("DELETE", "/api/jobs/nightly", None, Some(&etag))
+            .await,
+        412,
+        "changed since",
+    );
 
     // SIGTERM: a clean stop.
     let pid = nix::unistd::Pid::from_raw(serve.0.id() as i32);
@@ -368,7 +644,10 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
         if let Some(s) = serve.0.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "ferry serve did not stop on SIGTERM");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "ferry serve did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");
@@ -380,14 +659,30 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
     }
     let (_serve2, info2) = start_serve(&state, &["--rebuild-catalog"]);
     let mut api2 = Api::new(&info2);
-    assert_eq!(info2["tls_fingerprint"], info["tls_fingerprint"], "the certificate is kept");
+    assert_eq!(
+        info2["tls_fingerprint"], info["tls_fingerprint"],
+        "the certificate is kept"
+    );
     api2.login("admin", ADMIN_PW).await;
     let vms = api2.ok("GET", "/api/vms", None, None, 200).await.body;
-    let v = vms.as_array().unwrap().iter().find(|v| v["vm_name"] == "debian-web").unwrap_or_else(|| panic!("{vms}"));
+    let v = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vm_name"] == "debian-web")
+        .unwrap_or_else(|| panic!("{vms}"));
     assert_eq!(v["restore_points"], 1, "{vms}");
     assert!(v["rpo_age_seconds"].as_i64().unwrap() < 600);
     // Sessions of the first run are history, not in the repository: gone with the catalog.
-    assert_eq!(api2.get("/api/sessions").await.body.as_array().unwrap().len(), 0);
+    assert_eq!(
+        api2.get("/api/sessions")
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,13 +700,40 @@ async fn the_openapi_document_holds_against_the_live_service() {
     api.login("admin", ADMIN_PW).await;
     // Something to read: a repository and a job (its source never answers: no job is run).
     let repo_dir = dir.path().join("repo");
-    api.ok("PUT", "/api/repositories/local", Some(json!({"url": repo_dir, "password": "repo password", "init": true})), None, 201).await;
+    api.ok(
+        "PUT",
+        "/api/repositories/local",
+        Some(json!({"url": repo_dir, "password": "repo password", "init": true})),
+        None,
+        201,
+    )
+    .await;
     api.ok("PUT", "/api/sources/lab", Some(json!({"kind": "xen", "url": "https://127.0.0.1:9", "username": "root", "password": "x", "tls_insecure": true})), None, 201).await;
-    api.ok("PUT", "/api/jobs/j", Some(json!({"source": "lab", "repository": "local", "vms": ["*"], "schedule": "0 3 * * *"})), None, 201).await;
+    api.ok(
+        "PUT",
+        "/api/jobs/j",
+        Some(
+            json!({"source": "lab", "repository": "local", "vms": ["*"], "schedule": "0 3 * * *"}),
+        ),
+        None,
+        201,
+    )
+    .await;
     let token = api.token.clone().unwrap();
     let url = format!("{}/api/openapi.json", info["url"].as_str().unwrap());
     let out = Command::new(&st)
-        .args(["run", &url, "--tls-verify", "false", "--max-examples", "25", "--checks", "all", "--workers", "1"])
+        .args([
+            "run",
+            &url,
+            "--tls-verify",
+            "false",
+            "--max-examples",
+            "25",
+            "--checks",
+            "all",
+            "--workers",
+            "1",
+        ])
         .args(["-H", &format!("Authorization: Bearer {token}")])
         // Schema-valid jobs naming sources that do not exist are rightly refused (422): the
         // service validates references and cron expressions beyond what a schema can say.
@@ -420,14 +742,22 @@ async fn the_openapi_document_holds_against_the_live_service() {
         // the test's own session are left out: generated data must not make the service
         // connect anywhere or revoke the token.
         .args([
-            "--exclude-operation-id", "testSource",
-            "--exclude-operation-id", "sourceVms",
-            "--exclude-operation-id", "putRepository",
-            "--exclude-operation-id", "runJob",
-            "--exclude-operation-id", "logout",
-            "--exclude-operation-id", "deleteToken",
-            "--exclude-operation-id", "deleteUser",
-            "--exclude-operation-id", "putSource",
+            "--exclude-operation-id",
+            "testSource",
+            "--exclude-operation-id",
+            "sourceVms",
+            "--exclude-operation-id",
+            "putRepository",
+            "--exclude-operation-id",
+            "runJob",
+            "--exclude-operation-id",
+            "logout",
+            "--exclude-operation-id",
+            "deleteToken",
+            "--exclude-operation-id",
+            "deleteUser",
+            "--exclude-operation-id",
+            "putSource",
         ])
         .env("NO_PROXY", "127.0.0.1")
         .output()

@@ -73,7 +73,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/users/{name}", axum::routing::delete(delete_user))
         .route("/api/tokens", get(list_tokens).post(add_token))
         .route("/api/tokens/{id}", axum::routing::delete(delete_token))
-        .route("/api/sources", get(|s: St, c: Caller| list(s, c, Kind::Source)))
+        .route(
+            "/api/sources",
+            get(|s: St, c: Caller| list(s, c, Kind::Source)),
+        )
         .route(
             "/api/sources/{name}",
             get(|s: St, c: Caller, p: Path<String>| get_one(s, c, p, Kind::Source))
@@ -96,7 +99,10 @@ pub fn router(app: Arc<App>) -> Router {
                     delete_one(s, c, p, h, Kind::Repository)
                 }),
         )
-        .route("/api/repositories/{name}/restore-points", get(restore_points))
+        .route(
+            "/api/repositories/{name}/restore-points",
+            get(restore_points),
+        )
         .route("/api/jobs", get(|s: St, c: Caller| list(s, c, Kind::Job)))
         .route(
             "/api/jobs/{name}",
@@ -115,7 +121,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/vms/{vm}/history", get(vm_history))
         .fallback(|| async { Problem::not_found("this path") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "this method is not allowed here")
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this method is not allowed here",
+            )
         })
         .with_state(app)
 }
@@ -132,7 +141,9 @@ impl FromRequestParts<Arc<App>> for Caller {
             .to_str()
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Problem::unauthorized("the Authorization header must be `Bearer TOKEN`"))?;
+            .ok_or_else(|| {
+                Problem::unauthorized("the Authorization header must be `Bearer TOKEN`")
+            })?;
         app.users
             .authenticate(token.trim())
             .ok_or_else(|| Problem::unauthorized("the token is unknown, revoked or expired"))
@@ -174,7 +185,11 @@ fn precondition(h: &HeaderMap) -> Precondition {
 async fn health(State(app): St) -> Response {
     let doc_ok = app.store.load().is_ok();
     json_ok(
-        if doc_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE },
+        if doc_ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
         json!({
             "status": if doc_ok { "ok" } else { "configuration unreadable" },
             "version": env!("CARGO_PKG_VERSION"),
@@ -199,8 +214,10 @@ async fn metrics(State(app): St) -> ApiResult<Response> {
 
 async fn openapi() -> Response {
     let mut r = OPENAPI.into_response();
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -277,10 +294,16 @@ struct TokenBody {
 async fn add_token(State(app): St, c: Caller, body: Bytes) -> ApiResult<Response> {
     let b: TokenBody = parse_body(&body)?;
     if b.name.trim().is_empty() || b.name.len() > 100 {
-        return Err(Problem::invalid("name", "give the token a name of 1 to 100 characters"));
+        return Err(Problem::invalid(
+            "name",
+            "give the token a name of 1 to 100 characters",
+        ));
     }
     if b.expires_in_days == Some(0) {
-        return Err(Problem::invalid("expires_in_days", "at least 1 day, or leave it out"));
+        return Err(Problem::invalid(
+            "expires_in_days",
+            "at least 1 day, or leave it out",
+        ));
     }
     let (token, view) = app.users.issue(
         &c.user,
@@ -309,7 +332,10 @@ fn table_to_json(kind: Kind, name: &str, t: &toml::Table, doc: &Document, app: &
             password_set = true;
             continue;
         }
-        o.insert(k.replace('-', "_"), serde_json::to_value(v).unwrap_or(Value::Null));
+        o.insert(
+            k.replace('-', "_"),
+            serde_json::to_value(v).unwrap_or(Value::Null),
+        );
     }
     if kind != Kind::Job {
         o.insert("password_set".into(), password_set.into());
@@ -334,7 +360,10 @@ fn table_to_json(kind: Kind, name: &str, t: &toml::Table, doc: &Document, app: &
 }
 
 /// API JSON to a table; `password` is taken out and returned apart.
-fn json_to_table(body: &Bytes, read_only: &[&'static str]) -> ApiResult<(toml::Table, Option<Secret>, serde_json::Map<String, Value>)> {
+fn json_to_table(
+    body: &Bytes,
+    read_only: &[&'static str],
+) -> ApiResult<(toml::Table, Option<Secret>, serde_json::Map<String, Value>)> {
     let v: Value = parse_body(body)?;
     let Value::Object(mut o) = v else {
         return Err(Problem::bad_request("request body: expected a JSON object"));
@@ -342,7 +371,12 @@ fn json_to_table(body: &Bytes, read_only: &[&'static str]) -> ApiResult<(toml::T
     let password = match o.remove("password") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if !s.is_empty() => Some(Secret::new(s)),
-        Some(_) => return Err(Problem::invalid("password", "password must be a non-empty string")),
+        Some(_) => {
+            return Err(Problem::invalid(
+                "password",
+                "password must be a non-empty string",
+            ));
+        }
     };
     // Read-only fields a client may send back unchanged from a GET.
     for k in ["name", "password_set", "next_run"] {
@@ -353,7 +387,10 @@ fn json_to_table(body: &Bytes, read_only: &[&'static str]) -> ApiResult<(toml::T
             (_, Some(v)) => v.is_string() || v.is_null(),
         };
         if !ok {
-            return Err(Problem::invalid(k, format!("`{k}` is read-only and has the wrong type")));
+            return Err(Problem::invalid(
+                k,
+                format!("`{k}` is read-only and has the wrong type"),
+            ));
         }
     }
     let mut extra = serde_json::Map::new();
@@ -370,7 +407,10 @@ fn json_to_table(body: &Bytes, read_only: &[&'static str]) -> ApiResult<(toml::T
             continue;
         }
         if v.is_null() {
-            return Err(Problem::invalid(k.clone(), format!("`{k}` cannot be null: leave it out for the default")));
+            return Err(Problem::invalid(
+                k.clone(),
+                format!("`{k}` cannot be null: leave it out for the default"),
+            ));
         }
         let tv = toml::Value::try_from(&v)
             .map_err(|e| Problem::invalid(k.clone(), format!("`{k}`: {e}")))?;
@@ -385,12 +425,20 @@ async fn list(State(app): St, c: Caller, kind: Kind) -> ApiResult<Response> {
     let items: Vec<Value> = doc
         .names(kind)
         .iter()
-        .filter_map(|n| doc.table(kind, n).map(|t| table_to_json(kind, n, t, &doc, &app)))
+        .filter_map(|n| {
+            doc.table(kind, n)
+                .map(|t| table_to_json(kind, n, t, &doc, &app))
+        })
         .collect();
     Ok(json_ok(StatusCode::OK, Value::Array(items)))
 }
 
-async fn get_one(State(app): St, c: Caller, Path(name): Path<String>, kind: Kind) -> ApiResult<Response> {
+async fn get_one(
+    State(app): St,
+    c: Caller,
+    Path(name): Path<String>,
+    kind: Kind,
+) -> ApiResult<Response> {
     c.require(Role::Viewer)?;
     let doc = app.store.load()?;
     let t = doc
@@ -417,7 +465,11 @@ async fn delete_one(
 
 /// The table's shape alone (types, unknown keys), before preconditions are looked at: a body
 /// that can never be valid is a 422 whatever the ETag.
-fn precheck<T: serde::de::DeserializeOwned>(kind: Kind, name: &str, t: &toml::Table) -> ApiResult<()> {
+fn precheck<T: serde::de::DeserializeOwned>(
+    kind: Kind,
+    name: &str,
+    t: &toml::Table,
+) -> ApiResult<()> {
     toml::Value::Table(t.clone())
         .try_into::<T>()
         .map(|_| ())
@@ -427,7 +479,10 @@ fn precheck<T: serde::de::DeserializeOwned>(kind: Kind, name: &str, t: &toml::Ta
                 format!(
                     "{} `{name}`: {}",
                     kind.noun(),
-                    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+                    e.to_string()
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
                 ),
             )
         })
@@ -441,7 +496,11 @@ fn saved(app: &App, kind: Kind, name: &str, tag: String, created: bool) -> ApiRe
     app.wake.notify_one();
     Ok(with_etag(
         json_ok(
-            if created { StatusCode::CREATED } else { StatusCode::OK },
+            if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
             table_to_json(kind, name, t, &doc, app),
         ),
         &tag,
@@ -501,7 +560,9 @@ async fn put_repository(
                     .repositories
                     .get(&n2)
                     .ok_or_else(|| Problem::internal("repository missing after the change"))?;
-                let password = cfg.password().map_err(|e| Problem::invalid("password", e))?;
+                let password = cfg
+                    .password()
+                    .map_err(|e| Problem::invalid("password", e))?;
                 if init {
                     let store = ferry_repo::Store::open(&cfg.url, true)
                         .map_err(|e| Problem::invalid("url", e.to_string()))?;
@@ -511,11 +572,13 @@ async fn put_repository(
                         ferry_repo::InitOptions::default(),
                     )
                     .await
-                    .map_err(|e| Problem::invalid("url", format!("cannot create the repository: {e}")))?;
+                    .map_err(|e| {
+                        Problem::invalid("url", format!("cannot create the repository: {e}"))
+                    })?;
                 } else {
-                    crate::jobs::open_repository(cfg)
-                        .await
-                        .map_err(|e| Problem::invalid("url", format!("cannot open the repository: {e}")))?;
+                    crate::jobs::open_repository(cfg).await.map_err(|e| {
+                        Problem::invalid("url", format!("cannot open the repository: {e}"))
+                    })?;
                 }
                 Ok(())
             },
@@ -539,7 +602,9 @@ async fn put_job(
     precheck::<crate::config::JobConfig>(Kind::Job, &name, &t)?;
     let (tag, created) = app
         .store
-        .put(Kind::Job, &name, t, None, &precondition(&h), |_| async { Ok(()) })
+        .put(Kind::Job, &name, t, None, &precondition(&h), |_| async {
+            Ok(())
+        })
         .await?;
     saved(&app, Kind::Job, &name, tag, created)
 }
@@ -579,8 +644,10 @@ async fn test_source(
         s.insert(name.clone(), toml::Value::Table(t));
         root.insert("sources".into(), toml::Value::Table(s));
         let text = toml::to_string(&root).map_err(|e| Problem::internal(e.to_string()))?;
-        let f = ferry_hv::FerryConfig::parse(&text, std::path::Path::new("request"))
-            .map_err(|e| Problem::invalid("source", e.to_string().replace("config request: ", "")))?;
+        let f =
+            ferry_hv::FerryConfig::parse(&text, std::path::Path::new("request")).map_err(|e| {
+                Problem::invalid("source", e.to_string().replace("config request: ", ""))
+            })?;
         f.sources
             .get(&name)
             .cloned()
@@ -595,7 +662,10 @@ async fn test_source(
         .list_vms()
         .await
         .map_err(|e| Problem::invalid("connection", format!("source `{name}`: {e}")))?;
-    Ok(json_ok(StatusCode::OK, json!({"ok": true, "vms": vms.len()})))
+    Ok(json_ok(
+        StatusCode::OK,
+        json!({"ok": true, "vms": vms.len()}),
+    ))
 }
 
 async fn source_vms(State(app): St, c: Caller, Path(name): Path<String>) -> ApiResult<Response> {
@@ -606,9 +676,10 @@ async fn source_vms(State(app): St, c: Caller, Path(name): Path<String>) -> ApiR
         .sources
         .get(&name)
         .ok_or_else(|| Problem::not_found(format!("source `{name}`")))?;
-    let driver = app.backend.connect(&name, cfg).await.map_err(|e| {
-        Problem::new(StatusCode::BAD_GATEWAY, format!("source `{name}`: {}", e.0))
-    })?;
+    let driver =
+        app.backend.connect(&name, cfg).await.map_err(|e| {
+            Problem::new(StatusCode::BAD_GATEWAY, format!("source `{name}`: {}", e.0))
+        })?;
     let vms = driver
         .list_vms()
         .await
@@ -616,7 +687,11 @@ async fn source_vms(State(app): St, c: Caller, Path(name): Path<String>) -> ApiR
     Ok(json_ok(StatusCode::OK, json!(vms)))
 }
 
-async fn restore_points(State(app): St, c: Caller, Path(name): Path<String>) -> ApiResult<Response> {
+async fn restore_points(
+    State(app): St,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
     c.require(Role::Viewer)?;
     let doc = app.store.load()?;
     let cfg = doc
@@ -675,7 +750,11 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-async fn list_sessions(State(app): St, c: Caller, q: QueryResult<ListQuery>) -> ApiResult<Response> {
+async fn list_sessions(
+    State(app): St,
+    c: Caller,
+    q: QueryResult<ListQuery>,
+) -> ApiResult<Response> {
     c.require(Role::Viewer)?;
     let q = query(q)?;
     let limit = limit(q.limit)?;
@@ -739,7 +818,10 @@ async fn vms(State(app): St, c: Caller) -> ApiResult<Response> {
         .into_iter()
         .map(|v| {
             let mut j = json!(v);
-            j["rpo_age_seconds"] = v.last_success.map(|t| json!((now - t).max(0))).unwrap_or(Value::Null);
+            j["rpo_age_seconds"] = v
+                .last_success
+                .map(|t| json!((now - t).max(0)))
+                .unwrap_or(Value::Null);
             j
         })
         .collect();
@@ -778,8 +860,10 @@ mod tests {
             }
         }
         documented.sort();
-        let mut routes: Vec<(String, String)> =
-            ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| (m.to_string(), p.to_string()))
+            .collect();
         routes.sort();
         assert_eq!(documented, routes);
         assert_eq!(doc["openapi"], "3.0.3");

@@ -8,8 +8,8 @@
 
 use crate::fsutil::write_atomic;
 use crate::problem::{ApiResult, Problem};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine as _;
 use ferry_core::Secret;
 use serde::{Deserialize, Serialize};
@@ -142,7 +142,9 @@ pub struct Users {
 
 impl std::fmt::Debug for Users {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Users").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Users")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -198,9 +200,8 @@ impl Users {
     pub fn load(state_dir: &Path) -> Result<Self, crate::DaemonError> {
         let path = state_dir.join("users.json");
         let state = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                crate::DaemonError::State(format!("{}: {e}", path.display()))
-            })?,
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| crate::DaemonError::State(format!("{}: {e}", path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => UsersFile::default(),
             Err(e) => {
                 return Err(crate::DaemonError::State(format!(
@@ -285,8 +286,7 @@ impl Users {
         let Some(u) = st.users.iter().find(|u| u.name == name) else {
             return Err(Problem::not_found(format!("user `{name}`")));
         };
-        if u.role == Role::Admin && st.users.iter().filter(|u| u.role == Role::Admin).count() == 1
-        {
+        if u.role == Role::Admin && st.users.iter().filter(|u| u.role == Role::Admin).count() == 1 {
             return Err(Problem::conflict(format!(
                 "user `{name}` is the last admin; add another admin first"
             )));
@@ -317,7 +317,8 @@ impl Users {
         };
         match (ok, found) {
             (true, Some((_, role))) => {
-                let (t, v) = self.issue(name, TokenKind::Session, "login", Some(SESSION_SECONDS))?;
+                let (t, v) =
+                    self.issue(name, TokenKind::Session, "login", Some(SESSION_SECONDS))?;
                 Ok((t, v, role))
             }
             _ => Err(Problem::unauthorized("wrong user name or password")),
@@ -407,8 +408,7 @@ fn view(t: &TokenRecord) -> TokenView {
 }
 
 /// A valid Argon2id hash of a random string, verified against for unknown users.
-const DUMMY_HASH: &str =
-    "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0m3Fp8dz3oY0i5o5pS8b6iR8m9hC4fJtQ3x0N1Qd5mA";
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$0m3Fp8dz3oY0i5o5pS8b6iR8m9hC4fJtQ3x0N1Qd5mA";
 
 #[cfg(test)]
 mod tests {
@@ -421,17 +421,26 @@ mod tests {
         assert_eq!(u.count(), 0);
         u.add("alice", Role::Admin, &Secret::new("correct horse"))
             .unwrap();
-        assert!(u.add("alice", Role::Viewer, &Secret::new("other pass")).is_err());
-        let e = u.add("bob", Role::Viewer, &Secret::new("short")).unwrap_err();
+        assert!(
+            u.add("alice", Role::Viewer, &Secret::new("other pass"))
+                .is_err()
+        );
+        let e = u
+            .add("bob", Role::Viewer, &Secret::new("short"))
+            .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("password"));
-        let e = u.add("bad name", Role::Viewer, &Secret::new("long enough")).unwrap_err();
+        let e = u
+            .add("bad name", Role::Viewer, &Secret::new("long enough"))
+            .unwrap_err();
         assert_eq!(e.status, 422);
         assert_eq!(
             u.login("alice", &Secret::new("wrong")).unwrap_err().status,
             401
         );
         assert_eq!(
-            u.login("nobody", &Secret::new("correct horse")).unwrap_err().status,
+            u.login("nobody", &Secret::new("correct horse"))
+                .unwrap_err()
+                .status,
             401
         );
         let (tok, _, role) = u.login("alice", &Secret::new("correct horse")).unwrap();
@@ -441,13 +450,17 @@ mod tests {
         assert!(u.authenticate("fy_forged").is_none());
         // A second load sees the same users and tokens; the file has hashes only.
         let text = std::fs::read_to_string(d.path().join("users.json")).unwrap();
-        assert!(!text.contains("correct horse") && !text.contains(&tok), "{text}");
+        assert!(
+            !text.contains("correct horse") && !text.contains(&tok),
+            "{text}"
+        );
         assert!(text.contains("$argon2id$"));
         let u2 = Users::load(d.path()).unwrap();
         assert_eq!(u2.authenticate(&tok).unwrap().role, Role::Admin);
         // Roles are ordered; the last admin stays.
         assert!(c.require(Role::Admin).is_ok());
-        u.add("vic", Role::Viewer, &Secret::new("viewer pass")).unwrap();
+        u.add("vic", Role::Viewer, &Secret::new("viewer pass"))
+            .unwrap();
         let (vt, _, _) = u.login("vic", &Secret::new("viewer pass")).unwrap();
         let v = u.authenticate(&vt).unwrap();
         assert_eq!(v.require(Role::Operator).unwrap_err().status, 403);

@@ -158,7 +158,8 @@ impl Catalog {
         })
     }
 
-    /// Inserts or updates a session row.
+    /// Inserts or updates a session row (one argument per column).
+    #[allow(clippy::too_many_arguments)]
     pub fn upsert_session(
         &self,
         id: &str,
@@ -182,7 +183,8 @@ impl Catalog {
     /// Sessions, newest first: (detail JSON).
     pub fn sessions(&self, limit: u32) -> Result<Vec<serde_json::Value>, CatalogError> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT detail FROM sessions ORDER BY started DESC, id DESC LIMIT ?1")?;
+            let mut st =
+                c.prepare("SELECT detail FROM sessions ORDER BY started DESC, id DESC LIMIT ?1")?;
             let rows = st.query_map([limit], |r| r.get::<_, String>(0))?;
             let mut out = Vec::new();
             for r in rows {
@@ -399,12 +401,38 @@ mod tests {
     fn sessions_events_history_and_orphans() {
         let d = tempfile::tempdir().unwrap();
         let c = Catalog::open(&d.path().join("c.sqlite")).unwrap();
-        c.upsert_session("a", "j", "manual", "running", 1, None, &serde_json::json!({"id": "a", "status": "running"}))
-            .unwrap();
-        c.add_event("a", &Event { seq: 1, time: 1, level: "info".into(), vm: None, message: "hi".into() })
-            .unwrap();
-        c.add_event("a", &Event { seq: 2, time: 2, level: "error".into(), vm: Some("v".into()), message: "bad".into() })
-            .unwrap();
+        c.upsert_session(
+            "a",
+            "j",
+            "manual",
+            "running",
+            1,
+            None,
+            &serde_json::json!({"id": "a", "status": "running"}),
+        )
+        .unwrap();
+        c.add_event(
+            "a",
+            &Event {
+                seq: 1,
+                time: 1,
+                level: "info".into(),
+                vm: None,
+                message: "hi".into(),
+            },
+        )
+        .unwrap();
+        c.add_event(
+            "a",
+            &Event {
+                seq: 2,
+                time: 2,
+                level: "error".into(),
+                vm: Some("v".into()),
+                message: "bad".into(),
+            },
+        )
+        .unwrap();
         assert_eq!(c.events("a", 1).unwrap().len(), 1);
         assert_eq!(c.fail_orphans(9).unwrap(), 1);
         let s = c.session("a").unwrap().unwrap();

@@ -301,7 +301,10 @@ impl JobConfig {
                 format!("job `{name}`: at most 10 retries"),
             ));
         }
-        if self.retention.is_some_and(|r| r.policy() == ferry_repo::Retention::default()) {
+        if self
+            .retention
+            .is_some_and(|r| r.policy() == ferry_repo::Retention::default())
+        {
             return Err(Problem::invalid(
                 "retention",
                 format!(
@@ -422,12 +425,19 @@ impl Document {
     fn from_table(raw: toml::Table, path: &Path) -> Result<Self, Problem> {
         let text = toml::to_string(&raw).map_err(|e| Problem::internal(e.to_string()))?;
         let ferry = FerryConfig::parse(&text, path).map_err(|e| {
-            Problem::invalid("source", e.to_string().replace(&format!("config {}: ", path.display()), ""))
+            Problem::invalid(
+                "source",
+                e.to_string()
+                    .replace(&format!("config {}: ", path.display()), ""),
+            )
         })?;
         let appliance = match raw.get("appliance") {
             None => ApplianceConfig::default(),
             Some(v) => v.clone().try_into().map_err(|e: toml::de::Error| {
-                Problem::invalid("appliance", format!("[appliance]: {}", one_line(&e.to_string())))
+                Problem::invalid(
+                    "appliance",
+                    format!("[appliance]: {}", one_line(&e.to_string())),
+                )
             })?,
         };
         let doc = Self {
@@ -451,7 +461,11 @@ impl Document {
 
     /// The table of resource `name`.
     pub fn table(&self, kind: Kind, name: &str) -> Option<&toml::Table> {
-        self.raw.get(kind.table())?.as_table()?.get(name)?.as_table()
+        self.raw
+            .get(kind.table())?
+            .as_table()?
+            .get(name)?
+            .as_table()
     }
 
     /// Names of `kind`.
@@ -470,7 +484,10 @@ pub fn etag(table: &toml::Table) -> String {
     let d = sha2::Sha256::digest(text.as_bytes());
     format!(
         "\"{}\"",
-        d[..12].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        d[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     )
 }
 
@@ -558,9 +575,8 @@ impl ConfigStore {
                 kind.noun(),
                 rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
             ));
-            write_atomic(&file, format!("{}\n", value.expose()).as_bytes(), 0o600).map_err(
-                |e| Problem::internal(format!("cannot write {}: {e}", file.display())),
-            )?;
+            write_atomic(&file, format!("{}\n", value.expose()).as_bytes(), 0o600)
+                .map_err(|e| Problem::internal(format!("cannot write {}: {e}", file.display())))?;
             table.insert(key.into(), toml::Value::String(file.display().to_string()));
             table.remove("password");
             new_secret_file = Some(file);
@@ -581,7 +597,8 @@ impl ConfigStore {
                 })?
                 .insert(name.into(), toml::Value::Table(table.clone()));
             let next = Document::from_table(raw, &self.path)?;
-            let text = toml::to_string_pretty(&next.raw).map_err(|e| Problem::internal(e.to_string()))?;
+            let text =
+                toml::to_string_pretty(&next.raw).map_err(|e| Problem::internal(e.to_string()))?;
             check(next).await?;
             self.write_file(&text)
         }
@@ -625,7 +642,11 @@ impl ConfigStore {
             return Err(Problem::conflict(format!(
                 "{} `{name}` is used by job(s) {}; change or delete them first",
                 kind.noun(),
-                users.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                users
+                    .iter()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         let mut raw = doc.raw.clone();
@@ -633,7 +654,8 @@ impl ConfigStore {
             t.remove(name);
         }
         let next = Document::from_table(raw, &self.path)?;
-        let text = toml::to_string_pretty(&next.raw).map_err(|e| Problem::internal(e.to_string()))?;
+        let text =
+            toml::to_string_pretty(&next.raw).map_err(|e| Problem::internal(e.to_string()))?;
         self.write_file(&text)?;
         self.remove_own_secret(&existing);
         Ok(())
@@ -684,7 +706,10 @@ fn check_precondition(
         (None, None) => Ok(()),
         (None, Some(_)) => Err(Problem::new(
             StatusCode::PRECONDITION_FAILED,
-            format!("{} `{name}` does not exist, so If-Match cannot match", kind.noun()),
+            format!(
+                "{} `{name}` does not exist, so If-Match cannot match",
+                kind.noun()
+            ),
         )),
         (Some(_), None) => Err(Problem::new(
             StatusCode::PRECONDITION_REQUIRED,
@@ -781,7 +806,9 @@ mod tests {
     async fn etags_guard_every_change_and_secrets_live_apart() {
         let (d, s) = store();
         let ok = |_: Document| async { Ok(()) };
-        let src = table("kind = \"xen\"\nurl = \"https://h\"\nusername = \"root\"\ntls-insecure = true\n");
+        let src = table(
+            "kind = \"xen\"\nurl = \"https://h\"\nusername = \"root\"\ntls-insecure = true\n",
+        );
         let (tag, created) = s
             .put(
                 Kind::Source,
@@ -795,10 +822,20 @@ mod tests {
             .unwrap();
         assert!(created);
         let text = std::fs::read_to_string(d.path().join("ferry.toml")).unwrap();
-        assert!(!text.contains("s3cret") && text.contains("password-file"), "{text}");
+        assert!(
+            !text.contains("s3cret") && text.contains("password-file"),
+            "{text}"
+        );
         // Changing without If-Match: 428; with a stale one: 412; nothing written either time.
         let e = s
-            .put(Kind::Source, "x", src.clone(), None, &Precondition::default(), ok)
+            .put(
+                Kind::Source,
+                "x",
+                src.clone(),
+                None,
+                &Precondition::default(),
+                ok,
+            )
             .await
             .unwrap_err();
         assert_eq!(e.status, 428);
@@ -810,7 +847,10 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.status, 412);
-        assert_eq!(std::fs::read_to_string(d.path().join("ferry.toml")).unwrap(), text);
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("ferry.toml")).unwrap(),
+            text
+        );
         // The right ETag: changed; the secret is kept although not sent again.
         let mut src2 = src.clone();
         src2.insert("username".into(), "admin".into());
@@ -828,18 +868,48 @@ mod tests {
         // A bad job is refused whole: the file is unchanged.
         let before = std::fs::read_to_string(d.path().join("ferry.toml")).unwrap();
         for (job, field) in [
-            ("source = \"x\"\nrepository = \"nope\"\nvms = [\"a\"]\n", "repository"),
-            ("source = \"x\"\nrepository = \"r\"\nvms = [\"a\"]\nschedule = \"0 0 31 4 *\"\n", "schedule"),
-            ("source = \"x\"\nrepository = \"r\"\nvms = [\"a\"]\nbogus = 1\n", "job"),
+            (
+                "source = \"x\"\nrepository = \"nope\"\nvms = [\"a\"]\n",
+                "repository",
+            ),
+            (
+                "source = \"x\"\nrepository = \"r\"\nvms = [\"a\"]\nschedule = \"0 0 31 4 *\"\n",
+                "schedule",
+            ),
+            (
+                "source = \"x\"\nrepository = \"r\"\nvms = [\"a\"]\nbogus = 1\n",
+                "job",
+            ),
         ] {
-            s.put(Kind::Repository, "r", table("url = \"/tmp/r\"\n"), None, &Precondition { if_match: s.load().unwrap().table(Kind::Repository, "r").map(etag) }, ok).await.unwrap();
+            s.put(
+                Kind::Repository,
+                "r",
+                table("url = \"/tmp/r\"\n"),
+                None,
+                &Precondition {
+                    if_match: s.load().unwrap().table(Kind::Repository, "r").map(etag),
+                },
+                ok,
+            )
+            .await
+            .unwrap();
             let before = std::fs::read_to_string(d.path().join("ferry.toml")).unwrap();
             let e = s
-                .put(Kind::Job, "j", table(job), None, &Precondition::default(), ok)
+                .put(
+                    Kind::Job,
+                    "j",
+                    table(job),
+                    None,
+                    &Precondition::default(),
+                    ok,
+                )
                 .await
                 .unwrap_err();
             assert_eq!(e.field.as_deref(), Some(field), "{job}: {e:?}");
-            assert_eq!(std::fs::read_to_string(d.path().join("ferry.toml")).unwrap(), before);
+            assert_eq!(
+                std::fs::read_to_string(d.path().join("ferry.toml")).unwrap(),
+                before
+            );
         }
         let _ = before;
         // A failing check leaves neither the file nor a new secret behind.
@@ -864,16 +934,31 @@ mod tests {
             secrets_before
         );
         // A source used by a job cannot go.
-        s.put(Kind::Job, "j", table("source = \"x\"\nrepository = \"r\"\nvms = [\"a\"]\n"), None, &Precondition::default(), ok).await.unwrap();
+        s.put(
+            Kind::Job,
+            "j",
+            table("source = \"x\"\nrepository = \"r\"\nvms = [\"a\"]\n"),
+            None,
+            &Precondition::default(),
+            ok,
+        )
+        .await
+        .unwrap();
         let e = s.delete(Kind::Source, "x", &cur).await.unwrap_err();
         assert_eq!(e.status, 409);
-        let e = s.delete(Kind::Job, "j", &Precondition::default()).await.unwrap_err();
+        let e = s
+            .delete(Kind::Job, "j", &Precondition::default())
+            .await
+            .unwrap_err();
         assert_eq!(e.status, 428);
         let jt = Precondition {
             if_match: s.load().unwrap().table(Kind::Job, "j").map(etag),
         };
         s.delete(Kind::Job, "j", &jt).await.unwrap();
         s.delete(Kind::Source, "x", &cur).await.unwrap();
-        assert_eq!(std::fs::read_dir(d.path().join("secrets")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(d.path().join("secrets")).unwrap().count(),
+            0
+        );
     }
 }

@@ -150,7 +150,9 @@ pub struct LiveSession {
 
 impl std::fmt::Debug for LiveSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveSession").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("LiveSession")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -173,28 +175,27 @@ impl LiveSession {
     pub fn view(&self) -> SessionView {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut v = st.0.clone();
-        v.vms = st
-            .1
-            .values()
-            .map(|l| {
-                let mut vm = l.view.clone();
-                if let Some((p, since)) = &l.progress {
-                    let s = p.snapshot();
-                    vm.total = s.total;
-                    vm.done = s.done;
-                    vm.read = s.read;
-                    vm.written = s.written;
-                    vm.current_disk = s.current;
-                    let secs = since.elapsed().as_secs_f64();
-                    if secs > 0.0 {
-                        vm.rate = (s.done as f64 / secs) as u64;
-                        vm.eta_seconds = (vm.rate > 0)
-                            .then(|| s.total.saturating_sub(s.done) / vm.rate.max(1));
+        v.vms =
+            st.1.values()
+                .map(|l| {
+                    let mut vm = l.view.clone();
+                    if let Some((p, since)) = &l.progress {
+                        let s = p.snapshot();
+                        vm.total = s.total;
+                        vm.done = s.done;
+                        vm.read = s.read;
+                        vm.written = s.written;
+                        vm.current_disk = s.current;
+                        let secs = since.elapsed().as_secs_f64();
+                        if secs > 0.0 {
+                            vm.rate = (s.done as f64 / secs) as u64;
+                            vm.eta_seconds = (vm.rate > 0)
+                                .then(|| s.total.saturating_sub(s.done) / vm.rate.max(1));
+                        }
                     }
-                }
-                vm
-            })
-            .collect();
+                    vm
+                })
+                .collect();
         v
     }
 
@@ -252,7 +253,12 @@ impl App {
 
     /// Starts a run of job `name`; refused while the appliance is stopping or the job is
     /// already running.
-    pub fn start_session(self: &Arc<Self>, name: &str, trigger: &str, by: &str) -> ApiResult<String> {
+    pub fn start_session(
+        self: &Arc<Self>,
+        name: &str,
+        trigger: &str,
+        by: &str,
+    ) -> ApiResult<String> {
         if self.stopping.is_cancelled() {
             return Err(Problem::new(
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -264,7 +270,10 @@ impl App {
             return Err(Problem::not_found(format!("job `{name}`")));
         };
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = live.values().find(|s| s.view().job == name && !s.view().status.done()) {
+        if let Some(s) = live
+            .values()
+            .find(|s| s.view().job == name && !s.view().status.done())
+        {
             return Err(Problem::conflict(format!(
                 "job `{name}` is already running as session {}",
                 s.id
@@ -298,7 +307,12 @@ impl App {
         let scheduled = trigger == "schedule";
         let (trigger, by) = (trigger.to_string(), by.to_string());
         self.tracker.spawn(async move {
-            app.log(&s, "info", None, format!("session started ({trigger}, by {by})"));
+            app.log(
+                &s,
+                "info",
+                None,
+                format!("session started ({trigger}, by {by})"),
+            );
             let r = app.run(&s, name_owned(&s), job, doc, scheduled).await;
             let cancelled = s.cancel.is_cancelled();
             s.update(|v, vms| {
@@ -328,12 +342,20 @@ impl App {
             let v = s.view();
             app.log(
                 &s,
-                if v.status == Status::Success { "info" } else { "warn" },
+                if v.status == Status::Success {
+                    "info"
+                } else {
+                    "warn"
+                },
                 None,
                 format!("session ended: {}", v.status.as_str()),
             );
             app.persist(&s);
-            app.metrics.sessions_finished(v.status, v.ended.unwrap_or(v.started) - v.started, &v.job);
+            app.metrics.sessions_finished(
+                v.status,
+                v.ended.unwrap_or(v.started) - v.started,
+                &v.job,
+            );
         });
         Ok(id)
     }
@@ -395,7 +417,12 @@ impl App {
             .cloned()
             .ok_or_else(|| format!("repository `{}` is no longer configured", job.repository))?;
         let window = job.window().map_err(|p| p.detail)?;
-        self.log(s, "info", None, format!("connecting to source `{}`", job.source));
+        self.log(
+            s,
+            "info",
+            None,
+            format!("connecting to source `{}`", job.source),
+        );
         let driver = tokio::select! {
             _ = s.cancel.cancelled() => return Err("cancelled".into()),
             d = self.backend.connect(&job.source, &src_cfg) => d.map_err(|e| {
@@ -423,7 +450,11 @@ impl App {
             format!(
                 "{} VM(s) selected: {}",
                 picked.len(),
-                picked.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(", ")
+                picked
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         );
         s.update(|_, map| {
@@ -453,9 +484,11 @@ impl App {
             }
         });
         self.persist(s);
-        let repo = Arc::new(open_repository(&repo_cfg).await.map_err(|e| {
-            format!("repository `{}`: {e}", job.repository)
-        })?);
+        let repo = Arc::new(
+            open_repository(&repo_cfg)
+                .await
+                .map_err(|e| format!("repository `{}`: {e}", job.repository))?,
+        );
         let job_slots = Arc::new(tokio::sync::Semaphore::new(job.parallel_vms));
         let mut set = tokio::task::JoinSet::new();
         for vm in picked {
@@ -507,7 +540,10 @@ impl App {
                         s,
                         "info",
                         None,
-                        format!("retention kept {} and removed {removed} restore point(s)", plan.len() as u64 - removed),
+                        format!(
+                            "retention kept {} and removed {removed} restore point(s)",
+                            plan.len() as u64 - removed
+                        ),
                     );
                 }
                 Err(e) => {
@@ -522,7 +558,9 @@ impl App {
                 if let Err(e) = self.catalog.rebuild_from(&job.repository, &ms) {
                     tracing::warn!(error = %e, "cannot refresh the catalog");
                 }
-                self.metrics.repository_usage(&job.repository, &repo, ms.len()).await;
+                self.metrics
+                    .repository_usage(&job.repository, &repo, ms.len())
+                    .await;
             }
             Err(e) => tracing::warn!(error = %e, "cannot list restore points"),
         }
@@ -549,7 +587,10 @@ impl App {
                     s,
                     "warn",
                     Some(&vm.name),
-                    format!("attempt {attempt} failed: {e}; retrying in {}s", wait.as_secs()),
+                    format!(
+                        "attempt {attempt} failed: {e}; retrying in {}s",
+                        wait.as_secs()
+                    ),
                 );
                 s.vm(&vm.id, |l| {
                     l.view.status = Status::Retrying;
@@ -566,7 +607,12 @@ impl App {
                         l.view.attempts = attempt;
                         l.progress = Some((progress.clone(), tokio::time::Instant::now()));
                     });
-                    self.log(s, "info", Some(&vm.name), format!("backup started (attempt {attempt})"));
+                    self.log(
+                        s,
+                        "info",
+                        Some(&vm.name),
+                        format!("backup started (attempt {attempt})"),
+                    );
                     let opts = BackupOptions {
                         cancel: s.cancel.child_token(),
                         progress,
@@ -581,21 +627,22 @@ impl App {
         )
         .await;
         let seconds = t0.elapsed().as_secs_f64();
-        let run = |status: &str, rp: Option<String>, read: u64, up: u64, err: Option<String>| VmRun {
-            vm_id: vm.id.clone(),
-            vm_name: vm.name.clone(),
-            source: job.source.clone(),
-            repository: job.repository.clone(),
-            job: Some(job_name.into()),
-            session: Some(s.id.clone()),
-            time: started,
-            status: status.into(),
-            restore_point: rp,
-            bytes_read: read,
-            bytes_uploaded: up,
-            seconds,
-            error: err,
-        };
+        let run =
+            |status: &str, rp: Option<String>, read: u64, up: u64, err: Option<String>| VmRun {
+                vm_id: vm.id.clone(),
+                vm_name: vm.name.clone(),
+                source: job.source.clone(),
+                repository: job.repository.clone(),
+                job: Some(job_name.into()),
+                session: Some(s.id.clone()),
+                time: started,
+                status: status.into(),
+                restore_point: rp,
+                bytes_read: read,
+                bytes_uploaded: up,
+                seconds,
+                error: err,
+            };
         match r {
             Ok(rep) => {
                 let read = rep.total(|d| d.read_bytes);
@@ -641,7 +688,10 @@ impl App {
                         .collect();
                 });
                 self.metrics.vm_done(read, up, seconds);
-                if let Err(e) = self.catalog.add_run(&run("success", Some(rep.snapshot), read, up, None)) {
+                if let Err(e) =
+                    self.catalog
+                        .add_run(&run("success", Some(rep.snapshot), read, up, None))
+                {
                     tracing::warn!(error = %e, "cannot record the VM run");
                 }
             }
@@ -659,7 +709,11 @@ impl App {
                 );
                 s.vm(&vm.id, |l| {
                     l.progress = None;
-                    l.view.status = if cancelled { Status::Cancelled } else { Status::Failed };
+                    l.view.status = if cancelled {
+                        Status::Cancelled
+                    } else {
+                        Status::Failed
+                    };
                     l.view.error = Some(e.clone());
                 });
                 if !cancelled {

@@ -164,7 +164,9 @@ pub struct App {
 
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("App").field("store", &self.store).finish_non_exhaustive()
+        f.debug_struct("App")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
     }
 }
 
@@ -211,24 +213,30 @@ pub fn build(config: DaemonConfig) -> Result<(Arc<App>, Option<tls::Identity>), 
         }
     }
     if users.count() == 0 {
-        tracing::warn!("no user exists: start with --init-admin NAME (password from FERRY_ADMIN_PASSWORD or --admin-password-file) to create the first admin");
+        tracing::warn!(
+            "no user exists: start with --init-admin NAME (password from FERRY_ADMIN_PASSWORD or --admin-password-file) to create the first admin"
+        );
     }
     let catalog = Arc::new(Catalog::open(&state.join("catalog.sqlite"))?);
     let orphans = catalog.fail_orphans(chrono::Utc::now().timestamp())?;
     if orphans > 0 {
-        tracing::warn!(sessions = orphans, "sessions of a previous run that never ended are marked failed");
+        tracing::warn!(
+            sessions = orphans,
+            "sessions of a previous run that never ended are marked failed"
+        );
     }
     let store = ConfigStore::new(config.config_path.clone(), state.join("secrets"));
-    let doc = store
-        .load()
-        .map_err(|p| DaemonError::Config(p.detail))?;
+    let doc = store.load().map_err(|p| DaemonError::Config(p.detail))?;
     let app = Arc::new(App {
         store,
         users,
         catalog,
         backend: config.backend.clone(),
         metrics: Default::default(),
-        limits: Limits::new(doc.appliance.max_concurrent_vms, doc.appliance.per_source_vms),
+        limits: Limits::new(
+            doc.appliance.max_concurrent_vms,
+            doc.appliance.per_source_vms,
+        ),
         live: Default::default(),
         tracker: TaskTracker::new(),
         stopping: CancellationToken::new(),
@@ -317,7 +325,10 @@ pub async fn serve(
     sched_stop.cancel();
     let _ = sched.await;
     app.tracker.close();
-    if tokio::time::timeout(job_grace, app.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(job_grace, app.tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("sessions still running after the grace period: cancelling them");
         app.stopping_jobs.cancel();
         app.tracker.wait().await;

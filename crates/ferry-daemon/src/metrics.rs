@@ -45,9 +45,7 @@ impl Default for Metrics {
             bytes_uploaded: AtomicU64::new(0),
             vm_ok: AtomicU64::new(0),
             vm_failed: AtomicU64::new(0),
-            vm_seconds: Histogram::new(
-                [1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0].into_iter(),
-            ),
+            vm_seconds: Histogram::new([1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4.0 * 3600.0]),
             sessions: Default::default(),
             last_duration: Default::default(),
             repos: Default::default(),
@@ -98,7 +96,9 @@ impl Metrics {
                     },
                 );
             }
-            Err(e) => tracing::warn!(repository = name, error = %e, "cannot measure the repository"),
+            Err(e) => {
+                tracing::warn!(repository = name, error = %e, "cannot measure the repository")
+            }
         }
     }
 
@@ -136,13 +136,21 @@ impl Metrics {
         let sessions = Family::<Labels, Counter>::default();
         for ((job, st), n) in lock(&self.sessions).iter() {
             sessions
-                .get_or_create(&vec![("job".into(), job.clone()), ("status".into(), (*st).into())])
+                .get_or_create(&vec![
+                    ("job".into(), job.clone()),
+                    ("status".into(), (*st).into()),
+                ])
                 .inc_by(*n);
         }
-        reg.register("sessions", "Job sessions finished by this process", sessions);
+        reg.register(
+            "sessions",
+            "Job sessions finished by this process",
+            sessions,
+        );
         let dur = Family::<Labels, Gauge>::default();
         for (job, s) in lock(&self.last_duration).iter() {
-            dur.get_or_create(&vec![("job".into(), job.clone())]).set(*s);
+            dur.get_or_create(&vec![("job".into(), job.clone())])
+                .set(*s);
         }
         reg.register(
             "job_last_duration_seconds",
@@ -181,7 +189,11 @@ impl Metrics {
             rpo,
         );
         reg.register("vm_failures", "Failed backups of each VM (catalog)", fails);
-        reg.register("vm_restore_points", "Restore points of each VM (catalog)", points);
+        reg.register(
+            "vm_restore_points",
+            "Restore points of each VM (catalog)",
+            points,
+        );
         let rp = Family::<Labels, Gauge>::default();
         let rc = Family::<Labels, Gauge>::default();
         let rb = Family::<Labels, Gauge>::default();
@@ -191,7 +203,11 @@ impl Metrics {
             rc.get_or_create(&l).set(u.chunks as i64);
             rb.get_or_create(&l).set(u.chunk_bytes as i64);
         }
-        reg.register("repository_restore_points", "Restore points in each repository", rp);
+        reg.register(
+            "repository_restore_points",
+            "Restore points in each repository",
+            rp,
+        );
         reg.register("repository_chunks", "Chunk objects in each repository", rc);
         reg.register(
             "repository_chunk_bytes",

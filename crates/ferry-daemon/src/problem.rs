@@ -50,7 +50,10 @@ impl Problem {
 
     /// 404 for `what`.
     pub fn not_found(what: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, format!("{} does not exist", what.into()))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            format!("{} does not exist", what.into()),
+        )
     }
 
     /// 401.

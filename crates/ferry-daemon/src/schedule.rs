@@ -269,7 +269,13 @@ mod tests {
             Duration::from_secs(10),
             &cancel,
             |a, _, w| told.push((a, w)),
-            |a| async move { if a < 3 { Err(format!("fail {a}")) } else { Ok(a) } },
+            |a| async move {
+                if a < 3 {
+                    Err(format!("fail {a}"))
+                } else {
+                    Ok(a)
+                }
+            },
         )
         .await;
         assert_eq!(r.unwrap(), 3);
@@ -279,11 +285,14 @@ mod tests {
             vec![(1, Duration::from_secs(10)), (2, Duration::from_secs(20))]
         );
         // Out of retries: the last error.
-        let r: Result<(), String> =
-            with_retries(1, Duration::from_secs(1), &cancel, |_, _, _| {}, |a| async move {
-                Err(format!("fail {a}"))
-            })
-            .await;
+        let r: Result<(), String> = with_retries(
+            1,
+            Duration::from_secs(1),
+            &cancel,
+            |_, _, _| {},
+            |a| async move { Err(format!("fail {a}")) },
+        )
+        .await;
         assert_eq!(r.unwrap_err(), "fail 2");
         // Cancelled while waiting: returns at once.
         let c2 = cancel.clone();
@@ -292,11 +301,14 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             c2.cancel();
         });
-        let r: Result<(), String> =
-            with_retries(5, Duration::from_secs(100), &cancel, |_, _, _| {}, |_| async {
-                Err("x".to_string())
-            })
-            .await;
+        let r: Result<(), String> = with_retries(
+            5,
+            Duration::from_secs(100),
+            &cancel,
+            |_, _, _| {},
+            |_| async { Err("x".to_string()) },
+        )
+        .await;
         assert!(r.is_err());
         assert_eq!(t.elapsed(), Duration::from_secs(5));
     }
@@ -351,7 +363,10 @@ mod tests {
         let jobs = vec![job("nightly", "0 22 * * *", "UTC")];
         // Added at 22:05: not run for today's 22:00.
         assert!(p.due(&jobs, at(22, 5)).is_empty());
-        assert_eq!(p.next_of("nightly"), Some(at(22, 0) + chrono::Duration::days(1)));
+        assert_eq!(
+            p.next_of("nightly"),
+            Some(at(22, 0) + chrono::Duration::days(1))
+        );
         assert!(p.due(&jobs, at(23, 0)).is_empty());
         let next = at(22, 0) + chrono::Duration::days(1);
         assert_eq!(p.due(&jobs, next), vec!["nightly".to_string()]);
@@ -360,7 +375,10 @@ mod tests {
         let jobs = vec![job("nightly", "30 * * * *", "UTC")];
         let t = next + chrono::Duration::minutes(1);
         assert!(p.due(&jobs, t).is_empty());
-        assert_eq!(p.next_of("nightly"), Some(next + chrono::Duration::minutes(30)));
+        assert_eq!(
+            p.next_of("nightly"),
+            Some(next + chrono::Duration::minutes(30))
+        );
         // Removed: forgotten.
         p.due(&[], t);
         assert_eq!(p.next_of("nightly"), None);
@@ -370,7 +388,8 @@ mod tests {
     async fn the_loop_fires_on_time_in_paused_time() {
         let base = Utc.with_ymd_and_hms(2026, 3, 3, 10, 0, 30).unwrap();
         let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(base));
-        let fired: Arc<std::sync::Mutex<Vec<(String, DateTime<Utc>)>>> = Default::default();
+        type Fired = Vec<(String, DateTime<Utc>)>;
+        let fired: Arc<std::sync::Mutex<Fired>> = Default::default();
         let (f2, c2) = (fired.clone(), clock.clone());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run_scheduler(
@@ -388,8 +407,13 @@ mod tests {
         // 10:05, 10:10, 10:15, 10:20 (Kolkata is UTC+5:30: minutes still divisible by 5).
         assert_eq!(f.len(), 4, "{f:?}");
         for (i, (_, t)) in f.iter().enumerate() {
-            let want = Utc.with_ymd_and_hms(2026, 3, 3, 10, 5 * (i as u32 + 1), 0).unwrap();
-            assert!(*t >= want && *t < want + chrono::Duration::seconds(1), "{t} vs {want}");
+            let want = Utc
+                .with_ymd_and_hms(2026, 3, 3, 10, 5 * (i as u32 + 1), 0)
+                .unwrap();
+            assert!(
+                *t >= want && *t < want + chrono::Duration::seconds(1),
+                "{t} vs {want}"
+            );
         }
     }
 }

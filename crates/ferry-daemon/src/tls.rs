@@ -89,13 +89,17 @@ mod tests {
         let c = load_or_generate(d.path(), &["localhost"]).unwrap();
         assert_eq!(c.fingerprint, own.fingerprint());
         std::fs::remove_file(d.path().join("tls/key.pem")).unwrap();
-        let e = load_or_generate(d.path(), &["localhost"]).unwrap_err().to_string();
+        let e = load_or_generate(d.path(), &["localhost"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("key.pem") && e.contains("does not"), "{e}");
         // A key that does not match is named.
         let other = ferry_tls::SelfSigned::generate(&["x"]).unwrap();
         std::fs::write(d.path().join("tls/key.pem"), &other.key_pem).unwrap();
         std::fs::write(d.path().join("tls/cert.pem"), "garbage").unwrap();
-        let e = load_or_generate(d.path(), &["localhost"]).unwrap_err().to_string();
+        let e = load_or_generate(d.path(), &["localhost"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cert.pem"), "{e}");
     }
 }

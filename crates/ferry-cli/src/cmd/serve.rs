@@ -88,7 +88,11 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
         .config
         .clone()
         .unwrap_or_else(|| a.state_dir.join("ferry.toml"));
-    let mut cfg = DaemonConfig::new(a.state_dir.clone(), config_path.clone(), Arc::new(CliBackend));
+    let mut cfg = DaemonConfig::new(
+        a.state_dir.clone(),
+        config_path.clone(),
+        Arc::new(CliBackend),
+    );
     if let Some(user) = &a.init_admin {
         let pw = match &a.admin_password_file {
             Some(p) => {
@@ -133,13 +137,14 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     let s2 = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot watch SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
