@@ -760,6 +760,8 @@ async fn the_openapi_document_holds_against_the_live_service() {
             "putSource",
         ])
         .env("NO_PROXY", "127.0.0.1")
+        // Its cache of findings stays in the scratch directory, out of the source tree.
+        .current_dir(dir.path())
         .output()
         .unwrap();
     let text = format!(
