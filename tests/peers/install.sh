@@ -5,7 +5,7 @@
 #            qemu-system-x86, syslinux, syslinux-common, mtools, busybox-static, cpio (boot verification)
 #   Debian kernel: vmlinuz of linux-image-amd64's kernel package, extracted (not installed) into
 #            $FERRY_PEERS_DIR/boot/vmlinuz for the boot-verification test disk
-#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob)
+#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob, schemathesis)
 #   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite)
 #
 # FERRY_PEERS_DIR defaults to <repo>/.peers (git-ignored). Fails loudly on any error.
@@ -70,6 +70,7 @@ if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$stamp"; then
   cp "$req" "$stamp"
 fi
 [ -x "$venv/bin/moto_server" ] || die "moto_server missing from $venv"
+[ -x "$venv/bin/schemathesis" ] || die "schemathesis missing from $venv"
 
 # --- npm -------------------------------------------------------------------------------------
 node_dir=$peers/node

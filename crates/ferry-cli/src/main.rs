@@ -83,6 +83,8 @@ enum Command {
     Copy(cmd::copy::Args),
     /// Delete chunks no restore point references.
     Gc(cmd::repo::GcArgs),
+    /// Run the appliance service: HTTPS REST API, users, scheduler, sessions, catalog, metrics.
+    Serve(cmd::serve::Args),
     /// Measure this machine's CPU ceiling for backups and restores (hashing, compression,
     /// encryption; one core and all), on a sample of a disk or on generated data.
     Benchmark(cmd::benchmark::Args),
@@ -162,6 +164,7 @@ fn main() -> ExitCode {
             Command::Copy(a) => cmd::copy::run(a, &cli.global).await,
             Command::Gc(a) => cmd::repo::gc(a, &cli.global).await,
             Command::Benchmark(a) => cmd::benchmark::run(a, &cli.global).await,
+            Command::Serve(a) => cmd::serve::run(a, &cli.global).await,
         }
     });
     match result {

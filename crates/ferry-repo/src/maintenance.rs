@@ -302,6 +302,17 @@ impl Repository {
     /// drops (manifest first, so a half-finished prune leaves no half-visible restore point).
     /// Chunks are freed later by [`gc`](Self::gc).
     pub async fn prune(&self, policy: Retention, dry_run: bool) -> Result<Vec<PruneDecision>> {
+        self.prune_vms(policy, &|_| true, dry_run).await
+    }
+
+    /// Like [`prune`](Self::prune), for the VMs whose id `vm` accepts (a job's VMs); the
+    /// restore points of other VMs are neither planned nor touched.
+    pub async fn prune_vms(
+        &self,
+        policy: Retention,
+        vm: &(dyn Fn(&str) -> bool + Sync),
+        dry_run: bool,
+    ) -> Result<Vec<PruneDecision>> {
         if policy == Retention::default() {
             return Err(RepoError::Usage(
                 "no retention rule given (--keep-last/daily/weekly/monthly/yearly); refusing to remove every restore point".into(),
@@ -310,6 +321,7 @@ impl Repository {
         let ms = self.snapshots().await?;
         let rows: Vec<(String, String, i64)> = ms
             .iter()
+            .filter(|m| vm(&m.meta.vm.id))
             .map(|m| (m.id.clone(), m.meta.vm.id.clone(), m.time))
             .collect();
         let mut plan = plan_retention(&rows, policy);

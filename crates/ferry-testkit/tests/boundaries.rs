@@ -42,6 +42,19 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "ferry-tls",
         ],
     ),
+    // The appliance service knows the driver trait, the engine and the repository, never a
+    // driver (the CLI hands it one through its `Backend`).
+    (
+        "ferry-daemon",
+        &[
+            "ferry-core",
+            "ferry-tls",
+            "ferry-http",
+            "ferry-hv",
+            "ferry-repo",
+            "ferry-engine",
+        ],
+    ),
     ("ferry-cli", &["*"]),
 ];
 

@@ -12,6 +12,7 @@ pub mod image;
 pub mod nbd;
 pub mod repo;
 pub mod restore;
+pub mod serve;
 pub mod sim;
 pub mod source;
 pub mod vms;

@@ -1,7 +1,7 @@
 //! Hypervisor sources from `ferry.toml`: loading the config and connecting the right driver.
 
 use anyhow::{Context, bail};
-use ferry_hv::{FerryConfig, HypervisorDriver, SourceKind};
+use ferry_hv::{FerryConfig, HypervisorDriver, SourceConfig, SourceKind};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -21,21 +21,25 @@ impl SourceArgs {
     pub async fn connect(&self) -> anyhow::Result<Arc<dyn HypervisorDriver>> {
         let cfg = FerryConfig::load(self.config.as_deref())?;
         let src = cfg.source(&self.source)?;
-        match src.kind {
-            SourceKind::Xen => {
-                let d = ferry_hv_xen::XenDriver::connect(&self.source, src)
-                    .await
-                    .with_context(|| format!("cannot connect to source `{}`", self.source))?;
-                Ok(Arc::new(d))
-            }
-            SourceKind::Vmware | SourceKind::Hyperv => bail!(
-                "source `{}`: the {} driver is not part of this build yet (see docs/drivers.md)",
-                self.source,
-                match src.kind {
-                    SourceKind::Vmware => "VMware",
-                    _ => "Hyper-V",
-                }
-            ),
+        connect(&self.source, src).await
+    }
+}
+
+/// Logs in to the source `name` configured as `src` with the driver of its kind.
+pub async fn connect(name: &str, src: &SourceConfig) -> anyhow::Result<Arc<dyn HypervisorDriver>> {
+    match src.kind {
+        SourceKind::Xen => {
+            let d = ferry_hv_xen::XenDriver::connect(name, src)
+                .await
+                .with_context(|| format!("cannot connect to source `{name}`"))?;
+            Ok(Arc::new(d))
         }
+        SourceKind::Vmware | SourceKind::Hyperv => bail!(
+            "source `{name}`: the {} driver is not part of this build yet (see docs/drivers.md)",
+            match src.kind {
+                SourceKind::Vmware => "VMware",
+                _ => "Hyper-V",
+            }
+        ),
     }
 }

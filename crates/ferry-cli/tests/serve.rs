@@ -1,0 +1,777 @@
+//! The appliance service through the `ferry` binary: `ferry serve` on a loopback port with a
+//! temporary state directory, driven over HTTPS (pinned to the fingerprint it prints) like an
+//! administrator's script: log in, roles, add `ferry sim xen` as a source (a refused login on
+//! the test endpoint), a local repository, bad jobs refused whole, a job run twice with its
+//! retention, sessions with logs and per-VM progress, restore points, a cancel, metrics parsed
+//! as Prometheus text, a graceful SIGTERM and `--rebuild-catalog`. A second test runs
+//! schemathesis (PyPI) against the live service with the OpenAPI document it serves.
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ADMIN_PW: &str = "admin password 1";
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("RUST_LOG")
+        .env_remove("FERRY_CONFIG")
+        .env_remove("FERRY_PASSWORD");
+    c
+}
+
+fn first_line(child: &mut Child) -> Value {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+fn start_sim(dir: &Path) -> (Killed, Value) {
+    let mut child = ferry()
+        .args([
+            "sim",
+            "xen",
+            "--listen",
+            "127.0.0.1:0",
+            "--disk-mib",
+            "8",
+            "--dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let info = first_line(&mut child);
+    (Killed(child), info)
+}
+
+fn start_serve(state: &Path, extra: &[&str]) -> (Killed, Value) {
+    let mut child = ferry()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--job-grace",
+            "30",
+            "--init-admin",
+            "admin",
+            "--state-dir",
+        ])
+        .arg(state)
+        .args(extra)
+        .env("FERRY_ADMIN_PASSWORD", ADMIN_PW)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let info = first_line(&mut child);
+    (Killed(child), info)
+}
+
+/// An HTTPS client pinned to the service's certificate.
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+    text: String,
+}
+
+impl Api {
+    fn new(info: &Value) -> Self {
+        let fp = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
+        let tls = ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(fp)).unwrap();
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .no_proxy()
+            .build()
+            .unwrap();
+        Self {
+            http,
+            base: info["url"].as_str().unwrap().into(),
+            token: None,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<&str>,
+    ) -> Reply {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut r = self.http.request(m, format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        if let Some(e) = if_match {
+            r = r.header("If-Match", e);
+        }
+        let resp = r
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply {
+            status,
+            headers,
+            body,
+            text,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.call("GET", path, None, None).await
+    }
+
+    async fn ok(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<&str>,
+        want: u16,
+    ) -> Reply {
+        let r = self.call(method, path, body, if_match).await;
+        assert_eq!(r.status, want, "{method} {path}: {}", r.text);
+        r
+    }
+
+    async fn login(&mut self, user: &str, pw: &str) {
+        let r = self
+            .ok(
+                "POST",
+                "/api/login",
+                Some(json!({"username": user, "password": pw})),
+                None,
+                200,
+            )
+            .await;
+        self.token = Some(r.body["token"].as_str().unwrap().into());
+    }
+
+    /// Polls a session until it ends.
+    async fn wait_session(&self, id: &str) -> Value {
+        let t = Instant::now();
+        loop {
+            let s = self
+                .ok("GET", &format!("/api/sessions/{id}"), None, None, 200)
+                .await
+                .body;
+            if !["queued", "running", "retrying"].contains(&s["status"].as_str().unwrap()) {
+                return s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "session {id} still running: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn problem(r: &Reply, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.text);
+    assert_eq!(
+        r.headers.get("content-type").unwrap(),
+        "application/problem+json",
+        "{}",
+        r.text
+    );
+    let d = r.body["detail"].as_str().unwrap_or_default();
+    assert!(d.contains(needle), "wanted `{needle}` in: {}", r.text);
+}
+
+fn source_body(sim: &Value, password: &str) -> Value {
+    let state = Path::new(sim["dir"].as_str().unwrap()).join("../xen-state");
+    json!({
+        "state_dir": state,
+        "kind": "xen",
+        "url": sim["url"],
+        "username": sim["username"],
+        "password": password,
+        "tls_fingerprint": sim["tls_fingerprint"],
+        "transports": ["network"],
+        "proxy_vm": sim["proxy_vm"],
+        "hotadd_device_dir": sim["hotadd_device_dir"],
+        "san_paths": sim["san_paths"],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_administrator_drives_the_appliance_over_its_api() {
+    let dir = ferry_testkit::scratch_dir();
+    let (_sim, sim) = start_sim(&dir.path().join("sim"));
+    let state = dir.path().join("state");
+    let (mut serve, info) = start_serve(&state, &[]);
+    let mut api = Api::new(&info);
+    let toml_path = state.join("ferry.toml");
+    let sim_pw = sim["password"].as_str().unwrap().to_string();
+
+    // Health is public; the API needs a token; a wrong password is refused.
+    let h = api.ok("GET", "/health", None, None, 200).await;
+    assert_eq!(h.body["status"], "ok");
+    problem(&api.get("/api/sources").await, 401, "Bearer");
+    let r = api
+        .call(
+            "POST",
+            "/api/login",
+            Some(json!({"username": "admin", "password": "nope"})),
+            None,
+        )
+        .await;
+    problem(&r, 401, "wrong user name or password");
+    api.login("admin", ADMIN_PW).await;
+    assert_eq!(api.get("/api/me").await.body["role"], "admin");
+    let users = std::fs::read_to_string(state.join("users.json")).unwrap();
+    assert!(!users.contains(ADMIN_PW));
+
+    // A viewer reads but cannot change; an operator runs but cannot configure.
+    api.ok(
+        "POST",
+        "/api/users",
+        Some(json!({"name": "vic", "role": "viewer", "password": "viewer pass"})),
+        None,
+        201,
+    )
+    .await;
+    api.ok(
+        "POST",
+        "/api/users",
+        Some(json!({"name": "olga", "role": "operator", "password": "operator pass"})),
+        None,
+        201,
+    )
+    .await;
+    let mut viewer = Api::new(&info);
+    viewer.login("vic", "viewer pass").await;
+    viewer.ok("GET", "/api/sources", None, None, 200).await;
+    let r = viewer
+        .call(
+            "PUT",
+            "/api/sources/lab",
+            Some(source_body(&sim, &sim_pw)),
+            None,
+        )
+        .await;
+    problem(&r, 403, "admin role");
+    let mut operator = Api::new(&info);
+    operator.login("olga", "operator pass").await;
+    let r = operator
+        .call("PUT", "/api/jobs/x", Some(json!({})), None)
+        .await;
+    problem(&r, 403, "admin role");
+
+    // The source: its password is write-only and kept out of ferry.toml.
+    let r = api
+        .ok(
+            "PUT",
+            "/api/sources/lab",
+            Some(source_body(&sim, &sim_pw)),
+            None,
+            201,
+        )
+        .await;
+    assert_eq!(r.body["password_set"], true);
+    assert!(
+        r.body.get("password").is_none() && !r.text.contains(&sim_pw),
+        "{}",
+        r.text
+    );
+    let src_etag = r.headers["etag"].to_str().unwrap().to_string();
+    let cfg_text = std::fs::read_to_string(&toml_path).unwrap();
+    assert!(
+        !cfg_text.contains(&sim_pw) && cfg_text.contains("[sources.lab]"),
+        "{cfg_text}"
+    );
+    let r = api.ok("GET", "/api/sources/lab", None, None, 200).await;
+    assert_eq!(r.headers["etag"].to_str().unwrap(), src_etag);
+    assert!(!r.text.contains(&sim_pw));
+
+    // Test connection: the stored source logs in; a candidate with a wrong password is refused
+    // by the pool and nothing is saved.
+    let r = operator
+        .ok("POST", "/api/sources/lab/test", None, None, 200)
+        .await;
+    assert!(r.body["vms"].as_u64().unwrap() >= 2, "{}", r.text);
+    let r = operator
+        .call(
+            "POST",
+            "/api/sources/lab/test",
+            Some(source_body(&sim, "wrong password")),
+            None,
+        )
+        .await;
+    problem(&r, 422, "lab");
+    assert_eq!(r.body["field"], "connection");
+    assert_eq!(std::fs::read_to_string(&toml_path).unwrap(), cfg_text);
+    // A change without the ETag, or with a stale one, is refused.
+    problem(
+        &api.call(
+            "PUT",
+            "/api/sources/lab",
+            Some(source_body(&sim, &sim_pw)),
+            None,
+        )
+        .await,
+        428,
+        "If-Match",
+    );
+    problem(
+        &api.call(
+            "PUT",
+            "/api/sources/lab",
+            Some(source_body(&sim, &sim_pw)),
+            Some("\"stale\""),
+        )
+        .await,
+        412,
+        "changed since",
+    );
+
+    // A repository, created by the API.
+    let repo_dir = dir.path().join("repo");
+    let r = api
+        .ok(
+            "PUT",
+            "/api/repositories/local",
+            Some(json!({"url": repo_dir, "password": "repo password", "init": true})),
+            None,
+            201,
+        )
+        .await;
+    assert_eq!(r.body["password_set"], true);
+    assert!(repo_dir.join("config").exists() || std::fs::read_dir(&repo_dir).unwrap().count() > 0);
+    // Opening with the wrong password fails and is not saved.
+    let r = api
+        .call(
+            "PUT",
+            "/api/repositories/other",
+            Some(json!({"url": repo_dir, "password": "wrong"})),
+            None,
+        )
+        .await;
+    problem(&r, 422, "cannot open the repository");
+    assert!(api.get("/api/repositories/other").await.status == 404);
+
+    // Bad jobs: clear problems, nothing saved.
+    let before = std::fs::read_to_string(&toml_path).unwrap();
+    for (body, field, needle) in [
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "schedule": "0 0 30 2 *"}),
+            "schedule",
+            "never fires",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "schedule": "every night"}),
+            "schedule",
+            "every night",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "timezone": "Mars/Base"}),
+            "timezone",
+            "Mars/Base",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": "debian-web"}),
+            "job",
+            "vms",
+        ),
+        (
+            json!({"source": "nope", "repository": "local", "vms": ["x"]}),
+            "source",
+            "no source `nope`",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["x"], "retention": {}}),
+            "retention",
+            "every count 0",
+        ),
+        (
+            json!({"source": "lab", "repository": "local", "vms": ["x"], "colour": "red"}),
+            "job",
+            "colour",
+        ),
+    ] {
+        let r = api
+            .call("PUT", "/api/jobs/nightly", Some(body.clone()), None)
+            .await;
+        problem(&r, 422, needle);
+        assert_eq!(r.body["field"], field, "{body}: {}", r.text);
+    }
+    problem(
+        &api.call("PUT", "/api/jobs/nightly", None, None).await,
+        400,
+        "request body",
+    );
+    assert_eq!(std::fs::read_to_string(&toml_path).unwrap(), before);
+
+    // A good job, by pattern, with a schedule in a time zone and retention.
+    let job = json!({
+        "source": "lab", "repository": "local", "vms": ["debian-*"],
+        "schedule": "0 22 * * *", "timezone": "Europe/Berlin",
+        "retention": {"last": 1}, "retries": 1, "retry_delay_seconds": 1
+    });
+    let r = api
+        .ok("PUT", "/api/jobs/nightly", Some(job.clone()), None, 201)
+        .await;
+    assert!(
+        r.body["next_run"].as_str().unwrap().contains("T2"),
+        "{}",
+        r.text
+    );
+    let etag = r.headers["etag"].to_str().unwrap().to_string();
+    problem(
+        &api.call("DELETE", "/api/sources/lab", None, Some(&src_etag))
+            .await,
+        409,
+        "nightly",
+    );
+
+    // Run it by hand twice: each a session with a log, per-VM progress and a restore point;
+    // retention keeps one.
+    let mut points = Vec::new();
+    for round in 0..2 {
+        let r = operator
+            .ok("POST", "/api/jobs/nightly/run", None, None, 202)
+            .await;
+        let id = r.body["session"].as_str().unwrap().to_string();
+        let s = api.wait_session(&id).await;
+        assert_eq!(s["status"], "success", "round {round}: {s}");
+        let vms = s["vms"].as_array().unwrap();
+        assert_eq!(vms.len(), 1, "{s}");
+        assert_eq!(vms[0]["vm_name"], "debian-web");
+        assert_eq!(vms[0]["done"], vms[0]["total"], "{s}");
+        assert!(vms[0]["total"].as_u64().unwrap() > 0);
+        assert!(!vms[0]["disks"].as_array().unwrap().is_empty(), "{s}");
+        points.push(vms[0]["restore_point"].as_str().unwrap().to_string());
+        assert_eq!(s["pruned"], round, "{s}");
+        let log = api
+            .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
+            .await
+            .body;
+        let lines: Vec<&str> = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap())
+            .collect();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("restore point") && l.contains("written")),
+            "{lines:?}"
+        );
+        let after = api
+            .ok(
+                "GET",
+                &format!("/api/sessions/{id}/log?after=1"),
+                None,
+                None,
+                200,
+            )
+            .await
+            .body;
+        assert_eq!(after.as_array().unwrap().len(), lines.len() - 1);
+    }
+    let rps = api
+        .ok(
+            "GET",
+            "/api/repositories/local/restore-points",
+            None,
+            None,
+            200,
+        )
+        .await
+        .body;
+    let ids: Vec<&str> = rps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![points[1].as_str()],
+        "retention keeps the newest only"
+    );
+    let sessions = api.ok("GET", "/api/sessions", None, None, 200).await.body;
+    assert_eq!(sessions.as_array().unwrap().len(), 2);
+    let hist = api
+        .ok("GET", "/api/vms/debian-web/history", None, None, 200)
+        .await
+        .body;
+    assert_eq!(hist[0]["restore_point"], points[1].as_str());
+
+    // Cancel: a run cancelled at once ends cancelled and adds no restore point.
+    let r = operator
+        .ok("POST", "/api/jobs/nightly/run", None, None, 202)
+        .await;
+    let id = r.body["session"].as_str().unwrap().to_string();
+    problem(
+        &operator
+            .call("POST", "/api/jobs/nightly/run", None, None)
+            .await,
+        409,
+        "already running",
+    );
+    operator
+        .ok(
+            "POST",
+            &format!("/api/sessions/{id}/cancel"),
+            None,
+            None,
+            202,
+        )
+        .await;
+    let s = api.wait_session(&id).await;
+    assert_eq!(s["status"], "cancelled", "{s}");
+    let rps2 = api
+        .ok(
+            "GET",
+            "/api/repositories/local/restore-points",
+            None,
+            None,
+            200,
+        )
+        .await
+        .body;
+    assert_eq!(rps2.as_array().unwrap().len(), 1, "{rps2}");
+    problem(
+        &operator
+            .call("POST", &format!("/api/sessions/{id}/cancel"), None, None)
+            .await,
+        409,
+        "ended",
+    );
+
+    // Metrics, parsed as Prometheus text.
+    let m = api.get("/metrics").await;
+    assert_eq!(m.status, 200);
+    let lines = m.text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+    let value = |name: &str, label: Option<(&str, &str)>| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .unwrap_or_else(|| panic!("no {name} {label:?} in:\n{}", m.text));
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name}: {:?}", s.value),
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = value(
+        "ferry_vm_last_success_timestamp_seconds",
+        Some(("vm", "debian-web")),
+    );
+    assert!(now - last < 600.0 && last <= now, "{last} vs {now}");
+    let rpo = value("ferry_vm_rpo_age_seconds", Some(("vm", "debian-web")));
+    assert!((0.0..600.0).contains(&rpo), "{rpo}");
+    assert!(value("ferry_bytes_read_total", None) > 0.0);
+    assert!(value("ferry_bytes_uploaded_total", None) > 0.0);
+    assert_eq!(
+        value(
+            "ferry_repository_restore_points",
+            Some(("repository", "local"))
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            "ferry_repository_chunk_bytes",
+            Some(("repository", "local"))
+        ) > 0.0
+    );
+    assert_eq!(
+        value("ferry_vm_backups_total", Some(("result", "success"))),
+        2.0
+    );
+    assert_eq!(
+        value("ferry_sessions_total", Some(("status", "cancelled"))),
+        1.0
+    );
+
+    // Jobs change only with their ETag; delete needs it too.
+    let mut j2 = job.clone();
+    j2["retention"] = json!({"last": 3});
+    let r = api
+        .ok("PUT", "/api/jobs/nightly", Some(j2), Some(&etag), 200)
+        .await;
+    let etag2 = r.headers["etag"].to_str().unwrap().to_string();
+    assert_ne!(etag, etag2);
+    problem(
+        &api.call("DELETE", "/api/jobs/nightly", None, Some(&etag))
+            .await,
+        412,
+        "changed since",
+    );
+
+    // SIGTERM: a clean stop.
+    let pid = nix::unistd::Pid::from_raw(serve.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = serve.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "ferry serve did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+
+    // The catalog is an index: rebuilt from the repository it shows the restore point.
+    std::fs::remove_file(state.join("catalog.sqlite")).unwrap();
+    for f in ["catalog.sqlite-wal", "catalog.sqlite-shm"] {
+        let _ = std::fs::remove_file(state.join(f));
+    }
+    let (_serve2, info2) = start_serve(&state, &["--rebuild-catalog"]);
+    let mut api2 = Api::new(&info2);
+    assert_eq!(
+        info2["tls_fingerprint"], info["tls_fingerprint"],
+        "the certificate is kept"
+    );
+    api2.login("admin", ADMIN_PW).await;
+    let vms = api2.ok("GET", "/api/vms", None, None, 200).await.body;
+    let v = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vm_name"] == "debian-web")
+        .unwrap_or_else(|| panic!("{vms}"));
+    assert_eq!(v["restore_points"], 1, "{vms}");
+    assert!(v["rpo_age_seconds"].as_i64().unwrap() < 600);
+    // Sessions of the first run are history, not in the repository: gone with the catalog.
+    assert_eq!(
+        api2.get("/api/sessions")
+            .await
+            .body
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_holds_against_the_live_service() {
+    let st = ferry_testkit::peers_dir().join("venv/bin/schemathesis");
+    assert!(
+        st.exists(),
+        "peer `schemathesis` not found at {}: run tests/peers/install.sh",
+        st.display()
+    );
+    let dir = ferry_testkit::scratch_dir();
+    let state = dir.path().join("state");
+    let (_serve, info) = start_serve(&state, &[]);
+    let mut api = Api::new(&info);
+    api.login("admin", ADMIN_PW).await;
+    // Something to read: a repository and a job (its source never answers: no job is run).
+    let repo_dir = dir.path().join("repo");
+    api.ok(
+        "PUT",
+        "/api/repositories/local",
+        Some(json!({"url": repo_dir, "password": "repo password", "init": true})),
+        None,
+        201,
+    )
+    .await;
+    api.ok("PUT", "/api/sources/lab", Some(json!({"kind": "xen", "url": "https://127.0.0.1:9", "username": "root", "password": "x", "tls_insecure": true})), None, 201).await;
+    api.ok(
+        "PUT",
+        "/api/jobs/j",
+        Some(
+            json!({"source": "lab", "repository": "local", "vms": ["*"], "schedule": "0 3 * * *"}),
+        ),
+        None,
+        201,
+    )
+    .await;
+    let token = api.token.clone().unwrap();
+    let url = format!("{}/api/openapi.json", info["url"].as_str().unwrap());
+    let out = Command::new(&st)
+        .args([
+            "run",
+            &url,
+            "--tls-verify",
+            "false",
+            "--max-examples",
+            "25",
+            "--checks",
+            "all",
+            "--workers",
+            "1",
+        ])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        // Schema-valid jobs naming sources that do not exist are rightly refused (422): the
+        // service validates references and cron expressions beyond what a schema can say.
+        .args(["--exclude-checks", "positive_data_acceptance"])
+        // Operations that reach out (log in to a source, create directories, run jobs) or end
+        // the test's own session are left out: generated data must not make the service
+        // connect anywhere or revoke the token.
+        .args([
+            "--exclude-operation-id",
+            "testSource",
+            "--exclude-operation-id",
+            "sourceVms",
+            "--exclude-operation-id",
+            "putRepository",
+            "--exclude-operation-id",
+            "runJob",
+            "--exclude-operation-id",
+            "logout",
+            "--exclude-operation-id",
+            "deleteToken",
+            "--exclude-operation-id",
+            "deleteUser",
+            "--exclude-operation-id",
+            "putSource",
+        ])
+        .env("NO_PROXY", "127.0.0.1")
+        // Its cache of findings stays in the scratch directory, out of the source tree.
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    // It really ran operations.
+    assert!(text.contains("passed") || text.contains("Passed"), "{text}");
+    // The service is still healthy and its configuration parses.
+    api.ok("GET", "/health", None, None, 200).await;
+}

@@ -1,0 +1,419 @@
+//! Time-based logic: the scheduler loop, retries with backoff, and concurrency limits.
+//!
+//! Time comes from a [`Clock`] and every wait is a `tokio::time` sleep, so tests run them on
+//! tokio's paused clock ([`TokioClock`]) in microseconds of real time.
+
+use crate::config::Schedule;
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Wall-clock time.
+pub trait Clock: Send + Sync + 'static {
+    /// Now.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that starts at `base` and advances with `tokio::time` (paused in tests).
+#[derive(Debug, Clone)]
+pub struct TokioClock {
+    base: DateTime<Utc>,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// Starting now at `base`.
+    pub fn new(base: DateTime<Utc>) -> Self {
+        Self {
+            base,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> DateTime<Utc> {
+        let d = self.start.elapsed();
+        self.base + chrono::Duration::from_std(d).unwrap_or_default()
+    }
+}
+
+/// The wait before retry number `attempt` (1-based): `base`, then doubling, at most an hour.
+pub fn retry_delay(base: Duration, attempt: u32) -> Duration {
+    let factor = 1u32 << attempt.saturating_sub(1).min(16);
+    base.saturating_mul(factor).min(Duration::from_secs(3600))
+}
+
+/// Runs `f` until it succeeds, at most `1 + retries` times, waiting [`retry_delay`] between
+/// attempts; `on_retry(attempt, error, wait)` is told before each wait. Cancelling ends the
+/// wait (the last error is returned). `f` gets the attempt number (1-based).
+pub async fn with_retries<T, E, F, Fut>(
+    retries: u32,
+    base: Duration,
+    cancel: &CancellationToken,
+    mut on_retry: impl FnMut(u32, &E, Duration),
+    mut f: F,
+) -> Result<T, E>
+where
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f(attempt).await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt > retries || cancel.is_cancelled() => return Err(e),
+            Err(e) => {
+                let wait = retry_delay(base, attempt);
+                on_retry(attempt, &e, wait);
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(e),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Concurrency limits: VMs at once on this appliance and per source.
+#[derive(Debug)]
+pub struct Limits {
+    appliance: Arc<Semaphore>,
+    per_source: usize,
+    sources: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// Held while a VM is being backed up.
+#[derive(Debug)]
+pub struct Slot {
+    _appliance: OwnedSemaphorePermit,
+    _source: OwnedSemaphorePermit,
+}
+
+impl Limits {
+    /// `appliance` VMs at once in all, `per_source` from one source.
+    pub fn new(appliance: usize, per_source: usize) -> Self {
+        Self {
+            appliance: Arc::new(Semaphore::new(appliance.max(1))),
+            per_source: per_source.max(1),
+            sources: Default::default(),
+        }
+    }
+
+    /// Waits for a slot for a VM of `source`; `None` when cancelled first.
+    pub async fn acquire(&self, source: &str, cancel: &CancellationToken) -> Option<Slot> {
+        let src = self
+            .sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(source.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_source)))
+            .clone();
+        // The source's slot first: a VM waiting for a busy source holds no appliance slot.
+        let s = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            p = src.acquire_owned() => p.ok()?,
+        };
+        let a = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            p = self.appliance.clone().acquire_owned() => p.ok()?,
+        };
+        Some(Slot {
+            _appliance: a,
+            _source: s,
+        })
+    }
+}
+
+/// A job as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct Scheduled {
+    /// Job name.
+    pub name: String,
+    /// Its schedule (cron + zone); the key says when it changed.
+    pub schedule: Schedule,
+    /// Identifies the schedule's text, to notice edits.
+    pub key: String,
+}
+
+/// Which jobs are due: keeps each job's next firing, fires those at or before `now` and moves
+/// them on. A job new to the scheduler (or whose schedule changed) first fires at its next
+/// time after `now`: a schedule set at 22:05 for 22:00 waits until tomorrow.
+#[derive(Debug, Default)]
+pub struct Planner {
+    next: HashMap<String, (String, DateTime<Utc>)>,
+}
+
+impl Planner {
+    /// The jobs due at `now`, given the current list.
+    pub fn due(&mut self, jobs: &[Scheduled], now: DateTime<Utc>) -> Vec<String> {
+        self.next.retain(|k, _| jobs.iter().any(|j| &j.name == k));
+        let mut out = Vec::new();
+        for j in jobs {
+            let e = self.next.get(&j.name);
+            if e.is_none_or(|(k, _)| *k != j.key) {
+                if let Some(t) = j.schedule.next_after(now) {
+                    self.next.insert(j.name.clone(), (j.key.clone(), t));
+                }
+                continue;
+            }
+            if let Some((_, t)) = e
+                && *t <= now
+            {
+                out.push(j.name.clone());
+                // Missed firings (the appliance was busy or asleep) collapse into one run.
+                match j.schedule.next_after(now) {
+                    Some(n) => {
+                        self.next.insert(j.name.clone(), (j.key.clone(), n));
+                    }
+                    None => {
+                        self.next.remove(&j.name);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The earliest next firing.
+    pub fn earliest(&self) -> Option<DateTime<Utc>> {
+        self.next.values().map(|(_, t)| *t).min()
+    }
+
+    /// The next firing of `job`.
+    pub fn next_of(&self, job: &str) -> Option<DateTime<Utc>> {
+        self.next.get(job).map(|(_, t)| *t)
+    }
+}
+
+/// The scheduler loop: every wake-up (at the earliest next firing, at most every 30 s, or when
+/// `wake` is notified after a configuration change) it asks `jobs` for the list and calls
+/// `fire` for each due job, until `shutdown`.
+pub async fn run_scheduler(
+    clock: Arc<dyn Clock>,
+    jobs: impl Fn() -> Vec<Scheduled>,
+    fire: impl Fn(&str),
+    planner: Arc<std::sync::Mutex<Planner>>,
+    wake: Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let now = clock.now();
+        let list = jobs();
+        let (due, earliest) = {
+            let mut p = planner.lock().unwrap_or_else(|p| p.into_inner());
+            let due = p.due(&list, now);
+            (due, p.earliest())
+        };
+        for j in due {
+            fire(&j);
+        }
+        let mut wait = Duration::from_secs(30);
+        if let Some(t) = earliest {
+            let until = (t - now).to_std().unwrap_or_default();
+            wait = wait.min(until.max(Duration::from_millis(10)));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn job(name: &str, expr: &str, tz: &str) -> Scheduled {
+        Scheduled {
+            name: name.into(),
+            schedule: Schedule::parse(expr, Some(tz)).unwrap(),
+            key: format!("{expr}@{tz}"),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let b = Duration::from_secs(60);
+        assert_eq!(retry_delay(b, 1), b);
+        assert_eq!(retry_delay(b, 2), b * 2);
+        assert_eq!(retry_delay(b, 3), b * 4);
+        assert_eq!(retry_delay(b, 30), Duration::from_secs(3600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_wait_with_backoff_and_stop_on_cancel() {
+        let start = tokio::time::Instant::now();
+        let cancel = CancellationToken::new();
+        let mut told = Vec::new();
+        let r: Result<u32, String> = with_retries(
+            3,
+            Duration::from_secs(10),
+            &cancel,
+            |a, _, w| told.push((a, w)),
+            |a| async move {
+                if a < 3 {
+                    Err(format!("fail {a}"))
+                } else {
+                    Ok(a)
+                }
+            },
+        )
+        .await;
+        assert_eq!(r.unwrap(), 3);
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        assert_eq!(
+            told,
+            vec![(1, Duration::from_secs(10)), (2, Duration::from_secs(20))]
+        );
+        // Out of retries: the last error.
+        let r: Result<(), String> = with_retries(
+            1,
+            Duration::from_secs(1),
+            &cancel,
+            |_, _, _| {},
+            |a| async move { Err(format!("fail {a}")) },
+        )
+        .await;
+        assert_eq!(r.unwrap_err(), "fail 2");
+        // Cancelled while waiting: returns at once.
+        let c2 = cancel.clone();
+        let t = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            c2.cancel();
+        });
+        let r: Result<(), String> = with_retries(
+            5,
+            Duration::from_secs(100),
+            &cancel,
+            |_, _, _| {},
+            |_| async { Err("x".to_string()) },
+        )
+        .await;
+        assert!(r.is_err());
+        assert_eq!(t.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limits_hold_per_source_and_per_appliance() {
+        let limits = Arc::new(Limits::new(3, 2));
+        let cancel = CancellationToken::new();
+        let running: Arc<std::sync::Mutex<HashMap<String, usize>>> = Default::default();
+        let max_total = Arc::new(AtomicUsize::new(0));
+        let max_src = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let src = if i % 3 == 0 { "a" } else { "b" }.to_string();
+            let (l, c, r, mt, ms) = (
+                limits.clone(),
+                cancel.clone(),
+                running.clone(),
+                max_total.clone(),
+                max_src.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let _slot = l.acquire(&src, &c).await.unwrap();
+                {
+                    let mut m = r.lock().unwrap();
+                    *m.entry(src.clone()).or_default() += 1;
+                    mt.fetch_max(m.values().sum(), Ordering::SeqCst);
+                    ms.fetch_max(m[&src], Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                *r.lock().unwrap().get_mut(&src).unwrap() -= 1;
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(max_src.load(Ordering::SeqCst), 2);
+        assert_eq!(max_total.load(Ordering::SeqCst), 3);
+        // A waiter gives up when cancelled.
+        let l = Limits::new(1, 1);
+        let held = l.acquire("a", &cancel).await.unwrap();
+        let c = CancellationToken::new();
+        c.cancel();
+        assert!(l.acquire("a", &c).await.is_none());
+        drop(held);
+    }
+
+    #[test]
+    fn planner_fires_once_per_time_and_notices_edits() {
+        let mut p = Planner::default();
+        let at = |h, m| Utc.with_ymd_and_hms(2026, 3, 3, h, m, 0).unwrap();
+        let jobs = vec![job("nightly", "0 22 * * *", "UTC")];
+        // Added at 22:05: not run for today's 22:00.
+        assert!(p.due(&jobs, at(22, 5)).is_empty());
+        assert_eq!(
+            p.next_of("nightly"),
+            Some(at(22, 0) + chrono::Duration::days(1))
+        );
+        assert!(p.due(&jobs, at(23, 0)).is_empty());
+        let next = at(22, 0) + chrono::Duration::days(1);
+        assert_eq!(p.due(&jobs, next), vec!["nightly".to_string()]);
+        assert!(p.due(&jobs, next + chrono::Duration::minutes(1)).is_empty());
+        // Edited: re-planned from now.
+        let jobs = vec![job("nightly", "30 * * * *", "UTC")];
+        let t = next + chrono::Duration::minutes(1);
+        assert!(p.due(&jobs, t).is_empty());
+        assert_eq!(
+            p.next_of("nightly"),
+            Some(next + chrono::Duration::minutes(30))
+        );
+        // Removed: forgotten.
+        p.due(&[], t);
+        assert_eq!(p.next_of("nightly"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_fires_on_time_in_paused_time() {
+        let base = Utc.with_ymd_and_hms(2026, 3, 3, 10, 0, 30).unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(TokioClock::new(base));
+        type Fired = Vec<(String, DateTime<Utc>)>;
+        let fired: Arc<std::sync::Mutex<Fired>> = Default::default();
+        let (f2, c2) = (fired.clone(), clock.clone());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run_scheduler(
+            clock.clone(),
+            || vec![job("every5", "*/5 * * * *", "Asia/Kolkata")],
+            move |j| f2.lock().unwrap().push((j.to_string(), c2.now())),
+            Default::default(),
+            Default::default(),
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(21 * 60)).await;
+        shutdown.cancel();
+        task.await.unwrap();
+        let f = fired.lock().unwrap();
+        // 10:05, 10:10, 10:15, 10:20 (Kolkata is UTC+5:30: minutes still divisible by 5).
+        assert_eq!(f.len(), 4, "{f:?}");
+        for (i, (_, t)) in f.iter().enumerate() {
+            let want = Utc
+                .with_ymd_and_hms(2026, 3, 3, 10, 5 * (i as u32 + 1), 0)
+                .unwrap();
+            assert!(
+                *t >= want && *t < want + chrono::Duration::seconds(1),
+                "{t} vs {want}"
+            );
+        }
+    }
+}
