@@ -274,7 +274,7 @@ impl Volume {
                         continue;
                     }
                     let f = e.to_file(ntfs, &mut *io).map_err(|e| ntfs_err(&what, e))?;
-                    v.push(ntfs_entry(name, &f, &mut *io, &what)?);
+                    v.push(ntfs_entry(name, &f, &mut io, &what)?);
                 }
                 v
             }

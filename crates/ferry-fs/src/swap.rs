@@ -132,10 +132,11 @@ fn exclusions_in(vol: &Slice, swap_type: bool, label: &str) -> Result<Vec<Exclus
     if header.is_some() || swap_type {
         // A swap-typed partition without a signature (encrypted swap) is swap all the same.
         let keep = header.unwrap_or(4096).min(vol.len());
+        let area = vol.start() + keep..vol.start() + vol.len();
         return Ok(vec![Exclusion {
             kind: ExclusionKind::SwapPartition,
             what: label.to_string(),
-            ranges: vec![vol.start() + keep..vol.start() + vol.len()],
+            ranges: vec![area],
         }]);
     }
     let mut out = Vec::new();

@@ -136,7 +136,7 @@ async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
                     v.number,
                     v.start,
                     human_bytes(v.size),
-                    if v.type_name.is_empty() { "-" } else { &v.type_name },
+                    if v.type_name.is_empty() { "-" } else { v.type_name.as_str() },
                     v.fs.map_or_else(|| "-".to_string(), |f| f.to_string()),
                     if v.fs.is_none() { v.found.clone() } else { v.name.clone() },
                 )?;
