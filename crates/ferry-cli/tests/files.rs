@@ -120,7 +120,7 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
 
     // Partition listings.
     let text = stdout(&ferry_ok(&["files", "ls", "--repo", repo, &snap, "--disk", "gpt"]));
-    assert!(text.contains("Gpt partition table"), "{text}");
+    assert!(text.contains("GPT partition table"), "{text}");
     for want in ["Linux filesystem", "ext4", "Linux swap", "Microsoft basic data", "ntfs"] {
         assert!(text.contains(want), "`{want}` missing:\n{text}");
     }
@@ -197,7 +197,7 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
     ];
     for (disk, part, files) in cases {
         for (path, orig) in *files {
-            let got = get_bytes(repo, &snap, disk, Some(part), path);
+            let got = get_bytes(repo, &snap, disk, Some(*part), path);
             let want = std::fs::read(src.join(orig)).unwrap();
             assert!(got == want, "{disk} partition {part} {path}: {} bytes, want {}", got.len(), want.len());
         }

@@ -20,7 +20,11 @@ pub const LABEL_OFF: &str = "ferry.exclude-swap";
 /// What to exclude from `source`. Detection problems are logged and exclude nothing: a backup
 /// never fails or loses data because a partition could not be understood.
 pub async fn detect(disk: &str, source: &Arc<dyn BlockSource>) -> Vec<Exclusion> {
-    let reader = BlockReader::new(source.clone(), tokio::runtime::Handle::current());
+    let reader = BlockReader::with_window(
+        source.clone(),
+        tokio::runtime::Handle::current(),
+        ferry_fs::reader::PROBE_WINDOW,
+    );
     let size = source.size();
     let r = tokio::task::spawn_blocking(move || ferry_fs::find_exclusions(Arc::new(reader))).await;
     let found = match r {

@@ -50,11 +50,14 @@ impl ReadAt for MemDisk {
 
 const WINDOW: u64 = 1 << 20;
 const WINDOWS_CACHED: usize = 32;
+/// Window for probing (swap detection at backup): the source is read as little as possible.
+pub const PROBE_WINDOW: u64 = 64 << 10;
 
 /// A [`BlockSource`] read synchronously, with a cache of recently read 1 MiB windows.
 pub struct BlockReader {
     src: Arc<dyn BlockSource>,
     rt: tokio::runtime::Handle,
+    window: u64,
     cache: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
 }
 
@@ -67,9 +70,15 @@ impl std::fmt::Debug for BlockReader {
 impl BlockReader {
     /// Reads `src` by blocking on `rt` (call its methods outside that runtime's worker threads).
     pub fn new(src: Arc<dyn BlockSource>, rt: tokio::runtime::Handle) -> Self {
+        Self::with_window(src, rt, WINDOW)
+    }
+
+    /// As [`new`](Self::new) with cache windows of `window` bytes (a power of two).
+    pub fn with_window(src: Arc<dyn BlockSource>, rt: tokio::runtime::Handle, window: u64) -> Self {
         Self {
             src,
             rt,
+            window: window.max(4096),
             cache: Mutex::new(VecDeque::new()),
         }
     }
@@ -83,7 +92,7 @@ impl BlockReader {
             })
     }
 
-    fn window(&self, w: u64) -> Result<Arc<Vec<u8>>> {
+    fn cached(&self, w: u64) -> Result<Arc<Vec<u8>>> {
         let mut cache = self.cache.lock().expect("cache lock");
         if let Some(i) = cache.iter().position(|(k, _)| *k == w) {
             let hit = cache.remove(i).expect("present");
@@ -92,8 +101,8 @@ impl BlockReader {
             return Ok(data);
         }
         drop(cache);
-        let start = w * WINDOW;
-        let len = WINDOW.min(self.src.size() - start) as usize;
+        let start = w * self.window;
+        let len = self.window.min(self.src.size() - start) as usize;
         let mut v = vec![0; len];
         self.direct(start, &mut v)?;
         let data = Arc::new(v);
@@ -117,15 +126,15 @@ impl ReadAt for BlockReader {
                 ),
             ));
         }
-        if buf.len() as u64 >= WINDOW {
+        if buf.len() as u64 >= self.window {
             return self.direct(offset, buf);
         }
         let mut pos = offset;
         let mut done = 0;
         while done < buf.len() {
-            let w = pos / WINDOW;
-            let data = self.window(w)?;
-            let at = (pos - w * WINDOW) as usize;
+            let w = pos / self.window;
+            let data = self.cached(w)?;
+            let at = (pos - w * self.window) as usize;
             let n = (data.len() - at).min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&data[at..at + n]);
             done += n;

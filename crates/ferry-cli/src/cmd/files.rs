@@ -127,7 +127,12 @@ async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
                 writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
                 return Ok(());
             }
-            writeln!(out, "{label}: {:?} partition table", disk.table().scheme)?;
+            let scheme = match disk.table().scheme {
+                ferry_fs::Scheme::Gpt => "GPT partition table",
+                ferry_fs::Scheme::Mbr => "MBR partition table",
+                ferry_fs::Scheme::None => "no partition table",
+            };
+            writeln!(out, "{label}: {scheme}")?;
             writeln!(out, "{:>3} {:>14} {:>10}  {:<22} {:<6} name", "#", "start", "size", "type", "fs")?;
             for v in vols {
                 writeln!(
