@@ -37,7 +37,10 @@ fn ferry_err(args: &[&str], want: &str) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "ferry {args:?} should fail");
     assert!(!err.contains("panicked"), "ferry {args:?} panicked:\n{err}");
-    assert!(err.contains(want), "ferry {args:?}: stderr lacks `{want}`:\n{err}");
+    assert!(
+        err.contains(want),
+        "ferry {args:?}: stderr lacks `{want}`:\n{err}"
+    );
     err
 }
 
@@ -78,7 +81,11 @@ fn layout(disks: &Path, name: &str) -> (u64, u64) {
         .lines()
         .find(|l| l.starts_with(&format!("{name} ")))
         .unwrap();
-    let f: Vec<u64> = l.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect();
+    let f: Vec<u64> = l
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
     (f[0], f[1])
 }
 
@@ -92,7 +99,9 @@ fn backup_json(repo: &str, vm: &str, disks: &[String], extra: &[&str]) -> Value 
 }
 
 fn get_bytes(repo: &str, snap: &str, disk: &str, part: Option<&str>, path: &str) -> Vec<u8> {
-    let mut args = vec!["files", "get", "--repo", repo, snap, "--disk", disk, path, "--out", "-"];
+    let mut args = vec![
+        "files", "get", "--repo", repo, snap, "--disk", disk, path, "--out", "-",
+    ];
     if let Some(p) = part {
         args.extend(["--partition", p]);
     }
@@ -119,9 +128,17 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
     let snap = report["snapshot"].as_str().unwrap().to_string();
 
     // Partition listings.
-    let text = stdout(&ferry_ok(&["files", "ls", "--repo", repo, &snap, "--disk", "gpt"]));
+    let text = stdout(&ferry_ok(&[
+        "files", "ls", "--repo", repo, &snap, "--disk", "gpt",
+    ]));
     assert!(text.contains("GPT partition table"), "{text}");
-    for want in ["Linux filesystem", "ext4", "Linux swap", "Microsoft basic data", "ntfs"] {
+    for want in [
+        "Linux filesystem",
+        "ext4",
+        "Linux swap",
+        "Microsoft basic data",
+        "ntfs",
+    ] {
         assert!(text.contains(want), "`{want}` missing:\n{text}");
     }
     let j: Value = serde_json::from_str(&stdout(&ferry_ok(&[
@@ -130,19 +147,34 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
     .unwrap();
     assert_eq!(j["scheme"], "mbr");
     let parts = j["partitions"].as_array().unwrap();
-    let nums: Vec<u64> = parts.iter().map(|p| p["number"].as_u64().unwrap()).collect();
+    let nums: Vec<u64> = parts
+        .iter()
+        .map(|p| p["number"].as_u64().unwrap())
+        .collect();
     assert_eq!(nums, [1, 2, 5], "{j}");
     assert_eq!(parts[0]["fs"], "ntfs");
     assert_eq!(parts[2]["fs"], "ext4");
     assert_eq!(parts[2]["start"], layout(&disks, "mbr-ext4").0);
 
     // Directory listings: the default volume is the first readable one (ext4 on the GPT disk).
-    let root = stdout(&ferry_ok(&["files", "ls", "--repo", repo, &snap, "--disk", "gpt", "/"]));
+    let root = stdout(&ferry_ok(&[
+        "files", "ls", "--repo", repo, &snap, "--disk", "gpt", "/",
+    ]));
     for want in ["big.bin", "sub/", "swapfile", "hello.txt", "etc/"] {
         assert!(root.contains(want), "`{want}` missing:\n{root}");
     }
     let ntfs_root: Value = serde_json::from_str(&stdout(&ferry_ok(&[
-        "files", "ls", "--repo", repo, &snap, "--disk", "gpt", "--partition", "3", "--json", "/",
+        "files",
+        "ls",
+        "--repo",
+        repo,
+        &snap,
+        "--disk",
+        "gpt",
+        "--partition",
+        "3",
+        "--json",
+        "/",
     ])))
     .unwrap();
     let big = ntfs_root
@@ -158,9 +190,16 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
         .unwrap()
         .as_secs() as i64;
     let mtime = big["mtime_unix"].as_i64().unwrap();
-    assert!((now - 3600..=now + 60).contains(&mtime), "mtime {mtime}, now {now}");
     assert!(
-        !ntfs_root.as_array().unwrap().iter().any(|e| e["name"] == "$MFT"),
+        (now - 3600..=now + 60).contains(&mtime),
+        "mtime {mtime}, now {now}"
+    );
+    assert!(
+        !ntfs_root
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "$MFT"),
         "metadata files are hidden: {ntfs_root}"
     );
 
@@ -188,7 +227,11 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
                 ("/empty", "empty"),
             ],
         ),
-        ("mbr", "1", &[("/big.bin", "big.bin"), ("/sparse.bin", "sparse.bin")]),
+        (
+            "mbr",
+            "1",
+            &[("/big.bin", "big.bin"), ("/sparse.bin", "sparse.bin")],
+        ),
         (
             "mbr",
             "5",
@@ -199,20 +242,44 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
         for (path, orig) in *files {
             let got = get_bytes(repo, &snap, disk, Some(*part), path);
             let want = std::fs::read(src.join(orig)).unwrap();
-            assert!(got == want, "{disk} partition {part} {path}: {} bytes, want {}", got.len(), want.len());
+            assert!(
+                got == want,
+                "{disk} partition {part} {path}: {} bytes, want {}",
+                got.len(),
+                want.len()
+            );
         }
     }
 
     // A file to a named output, a directory recursively.
     let out = dir.path().join("big-copy");
     ferry_ok(&[
-        "files", "get", "--repo", repo, &snap, "--disk", "mbr", "--partition", "5", "/big.bin",
-        "--out", out.to_str().unwrap(),
+        "files",
+        "get",
+        "--repo",
+        repo,
+        &snap,
+        "--disk",
+        "mbr",
+        "--partition",
+        "5",
+        "/big.bin",
+        "--out",
+        out.to_str().unwrap(),
     ]);
     assert!(std::fs::read(&out).unwrap() == std::fs::read(src.join("big.bin")).unwrap());
     let tree = dir.path().join("tree");
     ferry_ok(&[
-        "files", "get", "--repo", repo, &snap, "--disk", "gpt", "/sub", "--out", tree.to_str().unwrap(),
+        "files",
+        "get",
+        "--repo",
+        repo,
+        &snap,
+        "--disk",
+        "gpt",
+        "/sub",
+        "--out",
+        tree.to_str().unwrap(),
     ]);
     for f in ["note.txt", "deeper/nested.bin"] {
         assert!(
@@ -221,26 +288,79 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
         );
     }
     ferry_err(
-        &["files", "get", "--repo", repo, &snap, "--disk", "gpt", "/sub", "--out", tree.to_str().unwrap()],
+        &[
+            "files",
+            "get",
+            "--repo",
+            repo,
+            &snap,
+            "--disk",
+            "gpt",
+            "/sub",
+            "--out",
+            tree.to_str().unwrap(),
+        ],
         "exists already",
     );
 
     // Clear errors, never a panic.
-    ferry_err(&["files", "ls", "--repo", repo, &snap, "--disk", "gpt", "/nope"], "no such file");
     ferry_err(
-        &["files", "get", "--repo", repo, &snap, "--disk", "gpt", "--partition", "3", "/nope.txt", "--out", "-"],
+        &[
+            "files", "ls", "--repo", repo, &snap, "--disk", "gpt", "/nope",
+        ],
         "no such file",
     );
     ferry_err(
-        &["files", "ls", "--repo", repo, &snap, "--disk", "gpt", "--partition", "2", "/"],
+        &[
+            "files",
+            "get",
+            "--repo",
+            repo,
+            &snap,
+            "--disk",
+            "gpt",
+            "--partition",
+            "3",
+            "/nope.txt",
+            "--out",
+            "-",
+        ],
+        "no such file",
+    );
+    ferry_err(
+        &[
+            "files",
+            "ls",
+            "--repo",
+            repo,
+            &snap,
+            "--disk",
+            "gpt",
+            "--partition",
+            "2",
+            "/",
+        ],
         "unknown file system: Linux swap",
     );
     ferry_err(
-        &["files", "ls", "--repo", repo, &snap, "--disk", "gpt", "--partition", "9", "/"],
+        &[
+            "files",
+            "ls",
+            "--repo",
+            repo,
+            &snap,
+            "--disk",
+            "gpt",
+            "--partition",
+            "9",
+            "/",
+        ],
         "no partition 9",
     );
     ferry_err(
-        &["files", "get", "--repo", repo, &snap, "--disk", "gpt", "/sub", "--out", "-"],
+        &[
+            "files", "get", "--repo", repo, &snap, "--disk", "gpt", "/sub", "--out", "-",
+        ],
         "is a directory",
     );
     ferry_err(&["files", "ls", "--repo", repo, &snap, "/"], "pass --disk");
@@ -258,7 +378,14 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
     std::fs::write(&junk, ferry_testkit::noise(4 << 20, 7)).unwrap();
     let r = backup_json(repo, "junk", &[format!("raw:{}", junk.display())], &[]);
     ferry_err(
-        &["files", "ls", "--repo", repo, r["snapshot"].as_str().unwrap(), "/"],
+        &[
+            "files",
+            "ls",
+            "--repo",
+            repo,
+            r["snapshot"].as_str().unwrap(),
+            "/",
+        ],
         "no ext4 or NTFS file system",
     );
 }
@@ -338,27 +465,58 @@ fn swap_and_pagefiles_are_read_as_zeros_and_restores_stay_valid() {
     let snap_on = r_on["snapshot"].as_str().unwrap();
     let res_on = dir.path().join("on.img");
     let res_off = dir.path().join("off.img");
-    ferry_ok(&["restore", "--repo", on, snap_on, "--disk", "gpt", "--to", res_on.to_str().unwrap()]);
     ferry_ok(&[
-        "restore", "--repo", off, r_off["snapshot"].as_str().unwrap(), "--disk", "gpt", "--to",
+        "restore",
+        "--repo",
+        on,
+        snap_on,
+        "--disk",
+        "gpt",
+        "--to",
+        res_on.to_str().unwrap(),
+    ]);
+    ferry_ok(&[
+        "restore",
+        "--repo",
+        off,
+        r_off["snapshot"].as_str().unwrap(),
+        "--disk",
+        "gpt",
+        "--to",
         res_off.to_str().unwrap(),
     ]);
-    assert!(std::fs::read(&res_off).unwrap() == orig, "--no-exclude-swap restore differs");
+    assert!(
+        std::fs::read(&res_off).unwrap() == orig,
+        "--no-exclude-swap restore differs"
+    );
     let got = std::fs::read(&res_on).unwrap();
     assert_eq!(got.len(), orig.len());
     let mut mask = vec![false; orig.len()];
     for e in ex {
         for r in e["ranges"].as_array().unwrap() {
-            let (s, t) = (r["start"].as_u64().unwrap() as usize, r["end"].as_u64().unwrap() as usize);
-            assert!(got[s..t].iter().all(|&b| b == 0), "{} {s}..{t} not zero", e["what"]);
+            let (s, t) = (
+                r["start"].as_u64().unwrap() as usize,
+                r["end"].as_u64().unwrap() as usize,
+            );
+            assert!(
+                got[s..t].iter().all(|&b| b == 0),
+                "{} {s}..{t} not zero",
+                e["what"]
+            );
             mask[s..t].iter_mut().for_each(|m| *m = true);
         }
     }
     let diff = (0..orig.len()).find(|&i| !mask[i] && got[i] != orig[i]);
-    assert_eq!(diff, None, "restored disk differs outside the excluded extents");
+    assert_eq!(
+        diff, None,
+        "restored disk differs outside the excluded extents"
+    );
     let s = swap_start as usize;
     assert_eq!(&got[s + 4086..s + 4096], b"SWAPSPACE2");
-    assert!(orig[s + 8192..s + 16384].iter().any(|&b| b != 0), "the swap held data");
+    assert!(
+        orig[s + 8192..s + 16384].iter().any(|&b| b != 0),
+        "the swap held data"
+    );
     let swapfile = get_bytes(on, snap_on, "gpt", Some("1"), "/swapfile");
     assert_eq!(swapfile.len() as u64, 8 * MIB);
     assert_eq!(&swapfile[4086..4096], b"SWAPSPACE2");
@@ -373,11 +531,25 @@ fn swap_and_pagefiles_are_read_as_zeros_and_restores_stay_valid() {
     // The file systems of the restored disk pass their checkers.
     let ext4 = extract(&got, layout(&disks, "gpt-ext4"), &dir.path().join("p1.img"));
     let o = run_tool("e2fsck", &["-fn", ext4.to_str().unwrap()]);
-    assert!(o.status.success(), "e2fsck -fn: {}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "e2fsck -fn: {}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
     let ntfs = extract(&got, layout(&disks, "gpt-ntfs"), &dir.path().join("p3.img"));
     let o = run_tool("ntfsfix", &["-n", ntfs.to_str().unwrap()]);
-    assert!(o.status.success(), "ntfsfix -n: {}{}", stdout(&o), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "ntfsfix -n: {}{}",
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
     let swap = extract(&got, (swap_start, swap_size), &dir.path().join("p2.img"));
     let o = run_tool("swaplabel", &[swap.to_str().unwrap()]);
-    assert!(o.status.success(), "swaplabel: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "swaplabel: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

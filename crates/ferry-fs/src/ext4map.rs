@@ -66,8 +66,7 @@ impl Superblock {
         } else {
             u32::from(le16(sb, 88))
         };
-        if inode_size < 128 || u64::from(inode_size) > block_size || !inode_size.is_power_of_two()
-        {
+        if inode_size < 128 || u64::from(inode_size) > block_size || !inode_size.is_power_of_two() {
             return Err(FsError::corrupt(what, format!("inode size {inode_size}")));
         }
         let desc_size = if incompat & INCOMPAT_64BIT != 0 {
@@ -76,7 +75,10 @@ impl Superblock {
             32
         };
         if !(32..=1024).contains(&desc_size) {
-            return Err(FsError::corrupt(what, format!("group descriptor size {desc_size}")));
+            return Err(FsError::corrupt(
+                what,
+                format!("group descriptor size {desc_size}"),
+            ));
         }
         let inodes_per_group = le32(sb, 40);
         if inodes_per_group == 0 {
@@ -174,7 +176,12 @@ pub fn parse_extent_node(b: &[u8]) -> Result<(u16, ExtentNode)> {
     } else {
         ExtentNode::Index(
             entries
-                .map(|e| (le32(e, 0), u64::from(le16(e, 8)) << 32 | u64::from(le32(e, 4))))
+                .map(|e| {
+                    (
+                        le32(e, 0),
+                        u64::from(le16(e, 8)) << 32 | u64::from(le32(e, 4)),
+                    )
+                })
                 .collect(),
         )
     };
@@ -219,7 +226,10 @@ impl<'a> Mapper<'a> {
 
     fn inode(&self, n: u32) -> Result<Inode> {
         if n == 0 || n > self.sb.inodes {
-            return Err(FsError::corrupt("ext4", format!("inode number {n} out of range")));
+            return Err(FsError::corrupt(
+                "ext4",
+                format!("inode number {n} out of range"),
+            ));
         }
         let g = u64::from((n - 1) / self.sb.inodes_per_group);
         let i = u64::from((n - 1) % self.sb.inodes_per_group);
@@ -228,7 +238,11 @@ impl<'a> Mapper<'a> {
             self.sb.gdt_block * self.sb.block_size + g * u64::from(self.sb.desc_size),
             &mut d,
         )?;
-        let hi = if d.len() >= 64 { u64::from(le32(&d, 0x28)) } else { 0 };
+        let hi = if d.len() >= 64 {
+            u64::from(le32(&d, 0x28))
+        } else {
+            0
+        };
         let table = u64::from(le32(&d, 8)) | hi << 32;
         let mut b = vec![0u8; self.sb.inode_size as usize];
         self.vol.read_exact_at(
@@ -259,14 +273,20 @@ impl<'a> Mapper<'a> {
             }
             let (depth, n) = parse_extent_node(&node)?;
             if depth >= parent_depth {
-                return Err(FsError::corrupt(what, "extent tree depth does not decrease"));
+                return Err(FsError::corrupt(
+                    what,
+                    "extent tree depth does not decrease",
+                ));
             }
             match n {
                 ExtentNode::Leaf(v) => out.extend(v),
                 ExtentNode::Index(v) => {
                     for (_, child) in v.into_iter().rev() {
                         if child >= self.sb.blocks {
-                            return Err(FsError::corrupt(what, format!("extent tree block {child} beyond the file system")));
+                            return Err(FsError::corrupt(
+                                what,
+                                format!("extent tree block {child} beyond the file system"),
+                            ));
                         }
                         let mut b = vec![0u8; self.sb.block_size as usize];
                         self.vol.read_exact_at(child * self.sb.block_size, &mut b)?;
@@ -276,8 +296,14 @@ impl<'a> Mapper<'a> {
             }
         }
         for &(_, len, start) in &out {
-            if start.checked_add(u64::from(len)).is_none_or(|e| e > self.sb.blocks) {
-                return Err(FsError::corrupt(what, format!("extent at block {start} (+{len}) beyond the file system")));
+            if start
+                .checked_add(u64::from(len))
+                .is_none_or(|e| e > self.sb.blocks)
+            {
+                return Err(FsError::corrupt(
+                    what,
+                    format!("extent at block {start} (+{len}) beyond the file system"),
+                ));
             }
         }
         out.sort_unstable();
@@ -287,7 +313,9 @@ impl<'a> Mapper<'a> {
     fn lookup(&self, dir: u32, name: &[u8], what: &str) -> Result<Option<u32>> {
         let ino = self.inode(dir)?;
         if !ino.is_dir() {
-            return Err(FsError::NotFound(format!("{what}: a parent is not a directory")));
+            return Err(FsError::NotFound(format!(
+                "{what}: a parent is not a directory"
+            )));
         }
         let bs = self.sb.block_size;
         let mut blocks = 0u64;

@@ -94,7 +94,8 @@ pub fn describe_unknown(vol: &Slice) -> String {
     if b.len() >= 4096 && &b[4086..4096] == b"SWAPSPACE2" {
         return "Linux swap".into();
     }
-    if b.len() >= 90 && (&b[82..87] == b"FAT32" || &b[54..59] == b"FAT16" || &b[54..59] == b"FAT12") {
+    if b.len() >= 90 && (&b[82..87] == b"FAT32" || &b[54..59] == b"FAT16" || &b[54..59] == b"FAT12")
+    {
         return "FAT (not supported)".into();
     }
     if b.len() >= 11 && &b[3..11] == b"EXFAT   " {
@@ -161,7 +162,9 @@ fn nt_to_unix(t: u64) -> i64 {
 }
 
 fn components(path: &str) -> Vec<&str> {
-    path.split('/').filter(|c| !c.is_empty() && *c != ".").collect()
+    path.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect()
 }
 
 impl Volume {
@@ -208,7 +211,12 @@ impl Volume {
     }
 
     fn what(&self, path: &str) -> String {
-        format!("{} on {}: {}", self.kind, self.label, if path.is_empty() { "/" } else { path })
+        format!(
+            "{} on {}: {}",
+            self.kind,
+            self.label,
+            if path.is_empty() { "/" } else { path }
+        )
     }
 
     /// Metadata of `path`.
@@ -218,7 +226,9 @@ impl Volume {
         match &self.inner {
             Inner::Ext4(fs) => {
                 let p = format!("/{}", components(path).join("/"));
-                let m = fs.symlink_metadata(p.as_str()).map_err(|e| ext4_err(&what, e))?;
+                let m = fs
+                    .symlink_metadata(p.as_str())
+                    .map_err(|e| ext4_err(&what, e))?;
                 Ok(ext4_entry(name, &m))
             }
             Inner::Ntfs { ntfs, io } => {
@@ -235,7 +245,9 @@ impl Volume {
         let mut out = match &self.inner {
             Inner::Ext4(fs) => {
                 let p = format!("/{}", components(path).join("/"));
-                let m = fs.symlink_metadata(p.as_str()).map_err(|e| ext4_err(&what, e))?;
+                let m = fs
+                    .symlink_metadata(p.as_str())
+                    .map_err(|e| ext4_err(&what, e))?;
                 if !m.is_dir() {
                     return Ok(vec![self.stat(path)?]);
                 }
@@ -258,7 +270,9 @@ impl Volume {
                     drop(io);
                     return Ok(vec![self.stat(path)?]);
                 }
-                let index = dir.directory_index(&mut *io).map_err(|e| ntfs_err(&what, e))?;
+                let index = dir
+                    .directory_index(&mut *io)
+                    .map_err(|e| ntfs_err(&what, e))?;
                 let mut entries = index.entries();
                 let mut v = Vec::new();
                 while let Some(e) = entries.next(&mut *io) {
@@ -306,17 +320,23 @@ impl Volume {
         match &self.inner {
             Inner::Ext4(fs) => {
                 let p = format!("/{}", components(path).join("/"));
-                let m = fs.symlink_metadata(p.as_str()).map_err(|e| ext4_err(&what, e))?;
+                let m = fs
+                    .symlink_metadata(p.as_str())
+                    .map_err(|e| ext4_err(&what, e))?;
                 if !m.file_type().is_regular_file() {
                     return Err(FsError::Usage(format!("{what} is not a regular file")));
                 }
                 let mut f = fs.open(p.as_str()).map_err(|e| ext4_err(&what, e))?;
                 while total < limit {
                     // ext4-view returns at most one block per call: fill the buffer first.
-                    let want = buf.len().min((limit - total).try_into().unwrap_or(usize::MAX));
+                    let want = buf
+                        .len()
+                        .min((limit - total).try_into().unwrap_or(usize::MAX));
                     let mut n = 0;
                     while n < want {
-                        let k = f.read_bytes(&mut buf[n..want]).map_err(|e| ext4_err(&what, e))?;
+                        let k = f
+                            .read_bytes(&mut buf[n..want])
+                            .map_err(|e| ext4_err(&what, e))?;
                         if k == 0 {
                             break;
                         }
@@ -329,7 +349,10 @@ impl Volume {
                     total += n as u64;
                 }
                 if total != m.len().min(limit) {
-                    return Err(FsError::corrupt(&what, format!("read {total} bytes of {}", m.len())));
+                    return Err(FsError::corrupt(
+                        &what,
+                        format!("read {total} bytes of {}", m.len()),
+                    ));
                 }
             }
             Inner::Ntfs { ntfs, io } => {
@@ -346,10 +369,17 @@ impl Volume {
                 let mut value = attr.value(&mut *io).map_err(|e| ntfs_err(&what, e))?;
                 let len = value.len().min(limit);
                 while total < len {
-                    let want = buf.len().min((len - total).try_into().unwrap_or(usize::MAX));
-                    let n = value.read(&mut *io, &mut buf[..want]).map_err(|e| ntfs_err(&what, e))?;
+                    let want = buf
+                        .len()
+                        .min((len - total).try_into().unwrap_or(usize::MAX));
+                    let n = value
+                        .read(&mut *io, &mut buf[..want])
+                        .map_err(|e| ntfs_err(&what, e))?;
                     if n == 0 {
-                        return Err(FsError::corrupt(&what, format!("data ends after {total} of {len} bytes")));
+                        return Err(FsError::corrupt(
+                            &what,
+                            format!("data ends after {total} of {len} bytes"),
+                        ));
                     }
                     out.write_all(&buf[..n]).map_err(werr)?;
                     total += n as u64;
@@ -389,7 +419,10 @@ impl Volume {
                 let start = p.get();
                 let end = start.saturating_add(r.allocated_size());
                 if end > self.slice.len() {
-                    return Err(FsError::corrupt(&what, format!("data run {start}..{end} beyond the volume")));
+                    return Err(FsError::corrupt(
+                        &what,
+                        format!("data run {start}..{end} beyond the volume"),
+                    ));
                 }
                 runs.push(start..end);
             }
@@ -449,7 +482,9 @@ fn ntfs_lookup<'n>(ntfs: &'n Ntfs, io: &mut Slice, path: &str, what: &str) -> Re
     let mut cur = ntfs.root_directory(io).map_err(|e| ntfs_err(what, e))?;
     for comp in components(path) {
         if !cur.is_directory() {
-            return Err(FsError::NotFound(format!("{what}: a component is not a directory")));
+            return Err(FsError::NotFound(format!(
+                "{what}: a component is not a directory"
+            )));
         }
         let index = cur.directory_index(io).map_err(|e| ntfs_err(what, e))?;
         let mut finder = index.finder();

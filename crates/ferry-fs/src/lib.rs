@@ -71,7 +71,12 @@ impl Disk {
 
     fn slice_of(&self, number: u32) -> Result<Slice> {
         if number == 0 {
-            return Ok(Slice::new(self.disk.clone(), 0, self.disk.size(), "the whole disk"));
+            return Ok(Slice::new(
+                self.disk.clone(),
+                0,
+                self.disk.size(),
+                "the whole disk",
+            ));
         }
         let p = self
             .table
@@ -93,7 +98,12 @@ impl Disk {
                     }
                 ))
             })?;
-        Ok(Slice::new(self.disk.clone(), p.start, p.size, format!("partition {number}")))
+        Ok(Slice::new(
+            self.disk.clone(),
+            p.start,
+            p.size,
+            format!("partition {number}"),
+        ))
     }
 
     /// The volumes: every partition, or the whole disk when there is no table.
@@ -109,7 +119,11 @@ impl Disk {
                 type_name: String::new(),
                 name: String::new(),
                 fs,
-                found: if fs.is_some() { String::new() } else { fs::describe_unknown(&s) },
+                found: if fs.is_some() {
+                    String::new()
+                } else {
+                    fs::describe_unknown(&s)
+                },
             });
         }
         for p in &self.table.partitions {

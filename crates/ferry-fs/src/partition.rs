@@ -153,8 +153,14 @@ pub fn parse_mbr(sector: &[u8]) -> Option<Vec<MbrEntry>> {
 pub fn parse_ebr(sector: &[u8]) -> Result<(Option<MbrEntry>, Option<MbrEntry>)> {
     let entries = parse_mbr(sector)
         .ok_or_else(|| FsError::corrupt("extended boot record", "no 0x55AA signature"))?;
-    let logical = entries.iter().find(|e| e.slot == 0 && !e.is_extended()).copied();
-    let next = entries.iter().find(|e| e.slot == 1 && e.is_extended()).copied();
+    let logical = entries
+        .iter()
+        .find(|e| e.slot == 0 && !e.is_extended())
+        .copied();
+    let next = entries
+        .iter()
+        .find(|e| e.slot == 1 && e.is_extended())
+        .copied();
     Ok((logical, next))
 }
 
@@ -279,7 +285,10 @@ pub fn parse_gpt_entries(
     if crc != h.entries_crc {
         return Err(FsError::corrupt(
             what,
-            format!("CRC32 {crc:08x} does not match the header's {:08x}", h.entries_crc),
+            format!(
+                "CRC32 {crc:08x} does not match the header's {:08x}",
+                h.entries_crc
+            ),
         ));
     }
     let ss = u64::from(sector_size);
@@ -295,7 +304,10 @@ pub fn parse_gpt_entries(
         let start = first.checked_mul(ss);
         let end = last.checked_add(1).and_then(|l| l.checked_mul(ss));
         let (Some(start), Some(end)) = (start, end) else {
-            return Err(FsError::corrupt(what, format!("entry {}: LBA overflow", i + 1)));
+            return Err(FsError::corrupt(
+                what,
+                format!("entry {}: LBA overflow", i + 1),
+            ));
         };
         if last < first || end > disk_size {
             return Err(FsError::corrupt(
@@ -338,7 +350,13 @@ fn read_vec(r: &dyn ReadAt, offset: u64, len: usize, what: &str) -> Result<Vec<u
     Ok(v)
 }
 
-fn mbr_partition(number: u32, ptype: u8, start_lba: u64, sectors: u32, disk: u64) -> Result<Partition> {
+fn mbr_partition(
+    number: u32,
+    ptype: u8,
+    start_lba: u64,
+    sectors: u32,
+    disk: u64,
+) -> Result<Partition> {
     let start = start_lba * 512;
     let size = u64::from(sectors) * 512;
     if start + size > disk {
@@ -439,7 +457,10 @@ pub fn read_table(r: &dyn ReadAt) -> Result<PartitionTable> {
             }
             let sector = read_vec(r, ebr_lba * 512, 512, "extended boot record")?;
             let (logical, next) = parse_ebr(&sector).map_err(|e| {
-                FsError::corrupt(format!("extended boot record at sector {ebr_lba}"), e.to_string())
+                FsError::corrupt(
+                    format!("extended boot record at sector {ebr_lba}"),
+                    e.to_string(),
+                )
             })?;
             if let Some(l) = logical {
                 partitions.push(mbr_partition(

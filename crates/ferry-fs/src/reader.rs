@@ -34,7 +34,11 @@ impl ReadAt for MemDisk {
             .ok_or_else(|| {
                 FsError::corrupt(
                     "memory disk",
-                    format!("{} bytes at {offset} lie past its end ({} bytes)", buf.len(), self.0.len()),
+                    format!(
+                        "{} bytes at {offset} lie past its end ({} bytes)",
+                        buf.len(),
+                        self.0.len()
+                    ),
                 )
             })?;
         buf.copy_from_slice(src);
@@ -63,7 +67,9 @@ pub struct BlockReader {
 
 impl std::fmt::Debug for BlockReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockReader").field("src", &self.src.name()).finish()
+        f.debug_struct("BlockReader")
+            .field("src", &self.src.name())
+            .finish()
     }
 }
 
@@ -87,7 +93,11 @@ impl BlockReader {
         self.rt
             .block_on(self.src.read_at(offset, buf))
             .map_err(|source| FsError::Read {
-                what: format!("{}, {} bytes at offset {offset}", self.src.name(), buf.len()),
+                what: format!(
+                    "{}, {} bytes at offset {offset}",
+                    self.src.name(),
+                    buf.len()
+                ),
                 source,
             })
     }
@@ -196,7 +206,10 @@ impl Slice {
     }
     /// Reads exactly `buf.len()` bytes at `offset` within the slice.
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > self.len) {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|e| e > self.len)
+        {
             return Err(FsError::corrupt(
                 &self.label,
                 format!(
@@ -230,9 +243,8 @@ impl Seek for Slice {
             SeekFrom::End(d) => self.len.checked_add_signed(d),
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
-        let new = new.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek before the start")
-        })?;
+        let new = new
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
         self.pos = new;
         Ok(new)
     }

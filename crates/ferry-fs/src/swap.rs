@@ -66,11 +66,8 @@ pub fn fstab_swap_files(text: &str) -> Vec<String> {
         .map(|l| l.split('#').next().unwrap_or(""))
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3
-                && f[2] == "swap"
-                && f[0].starts_with('/')
-                && !f[0].starts_with("/dev/"))
-            .then(|| f[0].to_string())
+            (f.len() >= 3 && f[2] == "swap" && f[0].starts_with('/') && !f[0].starts_with("/dev/"))
+                .then(|| f[0].to_string())
         })
         .collect()
 }
@@ -101,10 +98,17 @@ pub fn find_exclusions(disk: Arc<dyn ReadAt>) -> Result<Vec<Exclusion>> {
     };
     let mut vols = Vec::new();
     if table.scheme == Scheme::None {
-        vols.push((Slice::new(disk.clone(), 0, disk.size(), "disk"), false, "disk".to_string()));
+        vols.push((
+            Slice::new(disk.clone(), 0, disk.size(), "disk"),
+            false,
+            "disk".to_string(),
+        ));
     }
     for p in &table.partitions {
-        if matches!(p.ptype, crate::partition::PartitionType::Mbr(0x05 | 0x0F | 0x85)) {
+        if matches!(
+            p.ptype,
+            crate::partition::PartitionType::Mbr(0x05 | 0x0F | 0x85)
+        ) {
             continue;
         }
         let label = format!("partition {}", p.number);

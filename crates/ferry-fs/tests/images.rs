@@ -12,7 +12,11 @@ fn disks() -> (tempfile::TempDir, std::path::PathBuf) {
     let out = dir.path().join("d");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fs/make-disks.sh");
     let o = Command::new("bash").arg(script).arg(&out).output().unwrap();
-    assert!(o.status.success(), "make-disks.sh: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "make-disks.sh: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     (dir, out)
 }
 
@@ -29,7 +33,12 @@ fn tables_files_and_swap_on_real_images() {
     assert_eq!(gpt.table().partitions.len(), 3);
     assert!(gpt.table().partitions[1].is_swap_type());
     let ext4 = gpt.volume(None).unwrap();
-    let names: Vec<String> = ext4.list("/").unwrap().into_iter().map(|e| e.name).collect();
+    let names: Vec<String> = ext4
+        .list("/")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     assert!(names.contains(&"big.bin".to_string()), "{names:?}");
     let mut v = Vec::new();
     ext4.read_file("/sub/deeper/nested.bin", &mut v).unwrap();
@@ -44,14 +53,21 @@ fn tables_files_and_swap_on_real_images() {
     let nums: Vec<u32> = mbr.table().partitions.iter().map(|p| p.number).collect();
     assert_eq!(nums, [1, 2, 5]);
     let mut v = Vec::new();
-    mbr.volume(Some(5)).unwrap().read_file("/sparse.bin", &mut v).unwrap();
+    mbr.volume(Some(5))
+        .unwrap()
+        .read_file("/sparse.bin", &mut v)
+        .unwrap();
     assert!(v == std::fs::read(src.join("sparse.bin")).unwrap());
 
     let ex = ferry_fs::find_exclusions(open(&d.join("gpt.img"))).unwrap();
     let kinds: Vec<ExclusionKind> = ex.iter().map(|e| e.kind).collect();
     assert_eq!(
         kinds,
-        [ExclusionKind::SwapFile, ExclusionKind::SwapPartition, ExclusionKind::Pagefile],
+        [
+            ExclusionKind::SwapFile,
+            ExclusionKind::SwapPartition,
+            ExclusionKind::Pagefile
+        ],
         "{ex:?}"
     );
     // The swap file's extents hold exactly its data after the header page.
@@ -64,10 +80,17 @@ fn tables_files_and_swap_on_real_images() {
         .flat_map(|r| img[r.start as usize..r.end as usize].iter().copied())
         .collect();
     assert_eq!(got.len(), want.len() - 4096);
-    assert!(got == want[4096..], "swap file extents do not hold the swap file");
+    assert!(
+        got == want[4096..],
+        "swap file extents do not hold the swap file"
+    );
     let ex = ferry_fs::find_exclusions(open(&d.join("mbr.img"))).unwrap();
     let whats: Vec<&str> = ex.iter().map(|e| e.what.as_str()).collect();
-    assert_eq!(whats, ["partition 1:pagefile.sys", "partition 5:/swapfile"], "{ex:?}");
+    assert_eq!(
+        whats,
+        ["partition 1:pagefile.sys", "partition 5:/swapfile"],
+        "{ex:?}"
+    );
     assert_eq!(ex[0].bytes(), 16 << 20);
     assert_eq!(ex[1].bytes(), (8 << 20) - 4096);
 }

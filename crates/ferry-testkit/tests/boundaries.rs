@@ -27,7 +27,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ferry-fs", &["ferry-core"]),
     (
         "ferry-engine",
-        &["ferry-core", "ferry-repo", "ferry-nbd", "ferry-image", "ferry-fs"],
+        &[
+            "ferry-core",
+            "ferry-repo",
+            "ferry-nbd",
+            "ferry-image",
+            "ferry-fs",
+        ],
     ),
     ("ferry-hv", &["ferry-core", "ferry-http", "ferry-tls"]),
     ("ferry-hv-xen", DRIVER),

@@ -133,7 +133,11 @@ async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
                 ferry_fs::Scheme::None => "no partition table",
             };
             writeln!(out, "{label}: {scheme}")?;
-            writeln!(out, "{:>3} {:>14} {:>10}  {:<22} {:<6} name", "#", "start", "size", "type", "fs")?;
+            writeln!(
+                out,
+                "{:>3} {:>14} {:>10}  {:<22} {:<6} name",
+                "#", "start", "size", "type", "fs"
+            )?;
             for v in vols {
                 writeln!(
                     out,
@@ -141,9 +145,17 @@ async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
                     v.number,
                     v.start,
                     human_bytes(v.size),
-                    if v.type_name.is_empty() { "-" } else { v.type_name.as_str() },
+                    if v.type_name.is_empty() {
+                        "-"
+                    } else {
+                        v.type_name.as_str()
+                    },
                     v.fs.map_or_else(|| "-".to_string(), |f| f.to_string()),
-                    if v.fs.is_none() { v.found.clone() } else { v.name.clone() },
+                    if v.fs.is_none() {
+                        v.found.clone()
+                    } else {
+                        v.name.clone()
+                    },
                 )?;
             }
             return Ok(());
@@ -179,16 +191,20 @@ async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
 fn get_file(vol: &Volume, path: &str, out: &Path) -> anyhow::Result<u64> {
     let tmp = out.with_file_name(format!(
         ".{}.ferry-part",
-        out.file_name().map_or_else(|| "out".into(), |n| n.to_string_lossy())
+        out.file_name()
+            .map_or_else(|| "out".into(), |n| n.to_string_lossy())
     ));
-    let f = std::fs::File::create(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    let r = vol.read_file(path, &mut w).map_err(anyhow::Error::from).and_then(|n| {
-        w.flush()?;
-        w.get_ref().sync_all()?;
-        Ok(n)
-    });
+    let r = vol
+        .read_file(path, &mut w)
+        .map_err(anyhow::Error::from)
+        .and_then(|n| {
+            w.flush()?;
+            w.get_ref().sync_all()?;
+            Ok(n)
+        });
     match r {
         Ok(n) => {
             std::fs::rename(&tmp, out)
@@ -203,7 +219,8 @@ fn get_file(vol: &Volume, path: &str, out: &Path) -> anyhow::Result<u64> {
 }
 
 fn get_dir(vol: &Volume, path: &str, out: &Path, totals: &mut (u64, u64)) -> anyhow::Result<()> {
-    std::fs::create_dir(out).with_context(|| format!("cannot create directory {}", out.display()))?;
+    std::fs::create_dir(out)
+        .with_context(|| format!("cannot create directory {}", out.display()))?;
     for e in vol.list(path)? {
         if e.name.contains('/') || e.name == "." || e.name == ".." || e.name.is_empty() {
             tracing::warn!(name = %e.name, "skipping an entry whose name cannot be a file name");
@@ -236,7 +253,11 @@ async fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot open the file system of {label}"))?;
         let st = vol.stat(&path)?;
         let out = out.unwrap_or_else(|| {
-            PathBuf::from(if st.name == "/" { "root".to_string() } else { st.name.clone() })
+            PathBuf::from(if st.name == "/" {
+                "root".to_string()
+            } else {
+                st.name.clone()
+            })
         });
         if out.as_os_str() == "-" {
             if st.kind == EntryKind::Dir {
