@@ -49,6 +49,7 @@ export FERRY_REPO=$DIR/repo FERRY_PASSWORD=bench
 SNAP=$("$FERRY" -q backup --vm bench --disk d=raw:disk.img)
 
 best() { # label command... : best wall seconds of ROUNDS runs
+  shift
   local b=""
   for _ in $(seq "$ROUNDS"); do
     rm -f out.bin restored.img
@@ -62,12 +63,14 @@ best() { # label command... : best wall seconds of ROUNDS runs
 }
 check() { cmp -s out.bin root/big.bin || { echo "$1: wrong bytes" >&2; exit 1; }; }
 
-t_ext=$(best x "$FERRY" -q files get "$SNAP" --partition 1 /big.bin --out out.bin); "$FERRY" -q files get "$SNAP" --partition 1 /big.bin --out out.bin; check ferry-ext4; rm out.bin
-t_ntfs=$(best x "$FERRY" -q files get "$SNAP" --partition 2 /big.bin --out out.bin); "$FERRY" -q files get "$SNAP" --partition 2 /big.bin --out out.bin; check ferry-ntfs; rm out.bin
+# Each timed run starts without out.bin; the last run's output is checked.
+t_ext=$(best x "$FERRY" -q files get "$SNAP" --partition 1 /big.bin --out out.bin); check ferry-ext4
+t_ntfs=$(best x "$FERRY" -q files get "$SNAP" --partition 2 /big.bin --out out.bin); check ferry-ntfs
 t_restore=$(best x "$FERRY" -q restore "$SNAP" --disk d --to restored.img)
-t_debugfs=$(best x debugfs -R "dump /big.bin out.bin" ext4.img); debugfs -R "dump /big.bin out.bin" ext4.img 2>/dev/null; check debugfs; rm out.bin
+debugfs_run() { debugfs -R "dump /big.bin out.bin" ext4.img 2>/dev/null; }
+t_debugfs=$(best x debugfs_run); check debugfs
 ntfscat_run() { ntfscat ntfs.img big.bin > out.bin; }
-t_ntfscat=$(best x ntfscat_run); ntfscat_run; check ntfscat
+t_ntfscat=$(best x ntfscat_run); check ntfscat
 
 printf '\n| %s MiB file from a 1 GiB disk | seconds | MiB/s |\n|---|---:|---:|\n' "$FILE_MIB"
 row() { python3 -c "import sys; t=float(sys.argv[2]); print(f'| {sys.argv[1]} | {t:.2f} | {int(sys.argv[3])/t:.0f} |')" "$1" "$2" "$FILE_MIB"; }

@@ -54,6 +54,9 @@ impl ReadAt for MemDisk {
 
 const WINDOW: u64 = 1 << 20;
 const WINDOWS_CACHED: usize = 32;
+/// Windows fetched at once when reads are sequential (one source read: a restore point then
+/// decodes several chunks concurrently).
+const READAHEAD: u64 = 16;
 /// Window for probing (swap detection at backup): the source is read as little as possible.
 pub const PROBE_WINDOW: u64 = 64 << 10;
 
@@ -63,6 +66,7 @@ pub struct BlockReader {
     rt: tokio::runtime::Handle,
     window: u64,
     cache: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
+    last_miss: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for BlockReader {
@@ -86,6 +90,7 @@ impl BlockReader {
             rt,
             window: window.max(4096),
             cache: Mutex::new(VecDeque::new()),
+            last_miss: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
     }
 
@@ -111,15 +116,26 @@ impl BlockReader {
             return Ok(data);
         }
         drop(cache);
+        use std::sync::atomic::Ordering::Relaxed;
+        let sequential = self.last_miss.swap(w, Relaxed) == w.wrapping_sub(1);
+        let count = if sequential && self.window == WINDOW { READAHEAD } else { 1 };
         let start = w * self.window;
-        let len = self.window.min(self.src.size() - start) as usize;
+        let len = (count * self.window).min(self.src.size() - start) as usize;
         let mut v = vec![0; len];
         self.direct(start, &mut v)?;
-        let data = Arc::new(v);
         let mut cache = self.cache.lock().expect("cache lock");
-        cache.push_front((w, data.clone()));
+        let mut first = None;
+        for (i, part) in v.chunks(self.window as usize).enumerate() {
+            let data = Arc::new(part.to_vec());
+            first.get_or_insert_with(|| data.clone());
+            cache.retain(|(k, _)| *k != w + i as u64);
+            cache.push_front((w + i as u64, data));
+        }
+        if count > 1 {
+            self.last_miss.store(w + count - 1, Relaxed);
+        }
         cache.truncate(WINDOWS_CACHED);
-        Ok(data)
+        first.ok_or_else(|| FsError::corrupt(self.src.name(), format!("no data at window {w}")))
     }
 }
 
@@ -136,7 +152,7 @@ impl ReadAt for BlockReader {
                 ),
             ));
         }
-        if buf.len() as u64 >= self.window {
+        if buf.len() as u64 >= READAHEAD * self.window {
             return self.direct(offset, buf);
         }
         let mut pos = offset;
