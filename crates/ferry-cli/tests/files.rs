@@ -108,6 +108,9 @@ fn get_bytes(repo: &str, snap: &str, disk: &str, part: Option<&str>, path: &str)
     ferry_ok(&args).stdout
 }
 
+/// Disk, partition, and (path in the file system, original under src/) pairs.
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
 #[test]
 fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
     let dir = ferry_testkit::scratch_dir();
@@ -204,7 +207,7 @@ fn files_are_listed_and_fetched_from_ext4_and_ntfs_on_gpt_and_mbr() {
     );
 
     // Every file, from every file system, byte for byte.
-    let cases: &[(&str, &str, &[(&str, &str)])] = &[
+    let cases: &[Case] = &[
         (
             "gpt",
             "1",

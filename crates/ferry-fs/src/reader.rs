@@ -118,7 +118,11 @@ impl BlockReader {
         drop(cache);
         use std::sync::atomic::Ordering::Relaxed;
         let sequential = self.last_miss.swap(w, Relaxed) == w.wrapping_sub(1);
-        let count = if sequential && self.window == WINDOW { READAHEAD } else { 1 };
+        let count = if sequential && self.window == WINDOW {
+            READAHEAD
+        } else {
+            1
+        };
         let start = w * self.window;
         let len = (count * self.window).min(self.src.size() - start) as usize;
         let mut v = vec![0; len];
