@@ -20,7 +20,8 @@ say() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { printf 'install.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
 # --- Debian packages -------------------------------------------------------------------------
-apt_pkgs=(qemu-utils nbdkit libnbd-bin curl qemu-system-x86 syslinux syslinux-common mtools busybox-static cpio)
+apt_pkgs=(qemu-utils nbdkit libnbd-bin curl qemu-system-x86 syslinux syslinux-common mtools busybox-static cpio
+          ntfs-3g e2fsprogs fdisk util-linux)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -33,7 +34,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
 fi
-for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_64 syslinux mcopy busybox cpio; do
+for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_64 syslinux mcopy busybox cpio \
+         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap; do
   command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
 done
 

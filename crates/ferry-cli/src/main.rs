@@ -59,6 +59,10 @@ enum Command {
     Restore(cmd::restore::Args),
     /// Serve a restore point's disk over NBD (read-only or with a write overlay).
     Export(cmd::export::Args),
+    /// File-level restore: list and copy files out of a restore point (ext4, NTFS; MBR, GPT)
+    /// without restoring the disk.
+    #[command(subcommand)]
+    Files(cmd::files::Command),
     /// Run the main job end to end on this machine: backup, incremental, restore, check.
     Demo(cmd::demo::Args),
     /// List the VMs of a hypervisor source (ferry.toml).
@@ -153,6 +157,7 @@ fn main() -> ExitCode {
             Command::Backup(a) => cmd::backup::run(a, &cli.global).await,
             Command::Restore(a) => cmd::restore::run(a, &cli.global).await,
             Command::Export(a) => cmd::export::run(a, &cli.global).await,
+            Command::Files(c) => cmd::files::run(c, &cli.global).await,
             Command::Demo(a) => cmd::demo::run(a, &cli.global).await,
             Command::Vms(a) => cmd::vms::run(a, &cli.global).await,
             Command::Sim(c) => cmd::sim::run(c, &cli.global).await,

@@ -67,6 +67,8 @@ pub struct BackupOptions {
     pub progress: Arc<Progress>,
     /// Seed of the verification sample (random when `None`).
     pub seed: Option<u64>,
+    /// Read Linux swap and NTFS paging files as zeros instead of storing them (ADR 0071).
+    pub exclude_swap: bool,
 }
 
 impl Default for BackupOptions {
@@ -79,6 +81,7 @@ impl Default for BackupOptions {
             cancel: CancellationToken::new(),
             progress: Arc::new(Progress::new()),
             seed: None,
+            exclude_swap: true,
         }
     }
 }
@@ -137,6 +140,11 @@ pub struct DiskReport {
     pub uploaded_bytes: u64,
     /// Trust-but-verify result, for changed-block backups.
     pub verify: Option<VerifyOutcome>,
+    /// Allocated bytes left unread because they belong to swap or paging files (counted in
+    /// `hole_bytes` too).
+    pub excluded_bytes: u64,
+    /// What was excluded (swap partitions and files, NTFS paging files).
+    pub excluded: Vec<ferry_fs::Exclusion>,
 }
 
 /// What a backup did.
@@ -298,7 +306,27 @@ pub async fn backup(
     }
     let started = Instant::now();
     let vm = meta.vm.id.clone();
+    let mut meta = meta;
     let run = async {
+        let mut exclusions = Vec::with_capacity(disks.len());
+        for d in &disks {
+            let found = if opts.exclude_swap {
+                crate::exclude::detect(&d.name, &d.source).await
+            } else {
+                Vec::new()
+            };
+            if !found.is_empty() {
+                meta.labels.insert(
+                    crate::exclude::label_key(&d.name),
+                    serde_json::to_string(&found).expect("exclusions serialize"),
+                );
+            }
+            exclusions.push(found);
+        }
+        if !opts.exclude_swap {
+            meta.labels
+                .insert(crate::exclude::LABEL_OFF.into(), "off".into());
+        }
         let writer = repo
             .begin_backup(meta)
             .await
@@ -321,9 +349,10 @@ pub async fn backup(
         }
         let mut writers = Vec::with_capacity(disks.len());
         let mut reports = Vec::with_capacity(disks.len());
-        for (n, d) in disks.iter().enumerate() {
+        for (n, (d, excl)) in disks.iter().zip(exclusions).enumerate() {
             let seed = opts.seed.unwrap_or_else(random_seed).wrapping_add(n as u64);
-            let (dw, report) = backup_disk(&writer, d, opts.verify_fraction, seed, &ctx).await?;
+            let (dw, report) =
+                backup_disk(&writer, d, excl, opts.verify_fraction, seed, &ctx).await?;
             writers.push(dw);
             reports.push(report);
         }
@@ -398,6 +427,7 @@ fn chunk_range(i: u64, cs: u64, size: u64) -> Range<u64> {
 async fn backup_disk(
     writer: &BackupWriter,
     d: &BackupDisk,
+    excluded: Vec<ferry_fs::Exclusion>,
     verify_fraction: f64,
     seed: u64,
     ctx: &Arc<Ctx>,
@@ -420,6 +450,21 @@ async fn backup_disk(
     let cs = ctx.chunk_size;
     let n = DiskIndex::chunk_count(size, cs as u32);
     let allocated = src.allocated(0..size).await.map_err(src_err)?;
+    // Swap and paging files: not read, so stored as zeros (holes).
+    let excl_map = crate::exclude::extents(&excluded).clip(0..size);
+    let excluded_bytes = allocated.intersection(&excl_map).total_len();
+    let allocated = allocated.difference(&excl_map);
+    // Where exclusions differ from the previous restore point's, change tracking cannot tell
+    // (the guest did not write there): those chunks are read again.
+    let prev_excl = writer
+        .previous()
+        .map(|m| crate::exclude::extents(&crate::exclude::from_labels(&m.meta.labels, &d.name)))
+        .unwrap_or_default()
+        .clip(0..size);
+    let excl_moved = excl_map
+        .difference(&prev_excl)
+        .union(&prev_excl.difference(&excl_map));
+    let d_changed = d.changed.as_ref().map(|c| c.union(&excl_moved));
     tracing::info!(disk = %d.name, source = %src.name(), size, allocated = allocated.total_len(),
         changed = %d.changed.as_ref().map_or_else(|| "all".to_string(), |c| c.total_len().to_string()),
         "backing up disk");
@@ -431,7 +476,7 @@ async fn backup_disk(
     let mut verify = None;
     let mut changed = None;
     let mut change_token = d.change_token.clone();
-    if let Some(ch) = &d.changed {
+    if let Some(ch) = &d_changed {
         match usable_prev {
             Some(p) if prev_token.as_deref() != Some(UNTRUSTED_TOKEN) => {
                 let unchanged: Vec<u64> = (0..n)
@@ -477,7 +522,9 @@ async fn backup_disk(
     run_chunks(&job, changed, usable_prev, ctx).await?;
     let job = Arc::try_unwrap(job)
         .map_err(|_| EngineError::Internal("a chunk task outlived its disk".into()))?;
-    let report = report(d, size, n, mode, verify, &job.counters);
+    let mut report = report(d, size, n, mode, verify, &job.counters);
+    report.excluded_bytes = excluded_bytes;
+    report.excluded = excluded;
     Ok((job.dw, report))
 }
 
@@ -504,6 +551,8 @@ fn report(
         new_bytes: l(&c.new),
         uploaded_bytes: l(&c.uploaded),
         verify,
+        excluded_bytes: 0,
+        excluded: Vec::new(),
     }
 }
 

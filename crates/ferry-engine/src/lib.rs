@@ -36,6 +36,7 @@ pub mod calibrate;
 pub mod copy;
 mod cpu;
 mod error;
+pub mod exclude;
 pub mod export;
 mod progress;
 pub mod restore;

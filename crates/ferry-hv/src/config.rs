@@ -152,6 +152,14 @@ pub struct SourceConfig {
     /// Where the driver keeps its crash journal.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Read swap partitions, swap files and NTFS paging files as zeros at backup (ADR 0071);
+    /// `false` stores them like any data (as `ferry backup --no-exclude-swap`).
+    #[serde(default = "default_exclude_swap")]
+    pub exclude_swap: bool,
+}
+
+fn default_exclude_swap() -> bool {
+    true
 }
 
 impl SourceConfig {

@@ -24,9 +24,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ferry-http", &["ferry-tls"]),
     ("ferry-nbd", &["ferry-core", "ferry-tls"]),
     ("ferry-image", &["ferry-core"]),
+    ("ferry-fs", &["ferry-core"]),
     (
         "ferry-engine",
-        &["ferry-core", "ferry-repo", "ferry-nbd", "ferry-image"],
+        &[
+            "ferry-core",
+            "ferry-repo",
+            "ferry-nbd",
+            "ferry-image",
+            "ferry-fs",
+        ],
     ),
     ("ferry-hv", &["ferry-core", "ferry-http", "ferry-tls"]),
     ("ferry-hv-xen", DRIVER),

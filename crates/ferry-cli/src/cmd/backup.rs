@@ -112,6 +112,10 @@ pub struct Args {
     /// Print the whole report as JSON on stdout instead of the restore point id.
     #[arg(long)]
     pub json: bool,
+    /// Store swap partitions, swap files and NTFS pagefile.sys / hiberfil.sys / swapfile.sys
+    /// like any data (by default they are read as zeros and not stored; swap headers are kept).
+    #[arg(long)]
+    pub no_exclude_swap: bool,
 }
 
 /// `--format` of `ferry backup` (and of other commands reading disks).
@@ -367,6 +371,7 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
         limit_rate: a.limit_rate,
         cancel,
         progress: progress.clone(),
+        exclude_swap: !a.no_exclude_swap,
         ..BackupOptions::default()
     };
     let bar = if a.json {
@@ -406,6 +411,7 @@ async fn run_source(a: Args) -> anyhow::Result<ExitCode> {
     };
     let repo = a.repo.open().await?;
     let driver = src.connect().await?;
+    let exclude_swap = !a.no_exclude_swap && src.exclude_swap()?;
     let inventory = driver
         .list_vms()
         .await
@@ -436,6 +442,7 @@ async fn run_source(a: Args) -> anyhow::Result<ExitCode> {
                 limit_rate: a.limit_rate,
                 cancel: cancel.clone(),
                 progress: progress.clone(),
+                exclude_swap,
                 ..BackupOptions::default()
             },
             force_full: a.full,
@@ -534,6 +541,19 @@ pub fn summary(r: &BackupReport) -> String {
             human_bytes(d.new_bytes),
             human_bytes(d.uploaded_bytes),
         );
+        for e in &d.excluded {
+            let _ = writeln!(
+                s,
+                "    excluded {} ({}): {} read as zeros, not stored",
+                e.what,
+                match e.kind {
+                    ferry_fs::ExclusionKind::SwapPartition => "swap partition",
+                    ferry_fs::ExclusionKind::SwapFile => "swap file",
+                    ferry_fs::ExclusionKind::Pagefile => "paging file",
+                },
+                human_bytes(e.bytes()),
+            );
+        }
         if let Some(v) = &d.verify {
             if v.mismatched_offsets.is_empty() {
                 let _ = writeln!(

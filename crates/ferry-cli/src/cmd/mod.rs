@@ -7,6 +7,7 @@ pub mod copy;
 pub mod demo;
 pub mod export;
 pub mod features;
+pub mod files;
 pub mod hvbackup;
 pub mod image;
 pub mod nbd;

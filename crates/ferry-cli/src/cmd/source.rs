@@ -17,6 +17,12 @@ pub struct SourceArgs {
 }
 
 impl SourceArgs {
+    /// The source's `exclude-swap` key (default true).
+    pub fn exclude_swap(&self) -> anyhow::Result<bool> {
+        let cfg = FerryConfig::load(self.config.as_deref())?;
+        Ok(cfg.source(&self.source)?.exclude_swap)
+    }
+
     /// Loads the configuration and logs in to the source.
     pub async fn connect(&self) -> anyhow::Result<Arc<dyn HypervisorDriver>> {
         let cfg = FerryConfig::load(self.config.as_deref())?;
