@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs every peer the test suite uses, idempotently. Fast when everything is present.
 #
-#   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy)
-#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob)
+#   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy),
+#            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin)
+#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
+#            pyvmomi)
 #   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite)
 #
 # FERRY_PEERS_DIR defaults to <repo>/.peers (git-ignored). Fails loudly on any error.
@@ -17,7 +19,7 @@ say() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { printf 'install.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
 # --- Debian packages -------------------------------------------------------------------------
-apt_pkgs=(qemu-utils nbdkit libnbd-bin curl)
+apt_pkgs=(qemu-utils nbdkit libnbd-bin curl golang-go golang-github-vmware-govmomi-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -30,9 +32,24 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
 fi
-for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl; do
+for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl go; do
   command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
 done
+
+# --- vcsim (govmomi's vCenter simulator) ------------------------------------------------------
+# Debian ships govmomi's `simulator` package but not the vcsim command: tests/peers/vcsim/main.go is
+# a small command around it, built in GOPATH mode from /usr/share/gocode (no network).
+vcsim=$peers/bin/vcsim
+vstamp=$peers/bin/.ferry-vcsim.go
+if [ ! -x "$vcsim" ] || ! cmp -s "$here/vcsim/main.go" "$vstamp"; then
+  say "building vcsim into $vcsim"
+  mkdir -p "$peers/bin" "$peers/go-cache"
+  (cd "$here/vcsim" && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE="$peers/go-cache" \
+     go build -o "$vcsim.tmp" .) || die "building vcsim from golang-github-vmware-govmomi-dev failed"
+  mv "$vcsim.tmp" "$vcsim"
+  cp "$here/vcsim/main.go" "$vstamp"
+fi
+[ -x "$vcsim" ] || die "vcsim missing from $peers/bin"
 
 # --- Python venv -----------------------------------------------------------------------------
 venv=$peers/venv

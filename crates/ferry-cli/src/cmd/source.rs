@@ -28,13 +28,15 @@ impl SourceArgs {
                     .with_context(|| format!("cannot connect to source `{}`", self.source))?;
                 Ok(Arc::new(d))
             }
-            SourceKind::Vmware | SourceKind::Hyperv => bail!(
-                "source `{}`: the {} driver is not part of this build yet (see docs/drivers.md)",
-                self.source,
-                match src.kind {
-                    SourceKind::Vmware => "VMware",
-                    _ => "Hyper-V",
-                }
+            SourceKind::Vmware => {
+                let d = ferry_hv_vmware::VmwareDriver::connect(&self.source, src)
+                    .await
+                    .with_context(|| format!("cannot connect to source `{}`", self.source))?;
+                Ok(Arc::new(d))
+            }
+            SourceKind::Hyperv => bail!(
+                "source `{}`: the Hyper-V driver is not part of this build yet (see docs/drivers.md)",
+                self.source
             ),
         }
     }
