@@ -36,10 +36,15 @@ def disks_of(snap):
     return [d for d in snap.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)]
 
 
+def cap(disk):
+    # vcsim fills capacityInKB only; vCenter fills both.
+    return disk.capacityInBytes or disk.capacityInKB * 1024
+
+
 def changed(snap, disk, change_id):
     """QueryChangedDiskAreas paged to the capacity, as a backup tool must call it."""
     areas, calls, off = [], 0, 0
-    while off < disk.capacityInBytes:
+    while off < cap(disk):
         info = vm.QueryChangedDiskAreas(snapshot=snap, deviceKey=disk.key, startOffset=off, changeId=change_id)
         calls += 1
         assert info.startOffset == off, (info.startOffset, off)
@@ -50,11 +55,11 @@ def changed(snap, disk, change_id):
 
 s1 = snapshot("fidelity-1")
 d1 = disks_of(s1)
-big = max(d1, key=lambda d: d.capacityInBytes)
+big = max(d1, key=cap)
 cid1 = big.backing.changeId
 assert cid1, "the snapshot's disk backing carries a changeId"
 all_areas, all_calls = changed(s1, big, "*")
-print("WRITE %s %d %d" % (vm._moId, big.key, big.capacityInBytes), flush=True)
+print("WRITE %s %d %d" % (vm._moId, big.key, cap(big)), flush=True)
 sys.stdin.readline()
 s2 = snapshot("fidelity-2")
 big2 = [d for d in disks_of(s2) if d.key == big.key][0]

@@ -78,7 +78,7 @@ async fn pyvmomi_accepts_the_simulator() {
     let all: Vec<(u64, u64)> = serde_json::from_value(v["all"].clone()).unwrap();
     assert_eq!(all.first(), Some(&(0, 2 * BLOCK)), "{all:?}");
     assert!(all.iter().map(|a| a.1).sum::<u64>() <= 4 * BLOCK, "{all:?}");
-    assert_eq!(v["fault"], "FileFault");
+    assert_eq!(v["fault"], "vim.fault.FileFault");
     assert!(sim.qcda_calls().await >= 9);
 }
 

@@ -786,6 +786,7 @@ async fn handle(
         }
     };
     let name = req.name.clone();
+    tracing::debug!(method = %name, "vim25 request");
     // Injected faults.
     let injected = {
         let mut st = sh.state.lock().await;
@@ -901,9 +902,23 @@ async fn handle(
             let snap = req.text_at("_this").unwrap_or("").to_string();
             sh.state.lock().await.snaps.remove(&snap);
         }
-        "RetrievePropertiesEx" | "ContinueRetrievePropertiesEx" | "RetrieveProperties" if ok => {
+        "RetrievePropertiesEx"
+        | "ContinueRetrievePropertiesEx"
+        | "RetrieveProperties"
+        | "Fetch"
+            if ok =>
+        {
+            let this = (name == "Fetch")
+                .then(|| req.child("_this"))
+                .flatten()
+                .map(|t| {
+                    (
+                        t.type_attr.clone().unwrap_or_default(),
+                        t.text.trim().to_string(),
+                    )
+                });
             let st = sh.state.lock().await;
-            let rewritten = soap::add_change_ids(&up.body, |kind, obj, key| match kind {
+            let rewritten = soap::add_change_ids(&up.body, this, |kind, obj, key| match kind {
                 "VirtualMachine" => {
                     let d = st.disks.get(&(obj.to_string(), key))?;
                     st.cbt

@@ -158,11 +158,14 @@ pub fn moref(name: &str, kind: &str, value: &str) -> String {
     format!("<{name} type=\"{}\">{}</{name}>", esc(kind), esc(value))
 }
 
-/// Inserts `<changeId>` into every `VirtualDisk`'s top backing inside `objects` of a property
+/// Inserts `<changeId>` into every `VirtualDisk`'s top backing inside the objects of a property
 /// collector answer, asking `change_id(obj_type, obj_value, device_key)` for the value (None:
 /// leave the backing alone). Everything else is copied byte for byte.
+/// `this` is the object a `Fetch` (pyvmomi's property accessor) was about: its answer names
+/// no object.
 pub fn add_change_ids(
     xml: &[u8],
+    this: Option<(String, String)>,
     mut change_id: impl FnMut(&str, &str, i64) -> Option<String>,
 ) -> Result<Vec<u8>, String> {
     let mut r = Reader::from_reader(xml);
@@ -170,7 +173,8 @@ pub fn add_change_ids(
     let mut copied = 0usize;
     // (name, xsi:type) of open elements.
     let mut stack: Vec<(String, Option<String>)> = Vec::new();
-    let mut obj: Option<(String, String)> = None;
+    let fixed = this.is_some();
+    let mut obj: Option<(String, String)> = this;
     let mut in_obj = false;
     let mut obj_text = String::new();
     let mut obj_type = String::new();
@@ -184,10 +188,16 @@ pub fn add_change_ids(
             Event::Start(e) => {
                 let el = element(&e)?;
                 let depth = stack.len();
-                if el.name == "objects" {
+                // RetrievePropertiesEx wraps objects in `objects`, RetrieveProperties (what
+                // pyvmomi uses) answers one `returnval` per object.
+                if !fixed && (el.name == "objects" || el.name == "returnval") {
                     obj = None;
                 }
-                if el.name == "obj" && stack.last().is_some_and(|(n, _)| n == "objects") {
+                if el.name == "obj"
+                    && stack
+                        .last()
+                        .is_some_and(|(n, _)| n == "objects" || n == "returnval")
+                {
                     in_obj = true;
                     obj_text.clear();
                     obj_type = el.type_attr.clone().unwrap_or_default();
@@ -281,7 +291,7 @@ mod tests {
     #[test]
     fn change_ids_go_into_disk_backings_only() {
         let x = br#"<E xmlns:xsi="x"><objects><obj type="VirtualMachine">vm-1</obj><propSet><val><VirtualDevice xsi:type="VirtualDisk"><key>2000</key><backing xsi:type="VirtualDiskFlatVer2BackingInfo"><fileName>[d] a.vmdk</fileName></backing></VirtualDevice><VirtualDevice xsi:type="VirtualCdrom"><key>3000</key><backing><fileName>x</fileName></backing></VirtualDevice></val></propSet></objects></E>"#;
-        let out = add_change_ids(x, |t, v, k| Some(format!("{t}/{v}/{k}"))).unwrap();
+        let out = add_change_ids(x, None, |t, v, k| Some(format!("{t}/{v}/{k}"))).unwrap();
         let s = String::from_utf8(out).unwrap();
         assert!(s.contains("<fileName>[d] a.vmdk</fileName><changeId>VirtualMachine/vm-1/2000</changeId></backing>"), "{s}");
         assert_eq!(s.matches("changeId>").count(), 2, "{s}");
