@@ -122,18 +122,21 @@ impl Lab {
             .iter()
             .find(|v| v["disks"].as_array().unwrap().len() == 2)
             .expect("a 2-disk VM");
-        let mut disks: Vec<(i64, PathBuf)> = vm["disks"]
+        // In scsi0:0, scsi0:1 order: the seeded 1 MiB disk, then the 8 MiB one the simulator added.
+        let mut disks: Vec<(u64, i64, PathBuf)> = vm["disks"]
             .as_array()
             .unwrap()
             .iter()
             .map(|d| {
                 (
+                    d["capacity"].as_u64().unwrap(),
                     d["key"].as_i64().unwrap(),
                     PathBuf::from(d["live"].as_str().unwrap()),
                 )
             })
             .collect();
         disks.sort();
+        let disks = disks.into_iter().map(|(_, k, p)| (k, p)).collect();
         (
             vm["name"].as_str().unwrap().into(),
             vm["moref"].as_str().unwrap().into(),
@@ -159,10 +162,17 @@ impl Lab {
                 "-H",
                 "Cookie: vmware_soap_session=side-door",
                 "--data-binary",
-                &env,
+                "@-",
             ])
             .arg(self.info["url"].as_str().unwrap())
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write as _;
+                c.stdin.take().unwrap().write_all(env.as_bytes())?;
+                c.wait_with_output()
+            })
             .unwrap();
         let s = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
