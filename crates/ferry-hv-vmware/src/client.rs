@@ -265,10 +265,8 @@ impl VimClient {
             );
         let mut out = Vec::new();
         let mut r = self.call("RetrievePropertiesEx", body).await?;
-        loop {
-            let Some(rv) = r.child("returnval") else {
-                break; // nothing at all
-            };
+        // No `returnval` at all: nothing matched.
+        while let Some(rv) = r.child("returnval") {
             out.extend(rv.all("objects").map(object_content));
             let Some(token) = rv.text_at("token").filter(|t| !t.is_empty()) else {
                 break;
