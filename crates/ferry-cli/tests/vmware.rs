@@ -248,6 +248,52 @@ impl Lab {
     }
 }
 
+impl Lab {
+    /// Starts a throttled full backup of `vm`, SIGKILLs it while it reads and checks that its
+    /// snapshot is still on vCenter.
+    fn kill_mid_backup(&self, name: &str) {
+        let mut child = ferry()
+            .args([
+                "-v",
+                "backup",
+                "--source",
+                "lab",
+                "--vm",
+                name,
+                "--full",
+                "--limit-rate",
+                "1M",
+            ])
+            .envs(self.env())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = String::new();
+        loop {
+            let mut l = String::new();
+            assert!(
+                err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
+                "backup ended before it read: {seen}"
+            );
+            seen.push_str(&l);
+            if l.contains("backing up disk") {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        std::thread::sleep(Duration::from_millis(300));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(
+            self.snapshots_on_vcenter(),
+            1,
+            "the kill should land mid-backup"
+        );
+    }
+}
+
 fn init_repo(path: &Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -386,45 +432,13 @@ fn san_full_incremental_cbt_reset_and_sigkill() {
             &ferry_testkit::noise(1 << 20, i),
         );
     }
-    let mut child = ferry()
-        .args([
-            "-v",
-            "backup",
-            "--source",
-            "lab",
-            "--vm",
-            &name,
-            "--full",
-            "--limit-rate",
-            "1M",
-        ])
-        .envs(lab.env())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = String::new();
-    loop {
-        let mut l = String::new();
-        assert!(
-            err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
-            "backup ended before it read: {seen}"
-        );
-        seen.push_str(&l);
-        if l.contains("backing up disk") {
-            break;
-        }
-    }
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    std::thread::sleep(Duration::from_millis(300));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_eq!(
-        lab.snapshots_on_vcenter(),
-        1,
-        "the kill should land mid-backup"
-    );
+    // Killed once: `ferry source cleanup` removes the snapshot. Killed again: the next backup does.
+    lab.kill_mid_backup(&name);
+    let (out, _) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["snapshots"], 1, "{report}");
+    assert_eq!(lab.snapshots_on_vcenter(), 0);
+    lab.kill_mid_backup(&name);
     let expected = lab.copy_disks("after-kill");
     let (r, err) = lab.backup(&["--vm", &name]);
     assert!(err.contains("leftover"), "{err}");
