@@ -219,3 +219,87 @@ async fn no_vddk_and_no_san_path_name_what_is_missing() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(snapshots(&d, &vm.name).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn independent_disks_are_named_and_skipped_the_others_backed_up() {
+    use ferry_hv_vmware::xml::Body;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = sim(dir.path()).await;
+    let cfg = config(&sim, dir.path(), "[\"san\"]", "");
+    let d = VmwareDriver::connect("vc", cfg.source("vc").unwrap())
+        .await
+        .unwrap();
+    let summary = two_disk_vm(&d).await;
+    let objs = d
+        .client()
+        .retrieve_all("VirtualMachine", ferry_hv_vmware::model::VM_PATHS, 100)
+        .await
+        .unwrap();
+    let vm = objs
+        .iter()
+        .filter_map(ferry_hv_vmware::model::Vm::from_object)
+        .find(|v| v.name == summary.name)
+        .unwrap();
+    let ctl = vm
+        .devices
+        .as_ref()
+        .unwrap()
+        .children
+        .iter()
+        .find(|c| c.type_name().contains("SCSIController"))
+        .and_then(|c| c.text_at("key"))
+        .unwrap()
+        .to_string();
+    // An administrator adds an independent disk (excluded from snapshots by definition).
+    let disk = Body::new()
+        .text("key", "-1")
+        .nested(
+            "backing",
+            Some("VirtualDiskFlatVer2BackingInfo"),
+            Body::new()
+                .text("fileName", "")
+                .text("diskMode", "independent_persistent"),
+        )
+        .text("controllerKey", &ctl)
+        .text("unitNumber", "2")
+        .text("capacityInKB", "1024");
+    let change = Body::new()
+        .text("operation", "add")
+        .text("fileOperation", "create")
+        .nested("device", Some("VirtualDisk"), disk);
+    d.client()
+        .run_task(
+            "ReconfigVM_Task",
+            Body::new().moref("_this", &vm.moref).nested(
+                "spec",
+                None,
+                Body::new().nested("deviceChange", None, change),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        d.list_vms()
+            .await
+            .unwrap()
+            .iter()
+            .find(|v| v.name == summary.name)
+            .unwrap()
+            .disks
+            .len(),
+        3
+    );
+    let s = d
+        .begin_backup(&summary.id, &BackupOptions::default(), None)
+        .await
+        .unwrap();
+    let names: Vec<&str> = s.disks().iter().map(|x| x.name.as_str()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(!names.contains(&"scsi0:2"), "{names:?}");
+    assert_eq!(
+        s.config().disks.len(),
+        2,
+        "the config lists the disks backed up"
+    );
+    s.finish(Outcome::Aborted).await.unwrap();
+}
