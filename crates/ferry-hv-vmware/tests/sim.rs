@@ -206,6 +206,19 @@ async fn no_vddk_and_no_san_path_name_what_is_missing() {
         .await
         .unwrap();
     let vm = two_disk_vm(&d).await;
+    // vCenter busy with another task on the VM: a typed, retryable fault naming the call.
+    sim.fail_next("CreateSnapshot_Task", "TaskInProgress", 1)
+        .await;
+    let e = d
+        .begin_backup(&vm.id, &BackupOptions::default(), None)
+        .await
+        .unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("CreateSnapshot_Task") && e.contains("TaskInProgress"),
+        "{e}"
+    );
     let e = d
         .begin_backup(&vm.id, &BackupOptions::default(), None)
         .await

@@ -10,7 +10,7 @@
 //! - changed block tracking: `changeId`s in disk backings (added to property collector answers),
 //!   advanced at every snapshot; QueryChangedDiskAreas answered from the stamps, paged by
 //!   `startOffset` in windows of `cbt_page` bytes; `*` answers the allocated blocks;
-//! - faults: the next calls of a method fail with a given vim25 fault (as a task error for
+//! - faults: the next calls of a method fail with a given vim25 fault (a SOAP fault, also for
 //!   `*_Task` methods), and CBT can be reset (old changeIds then fail with `FileFault`).
 //!
 //! The side door is a set of vim25-shaped methods that real vCenter does not have
