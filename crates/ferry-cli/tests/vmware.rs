@@ -478,3 +478,24 @@ fn network_full_incremental_through_nbdkit_and_missing_vddk() {
         "a failed start removes its snapshot"
     );
 }
+
+#[test]
+fn demo_runs_against_the_vsphere_simulator() {
+    let out = ferry_testkit::run_logged(
+        env!("CARGO_BIN_EXE_ferry"),
+        &["demo", "--hypervisor", "vmware", "--size-mib", "16"],
+        &[(
+            "FERRY_VCSIM".to_string(),
+            ferry_testkit::tool("vcsim").display().to_string(),
+        )],
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{s}");
+    assert_eq!(
+        s.matches("identical to the disks at snapshot time").count(),
+        2,
+        "{s}"
+    );
+    assert!(s.contains("snapshots left on vCenter: 0"), "{s}");
+    assert!(s.contains("incremental (CBT)"), "{s}");
+}

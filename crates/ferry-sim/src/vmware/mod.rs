@@ -712,6 +712,11 @@ impl VmwareSim {
             .extend(std::iter::repeat_n(fault.to_string(), count));
     }
 
+    /// Snapshots taken through the front and not removed.
+    pub async fn snapshot_count(&self) -> usize {
+        self.shared.state.lock().await.snaps.len()
+    }
+
     /// QueryChangedDiskAreas calls answered so far.
     pub async fn qcda_calls(&self) -> u64 {
         self.shared.state.lock().await.qcda_calls
