@@ -2,7 +2,10 @@
 # Installs every peer the test suite uses, idempotently. Fast when everything is present.
 #
 #   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy),
+#            qemu-system-x86, syslinux, syslinux-common, mtools, busybox-static, cpio (boot verification),
 #            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin)
+#   Debian kernel: vmlinuz of linux-image-amd64's kernel package, extracted (not installed) into
+#            $FERRY_PEERS_DIR/boot/vmlinuz for the boot-verification test disk
 #   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
 #            pyvmomi)
 #   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite)
@@ -19,7 +22,7 @@ say() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { printf 'install.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
 # --- Debian packages -------------------------------------------------------------------------
-apt_pkgs=(qemu-utils nbdkit libnbd-bin curl golang-go golang-github-vmware-govmomi-dev)
+apt_pkgs=(qemu-utils nbdkit libnbd-bin curl qemu-system-x86 syslinux syslinux-common mtools busybox-static cpio golang-go golang-github-vmware-govmomi-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -32,9 +35,30 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \
     || die "apt-get install ${missing[*]} failed"
 fi
-for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl go; do
+for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_64 syslinux mcopy busybox cpio go; do
   command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
 done
+
+# --- A Debian kernel for the boot-verification test disk (extracted, never installed) ----------
+boot=$peers/boot
+if [ ! -s "$boot/vmlinuz" ]; then
+  kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+  kpkg=$(kernel_pkg)
+  if [ -z "$kpkg" ]; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq || die "apt-get update failed"
+    kpkg=$(kernel_pkg)
+  fi
+  [ -n "$kpkg" ] || die "cannot find the kernel package linux-image-amd64 depends on (apt-get update?)"
+  say "extracting the kernel of $kpkg into $boot"
+  ktmp=$(mktemp -d)
+  (cd "$ktmp" && apt-get download -qq "$kpkg" >/dev/null) || { rm -rf "$ktmp"; die "apt-get download $kpkg failed"; }
+  dpkg-deb --fsys-tarfile "$ktmp"/*.deb | tar -x -C "$ktmp" --wildcards './boot/vmlinuz-*' \
+    || { rm -rf "$ktmp"; die "cannot extract vmlinuz from $kpkg"; }
+  mkdir -p "$boot"
+  cp "$ktmp"/boot/vmlinuz-* "$boot/vmlinuz.tmp" && mv "$boot/vmlinuz.tmp" "$boot/vmlinuz"
+  rm -rf "$ktmp"
+fi
 
 # --- vcsim (govmomi's vCenter simulator) ------------------------------------------------------
 # Debian ships govmomi's `simulator` package but not the vcsim command: tests/peers/vcsim/main.go is

@@ -31,6 +31,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod backup;
+pub mod boot;
 pub mod calibrate;
 pub mod copy;
 mod cpu;

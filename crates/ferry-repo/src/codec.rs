@@ -34,6 +34,8 @@ pub const MAGIC_INDEX: [u8; 4] = *b"FRYI";
 pub const MAGIC_MANIFEST: [u8; 4] = *b"FRYM";
 /// Magic of a catalog segment.
 pub const MAGIC_CATALOG: [u8; 4] = *b"FRYT";
+/// Magic of a verification record or screenshot (`snapshots/<id>/verify/…`).
+pub const MAGIC_VERIFICATION: [u8; 4] = *b"FRYV";
 
 const HEADER_LEN: usize = 16;
 const TAG_LEN: usize = 16;

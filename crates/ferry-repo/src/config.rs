@@ -91,6 +91,11 @@ pub struct RepoConfig {
     /// The master key in hex, present only when `encryption` is `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub master_key: Option<String>,
+    /// S3 Object Lock retention of every data object (ADR 0075). Builds that predate the
+    /// field refuse such a repository (unknown field), which is what we want: they would not
+    /// keep its retention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub immutability: Option<crate::immutable::Immutability>,
 }
 
 /// Argon2id parameters of a key slot.
@@ -440,6 +445,7 @@ mod tests {
             encryption: Encryption::Aes256Gcm,
             chunk_id: "blake3-keyed".into(),
             master_key: None,
+            immutability: None,
         };
         let data = cfg.encode(&keys);
         let (back, body, mac) = RepoConfig::decode_unauthenticated(&data).unwrap();

@@ -115,6 +115,14 @@ pub enum RepoError {
         /// The disk name asked for.
         disk: String,
     },
+    /// Immutability cannot be set up or kept (no Object Lock, unsupported store).
+    #[error("repository {location}: {reason}")]
+    Immutability {
+        /// Where.
+        location: String,
+        /// Why.
+        reason: String,
+    },
     /// The caller broke the API contract (an index out of range, a chunk never written).
     #[error("{0}")]
     Usage(String),

@@ -25,9 +25,19 @@ pub fn decode_all(data: &[u8]) {
     }
     let _ = DiskIndex::from_payload("indexes/f/0", data);
     let _ = Manifest::from_payload("snapshots/f/manifest", data);
+    let _ = crate::verification::BootVerification::from_payload("snapshots/f/verify/x", data);
     let _ = RepoConfig::decode_unauthenticated(data);
     let _ = KeySlot::decode("keys/f", data);
     let _ = crate::locks::Lease::decode(data);
+    s3_responses(data);
+}
+
+/// The parsers of S3 Object Lock answers (`GetObjectLockConfiguration` XML, retain-until dates).
+pub fn s3_responses(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let _ = crate::immutable::parse_lock_configuration(&text);
+    let _ = crate::immutable::parse_date(&text);
+    let _ = crate::immutable::ledger_until(&text);
 }
 
 /// Valid inputs for each fuzz target, as (target, file name, bytes), sealed under the keys
@@ -75,6 +85,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             },
             chunk_id: "blake3-keyed".into(),
             master_key: None,
+            immutability: None,
         };
         out.push(("sealed_objects", format!("config-{tag}"), cfg.encode(&keys)));
         let _ = KdfParams::default();
@@ -89,6 +100,13 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     }
     let manifest = br#"{"version":1,"id":"fuzz","started":"2026-01-01T00:00:00Z","finished":"2026-01-01T00:00:01Z","time":0,"writer":"w","vm":{"id":"v","name":"n"},"source":"s","hypervisor":"xen","consistency":"crash","config":{"cpus":1,"memory":1,"firmware":"bios","guest-os":null,"disks":[],"nics":[]},"disks":[]}"#;
     out.push(("manifest_payload", "manifest".into(), manifest.to_vec()));
+    let lock = br#"<?xml version="1.0" encoding="UTF-8"?><ObjectLockConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><ObjectLockEnabled>Enabled</ObjectLockEnabled><Rule><DefaultRetention><Mode>COMPLIANCE</Mode><Days>30</Days></DefaultRetention></Rule></ObjectLockConfiguration>"#;
+    out.push(("s3_responses", "object-lock".into(), lock.to_vec()));
+    out.push((
+        "s3_responses",
+        "date".into(),
+        b"2026-12-02T15:00:00.000Z".to_vec(),
+    ));
     out
 }
 
@@ -104,6 +122,13 @@ mod tests {
             match (target, name.as_str()) {
                 ("manifest_payload", _) => {
                     Manifest::from_payload("snapshots/fuzz/manifest", &data).unwrap();
+                }
+                ("s3_responses", "object-lock") => {
+                    let c = crate::immutable::parse_lock_configuration(
+                        std::str::from_utf8(&data).unwrap(),
+                    )
+                    .unwrap();
+                    assert_eq!(c.object_lock_enabled.as_deref(), Some("Enabled"));
                 }
                 ("index_payload", _) => {
                     DiskIndex::from_payload("indexes/f/0", &data).unwrap();

@@ -70,6 +70,7 @@ pub mod config;
 mod direct;
 mod error;
 pub mod fuzz;
+pub mod immutable;
 pub mod locks;
 mod maintenance;
 pub mod manifest;
@@ -77,10 +78,12 @@ mod repo;
 pub mod store;
 pub mod testdata;
 pub mod time;
+pub mod verification;
 
 pub use codec::{ChunkCodec, ChunkId, Compression, DiskIndex, EncodedChunk, Keys};
 pub use config::{CompressionMethod, Encryption, KdfParams, RepoConfig};
 pub use error::{RepoError, Result};
+pub use immutable::{Immutability, KeptLocked, LockMode};
 pub use maintenance::{
     BadObject, GcOptions, GcReport, PruneDecision, Retention, VerifyOptions, VerifyReport,
     plan_retention,
@@ -91,3 +94,4 @@ pub use repo::{
     PutOutcome, Repository, SnapshotDisk, Stats, StatsSnapshot, Timing,
 };
 pub use store::{Created, Store};
+pub use verification::{BootResult, BootVerification};

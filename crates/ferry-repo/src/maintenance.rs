@@ -80,8 +80,12 @@ pub struct PruneDecision {
     pub time: String,
     /// Kept or removed.
     pub keep: bool,
-    /// Which rules keep it (`last`, `daily`, ...); empty when removed.
+    /// Which rules keep it (`last`, `daily`, ..., or `immutable` when its retention has not
+    /// expired); empty when removed.
     pub reasons: Vec<String>,
+    /// Immutable repositories: the retain-until date that kept it (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<String>,
 }
 
 /// Result of `gc`.
@@ -101,6 +105,9 @@ pub struct GcReport {
     pub catalog_segments: usize,
     /// Expired leases of crashed writers removed.
     pub expired_leases: usize,
+    /// Immutable repositories: unreferenced objects kept because their retention has not
+    /// expired (count, bytes, earliest expiry).
+    pub kept_locked: crate::immutable::KeptLocked,
     /// Nothing was deleted (dry run).
     pub dry_run: bool,
 }
@@ -183,6 +190,7 @@ pub fn plan_retention(
                 time: crate::time::unix_to_rfc3339(m.2),
                 keep: !r.is_empty(),
                 reasons: r,
+                locked_until: None,
             });
         }
     }
@@ -304,7 +312,11 @@ impl Repository {
             .iter()
             .map(|m| (m.id.clone(), m.meta.vm.id.clone(), m.time))
             .collect();
-        let plan = plan_retention(&rows, policy);
+        let mut plan = plan_retention(&rows, policy);
+        if self.store().immutability().is_some() {
+            self.prune_locked(&mut plan, dry_run).await?;
+            return Ok(plan);
+        }
         if !dry_run {
             for d in plan.iter().filter(|d| !d.keep) {
                 let store = self.store();
@@ -312,10 +324,63 @@ impl Repository {
                 for o in store.list(&format!("indexes/{}", d.id)).await? {
                     store.delete(o.location.as_ref()).await?;
                 }
+                // Verification records and screenshots (`snapshots/<id>/verify/…`).
+                for o in store.list(&format!("snapshots/{}/verify", d.id)).await? {
+                    store.delete(o.location.as_ref()).await?;
+                }
                 tracing::info!(snapshot = %d.id, "restore point removed");
             }
         }
         Ok(plan)
+    }
+
+    /// Prune of an immutable repository: a restore point whose manifest is still under
+    /// retention is kept (reason `immutable`, with its date); the others are deleted version by
+    /// version (manifest first). Index objects still locked are left for GC.
+    async fn prune_locked(&self, plan: &mut [PruneDecision], dry_run: bool) -> Result<()> {
+        use crate::immutable::{Deleted, Removal, removal};
+        let store = self.store();
+        let lock = store
+            .object_lock()
+            .expect("immutable repositories have a lock client");
+        let now = crate::immutable::now();
+        for d in plan.iter_mut().filter(|d| !d.keep) {
+            let key = Manifest::key_for(&d.id);
+            match removal(lock, &key, now).await? {
+                Removal::Keep(u, _) => {
+                    d.keep = true;
+                    d.reasons.push("immutable".into());
+                    d.locked_until = u.map(crate::time::unix_to_rfc3339);
+                    continue;
+                }
+                Removal::Gone => continue,
+                Removal::Delete(version) => {
+                    if dry_run {
+                        continue;
+                    }
+                    if lock.delete_version(&key, version.as_deref()).await? == Deleted::Refused {
+                        d.keep = true;
+                        d.reasons.push("immutable".into());
+                        d.reasons.push("refused-by-store".into());
+                        continue;
+                    }
+                }
+            }
+            let verify = store.list(&format!("snapshots/{}/verify", d.id)).await?;
+            for o in store
+                .list(&format!("indexes/{}", d.id))
+                .await?
+                .into_iter()
+                .chain(verify)
+            {
+                let k = o.location.to_string();
+                if let Removal::Delete(v) = removal(lock, &k, now).await? {
+                    lock.delete_version(&k, v.as_deref()).await?;
+                }
+            }
+            tracing::info!(snapshot = %d.id, "restore point removed");
+        }
+        Ok(())
     }
 
     /// Mark and sweep: takes the GC lock, waits until no backup holds a lease, marks every chunk
@@ -381,6 +446,7 @@ impl Repository {
         report.live_chunks = live.len();
         let cutoff = now_unix() - opts.grace.as_secs() as i64;
         let mut doomed = Vec::new();
+        let mut doomed_sizes = HashMap::new();
         let mut survivors = Vec::new();
         for o in store.list("chunks").await? {
             let key = o.location.to_string();
@@ -395,8 +461,53 @@ impl Repository {
                 survivors.push(id);
             } else {
                 report.freed_bytes += o.size;
+                doomed_sizes.insert(key.clone(), o.size);
                 doomed.push(key);
             }
+        }
+        // Immutable repositories: what is still under retention stays (and stays listed in the
+        // catalog, so backups keep reusing it); the rest is deleted version by version.
+        let mut versions: HashMap<String, Option<String>> = HashMap::new();
+        let mut ledger_gone = Vec::new();
+        if let (Some(_), Some(lock)) = (store.immutability(), store.object_lock()) {
+            let now = crate::immutable::now();
+            let ledger = crate::immutable::Ledger::load(store, &self.inner.keys, now + 1).await?;
+            let mut kept = Vec::new();
+            for key in std::mem::take(&mut doomed) {
+                let size = doomed_sizes.get(&key).copied().unwrap_or(0);
+                let id = key.rsplit('/').next().and_then(ChunkId::from_hex);
+                if let Some(u) = id
+                    .and_then(|id| ledger.until.get(&id))
+                    .filter(|u| **u > now)
+                {
+                    report.kept_locked.add(size, Some(*u));
+                    kept.push((key, size));
+                    continue;
+                }
+                match crate::immutable::removal(lock, &key, now).await? {
+                    crate::immutable::Removal::Keep(u, size) => {
+                        report.kept_locked.add(size, u);
+                        kept.push((key, size));
+                    }
+                    crate::immutable::Removal::Delete(v) => {
+                        versions.insert(key.clone(), v);
+                        doomed.push(key);
+                    }
+                    crate::immutable::Removal::Gone => {}
+                }
+            }
+            for (key, size) in kept {
+                report.freed_bytes -= size;
+                if let Some(id) = key.rsplit('/').next().and_then(ChunkId::from_hex) {
+                    survivors.push(id);
+                }
+            }
+            ledger_gone = ledger
+                .segments
+                .iter()
+                .filter(|(_, u)| *u <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
         }
         report.deleted_chunks = doomed.len();
         let mut orphan_indexes = Vec::new();
@@ -404,6 +515,19 @@ impl Repository {
             let key = o.location.to_string();
             if !live_indexes.contains(&key) && o.last_modified.timestamp() <= cutoff {
                 orphan_indexes.push(key);
+            }
+        }
+        if let (Some(_), Some(lock)) = (store.immutability(), store.object_lock()) {
+            let now = crate::immutable::now();
+            for key in std::mem::take(&mut orphan_indexes) {
+                match crate::immutable::removal(lock, &key, now).await? {
+                    crate::immutable::Removal::Keep(u, size) => report.kept_locked.add(size, u),
+                    crate::immutable::Removal::Delete(v) => {
+                        versions.insert(key.clone(), v);
+                        orphan_indexes.push(key);
+                    }
+                    crate::immutable::Removal::Gone => {}
+                }
             }
         }
         report.orphan_indexes = orphan_indexes.len();
@@ -431,16 +555,52 @@ impl Repository {
         for s in &segments {
             store.delete(s).await?;
         }
-        let results: Vec<Result<()>> =
+        for k in &ledger_gone {
+            store.delete(k).await?;
+        }
+        let lock = store
+            .object_lock()
+            .filter(|_| store.immutability().is_some());
+        let results: Vec<Result<Option<String>>> =
             futures::stream::iter(doomed.into_iter().chain(orphan_indexes))
                 .map(|k| {
                     let store = store.clone();
-                    async move { store.delete(&k).await }
+                    let lock = lock.cloned();
+                    let version = versions.remove(&k).flatten();
+                    async move {
+                        match lock {
+                            // A plain DELETE would only add a delete marker on a versioned
+                            // bucket: delete the version itself to free the space.
+                            Some(lock) => {
+                                match lock.delete_version(&k, version.as_deref()).await? {
+                                    crate::immutable::Deleted::Deleted => Ok(None),
+                                    crate::immutable::Deleted::Refused => Ok(Some(k)),
+                                }
+                            }
+                            None => store.delete(&k).await.map(|()| None),
+                        }
+                    }
                 })
                 .buffer_unordered(16)
                 .collect()
                 .await;
-        results.into_iter().collect::<Result<Vec<()>>>()?;
+        for refused in results
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+        {
+            tracing::warn!(object = %refused, "the store refused to delete an object ferry thought expired; kept");
+            let size = doomed_sizes.get(&refused).copied().unwrap_or(0);
+            report.kept_locked.add(size, None);
+            report.kept_locked.refused_by_store += 1;
+            if refused.starts_with("chunks/") {
+                report.deleted_chunks -= 1;
+                report.freed_bytes -= size;
+            } else {
+                report.orphan_indexes -= 1;
+            }
+        }
         tracing::info!(
             deleted = report.deleted_chunks,
             freed = report.freed_bytes,

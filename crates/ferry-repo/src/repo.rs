@@ -44,6 +44,9 @@ pub struct InitOptions {
     pub encrypted: bool,
     /// Argon2id parameters for the first password slot.
     pub kdf: KdfParams,
+    /// Lock every data object (S3 Object Lock; ADR 0075). Refused unless the bucket has
+    /// Object Lock enabled.
+    pub immutability: Option<crate::immutable::Immutability>,
 }
 
 impl Default for InitOptions {
@@ -54,6 +57,7 @@ impl Default for InitOptions {
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             encrypted: true,
             kdf: KdfParams::default(),
+            immutability: None,
         }
     }
 }
@@ -132,6 +136,21 @@ impl Repository {
                 location: store.location().into(),
             });
         }
+        let store = match opts.immutability {
+            Some(p) => {
+                p.validate()?;
+                let store = store.with_immutability(p)?;
+                let lock = store.object_lock().expect("checked by with_immutability");
+                if !lock.bucket_lock_enabled().await? {
+                    return Err(RepoError::Immutability {
+                        location: store.location().into(),
+                        reason: "the bucket does not have S3 Object Lock enabled; create a bucket with Object Lock (`aws s3api create-bucket --object-lock-enabled-for-bucket`) or enable it on this one (`put-object-lock-configuration`, which needs versioning)".into(),
+                    });
+                }
+                store
+            }
+            None => store,
+        };
         let master: [u8; 32] = random_bytes();
         let id = hex(&random_bytes::<16>());
         let config = RepoConfig {
@@ -147,6 +166,7 @@ impl Repository {
             },
             chunk_id: "blake3-keyed".into(),
             master_key: (!opts.encrypted).then(|| hex(&master)),
+            immutability: opts.immutability,
         };
         let keys = Keys::from_master(master, opts.encrypted);
         let mut slot_key = None;
@@ -198,6 +218,13 @@ impl Repository {
             }
         };
         RepoConfig::authenticate(&body, &mac, &keys)?;
+        let store = match config.immutability {
+            Some(p) => {
+                p.validate()?;
+                store.with_immutability(p)?
+            }
+            None => store,
+        };
         Ok(Self::assemble(store, config, keys))
     }
 
@@ -511,6 +538,7 @@ impl Repository {
                 pending: Mutex::new(Vec::new()),
                 segment: AtomicU64::new(0),
                 stats: Stats::default(),
+                locked: Mutex::new(Vec::new()),
             }),
             lease: Some(lease),
             meta,
@@ -549,6 +577,8 @@ pub struct Stats {
     pub zero: AtomicU64,
     /// Stored chunks read back and authenticated after writing (copies).
     pub verified: AtomicU64,
+    /// Objects whose retention this commit extended (immutable repositories).
+    pub retention_extended: AtomicU64,
 }
 
 /// A snapshot of [`Stats`].
@@ -566,6 +596,8 @@ pub struct StatsSnapshot {
     pub zero: u64,
     /// Chunks read back after writing.
     pub verified: u64,
+    /// Objects whose retention was extended at commit (immutable repositories).
+    pub retention_extended: u64,
 }
 
 struct Shared {
@@ -579,6 +611,8 @@ struct Shared {
     pending: Mutex<Vec<ChunkId>>,
     segment: AtomicU64,
     stats: Stats,
+    /// Chunks this writer created with a lock (immutable repositories): they need no extension.
+    locked: Mutex<Vec<ChunkId>>,
 }
 
 impl Shared {
@@ -628,6 +662,9 @@ impl Shared {
             Created::Written => {
                 self.stats.uploaded.fetch_add(1, Ordering::Relaxed);
                 self.stats.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
+                if self.repo.inner.store.immutability().is_some() {
+                    self.locked.lock().expect("locked list").push(enc.id);
+                }
             }
             Created::AlreadyExists => {
                 self.stats.already_present.fetch_add(1, Ordering::Relaxed);
@@ -707,6 +744,7 @@ impl BackupWriter {
             reused: s.reused.load(Ordering::Relaxed),
             zero: s.zero.load(Ordering::Relaxed),
             verified: s.verified.load(Ordering::Relaxed),
+            retention_extended: s.retention_extended.load(Ordering::Relaxed),
         }
     }
 
@@ -798,6 +836,29 @@ impl BackupWriter {
             idx_data.push((key, sealed, index));
         }
         self.shared.flush().await?;
+        if repo.inner.store.immutability().is_some() {
+            let mut referenced: Vec<ChunkId> = idx_data
+                .iter()
+                .flat_map(|(_, _, index)| index.chunks.iter())
+                .filter(|c| !c.is_zero())
+                .copied()
+                .collect();
+            referenced.sort_unstable();
+            referenced.dedup();
+            let locked = std::mem::take(&mut *self.shared.locked.lock().expect("locked list"));
+            let n = crate::immutable::secure_commit(
+                &repo,
+                &self.shared.id,
+                self.time,
+                referenced,
+                locked,
+            )
+            .await?;
+            self.shared
+                .stats
+                .retention_extended
+                .store(n, Ordering::Relaxed);
+        }
         for ((key, data, index), md) in idx_data.into_iter().zip(&mut mdisks) {
             if repo.inner.store.create(&key, data).await? == Created::AlreadyExists {
                 if self.copy_of.is_none() {

@@ -3,6 +3,7 @@
 
 use crate::direct::DirectWriter;
 use crate::error::{RepoError, Result};
+use crate::immutable::{Immutability, S3Lock, S3Target};
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -32,6 +33,10 @@ pub struct Store {
     permits: Arc<Semaphore>,
     /// Local repositories: large objects bypass the page cache (see `direct.rs`).
     direct: Option<Arc<DirectWriter>>,
+    /// S3: the requests `object_store` cannot make (Object Lock; ADR 0075).
+    lock: Option<Arc<S3Lock>>,
+    /// Set for immutable repositories: data objects are created with retention.
+    policy: Option<Immutability>,
 }
 
 impl fmt::Debug for Store {
@@ -217,6 +222,29 @@ fn shared_credentials_file(
     })
 }
 
+/// Where the S3 requests of [`S3Lock`] go: the same endpoint, region and addressing style as
+/// `object_store`'s.
+fn s3_target(b: &object_store::aws::AmazonS3Builder, bucket: &str, prefix: &str) -> S3Target {
+    use object_store::aws::AmazonS3ConfigKey as K;
+    let region = b
+        .get_config_value(&K::Region)
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "us-east-1".into());
+    let virtual_hosted = is_true(b.get_config_value(&K::VirtualHostedStyleRequest));
+    let bucket_url = match b.get_config_value(&K::Endpoint).filter(|e| !e.is_empty()) {
+        Some(e) if virtual_hosted => e.trim_end_matches('/').to_string(),
+        Some(e) => format!("{}/{bucket}", e.trim_end_matches('/')),
+        None if virtual_hosted => format!("https://{bucket}.s3.{region}.amazonaws.com"),
+        None => format!("https://s3.{region}.amazonaws.com/{bucket}"),
+    };
+    S3Target {
+        bucket_url,
+        bucket: bucket.to_string(),
+        prefix: prefix.to_string(),
+        region,
+    }
+}
+
 /// Makes sure an Azure builder has a credential source other than the managed identity
 /// endpoint, or that the operator opted into that one.
 fn azure_credentials(
@@ -257,6 +285,8 @@ impl Store {
             location: location.into(),
             permits: Arc::new(Semaphore::new(DEFAULT_CONCURRENCY)),
             direct: None,
+            lock: None,
+            policy: None,
         }
     }
 
@@ -283,6 +313,7 @@ impl Store {
             reason,
         };
         let mut direct = None;
+        let mut lock = None;
         let store: Arc<dyn ObjectStore> = if let Some(rest) = location.strip_prefix("s3://") {
             let (bucket, prefix) = split_bucket(location, rest)?;
             let mut b = object_store::aws::AmazonS3Builder::from_env();
@@ -295,11 +326,13 @@ impl Store {
                 }
             }
             b = s3_credentials(b, options, location)?;
+            let target = s3_target(&b, &bucket, &prefix);
             let s3 = b
                 .with_bucket_name(bucket)
                 .with_retry(retry_config())
                 .build()
                 .map_err(|e| invalid(format!("S3 configuration: {e}")))?;
+            lock = Some(Arc::new(S3Lock::new(target, s3.credentials().clone())?));
             with_prefix(Arc::new(s3), &prefix)
         } else if let Some(rest) = location
             .strip_prefix("az://")
@@ -342,8 +375,32 @@ impl Store {
         };
         Ok(Self {
             direct,
+            lock,
             ..Self::new(store, location)
         })
+    }
+
+    /// The S3 Object Lock client (S3 locations only).
+    pub fn object_lock(&self) -> Option<&Arc<S3Lock>> {
+        self.lock.as_ref()
+    }
+
+    /// The immutability policy data objects are written with, if any.
+    pub fn immutability(&self) -> Option<Immutability> {
+        self.policy
+    }
+
+    /// Writes data objects with retention from now on. Fails where the store cannot lock
+    /// objects (only S3 Object Lock is implemented; see docs/immutability.md).
+    pub fn with_immutability(mut self, policy: Immutability) -> Result<Self> {
+        if self.lock.is_none() {
+            return Err(RepoError::Immutability {
+                location: self.location.clone(),
+                reason: "immutability needs an S3 bucket with Object Lock; this store cannot lock objects (Azure immutability policies are not implemented yet, see docs/immutability.md)".into(),
+            });
+        }
+        self.policy = Some(policy);
+        Ok(self)
     }
 
     /// Where the repository lives (for messages).
@@ -414,6 +471,12 @@ impl Store {
                 .map_err(local)?;
             if let Some(created) = r {
                 return Ok(created);
+            }
+        }
+        if let (Some(p), Some(lock)) = (self.policy, &self.lock) {
+            if crate::immutable::is_data_key(key) {
+                let until = p.retain_until(crate::immutable::now());
+                return lock.put_create(key, data, p.mode, until).await;
             }
         }
         let opts = PutOptions::from(PutMode::Create);

@@ -19,7 +19,7 @@ const DRIVER: &[&str] = &[
 const ALLOWED: &[(&str, &[&str])] = &[
     ("ferry-core", &[]),
     ("ferry-testkit", &[]),
-    ("ferry-repo", &["ferry-core"]),
+    ("ferry-repo", &["ferry-core", "ferry-http", "ferry-tls"]),
     ("ferry-tls", &[]),
     ("ferry-http", &["ferry-tls"]),
     ("ferry-nbd", &["ferry-core", "ferry-tls"]),

@@ -9,8 +9,8 @@ use anyhow::{Context, bail};
 use ferry_core::Secret;
 use ferry_core::size::{human_bytes, parse_size};
 use ferry_repo::{
-    CompressionMethod, Encryption, GcOptions, InitOptions, KdfParams, Repository, Retention, Store,
-    VerifyOptions,
+    CompressionMethod, Encryption, GcOptions, Immutability, InitOptions, KdfParams, LockMode,
+    Repository, Retention, Store, VerifyOptions,
 };
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -92,6 +92,70 @@ pub struct InitArgs {
     /// Store data unencrypted (anyone with access to the storage can read it).
     #[arg(long)]
     insecure_no_encryption: bool,
+    /// Make every restore point undeletable for N days with S3 Object Lock (the bucket must
+    /// have Object Lock enabled). Prune and GC then delete only what is past its retention.
+    #[arg(long, value_name = "N")]
+    immutable_days: Option<u64>,
+    /// Object Lock mode: `compliance` (default: nobody can delete early, not even the
+    /// account's root) or `governance` (users allowed to bypass governance retention can).
+    #[arg(long, value_enum)]
+    lock_mode: Option<LockModeArg>,
+    /// Retention generation in days (default 10): retain-until dates are rounded up to
+    /// generations plus one generation of lead, so a reused chunk's retention is extended at
+    /// most once per generation.
+    #[arg(long, value_name = "N")]
+    generation_days: Option<u64>,
+    /// Retention in seconds instead of days (tests).
+    #[arg(long, hide = true, conflicts_with = "immutable_days")]
+    immutable_seconds: Option<u64>,
+    /// Generation in seconds instead of days (tests).
+    #[arg(long, hide = true, conflicts_with = "generation_days")]
+    generation_seconds: Option<u64>,
+}
+
+/// `--lock-mode` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LockModeArg {
+    Governance,
+    Compliance,
+}
+
+impl InitArgs {
+    /// The immutability settings the flags ask for.
+    fn immutability(&self) -> anyhow::Result<Option<Immutability>> {
+        let retention = match (self.immutable_days, self.immutable_seconds) {
+            (Some(d), _) => d.checked_mul(86_400),
+            (None, Some(s)) => Some(s),
+            (None, None) => {
+                if self.lock_mode.is_some()
+                    || self.generation_days.is_some()
+                    || self.generation_seconds.is_some()
+                {
+                    bail!("--lock-mode and --generation-days need --immutable-days");
+                }
+                return Ok(None);
+            }
+        };
+        let Some(retention_secs) = retention.filter(|r| *r > 0) else {
+            bail!("--immutable-days must be at least 1");
+        };
+        let generation_secs = match (self.generation_days, self.generation_seconds) {
+            (Some(d), _) => d.saturating_mul(86_400),
+            (None, Some(s)) => s,
+            (None, None) => ferry_repo::immutable::DEFAULT_GENERATION_SECS,
+        };
+        if generation_secs == 0 {
+            bail!("--generation-days must be at least 1");
+        }
+        Ok(Some(Immutability {
+            mode: match self.lock_mode {
+                Some(LockModeArg::Governance) => LockMode::Governance,
+                Some(LockModeArg::Compliance) | None => LockMode::Compliance,
+            },
+            retention_secs,
+            generation_secs,
+        }))
+    }
 }
 
 /// `--compression` values.
@@ -148,6 +212,27 @@ pub struct VerifyArgs {
     /// Re-read this percentage of the chunks (manifests and indexes are always read in full).
     #[arg(long, default_value_t = 100.0)]
     sample: f64,
+    /// Boot verification instead: boot this restore point (an id, a unique prefix, `latest`,
+    /// `VM@latest`) in qemu under TCG from an NBD export with a write overlay (the repository
+    /// never changes), wait for the heartbeat on the serial console, take a screenshot, and
+    /// attach the result to the restore point.
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with = "snapshot")]
+    boot: Option<String>,
+    /// Disk to boot; may be omitted when the restore point has one disk.
+    #[arg(long, requires = "boot")]
+    disk: Option<String>,
+    /// Verdict `failed` when no heartbeat appeared after this long (e.g. 90s, 5m).
+    #[arg(long, requires = "boot", default_value = "5m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Regular expression the serial console must show (default: a login prompt).
+    #[arg(long, requires = "boot", default_value = ferry_engine::boot::DEFAULT_HEARTBEAT)]
+    heartbeat: String,
+    /// Guest memory in MiB.
+    #[arg(long, requires = "boot", default_value_t = 512)]
+    memory: u32,
+    /// Also write the screenshot (PNG) to this file.
+    #[arg(long, requires = "boot")]
+    screenshot: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -275,12 +360,13 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or(ferry_repo::DEFAULT_COMPRESSION_LEVEL),
         encrypted: !a.insecure_no_encryption,
         kdf: KdfParams::default(),
+        immutability: a.immutability()?,
     };
     let store = Store::open(&a.repo.repo, true)
         .with_context(|| format!("cannot create repository {}", a.repo.repo))?;
     let repo = Repository::init(store, password.as_ref(), opts).await?;
     println!(
-        "created repository {} at {} (chunk size {}, {})",
+        "created repository {} at {} (chunk size {}, {}{})",
         repo.config().id,
         a.repo.repo,
         human_bytes(u64::from(repo.config().chunk_size)),
@@ -288,9 +374,33 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
             "NOT encrypted"
         } else {
             "AES-256-GCM"
-        }
+        },
+        repo.config()
+            .immutability
+            .map(|i| format!(", immutable: {}", describe_immutability(&i)))
+            .unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `S3 Object Lock compliance, 30 days (generation 10 days)`.
+fn describe_immutability(i: &Immutability) -> String {
+    let span = |s: u64| {
+        if s % 86_400 == 0 {
+            format!("{} days", s / 86_400)
+        } else {
+            format!("{s} s")
+        }
+    };
+    format!(
+        "S3 Object Lock {}, {} (generation {})",
+        match i.mode {
+            LockMode::Governance => "governance",
+            LockMode::Compliance => "compliance",
+        },
+        span(i.retention_secs),
+        span(i.generation_secs)
+    )
 }
 
 #[derive(Serialize)]
@@ -307,6 +417,8 @@ struct Info {
     snapshots: usize,
     chunks: usize,
     chunk_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    immutability: Option<Immutability>,
 }
 
 async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
@@ -326,6 +438,7 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         snapshots: repo.snapshot_ids().await?.len(),
         chunks: chunks.len(),
         chunk_bytes: chunks.iter().map(|o| o.size).sum(),
+        immutability: c.immutability,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -349,6 +462,9 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
                 Encryption::None => "none",
             }
         );
+        if let Some(i) = &info.immutability {
+            println!("immutable:    {}", describe_immutability(i));
+        }
         println!("key slots:    {}", info.key_slots);
         println!("snapshots:    {}", info.snapshots);
         println!(
@@ -396,8 +512,19 @@ struct SnapshotRow<'a> {
 pub async fn snapshots(a: SnapshotsArgs, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     let repo = a.repo.open().await?;
     let ms = repo.snapshots().await?;
+    let boots = repo.latest_boot_verifications().await?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&ms)?);
+        let mut list = Vec::with_capacity(ms.len());
+        for m in &ms {
+            let mut v = serde_json::to_value(m)?;
+            if let Some(b) = boots.get(&m.id) {
+                let mut bv = serde_json::to_value(b)?;
+                bv["key"] = serde_json::Value::String(b.key.clone());
+                v["boot-verification"] = bv;
+            }
+            list.push(v);
+        }
+        println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
     }
     let rows: Vec<SnapshotRow> = ms
@@ -414,14 +541,22 @@ pub async fn snapshots(a: SnapshotsArgs, _global: &crate::Global) -> anyhow::Res
         })
         .collect();
     println!(
-        "{:<32} {:<20} {:<24} {:<10} {:<12} {:>5} {:>10}",
+        "{:<32} {:<20} {:<24} {:<10} {:<12} {:>5} {:>10}  BOOT",
         "ID", "TIME", "VM", "HYPERVISOR", "CONSISTENCY", "DISKS", "SIZE"
     );
     for r in rows {
         let hv = serde_json::to_value(r.hypervisor)?;
         let cl = serde_json::to_value(r.consistency)?;
+        let boot = match boots.get(r.id) {
+            Some(b) => match (b.result, b.seconds_to_heartbeat) {
+                (ferry_repo::BootResult::Ok, Some(s)) => format!("ok ({s:.0} s)"),
+                (ferry_repo::BootResult::Ok, None) => "ok".into(),
+                (ferry_repo::BootResult::Failed, _) => "failed".into(),
+            },
+            None => "-".into(),
+        };
         println!(
-            "{:<32} {:<20} {:<24} {:<10} {:<12} {:>5} {:>10}",
+            "{:<32} {:<20} {:<24} {:<10} {:<12} {:>5} {:>10}  {boot}",
             r.id,
             r.time,
             r.vm,
@@ -436,6 +571,9 @@ pub async fn snapshots(a: SnapshotsArgs, _global: &crate::Global) -> anyhow::Res
 
 /// `ferry verify`: exit status 1 when anything is bad.
 pub async fn verify(a: VerifyArgs, _global: &crate::Global) -> anyhow::Result<ExitCode> {
+    if a.boot.is_some() {
+        return verify_boot(a).await;
+    }
     if !(0.0..=100.0).contains(&a.sample) {
         bail!("--sample must be a percentage between 0 and 100");
     }
@@ -471,6 +609,103 @@ pub async fn verify(a: VerifyArgs, _global: &crate::Global) -> anyhow::Result<Ex
     })
 }
 
+/// `ferry verify --boot SNAPSHOT`.
+async fn verify_boot(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let spec = a.boot.clone().unwrap_or_default();
+    let repo = a.repo.open().await?;
+    let manifest = crate::cmd::restore::resolve_snapshot(&repo, &spec).await?;
+    let disk = match (&a.disk, manifest.disks.as_slice()) {
+        (Some(d), disks) if disks.iter().any(|x| &x.name == d) => d.clone(),
+        (Some(d), _) => bail!("restore point {} has no disk `{d}`", manifest.id),
+        (None, [one]) => one.name.clone(),
+        (None, _) => bail!(
+            "restore point {} has {} disks: pass --disk",
+            manifest.id,
+            manifest.disks.len()
+        ),
+    };
+    let opts = ferry_engine::boot::BootOptions {
+        timeout: a.timeout,
+        heartbeat: a.heartbeat.clone(),
+        memory_mib: a.memory,
+        ..Default::default()
+    };
+    if !a.json && !crate::logging::quiet() {
+        eprintln!(
+            "booting disk {disk} of restore point {} in qemu (TCG), waiting up to {} s for `{}`…",
+            manifest.id,
+            a.timeout.as_secs(),
+            a.heartbeat
+        );
+    }
+    let started = ferry_repo::time::now_rfc3339();
+    let outcome = ferry_engine::boot::verify_boot(&repo, &manifest.id, &disk, &opts).await?;
+    let record = ferry_repo::BootVerification {
+        version: ferry_repo::verification::VERIFICATION_VERSION,
+        snapshot: manifest.id.clone(),
+        disk: disk.clone(),
+        started,
+        result: if outcome.ok {
+            ferry_repo::BootResult::Ok
+        } else {
+            ferry_repo::BootResult::Failed
+        },
+        seconds_to_heartbeat: outcome.seconds_to_heartbeat,
+        seconds: outcome.seconds,
+        reason: outcome.reason.clone(),
+        heartbeat: a.heartbeat.clone(),
+        timeout_secs: a.timeout.as_secs(),
+        emulator: outcome.emulator.clone(),
+        console_tail: outcome.console_tail.clone(),
+        screenshot: None,
+        key: String::new(),
+    };
+    let record = repo
+        .attach_boot_verification(record, outcome.screenshot.as_deref())
+        .await?;
+    if let (Some(path), Some(png)) = (&a.screenshot, &outcome.screenshot) {
+        std::fs::write(path, png)
+            .with_context(|| format!("cannot write the screenshot to {}", path.display()))?;
+    }
+    if a.json {
+        let mut v = serde_json::to_value(&record)?;
+        v["key"] = serde_json::Value::String(record.key.clone());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{}: restore point {} disk {} {}",
+            if outcome.ok { "OK" } else { "FAILED" },
+            record.snapshot,
+            record.disk,
+            match record.seconds_to_heartbeat {
+                Some(s) => format!("booted, heartbeat after {s:.1} s"),
+                None => "did not boot".into(),
+            }
+        );
+        println!("  {}", record.reason);
+        println!("  emulator: {}", record.emulator);
+        match (&record.screenshot, &a.screenshot) {
+            (Some(k), Some(p)) => println!("  screenshot: {k} (saved to {})", p.display()),
+            (Some(k), None) => println!("  screenshot: {k}"),
+            (None, _) => println!("  screenshot: none (qemu could not take one)"),
+        }
+        if !outcome.ok {
+            let tail: Vec<&str> = record.console_tail.lines().rev().take(5).collect();
+            if !tail.is_empty() {
+                println!("  serial console (last lines):");
+                for l in tail.into_iter().rev() {
+                    println!("    {l}");
+                }
+            }
+        }
+    }
+    Ok(if outcome.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// `ferry prune`.
 pub async fn prune(a: PruneArgs, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     let repo = a.repo.open().await?;
@@ -492,6 +727,16 @@ pub async fn prune(a: PruneArgs, _global: &crate::Global) -> anyhow::Result<Exit
                 d.time,
                 d.vm,
                 d.reasons.join(",")
+            );
+        }
+        let locked: Vec<&str> = plan
+            .iter()
+            .filter_map(|d| d.locked_until.as_deref())
+            .collect();
+        if let Some(first) = locked.iter().min() {
+            println!(
+                "kept {} restore points under retention (immutable; the earliest expires {first})",
+                locked.len()
             );
         }
         let removed = plan.iter().filter(|d| !d.keep).count();
@@ -532,6 +777,23 @@ pub async fn gc(a: GcArgs, _global: &crate::Global) -> anyhow::Result<ExitCode> 
             report.orphan_indexes,
             report.expired_leases
         );
+        let k = &report.kept_locked;
+        if k.count > 0 {
+            println!(
+                "kept {} objects ({}) still under retention{}{}",
+                k.count,
+                human_bytes(k.bytes),
+                k.earliest_expiry
+                    .as_deref()
+                    .map(|e| format!("; the earliest expires {e}"))
+                    .unwrap_or_default(),
+                if k.refused_by_store > 0 {
+                    format!("; {} refused by the store", k.refused_by_store)
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
