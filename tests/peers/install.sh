@@ -2,10 +2,12 @@
 # Installs every peer the test suite uses, idempotently. Fast when everything is present.
 #
 #   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy),
-#            qemu-system-x86, syslinux, syslinux-common, mtools, busybox-static, cpio (boot verification)
+#            qemu-system-x86, syslinux, syslinux-common, mtools, busybox-static, cpio (boot verification),
+#            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin)
 #   Debian kernel: vmlinuz of linux-image-amd64's kernel package, extracted (not installed) into
 #            $FERRY_PEERS_DIR/boot/vmlinuz for the boot-verification test disk
-#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob, schemathesis)
+#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
+#            schemathesis, pyvmomi)
 #   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite)
 #
 # FERRY_PEERS_DIR defaults to <repo>/.peers (git-ignored). Fails loudly on any error.
@@ -21,7 +23,7 @@ die() { printf 'install.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
 # --- Debian packages -------------------------------------------------------------------------
 apt_pkgs=(qemu-utils nbdkit libnbd-bin curl qemu-system-x86 syslinux syslinux-common mtools busybox-static cpio
-          ntfs-3g e2fsprogs fdisk util-linux)
+          ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -35,7 +37,7 @@ if ((${#missing[@]})); then
     || die "apt-get install ${missing[*]} failed"
 fi
 for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_64 syslinux mcopy busybox cpio \
-         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap; do
+         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go; do
   command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
 done
 
@@ -59,6 +61,21 @@ if [ ! -s "$boot/vmlinuz" ]; then
   cp "$ktmp"/boot/vmlinuz-* "$boot/vmlinuz.tmp" && mv "$boot/vmlinuz.tmp" "$boot/vmlinuz"
   rm -rf "$ktmp"
 fi
+
+# --- vcsim (govmomi's vCenter simulator) ------------------------------------------------------
+# Debian ships govmomi's `simulator` package but not the vcsim command: tests/peers/vcsim/main.go is
+# a small command around it, built in GOPATH mode from /usr/share/gocode (no network).
+vcsim=$peers/bin/vcsim
+vstamp=$peers/bin/.ferry-vcsim.go
+if [ ! -x "$vcsim" ] || ! cmp -s "$here/vcsim/main.go" "$vstamp"; then
+  say "building vcsim into $vcsim"
+  mkdir -p "$peers/bin" "$peers/go-cache"
+  (cd "$here/vcsim" && GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE="$peers/go-cache" \
+     go build -o "$vcsim.tmp" .) || die "building vcsim from golang-github-vmware-govmomi-dev failed"
+  mv "$vcsim.tmp" "$vcsim"
+  cp "$here/vcsim/main.go" "$vstamp"
+fi
+[ -x "$vcsim" ] || die "vcsim missing from $peers/bin"
 
 # --- Python venv -----------------------------------------------------------------------------
 venv=$peers/venv

@@ -70,6 +70,9 @@ enum Command {
     /// Run a hypervisor simulator (tests, demos).
     #[command(subcommand)]
     Sim(cmd::sim::Command),
+    /// Maintain a hypervisor source: `cleanup` removes what killed backups left behind.
+    #[command(subcommand)]
+    Source(cmd::cleanup::Command),
     /// Inspect NBD exports: negotiated info, export list, block status.
     #[command(subcommand)]
     Nbd(cmd::nbd::Command),
@@ -161,6 +164,7 @@ fn main() -> ExitCode {
             Command::Demo(a) => cmd::demo::run(a, &cli.global).await,
             Command::Vms(a) => cmd::vms::run(a, &cli.global).await,
             Command::Sim(c) => cmd::sim::run(c, &cli.global).await,
+            Command::Source(c) => cmd::cleanup::run(c, &cli.global).await,
             Command::Nbd(c) => cmd::nbd::run(c, &cli.global).await,
             Command::Repo(c) => cmd::repo::run(c, &cli.global).await,
             Command::Snapshots(a) => cmd::repo::snapshots(a, &cli.global).await,

@@ -152,6 +152,21 @@ pub struct SourceConfig {
     /// Where the driver keeps its crash journal.
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// vSphere: quiesce the guest (VMware Tools / VSS) when snapshotting; default true.
+    #[serde(default)]
+    pub quiesce: Option<bool>,
+    /// vSphere: directory of VMware's VDDK (`libvixDiskLib.so`) for nbdkit's vddk plugin, which
+    /// the `network` transport (NBD/NBDSSL) needs.
+    #[serde(default)]
+    pub vddk_libdir: Option<PathBuf>,
+    /// vSphere: SHA-1 thumbprint of the server certificate for VDDK (`XX:XX:…`, 20 bytes).
+    #[serde(default)]
+    pub vddk_thumbprint: Option<String>,
+    /// vSphere labs and tests only: `file` makes the `network` transport start nbdkit's file
+    /// plugin on the snapshot's flat extent (found through `san-paths`) where it would start
+    /// the vddk plugin; warned at every use.
+    #[serde(default)]
+    pub nbdkit_stand_in: Option<String>,
     /// Read swap partitions, swap files and NTFS paging files as zeros at backup (ADR 0071);
     /// `false` stores them like any data (as `ferry backup --no-exclude-swap`).
     #[serde(default = "default_exclude_swap")]
@@ -272,6 +287,11 @@ impl SourceConfig {
         seen.dedup();
         if seen.len() != self.transports.len() {
             return Err(format!("source `{name}`: transports lists a mode twice"));
+        }
+        if let Some(p) = self.nbdkit_stand_in.as_deref().filter(|p| *p != "file") {
+            return Err(format!(
+                "source `{name}`: nbdkit-stand-in must be \"file\", not `{p}`"
+            ));
         }
         if self.concurrency == 0 || self.concurrency > 64 {
             return Err(format!("source `{name}`: concurrency must be 1..=64"));

@@ -21,6 +21,7 @@ mod nbd;
 mod process;
 mod proxy;
 mod tls;
+mod vcsim;
 
 pub use azurite::Azurite;
 pub use moto::Moto;
@@ -28,6 +29,7 @@ pub use nbd::{NbdPeer, Nbdkit, QemuNbd};
 pub use process::PeerProcess;
 pub use proxy::ConnectProxy;
 pub use tls::TlsFiles;
+pub use vcsim::Vcsim;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,6 +50,7 @@ pub fn tool(name: &str) -> PathBuf {
     let local = [
         peers.join("venv/bin").join(name),
         peers.join("node/node_modules/.bin").join(name),
+        peers.join("bin").join(name),
     ];
     let on_path = std::env::var_os("PATH")
         .map(|p| {

@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod benchmark;
+pub mod cleanup;
 pub mod copy;
 pub mod demo;
 pub mod export;

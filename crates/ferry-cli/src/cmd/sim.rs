@@ -1,4 +1,4 @@
-//! `ferry sim xen --listen HOST:PORT --dir DIR`: runs the XenAPI simulator with a seeded
+//! `ferry sim xen|vmware --listen HOST:PORT --dir DIR`: runs the XenAPI or vSphere simulator with a seeded
 //! inventory until killed, after printing one JSON line (`url`, `username`, `password`,
 //! `tls_fingerprint`, `dir`) on stdout.
 
@@ -14,6 +14,32 @@ use std::process::ExitCode;
 pub enum Command {
     /// A Citrix Hypervisor / XCP-ng pool: XenAPI over HTTPS, NBD with TLS, VHD storage.
     Xen(XenArgs),
+    /// A vCenter: govmomi's vcsim behind an HTTPS front that adds disks, VMDK files on a
+    /// datastore directory and changed block tracking.
+    Vmware(VmwareArgs),
+}
+
+/// Arguments of `ferry sim vmware`.
+#[derive(Debug, clap::Args)]
+pub struct VmwareArgs {
+    /// HTTPS address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    listen: SocketAddr,
+    /// Where disks and datastore files are stored.
+    #[arg(long)]
+    dir: PathBuf,
+    /// VMs per resource pool.
+    #[arg(long, default_value_t = 2)]
+    vms: u32,
+    /// Size of the second disk of the first VM, MiB.
+    #[arg(long, default_value_t = 16)]
+    disk_mib: u64,
+    /// Window of one QueryChangedDiskAreas answer, KiB.
+    #[arg(long, default_value_t = 4096)]
+    cbt_page_kib: u64,
+    /// The vcsim program (default: $FERRY_VCSIM, $FERRY_PEERS_DIR/bin/vcsim, PATH).
+    #[arg(long)]
+    vcsim: Option<PathBuf>,
 }
 
 /// Arguments of `ferry sim xen`.
@@ -38,7 +64,10 @@ pub struct XenArgs {
 
 /// Runs a simulator.
 pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCode> {
-    let Command::Xen(a) = cmd;
+    let a = match cmd {
+        Command::Xen(a) => a,
+        Command::Vmware(a) => return run_vmware(a).await,
+    };
     let mut cfg = XenSimConfig::new(&a.dir);
     cfg.listen = a.listen;
     cfg.disk_mib = a.disk_mib;
@@ -47,6 +76,28 @@ pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCo
     let sim = XenSim::start(cfg)
         .await
         .context("cannot start the XenAPI simulator")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", sim.info_json())?;
+    out.flush()?;
+    drop(out);
+    tokio::signal::ctrl_c().await?;
+    sim.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_vmware(a: VmwareArgs) -> anyhow::Result<ExitCode> {
+    use ferry_sim::vmware::{VmwareSim, VmwareSimConfig};
+    let mut cfg = VmwareSimConfig::new(&a.dir);
+    cfg.listen = a.listen;
+    cfg.vms = a.vms;
+    cfg.disk_mib = a.disk_mib;
+    cfg.cbt_page = a.cbt_page_kib << 10;
+    if let Some(v) = a.vcsim {
+        cfg.vcsim = v;
+    }
+    let sim = VmwareSim::start(cfg)
+        .await
+        .context("cannot start the vSphere simulator")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", sim.info_json())?;
     out.flush()?;

@@ -40,12 +40,14 @@ pub async fn connect(name: &str, src: &SourceConfig) -> anyhow::Result<Arc<dyn H
                 .with_context(|| format!("cannot connect to source `{name}`"))?;
             Ok(Arc::new(d))
         }
-        SourceKind::Vmware | SourceKind::Hyperv => bail!(
-            "source `{name}`: the {} driver is not part of this build yet (see docs/drivers.md)",
-            match src.kind {
-                SourceKind::Vmware => "VMware",
-                _ => "Hyper-V",
-            }
+        SourceKind::Vmware => {
+            let d = ferry_hv_vmware::VmwareDriver::connect(name, src)
+                .await
+                .with_context(|| format!("cannot connect to source `{name}`"))?;
+            Ok(Arc::new(d))
+        }
+        SourceKind::Hyperv => bail!(
+            "source `{name}`: the Hyper-V driver is not part of this build yet (see docs/drivers.md)"
         ),
     }
 }
