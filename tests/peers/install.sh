@@ -21,8 +21,38 @@ mkdir -p "$peers"
 say() { printf 'install.sh: %s\n' "$*" >&2; }
 die() { printf 'install.sh: ERROR: %s\n' "$*" >&2; exit 1; }
 
+# --- QEMU: one version for qemu-img and qemu-system -------------------------------------------
+# The tests use qemu-img as the image-format oracle and were written against QEMU 10 (bookworm-backports,
+# as this machine's qemu-utils comes). Bookworm's own qemu-system-x86 is 7.2, and installing it pulls
+# qemu-utils back to 7.2, whose VHD handling differs. So both come from one suite: backports on bookworm.
+sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+qemu_ver() { dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | awk '/install ok installed/{print $4}'; }
+qemu_ok() {
+  local u s; u=$(qemu_ver qemu-utils); s=$(qemu_ver qemu-system-x86)
+  [ -n "$u" ] && [ "$u" = "$s" ] && [ "${u#1:}" != "$u" ] && [ "$(echo "${u#1:}" | cut -d. -f1)" -ge 10 ]
+}
+if ! qemu_ok; then
+  command -v apt-get >/dev/null || die "apt-get not found; install qemu-utils and qemu-system-x86 (>= 10) by hand"
+  . /etc/os-release
+  suite=""
+  if [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    suite=bookworm-backports
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      say "adding Debian's bookworm-backports suite (for QEMU 10)"
+      printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+        | $sudo tee /etc/apt/sources.list.d/ferry-backports.sources >/dev/null
+    fi
+  fi
+  say "installing qemu-utils and qemu-system-x86 from ${suite:-the default suite}"
+  $sudo apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq ${suite:+-t "$suite"} \
+    qemu-utils qemu-system-x86 qemu-system-common qemu-block-extra >/dev/null \
+    || die "apt-get install qemu-utils qemu-system-x86 failed"
+  qemu_ok || die "qemu-utils and qemu-system-x86 are not the same version >= 10: $(qemu_ver qemu-utils) / $(qemu_ver qemu-system-x86)"
+fi
+
 # --- Debian packages -------------------------------------------------------------------------
-apt_pkgs=(qemu-utils nbdkit libnbd-bin curl qemu-system-x86 syslinux syslinux-common mtools busybox-static cpio
+apt_pkgs=(nbdkit libnbd-bin curl syslinux syslinux-common mtools busybox-static cpio
           ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
@@ -30,7 +60,6 @@ for p in "${apt_pkgs[@]}"; do
 done
 if ((${#missing[@]})); then
   command -v apt-get >/dev/null || die "apt-get not found; install ${missing[*]} by hand"
-  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   say "installing Debian packages: ${missing[*]}"
   $sudo apt-get update -qq || die "apt-get update failed"
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null \

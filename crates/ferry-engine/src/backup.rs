@@ -145,6 +145,8 @@ pub struct DiskReport {
     pub excluded_bytes: u64,
     /// What was excluded (swap partitions and files, NTFS paging files).
     pub excluded: Vec<ferry_fs::Exclusion>,
+    /// Bytes read from the source to find swap and paging files (not part of `read_bytes`).
+    pub probe_bytes: u64,
 }
 
 /// What a backup did.
@@ -309,12 +311,14 @@ pub async fn backup(
     let mut meta = meta;
     let run = async {
         let mut exclusions = Vec::with_capacity(disks.len());
+        let mut probe_bytes = Vec::with_capacity(disks.len());
         for d in &disks {
-            let found = if opts.exclude_swap {
+            let (found, probed) = if opts.exclude_swap {
                 crate::exclude::detect(&d.name, &d.source).await
             } else {
-                Vec::new()
+                (Vec::new(), 0)
             };
+            probe_bytes.push(probed);
             if !found.is_empty() {
                 meta.labels.insert(
                     crate::exclude::label_key(&d.name),
@@ -351,8 +355,9 @@ pub async fn backup(
         let mut reports = Vec::with_capacity(disks.len());
         for (n, (d, excl)) in disks.iter().zip(exclusions).enumerate() {
             let seed = opts.seed.unwrap_or_else(random_seed).wrapping_add(n as u64);
-            let (dw, report) =
+            let (dw, mut report) =
                 backup_disk(&writer, d, excl, opts.verify_fraction, seed, &ctx).await?;
+            report.probe_bytes = probe_bytes[n];
             writers.push(dw);
             reports.push(report);
         }
@@ -553,6 +558,7 @@ fn report(
         verify,
         excluded_bytes: 0,
         excluded: Vec::new(),
+        probe_bytes: 0,
     }
 }
 

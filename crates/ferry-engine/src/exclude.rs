@@ -3,10 +3,11 @@
 //! disk's allocated extents, so the backup reads and stores them as zeros (swap headers kept).
 //! What was excluded travels in the restore point's labels, one JSON list per disk.
 
-use ferry_core::{BlockSource, ExtentMap};
+use ferry_core::{BlockError, BlockSource, ExtentMap};
 use ferry_fs::{BlockReader, Exclusion};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Label naming what was excluded from disk `disk`: a JSON list of
 /// `{"kind","what","ranges":[{"start","end"}…]}`.
@@ -17,11 +18,45 @@ pub fn label_key(disk: &str) -> String {
 /// Label recording that exclusion was turned off for the backup (value `off`).
 pub const LABEL_OFF: &str = "ferry.exclude-swap";
 
-/// What to exclude from `source`. Detection problems are logged and exclude nothing: a backup
-/// never fails or loses data because a partition could not be understood.
-pub async fn detect(disk: &str, source: &Arc<dyn BlockSource>) -> Vec<Exclusion> {
+/// Counts what detection reads, so a backup can report it apart from the data it read.
+#[derive(Debug)]
+struct Probe {
+    inner: Arc<dyn BlockSource>,
+    bytes: Arc<AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl BlockSource for Probe {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        self.inner.read_at(offset, buf).await?;
+        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+    async fn allocated(&self, range: std::ops::Range<u64>) -> Result<ExtentMap, BlockError> {
+        self.inner.allocated(range).await
+    }
+    fn preferred_read_size(&self) -> u64 {
+        self.inner.preferred_read_size()
+    }
+}
+
+/// What to exclude from `source`, and how many bytes finding it read. Detection problems are
+/// logged and exclude nothing: a backup never fails or loses data because a partition could not
+/// be understood.
+pub async fn detect(disk: &str, source: &Arc<dyn BlockSource>) -> (Vec<Exclusion>, u64) {
+    let bytes = Arc::new(AtomicU64::new(0));
+    let probe: Arc<dyn BlockSource> = Arc::new(Probe {
+        inner: source.clone(),
+        bytes: bytes.clone(),
+    });
     let reader = BlockReader::with_window(
-        source.clone(),
+        probe,
         tokio::runtime::Handle::current(),
         ferry_fs::reader::PROBE_WINDOW,
     );
@@ -38,7 +73,7 @@ pub async fn detect(disk: &str, source: &Arc<dyn BlockSource>) -> Vec<Exclusion>
             Vec::new()
         }
     };
-    found
+    let found = found
         .into_iter()
         .map(|mut e| {
             e.ranges.retain_mut(|r| {
@@ -51,7 +86,8 @@ pub async fn detect(disk: &str, source: &Arc<dyn BlockSource>) -> Vec<Exclusion>
         .inspect(|e| {
             tracing::info!(%disk, kind = ?e.kind, what = %e.what, bytes = e.bytes(), "excluding from the backup (read as zeros)")
         })
-        .collect()
+        .collect();
+    (found, bytes.load(Ordering::Relaxed))
 }
 
 /// The byte extents of `list`.
