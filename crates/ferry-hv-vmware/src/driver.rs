@@ -86,14 +86,7 @@ impl Inner {
     }
 
     fn journal(&self, add: bool, kind: &str, id: &str) {
-        let r = if add {
-            self.journal.add(kind, id)
-        } else {
-            self.journal.remove(kind, id)
-        };
-        if let Err(e) = r {
-            tracing::warn!(source = %self.name, error = %e, "crash journal not updated");
-        }
+        self.journal.note(&self.name, add, kind, id);
     }
 
     async fn vms(&self) -> Result<Vec<Vm>, HvError> {

@@ -92,6 +92,19 @@ impl Journal {
         self.store(&f)
     }
 
+    /// Records (`add`) or forgets `kind`/`id`, best effort: a journal that cannot be written is
+    /// logged and the work goes on (a journal is a help for the clean-up, not a condition of it).
+    pub fn note(&self, source: &str, add: bool, kind: &str, id: &str) {
+        let r = if add {
+            self.add(kind, id)
+        } else {
+            self.remove(kind, id)
+        };
+        if let Err(e) = r {
+            tracing::warn!(%source, error = %e, "crash journal not updated");
+        }
+    }
+
     /// Everything recorded.
     pub fn entries(&self) -> std::io::Result<Vec<Entry>> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
