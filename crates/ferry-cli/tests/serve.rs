@@ -6,6 +6,7 @@
 //! as Prometheus text, a graceful SIGTERM and `--rebuild-catalog`. A second test runs
 //! schemathesis (PyPI) against the live service with the OpenAPI document it serves.
 
+use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -13,14 +14,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const ADMIN_PW: &str = "admin password 1";
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));

@@ -7,23 +7,16 @@
 
 use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use ferry_testkit::Killed;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const PASSWORD: &str = "test password";
 const CHUNK: u64 = 256 << 10;
 const BLOCK: u64 = 64 << 10;
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));

@@ -7,6 +7,7 @@
 
 use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -17,15 +18,6 @@ const PASSWORD: &str = "test password";
 /// The repository's chunk size: 4 CBT blocks.
 const CHUNK: u64 = 256 << 10;
 const CBT_BLOCK: u64 = 64 << 10;
-
-/// A child process killed on drop.
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));

@@ -26,7 +26,7 @@ mod vcsim;
 pub use azurite::Azurite;
 pub use moto::Moto;
 pub use nbd::{NbdPeer, Nbdkit, QemuNbd};
-pub use process::PeerProcess;
+pub use process::{Killed, PeerProcess};
 pub use proxy::ConnectProxy;
 pub use tls::TlsFiles;
 pub use vcsim::Vcsim;

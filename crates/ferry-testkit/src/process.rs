@@ -169,3 +169,15 @@ pub fn http_status(port: u16, method: &str, path: &str) -> Option<u16> {
     .join()
     .ok()?
 }
+
+/// A child the test started itself with piped stdio (a `ferry` simulator or service whose first
+/// line it reads): killed and reaped on drop, so a failing test leaves no process behind.
+#[derive(Debug)]
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
