@@ -8,7 +8,7 @@
 use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -57,6 +57,20 @@ impl Lab {
         let info: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
         let pw = dir.path().join("vc.pw");
         std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
+        // The hot-add proxy: a VM with one disk (the 2-disk one is backed up).
+        let proxy = info["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["disks"].as_array().unwrap().len() == 1)
+            .expect("a 1-disk VM")["name"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let extra = extra.replace("{proxy-vm}", &proxy).replace(
+            "{hotadd-device-dir}",
+            info["hotadd_device_dir"].as_str().unwrap(),
+        );
         let mut t = format!(
             "[sources.lab]\nkind = \"vmware\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = {transports}\n{extra}\n[sources.lab.san-paths]\n",
             info["url"].as_str().unwrap(),
@@ -492,4 +506,359 @@ fn demo_runs_against_the_vsphere_simulator() {
     );
     assert!(s.contains("snapshots left on vCenter: 0"), "{s}");
     assert!(s.contains("incremental (CBT)"), "{s}");
+    assert!(
+        s.contains("whole-VM restore to vCenter") && s.contains("disks identical to the VM"),
+        "{s}"
+    );
+}
+
+impl Lab {
+    /// What VMware's own SDK (pyvmomi) reports of the VMs `names` (null: no such VM).
+    fn probe(&self, names: &[&str]) -> Value {
+        let python = ferry_testkit::peers_dir().join("venv/bin/python");
+        assert!(
+            python.exists(),
+            "peer `python` (venv with pyvmomi) not found: run tests/peers/install.sh"
+        );
+        let url = self.info["url"].as_str().unwrap();
+        let (host, port) = url
+            .trim_start_matches("https://")
+            .trim_end_matches("/sdk")
+            .rsplit_once(':')
+            .unwrap_or_else(|| panic!("no port in {url}"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vmware_probe.py");
+        let out = ferry_testkit::run_ok(
+            Command::new(python)
+                .arg(script)
+                .arg(host)
+                .arg(port)
+                .arg(self.info["username"].as_str().unwrap())
+                .arg(self.info["password"].as_str().unwrap())
+                .args(names)
+                .env("no_proxy", "*"),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    /// The local file of a datastore path through the simulator's datastore directories.
+    fn datastore_file(&self, file: &str) -> PathBuf {
+        let (ds, rel) = file
+            .strip_prefix('[')
+            .and_then(|r| r.split_once("] "))
+            .unwrap_or_else(|| panic!("not a datastore path: {file}"));
+        PathBuf::from(self.info["san_paths"][ds].as_str().unwrap()).join(rel)
+    }
+}
+
+/// The parts of a VM's configuration a restore must carry over (not its identity: uuid, files).
+fn machine(vm: &Value) -> Value {
+    let disks: Vec<Value> = vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| serde_json::json!([d["position"], d["capacity"]]))
+        .collect();
+    let nics: Vec<Value> = vm["nics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| serde_json::json!([n["type"], n["mac"], n["network"]]))
+        .collect();
+    serde_json::json!({"cpus": vm["cpus"], "memory_mb": vm["memory_mb"], "firmware": vm["firmware"],
+        "guest_id": vm["guest_id"], "disks": disks, "nics": nics})
+}
+
+#[test]
+fn restore_to_vsphere_creates_the_vm_and_removes_a_failed_one() {
+    let lab = Lab::start("[\"network\"]", "nbdkit-stand-in = \"file\"");
+    let (name, _, _) = lab.vm();
+    let expected = lab.copy_disks("orig");
+    let (b, _) = lab.backup(&["--vm", &name]);
+    let id = b["snapshot"].as_str().unwrap();
+
+    let (out, err) = lab.ok(&["restore", id, "--to-source", "lab", "--name", "restored"]);
+    let p = lab.probe(&[&name, "restored"]);
+    let (orig, copy) = (&p[name.as_str()], &p["restored"]);
+    assert!(copy.is_object(), "no restored VM: {p}\n{err}");
+    assert_eq!(out.trim(), copy["uuid"], "{err}");
+    assert_ne!(copy["uuid"], orig["uuid"]);
+    assert_eq!(machine(copy), machine(orig), "{p}");
+    assert!(!orig["nics"].as_array().unwrap().is_empty(), "{orig}");
+    assert_eq!(copy["power"], "poweredOff");
+    assert!(err.contains("via network (nbdkit file stand-in)"), "{err}");
+    // The restored VM's own disks (descriptor + flat extent on the datastore) hold the data.
+    let files: Vec<&Value> = copy["disks"].as_array().unwrap().iter().collect();
+    assert_eq!(files.len(), expected.len());
+    for (d, want) in files.iter().zip(&expected) {
+        let desc = lab.datastore_file(d["file"].as_str().unwrap());
+        ferry_testkit::qemu_img_compare(&desc, "vmdk", want, "raw");
+    }
+
+    // A restore that fails at its last step (power-on) destroys the VM it created.
+    lab.side_door(
+        "FerrySimFailNext",
+        "<method>PowerOnVM_Task</method><fault>InsufficientResourcesFault</fault><count>1</count>",
+    );
+    let o = lab.run(&[
+        "restore",
+        id,
+        "--to-source",
+        "lab",
+        "--name",
+        "broken",
+        "--power-on",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("InsufficientResourcesFault") && err.contains("destroying the partial VM"),
+        "{err}"
+    );
+    assert!(lab.probe(&["broken"])["broken"].is_null());
+    let ds = PathBuf::from(lab.info["san_paths"]["LocalDS_0"].as_str().unwrap());
+    assert!(!ds.join("broken/broken-flat.vmdk").exists());
+}
+
+/// Asks the XenAPI SDK probe (`tests/xen_probe.py`) the requests `reqs` in one session.
+fn xen_probe(info: &Value, reqs: &[Value]) -> Vec<Value> {
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    let input: String = reqs.iter().map(|r| format!("{r}\n")).collect();
+    let mut child = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xen_probe.py"))
+        .args(["url", "username", "password"].map(|k| info[k].as_str().unwrap()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("peer `python` (venv with XenAPI): run tests/peers/install.sh");
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .zip(reqs)
+        .map(|(l, r)| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v.get("ok")
+                .cloned()
+                .unwrap_or_else(|| panic!("xen probe failed on {r}: {v}"))
+        })
+        .collect()
+}
+
+#[test]
+fn cross_hypervisor_restores_between_vsphere_and_xen() {
+    let lab = Lab::start("[\"san\"]", "nbdkit-stand-in = \"file\"");
+    // The Xen simulator as a second source of the same ferry.toml.
+    let mut child = ferry()
+        .args(["sim", "xen", "--listen", "127.0.0.1:0", "--disk-mib", "4"])
+        .arg("--dir")
+        .arg(lab.path("xen-sim"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _xen = Killed(child);
+    let xen: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let pw = lab.path("xen.pw");
+    std::fs::write(&pw, xen["password"].as_str().unwrap()).unwrap();
+    let mut t = std::fs::read_to_string(lab.path("ferry.toml")).unwrap();
+    t.push_str(&format!(
+        "[sources.xen]\nkind = \"xen\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"network\"]\n",
+        xen["url"].as_str().unwrap(),
+        xen["username"].as_str().unwrap(),
+        pw.display(),
+        xen["tls_fingerprint"].as_str().unwrap(),
+        lab.path("state").display()
+    ));
+    std::fs::write(lab.path("ferry.toml"), t).unwrap();
+
+    // vSphere → Xen.
+    let (name, _, _) = lab.vm();
+    let expected = lab.copy_disks("vsphere");
+    let (b, _) = lab.backup(&["--vm", &name]);
+    let id = b["snapshot"].as_str().unwrap();
+    let (_, err) = lab.ok(&[
+        "restore",
+        id,
+        "--to-source",
+        "xen",
+        "--name",
+        "from-vsphere",
+    ]);
+    let orig = lab.probe(&[&name])[name.as_str()].clone();
+    let x = &xen_probe(&xen, &[json!({"op": "vm", "name": "from-vsphere"})])[0];
+    assert_eq!(
+        x["VCPUs_max"].to_string().trim_matches('"'),
+        orig["cpus"].to_string()
+    );
+    assert_eq!(
+        x["memory_static_max"].to_string().trim_matches('"'),
+        (orig["memory_mb"].as_u64().unwrap() << 20).to_string()
+    );
+    let macs = |v: &Value, list: &str, key: &str| -> Vec<String> {
+        v[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n[key].as_str().unwrap().to_ascii_lowercase())
+            .collect()
+    };
+    assert_eq!(macs(x, "vifs", "MAC"), macs(&orig, "nics", "mac"), "{x}");
+    let xdisks = x["disks"].as_array().unwrap();
+    assert_eq!(xdisks.len(), 2, "{x}");
+    for (i, (d, want)) in xdisks.iter().zip(&expected).enumerate() {
+        assert_eq!(d["userdevice"], i.to_string(), "{x}");
+        let got = lab.path(&format!("xen-{i}.raw"));
+        xen_probe(
+            &xen,
+            &[json!({"op": "export", "vdi": d["uuid"], "path": got})],
+        );
+        ferry_testkit::qemu_img_compare(&got, "raw", want, "raw");
+    }
+    for w in [
+        "position `scsi0:0` does not exist on Xen; attached as device 0",
+        "is not kept (the pool picks the emulated model)",
+        "does not exist in this pool",
+    ] {
+        assert!(err.contains(w), "no warning `{w}`: {err}");
+    }
+
+    // Xen → vSphere.
+    let web = &xen_probe(&xen, &[json!({"op": "vm", "name": "debian-web"})])[0];
+    let xen_disks: Vec<PathBuf> = web["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let p = lab.path(&format!("web-{i}.raw"));
+            xen_probe(
+                &xen,
+                &[json!({"op": "export", "vdi": d["uuid"], "path": p})],
+            );
+            p
+        })
+        .collect();
+    let (out, _) = lab.ok(&["backup", "--source", "xen", "--vm", "debian-web", "--json"]);
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let xid = r[0]["snapshot"].as_str().unwrap();
+    let (_, err) = lab.ok(&["restore", xid, "--to-source", "lab", "--name", "from-xen"]);
+    let v = lab.probe(&["from-xen"])["from-xen"].clone();
+    assert!(v.is_object(), "{err}");
+    assert_eq!(
+        v["cpus"].to_string(),
+        web["VCPUs_max"].to_string().trim_matches('"')
+    );
+    assert_eq!(
+        (v["memory_mb"].as_u64().unwrap() << 20).to_string(),
+        web["memory_static_max"].to_string().trim_matches('"')
+    );
+    assert_eq!(macs(&v, "nics", "mac"), macs(web, "vifs", "MAC"), "{v}");
+    let vdisks = v["disks"].as_array().unwrap();
+    assert_eq!(vdisks.len(), xen_disks.len(), "{v}");
+    for (i, (d, want)) in vdisks.iter().zip(&xen_disks).enumerate() {
+        assert_eq!(d["position"], format!("scsi0:{i}"), "{v}");
+        let desc = lab.datastore_file(d["file"].as_str().unwrap());
+        ferry_testkit::qemu_img_compare(&desc, "vmdk", want, "raw");
+    }
+    assert!(
+        err.contains("does not exist on vSphere; attached at scsi0:0"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hotadd_full_incremental_and_a_killed_backup_leaves_no_attachment() {
+    let lab = full_then_incremental(
+        "[\"hotadd\"]",
+        "proxy-vm = \"{proxy-vm}\"\nhotadd-device-dir = \"{hotadd-device-dir}\"",
+        "hotadd",
+    );
+    let dev_dir = PathBuf::from(lab.info["hotadd_device_dir"].as_str().unwrap());
+    let devices = || std::fs::read_dir(&dev_dir).unwrap().count();
+    assert_eq!(devices(), 0, "every hot-added disk is detached");
+    let proxy = std::fs::read_to_string(lab.path("ferry.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("proxy-vm = \"")
+                .map(|p| p.trim_end_matches('"').to_string())
+        })
+        .unwrap();
+    let proxy_disks = || {
+        lab.probe(&[&proxy])[proxy.as_str()]["disks"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(proxy_disks(), 1, "the proxy holds only its own disk");
+
+    // SIGKILL while reading: both disks stay on the proxy until the sweep detaches them.
+    let (name, moref, disks) = lab.vm();
+    for i in 0..6u64 {
+        lab.guest_write(
+            &moref,
+            disks[1].0,
+            i << 20,
+            &ferry_testkit::noise(1 << 20, i),
+        );
+    }
+    lab.kill_mid_backup(&name);
+    assert_eq!(devices(), 2);
+    assert_eq!(proxy_disks(), 3);
+    let (out, _) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["attachments"], 2, "{report}");
+    assert_eq!(report["snapshots"], 1, "{report}");
+    assert_eq!(devices(), 0);
+    assert_eq!(proxy_disks(), 1);
+    assert_eq!(lab.snapshots_on_vcenter(), 0);
+}
+
+#[test]
+fn dropped_connections_retry_reads_and_a_lost_snapshot_answer_is_swept() {
+    let lab = Lab::start("[\"san\"]", "");
+    let (name, _, _) = lab.vm();
+    let drop_next = |method: &str, phase: &str, count: u32| {
+        lab.side_door(
+            "FerrySimDropNext",
+            &format!("<method>{method}</method><phase>{phase}</phase><count>{count}</count>"),
+        );
+    };
+    drop_next("RetrievePropertiesEx", "response", 2);
+    drop_next("QueryChangedDiskAreas", "request", 1);
+    let (r, err) = lab.backup(&["--vm", &name]);
+    assert_eq!(r["disks"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(
+        err.matches("failed in transit; retrying").count(),
+        3,
+        "{err}"
+    );
+    assert_eq!(lab.snapshots_on_vcenter(), 0);
+
+    // A lost CreateSnapshot_Task answer is not retried (the snapshot may exist): a clear error,
+    // and the snapshot it made is removed by the next run.
+    drop_next("CreateSnapshot_Task", "response", 1);
+    let o = lab.run(&["backup", "--source", "lab", "--vm", &name]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("CreateSnapshot_Task"), "{err}");
+    assert!(
+        !err.contains("CreateSnapshot_Task failed in transit; retrying"),
+        "{err}"
+    );
+    assert_eq!(lab.snapshots_on_vcenter(), 1);
+    let (_, err) = lab.backup(&["--vm", &name]);
+    assert!(err.contains("leftover"), "{err}");
+    assert_eq!(lab.snapshots_on_vcenter(), 0);
 }

@@ -10,6 +10,17 @@ use std::time::Duration;
 
 /// Largest response accepted (a page of 1,000 VMs with their devices is a few MiB).
 const MAX_RESPONSE: usize = 256 << 20;
+/// Tries of a read-only call whose connection broke.
+pub const ATTEMPTS: u32 = 4;
+/// Calls that read only (or create only a throwaway view), so a retry after a lost answer is
+/// harmless. `ContinueRetrievePropertiesEx` is not: its token may have advanced.
+pub const IDEMPOTENT: &[&str] = &[
+    "RetrieveServiceContent",
+    "RetrievePropertiesEx",
+    "RetrieveProperties",
+    "CreateContainerView",
+    "QueryChangedDiskAreas",
+];
 /// Longest a task may run before Ferry gives up on it.
 pub const TASK_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -168,15 +179,36 @@ impl VimClient {
         VimError::protocol(&self.source, call, m)
     }
 
-    /// Calls `method` with `body`; returns the `<methodResponse>` element.
+    /// Calls `method` with `body`; returns the `<methodResponse>` element. Read-only calls
+    /// ([`IDEMPOTENT`]) are retried when the connection breaks or times out, up to [`ATTEMPTS`]
+    /// times; anything that changes vCenter is not, since it may have run.
     pub async fn call(&self, method: &str, body: Body) -> Result<Node, VimError> {
+        let envelope = body.envelope(method);
+        let mut attempt = 1;
+        loop {
+            match self.call_once(method, &envelope).await {
+                Err(e)
+                    if attempt < ATTEMPTS
+                        && IDEMPOTENT.contains(&method)
+                        && e.is_transport_retryable() =>
+                {
+                    tracing::warn!(source = %self.source, call = method, attempt, error = %e, "vSphere call failed in transit; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn call_once(&self, method: &str, envelope: &str) -> Result<Node, VimError> {
         let req = self
             .http
             .inner()
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "text/xml; charset=utf-8")
             .header("SOAPAction", &self.soap_action)
-            .body(body.envelope(method));
+            .body(envelope.to_string());
         let resp = self.http.send(method, req).await?;
         let status = resp.status().as_u16();
         let bytes = self.http.body_limited(method, resp, MAX_RESPONSE).await?;

@@ -28,11 +28,11 @@ pub const SNAPSHOT_PREFIX: &str = "ferry-backup-";
 /// Objects per PropertyCollector page.
 pub const PAGE: u32 = 500;
 
-struct Inner {
-    name: String,
-    cfg: SourceConfig,
-    client: VimClient,
-    journal: Journal,
+pub(crate) struct Inner {
+    pub(crate) name: String,
+    pub(crate) cfg: SourceConfig,
+    pub(crate) client: VimClient,
+    pub(crate) journal: Journal,
 }
 
 /// The vSphere driver for one configured source.
@@ -77,7 +77,7 @@ impl VmwareDriver {
 }
 
 impl Inner {
-    fn vm_err(&self, vm: &str, m: impl Into<String>) -> HvError {
+    pub(crate) fn vm_err(&self, vm: &str, m: impl Into<String>) -> HvError {
         HvError::Vm {
             source_name: self.name.clone(),
             vm: vm.into(),
@@ -85,11 +85,11 @@ impl Inner {
         }
     }
 
-    fn journal(&self, add: bool, kind: &str, id: &str) {
+    pub(crate) fn journal(&self, add: bool, kind: &str, id: &str) {
         self.journal.note(&self.name, add, kind, id);
     }
 
-    async fn vms(&self) -> Result<Vec<Vm>, HvError> {
+    pub(crate) async fn vms(&self) -> Result<Vec<Vm>, HvError> {
         let objs = self
             .client
             .retrieve_all("VirtualMachine", VM_PATHS, PAGE)
@@ -112,7 +112,7 @@ impl Inner {
             .collect())
     }
 
-    async fn find_vm(&self, want: &str) -> Result<Vm, HvError> {
+    pub(crate) async fn find_vm(&self, want: &str) -> Result<Vm, HvError> {
         let vms = self.vms().await?;
         let hits: Vec<&Vm> = vms
             .iter()
@@ -139,6 +139,42 @@ impl Inner {
         }
     }
 
+    /// Detaches the hot-added `attached` files from `proxy`, then removes `snap` (vSphere cannot
+    /// consolidate a snapshot whose disk another VM still holds). Every step is tried; the first
+    /// error is returned.
+    async fn release(
+        &self,
+        proxy: Option<&MoRef>,
+        attached: &[String],
+        snap: Option<&MoRef>,
+    ) -> Result<(), HvError> {
+        let mut first = None;
+        if let Some(p) = proxy {
+            for f in attached {
+                match crate::hotadd::detach(self, p, f).await {
+                    Ok(_) => self.journal(
+                        false,
+                        crate::hotadd::JOURNAL_KIND,
+                        &crate::hotadd::journal_id(p, f),
+                    ),
+                    Err(e) => {
+                        tracing::warn!(source = %self.name, file = %f, error = %e, "cannot detach a hot-added disk; the next run's sweep will");
+                        first.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if let Some(snap) = snap {
+            match self.remove_snapshot(snap).await {
+                Ok(_) => self.journal(false, "snapshot", &snap.value),
+                Err(e) => {
+                    first.get_or_insert(e.into());
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
     async fn recover(&self) -> Result<CleanupReport, HvError> {
         let mut report = CleanupReport::default();
         let entries = self.journal.entries().map_err(|e| HvError::Disk {
@@ -146,6 +182,13 @@ impl Inner {
             disk: "crash journal".into(),
             message: e.to_string(),
         })?;
+        // Attachments first: a snapshot whose disk the proxy holds cannot be removed.
+        let hotadds: Vec<String> = entries
+            .iter()
+            .filter(|e| e.kind == crate::hotadd::JOURNAL_KIND)
+            .map(|e| e.id.clone())
+            .collect();
+        report.attachments += crate::hotadd::sweep(self, &hotadds).await?;
         for e in entries.iter().filter(|e| e.kind == "snapshot") {
             let snap = MoRef::new("VirtualMachineSnapshot", &e.id);
             if self.remove_snapshot(&snap).await? {
@@ -153,6 +196,20 @@ impl Inner {
                 report.snapshots += 1;
             }
             self.journal(false, "snapshot", &e.id);
+        }
+        // A restore killed before it finished left a VM that never got all its data.
+        for e in entries.iter().filter(|e| e.kind == "restore-vm") {
+            let vm = MoRef::new("VirtualMachine", &e.id);
+            match crate::restore::destroy(self, &vm).await {
+                Ok(()) => {
+                    tracing::warn!(source = %self.name, vm = %e.id, "destroyed the partial VM of a killed restore");
+                    report.partial_vms += 1;
+                }
+                Err(HvError::Api { ref message, .. })
+                    if message.starts_with("ManagedObjectNotFound") => {}
+                Err(err) => return Err(err),
+            }
+            self.journal(false, "restore-vm", &e.id);
         }
         // Also what no journal knows about (another proxy, a lost state directory): every
         // snapshot named by Ferry.
@@ -268,7 +325,7 @@ impl BlockSource for CbtAllocated {
 }
 
 /// An nbdkit child serving one disk on a Unix socket; killed on drop.
-struct Nbdkit {
+pub(crate) struct Nbdkit {
     child: tokio::process::Child,
     _dir: tempfile::TempDir,
 }
@@ -292,6 +349,10 @@ pub struct VmwareSession {
     consistency: ConsistencyLevel,
     disks: Vec<BackupDisk>,
     nbdkits: Vec<Nbdkit>,
+    /// The proxy VM, once hot-add was tried.
+    proxy: Option<crate::hotadd::Proxy>,
+    /// Files hot-added to the proxy, to detach before the snapshot goes.
+    attached: Vec<String>,
 }
 
 impl std::fmt::Debug for VmwareSession {
@@ -305,15 +366,18 @@ impl std::fmt::Debug for VmwareSession {
 
 impl Drop for VmwareSession {
     fn drop(&mut self) {
-        if let Some(snap) = self.snapshot.take() {
-            let i = self.inner.clone();
-            if let Ok(h) = tokio::runtime::Handle::try_current() {
-                h.spawn(async move {
-                    if i.remove_snapshot(&snap).await.is_ok() {
-                        i.journal(false, "snapshot", &snap.value);
-                    }
-                });
-            }
+        let snap = self.snapshot.take();
+        let attached = std::mem::take(&mut self.attached);
+        let proxy = self.proxy.as_ref().map(|p| p.vm.clone());
+        if snap.is_none() && attached.is_empty() {
+            return;
+        }
+        let i = self.inner.clone();
+        self.disks.clear();
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                let _ = i.release(proxy.as_ref(), &attached, snap.as_ref()).await;
+            });
         }
     }
 }
@@ -346,10 +410,12 @@ impl BackupSession for VmwareSession {
         for mut n in self.nbdkits.drain(..) {
             let _ = n.child.kill().await;
         }
-        if let Some(snap) = self.snapshot.take() {
-            self.inner.remove_snapshot(&snap).await?;
-            self.inner.journal(false, "snapshot", &snap.value);
-        }
+        let attached = std::mem::take(&mut self.attached);
+        let proxy = self.proxy.as_ref().map(|p| p.vm.clone());
+        let snap = self.snapshot.take();
+        self.inner
+            .release(proxy.as_ref(), &attached, snap.as_ref())
+            .await?;
         tracing::debug!(vm = %self.vm.name, ?outcome, "backup session finished; snapshot removed");
         Ok(tokens)
     }
@@ -369,9 +435,10 @@ impl VmwareSession {
                     .open_san(disk)
                     .await
                     .map(|s| (s, "san (vmdk chain)".to_string())),
-                TransportMode::Hotadd => {
-                    Err("hot-add is not implemented by the vSphere driver yet".to_string())
-                }
+                TransportMode::Hotadd => self
+                    .open_hotadd(disk)
+                    .await
+                    .map(|(s, p)| (s, format!("hotadd ({p})"))),
                 TransportMode::Network => self.open_network(disk).await,
             };
             match r {
@@ -395,18 +462,8 @@ impl VmwareSession {
         })
     }
 
-    /// The local path of a datastore file through `san-paths`.
-    fn san_file(&self, file: &str) -> Result<PathBuf, String> {
-        let (ds, rel) = split_datastore_path(file)
-            .ok_or_else(|| format!("backing `{file}` is not a datastore path"))?;
-        let dir = self.inner.cfg.san_paths.get(ds).ok_or_else(|| {
-            format!("no san-paths entry for datastore `{ds}` (where does this proxy see it?)")
-        })?;
-        Ok(dir.join(rel))
-    }
-
     async fn open_san(&mut self, disk: &VmDisk) -> Result<Arc<dyn BlockSource>, String> {
-        let path = self.san_file(&disk.file)?;
+        let path = self.inner.san_file(&disk.file)?;
         let img = ferry_image::open_image(&path)
             .await
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
@@ -421,110 +478,175 @@ impl VmwareSession {
         Ok(img.source)
     }
 
+    async fn open_hotadd(
+        &mut self,
+        disk: &VmDisk,
+    ) -> Result<(Arc<dyn BlockSource>, String), String> {
+        if self.proxy.is_none() {
+            self.proxy = Some(crate::hotadd::find_proxy(&self.inner).await?);
+        }
+        let Some(proxy) = self.proxy.as_mut() else {
+            return Err("no proxy VM".into());
+        };
+        let path = crate::hotadd::attach(&self.inner, proxy, &disk.file, disk.capacity).await?;
+        self.attached.push(disk.file.clone());
+        let f =
+            ferry_image::FileSource::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if f.size() != disk.capacity {
+            return Err(format!(
+                "{} holds {} bytes, the disk has {}",
+                path.display(),
+                f.size(),
+                disk.capacity
+            ));
+        }
+        Ok((Arc::new(f), path.display().to_string()))
+    }
+
     async fn open_network(
         &mut self,
         disk: &VmDisk,
     ) -> Result<(Arc<dyn BlockSource>, String), String> {
-        let cfg = self.inner.cfg.clone();
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-nbdkit-")
-            .tempdir()
-            .map_err(|e| format!("cannot make a socket directory: {e}"))?;
-        let sock = dir.path().join("nbd.sock");
-        let mut cmd = tokio::process::Command::new("nbdkit");
-        cmd.arg("--exit-with-parent")
-            .arg("--foreground")
-            .arg("--readonly")
-            .arg("--unix")
-            .arg(&sock);
-        let how;
-        if let Some(libdir) = &cfg.vddk_libdir {
-            let pw_file = dir.path().join("pw");
-            let pw = cfg.password(&self.inner.name).map_err(|e| e.to_string())?;
-            write_private(&pw_file, pw.expose()).map_err(|e| format!("password file: {e}"))?;
-            let server = url::Url::parse(&cfg.url)
-                .ok()
-                .and_then(|u| u.host_str().map(String::from))
-                .unwrap_or_default();
-            let snap = self
-                .snapshot
-                .as_ref()
-                .map(|s| s.value.clone())
-                .unwrap_or_default();
-            cmd.arg("vddk")
-                .arg(format!("libdir={}", libdir.display()))
-                .arg(format!("server={server}"))
-                .arg(format!("user={}", cfg.username))
-                .arg(format!("password=+{}", pw_file.display()))
-                .arg(format!("vm=moref={}", self.vm.moref.value))
-                .arg(format!("snapshot={snap}"))
-                .arg("transports=nbdssl:nbd")
-                .arg(format!("file={}", disk.file));
-            if let Some(t) = &cfg.vddk_thumbprint {
-                cmd.arg(format!("thumbprint={t}"));
-            }
-            how = "network (nbdkit vddk, nbdssl)".to_string();
-        } else if cfg.nbdkit_stand_in.as_deref() == Some("file") {
-            let desc = self.san_file(&disk.file)?;
-            let stem = desc
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let flat = desc.with_file_name(format!("{stem}-flat.vmdk"));
-            if !flat.exists() {
-                return Err(format!(
-                    "nbdkit-stand-in = \"file\": no flat extent {}",
-                    flat.display()
-                ));
-            }
-            tracing::warn!(source = %self.inner.name, disk = %disk.position,
-                "network transport: nbdkit's file plugin stands in for the vddk plugin (nbdkit-stand-in, labs and tests only)");
-            cmd.arg("file").arg(format!("file={}", flat.display()));
-            how = "network (nbdkit file stand-in)".to_string();
-        } else {
-            return Err(format!(
-                "the network transport (NBD/NBDSSL) reads through nbdkit's vddk plugin, which needs VMware's VDDK: set vddk-libdir in source `{}` to the directory holding libvixDiskLib.so",
-                self.inner.name
-            ));
-        }
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start nbdkit: {e} (install nbdkit)"))?;
-        let started = std::time::Instant::now();
-        while !sock.exists() {
-            if let Ok(Some(st)) = child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    use tokio::io::AsyncReadExt;
-                    let _ = e.read_to_string(&mut err).await;
-                }
-                return Err(format!("nbdkit exited ({st}): {}", err.trim()));
-            }
-            if started.elapsed() > std::time::Duration::from_secs(30) {
-                let _ = child.kill().await;
-                return Err("nbdkit did not open its socket within 30 s".into());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        let mut ncfg = ferry_nbd::NbdConfig::new(ferry_nbd::Address::Unix(sock), "");
-        ncfg.connections = cfg.concurrency.clamp(1, 4);
-        let client = ferry_nbd::NbdClient::connect(ncfg)
-            .await
-            .map_err(|e| format!("NBD to nbdkit: {e}"))?;
-        if client.size() != disk.capacity {
-            return Err(format!(
-                "nbdkit serves {} bytes, the disk has {}",
-                client.size(),
-                disk.capacity
-            ));
-        }
-        self.nbdkits.push(Nbdkit { child, _dir: dir });
+        let target = NbdTarget {
+            vm: &self.vm.moref,
+            snapshot: self.snapshot.as_ref(),
+            file: &disk.file,
+            capacity: disk.capacity,
+            writable: false,
+        };
+        let (client, nbdkit, how) = start_nbdkit(&self.inner, &target).await?;
+        self.nbdkits.push(nbdkit);
         Ok((Arc::new(client), how))
     }
+}
+
+/// What an nbdkit child serves: one disk of a VM (of its snapshot when reading a backup).
+pub(crate) struct NbdTarget<'a> {
+    pub(crate) vm: &'a MoRef,
+    pub(crate) snapshot: Option<&'a MoRef>,
+    /// Datastore path of the disk, `[ds] dir/disk.vmdk`.
+    pub(crate) file: &'a str,
+    pub(crate) capacity: u64,
+    /// Restores write; backups never do (`--readonly`).
+    pub(crate) writable: bool,
+}
+
+impl Inner {
+    /// The local path of a datastore file through `san-paths`.
+    pub(crate) fn san_file(&self, file: &str) -> Result<PathBuf, String> {
+        let (ds, rel) = split_datastore_path(file)
+            .ok_or_else(|| format!("backing `{file}` is not a datastore path"))?;
+        let dir = self.cfg.san_paths.get(ds).ok_or_else(|| {
+            format!("no san-paths entry for datastore `{ds}` (where does this proxy see it?)")
+        })?;
+        Ok(dir.join(rel))
+    }
+}
+
+/// Starts nbdkit on a private Unix socket for `t` — the vddk plugin when `vddk-libdir` is set,
+/// the file plugin on the flat extent with `nbdkit-stand-in = "file"` — and connects to it.
+/// Returns the client, the child (killed on drop) and how the disk travels.
+pub(crate) async fn start_nbdkit(
+    inner: &Inner,
+    t: &NbdTarget<'_>,
+) -> Result<(ferry_nbd::NbdClient, Nbdkit, String), String> {
+    let cfg = &inner.cfg;
+    let dir = tempfile::Builder::new()
+        .prefix("ferry-nbdkit-")
+        .tempdir()
+        .map_err(|e| format!("cannot make a socket directory: {e}"))?;
+    let sock = dir.path().join("nbd.sock");
+    let mut cmd = tokio::process::Command::new("nbdkit");
+    cmd.arg("--exit-with-parent")
+        .arg("--foreground")
+        .arg("--unix")
+        .arg(&sock);
+    if !t.writable {
+        cmd.arg("--readonly");
+    }
+    let how;
+    if let Some(libdir) = &cfg.vddk_libdir {
+        let pw_file = dir.path().join("pw");
+        let pw = cfg.password(&inner.name).map_err(|e| e.to_string())?;
+        write_private(&pw_file, pw.expose()).map_err(|e| format!("password file: {e}"))?;
+        let server = url::Url::parse(&cfg.url)
+            .ok()
+            .and_then(|u| u.host_str().map(String::from))
+            .unwrap_or_default();
+        cmd.arg("vddk")
+            .arg(format!("libdir={}", libdir.display()))
+            .arg(format!("server={server}"))
+            .arg(format!("user={}", cfg.username))
+            .arg(format!("password=+{}", pw_file.display()))
+            .arg(format!("vm=moref={}", t.vm.value));
+        if let Some(s) = t.snapshot {
+            cmd.arg(format!("snapshot={}", s.value));
+        }
+        cmd.arg("transports=nbdssl:nbd")
+            .arg(format!("file={}", t.file));
+        if let Some(tp) = &cfg.vddk_thumbprint {
+            cmd.arg(format!("thumbprint={tp}"));
+        }
+        how = "network (nbdkit vddk, nbdssl)".to_string();
+    } else if cfg.nbdkit_stand_in.as_deref() == Some("file") {
+        let desc = inner.san_file(t.file)?;
+        let stem = desc
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let flat = desc.with_file_name(format!("{stem}-flat.vmdk"));
+        if !flat.exists() {
+            return Err(format!(
+                "nbdkit-stand-in = \"file\": no flat extent {}",
+                flat.display()
+            ));
+        }
+        tracing::warn!(source = %inner.name, file = %t.file,
+            "network transport: nbdkit's file plugin stands in for the vddk plugin (nbdkit-stand-in, labs and tests only)");
+        cmd.arg("file").arg(format!("file={}", flat.display()));
+        how = "network (nbdkit file stand-in)".to_string();
+    } else {
+        return Err(format!(
+            "the network transport (NBD/NBDSSL) reads through nbdkit's vddk plugin, which needs VMware's VDDK: set vddk-libdir in source `{}` to the directory holding libvixDiskLib.so",
+            inner.name
+        ));
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start nbdkit: {e} (install nbdkit)"))?;
+    let started = std::time::Instant::now();
+    while !sock.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = e.read_to_string(&mut err).await;
+            }
+            return Err(format!("nbdkit exited ({st}): {}", err.trim()));
+        }
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill().await;
+            return Err("nbdkit did not open its socket within 30 s".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let mut ncfg = ferry_nbd::NbdConfig::new(ferry_nbd::Address::Unix(sock), "");
+    ncfg.connections = cfg.concurrency.clamp(1, 4);
+    let client = ferry_nbd::NbdClient::connect(ncfg)
+        .await
+        .map_err(|e| format!("NBD to nbdkit: {e}"))?;
+    if client.size() != t.capacity {
+        return Err(format!(
+            "nbdkit serves {} bytes, the disk has {}",
+            client.size(),
+            t.capacity
+        ));
+    }
+    Ok((client, Nbdkit { child, _dir: dir }, how))
 }
 
 fn write_private(p: &std::path::Path, s: &str) -> std::io::Result<()> {
@@ -610,6 +732,8 @@ impl HypervisorDriver for VmwareDriver {
             snapshot: Some(snap.clone()),
             disks: Vec::new(),
             nbdkits: Vec::new(),
+            proxy: None,
+            attached: Vec::new(),
             vm: vm.clone(),
         };
         // From here on, a failure removes the snapshot before it is returned.
@@ -628,13 +752,8 @@ impl HypervisorDriver for VmwareDriver {
         self.inner.recover().await
     }
 
-    async fn restore_vm(&self, _plan: &RestorePlan) -> Result<RestoredVm, HvError> {
-        Err(HvError::Api {
-            source_name: self.inner.name.clone(),
-            call: "restore to vSphere".into(),
-            message: "whole-VM restore (CreateVM_Task + disk upload) is not implemented by the vSphere driver yet; restore disks to files with `ferry restore … --disk NAME --to FILE`".into(),
-            retryable: false,
-        })
+    async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError> {
+        crate::restore::restore(&self.inner, plan).await
     }
 }
 

@@ -107,6 +107,12 @@ pub enum VimError {
 }
 
 impl VimError {
+    /// Whether the call broke in transit (connection, timeout, 5xx without a fault), so
+    /// repeating a read-only call may succeed.
+    pub fn is_transport_retryable(&self) -> bool {
+        matches!(self, Self::Http(h) if h.is_retryable())
+    }
+
     /// The fault kind, when the server answered one.
     pub fn fault(&self) -> Option<&FaultKind> {
         match self {

@@ -4,13 +4,16 @@
 //! - [`client`]: a vim25 client on `ferry_http::HttpClient` (session cookie, pinned TLS):
 //!   service content, login, PropertyCollector inventory paging, tasks, snapshots, CBT.
 //! - [`model`]: VMs, disks and NICs read from `VirtualMachine` properties.
+//! - [`restore`]: whole-VM restore (CreateVM_Task, disks over the NBD write path).
 //!
 //! Decisions: ADR 0080 (SOAP client), docs/drivers.md (vSphere section).
 
 pub mod client;
 pub mod driver;
 pub mod error;
+mod hotadd;
 pub mod model;
+pub mod restore;
 pub mod xml;
 
 pub use client::{Area, ObjectContent, ServiceContent, VimClient};

@@ -343,6 +343,12 @@ impl Body {
         self
     }
 
+    /// `other`'s elements after this body's (repeated elements built apart, e.g. `deviceChange`).
+    pub fn append(mut self, other: Body) -> Self {
+        self.xml.push_str(&other.xml);
+        self
+    }
+
     /// The envelope for calling `method` with this body.
     pub fn envelope(&self, method: &str) -> String {
         format!(

@@ -55,7 +55,20 @@ pub(crate) async fn restore(
             }
         }
     } else {
+        // From another hypervisor: the normalized config, with what Xen needs to boot it.
         let cpus = plan.config.cpus.max(1);
+        let firmware = match plan.config.firmware {
+            ferry_core::vm::Firmware::Bios => "bios",
+            _ => "uefi",
+        };
+        rec.insert("HVM_boot_policy".into(), json!("BIOS order"));
+        rec.insert(
+            "HVM_boot_params".into(),
+            json!({"order": "cdn", "firmware": firmware}),
+        );
+        if plan.config.firmware == ferry_core::vm::Firmware::UefiSecureBoot {
+            rec.insert("platform".into(), json!({"secureboot": "true"}));
+        }
         for k in ["VCPUs_max", "VCPUs_at_startup"] {
             rec.insert(k.into(), json!(cpus));
         }
@@ -121,7 +134,8 @@ async fn fill(
             ),
         });
     }
-    for (i, (d, cfg)) in plan.disks.iter().zip(&plan.config.disks).enumerate() {
+    let userdevices = userdevices(source, plan);
+    for ((d, cfg), userdevice) in plan.disks.iter().zip(&plan.config.disks).zip(userdevices) {
         let size = d.source.size();
         let vdi = c
             .call_str(
@@ -133,7 +147,6 @@ async fn fill(
             .await?;
         created.push(vdi.clone());
         c.import_raw(&vdi, d.source.as_ref()).await?;
-        let userdevice = cfg.controller.clone().unwrap_or_else(|| i.to_string());
         c.call(
             "VBD.create",
             vec![json!({"VM": vm, "VDI": vdi, "userdevice": userdevice, "bootable": cfg.bootable, "mode": "RW",
@@ -149,10 +162,21 @@ async fn fill(
         .cloned()
         .unwrap_or_default();
     for (i, nic) in plan.config.nics.iter().enumerate() {
+        if let (None, Some(m)) = (native, nic.model.as_deref().filter(|m| !m.is_empty())) {
+            tracing::warn!(source = %source, vm = %plan.name,
+                "restore: NIC {i}: model `{m}` is not kept (the pool picks the emulated model)");
+        }
         let net = nets
             .iter()
             .find(|(_, n)| nic.network.as_deref() == n.get("name_label").and_then(J::as_str))
-            .or_else(|| nets.iter().next())
+            .or_else(|| {
+                let first = nets.iter().next();
+                tracing::warn!(source = %source, vm = %plan.name,
+                    "restore: NIC {i}: network `{}` does not exist in this pool; attached to `{}`",
+                    nic.network.as_deref().unwrap_or("(none)"),
+                    first.and_then(|(_, n)| n.get("name_label")).and_then(J::as_str).unwrap_or(""));
+                first
+            })
             .map(|(r, _)| r.clone())
             .ok_or_else(|| HvError::Disk {
                 source_name: source.into(),
@@ -176,4 +200,32 @@ async fn fill(
             .await?;
     }
     Ok(())
+}
+
+/// The VBD `userdevice` of each disk: its own when it is a Xen device number, else the next
+/// free number (a vSphere `scsi0:1` has no Xen equivalent), with a warning.
+fn userdevices(source: &str, plan: &RestorePlan) -> Vec<String> {
+    let own: Vec<Option<u32>> = plan
+        .config
+        .disks
+        .iter()
+        .map(|d| d.controller.as_deref().and_then(|c| c.parse().ok()))
+        .collect();
+    let mut taken: Vec<u32> = own.iter().flatten().copied().collect();
+    plan.config
+        .disks
+        .iter()
+        .zip(own)
+        .map(|(d, o)| {
+            let n = o.unwrap_or_else(|| {
+                let n = (0..).find(|n| !taken.contains(n)).unwrap_or(0);
+                taken.push(n);
+                tracing::warn!(source = %source, vm = %plan.name,
+                    "restore: disk `{}`: position `{}` does not exist on Xen; attached as device {n}",
+                    d.name, d.controller.as_deref().unwrap_or("(none)"));
+                n
+            });
+            n.to_string()
+        })
+        .collect()
 }

@@ -240,6 +240,8 @@ pub struct CleanupReport {
     pub attachments: usize,
     /// Leftover tasks removed.
     pub tasks: usize,
+    /// Partial VMs of killed restores destroyed.
+    pub partial_vms: usize,
 }
 
 /// A hypervisor driver.

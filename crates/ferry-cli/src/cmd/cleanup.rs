@@ -30,8 +30,12 @@ pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCo
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "source `{}`: removed {} snapshot(s), {} attachment(s), {} task(s)",
-            args.source.source, report.snapshots, report.attachments, report.tasks
+            "source `{}`: removed {} snapshot(s), {} attachment(s), {} task(s), {} partial VM(s) of killed restores",
+            args.source.source,
+            report.snapshots,
+            report.attachments,
+            report.tasks,
+            report.partial_vms
         );
     }
     Ok(ExitCode::SUCCESS)

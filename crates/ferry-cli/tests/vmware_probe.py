@@ -1,0 +1,45 @@
+"""Reads VMs of `ferry sim vmware` with VMware's own Python SDK (pyvmomi), independently of Ferry's
+vim25 client, so tests compare what Ferry created with what vSphere reports.
+
+Usage: vmware_probe.py HOST PORT USER PASSWORD NAME... Prints one JSON object: each NAME → its
+configuration (CPUs, memory, firmware, guestId, disks with position and capacity, NICs with
+model, MAC and network), or null when no VM has that name."""
+import json
+import sys
+
+from pyVim.connect import SmartConnect
+from pyVmomi import vim
+
+host, port, user, pwd = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+si = SmartConnect(host=host, port=port, user=user, pwd=pwd, disableSslCertValidation=True)
+content = si.RetrieveContent()
+view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+vms = {v.name: v for v in view.view}
+view.Destroy()
+view = content.viewManager.CreateContainerView(content.rootFolder, [vim.dvs.DistributedVirtualPortgroup], True)
+names = {pg.key: pg.name for pg in view.view}
+view.Destroy()
+
+
+def describe(vm):
+    devs = vm.config.hardware.device
+    by_key = {d.key: d for d in devs}
+    prefix = {vim.vm.device.VirtualIDEController: "ide", vim.vm.device.VirtualAHCIController: "sata",
+              vim.vm.device.VirtualNVMEController: "nvme", vim.vm.device.VirtualSCSIController: "scsi"}
+    disks, nics = [], []
+    for d in devs:
+        if isinstance(d, vim.vm.device.VirtualDisk):
+            ctl = by_key[d.controllerKey]
+            bus = next(p for t, p in prefix.items() if isinstance(ctl, t))
+            disks.append({"position": "%s%d:%d" % (bus, ctl.busNumber, d.unitNumber),
+                          "capacity": d.capacityInBytes or d.capacityInKB * 1024,
+                          "file": d.backing.fileName})
+        elif isinstance(d, vim.vm.device.VirtualEthernetCard):
+            nics.append({"type": type(d).__name__.split(".")[-1], "mac": d.macAddress.lower(),
+                         "network": getattr(d.backing, "deviceName", None) or names.get(getattr(getattr(d.backing, "port", None), "portgroupKey", None)), "address_type": d.addressType})
+    return {"cpus": vm.config.hardware.numCPU, "memory_mb": vm.config.hardware.memoryMB,
+            "firmware": vm.config.firmware, "guest_id": vm.config.guestId,
+            "uuid": vm.config.uuid, "power": str(vm.runtime.powerState), "disks": disks, "nics": nics}
+
+
+print(json.dumps({n: describe(vms[n]) if n in vms else None for n in sys.argv[5:]}))
