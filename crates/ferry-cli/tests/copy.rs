@@ -358,7 +358,8 @@ fn boot_verifications_travel_with_their_restore_points_and_are_checked_on_arriva
     make_disk(&disk, 7);
     let id = backup(src_s, "web01", &[disk.to_str().unwrap().to_string()], &[]);
     // A boot verification with a screenshot, and one without, as `verify --boot` stores them.
-    let png = b"\x89PNG\r\n\x1a\nnot really an image, but sealed and compared byte for byte".to_vec();
+    let png =
+        b"\x89PNG\r\n\x1a\nnot really an image, but sealed and compared byte for byte".to_vec();
     let records = tokio::runtime::Runtime::new().unwrap().block_on(async {
         let store = Store::open(src_s, false).unwrap();
         let repo = Repository::open(store, Some(&Secret::new(SRC_PW)))
@@ -411,7 +412,10 @@ fn boot_verifications_travel_with_their_restore_points_and_are_checked_on_arriva
     assert_eq!(copied.0, records);
     assert_eq!(copied.1, png);
     let listed = snapshots(dst_s, DST_PW, &[]);
-    assert_eq!(listed[0]["boot-verification"]["reason"], "record 1", "{listed:?}");
+    assert_eq!(
+        listed[0]["boot-verification"]["reason"], "record 1",
+        "{listed:?}"
+    );
 
     // A re-run copies nothing; a restore point copied earlier gets a later verification.
     let again = copy(src_s, dst_s, &[], &[]);

@@ -156,8 +156,7 @@ impl Repository {
         screenshot: Option<&[u8]>,
     ) -> Result<()> {
         let key = record.key.as_str();
-        if !key.starts_with(&format!("snapshots/{}/verify/", record.snapshot)) || !is_record(key)
-        {
+        if !key.starts_with(&format!("snapshots/{}/verify/", record.snapshot)) || !is_record(key) {
             return Err(RepoError::Usage(format!(
                 "`{key}` is not a verification record of restore point {}",
                 record.snapshot

@@ -221,6 +221,9 @@ pub fn boot_disk(script: &Path, writer: bool) -> PathBuf {
         format!("{:016x}", h.finish())
     };
     let disk = dir.join(format!("ferry-boot-test-{tag}.raw"));
+    // Tests of one binary run in threads of one process: build once.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     if !disk.exists() {
         let tmp = dir.join(format!("ferry-boot-test-{tag}.{}.tmp", std::process::id()));
         let mut cmd = Command::new("bash");

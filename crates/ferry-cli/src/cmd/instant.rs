@@ -244,7 +244,11 @@ async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
             );
         }
         let e = ferry_engine::export::writable_export(&repo, &manifest.id, &d.name).await?;
-        overlays.push(e.overlay().cloned().context("a writable export has an overlay")?);
+        overlays.push(
+            e.overlay()
+                .cloned()
+                .context("a writable export has an overlay")?,
+        );
         exports.push(e);
         uris.push(format!("nbd://{host}:{}/{}", addr.port(), d.name));
         disks.push(RestoreDisk {
