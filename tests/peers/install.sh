@@ -4,8 +4,8 @@
 #   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy),
 #            qemu-system-x86, syslinux, syslinux-common, mtools, busybox-static, cpio (boot verification),
 #            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin)
-#   Debian kernel: vmlinuz of linux-image-amd64's kernel package, extracted (not installed) into
-#            $FERRY_PEERS_DIR/boot/vmlinuz for the boot-verification test disk
+#   Debian kernel: vmlinuz and the IDE disk modules of linux-image-amd64's kernel package, extracted
+#            (not installed) into $FERRY_PEERS_DIR/boot/{vmlinuz,modules/} for the bootable test disk
 #   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
 #            schemathesis, pyvmomi)
 #   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite)
@@ -71,8 +71,12 @@ for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_6
 done
 
 # --- A Debian kernel for the boot-verification test disk (extracted, never installed) ----------
+# vmlinuz plus the modules a guest needs to see its IDE disk as /dev/sda (the instant-recovery test's
+# guest writes to it), all from the same package so they match; modules/order lists them in load order.
 boot=$peers/boot
-if [ ! -s "$boot/vmlinuz" ]; then
+disk_modules=(scsi_common scsi_mod libata ata_piix crct10dif_common crct10dif_generic crc-t10dif crc64
+              crc64_rocksoft_generic crc64-rocksoft t10-pi sd_mod)
+if [ ! -s "$boot/vmlinuz" ] || [ ! -s "$boot/modules/order" ]; then
   kernel_pkg() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
   kpkg=$(kernel_pkg)
   if [ -z "$kpkg" ]; then
@@ -81,13 +85,19 @@ if [ ! -s "$boot/vmlinuz" ]; then
     kpkg=$(kernel_pkg)
   fi
   [ -n "$kpkg" ] || die "cannot find the kernel package linux-image-amd64 depends on (apt-get update?)"
-  say "extracting the kernel of $kpkg into $boot"
+  say "extracting the kernel and disk modules of $kpkg into $boot"
   ktmp=$(mktemp -d)
-  (cd "$ktmp" && apt-get download -qq "$kpkg" >/dev/null) || { rm -rf "$ktmp"; die "apt-get download $kpkg failed"; }
-  dpkg-deb --fsys-tarfile "$ktmp"/*.deb | tar -x -C "$ktmp" --wildcards './boot/vmlinuz-*' \
-    || { rm -rf "$ktmp"; die "cannot extract vmlinuz from $kpkg"; }
-  mkdir -p "$boot"
+  (cd "$ktmp" && apt-get download -qq "$kpkg" >/dev/null 2>&1) || { rm -rf "$ktmp"; die "apt-get download $kpkg failed"; }
+  dpkg-deb --fsys-tarfile "$ktmp"/*.deb | tar -x -C "$ktmp" --wildcards './boot/vmlinuz-*' './lib/modules/*.ko' \
+    || { rm -rf "$ktmp"; die "cannot extract vmlinuz and modules from $kpkg"; }
+  rm -rf "$boot/modules.tmp" && mkdir -p "$boot" "$boot/modules.tmp"
+  for m in "${disk_modules[@]}"; do
+    f=$(find "$ktmp/lib/modules" -name "$m.ko" | head -1)
+    [ -n "$f" ] || { rm -rf "$ktmp"; die "module $m.ko not in $kpkg"; }
+    cp "$f" "$boot/modules.tmp/" && echo "$m.ko" >> "$boot/modules.tmp/order"
+  done
   cp "$ktmp"/boot/vmlinuz-* "$boot/vmlinuz.tmp" && mv "$boot/vmlinuz.tmp" "$boot/vmlinuz"
+  rm -rf "$boot/modules" && mv "$boot/modules.tmp" "$boot/modules"
   rm -rf "$ktmp"
 fi
 

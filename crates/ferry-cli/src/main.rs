@@ -59,6 +59,10 @@ enum Command {
     Restore(cmd::restore::Args),
     /// Serve a restore point's disk over NBD (read-only or with a write overlay).
     Export(cmd::export::Args),
+    /// Instant recovery: run a VM on a hypervisor source straight from a restore point while
+    /// it is restored there; then switch it to the restored disks (`finish`) or remove it.
+    #[command(subcommand)]
+    InstantRecover(cmd::instant::Command),
     /// File-level restore: list and copy files out of a restore point (ext4, NTFS; MBR, GPT)
     /// without restoring the disk.
     #[command(subcommand)]
@@ -160,6 +164,7 @@ fn main() -> ExitCode {
             Command::Backup(a) => cmd::backup::run(a, &cli.global).await,
             Command::Restore(a) => cmd::restore::run(a, &cli.global).await,
             Command::Export(a) => cmd::export::run(a, &cli.global).await,
+            Command::InstantRecover(c) => cmd::instant::run(c, &cli.global).await,
             Command::Files(c) => cmd::files::run(c, &cli.global).await,
             Command::Demo(a) => cmd::demo::run(a, &cli.global).await,
             Command::Vms(a) => cmd::vms::run(a, &cli.global).await,

@@ -9,7 +9,7 @@ use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 const PW: &str = "boot test password";
 
@@ -36,32 +36,15 @@ fn ferry_ok_in(tmp: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The bootable test disk, built once per peers directory (the script is quick, the kernel
-/// comes from tests/peers/install.sh).
+/// The bootable test disk, built once per peers directory.
 fn boot_disk() -> PathBuf {
-    let dir = ferry_testkit::peers_dir().join("boot");
-    let vmlinuz = dir.join("vmlinuz");
-    assert!(
-        vmlinuz.exists(),
-        "{} missing: run tests/peers/install.sh (it extracts the Debian kernel)",
-        vmlinuz.display()
-    );
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/make_boot_disk.sh");
-    // The cache key changes with the script, so an edited recipe rebuilds.
-    let recipe = std::fs::read(script).unwrap();
-    let tag = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        recipe.hash(&mut h);
-        format!("{:016x}", h.finish())
-    };
-    let disk = dir.join(format!("ferry-boot-test-{tag}.raw"));
-    if !disk.exists() {
-        let tmp = dir.join(format!("ferry-boot-test-{tag}.{}.tmp", std::process::id()));
-        ferry_testkit::run_ok(Command::new("bash").arg(script).arg(&vmlinuz).arg(&tmp));
-        std::fs::rename(&tmp, &disk).unwrap();
-    }
-    disk
+    ferry_testkit::boot_disk(
+        Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/make_boot_disk.sh"
+        )),
+        false,
+    )
 }
 
 fn init_repo(path: &Path) {

@@ -346,3 +346,107 @@ fn corrupted_source_chunk_fails_the_copy_naming_it_and_commits_nothing() {
     assert!(err.contains("corrupt"), "{err}");
     assert!(snapshots(d, DST_PW, &[]).is_empty());
 }
+
+#[test]
+fn boot_verifications_travel_with_their_restore_points_and_are_checked_on_arrival() {
+    let tmp = ferry_testkit::scratch_dir();
+    let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+    let (src_s, dst_s) = (src.to_str().unwrap(), dst.to_str().unwrap());
+    init_repo(src_s, SRC_PW, 1 << 20, &[]);
+    init_repo(dst_s, DST_PW, 1 << 20, &[]);
+    let disk = tmp.path().join("d.raw");
+    make_disk(&disk, 7);
+    let id = backup(src_s, "web01", &[disk.to_str().unwrap().to_string()], &[]);
+    // A boot verification with a screenshot, and one without, as `verify --boot` stores them.
+    let png =
+        b"\x89PNG\r\n\x1a\nnot really an image, but sealed and compared byte for byte".to_vec();
+    let records = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = Store::open(src_s, false).unwrap();
+        let repo = Repository::open(store, Some(&Secret::new(SRC_PW)))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for (i, shot) in [Some(png.as_slice()), None].into_iter().enumerate() {
+            let rec = ferry_repo::BootVerification {
+                version: 1,
+                snapshot: id.clone(),
+                disk: "d".into(),
+                started: format!("2026-12-07T10:0{i}:00Z"),
+                result: if i == 0 {
+                    ferry_repo::BootResult::Ok
+                } else {
+                    ferry_repo::BootResult::Failed
+                },
+                seconds_to_heartbeat: (i == 0).then_some(12.5),
+                seconds: 14.0,
+                reason: format!("record {i}"),
+                heartbeat: "login:".into(),
+                timeout_secs: 300,
+                emulator: "qemu-system-x86_64 10.0.2 (TCG)".into(),
+                console_tail: "ferry-boot login: ".into(),
+                screenshot: None,
+                key: String::new(),
+            };
+            out.push(repo.attach_boot_verification(rec, shot).await.unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        out
+    });
+    let report = copy(src_s, dst_s, &[], &[]);
+    assert_eq!(report["copied"], serde_json::json!([id]), "{report}");
+    assert_eq!(n(&report, "verifications_copied"), 2, "{report}");
+
+    // The destination holds both, under the same keys, readable with its own password.
+    let copied = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = Store::open(dst_s, false).unwrap();
+        let repo = Repository::open(store, Some(&Secret::new(DST_PW)))
+            .await
+            .unwrap();
+        let v = repo.boot_verifications(&id).await.unwrap();
+        let shot = repo
+            .load_screenshot(v[0].screenshot.as_deref().unwrap())
+            .await
+            .unwrap();
+        (v, shot)
+    });
+    assert_eq!(copied.0, records);
+    assert_eq!(copied.1, png);
+    let listed = snapshots(dst_s, DST_PW, &[]);
+    assert_eq!(
+        listed[0]["boot-verification"]["reason"], "record 1",
+        "{listed:?}"
+    );
+
+    // A re-run copies nothing; a restore point copied earlier gets a later verification.
+    let again = copy(src_s, dst_s, &[], &[]);
+    assert_eq!(n(&again, "verifications_copied"), 0, "{again}");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = Store::open(src_s, false).unwrap();
+        let repo = Repository::open(store, Some(&Secret::new(SRC_PW)))
+            .await
+            .unwrap();
+        let mut rec = records[1].clone();
+        rec.reason = "record 2".into();
+        repo.attach_boot_verification(rec, None).await.unwrap();
+    });
+    let third = copy(src_s, dst_s, &[], &[]);
+    assert_eq!(third["already_present"], serde_json::json!([id]), "{third}");
+    assert_eq!(n(&third, "verifications_copied"), 1, "{third}");
+
+    // A corrupt source record stops the copy, naming it.
+    let key = &records[0].key;
+    let path = src.join(key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let fresh = tmp.path().join("fresh");
+    init_repo(fresh.to_str().unwrap(), DST_PW, 1 << 20, &[]);
+    let out = ferry(
+        &["copy", "--from", src_s, "--to", fresh.to_str().unwrap()],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(key.as_str()), "{err}");
+}

@@ -2,10 +2,14 @@
 # Builds a tiny BIOS-bootable raw disk for the boot-verification test: syslinux's MBR, one FAT
 # partition (made and filled with mtools, so no mount and no loop device) holding syslinux, a
 # Debian kernel and a busybox initramfs whose /init prints a login-prompt-like heartbeat on
-# ttyS0 and then sleeps.
-# Usage: make_boot_disk.sh VMLINUZ OUT.raw
+# ttyS0 and then sleeps. With MODULES (a directory of .ko files and an `order` file, from
+# tests/peers/install.sh) the initramfs also loads the IDE disk driver and, once a second, writes
+# `ferry-guest-write N` into sector 1024 of its own disk (unused: between the MBR and the
+# partition) and prints `ferry-heartbeat N`: proof for instant recovery that the guest runs and
+# writes.
+# Usage: make_boot_disk.sh VMLINUZ OUT.raw [MODULES]
 set -euo pipefail
-vmlinuz=$1 out=$2
+vmlinuz=$1 out=$2 modules=${3:-}
 for t in busybox cpio gzip mformat mcopy syslinux sfdisk; do
   command -v "$t" >/dev/null || { echo "make_boot_disk.sh: $t missing: run tests/peers/install.sh" >&2; exit 1; }
 done
@@ -14,12 +18,33 @@ mbr=/usr/lib/syslinux/mbr/mbr.bin
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/root/bin" "$work/root/dev" "$work/root/proc"
 cp "$(command -v busybox)" "$work/root/bin/busybox"
+if [ -n "$modules" ]; then
+  mkdir -p "$work/root/lib/modules"
+  cp "$modules"/order "$modules"/*.ko "$work/root/lib/modules/"
+fi
 ln -s busybox "$work/root/bin/sh"
 cat > "$work/root/init" <<'INIT'
 #!/bin/sh
 /bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "ferry boot test: init started" > /dev/ttyS0
+if [ -f /lib/modules/order ]; then
+  for m in $(/bin/busybox cat /lib/modules/order); do
+    /bin/busybox insmod "/lib/modules/$m" 2>/dev/ttyS0
+  done
+  i=0
+  while [ ! -b /dev/sda ] && [ $i -lt 30 ]; do /bin/busybox sleep 1; i=$((i + 1)); done
+fi
 printf '\nferry-boot login: ' > /dev/ttyS0
+if [ -b /dev/sda ]; then
+  n=0
+  while true; do
+    n=$((n + 1))
+    printf 'ferry-guest-write %08d\n' $n \
+      | /bin/busybox dd of=/dev/sda bs=512 seek=1024 conv=notrunc,sync,fsync 2>/dev/null
+    echo "ferry-heartbeat $n" > /dev/ttyS0
+    /bin/busybox sleep 1
+  done
+fi
 exec /bin/busybox sleep 3600
 INIT
 chmod 755 "$work/root/init"

@@ -15,6 +15,7 @@
 pub mod aligned;
 pub mod block;
 pub mod extent;
+pub mod qemu;
 pub mod secret;
 pub mod size;
 pub mod vm;

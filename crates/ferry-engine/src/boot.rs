@@ -267,25 +267,15 @@ async fn run_qemu(
     let log2 = log
         .try_clone()
         .map_err(|e| EngineError::Usage(format!("cannot create the qemu log: {e}")))?;
-    let mut cmd = tokio::process::Command::new(&opts.qemu);
-    cmd.args(["-machine", "pc,accel=tcg", "-m"])
-        .arg(opts.memory_mib.to_string())
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-vga",
-            "std",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp_sock.display()))
-        .arg("-drive")
-        .arg(format!("file={uri},format=raw,if=ide,cache=unsafe"))
-        .args(["-boot", "c", "-no-reboot"])
-        .stdin(std::process::Stdio::null())
+    let guest = ferry_core::qemu::QemuGuest {
+        qemu: opts.qemu.clone(),
+        memory_mib: opts.memory_mib,
+        drive: uri.to_string(),
+        console: console.clone(),
+        qmp: qmp_sock.clone(),
+    };
+    let mut cmd = tokio::process::Command::from(guest.command());
+    cmd.stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2)
         .process_group(0)

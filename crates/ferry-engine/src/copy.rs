@@ -66,6 +66,9 @@ pub struct CopyReport {
     pub bytes_read: u64,
     /// Bytes written to the destination (stored sizes).
     pub bytes_written: u64,
+    /// Boot-verification records (with their screenshots) copied beside the restore points,
+    /// each read back and checked.
+    pub verifications_copied: u64,
     /// Wall time.
     pub seconds: f64,
 }
@@ -103,6 +106,7 @@ pub async fn copy(
     for m in todo {
         if present.contains(&m.id) {
             report.already_present.push(m.id.clone());
+            report.verifications_copied += copy_verifications(src, dst, &m.id).await?;
             continue;
         }
         // The newest older restore point of the same VM that both repositories hold.
@@ -154,6 +158,7 @@ pub async fn copy(
         report.chunks_skipped += stats_before_commit.reused + stats_before_commit.already_present;
         report.zero_chunks += stats_before_commit.zero;
         tracing::info!(snapshot = %committed.id, sent = stats_before_commit.uploaded, "restore point copied");
+        report.verifications_copied += copy_verifications(src, dst, &committed.id).await?;
         present.insert(committed.id.clone());
         report.copied.push(committed.id);
     }
@@ -161,6 +166,35 @@ pub async fn copy(
     report.chunks_not_fetched = counters.not_fetched.load(Ordering::Relaxed);
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Copies the boot-verification records of restore point `id` that `dst` lacks (ADR 0103):
+/// each is authenticated in the source, re-sealed for the destination under the same key, and
+/// read back there. Returns how many were copied.
+async fn copy_verifications(src: &Repository, dst: &Repository, id: &str) -> Result<u64> {
+    let repo_err = |e| EngineError::repo("-", e);
+    let have: BTreeSet<String> = dst
+        .boot_verifications(id)
+        .await
+        .map_err(repo_err)?
+        .into_iter()
+        .map(|v| v.key)
+        .collect();
+    let mut n = 0;
+    for v in src.boot_verifications(id).await.map_err(repo_err)? {
+        if have.contains(&v.key) {
+            continue;
+        }
+        let png = match &v.screenshot {
+            Some(k) => Some(src.load_screenshot(k).await.map_err(repo_err)?),
+            None => None,
+        };
+        dst.import_boot_verification(&v, png.as_deref())
+            .await
+            .map_err(repo_err)?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// The source's and the destination's index of disk `name` of restore point `base`, when

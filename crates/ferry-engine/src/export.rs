@@ -52,26 +52,47 @@ pub async fn serve(
     listener: Listener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let export = if writable {
+        writable_export(repo, snapshot, disk).await?
+    } else {
+        let source = repo
+            .open_disk(snapshot, disk)
+            .await
+            .map_err(|e| EngineError::repo(disk, e))?;
+        NbdExport::read_only(disk, source)
+            .with_description(format!("ferry restore point {snapshot}, disk {disk}"))
+    };
+    tracing::info!(%snapshot, %disk, writable, "exporting over NBD");
+    serve_exports(vec![export], listener, shutdown)
+        .await
+        .map_err(|e| EngineError::Usage(format!("NBD export of {snapshot}/{disk} failed: {e}")))
+}
+
+/// Export `disk` of restore point `snapshot`, writable through a copy-on-write overlay
+/// ([`NbdExport::overlay`] gives what was written); the repository is never written.
+pub async fn writable_export(repo: &Repository, snapshot: &str, disk: &str) -> Result<NbdExport> {
     let source = repo
         .open_disk(snapshot, disk)
         .await
         .map_err(|e| EngineError::repo(disk, e))?;
-    let export = if writable {
-        NbdExport::copy_on_write(disk, source)
-            .map_err(|e| EngineError::Usage(format!("cannot create the write overlay: {e}")))?
-    } else {
-        NbdExport::read_only(disk, source)
-    }
-    .with_description(format!("ferry restore point {snapshot}, disk {disk}"));
-    let server = NbdServer::new(vec![export]);
-    tracing::info!(%snapshot, %disk, writable, "exporting over NBD");
-    let r = match listener {
+    Ok(NbdExport::copy_on_write(disk, source)
+        .map_err(|e| EngineError::Usage(format!("cannot create the write overlay: {e}")))?
+        .with_description(format!("ferry restore point {snapshot}, disk {disk}")))
+}
+
+/// Serves `exports` on `listener` until `shutdown` (a Unix socket is removed afterwards).
+pub async fn serve_exports(
+    exports: Vec<NbdExport>,
+    listener: Listener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let server = NbdServer::new(exports);
+    match listener {
         Listener::Tcp(l) => server.serve(l, shutdown).await,
         Listener::Unix(l, path) => {
             let r = server.serve(l, shutdown).await;
             let _ = std::fs::remove_file(path);
             r
         }
-    };
-    r.map_err(|e| EngineError::Usage(format!("NBD export of {snapshot}/{disk} failed: {e}")))
+    }
 }

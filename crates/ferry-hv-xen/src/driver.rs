@@ -460,6 +460,10 @@ impl HypervisorDriver for XenDriver {
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError> {
         crate::restore::restore(self.client(), &self.inner.name, plan).await
     }
+
+    fn instant(&self) -> Option<&dyn ferry_hv::InstantRecovery> {
+        Some(self)
+    }
 }
 
 /// One backup in progress.

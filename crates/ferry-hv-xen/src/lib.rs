@@ -21,6 +21,7 @@
 pub mod cbt;
 pub mod client;
 mod driver;
+pub mod instant;
 mod restore;
 
 pub use driver::{SNAPSHOT_MARKER, VBD_MARKER, XenDriver, XenSession};

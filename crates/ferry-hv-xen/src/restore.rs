@@ -37,11 +37,9 @@ const COPIED: &[&str] = &[
     "has_vendor_device",
 ];
 
-pub(crate) async fn restore(
-    c: &XenClient,
-    source: &str,
-    plan: &RestorePlan,
-) -> Result<RestoredVm, HvError> {
+/// The VM record to create for `plan` (machine fields of the captured record, or the
+/// normalized configuration) and the captured record itself.
+pub(crate) fn vm_record(plan: &RestorePlan) -> (serde_json::Map<String, J>, Option<J>) {
     let mut rec = serde_json::Map::new();
     let native: Option<J> = plan
         .native
@@ -82,6 +80,15 @@ pub(crate) async fn restore(
         }
     }
     rec.insert("name_label".into(), json!(plan.name));
+    (rec, native)
+}
+
+pub(crate) async fn restore(
+    c: &XenClient,
+    source: &str,
+    plan: &RestorePlan,
+) -> Result<RestoredVm, HvError> {
+    let (mut rec, native) = vm_record(plan);
     rec.insert("other_config".into(), json!({"ferry-restored": "1"}));
     let vm = c.call_str("VM.create", vec![J::Object(rec)]).await?;
     let mut created_vdis = Vec::new();
@@ -115,14 +122,7 @@ async fn fill(
     native: Option<&J>,
     created: &mut Vec<String>,
 ) -> Result<(), HvError> {
-    let pools = c.call("pool.get_all_records", vec![]).await?;
-    let sr = pools
-        .as_object()
-        .and_then(|m| m.values().next())
-        .and_then(|p| p.get("default_SR"))
-        .and_then(J::as_str)
-        .unwrap_or_default()
-        .to_string();
+    let sr = default_sr(c).await?;
     if plan.disks.len() != plan.config.disks.len() {
         return Err(HvError::Disk {
             source_name: source.into(),
@@ -154,6 +154,34 @@ async fn fill(
         )
         .await?;
     }
+    create_vifs(c, source, plan, vm, native).await?;
+    if plan.power_on {
+        c.call("VM.start", vec![json!(vm), json!(false), json!(false)])
+            .await?;
+    }
+    Ok(())
+}
+
+/// The pool's default SR.
+pub(crate) async fn default_sr(c: &XenClient) -> Result<String, HvError> {
+    let pools = c.call("pool.get_all_records", vec![]).await?;
+    Ok(pools
+        .as_object()
+        .and_then(|m| m.values().next())
+        .and_then(|p| p.get("default_SR"))
+        .and_then(J::as_str)
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// The VIFs of `plan`, on the network of the same name (else the first one).
+pub(crate) async fn create_vifs(
+    c: &XenClient,
+    source: &str,
+    plan: &RestorePlan,
+    vm: &str,
+    native: Option<&J>,
+) -> Result<(), HvError> {
     let nets = c.call("network.get_all_records", vec![]).await?;
     let nets = nets.as_object().cloned().unwrap_or_default();
     let native_vifs: Vec<J> = native
@@ -194,10 +222,6 @@ async fn fill(
                 "MTU": mtu, "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}})],
         )
         .await?;
-    }
-    if plan.power_on {
-        c.call("VM.start", vec![json!(vm), json!(false), json!(false)])
-            .await?;
     }
     Ok(())
 }

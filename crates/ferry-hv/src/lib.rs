@@ -230,6 +230,60 @@ pub struct RestoredVm {
     pub transport: String,
 }
 
+/// What to run from a backup while it is restored (instant recovery).
+#[derive(Debug, Clone)]
+pub struct InstantPlan {
+    /// The VM: name, configuration, native record; `disks` are the restore point's disks
+    /// (the background restore's source).
+    pub vm: RestorePlan,
+    /// Per disk of `vm.disks`, the writable NBD export the VM runs from meanwhile.
+    pub exports: Vec<String>,
+    /// Where the restored disks go (an SR's uuid or name; default: the pool's default).
+    pub storage: Option<String>,
+}
+
+/// What an instant recovery created on the hypervisor; kept by the session and passed back
+/// to the later steps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct InstantVm {
+    /// The VM's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Per disk: the temporary storage object that points at the export (an `nbd` SR's uuid).
+    pub staging: Vec<String>,
+    /// Per disk: the disk being restored on real storage (a VDI uuid).
+    pub targets: Vec<String>,
+}
+
+/// Instant recovery on a hypervisor: run a VM from exports, restore its disks to real storage
+/// meanwhile, then switch it over or remove it.
+#[async_trait]
+pub trait InstantRecovery: Send + Sync {
+    /// Creates the VM with disks on the exports and empty target disks on real storage, and
+    /// starts it. A failure removes everything created.
+    async fn instant_start(&self, plan: &InstantPlan) -> Result<InstantVm, HvError>;
+    /// Writes `source` (the restore point's disk) into target disk `index`.
+    async fn instant_restore_disk(
+        &self,
+        vm: &InstantVm,
+        index: usize,
+        source: &dyn BlockSource,
+    ) -> Result<(), HvError>;
+    /// Stops the VM, writes what the guest changed (`changed[i]`: the merged view of disk `i`
+    /// and the extents written to it) into the targets, checks every target against its merged
+    /// view, attaches the targets in place of the exports, removes the staging objects and
+    /// starts the VM again. On a failure before the switch the VM runs from the exports again.
+    async fn instant_finish(
+        &self,
+        vm: &InstantVm,
+        changed: &[(Arc<dyn BlockSource>, ExtentMap)],
+    ) -> Result<(), HvError>;
+    /// Stops and removes the VM, the staging objects and the targets.
+    async fn instant_cancel(&self, vm: &InstantVm) -> Result<(), HvError>;
+}
+
 /// What [`HypervisorDriver::recover`] cleaned up.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -264,6 +318,10 @@ pub trait HypervisorDriver: Send + Sync {
     async fn recover(&self) -> Result<CleanupReport, HvError>;
     /// Creates a VM from a restore point.
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError>;
+    /// Instant recovery, where the driver supports it.
+    fn instant(&self) -> Option<&dyn InstantRecovery> {
+        None
+    }
 }
 
 /// A driver failure.

@@ -146,6 +146,65 @@ impl Repository {
         Ok(record)
     }
 
+    /// Stores a verification record read from another repository (a copy job) under its own
+    /// key, sealed with this repository's keys — screenshot first, record last — then reads
+    /// both back and checks them against what was given (verified on arrival). An object a
+    /// killed earlier copy left at the key is checked the same way instead of rewritten.
+    pub async fn import_boot_verification(
+        &self,
+        record: &BootVerification,
+        screenshot: Option<&[u8]>,
+    ) -> Result<()> {
+        let key = record.key.as_str();
+        if !key.starts_with(&format!("snapshots/{}/verify/", record.snapshot)) || !is_record(key) {
+            return Err(RepoError::Usage(format!(
+                "`{key}` is not a verification record of restore point {}",
+                record.snapshot
+            )));
+        }
+        if record.screenshot.is_some() != screenshot.is_some() {
+            return Err(RepoError::Usage(format!(
+                "verification record {key}: screenshot given and named do not agree"
+            )));
+        }
+        let keys = &self.inner.keys;
+        if let (Some(png_key), Some(png)) = (&record.screenshot, screenshot) {
+            if png_key != &format!("{key}.png") {
+                return Err(RepoError::corrupt(
+                    key,
+                    format!("names screenshot `{png_key}`"),
+                ));
+            }
+            let data = seal(
+                keys,
+                MAGIC_VERIFICATION,
+                png_key.as_bytes(),
+                png,
+                Compression::None,
+            )?;
+            self.store().create(png_key, data).await?;
+            if self.load_screenshot(png_key).await? != png {
+                return Err(RepoError::corrupt(
+                    png_key,
+                    "differs from the screenshot copied",
+                ));
+            }
+        }
+        let json = serde_json::to_vec(record).expect("record serializes");
+        let data = seal(
+            keys,
+            MAGIC_VERIFICATION,
+            key.as_bytes(),
+            &json,
+            Compression::Zstd(3),
+        )?;
+        self.store().create(key, data).await?;
+        if &self.load_boot_verification(key).await? != record {
+            return Err(RepoError::corrupt(key, "differs from the record copied"));
+        }
+        Ok(())
+    }
+
     /// Every boot verification of restore point `id`, oldest first. Unreadable records are
     /// errors (they are authenticated objects like any other).
     pub async fn boot_verifications(&self, id: &str) -> Result<Vec<BootVerification>> {

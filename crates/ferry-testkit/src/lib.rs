@@ -195,3 +195,44 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The small BIOS-bootable Linux disk the boot-verification and instant-recovery tests boot,
+/// built by `script` (crates/ferry-cli/tests/make_boot_disk.sh) from the Debian kernel that
+/// tests/peers/install.sh extracted, and cached under `$FERRY_PEERS_DIR/boot` by the script's
+/// hash (an edited recipe rebuilds). With `writer`, the guest also loads its IDE driver and
+/// writes `ferry-guest-write N` into sector 1024 of its disk once a second.
+pub fn boot_disk(script: &Path, writer: bool) -> PathBuf {
+    let dir = peers_dir().join("boot");
+    let vmlinuz = dir.join("vmlinuz");
+    let modules = dir.join("modules");
+    for need in [&vmlinuz, &modules.join("order")] {
+        assert!(
+            need.exists(),
+            "{} missing: run tests/peers/install.sh (it extracts the Debian kernel and its disk modules)",
+            need.display()
+        );
+    }
+    let recipe = std::fs::read(script).unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+    let tag = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        recipe.hash(&mut h);
+        writer.hash(&mut h);
+        format!("{:016x}", h.finish())
+    };
+    let disk = dir.join(format!("ferry-boot-test-{tag}.raw"));
+    // Tests of one binary run in threads of one process: build once.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    if !disk.exists() {
+        let tmp = dir.join(format!("ferry-boot-test-{tag}.{}.tmp", std::process::id()));
+        let mut cmd = Command::new("bash");
+        cmd.arg(script).arg(&vmlinuz).arg(&tmp);
+        if writer {
+            cmd.arg(&modules);
+        }
+        run_ok(&mut cmd);
+        std::fs::rename(&tmp, &disk).unwrap();
+    }
+    disk
+}

@@ -122,9 +122,10 @@ pub async fn run(a: Args, global: &crate::Global) -> anyhow::Result<ExitCode> {
     };
     if !global.quiet {
         eprintln!(
-            "copied {} restore points ({} already present): {} chunks sent, {} skipped ({} not even read), {} zero; read {}, wrote {} in {:.1} s (read at {})",
+            "copied {} restore points ({} already present), {} boot verifications: {} chunks sent, {} skipped ({} not even read), {} zero; read {}, wrote {} in {:.1} s (read at {})",
             report.copied.len(),
             report.already_present.len(),
+            report.verifications_copied,
             report.chunks_sent,
             report.chunks_skipped,
             report.chunks_not_fetched,

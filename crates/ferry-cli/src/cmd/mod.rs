@@ -11,6 +11,7 @@ pub mod features;
 pub mod files;
 pub mod hvbackup;
 pub mod image;
+pub mod instant;
 pub mod nbd;
 pub mod repo;
 pub mod restore;

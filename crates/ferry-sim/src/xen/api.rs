@@ -76,6 +76,10 @@ pub(crate) struct State {
     pub nbd_host: String,
     pub nbd_port: u16,
     pub cert_pem: String,
+    /// VDIs of `nbd` SRs: ref → the NBD URI their data is served at.
+    pub nbd_vdis: HashMap<String, String>,
+    /// Running guests of VMs booted from an NBD VDI: VM ref → qemu.
+    pub guests: HashMap<String, tokio::process::Child>,
     seq: u64,
     seed: u64,
 }
@@ -126,6 +130,8 @@ impl State {
             nbd_host: "127.0.0.1".into(),
             nbd_port: 0,
             cert_pem: String::new(),
+            nbd_vdis: HashMap::new(),
+            guests: HashMap::new(),
             seq: 0,
             seed,
         }
@@ -412,10 +418,24 @@ impl State {
             }
             ("VM", "destroy") => return self.vm_destroy(arg(1)?).map(|_| s("")),
             ("VM", "create") => return self.vm_create(rec_param(1)?).map(s),
-            ("VM", "start") => return self.vm_power(arg(1)?, true).map(|_| s("")),
-            ("VM", "hard_shutdown" | "clean_shutdown") => {
-                return self.vm_power(arg(1)?, false).map(|_| s(""));
+            ("VM", "start") => {
+                let vm = arg(1)?;
+                self.vm_power(vm, true)?;
+                if let Err(f) = self.boot_guest(vm) {
+                    let _ = self.vm_power(vm, false);
+                    return Err(f);
+                }
+                return Ok(s(""));
             }
+            ("VM", "hard_shutdown" | "clean_shutdown") => {
+                let vm = arg(1)?;
+                self.vm_power(vm, false)?;
+                self.stop_guest(vm).await;
+                return Ok(s(""));
+            }
+            ("SR", "create") => return self.sr_create(&strs, &params).await.map(s),
+            ("SR", "forget" | "destroy") => return self.sr_forget(arg(1)?).map(|_| s("")),
+            ("SR", "scan") => return self.obj("SR", arg(1)?).map(|_| s("")),
             ("VDI", "create") => return self.vdi_create(rec_param(1)?).map(s),
             ("VDI", "destroy") => return self.vdi_destroy(arg(1)?).map(|_| s("")),
             ("VDI", "enable_cbt") => return self.vdi_cbt(arg(1)?, true).map(|_| s("")),
@@ -964,7 +984,9 @@ impl State {
         let empty = matches!(r.get("empty"), Some(Value::Bool(true)));
         if !empty {
             self.obj("VDI", &vdi)?;
-            if self.disks.get(&vdi).is_none_or(|d| d.file.is_none()) {
+            if !self.nbd_vdis.contains_key(&vdi)
+                && self.disks.get(&vdi).is_none_or(|d| d.file.is_none())
+            {
                 return Err(Failure::new(
                     "VDI_INCOMPATIBLE_TYPE",
                     &[&vdi, "cbt_metadata"],
@@ -1187,6 +1209,7 @@ impl State {
             self.objs.remove(&vbd);
         }
         self.release_data(vdi);
+        self.nbd_vdis.remove(vdi);
         let sr = self.fstr("VDI", vdi, "SR")?;
         self.drop_ref("SR", &sr, "VDIs", vdi);
         let of = self.fstr("VDI", vdi, "snapshot_of")?;

@@ -183,6 +183,9 @@ async fn import_raw(
             return failure(StatusCode::FORBIDDEN, &f);
         }
     };
+    if q.get("format").is_some_and(|f| f == "vhd") {
+        return import_vhd(&shared, &vdi, size, stream).await;
+    }
     let mut buf = Vec::with_capacity(PIECE);
     let mut pos = 0u64;
     loop {
@@ -220,6 +223,53 @@ async fn import_raw(
         return text(StatusCode::BAD_REQUEST, "body shorter than Content-Length");
     }
     StatusCode::OK.into_response()
+}
+
+/// `format=vhd`: the body goes to a scratch file (a VHD is read by its footer and block table,
+/// not front to back), then its allocated blocks are written into the VDI.
+async fn import_vhd(
+    shared: &Arc<Shared>,
+    vdi: &str,
+    size: u64,
+    mut stream: axum::body::BodyDataStream,
+) -> Response {
+    use std::io::Write as _;
+    let tmp = match tempfile::NamedTempFile::new() {
+        Ok(t) => t,
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("scratch file: {e}"),
+            );
+        }
+    };
+    let mut f = tmp.as_file();
+    let mut total = 0u64;
+    // A VHD of the disk is at most the disk plus its metadata; more is not a VHD of it.
+    let limit = size + size / 8 + (4 << 20);
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => {
+                total += c.len() as u64;
+                if total > limit {
+                    let f = Failure::new("VDI_TOO_SMALL", &[vdi, &total.to_string()]);
+                    drain(&mut stream).await;
+                    return failure(StatusCode::INTERNAL_SERVER_ERROR, &f);
+                }
+                if let Err(e) = f.write_all(&c) {
+                    return text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("scratch file: {e}"),
+                    );
+                }
+            }
+            Err(e) => return text(StatusCode::BAD_REQUEST, format!("upload broke off: {e}")),
+        }
+    }
+    match super::apply_vhd(shared, vdi, tmp.path()).await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(f) => failure(StatusCode::INTERNAL_SERVER_ERROR, &f),
+    }
 }
 
 /// Reads and drops up to [`DRAIN_LIMIT`] more of a body the server refuses, so a client still

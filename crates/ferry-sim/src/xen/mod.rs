@@ -12,6 +12,7 @@
 mod api;
 mod http;
 mod nbd;
+mod nbdsr;
 mod seed;
 mod sidedoor;
 pub mod storage;
@@ -202,7 +203,12 @@ pub(crate) async fn import_target(
     len: u64,
 ) -> Result<(String, u64), Failure> {
     let st = shared.state.lock().await;
-    let vdi = raw_vdi_of_query(&st, q)?;
+    let vhd = q.get("format").is_some_and(|f| f == "vhd");
+    let vdi = if vhd {
+        vdi_of_query(&st, q)?
+    } else {
+        raw_vdi_of_query(&st, q)?
+    };
     let d = st
         .disks
         .get(&vdi)
@@ -210,11 +216,53 @@ pub(crate) async fn import_target(
     if !d.live {
         return Err(Failure::new("VDI_READ_ONLY", &[&vdi]));
     }
-    if len > d.size {
+    // A VHD carries metadata besides data; its virtual size is checked once it is here.
+    if !vhd && len > d.size {
         return Err(Failure::new("VDI_TOO_SMALL", &[&vdi, &len.to_string()]));
     }
     let size = d.size;
     Ok((vdi, size))
+}
+
+/// Applies an uploaded VHD (`import_raw_vdi?format=vhd`) to a live VDI as xapi's vhd-tool
+/// does: only the blocks the VHD allocates are written, the rest of the VDI is untouched.
+pub(crate) async fn apply_vhd(shared: &Arc<Shared>, vdi: &str, vhd: &Path) -> Result<(), Failure> {
+    let bad = |m: String| Failure::new("VDI_IO_ERROR", &[&format!("VHD import: {m}")]);
+    let img = ferry_image::open_image(vhd)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    let src = img.source;
+    let size = shared
+        .state
+        .lock()
+        .await
+        .disks
+        .get(vdi)
+        .map(|d| d.size)
+        .unwrap_or(0);
+    if src.size() > size {
+        return Err(Failure::new(
+            "VDI_TOO_SMALL",
+            &[vdi, &src.size().to_string()],
+        ));
+    }
+    let alloc = src
+        .allocated(0..src.size())
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    for e in alloc.iter() {
+        let mut pos = e.offset;
+        while pos < e.end() {
+            let n = (e.end() - pos).min(buf.len() as u64) as usize;
+            src.read_at(pos, &mut buf[..n])
+                .await
+                .map_err(|e| bad(e.to_string()))?;
+            shared.state.lock().await.write_vdi(vdi, pos, &buf[..n])?;
+            pos += n as u64;
+        }
+    }
+    Ok(())
 }
 
 impl XenSim {
@@ -328,6 +376,7 @@ impl XenSim {
             "proxy_vm": "ferry-proxy",
             "hotadd_device_dir": self.hotadd_device_dir(),
             "san_paths": self.san_paths,
+            "console_dir": self.dir.join("console"),
         })
     }
     /// TCP connections accepted on the HTTPS port so far (keep-alive: many calls, few
