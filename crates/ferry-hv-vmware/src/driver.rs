@@ -139,9 +139,17 @@ impl Inner {
         }
     }
 
-    async fn recover(&self) -> Result<CleanupReport, HvError> {
+    /// Removes leftover snapshots: before a backup only those journaled by dead processes
+    /// (other backups may be running); for `ferry cleanup` (`all`) every journaled one and
+    /// every snapshot named by Ferry.
+    async fn recover(&self, all: bool) -> Result<CleanupReport, HvError> {
         let mut report = CleanupReport::default();
-        let entries = self.journal.entries().map_err(|e| HvError::Disk {
+        let entries = if all {
+            self.journal.entries()
+        } else {
+            self.journal.orphans()
+        };
+        let entries = entries.map_err(|e| HvError::Disk {
             source_name: self.name.clone(),
             disk: "crash journal".into(),
             message: e.to_string(),
@@ -153,6 +161,9 @@ impl Inner {
                 report.snapshots += 1;
             }
             self.journal(false, "snapshot", &e.id);
+        }
+        if !all {
+            return Ok(report);
         }
         // Also what no journal knows about (another proxy, a lost state directory): every
         // snapshot named by Ferry.
@@ -555,7 +566,7 @@ impl HypervisorDriver for VmwareDriver {
         previous: Option<&ChangeTokens>,
     ) -> Result<Box<dyn BackupSession>, HvError> {
         let i = self.inner.clone();
-        let cleaned = i.recover().await?;
+        let cleaned = i.recover(false).await?;
         if cleaned.snapshots > 0 {
             tracing::warn!(source = %i.name, removed = cleaned.snapshots, "leftover Ferry snapshots removed before the backup");
         }
@@ -625,7 +636,7 @@ impl HypervisorDriver for VmwareDriver {
     }
 
     async fn recover(&self) -> Result<CleanupReport, HvError> {
-        self.inner.recover().await
+        self.inner.recover(true).await
     }
 
     async fn restore_vm(&self, _plan: &RestorePlan) -> Result<RestoredVm, HvError> {
