@@ -58,6 +58,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/sessions/{id}/cancel"),
     ("get", "/api/vms"),
     ("get", "/api/vms/{vm}/history"),
+    ("get", "/api/leases"),
 ];
 
 /// The router.
@@ -119,6 +120,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/sessions/{id}/cancel", post(cancel_session))
         .route("/api/vms", get(vms))
         .route("/api/vms/{vm}/history", get(vm_history))
+        .route("/api/leases", get(leases))
         .fallback(|| async { Problem::not_found("this path") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -825,6 +827,42 @@ async fn vms(State(app): St, c: Caller) -> ApiResult<Response> {
             j
         })
         .collect();
+    Ok(json_ok(StatusCode::OK, Value::Array(out)))
+}
+
+async fn leases(State(app): St, c: Caller) -> ApiResult<Response> {
+    c.require(Role::Viewer)?;
+    let doc = app.store.load()?;
+    let mut out = Vec::new();
+    for (name, r) in &doc.repositories {
+        // Leases are plain objects beside the encrypted data: no password needed.
+        let store = ferry_repo::Store::open(&r.url, false)
+            .map_err(|e| Problem::internal(format!("repository `{name}`: {e}")))?;
+        let states = ferry_repo::work::list(&store)
+            .await
+            .map_err(|e| Problem::internal(format!("repository `{name}`: {e}")))?;
+        for st in states {
+            out.push(json!({
+                "repository": name,
+                "window": st.window,
+                "vm": st.vm,
+                "state": st.state,
+                "lease": st.lease.map(|l| json!({
+                    "appliance": l.appliance,
+                    "owner": l.owner,
+                    "expires": l.expires,
+                    "generation": l.generation,
+                })),
+                "done": st.done.map(|d| json!({
+                    "appliance": d.appliance,
+                    "status": d.status,
+                    "restore_point": d.restore_point,
+                    "error": d.error,
+                    "time": d.time,
+                })),
+            }));
+        }
+    }
     Ok(json_ok(StatusCode::OK, Value::Array(out)))
 }
 

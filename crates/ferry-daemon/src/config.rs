@@ -27,6 +27,18 @@ pub struct ApplianceConfig {
     /// VMs backed up at once from one source.
     #[serde(default = "default_per_source")]
     pub per_source_vms: usize,
+    /// This appliance's name in work leases and sessions (default: the host name); appliances
+    /// sharing a repository need different names.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Seconds a work lease lives without renewal: how long a dead appliance's VMs wait before
+    /// another appliance takes them over (renewed every third of it).
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_seconds: u64,
+}
+
+fn default_lease_ttl() -> u64 {
+    300
 }
 
 fn default_max_vms() -> usize {
@@ -41,6 +53,8 @@ impl Default for ApplianceConfig {
         Self {
             max_concurrent_vms: default_max_vms(),
             per_source_vms: default_per_source(),
+            name: None,
+            lease_ttl_seconds: default_lease_ttl(),
         }
     }
 }
@@ -455,6 +469,20 @@ impl Document {
                 "appliance",
                 "max-concurrent-vms and per-source-vms must be at least 1",
             ));
+        }
+        if doc.appliance.lease_ttl_seconds < 3 {
+            return Err(Problem::invalid(
+                "appliance",
+                "lease-ttl-seconds must be at least 3 (the lease is renewed every third of it)",
+            ));
+        }
+        if let Some(n) = &doc.appliance.name {
+            valid_name(Kind::Job, n).map_err(|_| {
+                Problem::invalid(
+                    "appliance",
+                    format!("[appliance] name `{n}`: use 1 to 64 letters, digits, - and _"),
+                )
+            })?;
         }
         Ok(doc)
     }

@@ -106,6 +106,9 @@ pub struct VmView {
     pub disks: Vec<DiskView>,
     /// Why it failed or was skipped.
     pub error: Option<String>,
+    /// The appliance backing it up (scheduled runs; another one when it holds the VM's work
+    /// lease, ADR 0105).
+    pub appliance: Option<String>,
 }
 
 /// A session as the API shows it.
@@ -133,8 +136,8 @@ pub struct SessionView {
     pub error: Option<String>,
 }
 
-struct VmLive {
-    view: VmView,
+pub(crate) struct VmLive {
+    pub(crate) view: VmView,
     progress: Option<(Arc<Progress>, tokio::time::Instant)>,
 }
 
@@ -205,7 +208,7 @@ impl LiveSession {
         f(a, b);
     }
 
-    fn vm(&self, id: &str, f: impl FnOnce(&mut VmLive)) {
+    pub(crate) fn vm(&self, id: &str, f: impl FnOnce(&mut VmLive)) {
         self.update(|_, vms| {
             if let Some(v) = vms.get_mut(id) {
                 f(v)
@@ -216,7 +219,7 @@ impl LiveSession {
 
 impl App {
     /// Appends a line to a session's log (and the service's own log).
-    fn log(&self, s: &LiveSession, level: &str, vm: Option<&str>, message: String) {
+    pub(crate) fn log(&self, s: &LiveSession, level: &str, vm: Option<&str>, message: String) {
         let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
         match level {
             "error" => tracing::error!(session = %s.id, vm, "{message}"),
@@ -235,7 +238,7 @@ impl App {
         }
     }
 
-    fn persist(&self, s: &LiveSession) {
+    pub(crate) fn persist(&self, s: &LiveSession) {
         let v = s.view();
         let detail = serde_json::to_value(&v).unwrap_or_default();
         if let Err(e) = self.catalog.upsert_session(
@@ -258,6 +261,19 @@ impl App {
         name: &str,
         trigger: &str,
         by: &str,
+    ) -> ApiResult<String> {
+        self.start_session_in(name, trigger, by, None)
+    }
+
+    /// [`start_session`](Self::start_session) for the scheduler's firing planned at `fired`
+    /// (Unix seconds): its VMs are shared with the other appliances of the repository through
+    /// work leases (ADR 0105).
+    pub fn start_session_in(
+        self: &Arc<Self>,
+        name: &str,
+        trigger: &str,
+        by: &str,
+        fired: Option<i64>,
     ) -> ApiResult<String> {
         if self.stopping.is_cancelled() {
             return Err(Problem::new(
@@ -313,7 +329,9 @@ impl App {
                 None,
                 format!("session started ({trigger}, by {by})"),
             );
-            let r = app.run(&s, name_owned(&s), job, doc, scheduled).await;
+            let r = app
+                .run(&s, name_owned(&s), job, doc, scheduled, fired)
+                .await;
             let cancelled = s.cancel.is_cancelled();
             s.update(|v, vms| {
                 v.ended = Some(now());
@@ -402,15 +420,21 @@ impl App {
         job: JobConfig,
         doc: Document,
         scheduled: bool,
+        fired: Option<i64>,
     ) -> Result<(), String> {
         s.update(|v, _| v.status = Status::Running);
         self.persist(s);
-        let src_cfg = doc
+        let mut src_cfg = doc
             .ferry
             .sources
             .get(&job.source)
             .cloned()
             .ok_or_else(|| format!("source `{}` is no longer configured", job.source))?;
+        // A journal per appliance: appliances on one host never clean up each other's work.
+        src_cfg
+            .state_dir
+            .get_or_insert_with(|| self.state_dir.join("journal"));
+        let work = fired.map(|t| self.work_window(&name, t, &doc));
         let repo_cfg = doc
             .repositories
             .get(&job.repository)
@@ -477,6 +501,7 @@ impl App {
                             restore_point: None,
                             disks: Vec::new(),
                             error: None,
+                            appliance: None,
                         },
                         progress: None,
                     },
@@ -491,8 +516,8 @@ impl App {
         );
         let job_slots = Arc::new(tokio::sync::Semaphore::new(job.parallel_vms));
         let mut set = tokio::task::JoinSet::new();
-        for vm in picked {
-            let (app, s, repo, driver, job, slots, name) = (
+        for vm in crate::scaleout::rotate(picked, work.as_ref()) {
+            let (app, s, repo, driver, job, slots, name, work) = (
                 self.clone(),
                 s.clone(),
                 repo.clone(),
@@ -500,30 +525,41 @@ impl App {
                 job.clone(),
                 job_slots.clone(),
                 name.clone(),
+                work.clone(),
             );
             set.spawn(async move {
+                if let Some(w) = work {
+                    let ctx = crate::scaleout::VmJob {
+                        s: &s,
+                        job_name: &name,
+                        job: &job,
+                        repo: &repo,
+                        driver,
+                        vm: &vm,
+                    };
+                    app.claim_and_backup(ctx, slots, window.filter(|_| scheduled), &w)
+                        .await;
+                    return;
+                }
                 let Ok(_job_slot) = slots.acquire_owned().await else {
                     return;
                 };
                 let Some(_slot) = app.limits.acquire(&job.source, &s.cancel).await else {
                     return;
                 };
-                if let Some(w) = window
-                    && scheduled
-                    && !w.contains(app.clock.now())
-                {
-                    let why = "the job's backup window closed before the VM's turn".to_string();
-                    app.log(&s, "warn", Some(&vm.name), format!("skipped: {why}"));
-                    s.vm(&vm.id, |l| {
-                        l.view.status = Status::Skipped;
-                        l.view.error = Some(why);
-                    });
+                if app.window_closed(&s, &vm, window.filter(|_| scheduled)) {
                     return;
                 }
-                app.backup_one(&s, &name, &job, &repo, driver, &vm).await;
+                let cancel = s.cancel.child_token();
+                let _ = app
+                    .backup_one(&s, &name, &job, &repo, driver, &vm, &cancel)
+                    .await;
             });
         }
         while set.join_next().await.is_some() {}
+        if let Some(w) = &work {
+            self.prune_work(&repo, w).await;
+        }
         if s.cancel.is_cancelled() {
             return Ok(());
         }
@@ -567,7 +603,31 @@ impl App {
         Ok(())
     }
 
-    async fn backup_one(
+    /// Marks `vm` skipped if the job's window (scheduled runs) has closed.
+    pub(crate) fn window_closed(
+        &self,
+        s: &LiveSession,
+        vm: &VmSummary,
+        window: Option<crate::config::Window>,
+    ) -> bool {
+        match window {
+            Some(w) if !w.contains(self.clock.now()) => {
+                let why = "the job's backup window closed before the VM's turn".to_string();
+                self.log(s, "warn", Some(&vm.name), format!("skipped: {why}"));
+                s.vm(&vm.id, |l| {
+                    l.view.status = Status::Skipped;
+                    l.view.error = Some(why);
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Backs up one VM (with the job's retries) unless `cancel` fires; returns the restore
+    /// point or the last error.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn backup_one(
         self: &Arc<Self>,
         s: &Arc<LiveSession>,
         job_name: &str,
@@ -575,13 +635,14 @@ impl App {
         repo: &Arc<Repository>,
         driver: Arc<dyn ferry_hv::HypervisorDriver>,
         vm: &VmSummary,
-    ) {
+        cancel: &CancellationToken,
+    ) -> Result<String, String> {
         let started = now();
         let t0 = std::time::Instant::now();
         let r = with_retries(
             job.retries,
             Duration::from_secs(job.retry_delay_seconds),
-            &s.cancel,
+            cancel,
             |attempt, e: &String, wait| {
                 self.log(
                     s,
@@ -614,7 +675,7 @@ impl App {
                         format!("backup started (attempt {attempt})"),
                     );
                     let opts = BackupOptions {
-                        cancel: s.cancel.child_token(),
+                        cancel: cancel.child_token(),
                         progress,
                         ..Default::default()
                     };
@@ -643,7 +704,7 @@ impl App {
                 seconds,
                 error: err,
             };
-        match r {
+        let out = match r {
             Ok(rep) => {
                 let read = rep.total(|d| d.read_bytes);
                 let up = rep.total(|d| d.uploaded_bytes);
@@ -688,15 +749,19 @@ impl App {
                         .collect();
                 });
                 self.metrics.vm_done(read, up, seconds);
-                if let Err(e) =
-                    self.catalog
-                        .add_run(&run("success", Some(rep.snapshot), read, up, None))
-                {
+                if let Err(e) = self.catalog.add_run(&run(
+                    "success",
+                    Some(rep.snapshot.clone()),
+                    read,
+                    up,
+                    None,
+                )) {
                     tracing::warn!(error = %e, "cannot record the VM run");
                 }
+                Ok(rep.snapshot)
             }
             Err(e) => {
-                let cancelled = s.cancel.is_cancelled();
+                let cancelled = cancel.is_cancelled();
                 self.log(
                     s,
                     "error",
@@ -718,13 +783,18 @@ impl App {
                 });
                 if !cancelled {
                     self.metrics.vm_failed();
-                    if let Err(e) = self.catalog.add_run(&run("failed", None, 0, 0, Some(e))) {
+                    if let Err(e) =
+                        self.catalog
+                            .add_run(&run("failed", None, 0, 0, Some(e.clone())))
+                    {
                         tracing::warn!(error = %e, "cannot record the VM run");
                     }
                 }
+                Err(e)
             }
-        }
+        };
         self.persist(s);
+        out
     }
 }
 

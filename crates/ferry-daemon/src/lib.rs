@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod jobs;
 pub mod metrics;
 pub mod problem;
+pub mod scaleout;
 pub mod schedule;
 pub mod tls;
 
@@ -160,6 +161,8 @@ pub struct App {
     pub clock: Arc<dyn Clock>,
     /// The HTTPS certificate's fingerprint.
     pub fingerprint: Option<String>,
+    /// The state directory (the drivers' crash journals go to `journal/` in it).
+    pub state_dir: PathBuf,
 }
 
 impl std::fmt::Debug for App {
@@ -245,6 +248,7 @@ pub fn build(config: DaemonConfig) -> Result<(Arc<App>, Option<tls::Identity>), 
         wake: Default::default(),
         clock: config.clock.clone(),
         fingerprint: identity.as_ref().map(|i| i.fingerprint.clone()),
+        state_dir: state.clone(),
     });
     Ok((app, identity))
 }
@@ -310,7 +314,13 @@ pub async fn serve(
         app.clock.clone(),
         move || scheduled_jobs(&a1),
         move |job| {
-            if let Err(p) = a2.start_session(job, "schedule", "scheduler") {
+            let fired = a2
+                .planner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .fired_at(job)
+                .map(|t| t.timestamp());
+            if let Err(p) = a2.start_session_in(job, "schedule", "scheduler", fired) {
                 tracing::warn!(job, "scheduled run not started: {}", p.detail);
             }
         },

@@ -36,6 +36,8 @@ pub struct Metrics {
     sessions: Mutex<BTreeMap<(String, &'static str), u64>>,
     last_duration: Mutex<BTreeMap<String, i64>>,
     repos: Mutex<BTreeMap<String, RepoUsage>>,
+    /// Work leases (scale-out, ADR 0105).
+    pub work: crate::scaleout::WorkMetrics,
 }
 
 impl Default for Metrics {
@@ -49,6 +51,7 @@ impl Default for Metrics {
             sessions: Default::default(),
             last_duration: Default::default(),
             repos: Default::default(),
+            work: Default::default(),
         }
     }
 }
@@ -214,6 +217,25 @@ impl Metrics {
             "Bytes of chunk objects in each repository (stored, after compression)",
             rb,
         );
+        let w = &self.work;
+        reg.register(
+            "work_leases_claimed",
+            "VM work leases of scheduled windows claimed by this process",
+            c(w.claimed.load(Ordering::Relaxed)),
+        );
+        reg.register(
+            "work_lease_takeovers",
+            "Work leases taken over from an appliance whose lease expired",
+            c(w.taken_over.load(Ordering::Relaxed)),
+        );
+        reg.register(
+            "work_vms_done_elsewhere",
+            "VMs of this appliance's windows finished by another appliance",
+            c(w.done_elsewhere.load(Ordering::Relaxed)),
+        );
+        let held = Gauge::<i64>::default();
+        held.set(w.held.load(Ordering::Relaxed));
+        reg.register("work_leases_held", "Work leases held now", held);
         let mut out = String::new();
         encode(&mut out, &reg).map_err(|e| e.to_string())?;
         Ok(out)

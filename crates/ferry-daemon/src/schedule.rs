@@ -157,6 +157,9 @@ pub struct Scheduled {
 #[derive(Debug, Default)]
 pub struct Planner {
     next: HashMap<String, (String, DateTime<Utc>)>,
+    /// The planned time of each job's latest firing: appliances sharing a repository name
+    /// their work window by it (ADR 0105).
+    fired: HashMap<String, DateTime<Utc>>,
 }
 
 impl Planner {
@@ -176,6 +179,7 @@ impl Planner {
                 && *t <= now
             {
                 out.push(j.name.clone());
+                self.fired.insert(j.name.clone(), *t);
                 // Missed firings (the appliance was busy or asleep) collapse into one run.
                 match j.schedule.next_after(now) {
                     Some(n) => {
@@ -193,6 +197,11 @@ impl Planner {
     /// The earliest next firing.
     pub fn earliest(&self) -> Option<DateTime<Utc>> {
         self.next.values().map(|(_, t)| *t).min()
+    }
+
+    /// The planned time of `job`'s latest firing.
+    pub fn fired_at(&self, job: &str) -> Option<DateTime<Utc>> {
+        self.fired.get(job).copied()
     }
 
     /// The next firing of `job`.
@@ -369,7 +378,12 @@ mod tests {
         );
         assert!(p.due(&jobs, at(23, 0)).is_empty());
         let next = at(22, 0) + chrono::Duration::days(1);
-        assert_eq!(p.due(&jobs, next), vec!["nightly".to_string()]);
+        assert_eq!(
+            p.due(&jobs, next + chrono::Duration::seconds(2)),
+            vec!["nightly".to_string()]
+        );
+        // The window is named by the planned time, not by when the loop woke up.
+        assert_eq!(p.fired_at("nightly"), Some(next));
         assert!(p.due(&jobs, next + chrono::Duration::minutes(1)).is_empty());
         // Edited: re-planned from now.
         let jobs = vec![job("nightly", "30 * * * *", "UTC")];

@@ -175,9 +175,17 @@ impl Inner {
         first.map_or(Ok(()), Err)
     }
 
-    async fn recover(&self) -> Result<CleanupReport, HvError> {
+    /// Removes leftover snapshots: before a backup only those journaled by dead processes
+    /// (other backups may be running); for `ferry cleanup` (`all`) every journaled one and
+    /// every snapshot named by Ferry.
+    async fn recover(&self, all: bool) -> Result<CleanupReport, HvError> {
         let mut report = CleanupReport::default();
-        let entries = self.journal.entries().map_err(|e| HvError::Disk {
+        let entries = if all {
+            self.journal.entries()
+        } else {
+            self.journal.orphans()
+        };
+        let entries = entries.map_err(|e| HvError::Disk {
             source_name: self.name.clone(),
             disk: "crash journal".into(),
             message: e.to_string(),
@@ -188,7 +196,7 @@ impl Inner {
             .filter(|e| e.kind == crate::hotadd::JOURNAL_KIND)
             .map(|e| e.id.clone())
             .collect();
-        report.attachments += crate::hotadd::sweep(self, &hotadds).await?;
+        report.attachments += crate::hotadd::sweep(self, &hotadds, all).await?;
         for e in entries.iter().filter(|e| e.kind == "snapshot") {
             let snap = MoRef::new("VirtualMachineSnapshot", &e.id);
             if self.remove_snapshot(&snap).await? {
@@ -210,6 +218,9 @@ impl Inner {
                 Err(err) => return Err(err),
             }
             self.journal(false, "restore-vm", &e.id);
+        }
+        if !all {
+            return Ok(report);
         }
         // Also what no journal knows about (another proxy, a lost state directory): every
         // snapshot named by Ferry.
@@ -677,7 +688,7 @@ impl HypervisorDriver for VmwareDriver {
         previous: Option<&ChangeTokens>,
     ) -> Result<Box<dyn BackupSession>, HvError> {
         let i = self.inner.clone();
-        let cleaned = i.recover().await?;
+        let cleaned = i.recover(false).await?;
         if cleaned.snapshots > 0 {
             tracing::warn!(source = %i.name, removed = cleaned.snapshots, "leftover Ferry snapshots removed before the backup");
         }
@@ -749,7 +760,7 @@ impl HypervisorDriver for VmwareDriver {
     }
 
     async fn recover(&self) -> Result<CleanupReport, HvError> {
-        self.inner.recover().await
+        self.inner.recover(true).await
     }
 
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError> {

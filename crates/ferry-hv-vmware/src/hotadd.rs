@@ -195,7 +195,7 @@ async fn remove_device(i: &Inner, proxy: &MoRef, d: &Node) -> Result<(), HvError
 /// The orphan sweep: journaled attachments, then (with a proxy configured) any
 /// `independent_nonpersistent` disk on the proxy whose file lies outside the proxy's own folder.
 /// Returns how many were detached.
-pub(crate) async fn sweep(i: &Inner, journaled: &[String]) -> Result<usize, HvError> {
+pub(crate) async fn sweep(i: &Inner, journaled: &[String], all: bool) -> Result<usize, HvError> {
     let mut n = 0;
     for id in journaled {
         if let Some((vm, file)) = id.split_once('|') {
@@ -212,7 +212,9 @@ pub(crate) async fn sweep(i: &Inner, journaled: &[String]) -> Result<usize, HvEr
         }
         i.journal(false, JOURNAL_KIND, id);
     }
-    let Some(name) = i.cfg.proxy_vm.as_deref() else {
+    // Disks no journal knows about may belong to a backup running in another process: only
+    // `ferry source cleanup` (all) detaches them.
+    let Some(name) = i.cfg.proxy_vm.as_deref().filter(|_| all) else {
         return Ok(n);
     };
     let Ok(proxy) = i.find_vm(name).await else {

@@ -19,6 +19,10 @@ use std::sync::Arc;
 
 /// Marker put into `other_config` of the snapshots Ferry takes.
 pub const SNAPSHOT_MARKER: &str = "ferry-backup";
+/// Marker beside [`SNAPSHOT_MARKER`]: the process that took the snapshot
+/// ([`ferry_hv::journal::process_owner`]), so an appliance taking over a dead one's VM removes
+/// that one's snapshot and no other.
+pub const OWNER_MARKER: &str = "ferry-owner";
 /// Marker put into `other_config` of the VBDs Ferry plugs into the proxy.
 pub const VBD_MARKER: &str = "ferry-hotadd";
 
@@ -186,9 +190,16 @@ impl Inner {
         }
     }
 
-    async fn recover(&self) -> Result<CleanupReport, HvError> {
+    /// Cleans up journaled objects: all of them (`ferry cleanup`), or only those of dead
+    /// processes (before a backup, while other backups of this journal may be running).
+    async fn recover(&self, all: bool) -> Result<CleanupReport, HvError> {
         let mut report = CleanupReport::default();
-        let entries = self.journal.entries().map_err(|e| HvError::Disk {
+        let entries = if all {
+            self.journal.entries()
+        } else {
+            self.journal.orphans()
+        };
+        let entries = entries.map_err(|e| HvError::Disk {
             source_name: self.name.clone(),
             disk: "crash journal".into(),
             message: e.to_string(),
@@ -373,7 +384,7 @@ impl HypervisorDriver for XenDriver {
         previous: Option<&ChangeTokens>,
     ) -> Result<Box<dyn BackupSession>, HvError> {
         let i = &self.inner;
-        i.recover().await?;
+        i.recover(false).await?;
         let vms = i.records("VM").await?;
         let vm_ref = i.find_vm(&vms, vm).await?;
         let (vbds, vdis) = (i.records("VBD").await?, i.records("VDI").await?);
@@ -454,7 +465,54 @@ impl HypervisorDriver for XenDriver {
     }
 
     async fn recover(&self) -> Result<CleanupReport, HvError> {
-        self.inner.recover().await
+        self.inner.recover(true).await
+    }
+
+    async fn remove_leftovers(&self, vm: &str, owner: &str) -> Result<CleanupReport, HvError> {
+        let i = &self.inner;
+        let mut report = CleanupReport::default();
+        let vms = i.records("VM").await?;
+        let Some(vm_ref) = vms
+            .iter()
+            .find(|(r, v)| s(v, "uuid") == vm || r.as_str() == vm)
+            .map(|(r, _)| r.clone())
+        else {
+            return Ok(report);
+        };
+        let marker = |v: &J, k: &str| {
+            v.get("other_config")
+                .and_then(|o| o.get(k))
+                .and_then(J::as_str)
+                .map(str::to_string)
+        };
+        let vbds = i.records("VBD").await?;
+        for (snap, rec) in vms
+            .iter()
+            .filter(|(_, v)| b(v, "is_a_snapshot") && s(v, "snapshot_of") == vm_ref)
+        {
+            if marker(rec, SNAPSHOT_MARKER).as_deref() != Some("in-progress")
+                || marker(rec, OWNER_MARKER).as_deref() != Some(owner)
+            {
+                continue;
+            }
+            // Its disks plugged into the proxy (hot-add) first: a plugged VBD keeps the VDI.
+            let disks: Vec<String> = vbds
+                .values()
+                .filter(|v| s(v, "VM") == *snap)
+                .map(|v| s(v, "VDI"))
+                .collect();
+            for (vbd, _) in vbds
+                .iter()
+                .filter(|(_, v)| marker(v, VBD_MARKER).is_some() && disks.contains(&s(v, "VDI")))
+            {
+                i.remove_vbd(vbd).await?;
+                report.attachments += 1;
+            }
+            i.destroy_snapshot(snap).await?;
+            report.snapshots += 1;
+            tracing::warn!(source = %i.name, %vm, %owner, "removed the snapshot of a backup whose appliance died");
+        }
+        Ok(report)
     }
 
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError> {
@@ -511,6 +569,15 @@ impl XenSession {
                 json!(self.snapshot),
                 json!(SNAPSHOT_MARKER),
                 json!("in-progress"),
+            ],
+        )
+        .await?;
+        c.call(
+            "VM.add_to_other_config",
+            vec![
+                json!(self.snapshot),
+                json!(OWNER_MARKER),
+                json!(ferry_hv::journal::process_owner()),
             ],
         )
         .await?;

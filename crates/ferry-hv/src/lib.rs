@@ -306,7 +306,8 @@ pub trait HypervisorDriver: Send + Sync {
     /// The VMs (not templates, snapshots or the control domain).
     async fn list_vms(&self) -> Result<Vec<VmSummary>, HvError>;
     /// Snapshots `vm` (id or name) and opens its disks. `previous` holds the tokens of the
-    /// previous restore point of this VM, if any. Runs [`recover`](Self::recover) first.
+    /// previous restore point of this VM, if any. First cleans up what killed processes
+    /// journaled (never what a running backup holds).
     async fn begin_backup(
         &self,
         vm: &str,
@@ -316,6 +317,15 @@ pub trait HypervisorDriver: Send + Sync {
     /// Removes what an earlier, killed run left behind (snapshots in progress, attachments to
     /// the proxy, tasks).
     async fn recover(&self) -> Result<CleanupReport, HvError>;
+    /// Removes what a backup of `vm` (id) by process `owner` (a
+    /// [`journal::process_owner`] of another, dead appliance) left on the hypervisor: its
+    /// snapshot and attachments, found by the markers the driver puts on them. Called by an
+    /// appliance that took over the VM's work lease after that appliance's lease expired, so no
+    /// backup of `owner` can still be running. Drivers without owner markers remove nothing.
+    async fn remove_leftovers(&self, vm: &str, owner: &str) -> Result<CleanupReport, HvError> {
+        let _ = (vm, owner);
+        Ok(CleanupReport::default())
+    }
     /// Creates a VM from a restore point.
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError>;
     /// Instant recovery, where the driver supports it.

@@ -79,6 +79,7 @@ pub mod store;
 pub mod testdata;
 pub mod time;
 pub mod verification;
+pub mod work;
 
 pub use codec::{ChunkCodec, ChunkId, Compression, DiskIndex, EncodedChunk, Keys};
 pub use config::{CompressionMethod, Encryption, KdfParams, RepoConfig};

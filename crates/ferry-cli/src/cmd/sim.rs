@@ -54,6 +54,9 @@ pub struct XenArgs {
     /// Size of each seeded disk in MiB.
     #[arg(long, default_value_t = 64)]
     disk_mib: u64,
+    /// Small VMs (`vm-01` …, one disk of --disk-mib each) seeded beside the two.
+    #[arg(long, default_value_t = 0)]
+    extra_vms: u32,
     /// Login user.
     #[arg(long, default_value = "root")]
     username: String,
@@ -71,6 +74,7 @@ pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCo
     let mut cfg = XenSimConfig::new(&a.dir);
     cfg.listen = a.listen;
     cfg.disk_mib = a.disk_mib;
+    cfg.extra_vms = a.extra_vms;
     cfg.username = a.username;
     cfg.password = a.password;
     let sim = XenSim::start(cfg)

@@ -73,6 +73,8 @@ pub struct XenSimConfig {
     pub seed: bool,
     /// Size of each seeded disk in MiB.
     pub disk_mib: u64,
+    /// Small VMs seeded beside the two (`vm-01` …, one disk each), for tests of many VMs.
+    pub extra_vms: u32,
 }
 
 impl XenSimConfig {
@@ -85,6 +87,7 @@ impl XenSimConfig {
             password: "xensim".into(),
             seed: true,
             disk_mib: 32,
+            extra_vms: 0,
         }
     }
 }
@@ -294,7 +297,7 @@ impl XenSim {
             failure: f,
         })?;
         if cfg.seed {
-            seed::vms(&mut st, cfg.disk_mib << 20).map_err(|f| SimError::Api {
+            seed::vms(&mut st, cfg.disk_mib << 20, cfg.extra_vms).map_err(|f| SimError::Api {
                 call: "seed".into(),
                 failure: f,
             })?;

@@ -195,8 +195,9 @@ pub fn disk_content(seed: u64, size: u64) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
-/// The two seeded guest VMs with their disks and VIFs.
-pub(crate) fn vms(st: &mut State, disk_size: u64) -> Result<(), Failure> {
+/// The two seeded guest VMs with their disks and VIFs, then `extra` small ones (`vm-01`, …:
+/// one disk of `disk_size` on local storage each) for tests of many VMs.
+pub(crate) fn vms(st: &mut State, disk_size: u64, extra: u32) -> Result<(), Failure> {
     let srs = st.all_of("SR");
     let sr_of = |st: &State, kind: &str| {
         srs.iter()
@@ -206,25 +207,33 @@ pub(crate) fn vms(st: &mut State, disk_size: u64) -> Result<(), Failure> {
     };
     let (ext, lvm) = (sr_of(st, "ext"), sr_of(st, "lvm"));
     let net = st.all_of("network").into_iter().next().unwrap_or_default();
-    let specs = [
+    let mut specs = vec![
         (
-            "debian-web",
+            "debian-web".to_string(),
             2,
             2u64 << 30,
-            [(ext.clone(), disk_size), (lvm.clone(), disk_size / 2)],
+            vec![(ext.clone(), disk_size), (lvm.clone(), disk_size / 2)],
         ),
         (
-            "win-db",
+            "win-db".to_string(),
             4,
             4u64 << 30,
-            [(lvm.clone(), disk_size), (lvm.clone(), disk_size / 2)],
+            vec![(lvm.clone(), disk_size), (lvm.clone(), disk_size / 2)],
         ),
     ];
+    for n in 1..=extra {
+        specs.push((
+            format!("vm-{n:02}"),
+            1,
+            1u64 << 30,
+            vec![(ext.clone(), disk_size)],
+        ));
+    }
     let mut seed = 1;
     for (i, (name, cpus, mem, disks)) in specs.into_iter().enumerate() {
         let mut r = api::vm_defaults();
         for (k, v) in [
-            ("name_label", s(name)),
+            ("name_label", s(name.clone())),
             ("name_description", s(format!("Seeded test VM {name}"))),
             ("VCPUs_max", Value::Int(cpus)),
             ("VCPUs_at_startup", Value::Int(cpus)),
@@ -232,7 +241,7 @@ pub(crate) fn vms(st: &mut State, disk_size: u64) -> Result<(), Failure> {
             ("memory_dynamic_max", Value::Int(mem as i64)),
             ("memory_dynamic_min", Value::Int(mem as i64)),
             ("memory_static_min", Value::Int(mem as i64 / 2)),
-            ("tags", Value::strs(&["production", name])),
+            ("tags", Value::strs(&["production", name.as_str()])),
         ] {
             r.insert(k.into(), v);
         }
@@ -265,7 +274,14 @@ pub(crate) fn vms(st: &mut State, disk_size: u64) -> Result<(), Failure> {
             ("VM", s(vm.clone())),
             ("network", s(net.clone())),
             ("device", s("0")),
-            ("MAC", s(format!("00:16:3e:5e:00:{:02x}", i + 1))),
+            (
+                "MAC",
+                s(format!(
+                    "00:16:3e:5e:{:02x}:{:02x}",
+                    (i + 1) >> 8,
+                    (i + 1) & 0xff
+                )),
+            ),
             ("MTU", Value::Int(1500)),
         ]))?;
         st.set("VM", &vm, "power_state", s("Running"))?;
