@@ -3,12 +3,13 @@
 #
 #   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy),
 #            qemu-system-x86, syslinux, syslinux-common, mtools, busybox-static, cpio (boot verification),
-#            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin)
+#            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin),
+#            chromium (the web console's end-to-end test, driven headless by playwright-core)
 #   Debian kernel: vmlinuz and the IDE disk modules of linux-image-amd64's kernel package, extracted
 #            (not installed) into $FERRY_PEERS_DIR/boot/{vmlinuz,modules/} for the bootable test disk
 #   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
-#            schemathesis, pyvmomi)
-#   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite)
+#            schemathesis, pyvmomi, aiosmtpd)
+#   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite, playwright-core)
 #
 # FERRY_PEERS_DIR defaults to <repo>/.peers (git-ignored). Fails loudly on any error.
 set -euo pipefail
@@ -53,7 +54,7 @@ fi
 
 # --- Debian packages -------------------------------------------------------------------------
 apt_pkgs=(nbdkit libnbd-bin curl syslinux syslinux-common mtools busybox-static cpio
-          ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev)
+          ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev chromium)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -66,7 +67,7 @@ if ((${#missing[@]})); then
     || die "apt-get install ${missing[*]} failed"
 fi
 for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_64 syslinux mcopy busybox cpio \
-         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go; do
+         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go chromium; do
   command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
 done
 
@@ -129,14 +130,16 @@ if [ ! -x "$venv/bin/python" ] || ! cmp -s "$req" "$stamp"; then
 fi
 [ -x "$venv/bin/moto_server" ] || die "moto_server missing from $venv"
 [ -x "$venv/bin/schemathesis" ] || die "schemathesis missing from $venv"
+"$venv/bin/python" -c 'import aiosmtpd' 2>/dev/null || die "aiosmtpd missing from $venv"
 
 # --- npm -------------------------------------------------------------------------------------
 node_dir=$peers/node
 pkg=$here/package.json
 nstamp=$node_dir/.ferry-package.json
-if [ ! -x "$node_dir/node_modules/.bin/azurite-blob" ] || ! cmp -s "$pkg" "$nstamp"; then
+if [ ! -x "$node_dir/node_modules/.bin/azurite-blob" ] || [ ! -d "$node_dir/node_modules/playwright-core" ] \
+   || ! cmp -s "$pkg" "$nstamp"; then
   command -v npm >/dev/null || die "npm not found"
-  say "installing npm peers into $node_dir: azurite"
+  say "installing npm peers into $node_dir: azurite, playwright-core"
   mkdir -p "$node_dir"
   cp "$pkg" "$node_dir/package.json"
   (cd "$node_dir" && npm install --no-audit --no-fund --loglevel=error >/dev/null 2>"$node_dir/npm.log") \
@@ -144,5 +147,6 @@ if [ ! -x "$node_dir/node_modules/.bin/azurite-blob" ] || ! cmp -s "$pkg" "$nsta
   cp "$pkg" "$nstamp"
 fi
 [ -x "$node_dir/node_modules/.bin/azurite-blob" ] || die "azurite-blob missing from $node_dir"
+[ -d "$node_dir/node_modules/playwright-core" ] || die "playwright-core missing from $node_dir"
 
 say "peers ready in $peers"

@@ -751,6 +751,8 @@ async fn the_openapi_document_holds_against_the_live_service() {
             "deleteUser",
             "--exclude-operation-id",
             "putSource",
+            "--exclude-operation-id",
+            "startRestore",
         ])
         .env("NO_PROXY", "127.0.0.1")
         // Its cache of findings stays in the scratch directory, out of the source tree.
@@ -767,4 +769,322 @@ async fn the_openapi_document_holds_against_the_live_service() {
     assert!(text.contains("passed") || text.contains("Passed"), "{text}");
     // The service is still healthy and its configuration parses.
     api.ok("GET", "/health", None, None, 200).await;
+}
+
+/// A simulator, a service with an admin logged in, the simulator as source `lab`, a local
+/// repository and a job `nightly` for `debian-web` already run once.
+struct Lab {
+    dir: tempfile::TempDir,
+    info: Value,
+    api: Api,
+    restore_point: String,
+    _sim: Killed,
+    _serve: Killed,
+}
+
+impl Lab {
+    /// `toml` is the start of `ferry.toml` (the `[appliance]` table, say).
+    async fn start(toml: &str) -> Self {
+        let dir = ferry_testkit::scratch_dir();
+        let (sim_child, sim) = start_sim(&dir.path().join("sim"));
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("ferry.toml"), toml).unwrap();
+        let (serve, info) = start_serve(&state, &[]);
+        let mut api = Api::new(&info);
+        api.login("admin", ADMIN_PW).await;
+        let pw = sim["password"].as_str().unwrap().to_string();
+        api.ok(
+            "PUT",
+            "/api/sources/lab",
+            Some(source_body(&sim, &pw)),
+            None,
+            201,
+        )
+        .await;
+        api.ok(
+            "PUT",
+            "/api/repositories/local",
+            Some(
+                json!({"url": dir.path().join("repo"), "password": "repo password", "init": true}),
+            ),
+            None,
+            201,
+        )
+        .await;
+        api.ok(
+            "PUT",
+            "/api/jobs/nightly",
+            Some(json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "retries": 0})),
+            None,
+            201,
+        )
+        .await;
+        let id = api
+            .ok("POST", "/api/jobs/nightly/run", None, None, 202)
+            .await
+            .body["session"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let s = api.wait_session(&id).await;
+        assert_eq!(s["status"], "success", "{s}");
+        let restore_point = s["vms"][0]["restore_point"].as_str().unwrap().to_string();
+        Self {
+            dir,
+            info,
+            api,
+            restore_point,
+            _sim: sim_child,
+            _serve: serve,
+        }
+    }
+
+    /// Starts a restore; returns its session id.
+    async fn restore(&self, body: Value) -> String {
+        let r = self
+            .api
+            .ok("POST", "/api/restores", Some(body), None, 202)
+            .await;
+        let id = r.body["session"].as_str().unwrap().to_string();
+        assert_eq!(
+            r.headers["location"].to_str().unwrap(),
+            format!("/api/sessions/{id}")
+        );
+        id
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_run_as_sessions_through_the_api() {
+    let lab = Lab::start("").await;
+    let api = &lab.api;
+    let rp = lab.restore_point.clone();
+
+    // The VM's restore points, by name and by id, across repositories.
+    let pts = api
+        .ok("GET", "/api/vms/debian-web/restore-points", None, None, 200)
+        .await
+        .body;
+    assert_eq!(pts.as_array().unwrap().len(), 1, "{pts}");
+    assert_eq!(pts[0]["id"], rp.as_str());
+    assert_eq!(pts[0]["repository"], "local");
+    let disk = pts[0]["disks"][0]["name"].as_str().unwrap().to_string();
+    let size = pts[0]["disks"][0]["size"].as_u64().unwrap();
+    let by_id = api
+        .ok(
+            "GET",
+            &format!(
+                "/api/vms/{}/restore-points",
+                pts[0]["vm_id"].as_str().unwrap()
+            ),
+            None,
+            None,
+            200,
+        )
+        .await
+        .body;
+    assert_eq!(by_id, pts);
+    assert_eq!(
+        api.ok("GET", "/api/vms/no-such-vm/restore-points", None, None, 200)
+            .await
+            .body,
+        json!([])
+    );
+
+    // Bad requests: named fields, nothing started.
+    let out = lab.dir.path().join("restored.raw");
+    let base = json!({"repository": "local", "restore_point": rp, "kind": "disk", "disk": disk});
+    let with = |extra: Value| {
+        let mut b = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    for (body, status, field, needle) in [
+        (base.clone(), 422, Some("path"), "path"),
+        (
+            with(json!({"path": "relative.raw"})),
+            422,
+            Some("path"),
+            "absolute",
+        ),
+        (
+            with(json!({"path": lab.dir.path().join("sim")})),
+            422,
+            Some("path"),
+            "exists",
+        ),
+        (
+            with(json!({"path": out, "disk": "nope"})),
+            422,
+            Some("disk"),
+            "no disk `nope`",
+        ),
+        (
+            with(json!({"path": out, "format": "qcow9"})),
+            422,
+            Some("format"),
+            "qcow9",
+        ),
+        (
+            with(json!({"path": out, "source": "lab"})),
+            422,
+            Some("source"),
+            "does not apply",
+        ),
+        (
+            with(json!({"kind": "vm", "disk": null})),
+            422,
+            Some("source"),
+            "source",
+        ),
+        (
+            with(json!({"kind": "vm", "disk": null, "source": "nope"})),
+            422,
+            Some("source"),
+            "no source `nope`",
+        ),
+        (
+            with(json!({"repository": "nope", "path": out})),
+            422,
+            Some("repository"),
+            "no repository",
+        ),
+        (
+            with(json!({"restore_point": "20000101T000000.000Z-00000000", "path": out})),
+            404,
+            None,
+            "does not exist",
+        ),
+        (with(json!({"kind": "tape"})), 400, None, "tape"),
+    ] {
+        let r = api
+            .call("POST", "/api/restores", Some(body.clone()), None)
+            .await;
+        problem(&r, status, needle);
+        if let Some(f) = field {
+            assert_eq!(r.body["field"], f, "{body}: {}", r.text);
+        }
+    }
+    assert!(!out.exists());
+    let mut viewer = Api::new(&lab.info);
+    api.ok(
+        "POST",
+        "/api/users",
+        Some(json!({"name": "vic", "role": "viewer", "password": "viewer pass"})),
+        None,
+        201,
+    )
+    .await;
+    viewer.login("vic", "viewer pass").await;
+    problem(
+        &viewer
+            .call(
+                "POST",
+                "/api/restores",
+                Some(with(json!({"path": out}))),
+                None,
+            )
+            .await,
+        403,
+        "operator",
+    );
+
+    // A disk to a new file: a session with progress that ends with the whole disk written.
+    let id = lab.restore(with(json!({"path": out, "disk": disk}))).await;
+    let s = api.wait_session(&id).await;
+    assert_eq!(s["status"], "success", "{s}");
+    assert_eq!(s["kind"], "restore");
+    assert_eq!(s["restore"]["kind"], "disk");
+    assert_eq!(s["vms"][0]["vm_name"], "debian-web");
+    assert_eq!(s["vms"][0]["total"], size);
+    assert_eq!(s["vms"][0]["done"], size, "{s}");
+    let restored = std::fs::read(&out).unwrap();
+    assert_eq!(restored.len() as u64, size);
+    assert!(
+        restored.iter().any(|b| *b != 0),
+        "the restored disk is all zeros"
+    );
+    let log = api
+        .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
+        .await
+        .body;
+    assert!(log.to_string().contains("restored to"), "{log}");
+
+    // The disk over NBD: served until the session is cancelled; the same bytes.
+    let id = lab
+        .restore(
+            json!({"repository": "local", "restore_point": rp, "kind": "export", "disk": disk}),
+        )
+        .await;
+    let s = api
+        .ok("GET", &format!("/api/sessions/{id}"), None, None, 200)
+        .await
+        .body;
+    assert_eq!(s["status"], "running", "{s}");
+    let uri = s["restore"]["nbd_uri"].as_str().unwrap().to_string();
+    let copy = lab.dir.path().join("exported.raw");
+    ferry_testkit::run_ok(
+        Command::new(ferry_testkit::tool("nbdcopy"))
+            .arg(&uri)
+            .arg(&copy),
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() == restored,
+        "the export differs from the restored file"
+    );
+    api.ok(
+        "POST",
+        &format!("/api/sessions/{id}/cancel"),
+        None,
+        None,
+        202,
+    )
+    .await;
+    let s = api.wait_session(&id).await;
+    assert_eq!(s["status"], "success", "a stopped export ends well: {s}");
+    let o = Command::new(ferry_testkit::tool("nbdinfo"))
+        .arg(&uri)
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success(),
+        "the export still answers after its session ended"
+    );
+
+    // The whole VM onto the source: a new VM with the restore point's disks.
+    let id = lab
+        .restore(json!({"repository": "local", "restore_point": rp, "kind": "vm", "source": "lab", "name": "web-restored"}))
+        .await;
+    let s = api.wait_session(&id).await;
+    assert_eq!(s["status"], "success", "{s}");
+    let new_vm = &s["restore"]["new_vm"];
+    assert_eq!(new_vm["name"], "web-restored", "{s}");
+    assert!(s["vms"][0]["done"].as_u64().unwrap() > 0, "{s}");
+    let vms = api
+        .ok("GET", "/api/sources/lab/vms", None, None, 200)
+        .await
+        .body;
+    assert!(
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "web-restored" && v["id"] == new_vm["id"]),
+        "{vms}"
+    );
+    // Restore sessions are listed with the job runs.
+    let all = api.ok("GET", "/api/sessions", None, None, 200).await.body;
+    let kinds: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "restore").count(),
+        3,
+        "{kinds:?}"
+    );
 }

@@ -59,6 +59,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/vms"),
     ("get", "/api/vms/{vm}/history"),
     ("get", "/api/leases"),
+    ("get", "/api/vms/{vm}/restore-points"),
+    ("post", "/api/restores"),
 ];
 
 /// The router.
@@ -121,6 +123,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/vms", get(vms))
         .route("/api/vms/{vm}/history", get(vm_history))
         .route("/api/leases", get(leases))
+        .route("/api/vms/{vm}/restore-points", get(vm_restore_points))
+        .route("/api/restores", post(start_restore))
         .fallback(|| async { Problem::not_found("this path") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -695,14 +699,7 @@ async fn restore_points(
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     c.require(Role::Viewer)?;
-    let doc = app.store.load()?;
-    let cfg = doc
-        .repositories
-        .get(&name)
-        .ok_or_else(|| Problem::not_found(format!("repository `{name}`")))?;
-    let repo = crate::jobs::open_repository(cfg)
-        .await
-        .map_err(|e| Problem::new(StatusCode::BAD_GATEWAY, format!("repository `{name}`: {e}")))?;
+    let repo = crate::restore::open_named(&app, &name).await?;
     let ms = repo
         .snapshots()
         .await
@@ -710,32 +707,41 @@ async fn restore_points(
     let out: Vec<Value> = ms
         .iter()
         .rev()
-        .map(|m| {
-            json!({
-                "id": m.id,
-                "time": m.time,
-                "started": m.started,
-                "finished": m.finished,
-                "vm_id": m.meta.vm.id,
-                "vm_name": m.meta.vm.name,
-                "source": m.meta.source,
-                "transport": m.meta.transport,
-                "consistency": m.meta.consistency,
-                "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size})).collect::<Vec<_>>(),
-            })
-        })
+        .map(|m| crate::restore::restore_point_json(&name, m))
         .collect();
     Ok(json_ok(StatusCode::OK, Value::Array(out)))
+}
+
+async fn vm_restore_points(
+    State(app): St,
+    c: Caller,
+    Path(vm): Path<String>,
+) -> ApiResult<Response> {
+    c.require(Role::Viewer)?;
+    let out = crate::restore::vm_restore_points(&app, &vm).await?;
+    Ok(json_ok(StatusCode::OK, Value::Array(out)))
+}
+
+async fn start_restore(State(app): St, c: Caller, body: Bytes) -> ApiResult<Response> {
+    c.require(Role::Operator)?;
+    let r: crate::restore::RestoreRequest = parse_body(&body)?;
+    let id = app.start_restore(r, &c.user).await?;
+    Ok(started(&id))
+}
+
+/// 202 with the new session's id and its address.
+fn started(id: &str) -> Response {
+    let mut r = json_ok(StatusCode::ACCEPTED, json!({"session": id}));
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/sessions/{id}")) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
 }
 
 async fn run_job(State(app): St, c: Caller, Path(name): Path<String>) -> ApiResult<Response> {
     c.require(Role::Operator)?;
     let id = app.start_session(&name, "manual", &c.user)?;
-    let mut r = json_ok(StatusCode::ACCEPTED, json!({"session": id}));
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/sessions/{id}")) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(r)
+    Ok(started(&id))
 }
 
 fn limit(l: Option<u32>) -> ApiResult<u32> {

@@ -46,7 +46,7 @@ impl Status {
     pub fn done(self) -> bool {
         !matches!(self, Status::Queued | Status::Running | Status::Retrying)
     }
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Status::Queued => "queued",
             Status::Running => "running",
@@ -134,11 +134,16 @@ pub struct SessionView {
     pub pruned: u64,
     /// Why the session failed as a whole.
     pub error: Option<String>,
+    /// `backup` (a job's run) or `restore`.
+    pub kind: &'static str,
+    /// What a restore session restores (absent for backups).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<serde_json::Value>,
 }
 
 pub(crate) struct VmLive {
     pub(crate) view: VmView,
-    progress: Option<(Arc<Progress>, tokio::time::Instant)>,
+    pub(crate) progress: Option<(Arc<Progress>, tokio::time::Instant)>,
 }
 
 /// A running session.
@@ -147,8 +152,8 @@ pub struct LiveSession {
     pub id: String,
     /// Cancels the run.
     pub cancel: CancellationToken,
-    state: Mutex<(SessionView, BTreeMap<String, VmLive>)>,
-    seq: AtomicU64,
+    pub(crate) state: Mutex<(SessionView, BTreeMap<String, VmLive>)>,
+    pub(crate) seq: AtomicU64,
 }
 
 impl std::fmt::Debug for LiveSession {
@@ -159,11 +164,11 @@ impl std::fmt::Debug for LiveSession {
     }
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     let mut r = [0u8; 3];
     let _ = getrandom::fill(&mut r);
     format!(
@@ -202,7 +207,7 @@ impl LiveSession {
         v
     }
 
-    fn update(&self, f: impl FnOnce(&mut SessionView, &mut BTreeMap<String, VmLive>)) {
+    pub(crate) fn update(&self, f: impl FnOnce(&mut SessionView, &mut BTreeMap<String, VmLive>)) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (a, b) = &mut *st;
         f(a, b);
@@ -286,10 +291,10 @@ impl App {
             return Err(Problem::not_found(format!("job `{name}`")));
         };
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = live
-            .values()
-            .find(|s| s.view().job == name && !s.view().status.done())
-        {
+        if let Some(s) = live.values().find(|s| {
+            let v = s.view();
+            v.kind == "backup" && v.job == name && !v.status.done()
+        }) {
             return Err(Problem::conflict(format!(
                 "job `{name}` is already running as session {}",
                 s.id
@@ -311,6 +316,8 @@ impl App {
                     vms: Vec::new(),
                     pruned: 0,
                     error: None,
+                    kind: "backup",
+                    restore: None,
                 },
                 BTreeMap::new(),
             )),

@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod problem;
 pub mod scaleout;
+pub mod restore;
 pub mod schedule;
 pub mod tls;
 
@@ -66,6 +67,31 @@ pub trait Backend: Send + Sync + 'static {
         vm: &VmSummary,
         engine: BackupOptions,
     ) -> Result<BackupReport, BackendError>;
+
+    /// Creates a VM on `driver` from restore point `manifest` of `repo`, exactly like
+    /// `ferry restore --to-source`: counts the bytes it reads from the repository into
+    /// `read`, and stops at the next read once `cancel` fires (the driver then removes what
+    /// it created).
+    async fn restore_vm(
+        &self,
+        driver: &dyn HypervisorDriver,
+        repo: &Repository,
+        manifest: &ferry_repo::Manifest,
+        vm: VmRestore,
+    ) -> Result<ferry_hv::RestoredVm, BackendError>;
+}
+
+/// How to restore a whole VM.
+#[derive(Debug, Clone)]
+pub struct VmRestore {
+    /// Name of the new VM.
+    pub name: String,
+    /// Start it once complete.
+    pub power_on: bool,
+    /// Stops the restore.
+    pub cancel: CancellationToken,
+    /// Bytes read from the repository so far.
+    pub read: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A service error (startup).

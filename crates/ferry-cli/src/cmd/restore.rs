@@ -23,6 +23,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_util::sync::CancellationToken;
 
 /// Arguments of `ferry restore`.
@@ -168,11 +169,28 @@ pub async fn restore_plan(
 }
 
 /// A source that fails every read once `cancel` fires, so a driver's upload stops at the next
-/// read and takes its own error path (which removes the half-created VM).
+/// read and takes its own error path (which removes the half-created VM); it counts the bytes
+/// read into `read` (the appliance's progress of a VM restore).
 #[derive(Debug)]
 struct Cancellable {
     inner: Arc<dyn BlockSource>,
     cancel: CancellationToken,
+    read: Option<Arc<AtomicU64>>,
+}
+
+/// Wraps every disk of `plan` in a [`Cancellable`].
+pub fn guard_plan(
+    plan: &mut RestorePlan,
+    cancel: &CancellationToken,
+    read: Option<Arc<AtomicU64>>,
+) {
+    for d in &mut plan.disks {
+        d.source = Arc::new(Cancellable {
+            inner: d.source.clone(),
+            cancel: cancel.clone(),
+            read: read.clone(),
+        });
+    }
 }
 
 #[async_trait::async_trait]
@@ -190,7 +208,11 @@ impl BlockSource for Cancellable {
                 message: "restore cancelled".into(),
             });
         }
-        self.inner.read_at(offset, buf).await
+        self.inner.read_at(offset, buf).await?;
+        if let Some(r) = &self.read {
+            r.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
     }
     async fn allocated(&self, range: Range<u64>) -> Result<ExtentMap, BlockError> {
         self.inner.allocated(range).await
@@ -217,12 +239,7 @@ async fn run_to_source(a: Args, source: String) -> anyhow::Result<ExitCode> {
     let mut plan = restore_plan(&repo, &manifest, driver.kind(), name, a.power_on).await?;
     let cancel = CancellationToken::new();
     cancel_on_signal(cancel.clone());
-    for d in &mut plan.disks {
-        d.source = Arc::new(Cancellable {
-            inner: d.source.clone(),
-            cancel: cancel.clone(),
-        });
-    }
+    guard_plan(&mut plan, &cancel, None);
     let t0 = std::time::Instant::now();
     let r = driver.restore_vm(&plan).await;
     if cancel.is_cancelled() {

@@ -5,9 +5,9 @@
 
 use anyhow::Context;
 use ferry_core::Secret;
-use ferry_daemon::{Backend, BackendError, DaemonConfig};
+use ferry_daemon::{Backend, BackendError, DaemonConfig, VmRestore};
 use ferry_engine::{BackupOptions, BackupReport};
-use ferry_hv::{HypervisorDriver, SourceConfig, VmSummary};
+use ferry_hv::{HypervisorDriver, RestoredVm, SourceConfig, VmSummary};
 use ferry_repo::Repository;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -79,6 +79,37 @@ impl Backend for CliBackend {
             .await
             .map(|b| b.report)
             .map_err(|e| BackendError(crate::error_text(&e)))
+    }
+
+    async fn restore_vm(
+        &self,
+        driver: &dyn HypervisorDriver,
+        repo: &Repository,
+        manifest: &ferry_repo::Manifest,
+        vm: VmRestore,
+    ) -> Result<RestoredVm, BackendError> {
+        let mut plan = super::restore::restore_plan(
+            repo,
+            manifest,
+            driver.kind(),
+            vm.name.clone(),
+            vm.power_on,
+        )
+        .await
+        .map_err(|e| BackendError(crate::error_text(&e)))?;
+        super::restore::guard_plan(&mut plan, &vm.cancel, Some(vm.read.clone()));
+        let r = driver.restore_vm(&plan).await;
+        if vm.cancel.is_cancelled() {
+            return Err(BackendError(
+                "restore cancelled: the partial VM was removed".into(),
+            ));
+        }
+        r.map_err(|e| {
+            BackendError(format!(
+                "cannot restore VM `{}` of restore point {}: {e}",
+                manifest.meta.vm.name, manifest.id
+            ))
+        })
     }
 }
 
