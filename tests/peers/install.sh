@@ -6,7 +6,7 @@
 #            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin)
 #   Debian kernel: vmlinuz of linux-image-amd64's kernel package, extracted (not installed) into
 #            $FERRY_PEERS_DIR/boot/vmlinuz for the boot-verification test disk
-#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
+#   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob, pywinrm, pypsrp,
 #            schemathesis, pyvmomi)
 #   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite)
 #
