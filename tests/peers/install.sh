@@ -8,7 +8,7 @@
 #   Debian kernel: vmlinuz and the IDE disk modules of linux-image-amd64's kernel package, extracted
 #            (not installed) into $FERRY_PEERS_DIR/boot/{vmlinuz,modules/} for the bootable test disk
 #   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
-#            schemathesis, pyvmomi, aiosmtpd)
+#            schemathesis, pyvmomi, aiosmtpd, pywinrm, pypsrp)
 #   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite, playwright-core)
 #
 # FERRY_PEERS_DIR defaults to <repo>/.peers (git-ignored). Fails loudly on any error.

@@ -1,4 +1,4 @@
-//! `ferry sim xen|vmware --listen HOST:PORT --dir DIR`: runs the XenAPI or vSphere simulator with a seeded
+//! `ferry sim xen|vmware|hyperv --listen HOST:PORT --dir DIR`: runs the XenAPI or vSphere simulator with a seeded
 //! inventory until killed, after printing one JSON line (`url`, `username`, `password`,
 //! `tls_fingerprint`, `dir`) on stdout.
 
@@ -17,6 +17,29 @@ pub enum Command {
     /// A vCenter: govmomi's vcsim behind an HTTPS front that adds disks, VMDK files on a
     /// datastore directory and changed block tracking.
     Vmware(VmwareArgs),
+    /// A Hyper-V host: WS-Management (WinRM) with Basic authentication over HTTPS (and HTTP on
+    /// request), WMI `root/virtualization/v2` with snapshots, reference points and jobs.
+    Hyperv(HypervArgs),
+}
+
+/// Arguments of `ferry sim hyperv`.
+#[derive(Debug, clap::Args)]
+pub struct HypervArgs {
+    /// HTTPS address, WinRM's 5986 (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:5986")]
+    listen: SocketAddr,
+    /// Plain HTTP address, WinRM's 5985 (off unless given).
+    #[arg(long)]
+    listen_http: Option<SocketAddr>,
+    /// Where the host's files are stored.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Login user.
+    #[arg(long, default_value = "Administrator")]
+    username: String,
+    /// Login password (the simulator is a test tool; it prints it).
+    #[arg(long, default_value = "hypervsim")]
+    password: String,
 }
 
 /// Arguments of `ferry sim vmware`.
@@ -70,6 +93,7 @@ pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCo
     let a = match cmd {
         Command::Xen(a) => a,
         Command::Vmware(a) => return run_vmware(a).await,
+        Command::Hyperv(a) => return run_hyperv(a).await,
     };
     let mut cfg = XenSimConfig::new(&a.dir);
     cfg.listen = a.listen;
@@ -102,6 +126,25 @@ async fn run_vmware(a: VmwareArgs) -> anyhow::Result<ExitCode> {
     let sim = VmwareSim::start(cfg)
         .await
         .context("cannot start the vSphere simulator")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", sim.info_json())?;
+    out.flush()?;
+    drop(out);
+    tokio::signal::ctrl_c().await?;
+    sim.shutdown();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
+    use ferry_sim::hyperv::{HypervSim, HypervSimConfig};
+    let mut cfg = HypervSimConfig::new(&a.dir);
+    cfg.listen = a.listen;
+    cfg.listen_http = a.listen_http;
+    cfg.username = a.username;
+    cfg.password = a.password;
+    let sim = HypervSim::start(cfg)
+        .await
+        .context("cannot start the Hyper-V simulator")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", sim.info_json())?;
     out.flush()?;
