@@ -15,8 +15,8 @@ pub mod fsutil;
 pub mod jobs;
 pub mod metrics;
 pub mod problem;
-pub mod scaleout;
 pub mod restore;
+pub mod scaleout;
 pub mod schedule;
 pub mod tls;
 
