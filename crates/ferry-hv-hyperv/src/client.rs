@@ -138,7 +138,7 @@ impl WsmanClient {
                 source_name: self.source.clone(),
                 call: call.into(),
                 kind: FaultKind::of(&f),
-                fault: f,
+                fault: Box::new(f),
             }),
             Err(e) if !(200..300).contains(&status) => {
                 Err(self.protocol(call, format!("HTTP {status} without a SOAP envelope ({e})")))

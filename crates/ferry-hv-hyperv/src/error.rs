@@ -59,8 +59,8 @@ pub enum HypervError {
         call: String,
         /// Its kind.
         kind: FaultKind,
-        /// The fault.
-        fault: WsmanFault,
+        /// The fault (boxed: errors stay small on the happy path).
+        fault: Box<WsmanFault>,
     },
     /// A WMI method returned an error code, or its job failed.
     #[error("source `{source_name}`: {call}: {message}")]
