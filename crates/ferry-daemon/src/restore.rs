@@ -381,6 +381,7 @@ impl App {
                     restore_point: Some(m.id.clone()),
                     disks: Vec::new(),
                     error: None,
+                    appliance: None,
                 },
                 progress: None,
             },
