@@ -33,28 +33,14 @@ struct Lab {
 impl Lab {
     fn start(transports: &str, extra: &str) -> Self {
         let dir = ferry_testkit::scratch_dir();
-        let mut child = ferry()
-            .args([
-                "sim",
-                "vmware",
-                "--listen",
-                "127.0.0.1:0",
-                "--disk-mib",
-                "8",
-            ])
-            .args(["--cbt-page-kib", "1024", "--vcsim"])
-            .arg(ferry_testkit::tool("vcsim"))
-            .arg("--dir")
-            .arg(dir.path().join("sim"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let sim = Killed(child);
-        let info: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let (sim, info) = start_sim(
+            ferry()
+                .args(["sim", "vmware", "--listen", "127.0.0.1:0"])
+                .args(["--disk-mib", "8", "--cbt-page-kib", "1024", "--vcsim"])
+                .arg(ferry_testkit::tool("vcsim"))
+                .arg("--dir")
+                .arg(dir.path().join("sim")),
+        );
         let pw = dir.path().join("vc.pw");
         std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
         // The hot-add proxy: a VM with one disk (the 2-disk one is backed up).
@@ -299,6 +285,18 @@ impl Lab {
             "the kill should land mid-backup"
         );
     }
+}
+
+/// Starts a `ferry sim …` command and reads the JSON line it prints first.
+fn start_sim(cmd: &mut Command) -> (Killed, Value) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let guard = Killed(child);
+    let info: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    (guard, info)
 }
 
 fn init_repo(path: &Path) {
@@ -656,19 +654,12 @@ fn xen_probe(info: &Value, reqs: &[Value]) -> Vec<Value> {
 fn cross_hypervisor_restores_between_vsphere_and_xen() {
     let lab = Lab::start("[\"san\"]", "nbdkit-stand-in = \"file\"");
     // The Xen simulator as a second source of the same ferry.toml.
-    let mut child = ferry()
-        .args(["sim", "xen", "--listen", "127.0.0.1:0", "--disk-mib", "4"])
-        .arg("--dir")
-        .arg(lab.path("xen-sim"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _xen = Killed(child);
-    let xen: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let (_xen, xen) = start_sim(
+        ferry()
+            .args(["sim", "xen", "--listen", "127.0.0.1:0", "--disk-mib", "4"])
+            .arg("--dir")
+            .arg(lab.path("xen-sim")),
+    );
     let pw = lab.path("xen.pw");
     std::fs::write(&pw, xen["password"].as_str().unwrap()).unwrap();
     let mut t = std::fs::read_to_string(lab.path("ferry.toml")).unwrap();

@@ -842,6 +842,18 @@ fn fault(kind: &str, message: &str) -> Response {
     )
 }
 
+/// Queues `count` (default 1) times `what` for the request's `method` (side-door faults).
+fn queue(map: &mut BTreeMap<String, Vec<String>>, req: &soap::El, what: String) {
+    let m = req.text_at("method").unwrap_or("").to_string();
+    let n: usize = req
+        .text_at("count")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1);
+    map.entry(m)
+        .or_default()
+        .extend(std::iter::repeat_n(what, n));
+}
+
 /// A response whose body fails at once: hyper aborts the connection, the client sees it drop.
 fn dropped_connection() -> Response {
     let body = axum::body::Body::from_stream(futures::stream::once(async {
@@ -993,38 +1005,18 @@ async fn answer(
             );
         }
         "FerrySimDropNext" => {
-            let m = req.text_at("method").unwrap_or("").to_string();
             let phase = req.text_at("phase").unwrap_or("response").to_string();
             if phase != "request" && phase != "response" {
                 return fault("InvalidArgument", "phase is `request` or `response`");
             }
-            let n: usize = req
-                .text_at("count")
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(1);
-            sh.state
-                .lock()
-                .await
-                .drop_next
-                .entry(m)
-                .or_default()
-                .extend(std::iter::repeat_n(phase, n));
+            let mut st = sh.state.lock().await;
+            queue(&mut st.drop_next, &req, phase);
             return xml_response(StatusCode::OK, soap::response(&name, ""), None);
         }
         "FerrySimFailNext" => {
-            let m = req.text_at("method").unwrap_or("").to_string();
             let f = req.text_at("fault").unwrap_or("SystemError").to_string();
-            let n: usize = req
-                .text_at("count")
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(1);
-            sh.state
-                .lock()
-                .await
-                .fail_next
-                .entry(m)
-                .or_default()
-                .extend(std::iter::repeat_n(f, n));
+            let mut st = sh.state.lock().await;
+            queue(&mut st.fail_next, &req, f);
             return xml_response(StatusCode::OK, soap::response(&name, ""), None);
         }
         _ => {}
