@@ -242,6 +242,19 @@ impl Lab {
 }
 
 impl Lab {
+    /// The guest fills 6 MiB of the second disk with noise, so a throttled backup reads for a while.
+    fn fill_second_disk(&self) {
+        let (_, moref, disks) = self.vm();
+        for i in 0..6u64 {
+            self.guest_write(
+                &moref,
+                disks[1].0,
+                i << 20,
+                &ferry_testkit::noise(1 << 20, i),
+            );
+        }
+    }
+
     /// Starts a throttled full backup of `vm`, SIGKILLs it while it reads and checks that its
     /// snapshot is still on vCenter.
     fn kill_mid_backup(&self, name: &str) {
@@ -430,14 +443,7 @@ fn san_full_incremental_cbt_reset_and_sigkill() {
     assert_eq!(disk(&r, "scsi0:0")["mode"], "changed-blocks");
 
     // SIGKILL mid-backup: the snapshot stays until the next run removes it.
-    for i in 0..6u64 {
-        lab.guest_write(
-            &moref,
-            disks[1].0,
-            i << 20,
-            &ferry_testkit::noise(1 << 20, i),
-        );
-    }
+    lab.fill_second_disk();
     // Killed once: `ferry source cleanup` removes the snapshot. Killed again: the next backup does.
     lab.kill_mid_backup(&name);
     let (out, _) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
@@ -795,15 +801,8 @@ fn hotadd_full_incremental_and_a_killed_backup_leaves_no_attachment() {
     assert_eq!(proxy_disks(), 1, "the proxy holds only its own disk");
 
     // SIGKILL while reading: both disks stay on the proxy until the sweep detaches them.
-    let (name, moref, disks) = lab.vm();
-    for i in 0..6u64 {
-        lab.guest_write(
-            &moref,
-            disks[1].0,
-            i << 20,
-            &ferry_testkit::noise(1 << 20, i),
-        );
-    }
+    let (name, _, _) = lab.vm();
+    lab.fill_second_disk();
     lab.kill_mid_backup(&name);
     assert_eq!(devices(), 2);
     assert_eq!(proxy_disks(), 3);
