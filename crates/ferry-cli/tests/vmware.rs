@@ -2,8 +2,10 @@
 //! behind Ferry's front): `vms`, full and CBT-incremental `backup --source` of a 2-disk VM in
 //! san and network (nbdkit) mode with restores compared by `qemu-img`, reads limited to the
 //! changed areas, a CBT reset read in full with the reason shown, a SIGKILLed backup whose
-//! snapshot the next run removes, and a clear error when VDDK is missing. The tests act as the
-//! guest through the simulator's side door (`FerrySimGuestWrite`, sent with curl).
+//! snapshot the next run removes, and a clear error when VDDK is missing; hot-add with its orphan
+//! sweep; whole-VM restore to vSphere (config read back with pyvmomi, VMDKs compared) and across
+//! hypervisors with `ferry sim xen`; dropped connections. The tests act as the guest through the
+//! simulator's side door (`FerrySimGuestWrite`, `FerrySimDropNext`, … sent with curl).
 
 use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
@@ -573,7 +575,7 @@ fn machine(vm: &Value) -> Value {
 }
 
 #[test]
-fn restore_to_vsphere_creates_the_vm_and_removes_a_failed_one() {
+fn restore_to_vsphere_creates_the_vm_and_removes_failed_and_killed_ones() {
     let lab = Lab::start("[\"network\"]", "nbdkit-stand-in = \"file\"");
     let (name, _, _) = lab.vm();
     let expected = lab.copy_disks("orig");
@@ -619,6 +621,42 @@ fn restore_to_vsphere_creates_the_vm_and_removes_a_failed_one() {
         "{err}"
     );
     assert!(lab.probe(&["broken"])["broken"].is_null());
+
+    // SIGKILL once the VM exists: the next sweep destroys the partial VM.
+    let mut child = ferry()
+        .args([
+            "-v",
+            "restore",
+            id,
+            "--to-source",
+            "lab",
+            "--name",
+            "killed",
+        ])
+        .envs(lab.env())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0,
+            "restore ended before it created the VM: {seen}"
+        );
+        seen.push_str(&l);
+        if l.contains("VM created; writing its disks") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(lab.probe(&["killed"])["killed"].is_object());
+    let (out, _) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["partial-vms"], 1, "{report}");
+    assert!(lab.probe(&["killed"])["killed"].is_null());
     let ds = PathBuf::from(lab.info["san_paths"]["LocalDS_0"].as_str().unwrap());
     assert!(!ds.join("broken/broken-flat.vmdk").exists());
 }
