@@ -851,6 +851,22 @@ fn hotadd_full_incremental_and_a_killed_backup_leaves_no_attachment() {
     assert_eq!(devices(), 0);
     assert_eq!(proxy_disks(), 1);
     assert_eq!(lab.snapshots_on_vcenter(), 0);
+    // Killed again: the next backup's sweep detaches them before it attaches its own.
+    lab.kill_mid_backup(&name);
+    assert_eq!(devices(), 2);
+    let expected = lab.copy_disks("after-kill");
+    let (r, err) = lab.backup(&["--vm", &name]);
+    assert!(
+        err.contains("detached a disk a killed backup left on the proxy"),
+        "{err}"
+    );
+    assert_eq!(devices(), 0);
+    assert_eq!(proxy_disks(), 1);
+    lab.assert_restores(
+        r["snapshot"].as_str().unwrap(),
+        &["scsi0:0", "scsi0:1"],
+        &expected,
+    );
 }
 
 #[test]
