@@ -35,7 +35,7 @@ struct Lab {
 impl Lab {
     fn start(transports: &str, extra: &str) -> Self {
         let dir = ferry_testkit::scratch_dir();
-        let (sim, info) = start_sim(
+        let (sim, info) = Killed::spawn_json_line(
             ferry()
                 .args(["sim", "vmware", "--listen", "127.0.0.1:0"])
                 .args(["--disk-mib", "8", "--cbt-page-kib", "1024", "--vcsim"])
@@ -300,18 +300,6 @@ impl Lab {
             "the kill should land mid-backup"
         );
     }
-}
-
-/// Starts a `ferry sim …` command and reads the JSON line it prints first.
-fn start_sim(cmd: &mut Command) -> (Killed, Value) {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let guard = Killed(child);
-    let info: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-    (guard, info)
 }
 
 fn init_repo(path: &Path) {
@@ -698,7 +686,7 @@ fn xen_probe(info: &Value, reqs: &[Value]) -> Vec<Value> {
 fn cross_hypervisor_restores_between_vsphere_and_xen() {
     let lab = Lab::start("[\"san\"]", "nbdkit-stand-in = \"file\"");
     // The Xen simulator as a second source of the same ferry.toml.
-    let (_xen, xen) = start_sim(
+    let (_xen, xen) = Killed::spawn_json_line(
         ferry()
             .args(["sim", "xen", "--listen", "127.0.0.1:0", "--disk-mib", "4"])
             .arg("--dir")
