@@ -2,8 +2,10 @@
 //! behind Ferry's front): `vms`, full and CBT-incremental `backup --source` of a 2-disk VM in
 //! san and network (nbdkit) mode with restores compared by `qemu-img`, reads limited to the
 //! changed areas, a CBT reset read in full with the reason shown, a SIGKILLed backup whose
-//! snapshot the next run removes, and a clear error when VDDK is missing. The tests act as the
-//! guest through the simulator's side door (`FerrySimGuestWrite`, sent with curl).
+//! snapshot the next run removes, and a clear error when VDDK is missing; hot-add with its orphan
+//! sweep; whole-VM restore to vSphere (config read back with pyvmomi, VMDKs compared) and across
+//! hypervisors with `ferry sim xen`; dropped connections. The tests act as the guest through the
+//! simulator's side door (`FerrySimGuestWrite`, `FerrySimDropNext`, … sent with curl).
 
 use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
@@ -33,28 +35,14 @@ struct Lab {
 impl Lab {
     fn start(transports: &str, extra: &str) -> Self {
         let dir = ferry_testkit::scratch_dir();
-        let mut child = ferry()
-            .args([
-                "sim",
-                "vmware",
-                "--listen",
-                "127.0.0.1:0",
-                "--disk-mib",
-                "8",
-            ])
-            .args(["--cbt-page-kib", "1024", "--vcsim"])
-            .arg(ferry_testkit::tool("vcsim"))
-            .arg("--dir")
-            .arg(dir.path().join("sim"))
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let sim = Killed(child);
-        let info: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let (sim, info) = Killed::spawn_json_line(
+            ferry()
+                .args(["sim", "vmware", "--listen", "127.0.0.1:0"])
+                .args(["--disk-mib", "8", "--cbt-page-kib", "1024", "--vcsim"])
+                .arg(ferry_testkit::tool("vcsim"))
+                .arg("--dir")
+                .arg(dir.path().join("sim")),
+        );
         let pw = dir.path().join("vc.pw");
         std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
         // The hot-add proxy: a VM with one disk (the 2-disk one is backed up).
@@ -256,6 +244,19 @@ impl Lab {
 }
 
 impl Lab {
+    /// The guest fills 6 MiB of the second disk with noise, so a throttled backup reads for a while.
+    fn fill_second_disk(&self) {
+        let (_, moref, disks) = self.vm();
+        for i in 0..6u64 {
+            self.guest_write(
+                &moref,
+                disks[1].0,
+                i << 20,
+                &ferry_testkit::noise(1 << 20, i),
+            );
+        }
+    }
+
     /// Starts a throttled full backup of `vm`, SIGKILLs it while it reads and checks that its
     /// snapshot is still on vCenter.
     fn kill_mid_backup(&self, name: &str) {
@@ -432,14 +433,7 @@ fn san_full_incremental_cbt_reset_and_sigkill() {
     assert_eq!(disk(&r, "scsi0:0")["mode"], "changed-blocks");
 
     // SIGKILL mid-backup: the snapshot stays until the next run removes it.
-    for i in 0..6u64 {
-        lab.guest_write(
-            &moref,
-            disks[1].0,
-            i << 20,
-            &ferry_testkit::noise(1 << 20, i),
-        );
-    }
+    lab.fill_second_disk();
     // Killed once: `ferry source cleanup` removes the snapshot. Killed again: the next backup does.
     lab.kill_mid_backup(&name);
     let (out, _) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
@@ -569,7 +563,7 @@ fn machine(vm: &Value) -> Value {
 }
 
 #[test]
-fn restore_to_vsphere_creates_the_vm_and_removes_a_failed_one() {
+fn restore_to_vsphere_creates_the_vm_and_removes_failed_and_killed_ones() {
     let lab = Lab::start("[\"network\"]", "nbdkit-stand-in = \"file\"");
     let (name, _, _) = lab.vm();
     let expected = lab.copy_disks("orig");
@@ -615,6 +609,42 @@ fn restore_to_vsphere_creates_the_vm_and_removes_a_failed_one() {
         "{err}"
     );
     assert!(lab.probe(&["broken"])["broken"].is_null());
+
+    // SIGKILL once the VM exists: the next sweep destroys the partial VM.
+    let mut child = ferry()
+        .args([
+            "-v",
+            "restore",
+            id,
+            "--to-source",
+            "lab",
+            "--name",
+            "killed",
+        ])
+        .envs(lab.env())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0,
+            "restore ended before it created the VM: {seen}"
+        );
+        seen.push_str(&l);
+        if l.contains("VM created; writing its disks") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(lab.probe(&["killed"])["killed"].is_object());
+    let (out, _) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["partial-vms"], 1, "{report}");
+    assert!(lab.probe(&["killed"])["killed"].is_null());
     let ds = PathBuf::from(lab.info["san_paths"]["LocalDS_0"].as_str().unwrap());
     assert!(!ds.join("broken/broken-flat.vmdk").exists());
 }
@@ -656,19 +686,12 @@ fn xen_probe(info: &Value, reqs: &[Value]) -> Vec<Value> {
 fn cross_hypervisor_restores_between_vsphere_and_xen() {
     let lab = Lab::start("[\"san\"]", "nbdkit-stand-in = \"file\"");
     // The Xen simulator as a second source of the same ferry.toml.
-    let mut child = ferry()
-        .args(["sim", "xen", "--listen", "127.0.0.1:0", "--disk-mib", "4"])
-        .arg("--dir")
-        .arg(lab.path("xen-sim"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _xen = Killed(child);
-    let xen: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let (_xen, xen) = Killed::spawn_json_line(
+        ferry()
+            .args(["sim", "xen", "--listen", "127.0.0.1:0", "--disk-mib", "4"])
+            .arg("--dir")
+            .arg(lab.path("xen-sim")),
+    );
     let pw = lab.path("xen.pw");
     std::fs::write(&pw, xen["password"].as_str().unwrap()).unwrap();
     let mut t = std::fs::read_to_string(lab.path("ferry.toml")).unwrap();
@@ -804,15 +827,8 @@ fn hotadd_full_incremental_and_a_killed_backup_leaves_no_attachment() {
     assert_eq!(proxy_disks(), 1, "the proxy holds only its own disk");
 
     // SIGKILL while reading: both disks stay on the proxy until the sweep detaches them.
-    let (name, moref, disks) = lab.vm();
-    for i in 0..6u64 {
-        lab.guest_write(
-            &moref,
-            disks[1].0,
-            i << 20,
-            &ferry_testkit::noise(1 << 20, i),
-        );
-    }
+    let (name, _, _) = lab.vm();
+    lab.fill_second_disk();
     lab.kill_mid_backup(&name);
     assert_eq!(devices(), 2);
     assert_eq!(proxy_disks(), 3);
@@ -823,6 +839,22 @@ fn hotadd_full_incremental_and_a_killed_backup_leaves_no_attachment() {
     assert_eq!(devices(), 0);
     assert_eq!(proxy_disks(), 1);
     assert_eq!(lab.snapshots_on_vcenter(), 0);
+    // Killed again: the next backup's sweep detaches them before it attaches its own.
+    lab.kill_mid_backup(&name);
+    assert_eq!(devices(), 2);
+    let expected = lab.copy_disks("after-kill");
+    let (r, err) = lab.backup(&["--vm", &name]);
+    assert!(
+        err.contains("detached a disk a killed backup left on the proxy"),
+        "{err}"
+    );
+    assert_eq!(devices(), 0);
+    assert_eq!(proxy_disks(), 1);
+    lab.assert_restores(
+        r["snapshot"].as_str().unwrap(),
+        &["scsi0:0", "scsi0:1"],
+        &expected,
+    );
 }
 
 #[test]

@@ -27,27 +27,19 @@ fn ferry() -> Command {
 
 /// `ferry sim xen` on a free port; its JSON line.
 fn start_sim(dir: &Path) -> (Killed, Value) {
-    let mut child = ferry()
-        .args([
-            "sim",
-            "xen",
-            "--listen",
-            "127.0.0.1:0",
-            "--disk-mib",
-            "8",
-            "--dir",
-        ])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let guard = Killed(child);
-    let info: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
-    (guard, info)
+    Killed::spawn_json_line(
+        ferry()
+            .args([
+                "sim",
+                "xen",
+                "--listen",
+                "127.0.0.1:0",
+                "--disk-mib",
+                "8",
+                "--dir",
+            ])
+            .arg(dir),
+    )
 }
 
 /// A `[sources.NAME]` table for the simulator described by `info`.

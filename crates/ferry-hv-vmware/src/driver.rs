@@ -567,9 +567,13 @@ pub(crate) async fn start_nbdkit(
         .tempdir()
         .map_err(|e| format!("cannot make a socket directory: {e}"))?;
     let sock = dir.path().join("nbd.sock");
+    // nbdkit writes its pid file once it accepts connections (the socket file appears earlier).
+    let ready = dir.path().join("nbdkit.pid");
     let mut cmd = tokio::process::Command::new("nbdkit");
     cmd.arg("--exit-with-parent")
         .arg("--foreground")
+        .arg("--pidfile")
+        .arg(&ready)
         .arg("--unix")
         .arg(&sock);
     if !t.writable {
@@ -630,7 +634,7 @@ pub(crate) async fn start_nbdkit(
         .spawn()
         .map_err(|e| format!("cannot start nbdkit: {e} (install nbdkit)"))?;
     let started = std::time::Instant::now();
-    while !sock.exists() {
+    while !ready.exists() {
         if let Ok(Some(st)) = child.try_wait() {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
@@ -641,7 +645,7 @@ pub(crate) async fn start_nbdkit(
         }
         if started.elapsed() > std::time::Duration::from_secs(30) {
             let _ = child.kill().await;
-            return Err("nbdkit did not open its socket within 30 s".into());
+            return Err("nbdkit was not ready within 30 s".into());
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }

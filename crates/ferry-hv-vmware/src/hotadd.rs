@@ -10,6 +10,7 @@
 
 use crate::driver::Inner;
 use crate::model::Vm;
+use crate::restore::device_change;
 use crate::xml::{Body, MoRef, Node};
 use ferry_hv::HvError;
 use std::path::PathBuf;
@@ -109,13 +110,7 @@ pub(crate) async fn attach(
             Body::new().moref("_this", &proxy.vm).nested(
                 "spec",
                 None,
-                Body::new().nested(
-                    "deviceChange",
-                    None,
-                    Body::new()
-                        .text("operation", "add")
-                        .nested("device", Some("VirtualDisk"), dev),
-                ),
+                device_change("add", None, "VirtualDisk", dev),
             ),
         )
         .await;
@@ -177,15 +172,7 @@ async fn remove_device(i: &Inner, proxy: &MoRef, d: &Node) -> Result<(), HvError
             Body::new().moref("_this", proxy).nested(
                 "spec",
                 None,
-                Body::new().nested(
-                    "deviceChange",
-                    None,
-                    Body::new().text("operation", "remove").nested(
-                        "device",
-                        Some("VirtualDisk"),
-                        dev,
-                    ),
-                ),
+                device_change("remove", None, "VirtualDisk", dev),
             ),
         )
         .await?;

@@ -111,6 +111,21 @@ fn controller(bus: &str, number: u32) -> (&'static str, i32) {
     }
 }
 
+/// One `deviceChange` of a `VirtualMachineConfigSpec`: `operation`, `fileOperation` (none:
+/// attach or detach an existing file, never create or delete one), the device of type `kind`.
+pub(crate) fn device_change(
+    operation: &str,
+    file_operation: Option<&str>,
+    kind: &str,
+    device: Body,
+) -> Body {
+    let mut c = Body::new().text("operation", operation);
+    if let Some(f) = file_operation {
+        c = c.text("fileOperation", f);
+    }
+    Body::new().nested("deviceChange", None, c.nested("device", Some(kind), device))
+}
+
 /// Where the new VM goes: folder, pool, datastore and the networks by name.
 struct Placement {
     folder: MoRef,
@@ -258,13 +273,7 @@ fn config_spec(plan: &RestorePlan, at: &Placement) -> (Body, Vec<String>) {
         if p.bus == "scsi" {
             dev = dev.text("sharedBus", "noSharing");
         }
-        changes = changes.nested(
-            "deviceChange",
-            None,
-            Body::new()
-                .text("operation", "add")
-                .nested("device", Some(kind), dev),
-        );
+        changes = changes.append(device_change("add", None, kind, dev));
     }
     for (n, (d, p)) in cfg.disks.iter().zip(&positions).enumerate() {
         // IDE controllers 200/201 exist on every new VM.
@@ -284,14 +293,7 @@ fn config_spec(plan: &RestorePlan, at: &Placement) -> (Body, Vec<String>) {
             .text("unitNumber", &p.unit.to_string())
             .text("capacityInKB", &d.size.div_ceil(1024).to_string())
             .text("capacityInBytes", &d.size.to_string());
-        changes = changes.nested(
-            "deviceChange",
-            None,
-            Body::new()
-                .text("operation", "add")
-                .text("fileOperation", "create")
-                .nested("device", Some("VirtualDisk"), dev),
-        );
+        changes = changes.append(device_change("add", Some("create"), "VirtualDisk", dev));
     }
     for (n, nic) in cfg.nics.iter().enumerate() {
         let model = nic.model.as_deref().unwrap_or("");
@@ -349,13 +351,7 @@ fn config_spec(plan: &RestorePlan, at: &Placement) -> (Body, Vec<String>) {
             Some(mac) => dev.text("addressType", "manual").text("macAddress", mac),
             None => dev.text("addressType", "generated"),
         };
-        changes = changes.nested(
-            "deviceChange",
-            None,
-            Body::new()
-                .text("operation", "add")
-                .nested("device", Some(kind), dev),
-        );
+        changes = changes.append(device_change("add", None, kind, dev));
     }
     let mut spec = Body::new()
         .text("name", &plan.name)

@@ -181,3 +181,23 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+impl Killed {
+    /// Starts `cmd` with stdout piped and parses the JSON line it prints first (what
+    /// `ferry sim xen|vmware` print: URL, login, pin); panics with the line if it is not JSON.
+    pub fn spawn_json_line(cmd: &mut std::process::Command) -> (Self, serde_json::Value) {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut line);
+        }
+        let guard = Killed(child);
+        let info = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("{cmd:?} printed {line:?}, not JSON: {e}"));
+        (guard, info)
+    }
+}

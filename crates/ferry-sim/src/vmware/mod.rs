@@ -278,20 +278,7 @@ impl Shared {
         task: &str,
     ) -> Result<Option<soap::El>, String> {
         for _ in 0..2000 {
-            let (r, _) = self
-                .call(
-                    cookie,
-                    "RetrievePropertiesEx",
-                    &format!(
-                        "{}<specSet><propSet><type>Task</type><pathSet>info</pathSet></propSet><objectSet>{}</objectSet></specSet><options/>",
-                        soap::moref("_this", "PropertyCollector", "propertyCollector"),
-                        soap::moref("obj", "Task", task)
-                    ),
-                )
-                .await?;
-            let info = r
-                .at("returnval/objects/propSet/val")
-                .ok_or("task without info")?;
+            let info = self.property(cookie, "Task", task, "info").await?;
             match info.text_at("state") {
                 Some("success") => return Ok(info.child("result").cloned()),
                 Some("error") => return Err("task failed".into()),
@@ -361,22 +348,34 @@ impl Shared {
         Ok(disks_of(&self.devices_of_vm(cookie, vm).await?))
     }
 
-    /// `config.hardware.device` of one VM.
-    async fn devices_of_vm(&self, cookie: Option<&str>, vm: &str) -> Result<soap::El, String> {
+    /// The value of property `path` of object `kind:obj`, read from vcsim with the caller's session.
+    async fn property(
+        &self,
+        cookie: Option<&str>,
+        kind: &str,
+        obj: &str,
+        path: &str,
+    ) -> Result<soap::El, String> {
         let (r, _) = self
             .call(
                 cookie,
                 "RetrievePropertiesEx",
                 &format!(
-                    "{}<specSet><propSet><type>VirtualMachine</type><pathSet>config.hardware.device</pathSet></propSet><objectSet>{}</objectSet></specSet><options/>",
+                    "{}<specSet><propSet><type>{kind}</type><pathSet>{path}</pathSet></propSet><objectSet>{}</objectSet></specSet><options/>",
                     soap::moref("_this", "PropertyCollector", "propertyCollector"),
-                    soap::moref("obj", "VirtualMachine", vm)
+                    soap::moref("obj", kind, obj)
                 ),
             )
             .await?;
         r.at("returnval/objects/propSet/val")
             .cloned()
-            .ok_or_else(|| "the VM has no devices".to_string())
+            .ok_or_else(|| format!("{kind} {obj} has no {path}"))
+    }
+
+    /// `config.hardware.device` of one VM.
+    async fn devices_of_vm(&self, cookie: Option<&str>, vm: &str) -> Result<soap::El, String> {
+        self.property(cookie, "VirtualMachine", vm, "config.hardware.device")
+            .await
     }
 
     /// After vcsim created a VM: give each of its disks a thin flat extent and a descriptor in
@@ -842,6 +841,18 @@ fn fault(kind: &str, message: &str) -> Response {
     )
 }
 
+/// Queues `count` (default 1) times `what` for the request's `method` (side-door faults).
+fn queue(map: &mut BTreeMap<String, Vec<String>>, req: &soap::El, what: String) {
+    let m = req.text_at("method").unwrap_or("").to_string();
+    let n: usize = req
+        .text_at("count")
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(1);
+    map.entry(m)
+        .or_default()
+        .extend(std::iter::repeat_n(what, n));
+}
+
 /// A response whose body fails at once: hyper aborts the connection, the client sees it drop.
 fn dropped_connection() -> Response {
     let body = axum::body::Body::from_stream(futures::stream::once(async {
@@ -993,38 +1004,18 @@ async fn answer(
             );
         }
         "FerrySimDropNext" => {
-            let m = req.text_at("method").unwrap_or("").to_string();
             let phase = req.text_at("phase").unwrap_or("response").to_string();
             if phase != "request" && phase != "response" {
                 return fault("InvalidArgument", "phase is `request` or `response`");
             }
-            let n: usize = req
-                .text_at("count")
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(1);
-            sh.state
-                .lock()
-                .await
-                .drop_next
-                .entry(m)
-                .or_default()
-                .extend(std::iter::repeat_n(phase, n));
+            let mut st = sh.state.lock().await;
+            queue(&mut st.drop_next, &req, phase);
             return xml_response(StatusCode::OK, soap::response(&name, ""), None);
         }
         "FerrySimFailNext" => {
-            let m = req.text_at("method").unwrap_or("").to_string();
             let f = req.text_at("fault").unwrap_or("SystemError").to_string();
-            let n: usize = req
-                .text_at("count")
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(1);
-            sh.state
-                .lock()
-                .await
-                .fail_next
-                .entry(m)
-                .or_default()
-                .extend(std::iter::repeat_n(f, n));
+            let mut st = sh.state.lock().await;
+            queue(&mut st.fail_next, &req, f);
             return xml_response(StatusCode::OK, soap::response(&name, ""), None);
         }
         _ => {}
