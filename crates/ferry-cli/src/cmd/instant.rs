@@ -132,6 +132,8 @@ struct Session {
     restore: Vec<(Arc<ReadCounters>, u64)>,
     /// `running`, `restored`, `failed: …`.
     restore_state: Mutex<String>,
+    /// How long the background restore took, once it is done.
+    restore_seconds: Mutex<Option<f64>>,
     overlays: Vec<Arc<ferry_nbd::CowOverlay>>,
 }
 
@@ -150,6 +152,7 @@ impl Session {
                 "state": *self.restore_state.lock().expect("state lock"),
                 "read_bytes": read,
                 "size": size,
+                "seconds": *self.restore_seconds.lock().expect("state lock"),
             },
             "guest_written_bytes": written,
             "seconds": self.started.elapsed().as_secs_f64(),
@@ -313,6 +316,7 @@ async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
             .map(|(s, d)| (s.counters(), d.source.size()))
             .collect(),
         restore_state: Mutex::new("running".into()),
+        restore_seconds: Mutex::new(None),
         overlays,
     });
     println!(
@@ -353,6 +357,7 @@ async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
                 seconds = t.elapsed().as_secs_f64(),
                 "background restore complete"
             );
+            *st.restore_seconds.lock().expect("state lock") = Some(t.elapsed().as_secs_f64());
             *st.restore_state.lock().expect("state lock") = "restored".into();
             Ok(())
         })
