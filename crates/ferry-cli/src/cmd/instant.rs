@@ -12,10 +12,9 @@
 
 use crate::cmd::backup::{EXIT_CANCELLED, cancel_on_signal};
 use crate::cmd::repo::RepoArgs;
-use crate::cmd::restore::resolve_snapshot;
+use crate::cmd::restore::{disks_of, resolve_snapshot};
 use crate::cmd::source::SourceArgs;
 use anyhow::{Context, bail};
-use ferry_core::vm::DiskConfig;
 use ferry_core::{BlockSource, ExtentMap};
 use ferry_hv::{CountingSource, InstantPlan, InstantVm, ReadCounters};
 use ferry_hv::{RestoreDisk, RestorePlan};
@@ -208,17 +207,7 @@ async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
         config.memory = 1 << 30;
     }
     if config.disks.is_empty() {
-        config.disks = manifest
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| DiskConfig {
-                name: d.name.clone(),
-                size: d.size,
-                controller: None,
-                bootable: i == 0,
-            })
-            .collect();
+        config.disks = disks_of(&manifest);
     }
     let listener = ferry_engine::export::bind(&a.listen).await?;
     let ferry_engine::export::Listener::Tcp(tcp) = &listener else {
