@@ -429,3 +429,55 @@ fn retention_is_extended_once_per_generation() {
         );
     }
 }
+
+/// Azure immutability cannot be tested against Azurite (ADR 0104): this pins what Azurite
+/// 3.37 does with version-level WORM, asked through the official SDK, so the day it emulates
+/// any of it this test fails and says what to implement and test.
+#[test]
+fn azurite_does_not_emulate_version_level_worm() {
+    let az = ferry_testkit::Azurite::start();
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "peer `python` (venv with azure-storage-blob) not found: run tests/peers/install.sh"
+    );
+    let out = ferry_testkit::run_ok(
+        std::process::Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/az_worm_probe.py"
+            ))
+            .arg(az.connection_string()),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let emulates = "Azurite now emulates version-level WORM: implement Azure immutability in \
+                    ferry-repo's Azure backend and test it here (docs/immutability.md)";
+    // Accepted and ignored: the headers on Put Blob and container creation.
+    assert_eq!(
+        v["create_container_with_versioning_worm"]["ok"], true,
+        "{v}"
+    );
+    assert_eq!(v["put_with_policy"]["ok"], true, "{v}");
+    assert!(
+        v["container_worm_flag"]["ok"].is_null() || v["container_worm_flag"]["ok"] == false,
+        "{emulates}: {v}"
+    );
+    let p = &v["properties"]["ok"];
+    assert!(
+        p["until"].is_null() && p["mode"].is_null() && p["version_id"].is_null(),
+        "{emulates}: {v}"
+    );
+    assert!(
+        p["legal_hold"].is_null() || p["legal_hold"] == false,
+        "{emulates}: {v}"
+    );
+    // Not enforced: the "locked" blob deletes.
+    assert_eq!(v["delete_locked"]["ok"], true, "{emulates}: {v}");
+    // Not implemented: the calls that set retention and legal hold on an existing blob.
+    for call in ["set_immutability_policy", "set_legal_hold"] {
+        let e = v[call]["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{emulates}: {v}"));
+        assert!(e.contains("not implemented"), "{call}: {e}");
+    }
+}

@@ -12,10 +12,9 @@
 
 use crate::cmd::backup::{EXIT_CANCELLED, cancel_on_signal};
 use crate::cmd::repo::RepoArgs;
-use crate::cmd::restore::resolve_snapshot;
+use crate::cmd::restore::{disks_of, resolve_snapshot};
 use crate::cmd::source::SourceArgs;
 use anyhow::{Context, bail};
-use ferry_core::vm::DiskConfig;
 use ferry_core::{BlockSource, ExtentMap};
 use ferry_hv::{CountingSource, InstantPlan, InstantVm, ReadCounters};
 use ferry_hv::{RestoreDisk, RestorePlan};
@@ -132,6 +131,8 @@ struct Session {
     restore: Vec<(Arc<ReadCounters>, u64)>,
     /// `running`, `restored`, `failed: …`.
     restore_state: Mutex<String>,
+    /// How long the background restore took, once it is done.
+    restore_seconds: Mutex<Option<f64>>,
     overlays: Vec<Arc<ferry_nbd::CowOverlay>>,
 }
 
@@ -150,6 +151,7 @@ impl Session {
                 "state": *self.restore_state.lock().expect("state lock"),
                 "read_bytes": read,
                 "size": size,
+                "seconds": *self.restore_seconds.lock().expect("state lock"),
             },
             "guest_written_bytes": written,
             "seconds": self.started.elapsed().as_secs_f64(),
@@ -205,17 +207,7 @@ async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
         config.memory = 1 << 30;
     }
     if config.disks.is_empty() {
-        config.disks = manifest
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| DiskConfig {
-                name: d.name.clone(),
-                size: d.size,
-                controller: None,
-                bootable: i == 0,
-            })
-            .collect();
+        config.disks = disks_of(&manifest);
     }
     let listener = ferry_engine::export::bind(&a.listen).await?;
     let ferry_engine::export::Listener::Tcp(tcp) = &listener else {
@@ -313,6 +305,7 @@ async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
             .map(|(s, d)| (s.counters(), d.source.size()))
             .collect(),
         restore_state: Mutex::new("running".into()),
+        restore_seconds: Mutex::new(None),
         overlays,
     });
     println!(
@@ -353,6 +346,7 @@ async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
                 seconds = t.elapsed().as_secs_f64(),
                 "background restore complete"
             );
+            *st.restore_seconds.lock().expect("state lock") = Some(t.elapsed().as_secs_f64());
             *st.restore_state.lock().expect("state lock") = "restored".into();
             Ok(())
         })

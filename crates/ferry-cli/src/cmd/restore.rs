@@ -107,6 +107,21 @@ fn extension(f: OutputFormat) -> &'static str {
     }
 }
 
+/// The disk configuration of a restore point that captured none: its disks in order, the
+/// first one bootable.
+pub fn disks_of(m: &Manifest) -> Vec<DiskConfig> {
+    m.disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DiskConfig {
+            name: d.name.clone(),
+            size: d.size,
+            controller: None,
+            bootable: i == 0,
+        })
+        .collect()
+}
+
 /// Builds the plan to recreate the VM of restore point `m` on a hypervisor of kind `kind`:
 /// its configuration (and native record when the kind matches) and its disks read straight
 /// from the repository, in configuration order.
@@ -126,17 +141,7 @@ pub async fn restore_plan(
         );
     }
     if config.disks.is_empty() {
-        config.disks = m
-            .disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| DiskConfig {
-                name: d.name.clone(),
-                size: d.size,
-                controller: None,
-                bootable: i == 0,
-            })
-            .collect();
+        config.disks = disks_of(m);
     }
     let mut disks = Vec::new();
     for d in &config.disks {
