@@ -60,6 +60,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/vms/{vm}/history"),
     ("get", "/api/vms/{vm}/restore-points"),
     ("post", "/api/restores"),
+    ("get", "/api/alert-targets"),
+    ("get", "/api/alert-targets/{name}"),
+    ("put", "/api/alert-targets/{name}"),
+    ("delete", "/api/alert-targets/{name}"),
+    ("post", "/api/alert-targets/{name}/test"),
+    ("get", "/api/alerts"),
 ];
 
 /// The router.
@@ -123,6 +129,20 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/vms/{vm}/history", get(vm_history))
         .route("/api/vms/{vm}/restore-points", get(vm_restore_points))
         .route("/api/restores", post(start_restore))
+        .route(
+            "/api/alert-targets",
+            get(|s: St, c: Caller| list(s, c, Kind::AlertTarget)),
+        )
+        .route(
+            "/api/alert-targets/{name}",
+            get(|s: St, c: Caller, p: Path<String>| get_one(s, c, p, Kind::AlertTarget))
+                .put(put_alert_target)
+                .delete(|s: St, c: Caller, p: Path<String>, h: HeaderMap| {
+                    delete_one(s, c, p, h, Kind::AlertTarget)
+                }),
+        )
+        .route("/api/alert-targets/{name}/test", post(test_alert_target))
+        .route("/api/alerts", get(list_alerts))
         .fallback(|| async { Problem::not_found("this path") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -611,6 +631,68 @@ async fn put_job(
         })
         .await?;
     saved(&app, Kind::Job, &name, tag, created)
+}
+
+async fn put_alert_target(
+    State(app): St,
+    c: Caller,
+    Path(name): Path<String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    c.require(Role::Admin)?;
+    let (t, pw, _) = json_to_table(&body, &[])?;
+    precheck::<crate::alerts::AlertTargetConfig>(Kind::AlertTarget, &name, &t)?;
+    // Content that can never be valid is a 422 whatever the ETag says.
+    if let Ok(cfg) = toml::Value::Table(t.clone()).try_into::<crate::alerts::AlertTargetConfig>() {
+        cfg.validate(&name)?;
+    }
+    let (tag, created) = app
+        .store
+        .put(
+            Kind::AlertTarget,
+            &name,
+            t,
+            pw.map(|p| ("password-file", p)),
+            &precondition(&h),
+            |_| async { Ok(()) },
+        )
+        .await?;
+    saved(&app, Kind::AlertTarget, &name, tag, created)
+}
+
+async fn test_alert_target(
+    State(app): St,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    c.require(Role::Operator)?;
+    let doc = app.store.load()?;
+    let t = doc
+        .alert_targets
+        .get(&name)
+        .ok_or_else(|| Problem::not_found(format!("alert target `{name}`")))?;
+    let a = crate::alerts::Alert {
+        kind: "test".into(),
+        title: format!("test alert to `{name}`"),
+        message: format!("{} asked the appliance to send this test alert.", c.user),
+        job: None,
+        vm: None,
+        session: None,
+    };
+    crate::alerts::send(&name, t, &a).await.map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            format!("alert target `{name}`: {e}"),
+        )
+    })?;
+    Ok(json_ok(StatusCode::OK, json!({"ok": true})))
+}
+
+async fn list_alerts(State(app): St, c: Caller, q: QueryResult<ListQuery>) -> ApiResult<Response> {
+    c.require(Role::Viewer)?;
+    let q = query(q)?;
+    Ok(json_ok(StatusCode::OK, json!(app.alerts(limit(q.limit)?)?)))
 }
 
 async fn test_source(

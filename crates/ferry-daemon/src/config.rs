@@ -27,6 +27,13 @@ pub struct ApplianceConfig {
     /// VMs backed up at once from one source.
     #[serde(default = "default_per_source")]
     pub per_source_vms: usize,
+    /// Seconds between two checks of the jobs' RPOs.
+    #[serde(default = "default_rpo_check")]
+    pub rpo_check_seconds: u64,
+}
+
+fn default_rpo_check() -> u64 {
+    300
 }
 
 fn default_max_vms() -> usize {
@@ -41,6 +48,7 @@ impl Default for ApplianceConfig {
         Self {
             max_concurrent_vms: default_max_vms(),
             per_source_vms: default_per_source(),
+            rpo_check_seconds: default_rpo_check(),
         }
     }
 }
@@ -147,6 +155,9 @@ pub struct JobConfig {
     /// Scheduled runs happen only when enabled (runs by hand always can).
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Alert when a VM's newest restore point is older than this (hours).
+    #[serde(default)]
+    pub rpo_hours: Option<f64>,
 }
 
 fn default_retries() -> u32 {
@@ -295,6 +306,15 @@ impl JobConfig {
                 format!("job `{name}`: parallel_vms must be 1..=64"),
             ));
         }
+        if self
+            .rpo_hours
+            .is_some_and(|h| !h.is_finite() || h <= 0.0 || h > 24.0 * 366.0)
+        {
+            return Err(Problem::invalid(
+                "rpo_hours",
+                format!("job `{name}`: rpo_hours must be more than 0 and at most a year"),
+            ));
+        }
         if self.retries > 10 {
             return Err(Problem::invalid(
                 "retries",
@@ -353,6 +373,8 @@ pub struct Document {
     pub jobs: BTreeMap<String, JobConfig>,
     /// Limits.
     pub appliance: ApplianceConfig,
+    /// Where alerts go.
+    pub alert_targets: BTreeMap<String, crate::alerts::AlertTargetConfig>,
 }
 
 fn one_line(s: &str) -> String {
@@ -392,6 +414,8 @@ pub enum Kind {
     Repository,
     /// `[jobs.NAME]`.
     Job,
+    /// `[alert-targets.NAME]`.
+    AlertTarget,
 }
 
 impl Kind {
@@ -401,6 +425,7 @@ impl Kind {
             Kind::Source => "sources",
             Kind::Repository => "repositories",
             Kind::Job => "jobs",
+            Kind::AlertTarget => "alert-targets",
         }
     }
     /// For messages.
@@ -409,6 +434,7 @@ impl Kind {
             Kind::Source => "source",
             Kind::Repository => "repository",
             Kind::Job => "job",
+            Kind::AlertTarget => "alert target",
         }
     }
 }
@@ -443,12 +469,16 @@ impl Document {
         let doc = Self {
             repositories: parse_each(&raw, Kind::Repository)?,
             jobs: parse_each(&raw, Kind::Job)?,
+            alert_targets: parse_each(&raw, Kind::AlertTarget)?,
             raw,
             ferry,
             appliance,
         };
         for (name, j) in &doc.jobs {
             j.validate(name, &doc)?;
+        }
+        for (name, t) in &doc.alert_targets {
+            t.validate(name)?;
         }
         if doc.appliance.max_concurrent_vms == 0 || doc.appliance.per_source_vms == 0 {
             return Err(Problem::invalid(
@@ -572,7 +602,7 @@ impl ConfigStore {
             getrandom::fill(&mut rnd).map_err(|e| Problem::internal(e.to_string()))?;
             let file = self.secrets.join(format!(
                 "{}-{name}-{}.password",
-                kind.noun(),
+                kind.noun().replace(' ', "-"),
                 rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
             ));
             write_atomic(&file, format!("{}\n", value.expose()).as_bytes(), 0o600)
@@ -634,7 +664,7 @@ impl ConfigStore {
             .filter(|(_, j)| match kind {
                 Kind::Source => j.source == name,
                 Kind::Repository => j.repository == name,
-                Kind::Job => false,
+                Kind::Job | Kind::AlertTarget => false,
             })
             .map(|(n, _)| n)
             .collect();

@@ -358,6 +358,7 @@ impl App {
                 format!("session ended: {}", v.status.as_str()),
             );
             app.persist(&s);
+            app.alert_session_end(&v);
             app.metrics.sessions_finished(
                 v.status,
                 v.ended.unwrap_or(v.started) - v.started,
