@@ -1350,3 +1350,83 @@ async fn alerts_reach_a_mail_sink_and_a_webhook() {
         "{mails:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_console_backs_up_and_restores_in_chromium() {
+    let node_modules = ferry_testkit::peers_dir().join("node/node_modules");
+    assert!(
+        node_modules.join("playwright-core").is_dir() && Path::new("/usr/bin/chromium").exists(),
+        "peers `playwright-core` (npm) and `chromium` (Debian) are needed: run tests/peers/install.sh"
+    );
+    let dir = ferry_testkit::scratch_dir();
+    let (_sim, sim) = start_sim(&dir.path().join("sim"));
+    let state = dir.path().join("state");
+    let (_serve, info) = start_serve(&state, &[]);
+    // The console is served by the service itself, under a strict policy.
+    let mut api = Api::new(&info);
+    let page = api.get("/").await;
+    assert_eq!(page.status, 200);
+    let csp = page.headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+    assert!(page.text.contains("/console/app.js"));
+    let mut extra = source_body(&sim, "");
+    for k in ["kind", "url", "username", "password", "tls_fingerprint"] {
+        extra.as_object_mut().unwrap().remove(k);
+    }
+    let shots = dir.path().join("shots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = Command::new(ferry_testkit::tool("node"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console_e2e.js"))
+        .env("NODE_PATH", &node_modules)
+        .env("FERRY_URL", info["url"].as_str().unwrap())
+        .env("FERRY_USER", "admin")
+        .env("FERRY_PASSWORD", ADMIN_PW)
+        .env("FERRY_SIM", sim.to_string())
+        .env("FERRY_SOURCE_EXTRA", extra.to_string())
+        .env("FERRY_REPO", dir.path().join("repo"))
+        .env("FERRY_SHOTS", &shots)
+        .env("FERRY_PROFILE", dir.path().join("chromium-profile"))
+        .env("NO_PROXY", "127.0.0.1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the console test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let shots_taken = report["shots"].as_array().unwrap();
+    assert_eq!(shots_taken.len(), 10, "{report}");
+    for s in shots_taken {
+        let png = std::fs::read(s["file"].as_str().unwrap()).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+            "{s}"
+        );
+    }
+    // What the browser did is real: the restored VM is on the source, the job's restore point
+    // in the repository.
+    api.login("admin", ADMIN_PW).await;
+    let vms = api
+        .ok("GET", "/api/sources/lab/vms", None, None, 200)
+        .await
+        .body;
+    assert!(
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "web-from-console"),
+        "{vms}"
+    );
+    let pts = api
+        .ok("GET", "/api/vms/debian-web/restore-points", None, None, 200)
+        .await
+        .body;
+    assert_eq!(pts.as_array().unwrap().len(), 1, "{pts}");
+    assert!(api.get("/api/sources/bad").await.status == 404);
+}

@@ -66,6 +66,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/alert-targets/{name}"),
     ("post", "/api/alert-targets/{name}/test"),
     ("get", "/api/alerts"),
+    ("get", "/api/usage"),
 ];
 
 /// The router.
@@ -143,6 +144,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/api/alert-targets/{name}/test", post(test_alert_target))
         .route("/api/alerts", get(list_alerts))
+        .route("/api/usage", get(usage))
+        .route("/", get(crate::console::index))
+        .route("/console/app.js", get(crate::console::script))
+        .route("/console/app.css", get(crate::console::style))
         .fallback(|| async { Problem::not_found("this path") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -693,6 +698,22 @@ async fn list_alerts(State(app): St, c: Caller, q: QueryResult<ListQuery>) -> Ap
     c.require(Role::Viewer)?;
     let q = query(q)?;
     Ok(json_ok(StatusCode::OK, json!(app.alerts(limit(q.limit)?)?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    #[serde(default)]
+    days: Option<u32>,
+}
+
+async fn usage(State(app): St, c: Caller, q: QueryResult<UsageQuery>) -> ApiResult<Response> {
+    c.require(Role::Viewer)?;
+    let q = query(q)?;
+    Ok(json_ok(
+        StatusCode::OK,
+        app.usage(crate::console::days(q.days)?)?,
+    ))
 }
 
 async fn test_source(

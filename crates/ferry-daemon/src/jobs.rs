@@ -569,6 +569,7 @@ impl App {
                 self.metrics
                     .repository_usage(&job.repository, &repo, ms.len())
                     .await;
+                self.record_usage(&job.repository);
             }
             Err(e) => tracing::warn!(error = %e, "cannot list restore points"),
         }

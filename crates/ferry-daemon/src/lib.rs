@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod console;
 pub mod fsutil;
 pub mod jobs;
 pub mod metrics;
@@ -246,6 +247,7 @@ pub fn build(config: DaemonConfig) -> Result<(Arc<App>, Option<tls::Identity>), 
     }
     let catalog = Arc::new(Catalog::open(&state.join("catalog.sqlite"))?);
     alerts::init(&catalog)?;
+    console::init(&catalog)?;
     let orphans = catalog.fail_orphans(chrono::Utc::now().timestamp())?;
     if orphans > 0 {
         tracing::warn!(
