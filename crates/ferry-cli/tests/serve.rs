@@ -166,6 +166,14 @@ impl Api {
         self.token = Some(r.body["token"].as_str().unwrap().into());
     }
 
+    /// Runs job `job` by hand and waits for its session to end.
+    async fn run_job(&self, job: &str) -> Value {
+        let r = self
+            .ok("POST", &format!("/api/jobs/{job}/run"), None, None, 202)
+            .await;
+        self.wait_session(r.body["session"].as_str().unwrap()).await
+    }
+
     /// Polls a session until it ends.
     async fn wait_session(&self, id: &str) -> Value {
         let t = Instant::now();
@@ -822,14 +830,7 @@ impl Lab {
             201,
         )
         .await;
-        let id = api
-            .ok("POST", "/api/jobs/nightly/run", None, None, 202)
-            .await
-            .body["session"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let s = api.wait_session(&id).await;
+        let s = api.run_job("nightly").await;
         assert_eq!(s["status"], "success", "{s}");
         let restore_point = s["vms"][0]["restore_point"].as_str().unwrap().to_string();
         Self {
@@ -1283,14 +1284,9 @@ async fn alerts_reach_a_mail_sink_and_a_webhook() {
         201,
     )
     .await;
-    let id = api
-        .ok("POST", "/api/jobs/broken/run", None, None, 202)
-        .await
-        .body["session"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(api.wait_session(&id).await["status"], "failed");
+    let s = api.run_job("broken").await;
+    assert_eq!(s["status"], "failed");
+    let id = s["id"].as_str().unwrap().to_string();
     let alerts = wait_alerts(api, "failure alert delivered", |a| {
         a.iter()
             .any(|x| x["kind"] == "failure" && x["deliveries"].as_array().unwrap().len() == 2)

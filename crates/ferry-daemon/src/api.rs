@@ -536,6 +536,35 @@ fn saved(app: &App, kind: Kind, name: &str, tag: String, created: bool) -> ApiRe
     ))
 }
 
+/// A resource whose only extra is a write-only `password` (sources, alert targets): shape
+/// and content are checked before the ETag, so a body that can never be valid is a 422.
+async fn put_with_secret<T: serde::de::DeserializeOwned>(
+    app: &App,
+    kind: Kind,
+    name: &str,
+    h: &HeaderMap,
+    body: &Bytes,
+    validate: impl Fn(T) -> ApiResult<()>,
+) -> ApiResult<Response> {
+    let (t, pw, _) = json_to_table(body, &[])?;
+    precheck::<T>(kind, name, &t)?;
+    if let Ok(cfg) = toml::Value::Table(t.clone()).try_into::<T>() {
+        validate(cfg)?;
+    }
+    let (tag, created) = app
+        .store
+        .put(
+            kind,
+            name,
+            t,
+            pw.map(|p| ("password-file", p)),
+            &precondition(h),
+            |_| async { Ok(()) },
+        )
+        .await?;
+    saved(app, kind, name, tag, created)
+}
+
 async fn put_source(
     State(app): St,
     c: Caller,
@@ -544,20 +573,8 @@ async fn put_source(
     body: Bytes,
 ) -> ApiResult<Response> {
     c.require(Role::Admin)?;
-    let (t, pw, _) = json_to_table(&body, &[])?;
-    precheck::<ferry_hv::SourceConfig>(Kind::Source, &name, &t)?;
-    let (tag, created) = app
-        .store
-        .put(
-            Kind::Source,
-            &name,
-            t,
-            pw.map(|p| ("password-file", p)),
-            &precondition(&h),
-            |_| async { Ok(()) },
-        )
-        .await?;
-    saved(&app, Kind::Source, &name, tag, created)
+    put_with_secret::<ferry_hv::SourceConfig>(&app, Kind::Source, &name, &h, &body, |_| Ok(()))
+        .await
 }
 
 async fn put_repository(
@@ -646,24 +663,15 @@ async fn put_alert_target(
     body: Bytes,
 ) -> ApiResult<Response> {
     c.require(Role::Admin)?;
-    let (t, pw, _) = json_to_table(&body, &[])?;
-    precheck::<crate::alerts::AlertTargetConfig>(Kind::AlertTarget, &name, &t)?;
-    // Content that can never be valid is a 422 whatever the ETag says.
-    if let Ok(cfg) = toml::Value::Table(t.clone()).try_into::<crate::alerts::AlertTargetConfig>() {
-        cfg.validate(&name)?;
-    }
-    let (tag, created) = app
-        .store
-        .put(
-            Kind::AlertTarget,
-            &name,
-            t,
-            pw.map(|p| ("password-file", p)),
-            &precondition(&h),
-            |_| async { Ok(()) },
-        )
-        .await?;
-    saved(&app, Kind::AlertTarget, &name, tag, created)
+    put_with_secret(
+        &app,
+        Kind::AlertTarget,
+        &name,
+        &h,
+        &body,
+        |t: crate::alerts::AlertTargetConfig| t.validate(&name),
+    )
+    .await
 }
 
 async fn test_alert_target(

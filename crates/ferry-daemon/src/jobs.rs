@@ -108,6 +108,28 @@ pub struct VmView {
     pub error: Option<String>,
 }
 
+impl VmView {
+    /// A VM not started yet.
+    pub fn queued(vm_id: &str, vm_name: &str) -> Self {
+        Self {
+            vm_id: vm_id.into(),
+            vm_name: vm_name.into(),
+            status: Status::Queued,
+            attempts: 0,
+            total: 0,
+            done: 0,
+            read: 0,
+            written: 0,
+            current_disk: String::new(),
+            rate: 0,
+            eta_seconds: None,
+            restore_point: None,
+            disks: Vec::new(),
+            error: None,
+        }
+    }
+}
+
 /// A session as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionView {
@@ -470,22 +492,7 @@ impl App {
                 map.insert(
                     v.id.clone(),
                     VmLive {
-                        view: VmView {
-                            vm_id: v.id.clone(),
-                            vm_name: v.name.clone(),
-                            status: Status::Queued,
-                            attempts: 0,
-                            total: 0,
-                            done: 0,
-                            read: 0,
-                            written: 0,
-                            current_disk: String::new(),
-                            rate: 0,
-                            eta_seconds: None,
-                            restore_point: None,
-                            disks: Vec::new(),
-                            error: None,
-                        },
+                        view: VmView::queued(&v.id, &v.name),
                         progress: None,
                     },
                 );
