@@ -166,6 +166,14 @@ impl Api {
         self.token = Some(r.body["token"].as_str().unwrap().into());
     }
 
+    /// Runs job `job` by hand and waits for its session to end.
+    async fn run_job(&self, job: &str) -> Value {
+        let r = self
+            .ok("POST", &format!("/api/jobs/{job}/run"), None, None, 202)
+            .await;
+        self.wait_session(r.body["session"].as_str().unwrap()).await
+    }
+
     /// Polls a session until it ends.
     async fn wait_session(&self, id: &str) -> Value {
         let t = Instant::now();
@@ -753,6 +761,8 @@ async fn the_openapi_document_holds_against_the_live_service() {
             "putSource",
             "--exclude-operation-id",
             "startRestore",
+            "--exclude-operation-id",
+            "testAlertTarget",
         ])
         .env("NO_PROXY", "127.0.0.1")
         // Its cache of findings stays in the scratch directory, out of the source tree.
@@ -820,14 +830,7 @@ impl Lab {
             201,
         )
         .await;
-        let id = api
-            .ok("POST", "/api/jobs/nightly/run", None, None, 202)
-            .await
-            .body["session"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let s = api.wait_session(&id).await;
+        let s = api.run_job("nightly").await;
         assert_eq!(s["status"], "success", "{s}");
         let restore_point = s["vms"][0]["restore_point"].as_str().unwrap().to_string();
         Self {
@@ -1087,4 +1090,339 @@ async fn restores_run_as_sessions_through_the_api() {
         3,
         "{kinds:?}"
     );
+}
+
+/// A child printing JSON lines; reads them one at a time.
+struct Lines {
+    _child: Killed,
+    out: BufReader<std::process::ChildStdout>,
+}
+
+impl Lines {
+    fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Self {
+            _child: Killed(child),
+            out,
+        }
+    }
+
+    fn next(&mut self) -> Value {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+}
+
+/// Waits until `f` holds for the alerts list; returns it.
+async fn wait_alerts(api: &Api, what: &str, f: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let t = Instant::now();
+    loop {
+        let a = api.ok("GET", "/api/alerts", None, None, 200).await.body;
+        let a = a.as_array().unwrap().clone();
+        if f(&a) {
+            return a;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{what}: {a:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Reads the mails aiosmtpd saved into Maildir `dir`, waiting for at least `n`.
+fn wait_mails(dir: &Path, n: usize) -> Vec<String> {
+    let t = Instant::now();
+    loop {
+        let mut mails: Vec<String> = std::fs::read_dir(dir.join("new"))
+            .map(|d| {
+                // Header lines folded by the sender are joined again.
+                d.map(|e| {
+                    std::fs::read_to_string(e.unwrap().path())
+                        .unwrap()
+                        .replace("\r\n", "\n")
+                        .replace("\n ", " ")
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        if mails.len() >= n {
+            mails.sort();
+            return mails;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{} of {n} mails arrived",
+            mails.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_a_mail_sink_and_a_webhook() {
+    let venv = ferry_testkit::peers_dir().join("venv/bin/python");
+    let lab = Lab::start("[appliance]\nrpo-check-seconds = 1\n").await;
+    let api = &lab.api;
+    // The SMTP sink: aiosmtpd (PyPI) saving into a Maildir; the webhook: a small receiver.
+    let maildir = lab.dir.path().join("maildir");
+    let port = ferry_testkit::free_port();
+    let _smtp = Killed(
+        Command::new(&venv)
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "aiosmtpd did not start (peer missing? run tests/peers/install.sh)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut hook = Lines::spawn(
+        Command::new(&venv)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/webhook_sink.py")),
+    );
+    let hook_port = hook.next()["port"].as_u64().unwrap();
+
+    // Targets: bad ones refused with the field named, nothing saved.
+    for (body, field) in [
+        (
+            json!({"kind": "email", "smtp_host": "127.0.0.1", "from": "ferry@appliance.test"}),
+            "to",
+        ),
+        (
+            json!({"kind": "email", "smtp_host": "127.0.0.1", "from": "not an address", "to": ["ops@example.test"]}),
+            "from",
+        ),
+        (
+            json!({"kind": "webhook", "url": "ftp://example.test/x"}),
+            "url",
+        ),
+        (
+            json!({"kind": "webhook", "url": "http://127.0.0.1/x", "events": ["sunshine"]}),
+            "events",
+        ),
+        (json!({"kind": "pager"}), "alert target"),
+    ] {
+        let r = api
+            .call("PUT", "/api/alert-targets/bad", Some(body.clone()), None)
+            .await;
+        assert_eq!(r.status, 422, "{body}: {}", r.text);
+        assert_eq!(r.body["field"], field, "{body}: {}", r.text);
+    }
+    assert_eq!(api.get("/api/alert-targets/bad").await.status, 404);
+    api.ok(
+        "PUT",
+        "/api/alert-targets/mail",
+        Some(
+            json!({"kind": "email", "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_tls": "none",
+                    "from": "ferry@appliance.test", "to": ["ops@example.test"]}),
+        ),
+        None,
+        201,
+    )
+    .await;
+    let r = api
+        .ok(
+            "PUT",
+            "/api/alert-targets/hook",
+            Some(json!({"kind": "webhook", "url": format!("http://127.0.0.1:{hook_port}/ferry"), "password": "hook secret 1"})),
+            None,
+            201,
+        )
+        .await;
+    assert_eq!(r.body["password_set"], true);
+    let listed = api.ok("GET", "/api/alert-targets", None, None, 200).await;
+    assert!(!listed.text.contains("hook secret 1"), "{}", listed.text);
+    let cfg = std::fs::read_to_string(lab.dir.path().join("state/ferry.toml")).unwrap();
+    assert!(
+        !cfg.contains("hook secret 1") && cfg.contains("[alert-targets.hook]"),
+        "{cfg}"
+    );
+
+    // The test action delivers at once, to that target only.
+    api.ok("POST", "/api/alert-targets/mail/test", None, None, 200)
+        .await;
+    let mails = wait_mails(&maildir, 1);
+    assert!(
+        mails[0].contains("Subject: [Ferry] test alert to `mail`"),
+        "{}",
+        mails[0]
+    );
+    assert!(mails[0].contains("To: ops@example.test"), "{}", mails[0]);
+    api.ok("POST", "/api/alert-targets/hook/test", None, None, 200)
+        .await;
+    let h = hook.next();
+    assert_eq!(h["authorization"], "Bearer hook secret 1");
+    assert_eq!(h["body"]["kind"], "test");
+    // A target that cannot be reached: a clear 502.
+    api.ok(
+        "PUT",
+        "/api/alert-targets/dead",
+        Some(json!({"kind": "webhook", "url": format!("http://127.0.0.1:{}/x", ferry_testkit::free_port()), "enabled": false})),
+        None,
+        201,
+    )
+    .await;
+    problem(
+        &api.call("POST", "/api/alert-targets/dead/test", None, None)
+            .await,
+        502,
+        "dead",
+    );
+
+    // A failing job: one alert, by mail and webhook.
+    api.ok(
+        "PUT",
+        "/api/jobs/broken",
+        Some(json!({"source": "lab", "repository": "local", "vms": ["no-such-vm"], "retries": 0})),
+        None,
+        201,
+    )
+    .await;
+    let s = api.run_job("broken").await;
+    assert_eq!(s["status"], "failed");
+    let id = s["id"].as_str().unwrap().to_string();
+    let alerts = wait_alerts(api, "failure alert delivered", |a| {
+        a.iter()
+            .any(|x| x["kind"] == "failure" && x["deliveries"].as_array().unwrap().len() == 2)
+    })
+    .await;
+    let f = alerts.iter().find(|x| x["kind"] == "failure").unwrap();
+    assert_eq!(f["session"], id.as_str());
+    assert!(
+        f["deliveries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["ok"] == true),
+        "{f}"
+    );
+    let h = hook.next();
+    assert_eq!(h["body"]["kind"], "failure");
+    assert_eq!(h["body"]["job"], "broken");
+    assert!(
+        h["body"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-vm"),
+        "{h}"
+    );
+    let mails = wait_mails(&maildir, 2);
+    assert!(
+        mails
+            .iter()
+            .any(|m| m.contains("Subject: [Ferry] job `broken` failed")),
+        "{mails:?}"
+    );
+
+    // An RPO breach: a job promising 1 s, checked every second; raised once, not per check.
+    let r = api.get("/api/jobs/nightly").await;
+    let etag = r.headers["etag"].to_str().unwrap().to_string();
+    let mut j = r.body.clone();
+    j["rpo_hours"] = json!(0.0003);
+    api.ok("PUT", "/api/jobs/nightly", Some(j), Some(&etag), 200)
+        .await;
+    let h = hook.next();
+    assert_eq!(h["body"]["kind"], "rpo", "{h}");
+    assert_eq!(h["body"]["vm"], "debian-web");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let alerts = api.ok("GET", "/api/alerts", None, None, 200).await.body;
+    let rpo: Vec<&Value> = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "rpo")
+        .collect();
+    assert_eq!(rpo.len(), 1, "{alerts}");
+    assert!(rpo[0]["resolved"].is_null());
+    let mails = wait_mails(&maildir, 3);
+    assert!(
+        mails.iter().any(|m| m.contains("breaches its RPO")),
+        "{mails:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_console_backs_up_and_restores_in_chromium() {
+    let node_modules = ferry_testkit::peers_dir().join("node/node_modules");
+    assert!(
+        node_modules.join("playwright-core").is_dir() && Path::new("/usr/bin/chromium").exists(),
+        "peers `playwright-core` (npm) and `chromium` (Debian) are needed: run tests/peers/install.sh"
+    );
+    let dir = ferry_testkit::scratch_dir();
+    let (_sim, sim) = start_sim(&dir.path().join("sim"));
+    let state = dir.path().join("state");
+    let (_serve, info) = start_serve(&state, &[]);
+    // The console is served by the service itself, under a strict policy.
+    let mut api = Api::new(&info);
+    let page = api.get("/").await;
+    assert_eq!(page.status, 200);
+    let csp = page.headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe"),
+        "{csp}"
+    );
+    assert!(page.text.contains("/console/app.js"));
+    let mut extra = source_body(&sim, "");
+    for k in ["kind", "url", "username", "password", "tls_fingerprint"] {
+        extra.as_object_mut().unwrap().remove(k);
+    }
+    let shots = dir.path().join("shots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = Command::new(ferry_testkit::tool("node"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console_e2e.js"))
+        .env("NODE_PATH", &node_modules)
+        .env("FERRY_URL", info["url"].as_str().unwrap())
+        .env("FERRY_USER", "admin")
+        .env("FERRY_PASSWORD", ADMIN_PW)
+        .env("FERRY_SIM", sim.to_string())
+        .env("FERRY_SOURCE_EXTRA", extra.to_string())
+        .env("FERRY_REPO", dir.path().join("repo"))
+        .env("FERRY_SHOTS", &shots)
+        .env("FERRY_PROFILE", dir.path().join("chromium-profile"))
+        .env("NO_PROXY", "127.0.0.1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the console test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let shots_taken = report["shots"].as_array().unwrap();
+    assert_eq!(shots_taken.len(), 10, "{report}");
+    for s in shots_taken {
+        let png = std::fs::read(s["file"].as_str().unwrap()).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+            "{s}"
+        );
+    }
+    // What the browser did is real: the restored VM is on the source, the job's restore point
+    // in the repository.
+    api.login("admin", ADMIN_PW).await;
+    let vms = api
+        .ok("GET", "/api/sources/lab/vms", None, None, 200)
+        .await
+        .body;
+    assert!(
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "web-from-console"),
+        "{vms}"
+    );
+    let pts = api
+        .ok("GET", "/api/vms/debian-web/restore-points", None, None, 200)
+        .await
+        .body;
+    assert_eq!(pts.as_array().unwrap().len(), 1, "{pts}");
+    assert!(api.get("/api/sources/bad").await.status == 404);
 }

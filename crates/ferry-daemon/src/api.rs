@@ -61,6 +61,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/leases"),
     ("get", "/api/vms/{vm}/restore-points"),
     ("post", "/api/restores"),
+    ("get", "/api/alert-targets"),
+    ("get", "/api/alert-targets/{name}"),
+    ("put", "/api/alert-targets/{name}"),
+    ("delete", "/api/alert-targets/{name}"),
+    ("post", "/api/alert-targets/{name}/test"),
+    ("get", "/api/alerts"),
+    ("get", "/api/usage"),
 ];
 
 /// The router.
@@ -125,6 +132,24 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/leases", get(leases))
         .route("/api/vms/{vm}/restore-points", get(vm_restore_points))
         .route("/api/restores", post(start_restore))
+        .route(
+            "/api/alert-targets",
+            get(|s: St, c: Caller| list(s, c, Kind::AlertTarget)),
+        )
+        .route(
+            "/api/alert-targets/{name}",
+            get(|s: St, c: Caller, p: Path<String>| get_one(s, c, p, Kind::AlertTarget))
+                .put(put_alert_target)
+                .delete(|s: St, c: Caller, p: Path<String>, h: HeaderMap| {
+                    delete_one(s, c, p, h, Kind::AlertTarget)
+                }),
+        )
+        .route("/api/alert-targets/{name}/test", post(test_alert_target))
+        .route("/api/alerts", get(list_alerts))
+        .route("/api/usage", get(usage))
+        .route("/", get(crate::console::index))
+        .route("/console/app.js", get(crate::console::script))
+        .route("/console/app.css", get(crate::console::style))
         .fallback(|| async { Problem::not_found("this path") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -513,6 +538,35 @@ fn saved(app: &App, kind: Kind, name: &str, tag: String, created: bool) -> ApiRe
     ))
 }
 
+/// A resource whose only extra is a write-only `password` (sources, alert targets): shape
+/// and content are checked before the ETag, so a body that can never be valid is a 422.
+async fn put_with_secret<T: serde::de::DeserializeOwned>(
+    app: &App,
+    kind: Kind,
+    name: &str,
+    h: &HeaderMap,
+    body: &Bytes,
+    validate: impl Fn(T) -> ApiResult<()>,
+) -> ApiResult<Response> {
+    let (t, pw, _) = json_to_table(body, &[])?;
+    precheck::<T>(kind, name, &t)?;
+    if let Ok(cfg) = toml::Value::Table(t.clone()).try_into::<T>() {
+        validate(cfg)?;
+    }
+    let (tag, created) = app
+        .store
+        .put(
+            kind,
+            name,
+            t,
+            pw.map(|p| ("password-file", p)),
+            &precondition(h),
+            |_| async { Ok(()) },
+        )
+        .await?;
+    saved(app, kind, name, tag, created)
+}
+
 async fn put_source(
     State(app): St,
     c: Caller,
@@ -521,20 +575,8 @@ async fn put_source(
     body: Bytes,
 ) -> ApiResult<Response> {
     c.require(Role::Admin)?;
-    let (t, pw, _) = json_to_table(&body, &[])?;
-    precheck::<ferry_hv::SourceConfig>(Kind::Source, &name, &t)?;
-    let (tag, created) = app
-        .store
-        .put(
-            Kind::Source,
-            &name,
-            t,
-            pw.map(|p| ("password-file", p)),
-            &precondition(&h),
-            |_| async { Ok(()) },
-        )
-        .await?;
-    saved(&app, Kind::Source, &name, tag, created)
+    put_with_secret::<ferry_hv::SourceConfig>(&app, Kind::Source, &name, &h, &body, |_| Ok(()))
+        .await
 }
 
 async fn put_repository(
@@ -613,6 +655,75 @@ async fn put_job(
         })
         .await?;
     saved(&app, Kind::Job, &name, tag, created)
+}
+
+async fn put_alert_target(
+    State(app): St,
+    c: Caller,
+    Path(name): Path<String>,
+    h: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
+    c.require(Role::Admin)?;
+    put_with_secret(
+        &app,
+        Kind::AlertTarget,
+        &name,
+        &h,
+        &body,
+        |t: crate::alerts::AlertTargetConfig| t.validate(&name),
+    )
+    .await
+}
+
+async fn test_alert_target(
+    State(app): St,
+    c: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    c.require(Role::Operator)?;
+    let doc = app.store.load()?;
+    let t = doc
+        .alert_targets
+        .get(&name)
+        .ok_or_else(|| Problem::not_found(format!("alert target `{name}`")))?;
+    let a = crate::alerts::Alert {
+        kind: "test".into(),
+        title: format!("test alert to `{name}`"),
+        message: format!("{} asked the appliance to send this test alert.", c.user),
+        job: None,
+        vm: None,
+        session: None,
+    };
+    crate::alerts::send(&name, t, &a).await.map_err(|e| {
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            format!("alert target `{name}`: {e}"),
+        )
+    })?;
+    Ok(json_ok(StatusCode::OK, json!({"ok": true})))
+}
+
+async fn list_alerts(State(app): St, c: Caller, q: QueryResult<ListQuery>) -> ApiResult<Response> {
+    c.require(Role::Viewer)?;
+    let q = query(q)?;
+    Ok(json_ok(StatusCode::OK, json!(app.alerts(limit(q.limit)?)?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    #[serde(default)]
+    days: Option<u32>,
+}
+
+async fn usage(State(app): St, c: Caller, q: QueryResult<UsageQuery>) -> ApiResult<Response> {
+    c.require(Role::Viewer)?;
+    let q = query(q)?;
+    Ok(json_ok(
+        StatusCode::OK,
+        app.usage(crate::console::days(q.days)?)?,
+    ))
 }
 
 async fn test_source(

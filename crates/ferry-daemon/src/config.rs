@@ -35,6 +35,13 @@ pub struct ApplianceConfig {
     /// another appliance takes them over (renewed every third of it).
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_seconds: u64,
+    /// Seconds between two checks of the jobs' RPOs.
+    #[serde(default = "default_rpo_check")]
+    pub rpo_check_seconds: u64,
+}
+
+fn default_rpo_check() -> u64 {
+    300
 }
 
 fn default_lease_ttl() -> u64 {
@@ -55,6 +62,7 @@ impl Default for ApplianceConfig {
             per_source_vms: default_per_source(),
             name: None,
             lease_ttl_seconds: default_lease_ttl(),
+            rpo_check_seconds: default_rpo_check(),
         }
     }
 }
@@ -161,6 +169,9 @@ pub struct JobConfig {
     /// Scheduled runs happen only when enabled (runs by hand always can).
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Alert when a VM's newest restore point is older than this (hours).
+    #[serde(default)]
+    pub rpo_hours: Option<f64>,
 }
 
 fn default_retries() -> u32 {
@@ -309,6 +320,15 @@ impl JobConfig {
                 format!("job `{name}`: parallel_vms must be 1..=64"),
             ));
         }
+        if self
+            .rpo_hours
+            .is_some_and(|h| !h.is_finite() || h <= 0.0 || h > 24.0 * 366.0)
+        {
+            return Err(Problem::invalid(
+                "rpo_hours",
+                format!("job `{name}`: rpo_hours must be more than 0 and at most a year"),
+            ));
+        }
         if self.retries > 10 {
             return Err(Problem::invalid(
                 "retries",
@@ -367,6 +387,8 @@ pub struct Document {
     pub jobs: BTreeMap<String, JobConfig>,
     /// Limits.
     pub appliance: ApplianceConfig,
+    /// Where alerts go.
+    pub alert_targets: BTreeMap<String, crate::alerts::AlertTargetConfig>,
 }
 
 fn one_line(s: &str) -> String {
@@ -406,6 +428,8 @@ pub enum Kind {
     Repository,
     /// `[jobs.NAME]`.
     Job,
+    /// `[alert-targets.NAME]`.
+    AlertTarget,
 }
 
 impl Kind {
@@ -415,6 +439,7 @@ impl Kind {
             Kind::Source => "sources",
             Kind::Repository => "repositories",
             Kind::Job => "jobs",
+            Kind::AlertTarget => "alert-targets",
         }
     }
     /// For messages.
@@ -423,6 +448,7 @@ impl Kind {
             Kind::Source => "source",
             Kind::Repository => "repository",
             Kind::Job => "job",
+            Kind::AlertTarget => "alert target",
         }
     }
 }
@@ -457,12 +483,16 @@ impl Document {
         let doc = Self {
             repositories: parse_each(&raw, Kind::Repository)?,
             jobs: parse_each(&raw, Kind::Job)?,
+            alert_targets: parse_each(&raw, Kind::AlertTarget)?,
             raw,
             ferry,
             appliance,
         };
         for (name, j) in &doc.jobs {
             j.validate(name, &doc)?;
+        }
+        for (name, t) in &doc.alert_targets {
+            t.validate(name)?;
         }
         if doc.appliance.max_concurrent_vms == 0 || doc.appliance.per_source_vms == 0 {
             return Err(Problem::invalid(
@@ -600,7 +630,7 @@ impl ConfigStore {
             getrandom::fill(&mut rnd).map_err(|e| Problem::internal(e.to_string()))?;
             let file = self.secrets.join(format!(
                 "{}-{name}-{}.password",
-                kind.noun(),
+                kind.noun().replace(' ', "-"),
                 rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
             ));
             write_atomic(&file, format!("{}\n", value.expose()).as_bytes(), 0o600)
@@ -662,7 +692,7 @@ impl ConfigStore {
             .filter(|(_, j)| match kind {
                 Kind::Source => j.source == name,
                 Kind::Repository => j.repository == name,
-                Kind::Job => false,
+                Kind::Job | Kind::AlertTarget => false,
             })
             .map(|(n, _)| n)
             .collect();

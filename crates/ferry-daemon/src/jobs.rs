@@ -111,6 +111,29 @@ pub struct VmView {
     pub appliance: Option<String>,
 }
 
+impl VmView {
+    /// A VM not started yet.
+    pub fn queued(vm_id: &str, vm_name: &str) -> Self {
+        Self {
+            vm_id: vm_id.into(),
+            vm_name: vm_name.into(),
+            status: Status::Queued,
+            attempts: 0,
+            total: 0,
+            done: 0,
+            read: 0,
+            written: 0,
+            current_disk: String::new(),
+            rate: 0,
+            eta_seconds: None,
+            restore_point: None,
+            disks: Vec::new(),
+            error: None,
+            appliance: None,
+        }
+    }
+}
+
 /// A session as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct SessionView {
@@ -376,6 +399,7 @@ impl App {
                 format!("session ended: {}", v.status.as_str()),
             );
             app.persist(&s);
+            app.alert_session_end(&v);
             app.metrics.sessions_finished(
                 v.status,
                 v.ended.unwrap_or(v.started) - v.started,
@@ -493,23 +517,7 @@ impl App {
                 map.insert(
                     v.id.clone(),
                     VmLive {
-                        view: VmView {
-                            vm_id: v.id.clone(),
-                            vm_name: v.name.clone(),
-                            status: Status::Queued,
-                            attempts: 0,
-                            total: 0,
-                            done: 0,
-                            read: 0,
-                            written: 0,
-                            current_disk: String::new(),
-                            rate: 0,
-                            eta_seconds: None,
-                            restore_point: None,
-                            disks: Vec::new(),
-                            error: None,
-                            appliance: None,
-                        },
+                        view: VmView::queued(&v.id, &v.name),
                         progress: None,
                     },
                 );
@@ -604,6 +612,7 @@ impl App {
                 self.metrics
                     .repository_usage(&job.repository, &repo, ms.len())
                     .await;
+                self.record_usage(&job.repository);
             }
             Err(e) => tracing::warn!(error = %e, "cannot list restore points"),
         }

@@ -7,10 +7,12 @@
 //! The hypervisor side comes from the caller as a [`Backend`] (the CLI wires the drivers and
 //! its VM backup function in), so this crate knows the driver trait but no driver.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod console;
 pub mod fsutil;
 pub mod jobs;
 pub mod metrics;
@@ -247,6 +249,8 @@ pub fn build(config: DaemonConfig) -> Result<(Arc<App>, Option<tls::Identity>), 
         );
     }
     let catalog = Arc::new(Catalog::open(&state.join("catalog.sqlite"))?);
+    alerts::init(&catalog)?;
+    console::init(&catalog)?;
     let orphans = catalog.fail_orphans(chrono::Utc::now().timestamp())?;
     if orphans > 0 {
         tracing::warn!(
@@ -355,11 +359,14 @@ pub async fn serve(
         sched_stop.clone(),
     ));
 
+    let rpo = tokio::spawn(alerts::rpo_loop(app.clone(), sched_stop.clone()));
+
     shutdown.cancelled().await;
     tracing::info!("shutting down: no new sessions");
     app.stopping.cancel();
     sched_stop.cancel();
     let _ = sched.await;
+    let _ = rpo.await;
     app.tracker.close();
     if tokio::time::timeout(job_grace, app.tracker.wait())
         .await

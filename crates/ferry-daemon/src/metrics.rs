@@ -105,6 +105,13 @@ impl Metrics {
         }
     }
 
+    /// The last measured usage of `name`: restore points, chunks, chunk bytes.
+    pub fn usage_of(&self, name: &str) -> Option<(u64, u64, u64)> {
+        lock(&self.repos)
+            .get(name)
+            .map(|u| (u.restore_points, u.chunks, u.chunk_bytes))
+    }
+
     /// The exposition text.
     pub fn render(&self, catalog: &Catalog, running: usize, now: i64) -> Result<String, String> {
         let mut reg = Registry::with_prefix("ferry");

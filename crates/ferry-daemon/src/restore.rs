@@ -367,21 +367,10 @@ impl App {
             m.meta.vm.id.clone(),
             VmLive {
                 view: VmView {
-                    vm_id: m.meta.vm.id.clone(),
-                    vm_name: m.meta.vm.name.clone(),
-                    status: Status::Queued,
                     attempts: 1,
                     total,
-                    done: 0,
-                    read: 0,
-                    written: 0,
-                    current_disk: String::new(),
-                    rate: 0,
-                    eta_seconds: None,
                     restore_point: Some(m.id.clone()),
-                    disks: Vec::new(),
-                    error: None,
-                    appliance: None,
+                    ..VmView::queued(&m.meta.vm.id, &m.meta.vm.name)
                 },
                 progress: None,
             },
