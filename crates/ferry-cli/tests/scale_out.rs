@@ -10,10 +10,14 @@ use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "common/xen_probe.rs"]
+mod xen_probe;
+use xen_probe::Probe;
 
 const VMS: usize = 30;
 const APPLIANCES: usize = 3;
@@ -34,44 +38,6 @@ fn first_line(child: &mut Child) -> Value {
         .read_line(&mut line)
         .unwrap();
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-}
-
-/// The XenAPI SDK probe of `xen_probe.py`: the pool's leftovers.
-struct Probe {
-    _child: Killed,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Probe {
-    fn start(sim: &Value) -> Self {
-        let python = ferry_testkit::peers_dir().join("venv/bin/python");
-        assert!(
-            python.exists(),
-            "peer `python` (venv with XenAPI) not found: run tests/peers/install.sh"
-        );
-        let mut child = Command::new(python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xen_probe.py"))
-            .args(["url", "username", "password"].map(|k| sim[k].as_str().unwrap()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Self {
-            stdin: child.stdin.take().unwrap(),
-            stdout: BufReader::new(child.stdout.take().unwrap()),
-            _child: Killed(child),
-        }
-    }
-
-    fn leftovers(&mut self) -> Value {
-        writeln!(self.stdin, "{}", json!({"op": "leftovers"})).unwrap();
-        self.stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        v.get("ok").cloned().unwrap_or_else(|| panic!("probe: {v}"))
-    }
 }
 
 /// One appliance: its process and an HTTPS client pinned to its certificate, logged in.
@@ -399,7 +365,7 @@ async fn three_appliances_share_one_repository(repo_url: &str, env: Vec<(String,
         assert_eq!(l["state"], "done", "{l}");
         assert_eq!(l["done"]["status"], "success", "{l}");
     }
-    let left = probe.leftovers();
+    let left = probe.ask(json!({"op": "leftovers"}));
     for k in [
         "snapshot_vms",
         "snapshot_vdis",

@@ -9,9 +9,9 @@ use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const PASSWORD: &str = "test password";
@@ -65,110 +65,9 @@ fn source_toml(name: &str, info: &Value, pw: &Path, state: &Path, transports: &[
     t
 }
 
-/// The Python SDK probe: one process, one session, one JSON line per request.
-struct Probe {
-    _child: Killed,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Probe {
-    fn start(info: &Value) -> Self {
-        let python = ferry_testkit::peers_dir().join("venv/bin/python");
-        assert!(
-            python.exists(),
-            "peer `python` (venv with XenAPI) not found: run tests/peers/install.sh"
-        );
-        let mut child = Command::new(python)
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xen_probe.py"))
-            .args(["url", "username", "password"].map(|k| info[k].as_str().unwrap()))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Self {
-            _child: Killed(child),
-            stdin,
-            stdout,
-        }
-    }
-
-    fn ask(&mut self, req: Value) -> Value {
-        writeln!(self.stdin, "{req}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("probe answered {line:?} to {req}: {e}"));
-        match v.get("ok") {
-            Some(ok) => ok.clone(),
-            None => panic!("probe failed on {req}: {}", v["error"]),
-        }
-    }
-
-    /// The VDI uuids of VM `name`'s disks, in device order.
-    fn disk_uuids(&mut self, name: &str) -> Vec<String> {
-        self.vm(name)["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["uuid"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    fn vm(&mut self, name: &str) -> Value {
-        self.ask(json!({"op": "vm", "name": name}))
-    }
-
-    fn sim(&mut self, call: &str, args: Value) -> Value {
-        self.ask(json!({"op": "sim", "call": call, "args": args}))
-    }
-
-    /// The guest of the VM writes `data` at `offset` of the disk with VDI uuid `vdi`.
-    fn guest_write(&mut self, vdi: &str, offset: u64, data: &[u8]) {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(data);
-        self.sim("guest_write", json!([vdi, offset.to_string(), b64]));
-    }
-
-    /// Saves each disk of `vm` (in userdevice order) as `dir/<label>-<n>.raw`.
-    fn export_disks(&mut self, vm: &str, dir: &Path, label: &str) -> Vec<PathBuf> {
-        let disks = self.vm(vm)["disks"].as_array().unwrap().clone();
-        disks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| {
-                let p = dir.join(format!("{label}-{i}.raw"));
-                self.ask(json!({"op": "export", "vdi": d["uuid"], "path": p}));
-                p
-            })
-            .collect()
-    }
-
-    /// Asserts that the pool holds nothing a backup leaves behind, except `anchors` CBT
-    /// metadata VDIs: no snapshot VM, no snapshot VDI with data, no VBD on the proxy or on a
-    /// snapshot, no task.
-    fn assert_clean(&mut self, anchors: usize, after: &str) {
-        let l = self.ask(json!({"op": "leftovers"}));
-        let empty = |k: &str| l[k].as_array().is_some_and(Vec::is_empty);
-        for k in [
-            "snapshot_vms",
-            "snapshot_vdis",
-            "proxy_vbds",
-            "vbds_on_snapshots",
-            "tasks",
-        ] {
-            assert!(empty(k), "after {after}: {k} left on the pool: {l}");
-        }
-        assert_eq!(
-            l["cbt_anchors"].as_array().unwrap().len(),
-            anchors,
-            "after {after}: CBT anchors: {l}"
-        );
-    }
-}
+#[path = "common/xen_probe.rs"]
+mod xen_probe;
+use xen_probe::Probe;
 
 /// A simulator, its probe, a repository and a `ferry.toml`.
 struct Lab {

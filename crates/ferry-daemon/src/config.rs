@@ -27,6 +27,9 @@ pub struct ApplianceConfig {
     /// VMs backed up at once from one source.
     #[serde(default = "default_per_source")]
     pub per_source_vms: usize,
+    /// VMs backed up at once from one hypervisor host, all sources (unlimited if absent).
+    #[serde(default)]
+    pub per_host_vms: Option<usize>,
     /// This appliance's name in work leases and sessions (default: the host name); appliances
     /// sharing a repository need different names.
     #[serde(default)]
@@ -60,6 +63,7 @@ impl Default for ApplianceConfig {
         Self {
             max_concurrent_vms: default_max_vms(),
             per_source_vms: default_per_source(),
+            per_host_vms: None,
             name: None,
             lease_ttl_seconds: default_lease_ttl(),
             rpo_check_seconds: default_rpo_check(),
@@ -135,6 +139,19 @@ pub struct WindowConfig {
     pub end: String,
 }
 
+/// A bandwidth limit for part of the day (`start` to `end` in the job's time zone).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ThrottleConfig {
+    /// `HH:MM`.
+    pub start: String,
+    /// `HH:MM`.
+    pub end: String,
+    /// Cap on the bytes read from the source, in MiB per second (one word: nested keys are
+    /// the same in the file and the API).
+    pub rate: u64,
+}
+
 /// `[jobs.NAME]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -172,6 +189,13 @@ pub struct JobConfig {
     /// Alert when a VM's newest restore point is older than this (hours).
     #[serde(default)]
     pub rpo_hours: Option<f64>,
+    /// Run this job whenever job `after` ends with success (a chain; ADR 0107).
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Bandwidth limits by time of day: the first rule whose window holds a VM's start caps
+    /// that VM's reads (ADR 0107).
+    #[serde(default)]
+    pub throttle: Vec<ThrottleConfig>,
 }
 
 fn default_retries() -> u32 {
@@ -247,6 +271,20 @@ pub struct Window {
 }
 
 impl Window {
+    fn parse(field: &str, start: &str, end: &str, tz: chrono_tz::Tz) -> Result<Self, Problem> {
+        let (start, end) = (
+            parse_hhmm(&format!("{field}.start"), start)?,
+            parse_hhmm(&format!("{field}.end"), end)?,
+        );
+        if start == end {
+            return Err(Problem::invalid(
+                field,
+                format!("{field} start and end are equal: the window would be empty"),
+            ));
+        }
+        Ok(Self { start, end, tz })
+    }
+
     /// Whether `t` is inside the window.
     pub fn contains(&self, t: DateTime<Utc>) -> bool {
         let local = self.tz.from_utc_datetime(&t.naive_utc()).time();
@@ -272,20 +310,20 @@ impl JobConfig {
         let tz = parse_tz(self.timezone.as_deref())?;
         self.window
             .as_ref()
-            .map(|w| {
-                let (start, end) = (
-                    parse_hhmm("window.start", &w.start)?,
-                    parse_hhmm("window.end", &w.end)?,
-                );
-                if start == end {
-                    return Err(Problem::invalid(
-                        "window",
-                        "window start and end are equal: the window would be empty",
-                    ));
-                }
-                Ok(Window { start, end, tz })
-            })
+            .map(|w| Window::parse("window", &w.start, &w.end, tz))
             .transpose()
+    }
+
+    /// The read-rate cap (bytes per second) for a VM starting at `t`: the first throttle rule
+    /// whose window holds `t`.
+    pub fn throttle_at(&self, t: DateTime<Utc>) -> Result<Option<u64>, Problem> {
+        let tz = parse_tz(self.timezone.as_deref())?;
+        for r in &self.throttle {
+            if Window::parse("throttle", &r.start, &r.end, tz)?.contains(t) {
+                return Ok(Some(r.rate << 20));
+            }
+        }
+        Ok(None)
     }
 
     /// Whether `vm` (name and id) is selected.
@@ -314,6 +352,37 @@ impl JobConfig {
         }
         self.schedule()?;
         self.window()?;
+        self.throttle_at(Utc::now())?;
+        if self.throttle.iter().any(|r| r.rate == 0) {
+            return Err(Problem::invalid(
+                "throttle",
+                format!("job `{name}`: a throttle needs a rate of at least 1 (MiB/s)"),
+            ));
+        }
+        if let Some(after) = &self.after {
+            if !doc.jobs.contains_key(after) {
+                return Err(Problem::invalid(
+                    "after",
+                    format!("job `{name}`: no job `{after}` to run after"),
+                ));
+            }
+            // Follow the chain upwards: it must end, not come back here.
+            let mut seen = vec![name.to_string()];
+            let mut cur = Some(after.clone());
+            while let Some(j) = cur {
+                if seen.contains(&j) {
+                    return Err(Problem::invalid(
+                        "after",
+                        format!(
+                            "job `{name}`: the chain {} → {j} is a loop",
+                            seen.join(" → ")
+                        ),
+                    ));
+                }
+                cur = doc.jobs.get(&j).and_then(|x| x.after.clone());
+                seen.push(j);
+            }
+        }
         if self.parallel_vms == 0 || self.parallel_vms > 64 {
             return Err(Problem::invalid(
                 "parallel_vms",
@@ -494,10 +563,13 @@ impl Document {
         for (name, t) in &doc.alert_targets {
             t.validate(name)?;
         }
-        if doc.appliance.max_concurrent_vms == 0 || doc.appliance.per_source_vms == 0 {
+        if doc.appliance.max_concurrent_vms == 0
+            || doc.appliance.per_source_vms == 0
+            || doc.appliance.per_host_vms == Some(0)
+        {
             return Err(Problem::invalid(
                 "appliance",
-                "max-concurrent-vms and per-source-vms must be at least 1",
+                "max-concurrent-vms, per-source-vms and per-host-vms must be at least 1",
             ));
         }
         if doc.appliance.lease_ttl_seconds < 3 {
@@ -515,6 +587,15 @@ impl Document {
             })?;
         }
         Ok(doc)
+    }
+
+    /// The enabled jobs chained after `job` (`after = "job"`).
+    pub fn chained(&self, job: &str) -> Vec<String> {
+        self.jobs
+            .iter()
+            .filter(|(_, j)| j.enabled && j.after.as_deref() == Some(job))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// The table of resource `name`.
@@ -848,6 +929,41 @@ mod tests {
         let at = |h, m| Utc.with_ymd_and_hms(2026, 3, 3, h, m, 0).unwrap();
         assert!(w.contains(at(23, 0)) && w.contains(at(5, 59)));
         assert!(!w.contains(at(6, 0)) && !w.contains(at(12, 0)));
+    }
+
+    #[test]
+    fn throttles_apply_by_time_of_day() {
+        let j: JobConfig = toml::from_str(
+            "source = \"s\"\nrepository = \"r\"\nvms = [\"*\"]\ntimezone = \"Europe/Berlin\"\nthrottle = [{ start = \"08:00\", end = \"18:00\", rate = 10 }, { start = \"07:00\", end = \"20:00\", rate = 50 }]\n",
+        )
+        .unwrap();
+        // 2026-03-03 is in CET (UTC+1).
+        let at = |h, m| Utc.with_ymd_and_hms(2026, 3, 3, h, m, 0).unwrap();
+        assert_eq!(j.throttle_at(at(9, 0)).unwrap(), Some(10 << 20));
+        assert_eq!(j.throttle_at(at(6, 30)).unwrap(), Some(50 << 20));
+        assert_eq!(j.throttle_at(at(19, 0)).unwrap(), None);
+        assert_eq!(j.throttle_at(at(5, 0)).unwrap(), None);
+    }
+
+    #[test]
+    fn chains_are_checked_and_followed() {
+        let text = |a_after: &str| {
+            format!(
+                "[sources.s]\nkind = \"xen\"\nurl = \"https://x\"\nusername = \"u\"\ntls-insecure = true\n\
+                 [repositories.r]\nurl = \"/tmp/r\"\n\
+                 [jobs.a]\nsource = \"s\"\nrepository = \"r\"\nvms = [\"*\"]\n{a_after}\n\
+                 [jobs.b]\nsource = \"s\"\nrepository = \"r\"\nvms = [\"*\"]\nafter = \"a\"\n\
+                 [jobs.c]\nsource = \"s\"\nrepository = \"r\"\nvms = [\"*\"]\nafter = \"b\"\nenabled = false\n"
+            )
+        };
+        let doc = Document::parse(&text(""), Path::new("ferry.toml")).unwrap();
+        assert_eq!(doc.chained("a"), vec!["b".to_string()]);
+        // Disabled jobs do not run in a chain.
+        assert!(doc.chained("b").is_empty());
+        let e = Document::parse(&text("after = \"c\""), Path::new("ferry.toml")).unwrap_err();
+        assert!(e.detail.contains("is a loop"), "{}", e.detail);
+        let e = Document::parse(&text("after = \"zz\""), Path::new("ferry.toml")).unwrap_err();
+        assert!(e.detail.contains("no job `zz`"), "{}", e.detail);
     }
 
     fn store() -> (tempfile::TempDir, ConfigStore) {

@@ -109,6 +109,32 @@ pub struct VmView {
     /// The appliance backing it up (scheduled runs; another one when it holds the VM's work
     /// lease, ADR 0105).
     pub appliance: Option<String>,
+    /// Where the backup's time went (source / CPU / target shares) and the largest share.
+    pub time_split: Option<TimeSplitView>,
+}
+
+/// The bottleneck split of a VM's backup (ADR 0109).
+#[derive(Clone, Debug, Serialize)]
+pub struct TimeSplitView {
+    /// Percent of busy time waiting on the source.
+    pub source_pct: f64,
+    /// … hashing, compressing, encrypting.
+    pub cpu_pct: f64,
+    /// … waiting on the repository.
+    pub target_pct: f64,
+    /// `source`, `cpu` or `target`.
+    pub bottleneck: String,
+}
+
+impl From<ferry_engine::TimeSplit> for TimeSplitView {
+    fn from(t: ferry_engine::TimeSplit) -> Self {
+        Self {
+            source_pct: t.source_pct,
+            cpu_pct: t.cpu_pct,
+            target_pct: t.target_pct,
+            bottleneck: t.bottleneck().into(),
+        }
+    }
 }
 
 impl VmView {
@@ -130,6 +156,7 @@ impl VmView {
             disks: Vec::new(),
             error: None,
             appliance: None,
+            time_split: None,
         }
     }
 }
@@ -405,8 +432,28 @@ impl App {
                 v.ended.unwrap_or(v.started) - v.started,
                 &v.job,
             );
+            if v.status == Status::Success {
+                app.start_chained(&v.job, fired);
+            }
         });
         Ok(id)
+    }
+
+    /// Starts the jobs chained after `job` (in the same scale-out window, if any).
+    fn start_chained(self: &Arc<Self>, job: &str, fired: Option<i64>) {
+        let Ok(doc) = self.store.load() else {
+            return;
+        };
+        for next in doc.chained(job) {
+            match self.start_session_in(&next, "chain", &format!("job {job}"), fired) {
+                Ok(id) => {
+                    tracing::info!(job = %next, session = %id, after = job, "chained job started")
+                }
+                Err(p) => {
+                    tracing::warn!(job = %next, after = job, "chained job not started: {}", p.detail)
+                }
+            }
+        }
     }
 
     /// Cancels a running session.
@@ -559,7 +606,11 @@ impl App {
                 let Ok(_job_slot) = slots.acquire_owned().await else {
                     return;
                 };
-                let Some(_slot) = app.limits.acquire(&job.source, &s.cancel).await else {
+                let Some(_slot) = app
+                    .limits
+                    .acquire(&job.source, vm.host.as_deref(), &s.cancel)
+                    .await
+                else {
                     return;
                 };
                 if app.window_closed(&s, &vm, window.filter(|_| scheduled)) {
@@ -690,7 +741,17 @@ impl App {
                         Some(&vm.name),
                         format!("backup started (attempt {attempt})"),
                     );
+                    let limit_rate = job.throttle_at(self.clock.now()).ok().flatten();
+                    if let Some(r) = limit_rate {
+                        self.log(
+                            s,
+                            "info",
+                            Some(&vm.name),
+                            format!("throttled to {}/s", ferry_core::size::human_bytes(r)),
+                        );
+                    }
                     let opts = BackupOptions {
+                        limit_rate,
                         cancel: cancel.child_token(),
                         progress,
                         ..Default::default()
@@ -749,6 +810,7 @@ impl App {
                     l.view.current_disk.clear();
                     l.view.eta_seconds = Some(0);
                     l.view.restore_point = Some(rep.snapshot.clone());
+                    l.view.time_split = Some(rep.time.into());
                     l.view.disks = rep
                         .disks
                         .iter()

@@ -269,7 +269,8 @@ pub fn build(config: DaemonConfig) -> Result<(Arc<App>, Option<tls::Identity>), 
         limits: Limits::new(
             doc.appliance.max_concurrent_vms,
             doc.appliance.per_source_vms,
-        ),
+        )
+        .per_host(doc.appliance.per_host_vms),
         live: Default::default(),
         tracker: TaskTracker::new(),
         stopping: CancellationToken::new(),

@@ -175,7 +175,11 @@ impl App {
             let Ok(job_slot) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let Some(slot) = self.limits.acquire(&c.job.source, &s.cancel).await else {
+            let Some(slot) = self
+                .limits
+                .acquire(&c.job.source, vm.host.as_deref(), &s.cancel)
+                .await
+            else {
                 return;
             };
             if self.window_closed(s, vm, window) {

@@ -90,19 +90,19 @@ where
     }
 }
 
-/// Concurrency limits: VMs at once on this appliance and per source.
+/// Concurrency limits: VMs at once on this appliance, per source and per hypervisor host.
 #[derive(Debug)]
 pub struct Limits {
     appliance: Arc<Semaphore>,
     per_source: usize,
-    sources: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
+    per_host: Option<usize>,
+    groups: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 /// Held while a VM is being backed up.
 #[derive(Debug)]
 pub struct Slot {
-    _appliance: OwnedSemaphorePermit,
-    _source: OwnedSemaphorePermit,
+    _permits: Vec<OwnedSemaphorePermit>,
 }
 
 impl Limits {
@@ -111,32 +111,50 @@ impl Limits {
         Self {
             appliance: Arc::new(Semaphore::new(appliance.max(1))),
             per_source: per_source.max(1),
-            sources: Default::default(),
+            per_host: None,
+            groups: Default::default(),
         }
     }
 
-    /// Waits for a slot for a VM of `source`; `None` when cancelled first.
-    pub async fn acquire(&self, source: &str, cancel: &CancellationToken) -> Option<Slot> {
-        let src = self
-            .sources
+    /// Also at most `n` VMs at once from one hypervisor host.
+    pub fn per_host(mut self, n: Option<usize>) -> Self {
+        self.per_host = n.map(|n| n.max(1));
+        self
+    }
+
+    fn group(&self, key: String, n: usize) -> Arc<Semaphore> {
+        self.groups
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(source.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_source)))
-            .clone();
-        // The source's slot first: a VM waiting for a busy source holds no appliance slot.
-        let s = tokio::select! {
-            _ = cancel.cancelled() => return None,
-            p = src.acquire_owned() => p.ok()?,
-        };
-        let a = tokio::select! {
-            _ = cancel.cancelled() => return None,
-            p = self.appliance.clone().acquire_owned() => p.ok()?,
-        };
-        Some(Slot {
-            _appliance: a,
-            _source: s,
-        })
+            .entry(key)
+            .or_insert_with(|| Arc::new(Semaphore::new(n)))
+            .clone()
+    }
+
+    /// Waits for a slot for a VM of `source` (on `host`, if known); `None` when cancelled
+    /// first.
+    pub async fn acquire(
+        &self,
+        source: &str,
+        host: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Option<Slot> {
+        // Narrow limits first, in one fixed order (no two VMs wait for each other's permits):
+        // a VM waiting for a busy source or host holds no appliance slot.
+        let mut sems = vec![self.group(format!("source/{source}"), self.per_source)];
+        if let (Some(n), Some(h)) = (self.per_host, host) {
+            sems.push(self.group(format!("host/{h}"), n));
+        }
+        sems.push(self.appliance.clone());
+        let mut permits = Vec::with_capacity(sems.len());
+        for sem in sems {
+            let p = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                p = sem.acquire_owned() => p.ok()?,
+            };
+            permits.push(p);
+        }
+        Some(Slot { _permits: permits })
     }
 }
 
@@ -340,7 +358,7 @@ mod tests {
                 max_src.clone(),
             );
             tasks.push(tokio::spawn(async move {
-                let _slot = l.acquire(&src, &c).await.unwrap();
+                let _slot = l.acquire(&src, None, &c).await.unwrap();
                 {
                     let mut m = r.lock().unwrap();
                     *m.entry(src.clone()).or_default() += 1;
@@ -358,11 +376,36 @@ mod tests {
         assert_eq!(max_total.load(Ordering::SeqCst), 3);
         // A waiter gives up when cancelled.
         let l = Limits::new(1, 1);
-        let held = l.acquire("a", &cancel).await.unwrap();
+        let held = l.acquire("a", None, &cancel).await.unwrap();
         let c = CancellationToken::new();
         c.cancel();
-        assert!(l.acquire("a", &c).await.is_none());
+        assert!(l.acquire("a", None, &c).await.is_none());
         drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limits_hold_per_host_across_sources() {
+        let l = Limits::new(4, 4).per_host(Some(1));
+        let cancel = CancellationToken::new();
+        let h1 = l.acquire("a", Some("host-1"), &cancel).await.unwrap();
+        // Another source's VM on the same host waits; one on another host does not.
+        let other = l.acquire("b", Some("host-2"), &cancel).await.unwrap();
+        let waiting = tokio::time::timeout(
+            Duration::from_secs(5),
+            l.acquire("b", Some("host-1"), &cancel),
+        )
+        .await;
+        assert!(waiting.is_err(), "a second VM of host-1 must wait");
+        drop(h1);
+        let again = tokio::time::timeout(
+            Duration::from_secs(5),
+            l.acquire("b", Some("host-1"), &cancel),
+        )
+        .await;
+        assert!(again.is_ok_and(|s| s.is_some()));
+        // VMs whose host is unknown are limited by source and appliance only.
+        assert!(l.acquire("c", None, &cancel).await.is_some());
+        drop(other);
     }
 
     #[test]
