@@ -692,11 +692,24 @@ impl HypervisorDriver for VmwareDriver {
         previous: Option<&ChangeTokens>,
     ) -> Result<Box<dyn BackupSession>, HvError> {
         let i = self.inner.clone();
-        let cleaned = i.recover(false).await?;
-        if cleaned.snapshots > 0 {
-            tracing::warn!(source = %i.name, removed = cleaned.snapshots, "leftover Ferry snapshots removed before the backup");
-        }
+        let mut cleaned = i.recover(false).await?;
         let vm = i.find_vm(want).await?;
+        // A Ferry snapshot still on this VM was left by a backup that died before journaling it
+        // (a lost CreateSnapshot_Task answer): one VM is backed up by one backup at a time (work
+        // leases, one job run per VM), so it is stale. Other VMs' snapshots may belong to running
+        // backups and are left to the journal.
+        for (snap, _) in vm
+            .snapshots
+            .iter()
+            .filter(|(_, n)| n.starts_with(SNAPSHOT_PREFIX))
+        {
+            if i.remove_snapshot(snap).await? {
+                cleaned.snapshots += 1;
+            }
+        }
+        if cleaned.snapshots > 0 {
+            tracing::warn!(source = %i.name, vm = %vm.name, removed = cleaned.snapshots, "leftover Ferry snapshots removed before the backup");
+        }
         let c = &i.client;
         let mut cbt_reason = None;
         if !vm.cbt_enabled {
