@@ -4,6 +4,7 @@
 #   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy),
 #            qemu-system-x86, syslinux, syslinux-common, mtools, busybox-static, cpio (boot verification),
 #            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin)
+#            systemd (systemd-analyze: the appliance unit's security assessment)
 #   Debian kernel: vmlinuz of linux-image-amd64's kernel package, extracted (not installed) into
 #            $FERRY_PEERS_DIR/boot/vmlinuz for the boot-verification test disk
 #   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
@@ -53,7 +54,7 @@ fi
 
 # --- Debian packages -------------------------------------------------------------------------
 apt_pkgs=(nbdkit libnbd-bin curl syslinux syslinux-common mtools busybox-static cpio
-          ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev)
+          ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev systemd)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -66,7 +67,7 @@ if ((${#missing[@]})); then
     || die "apt-get install ${missing[*]} failed"
 fi
 for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_64 syslinux mcopy busybox cpio \
-         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go; do
+         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go systemd-analyze; do
   command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
 done
 
