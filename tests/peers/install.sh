@@ -4,7 +4,8 @@
 #   Debian:  qemu-utils (qemu-img, qemu-nbd, qemu-io), nbdkit, libnbd-bin (nbdinfo, nbdcopy),
 #            qemu-system-x86, syslinux, syslinux-common, mtools, busybox-static, cpio (boot verification),
 #            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin),
-#            chromium (the web console's end-to-end test, driven headless by playwright-core)
+#            chromium (the web console's end-to-end test, driven headless by playwright-core),
+#            systemd (systemd-analyze: the appliance unit's security assessment)
 #   Debian kernel: vmlinuz and the IDE disk modules of linux-image-amd64's kernel package, extracted
 #            (not installed) into $FERRY_PEERS_DIR/boot/{vmlinuz,modules/} for the bootable test disk
 #   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
@@ -54,7 +55,7 @@ fi
 
 # --- Debian packages -------------------------------------------------------------------------
 apt_pkgs=(nbdkit libnbd-bin curl syslinux syslinux-common mtools busybox-static cpio
-          ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev chromium)
+          ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev chromium systemd)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -67,7 +68,7 @@ if ((${#missing[@]})); then
     || die "apt-get install ${missing[*]} failed"
 fi
 for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_64 syslinux mcopy busybox cpio \
-         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go chromium; do
+         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go chromium systemd-analyze; do
   command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
 done
 

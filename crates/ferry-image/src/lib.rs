@@ -49,7 +49,7 @@ pub use open::{
     DirResolver, MAX_CHAIN_DEPTH, NoFiles, OpenOptions, OpenedImage, Resolver, detect,
     format_named_by, open_image, open_image_direct, open_image_with, open_source,
 };
-pub use writer::{ImageWriter, OutputFormat, WriterOptions};
+pub use writer::{ImageWriter, OutputFormat, Reproducible, WriterOptions};
 
 use serde::Serialize;
 

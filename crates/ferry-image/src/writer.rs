@@ -79,6 +79,53 @@ pub struct WriterOptions {
     pub parent: Option<PathBuf>,
 }
 
+/// Fixed identity and time for reproducible images (appliance builds): the same input and the
+/// same settings give the same bytes. Unset fields are fresh (random ids, the current time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reproducible {
+    /// Seed of every identity field: VHD unique id, VHDX file, data-write and page-83 GUIDs, VMDK
+    /// CID. Each field is the seed with its own purpose byte mixed in, so they differ from each
+    /// other; give each image its own seed (e.g. a name-based UUID of product, version and format).
+    pub id_seed: Option<[u8; 16]>,
+    /// Time stamps (VHD footer and header) in seconds since 1970, e.g. `SOURCE_DATE_EPOCH`.
+    pub unix_time: Option<u64>,
+}
+
+impl Reproducible {
+    /// The identity field for `purpose`, derived from the seed, or fresh without one.
+    fn id(&self, purpose: u8) -> [u8; 16] {
+        let Some(seed) = self.id_seed else {
+            return fresh_id();
+        };
+        let mut id = seed;
+        for (i, b) in id.iter_mut().enumerate() {
+            // A purpose-dependent byte pattern: distinct purposes give distinct ids.
+            *b ^= purpose.wrapping_mul(0x9d).rotate_left(i as u32 % 8) ^ purpose;
+        }
+        // RFC 4122 version 4 / variant bits, as fresh ids have.
+        id[7] = (id[7] & 0x0f) | 0x40;
+        id[8] = (id[8] & 0x3f) | 0x80;
+        id
+    }
+
+    /// Seconds since 2000-01-01 UTC, as VHD stores time.
+    fn vhd_time(&self) -> u32 {
+        let unix = self.unix_time.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        });
+        unix.saturating_sub(946_684_800) as u32
+    }
+}
+
+// Purpose bytes of the identity fields (see `Reproducible::id`).
+const ID_VHD: u8 = 1;
+const ID_VHDX_PAGE83: u8 = 2;
+const ID_VHDX_DATA_WRITE: u8 = 3;
+const ID_VMDK_CID: u8 = 4;
+const ID_VHDX_FILE_WRITE: u8 = 5;
+
 /// A sequential image writer. See the module docs.
 pub struct ImageWriter {
     path: PathBuf,
@@ -88,6 +135,7 @@ pub struct ImageWriter {
     size: u64,
     pos: u64,
     inner: Inner,
+    fixed: Reproducible,
 }
 
 impl std::fmt::Debug for ImageWriter {
@@ -373,7 +421,7 @@ impl ImageWriter {
                     buf_written: 0,
                     disk_size: virtual_size,
                     differencing,
-                    cid: u32::from_le_bytes(fresh_id()[..4].try_into().unwrap_or([1; 4])),
+                    cid: cid_of(Reproducible::default().id(ID_VMDK_CID)),
                 })
             }
         };
@@ -385,6 +433,7 @@ impl ImageWriter {
             size: virtual_size,
             pos: 0,
             inner,
+            fixed: Reproducible::default(),
         };
         if let Inner::Grains(g) = &w.inner {
             if g.stream {
@@ -396,6 +445,16 @@ impl ImageWriter {
             }
         }
         Ok(w)
+    }
+
+    /// Takes identity fields and time stamps from `fixed` instead of fresh ones, so the output is
+    /// byte-for-byte reproducible. Call before the first write.
+    pub fn reproducible(mut self, fixed: Reproducible) -> Self {
+        self.fixed = fixed;
+        if let Inner::Grains(g) = &mut self.inner {
+            g.cid = cid_of(fixed.id(ID_VMDK_CID));
+        }
+        self
     }
 
     /// The virtual size.
@@ -488,7 +547,13 @@ impl ImageWriter {
         match inner {
             Inner::Raw => {}
             Inner::VhdFixed => {
-                let footer = vhd_footer(self.size, vhd::DISK_FIXED, u64::MAX, fresh_id());
+                let footer = vhd_footer(
+                    self.size,
+                    vhd::DISK_FIXED,
+                    u64::MAX,
+                    self.fixed.id(ID_VHD),
+                    self.fixed.vhd_time(),
+                );
                 file.write_all_at(&footer, self.size)
                     .map_err(io(&self.name, "write VHD footer"))?;
             }
@@ -545,7 +610,7 @@ impl ImageWriter {
         put_be32(&mut dh, 32, b.block as u32);
         let disk_type = if let Some(p) = &b.differencing {
             dh[40..56].copy_from_slice(&p.vhd_id);
-            put_be32(&mut dh, 56, vhd_timestamp());
+            put_be32(&mut dh, 56, self.fixed.vhd_time());
             let uname = to_utf16(&p.name, true);
             let n = uname.len().min(512);
             dh[64..64 + n].copy_from_slice(&uname[..n]);
@@ -579,7 +644,13 @@ impl ImageWriter {
         put_be32(&mut dh, 36, sum);
         file.write_all_at(&dh, 512)
             .map_err(io(&self.name, "write VHD dynamic header"))?;
-        let footer = vhd_footer(self.size, disk_type, 512, fresh_id());
+        let footer = vhd_footer(
+            self.size,
+            disk_type,
+            512,
+            self.fixed.id(ID_VHD),
+            self.fixed.vhd_time(),
+        );
         file.write_all_at(&footer, 0)
             .map_err(io(&self.name, "write VHD footer copy"))?;
         file.write_all_at(&footer, b.data_end)
@@ -632,7 +703,7 @@ impl ImageWriter {
         put_le32(&mut params, 4, if b.differencing.is_some() { 2 } else { 0 });
         items.push((vhdx::FILE_PARAMS, params, 4));
         items.push((vhdx::VIRTUAL_SIZE, self.size.to_le_bytes().to_vec(), 6));
-        items.push((vhdx::PAGE83, fresh_id().to_vec(), 6));
+        items.push((vhdx::PAGE83, self.fixed.id(ID_VHDX_PAGE83).to_vec(), 6));
         items.push((vhdx::LOGICAL_SECTOR, 512u32.to_le_bytes().to_vec(), 6));
         items.push((vhdx::PHYSICAL_SECTOR, 4096u32.to_le_bytes().to_vec(), 6));
         if let Some(p) = &b.differencing {
@@ -698,8 +769,8 @@ impl ImageWriter {
         file.set_len(b.data_end.max(3 * mib + bat_len))
             .map_err(io(&self.name, "set length"))?;
         // Headers last: until both are written the file is not a valid VHDX.
-        let data_guid = fresh_id();
-        let file_guid = fresh_id();
+        let data_guid = self.fixed.id(ID_VHDX_DATA_WRITE);
+        let file_guid = self.fixed.id(ID_VHDX_FILE_WRITE);
         for (i, off) in vhdx::HEADER_OFFSETS.iter().enumerate() {
             let mut h = vec![0u8; vhdx::HEADER_LEN];
             h[..4].copy_from_slice(b"head");
@@ -857,11 +928,8 @@ fn locator_space(p: &Option<ParentInfo>) -> u64 {
     })
 }
 
-fn vhd_timestamp() -> u32 {
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    unix.saturating_sub(946_684_800) as u32
+fn cid_of(id: [u8; 16]) -> u32 {
+    u32::from_le_bytes([id[0], id[1], id[2], id[3]])
 }
 
 /// CHS geometry as the VHD specification computes it.
@@ -894,13 +962,13 @@ fn vhd_geometry(size: u64) -> (u16, u8, u8) {
     (total as u16, heads as u8, spt as u8)
 }
 
-fn vhd_footer(size: u64, disk_type: u32, data_offset: u64, id: [u8; 16]) -> Vec<u8> {
+fn vhd_footer(size: u64, disk_type: u32, data_offset: u64, id: [u8; 16], time: u32) -> Vec<u8> {
     let mut f = vec![0u8; vhd::FOOTER_LEN];
     f[..8].copy_from_slice(b"conectix");
     put_be32(&mut f, 8, 2);
     put_be32(&mut f, 12, 0x0001_0000);
     put_be64(&mut f, 16, data_offset);
-    put_be32(&mut f, 24, vhd_timestamp());
+    put_be32(&mut f, 24, time);
     f[28..32].copy_from_slice(vhd::CREATOR);
     put_be32(&mut f, 32, 0x0001_0000);
     f[36..40].copy_from_slice(b"Wi2k");
