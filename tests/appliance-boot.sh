@@ -74,7 +74,8 @@ wait_for() { # DESCRIPTION COMMAND...: until COMMAND succeeds, qemu dies or time
 }
 
 pw_line() { grep -a -m1 'Ferry appliance: first admin' "$work/serial.log" 2>/dev/null; }
-wait_for "first-boot password on the console" pw_line
+has_pw() { pw_line >/dev/null; }
+wait_for "first-boot password on the console" has_pw
 password=$(pw_line | sed -n 's/.*password: \([^ ]*\) \*\*\*.*/\1/p' | tr -d '\r')
 [ ${#password} -eq 20 ] || fail "the console's first-admin line has no 20-character password: $(pw_line)"
 
