@@ -72,7 +72,7 @@ enum Target {
     File {
         disk: String,
         path: PathBuf,
-        format: ferry_image::OutputFormat,
+        format: ferry_engine::restore::OutputFormat,
     },
     Vm {
         source: String,

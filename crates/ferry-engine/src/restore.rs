@@ -10,7 +10,9 @@
 use crate::error::{EngineError, Result};
 use crate::progress::{Progress, StageClock, TimeSplit};
 use ferry_core::{BlockError, BlockTarget};
-use ferry_image::{FileTarget, ImageWriter, OutputFormat};
+/// The file formats a disk restores to (the daemon names them through the engine).
+pub use ferry_image::OutputFormat;
+use ferry_image::{FileTarget, ImageWriter};
 use ferry_nbd::NbdClient;
 use ferry_repo::{ChunkId, DiskIndex, Manifest, Repository};
 use futures::{StreamExt, TryStreamExt};

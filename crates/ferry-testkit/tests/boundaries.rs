@@ -38,12 +38,25 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ferry-hv", &["ferry-core", "ferry-http", "ferry-tls"]),
     ("ferry-hv-xen", DRIVER),
     ("ferry-hv-vmware", DRIVER),
-    ("ferry-hv-hyperv", DRIVER),
+    (
+        "ferry-hv-hyperv",
+        &[
+            "ferry-core",
+            "ferry-hv",
+            "ferry-nbd",
+            "ferry-image",
+            "ferry-http",
+            "ferry-tls",
+            "ferry-wsman",
+        ],
+    ),
+    ("ferry-wsman", &[]),
     (
         "ferry-sim",
         &[
             "ferry-core",
             "ferry-nbd",
+            "ferry-wsman",
             "ferry-image",
             "ferry-http",
             "ferry-tls",

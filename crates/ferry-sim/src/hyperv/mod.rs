@@ -24,13 +24,13 @@ use axum::extract::State as AxState;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use ferry_hv_hyperv::cim::{self, Epr, Instance, Value};
-use ferry_hv_hyperv::wsman::{
-    self, ACTION_CREATE, ACTION_DELETE, ACTION_ENUMERATE, ACTION_GET, ACTION_PULL, ACTION_RELEASE,
-    ANONYMOUS, NS_ADDRESSING, NS_ENUMERATION, NS_MS_WSMAN, NS_SHELL, NS_SOAP, NS_TRANSFER,
-    NS_WSMAN,
+use ferry_wsman::cim::{self, Epr, Instance, Value};
+use ferry_wsman::envelope::{
+    self as wsman, ACTION_CREATE, ACTION_DELETE, ACTION_ENUMERATE, ACTION_GET, ACTION_PULL,
+    ACTION_RELEASE, ANONYMOUS, NS_ADDRESSING, NS_ENUMERATION, NS_MS_WSMAN, NS_SHELL, NS_SOAP,
+    NS_TRANSFER, NS_WSMAN,
 };
-use ferry_hv_hyperv::xml::{self, Node, escape};
+use ferry_wsman::xml::{self, Node, escape};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;

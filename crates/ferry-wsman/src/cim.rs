@@ -5,7 +5,7 @@
 //! arrays repeat the property element; `xsi:nil="true"` is null; a reference is an element with
 //! `Address` and `ReferenceParameters/{ResourceURI,SelectorSet}` children.
 
-use crate::wsman::{ANONYMOUS, NS_ADDRESSING, NS_WSMAN, NS_XSI};
+use crate::envelope::{ANONYMOUS, NS_ADDRESSING, NS_WSMAN, NS_XSI};
 use crate::xml::{Node, escape};
 use std::collections::BTreeMap;
 

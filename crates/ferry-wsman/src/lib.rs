@@ -1,0 +1,13 @@
+//! The WS-Management wire format, sans I/O, shared by the Hyper-V driver (client side) and the
+//! Hyper-V simulator (server side), as `ferry-nbd` is for NBD:
+//!
+//! - [`xml`]: a bounded element tree that keeps every attribute.
+//! - [`envelope`]: SOAP 1.2 / WS-Addressing envelopes, replies and faults (MS-WSMV).
+//! - [`cim`]: WMI objects on the wire: instances, endpoint references, method inputs, embedded
+//!   CIM-XML instances.
+//!
+//! Decisions: ADR 0110.
+
+pub mod cim;
+pub mod envelope;
+pub mod xml;
