@@ -10,9 +10,8 @@ use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[path = "common/xen_probe.rs"]
@@ -24,21 +23,9 @@ const APPLIANCES: usize = 3;
 const REPO_PW: &str = "scale-out repository password";
 const ADMIN_PW: &str = "admin password 1";
 
-fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG")
-        .env_remove("FERRY_CONFIG")
-        .env_remove("FERRY_PASSWORD");
-    c
-}
-
-fn first_line(child: &mut Child) -> Value {
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{ferry, first_line};
 
 /// One appliance: its process and an HTTPS client pinned to its certificate, logged in.
 struct Appliance {

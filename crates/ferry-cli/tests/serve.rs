@@ -10,26 +10,14 @@ use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const ADMIN_PW: &str = "admin password 1";
 
-fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG")
-        .env_remove("FERRY_CONFIG")
-        .env_remove("FERRY_PASSWORD");
-    c
-}
-
-fn first_line(child: &mut Child) -> Value {
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{ferry, first_line};
 
 fn start_sim(dir: &Path) -> (Killed, Value) {
     let mut child = ferry()

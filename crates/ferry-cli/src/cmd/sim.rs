@@ -104,13 +104,7 @@ pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCo
     let sim = XenSim::start(cfg)
         .await
         .context("cannot start the XenAPI simulator")?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", sim.info_json())?;
-    out.flush()?;
-    drop(out);
-    tokio::signal::ctrl_c().await?;
-    sim.shutdown();
-    Ok(ExitCode::SUCCESS)
+    announce_and_wait(&sim.info_json(), || sim.shutdown()).await
 }
 
 async fn run_vmware(a: VmwareArgs) -> anyhow::Result<ExitCode> {
@@ -126,13 +120,7 @@ async fn run_vmware(a: VmwareArgs) -> anyhow::Result<ExitCode> {
     let sim = VmwareSim::start(cfg)
         .await
         .context("cannot start the vSphere simulator")?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", sim.info_json())?;
-    out.flush()?;
-    drop(out);
-    tokio::signal::ctrl_c().await?;
-    sim.shutdown();
-    Ok(ExitCode::SUCCESS)
+    announce_and_wait(&sim.info_json(), || sim.shutdown()).await
 }
 
 async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
@@ -145,11 +133,19 @@ async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
     let sim = HypervSim::start(cfg)
         .await
         .context("cannot start the Hyper-V simulator")?;
+    announce_and_wait(&sim.info_json(), || sim.shutdown()).await
+}
+
+/// Prints the simulator's JSON line (what tests and scripts wait for), then runs until Ctrl-C.
+async fn announce_and_wait(
+    info: &impl std::fmt::Display,
+    shutdown: impl FnOnce(),
+) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", sim.info_json())?;
+    writeln!(out, "{info}")?;
     out.flush()?;
     drop(out);
     tokio::signal::ctrl_c().await?;
-    sim.shutdown();
+    shutdown();
     Ok(ExitCode::SUCCESS)
 }
