@@ -4,15 +4,25 @@
 //!   (shared with the simulator, as `ferry-nbd` is for NBD).
 //! - [`client`]: a WS-Man client on `ferry_http::HttpClient`: WMI Enumerate/Pull/Get/Invoke,
 //!   `Msvm_ConcreteJob` polling, the WinRS command cycle.
+//! - [`wmi`]: the backup's WMI calls, typed (inventory, recovery checkpoints, reference points,
+//!   RCT's `GetVirtualDiskChanges`).
+//! - [`driver`]: [`HypervDriver`], the `kind = "hyperv"` driver: child-VM or saved-state method
+//!   per VM, RCT incrementals, crash journal and cleanup.
+//! - [`transport`]: the data-path seam (checkpoint image on the host → block source); `san`
+//!   reads the `.avhdx` chain with `ferry-image`.
 //!
 //! Decisions: ADR 0110 (WS-Man on quick-xml, Basic first), docs/drivers.md (Hyper-V section).
 
 pub mod client;
+pub mod driver;
 pub mod error;
+pub mod transport;
+pub mod wmi;
 
 pub use ferry_wsman::envelope as wsman;
 pub use ferry_wsman::{cim, xml};
 
 pub use cim::{Epr, Instance, Param, Value};
 pub use client::{CommandOutput, Credentials, WsmanClient};
+pub use driver::HypervDriver;
 pub use error::{FaultKind, HypervError};

@@ -123,7 +123,9 @@ async fn wmi_inventory_snapshots_jobs_and_shell() {
         .get(out.reference("ResultingReferencePoint").unwrap())
         .await
         .unwrap();
-    assert_eq!(rp.texts("ResilientChangeTrackingIdentifiers").len(), 1);
+    // One RCT id per disk of the VM, beside the disks' identifiers.
+    assert_eq!(rp.texts("ResilientChangeTrackingIdentifiers").len(), 2);
+    assert_eq!(rp.texts("VirtualDiskIdentifiers").len(), 2);
     let e = c.get(&snap).await.unwrap_err();
     assert_eq!(e.fault_kind(), Some(&FaultKind::NotFound), "{e}");
 

@@ -165,6 +165,22 @@ pub struct BackupOptions {
     pub exclude_disks: Vec<String>,
 }
 
+/// How a backup took its snapshot where a hypervisor has several ways (Hyper-V: `child-vm`
+/// through the guest's VSS, or `saved-state`), and why this one; kept in the restore point's
+/// labels ([`METHOD_LABEL`], [`METHOD_REASON_LABEL`]) and shown in the backup summary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupMethod {
+    /// The method, e.g. `child-vm`, `saved-state`.
+    pub name: String,
+    /// Why it was chosen (the guest's qualification, or why it fell back).
+    pub reason: String,
+}
+
+/// Restore point label holding [`BackupMethod::name`].
+pub const METHOD_LABEL: &str = "ferry.backup.method";
+/// Restore point label holding [`BackupMethod::reason`].
+pub const METHOD_REASON_LABEL: &str = "ferry.backup.method-reason";
+
 /// How a backup ended, for [`BackupSession::finish`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -188,6 +204,10 @@ pub trait BackupSession: Send + Sync + fmt::Debug {
     fn native(&self) -> &NativeConfig;
     /// The disks to read.
     fn disks(&self) -> &[BackupDisk];
+    /// How the snapshot was taken, where the hypervisor has several methods.
+    fn method(&self) -> Option<&BackupMethod> {
+        None
+    }
     /// Ends the session: on [`Outcome::Committed`] converts the snapshot into the change
     /// anchors of the next backup and returns their tokens; on [`Outcome::Aborted`] removes
     /// the snapshot. Both detach and remove every temporary object (VBDs, tasks, connections).

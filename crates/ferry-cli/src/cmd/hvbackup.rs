@@ -63,6 +63,8 @@ pub struct VmBackup {
     pub transport: String,
     /// Consistency reached.
     pub consistency: ferry_core::vm::ConsistencyLevel,
+    /// How the snapshot was taken and why (Hyper-V's child-VM or saved-state method).
+    pub method: Option<ferry_hv::BackupMethod>,
     /// Per disk.
     pub disks: Vec<SourceDisk>,
 }
@@ -79,6 +81,9 @@ impl VmBackup {
                 "consistency".into(),
                 serde_json::to_value(self.consistency).unwrap_or_default(),
             );
+            if let Some(m) = &self.method {
+                o.insert("method".into(), serde_json::to_value(m).unwrap_or_default());
+            }
             if let Some(disks) = o.get_mut("disks").and_then(|d| d.as_array_mut()) {
                 for d in disks {
                     let name = d["name"].as_str().unwrap_or_default().to_string();
@@ -114,6 +119,9 @@ impl VmBackup {
                 .unwrap_or_default(),
             self.transport
         );
+        if let Some(m) = &self.method {
+            let _ = writeln!(s, "    method {}: {}", m.name, m.reason);
+        }
         for d in &self.disks {
             let how = match (&d.full_reason, d.cbt_changed_bytes) {
                 (Some(r), _) => format!("full read ({r})"),
@@ -141,6 +149,7 @@ pub fn transport_label(kind: HypervisorKind, mode: TransportMode) -> String {
         (HypervisorKind::Xen, TransportMode::Network) => "network (nbd+tls)".into(),
         (HypervisorKind::Xen, TransportMode::Hotadd) => "hotadd (vbd on the proxy)".into(),
         (HypervisorKind::Xen, TransportMode::San) => "san (vhd chain)".into(),
+        (HypervisorKind::HyperV, TransportMode::San) => "san (vhdx chain)".into(),
         (_, m) => m.to_string(),
     }
 }
@@ -332,6 +341,11 @@ pub async fn backup_vm(
         });
     }
     let transport = modes.join(", ");
+    let method = session.method().cloned();
+    if let Some(m) = &method {
+        labels.insert(ferry_hv::METHOD_LABEL.into(), m.name.clone());
+        labels.insert(ferry_hv::METHOD_REASON_LABEL.into(), m.reason.clone());
+    }
     let meta = SnapshotMeta {
         vm: VmIdentity {
             id: session.vm().id.clone(),
@@ -400,6 +414,7 @@ pub async fn backup_vm(
         source: source.to_string(),
         transport,
         consistency,
+        method,
         disks: info,
     })
 }

@@ -1,6 +1,6 @@
 //! Hypervisor sources from `ferry.toml`: loading the config and connecting the right driver.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use ferry_hv::{FerryConfig, HypervisorDriver, SourceConfig, SourceKind};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,8 +46,11 @@ pub async fn connect(name: &str, src: &SourceConfig) -> anyhow::Result<Arc<dyn H
                 .with_context(|| format!("cannot connect to source `{name}`"))?;
             Ok(Arc::new(d))
         }
-        SourceKind::Hyperv => bail!(
-            "source `{name}`: the Hyper-V driver is not part of this build yet (see docs/drivers.md)"
-        ),
+        SourceKind::Hyperv => {
+            let d = ferry_hv_hyperv::HypervDriver::connect(name, src)
+                .await
+                .with_context(|| format!("cannot connect to source `{name}`"))?;
+            Ok(Arc::new(d))
+        }
     }
 }

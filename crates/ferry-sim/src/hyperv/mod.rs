@@ -15,9 +15,16 @@
 //!   `whoami`, `echo` and `exit N`, enough for pywinrm's `run_cmd`;
 //! - faults as WinRM words them (`w:InvalidSelectors`, `w:ActionNotSupported`, …).
 //!
-//! Five guests are seeded: two Windows guests that qualify for the child-VM (VSS) method, a Linux
-//! guest without the backup integration service, one with a dynamic disk and one whose snapshot
-//! location is on another volume.
+//! Five guests are seeded, each with VHDX disks under `C:\\ClusterStorage\\Volume1` ([`disks`]):
+//! a running Windows guest that qualifies for the child-VM (VSS) method, one that is off, a Linux
+//! guest without the backup (VSS) integration service, one with a dynamic disk (its VSS fails
+//! an application-consistent checkpoint) and one whose snapshot location is on another volume.
+//! Checkpoints freeze the disks into `.avhdx` files, RCT ([`rct`]) answers
+//! `GetVirtualDiskChanges`, and a side door ([`sidedoor`]) acts as the guest and injects faults.
+
+mod disks;
+mod rct;
+mod sidedoor;
 
 use axum::body::Bytes;
 use axum::extract::State as AxState;
@@ -69,6 +76,8 @@ pub struct HypervSimConfig {
     pub password: String,
     /// The host's name.
     pub host_name: String,
+    /// Size of each seeded disk in MiB.
+    pub disk_mib: u64,
 }
 
 impl HypervSimConfig {
@@ -82,6 +91,7 @@ impl HypervSimConfig {
             username: "Administrator".into(),
             password: "hypervsim".into(),
             host_name: "HV-SIM-01".into(),
+            disk_mib: 16,
         }
     }
 }
@@ -114,6 +124,10 @@ struct State {
     /// Open shells: id → commands.
     shells: HashMap<String, HashMap<String, Cmd>>,
     next_id: u64,
+    /// The guests' disks, checkpoints and RCT.
+    storage: Option<disks::Storage>,
+    /// Method → how many of its next calls fail (side door).
+    fail_next: HashMap<String, usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -131,6 +145,7 @@ struct Guest {
     vss: bool,
     dynamic_disk: bool,
     snapshot_elsewhere: bool,
+    disks: u32,
 }
 
 const GUESTS: &[Guest] = &[
@@ -141,14 +156,16 @@ const GUESTS: &[Guest] = &[
         vss: true,
         dynamic_disk: false,
         snapshot_elsewhere: false,
+        disks: 2,
     },
     Guest {
         name: "win-file-01",
         os: "Windows Server 2019",
-        running: true,
+        running: false,
         vss: true,
         dynamic_disk: false,
         snapshot_elsewhere: false,
+        disks: 1,
     },
     Guest {
         name: "linux-web-01",
@@ -157,6 +174,7 @@ const GUESTS: &[Guest] = &[
         vss: false,
         dynamic_disk: false,
         snapshot_elsewhere: false,
+        disks: 1,
     },
     Guest {
         name: "win-dyn-01",
@@ -165,16 +183,21 @@ const GUESTS: &[Guest] = &[
         vss: true,
         dynamic_disk: true,
         snapshot_elsewhere: false,
+        disks: 1,
     },
     Guest {
         name: "win-split-01",
         os: "Windows Server 2022",
-        running: false,
+        running: true,
         vss: true,
         dynamic_disk: false,
         snapshot_elsewhere: true,
+        disks: 1,
     },
 ];
+
+/// The volume the guests' disks live on.
+const VHD_ROOT: &str = "C:\\ClusterStorage\\Volume1";
 
 fn text(v: impl Into<String>) -> Value {
     Value::Text(v.into())
@@ -207,8 +230,9 @@ fn guid(seed: &str) -> String {
 }
 
 impl State {
-    fn seed(host: &str) -> Self {
+    fn seed(host: &str, dir: &std::path::Path, disk_size: u64) -> Result<Self, String> {
         let mut st = State::default();
+        let mut storage = disks::Storage::new(dir);
         let mut add = |i: Instance| {
             st.objects.entry(i.class.clone()).or_default().push(i);
         };
@@ -238,7 +262,35 @@ impl State {
                 ),
             ],
         ));
-        for g in GUESTS {
+        for (class, name, element) in [
+            (
+                "Msvm_ImageManagementService",
+                "vhdsvc",
+                "Microsoft Hyper-V Image Management Service",
+            ),
+            (
+                "Msvm_VirtualSystemReferencePointService",
+                "vsrefsvc",
+                "Microsoft Hyper-V Virtual System Reference Point Service",
+            ),
+            (
+                "Msvm_VirtualSystemManagementService",
+                "vmms",
+                "Microsoft Hyper-V Virtual System Management Service",
+            ),
+        ] {
+            add(inst(
+                class,
+                &[
+                    ("CreationClassName", text(class)),
+                    ("Name", text(name)),
+                    ("SystemCreationClassName", text("Msvm_ComputerSystem")),
+                    ("SystemName", text(host)),
+                    ("ElementName", text(element)),
+                ],
+            ));
+        }
+        for (n, g) in GUESTS.iter().enumerate() {
             let id = guid(g.name);
             add(inst(
                 "Msvm_ComputerSystem",
@@ -252,7 +304,7 @@ impl State {
                     ("OperationalStatus", text("2")),
                 ],
             ));
-            let root = format!("C:\\ProgramData\\Microsoft\\Windows\\Hyper-V\\{}", g.name);
+            let root = format!("{VHD_ROOT}\\{}", g.name);
             let snap_root = if g.snapshot_elsewhere {
                 format!("E:\\Checkpoints\\{}", g.name)
             } else {
@@ -274,14 +326,57 @@ impl State {
                     ("SnapshotDataRoot", text(snap_root)),
                     ("Notes", text(g.os)),
                     ("Parent", Value::Null),
-                    // Simulator-only facts the qualification for the child-VM method reads
-                    // through Msvm_KvpExchangeComponent / the disk layout on a real host.
-                    ("FerrySimGuestVss", text(g.vss.to_string())),
-                    ("FerrySimDynamicDisk", text(g.dynamic_disk.to_string())),
                 ],
             ));
+            // The backup (VSS) integration service: disabled in the Linux guest.
+            add(inst(
+                "Msvm_VssComponent",
+                &[
+                    ("CreationClassName", text("Msvm_VssComponent")),
+                    ("DeviceID", text(format!("Microsoft:{id}\\VSS"))),
+                    ("SystemCreationClassName", text("Msvm_ComputerSystem")),
+                    ("SystemName", text(&id)),
+                    ("ElementName", text("Backup (volume shadow copy)")),
+                    ("EnabledState", text(if g.vss { "2" } else { "3" })),
+                    ("OperationalStatus", text(if g.vss { "2" } else { "12" })),
+                ],
+            ));
+            let folder = format!("{VHD_ROOT}\\{}", g.name);
+            for k in 0..g.disks {
+                let name = format!("disk{k}");
+                let disk_id = storage.create(
+                    &id,
+                    g.name,
+                    &folder,
+                    &name,
+                    disk_size,
+                    (n as u64) << 8 | u64::from(k),
+                )?;
+                add(inst(
+                    "Msvm_StorageAllocationSettingData",
+                    &[
+                        (
+                            "InstanceID",
+                            text(format!("Microsoft:{id}\\{disk_id}\\0\\{k}\\L")),
+                        ),
+                        ("ElementName", text("Hard Disk Image")),
+                        ("ResourceType", text("31")),
+                        (
+                            "ResourceSubType",
+                            text("Microsoft:Hyper-V:Virtual Hard Disk"),
+                        ),
+                        (
+                            "HostResource",
+                            Value::Array(vec![text(format!("{folder}\\{name}.vhdx"))]),
+                        ),
+                        ("AddressOnParent", text(k.to_string())),
+                        ("VirtualQuantity", text(disk_size.to_string())),
+                    ],
+                ));
+            }
         }
-        st
+        st.storage = Some(storage);
+        Ok(st)
     }
 
     fn id(&mut self, prefix: &str) -> String {
@@ -364,11 +459,17 @@ impl HypervSim {
             what: format!("create {}", cfg.dir.display()),
             source,
         })?;
+        let disk_size = cfg.disk_mib.max(1) << 20;
+        let (host, dir) = (cfg.host_name.clone(), cfg.dir.clone());
+        let state = tokio::task::spawn_blocking(move || State::seed(&host, &dir, disk_size))
+            .await
+            .map_err(|e| HypervSimError::Other(e.to_string()))?
+            .map_err(|e| HypervSimError::Other(format!("seeding the disks: {e}")))?;
         let shared = Arc::new(Shared {
             username: cfg.username.clone(),
             password: cfg.password.clone(),
             host_name: cfg.host_name.clone(),
-            state: std::sync::Mutex::new(State::seed(&cfg.host_name)),
+            state: std::sync::Mutex::new(state),
         });
         let cert = ferry_tls::SelfSigned::generate(&["localhost", "127.0.0.1"])
             .map_err(|e| HypervSimError::Other(e.to_string()))?;
@@ -464,10 +565,31 @@ impl HypervSim {
                 v.iter()
                     .filter(|i| i.text("Caption") == Some("Virtual Machine"))
                     .map(|i| {
+                        let id = i.text("Name").unwrap_or("");
+                        let disks: Vec<serde_json::Value> = st
+                            .storage
+                            .iter()
+                            .flat_map(|s| {
+                                s.disks
+                                    .iter()
+                                    .filter(|d| d.vm_id == id)
+                                    .map(move |d| (s, d))
+                            })
+                            .map(|(s, d)| {
+                                serde_json::json!({
+                                    "name": d.name,
+                                    "id": d.id,
+                                    "path": d.host_path,
+                                    "size": d.size,
+                                    "live": s.live_path(d),
+                                })
+                            })
+                            .collect();
                         serde_json::json!({
                             "name": i.text("ElementName"),
-                            "id": i.text("Name"),
+                            "id": id,
                             "state": i.text("EnabledState"),
+                            "disks": disks,
                         })
                     })
                     .collect()
@@ -481,6 +603,8 @@ impl HypervSim {
             "tls_fingerprint": self.fingerprint,
             "host": self.shared.host_name,
             "dir": self.dir,
+            // Where the proxy sees the host's volumes (a source's `san-paths`).
+            "san_paths": { "C:\\": self.dir.join("volumes").join("C") },
             "vms": vms,
         })
         .to_string()
@@ -798,6 +922,28 @@ fn param_ref(body: &Node, name: &str) -> Option<Epr> {
     body.child(name).and_then(Epr::from_node)
 }
 
+/// Ranges one `GetVirtualDiskChanges` answer holds at most (callers continue from
+/// `ByteOffset + ProcessedByteLength`).
+const CHANGES_PAGE: usize = 16;
+
+fn set_rv(out: &mut Instance, v: u64) {
+    out.props.insert("ReturnValue".into(), text(v.to_string()));
+}
+
+/// Answers with a job that ended as `result` says (the simulator's work is instant).
+fn job_out(st: &mut State, out: &mut Instance, kind: &str, result: Result<(), String>) {
+    let job = st.job(kind, result.err().map(|m| (32768, m)));
+    out.props.insert("Job".into(), Value::Ref(job));
+    set_rv(out, 4096);
+}
+
+/// The instances of `class` whose InstanceID starts with `prefix` go.
+fn remove_by_prefix(st: &mut State, class: &str, prefix: &str) {
+    if let Some(v) = st.objects.get_mut(class) {
+        v.retain(|i| !i.text("InstanceID").is_some_and(|x| x.starts_with(prefix)));
+    }
+}
+
 fn invoke(
     st: &mut State,
     class: &str,
@@ -805,162 +951,204 @@ fn invoke(
     method: &str,
     body: &Node,
 ) -> Result<Instance, Fault> {
+    if class == sidedoor::CLASS {
+        return sidedoor::invoke(st, method, body);
+    }
     if st.find(class, selectors).is_none() {
         return Err(not_found());
     }
     let mut out = Instance::default();
-    let rv = |out: &mut Instance, v: u64| {
-        out.props.insert("ReturnValue".into(), text(v.to_string()));
-    };
+    let call = format!("{class}.{method}");
+    if let Some(n) = st.fail_next.get_mut(&call).filter(|n| **n > 0) {
+        *n -= 1;
+        job_out(
+            st,
+            &mut out,
+            method,
+            Err(format!(
+                "{call} failed (injected by the simulator's side door)"
+            )),
+        );
+        return Ok(out);
+    }
     match (class, method) {
         ("Msvm_VirtualSystemSnapshotService", "CreateSnapshot") => {
-            let vm = param_ref(body, "AffectedSystem")
-                .ok_or_else(|| fault("InvalidParameter", "CreateSnapshot needs AffectedSystem."))?;
-            let Some(sys) = st.find("Msvm_ComputerSystem", &vm.selectors).cloned() else {
-                rv(&mut out, 32773);
-                return Ok(out);
-            };
-            let vm_id = sys.text("Name").unwrap_or("").to_string();
-            let kind = body.text_at("SnapshotType").unwrap_or("2");
-            let settings = body
-                .text_at("SnapshotSettings")
-                .and_then(cim::parse_embedded);
-            if let Some((c, _)) = &settings
-                && c != "Msvm_VirtualSystemSnapshotSettingData"
-            {
-                rv(&mut out, 32773);
-                return Ok(out);
-            }
-            let vtype = match kind {
-                "32768" => "Microsoft:Hyper-V:Snapshot:Recovery",
-                "2" => "Microsoft:Hyper-V:Snapshot:Realized",
-                _ => {
-                    rv(&mut out, 32773);
-                    return Ok(out);
+            create_snapshot(st, body, &mut out)?;
+        }
+        ("Msvm_VirtualSystemSnapshotService", "DestroySnapshot")
+        | ("Msvm_VirtualSystemSnapshotService", "ConvertToReferencePoint") => {
+            let snap = param_ref(body, "AffectedSnapshot").ok_or_else(|| {
+                fault(
+                    "InvalidParameter",
+                    format!("{method} needs AffectedSnapshot."),
+                )
+            })?;
+            let convert = method == "ConvertToReferencePoint";
+            let found = st
+                .find("Msvm_VirtualSystemSettingData", &snap.selectors)
+                .filter(|i| {
+                    let t = i.text("VirtualSystemType").unwrap_or("");
+                    // Only recovery snapshots can be converted.
+                    if convert {
+                        t == "Microsoft:Hyper-V:Snapshot:Recovery"
+                    } else {
+                        t.contains(":Snapshot:")
+                    }
+                })
+                .cloned();
+            let Some(found) = found else {
+                if convert {
+                    set_rv(&mut out, 32773);
+                } else {
+                    let job = st.job(method, Some((32775, "The snapshot does not exist.".into())));
+                    out.props.insert("Job".into(), Value::Ref(job));
+                    set_rv(&mut out, 4096);
                 }
-            };
-            let snap_id = guid(&st.id(&vm_id));
-            let consistency = settings
-                .as_ref()
-                .and_then(|(_, p)| p.get("ConsistencyLevel").cloned())
-                .unwrap_or_else(|| "1".into());
-            let snap = inst(
-                "Msvm_VirtualSystemSettingData",
-                &[
-                    ("InstanceID", text(format!("Microsoft:{snap_id}"))),
-                    (
-                        "ElementName",
-                        text(format!(
-                            "{} - checkpoint",
-                            sys.text("ElementName").unwrap_or("")
-                        )),
-                    ),
-                    ("VirtualSystemIdentifier", text(&vm_id)),
-                    ("VirtualSystemType", text(vtype)),
-                    ("ConsistencyLevel", text(consistency)),
-                    ("Parent", Value::Null),
-                ],
-            );
-            let epr = vssd_epr(&snap);
-            st.objects
-                .entry("Msvm_VirtualSystemSettingData".into())
-                .or_default()
-                .push(snap);
-            let job = st.job("CreateSnapshot", None);
-            out.props.insert("Job".into(), Value::Ref(job));
-            out.props
-                .insert("ResultingSnapshot".into(), Value::Ref(epr));
-            rv(&mut out, 4096);
-        }
-        ("Msvm_VirtualSystemSnapshotService", "DestroySnapshot") => {
-            let snap = param_ref(body, "AffectedSnapshot").ok_or_else(|| {
-                fault(
-                    "InvalidParameter",
-                    "DestroySnapshot needs AffectedSnapshot.",
-                )
-            })?;
-            let found = st
-                .find("Msvm_VirtualSystemSettingData", &snap.selectors)
-                .filter(|i| {
-                    i.text("VirtualSystemType")
-                        .is_some_and(|t| t.contains(":Snapshot:"))
-                })
-                .cloned();
-            let Some(found) = found else {
-                let job = st.job(
-                    "DestroySnapshot",
-                    Some((32775, "The snapshot does not exist.".into())),
-                );
-                out.props.insert("Job".into(), Value::Ref(job));
-                rv(&mut out, 4096);
                 return Ok(out);
             };
-            if let Some(v) = st.objects.get_mut("Msvm_VirtualSystemSettingData") {
-                v.retain(|i| i != &found);
-            }
-            let job = st.job("DestroySnapshot", None);
-            out.props.insert("Job".into(), Value::Ref(job));
-            rv(&mut out, 4096);
-        }
-        ("Msvm_VirtualSystemSnapshotService", "ConvertToReferencePoint") => {
-            let snap = param_ref(body, "AffectedSnapshot").ok_or_else(|| {
-                fault(
-                    "InvalidParameter",
-                    "ConvertToReferencePoint needs AffectedSnapshot.",
-                )
-            })?;
-            let found = st
-                .find("Msvm_VirtualSystemSettingData", &snap.selectors)
-                .filter(|i| {
-                    i.text("VirtualSystemType") == Some("Microsoft:Hyper-V:Snapshot:Recovery")
-                })
-                .cloned();
-            let Some(found) = found else {
-                // Only recovery snapshots can be converted.
-                rv(&mut out, 32773);
-                return Ok(out);
-            };
-            if let Some(v) = st.objects.get_mut("Msvm_VirtualSystemSettingData") {
-                v.retain(|i| i != &found);
-            }
+            let id = found.text("InstanceID").unwrap_or("").to_string();
             let vm = found
                 .text("VirtualSystemIdentifier")
                 .unwrap_or("")
                 .to_string();
-            let rp_id = format!("Microsoft:{}", guid(&st.id("RP")));
-            let rct = st.id("rctX:");
-            st.objects
-                .entry("Msvm_VirtualSystemReferencePoint".into())
-                .or_default()
-                .push(inst(
-                    "Msvm_VirtualSystemReferencePoint",
-                    &[
-                        ("InstanceID", text(&rp_id)),
-                        ("VirtualSystemIdentifier", text(vm)),
-                        ("ReferencePointType", text("2")),
-                        (
-                            "ResilientChangeTrackingIdentifiers",
-                            Value::Array(vec![text(rct)]),
-                        ),
-                    ],
-                ));
-            let job = st.job("ConvertToReferencePoint", None);
-            out.props.insert("Job".into(), Value::Ref(job));
-            out.props.insert(
-                "ResultingReferencePoint".into(),
-                Value::Ref(Epr::new(
-                    "Msvm_VirtualSystemReferencePoint",
-                    &[("InstanceID", rp_id.as_str())],
-                )),
-            );
-            rv(&mut out, 4096);
+            if let Some(v) = st.objects.get_mut("Msvm_VirtualSystemSettingData") {
+                v.retain(|i| i != &found);
+            }
+            remove_by_prefix(st, "Msvm_StorageAllocationSettingData", &format!("{id}\\"));
+            let storage = st.storage.as_mut().ok_or_else(no_storage)?;
+            let frozen = storage.frozen.get(&id).cloned().unwrap_or_default();
+            let merged = storage.release(&vm, &id);
+            if convert {
+                // The reference point keeps the checkpoint's InstanceID (ADR 0115).
+                let disks: Vec<Value> = frozen.iter().map(|f| text(&f.disk_id)).collect();
+                let rcts: Vec<Value> = frozen.iter().map(|f| text(&f.rct_id)).collect();
+                st.objects
+                    .entry("Msvm_VirtualSystemReferencePoint".into())
+                    .or_default()
+                    .push(inst(
+                        "Msvm_VirtualSystemReferencePoint",
+                        &[
+                            ("InstanceID", text(&id)),
+                            ("VirtualSystemIdentifier", text(vm)),
+                            ("ReferencePointType", text("2")),
+                            (
+                                "ConsistencyLevel",
+                                text(found.text("ConsistencyLevel").unwrap_or("1")),
+                            ),
+                            ("VirtualDiskIdentifiers", Value::Array(disks)),
+                            ("ResilientChangeTrackingIdentifiers", Value::Array(rcts)),
+                        ],
+                    ));
+                out.props.insert(
+                    "ResultingReferencePoint".into(),
+                    Value::Ref(Epr::new(
+                        "Msvm_VirtualSystemReferencePoint",
+                        &[("InstanceID", id.as_str())],
+                    )),
+                );
+            }
+            job_out(st, &mut out, method, merged);
+        }
+        ("Msvm_VirtualSystemReferencePointService", "DestroyReferencePoint") => {
+            let rp = param_ref(body, "AffectedReferencePoint").ok_or_else(|| {
+                fault(
+                    "InvalidParameter",
+                    "DestroyReferencePoint needs AffectedReferencePoint.",
+                )
+            })?;
+            let found = st
+                .find("Msvm_VirtualSystemReferencePoint", &rp.selectors)
+                .cloned();
+            let r = match found {
+                Some(f) => {
+                    if let Some(v) = st.objects.get_mut("Msvm_VirtualSystemReferencePoint") {
+                        v.retain(|i| i != &f);
+                    }
+                    Ok(())
+                }
+                None => Err("The reference point does not exist.".to_string()),
+            };
+            job_out(st, &mut out, method, r);
+        }
+        ("Msvm_ImageManagementService", "GetVirtualDiskChanges") => {
+            let path = body.text_at("Path").unwrap_or("").to_string();
+            let since = body
+                .text_at("TargetSnapshotId")
+                .or_else(|| body.text_at("LimitId"))
+                .unwrap_or("")
+                .to_string();
+            let num = |k: &str| body.text_at(k).and_then(|v| v.parse::<u64>().ok());
+            let (Some(off), Some(len)) = (num("ByteOffset"), num("ByteLength")) else {
+                set_rv(&mut out, 32773);
+                return Ok(out);
+            };
+            let storage = st.storage.as_ref().ok_or_else(no_storage)?;
+            match storage.changes(&path, &since, off, len, CHANGES_PAGE) {
+                Ok((ranges, processed)) => {
+                    out.props
+                        .insert("ProcessedByteLength".into(), text(processed.to_string()));
+                    out.props.insert(
+                        "ChangedByteOffsets".into(),
+                        Value::Array(ranges.iter().map(|r| text(r.0.to_string())).collect()),
+                    );
+                    out.props.insert(
+                        "ChangedByteLengths".into(),
+                        Value::Array(ranges.iter().map(|r| text(r.1.to_string())).collect()),
+                    );
+                    set_rv(&mut out, 0);
+                }
+                Err(m) => job_out(st, &mut out, method, Err(m)),
+            }
+        }
+        ("Msvm_ImageManagementService", "GetVirtualHardDiskSettingData") => {
+            let path = body.text_at("Path").unwrap_or("").to_string();
+            let storage = st.storage.as_ref().ok_or_else(no_storage)?;
+            match storage.describe(&path) {
+                Some((size, parent)) => {
+                    let (kind, parent) = match &parent {
+                        Some(p) => ("4", p.as_str()),
+                        None => ("3", ""),
+                    };
+                    let size = size.to_string();
+                    let data = cim::embedded_instance(
+                        "Msvm_VirtualHardDiskSettingData",
+                        &[
+                            ("Path", "string", &path),
+                            ("ParentPath", "string", parent),
+                            ("Format", "uint16", "3"),
+                            ("Type", "uint16", kind),
+                            ("MaxInternalSize", "uint64", &size),
+                            ("BlockSize", "uint32", "1048576"),
+                            ("LogicalSectorSize", "uint32", "512"),
+                        ],
+                    );
+                    out.props.insert("SettingData".into(), text(data));
+                    set_rv(&mut out, 0);
+                }
+                None => {
+                    let r = Err(format!(
+                        "The system cannot find the file specified: '{path}'."
+                    ));
+                    job_out(st, &mut out, method, r);
+                }
+            }
         }
         ("Msvm_ComputerSystem", "RequestStateChange") => {
             let want = body.text_at("RequestedState").unwrap_or("");
+            let now = st
+                .find(class, selectors)
+                .and_then(|v| v.text("EnabledState"))
+                .unwrap_or("")
+                .to_string();
             let state = match want {
+                // Saving needs a running VM.
+                "32769" if now != "2" => {
+                    set_rv(&mut out, 32775);
+                    return Ok(out);
+                }
                 "2" | "3" | "6" | "9" | "32769" => want.to_string(),
                 _ => {
-                    rv(&mut out, 32773);
+                    set_rv(&mut out, 32773);
                     return Ok(out);
                 }
             };
@@ -973,9 +1161,7 @@ fn invoke(
             if let Some(vm) = st.find_mut(class, selectors) {
                 vm.props.insert("EnabledState".into(), text(shown));
             }
-            let job = st.job("RequestStateChange", None);
-            out.props.insert("Job".into(), Value::Ref(job));
-            rv(&mut out, 4096);
+            job_out(st, &mut out, method, Ok(()));
         }
         _ => {
             return Err(fault(
@@ -985,6 +1171,124 @@ fn invoke(
         }
     }
     Ok(out)
+}
+
+fn no_storage() -> Fault {
+    fault("InternalError", "The host's storage is not available.")
+}
+
+/// Why a running guest cannot take an application-consistent checkpoint, if it cannot.
+fn vss_refusal(vm_name: &str) -> Option<&'static str> {
+    let g = GUESTS.iter().find(|g| g.name == vm_name)?;
+    if !g.vss {
+        Some("the Backup (volume shadow copy) integration service is not running in the guest")
+    } else if g.dynamic_disk {
+        Some(
+            "the guest's volume shadow copy failed: the VM has dynamic disks, which the child VM snapshot cannot include",
+        )
+    } else {
+        None
+    }
+}
+
+fn create_snapshot(st: &mut State, body: &Node, out: &mut Instance) -> Result<(), Fault> {
+    let vm = param_ref(body, "AffectedSystem")
+        .ok_or_else(|| fault("InvalidParameter", "CreateSnapshot needs AffectedSystem."))?;
+    let Some(sys) = st.find("Msvm_ComputerSystem", &vm.selectors).cloned() else {
+        set_rv(out, 32773);
+        return Ok(());
+    };
+    let vm_id = sys.text("Name").unwrap_or("").to_string();
+    let vm_name = sys.text("ElementName").unwrap_or("").to_string();
+    let kind = body.text_at("SnapshotType").unwrap_or("2");
+    let settings = body
+        .text_at("SnapshotSettings")
+        .and_then(cim::parse_embedded);
+    if let Some((c, _)) = &settings
+        && c != "Msvm_VirtualSystemSnapshotSettingData"
+    {
+        set_rv(out, 32773);
+        return Ok(());
+    }
+    let vtype = match kind {
+        "32768" => "Microsoft:Hyper-V:Snapshot:Recovery",
+        "2" => "Microsoft:Hyper-V:Snapshot:Realized",
+        _ => {
+            set_rv(out, 32773);
+            return Ok(());
+        }
+    };
+    let prop = |k: &str| {
+        settings
+            .as_ref()
+            .and_then(|(_, p)| p.get(k).cloned())
+            .filter(|v| !v.is_empty())
+    };
+    let consistency = prop("ConsistencyLevel").unwrap_or_else(|| "1".into());
+    // Application consistency is the guest's VSS through the integration services.
+    if consistency == "1"
+        && sys.text("EnabledState") == Some("2")
+        && let Some(why) = vss_refusal(&vm_name)
+    {
+        let m = format!(
+            "Could not create an application-consistent checkpoint of '{vm_name}': {why}. (Virtual machine ID {vm_id})"
+        );
+        job_out(st, out, "CreateSnapshot", Err(m));
+        return Ok(());
+    }
+    let snap_guid = guid(&st.id(&vm_id));
+    let snap_id = format!("Microsoft:{snap_guid}");
+    let storage = st.storage.as_mut().ok_or_else(no_storage)?;
+    let frozen = match storage.freeze(&vm_id, &snap_id, &snap_guid) {
+        Ok(f) => f,
+        Err(m) => {
+            job_out(st, out, "CreateSnapshot", Err(m));
+            return Ok(());
+        }
+    };
+    let name = prop("ElementName").unwrap_or_else(|| format!("{vm_name} - checkpoint"));
+    let snap = inst(
+        "Msvm_VirtualSystemSettingData",
+        &[
+            ("InstanceID", text(&snap_id)),
+            ("ElementName", text(name)),
+            ("VirtualSystemIdentifier", text(&vm_id)),
+            ("VirtualSystemType", text(vtype)),
+            ("ConsistencyLevel", text(consistency)),
+            ("Parent", Value::Null),
+        ],
+    );
+    let epr = vssd_epr(&snap);
+    st.objects
+        .entry("Msvm_VirtualSystemSettingData".into())
+        .or_default()
+        .push(snap);
+    for (k, f) in frozen.iter().enumerate() {
+        st.objects
+            .entry("Msvm_StorageAllocationSettingData".into())
+            .or_default()
+            .push(inst(
+                "Msvm_StorageAllocationSettingData",
+                &[
+                    (
+                        "InstanceID",
+                        text(format!("{snap_id}\\{}\\0\\{k}\\L", f.disk_id)),
+                    ),
+                    ("ElementName", text("Hard Disk Image")),
+                    ("ResourceType", text("31")),
+                    (
+                        "ResourceSubType",
+                        text("Microsoft:Hyper-V:Virtual Hard Disk"),
+                    ),
+                    ("HostResource", Value::Array(vec![text(&f.host_path)])),
+                    ("AddressOnParent", text(k.to_string())),
+                ],
+            ));
+    }
+    job_out(st, out, "CreateSnapshot", Ok(()));
+    out.props
+        .insert("ResultingSnapshot".into(), Value::Ref(epr));
+    Ok(())
 }
 
 fn shell(
