@@ -40,6 +40,9 @@ pub struct HypervArgs {
     /// Login password (the simulator is a test tool; it prints it).
     #[arg(long, default_value = "hypervsim")]
     password: String,
+    /// Size of each seeded virtual disk in MiB.
+    #[arg(long, default_value_t = 16)]
+    disk_mib: u64,
 }
 
 /// Arguments of `ferry sim vmware`.
@@ -130,6 +133,7 @@ async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
     cfg.listen_http = a.listen_http;
     cfg.username = a.username;
     cfg.password = a.password;
+    cfg.disk_mib = a.disk_mib;
     let sim = HypervSim::start(cfg)
         .await
         .context("cannot start the Hyper-V simulator")?;

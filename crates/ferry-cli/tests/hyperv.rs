@@ -1,0 +1,460 @@
+//! The Hyper-V driver through the `ferry` binary against `ferry sim hyperv`: full and RCT
+//! incremental backups in `san` mode with restores compared by `qemu-img` against the guest's
+//! disk at checkpoint time, the method chosen per guest with its reason (summary, `--json` and
+//! restore point), SIGKILLed backups that leave no checkpoint, and RCT that broke. The tests
+//! act as the guest and break RCT through the simulator's WMI side door (`FerrySim_SideDoor`),
+//! and count what is left on the host over WS-Man.
+
+use base64::Engine as _;
+use ferry_core::Secret;
+use ferry_hv_hyperv::cim::{Epr, Param};
+use ferry_hv_hyperv::{Credentials, WsmanClient};
+use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use ferry_testkit::Killed;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const PASSWORD: &str = "test password";
+const CHUNK: u64 = 256 << 10;
+const RCT_BLOCK: u64 = 64 << 10;
+
+fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
+    c
+}
+
+struct Lab {
+    dir: tempfile::TempDir,
+    info: Value,
+    rt: tokio::runtime::Runtime,
+    client: WsmanClient,
+    _sim: Killed,
+}
+
+impl Lab {
+    fn start() -> Self {
+        let dir = ferry_testkit::scratch_dir();
+        let (sim, info) = Killed::spawn_json_line(
+            ferry()
+                .args([
+                    "sim",
+                    "hyperv",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--disk-mib",
+                    "8",
+                    "--dir",
+                ])
+                .arg(dir.path().join("host")),
+        );
+        let pw = dir.path().join("hv.pw");
+        std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
+        let toml = format!(
+            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\n[sources.lab.san-paths]\n'C:\\' = \"{}\"\n",
+            info["url"].as_str().unwrap(),
+            info["username"].as_str().unwrap(),
+            pw.display(),
+            info["tls_fingerprint"].as_str().unwrap(),
+            dir.path().join("state").display(),
+            info["san_paths"]["C:\\"].as_str().unwrap(),
+        );
+        std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = Store::open(dir.path().join("repo").to_str().unwrap(), true).unwrap();
+            let opts = InitOptions {
+                chunk_size: CHUNK as u32,
+                kdf: KdfParams::insecure_fast(),
+                ..Default::default()
+            };
+            Repository::init(store, Some(&Secret::new(PASSWORD)), opts)
+                .await
+                .unwrap();
+        });
+        let pin = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
+        let mut o = ferry_http::ClientOptions::new("lab", ferry_tls::Trust::Fingerprint(pin));
+        o.proxy = ferry_http::ProxySetting::Off;
+        let client = {
+            let _g = rt.enter();
+            WsmanClient::new(
+                info["url"].as_str().unwrap(),
+                &o,
+                Credentials {
+                    user: info["username"].as_str().unwrap().into(),
+                    password: Secret::new(info["password"].as_str().unwrap()),
+                },
+            )
+            .unwrap()
+        };
+        Self {
+            dir,
+            info,
+            rt,
+            client,
+            _sim: sim,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn env(&self) -> [(String, String); 3] {
+        [
+            ("FERRY_PASSWORD", PASSWORD.to_string()),
+            ("FERRY_REPO", self.path("repo").display().to_string()),
+            (
+                "FERRY_CONFIG",
+                self.path("ferry.toml").display().to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
+    }
+
+    fn ok(&self, args: &[&str]) -> (String, String) {
+        let out = self.run(args);
+        assert!(out.status.success(), "ferry {args:?} failed");
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    }
+
+    /// `ferry backup --source lab --json ARGS`: the reports, and stderr.
+    fn backup(&self, args: &[&str]) -> (Vec<Value>, String) {
+        let mut all = vec!["backup", "--source", "lab", "--json"];
+        all.extend_from_slice(args);
+        let (out, err) = self.ok(&all);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        (v.as_array().unwrap().clone(), err)
+    }
+
+    fn backup_vm(&self, vm: &str) -> (Value, String) {
+        let (mut v, err) = self.backup(&["--vm", vm]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        (v.remove(0), err)
+    }
+
+    /// A side-door call (the guest, RCT faults).
+    fn door(&self, method: &str, params: &[(&str, String)]) {
+        let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
+        let p: Vec<Param> = params
+            .iter()
+            .map(|(k, v)| Param::Text(k.to_string(), v.clone()))
+            .collect();
+        self.rt
+            .block_on(self.client.invoke(&epr, method, &p))
+            .unwrap();
+    }
+
+    fn guest_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) {
+        self.door(
+            "GuestWrite",
+            &[
+                ("VirtualSystem", vm.into()),
+                ("Disk", disk.into()),
+                ("Offset", offset.to_string()),
+                (
+                    "Data",
+                    base64::engine::general_purpose::STANDARD.encode(data),
+                ),
+            ],
+        );
+    }
+
+    fn count(&self, class: &str, filter: impl Fn(&ferry_hv_hyperv::Instance) -> bool) -> usize {
+        self.rt
+            .block_on(self.client.enumerate(class, None))
+            .unwrap()
+            .iter()
+            .filter(|i| filter(i))
+            .count()
+    }
+
+    fn checkpoints(&self) -> usize {
+        self.count("Msvm_VirtualSystemSettingData", |i| {
+            i.text("VirtualSystemType") == Some("Microsoft:Hyper-V:Snapshot:Recovery")
+        })
+    }
+
+    fn running(&self, vm: &str) -> bool {
+        self.count("Msvm_ComputerSystem", |i| {
+            i.text("ElementName") == Some(vm) && i.text("EnabledState") == Some("2")
+        }) == 1
+    }
+
+    /// Copies of what the guest of `vm` sees on its disks now.
+    fn guest_disks(&self, vm: &str, tag: &str) -> Vec<PathBuf> {
+        let v = self.info["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vm)
+            .unwrap();
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let to = self.path(&format!("{vm}-{}-{tag}.raw", d["name"].as_str().unwrap()));
+                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
+                to
+            })
+            .collect()
+    }
+
+    /// Restores disk `diskN` of `snapshot` and compares it with `expected[N]`.
+    fn assert_restores(&self, snapshot: &str, expected: &[PathBuf]) {
+        for (i, want) in expected.iter().enumerate() {
+            let disk = format!("disk{i}");
+            let out = self.path(&format!("restored-{snapshot}-{disk}.raw"));
+            self.ok(&[
+                "restore",
+                snapshot,
+                "--disk",
+                &disk,
+                "--to",
+                out.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                std::fs::metadata(&out).unwrap().len(),
+                std::fs::metadata(want).unwrap().len()
+            );
+            ferry_testkit::qemu_img_compare(&out, "raw", want, "raw");
+        }
+    }
+
+    /// The labels of restore point `id`.
+    fn labels(&self, id: &str) -> std::collections::BTreeMap<String, String> {
+        self.rt.block_on(async {
+            let store = Store::open(self.path("repo").to_str().unwrap(), false).unwrap();
+            let repo = Repository::open(store, Some(&Secret::new(PASSWORD)))
+                .await
+                .unwrap();
+            repo.load_manifest(id).await.unwrap().meta.labels
+        })
+    }
+
+    /// A throttled backup of `vm`, returned once the engine reads its disks.
+    fn throttled_backup_reading(&self, vm: &str) -> Child {
+        let mut c = ferry();
+        for (k, v) in self.env() {
+            c.env(k, v);
+        }
+        let mut child = c
+            .args([
+                "-v",
+                "backup",
+                "--source",
+                "lab",
+                "--vm",
+                vm,
+                "--full",
+                "--limit-rate",
+                "1M",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut l = String::new();
+            assert!(
+                err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
+                "backup ended before it read: {seen}"
+            );
+            seen.push_str(&l);
+            if l.contains("backing up disk") {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        std::thread::sleep(Duration::from_millis(300));
+        child
+    }
+}
+
+fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("no disk {name} in {report}"))
+}
+
+#[test]
+fn full_then_rct_incremental_restore_byte_identical_with_the_method_recorded() {
+    let lab = Lab::start();
+    let vm = "win-sql-01";
+    let first = lab.guest_disks(vm, "first");
+    let (r, _) = lab.backup_vm(vm);
+    assert_eq!(r["method"]["name"], "child-vm", "{r}");
+    assert_eq!(r["consistency"], "application", "{r}");
+    assert_eq!(
+        disk(&r, "disk0")["full_reason"],
+        "no previous restore point"
+    );
+    assert_eq!(
+        lab.checkpoints(),
+        0,
+        "the checkpoint became a reference point"
+    );
+    assert_eq!(lab.count("Msvm_VirtualSystemReferencePoint", |_| true), 1);
+    let id1 = r["snapshot"].as_str().unwrap().to_string();
+    let labels = lab.labels(&id1);
+    assert_eq!(labels["ferry.backup.method"], "child-vm");
+    assert!(
+        labels["ferry.backup.method-reason"].contains("VSS"),
+        "{labels:?}"
+    );
+
+    lab.guest_write(vm, "disk1", 5 * CHUNK + 512, &[0x5A; 4096]);
+    lab.guest_write(vm, "disk1", 20 * CHUNK, &[0xA5; 512]);
+    let second = lab.guest_disks(vm, "second");
+    let (_, err) = lab.ok(&["backup", "--source", "lab", "--vm", vm]);
+    assert!(err.contains("method child-vm: the guest runs"), "{err}");
+    assert_eq!(lab.checkpoints(), 0);
+    assert_eq!(lab.count("Msvm_VirtualSystemReferencePoint", |_| true), 1);
+    let (snaps, _) = lab.ok(&["snapshots", "--json"]);
+    let snaps: Value = serde_json::from_str(&snaps).unwrap();
+    let ids: Vec<&str> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .filter(|id| *id != id1)
+        .collect();
+    let [id2] = ids.as_slice() else {
+        panic!("two restore points expected: {snaps}")
+    };
+    lab.assert_restores(&id1, &first);
+    lab.assert_restores(id2, &second);
+    // One more write, one more incremental: RCT reports exactly the touched block.
+    lab.guest_write(vm, "disk0", 7 * CHUNK, &[0x11; 1024]);
+    let third = lab.guest_disks(vm, "third");
+    let (r3, _) = lab.backup_vm(vm);
+    assert_eq!(disk(&r3, "disk0")["mode"], "changed-blocks", "{r3}");
+    assert_eq!(disk(&r3, "disk0")["cbt_changed_bytes"], RCT_BLOCK, "{r3}");
+    assert_eq!(disk(&r3, "disk1")["cbt_changed_bytes"], 0, "{r3}");
+    lab.assert_restores(r3["snapshot"].as_str().unwrap(), &third);
+}
+
+#[test]
+fn the_method_per_guest_matches_its_qualification() {
+    let lab = Lab::start();
+    let vms = [
+        "--vm",
+        "win-sql-01",
+        "--vm",
+        "win-file-01",
+        "--vm",
+        "linux-web-01",
+        "--vm",
+        "win-dyn-01",
+        "--vm",
+        "win-split-01",
+    ];
+    let (reports, _) = lab.backup(&vms);
+    let want = [
+        ("win-sql-01", "child-vm", "application", "VSS"),
+        ("win-file-01", "saved-state", "saved-state", "the VM is off"),
+        (
+            "linux-web-01",
+            "saved-state",
+            "saved-state",
+            "integration service is disabled",
+        ),
+        ("win-dyn-01", "saved-state", "saved-state", "dynamic disks"),
+        (
+            "win-split-01",
+            "saved-state",
+            "saved-state",
+            "on another volume",
+        ),
+    ];
+    assert_eq!(reports.len(), want.len());
+    for (vm, method, consistency, why) in want {
+        let r = reports
+            .iter()
+            .find(|r| r["vm_name"] == vm)
+            .unwrap_or_else(|| panic!("no report of {vm}"));
+        assert_eq!(r["method"]["name"], method, "{vm}: {r}");
+        assert_eq!(r["consistency"], consistency, "{vm}: {r}");
+        let reason = r["method"]["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{vm}: {reason}");
+    }
+    assert_eq!(lab.checkpoints(), 0);
+    for vm in ["win-sql-01", "linux-web-01", "win-dyn-01", "win-split-01"] {
+        assert!(lab.running(vm), "{vm} must run again after its backup");
+    }
+    assert!(!lab.running("win-file-01"), "an off VM stays off");
+}
+
+#[test]
+fn sigkill_mid_backup_leaves_no_checkpoint_after_the_next_run_or_cleanup() {
+    let lab = Lab::start();
+    let vm = "linux-web-01";
+    let mut child = lab.throttled_backup_reading(vm);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(lab.checkpoints(), 1, "the kill should land mid-backup");
+    assert!(
+        lab.running(vm),
+        "the saved-state guest was resumed before the read"
+    );
+    // The next backup removes the leftover first.
+    let expected = lab.guest_disks(vm, "after-kill");
+    let (r, err) = lab.backup_vm(vm);
+    assert!(
+        err.contains("removed leftovers of an interrupted backup"),
+        "{err}"
+    );
+    assert_eq!(lab.checkpoints(), 0);
+    lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
+    // Killed again: `ferry source cleanup` removes it; the administrator's own checkpoints stay.
+    let mut child = lab.throttled_backup_reading(vm);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(lab.checkpoints(), 1);
+    let (out, _) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["snapshots"], 1, "{v}");
+    assert_eq!(lab.checkpoints(), 0);
+    // The next incremental still works from the reference point of the first backup.
+    lab.guest_write(vm, "disk0", 3 * CHUNK, &[0x77; 2048]);
+    let (r, _) = lab.backup_vm(vm);
+    assert_eq!(disk(&r, "disk0")["mode"], "changed-blocks", "{r}");
+}
+
+#[test]
+fn broken_rct_is_a_full_read_with_the_reason() {
+    let lab = Lab::start();
+    let vm = "win-split-01";
+    lab.backup_vm(vm);
+    lab.guest_write(vm, "disk0", 2 * CHUNK, &[0x42; 8192]);
+    lab.door(
+        "BreakRct",
+        &[("VirtualSystem", vm.into()), ("Disk", "disk0".into())],
+    );
+    let expected = lab.guest_disks(vm, "broken");
+    let (r, _) = lab.backup_vm(vm);
+    let reason = disk(&r, "disk0")["full_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("RCT") && reason.contains("reset"),
+        "{reason}"
+    );
+    assert_eq!(r["method"]["name"], "saved-state");
+    lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
+    assert_eq!(lab.checkpoints(), 0);
+}
