@@ -63,6 +63,10 @@ enum Command {
     /// it is restored there; then switch it to the restored disks (`finish`) or remove it.
     #[command(subcommand)]
     InstantRecover(cmd::instant::Command),
+    /// Replication: standby VMs on another source kept up to date from the source's changes,
+    /// recovery points, planned / unplanned / test failover, reverse replication.
+    #[command(subcommand)]
+    Replica(cmd::replica::Command),
     /// File-level restore: list and copy files out of a restore point (ext4, NTFS; MBR, GPT)
     /// without restoring the disk.
     #[command(subcommand)]
@@ -165,6 +169,7 @@ fn main() -> ExitCode {
             Command::Restore(a) => cmd::restore::run(a, &cli.global).await,
             Command::Export(a) => cmd::export::run(a, &cli.global).await,
             Command::InstantRecover(c) => cmd::instant::run(c, &cli.global).await,
+            Command::Replica(c) => cmd::replica::run(c, &cli.global).await,
             Command::Files(c) => cmd::files::run(c, &cli.global).await,
             Command::Demo(a) => cmd::demo::run(a, &cli.global).await,
             Command::Vms(a) => cmd::vms::run(a, &cli.global).await,

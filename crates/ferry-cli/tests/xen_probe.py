@@ -9,6 +9,7 @@ test. Requests:
   {"op": "sim", "call": C, "args": [...]}    the simulator's side door: session.xenapi.sim.C(*args)
   {"op": "vdis"}                             uuids of every VDI
   {"op": "vm_names"}                         names of every VM that is not a snapshot
+  {"op": "networks"}                         names of every network
 """
 import json, shutil, ssl, sys, urllib.request
 import XenAPI
@@ -85,6 +86,8 @@ for line in sys.stdin:
             ans = getattr(x.sim, req["call"])(*req["args"])
         elif op == "vm_names":
             ans = sorted(v["name_label"] for v in x.VM.get_all_records().values() if not v["is_a_snapshot"])
+        elif op == "networks":
+            ans = sorted(v["name_label"] for v in x.network.get_all_records().values())
         elif op == "vdis":
             ans = sorted(v["uuid"] for v in x.VDI.get_all_records().values())
         else:

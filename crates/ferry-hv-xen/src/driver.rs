@@ -522,6 +522,10 @@ impl HypervisorDriver for XenDriver {
     fn instant(&self) -> Option<&dyn ferry_hv::InstantRecovery> {
         Some(self)
     }
+
+    fn replica(&self) -> Option<&dyn ferry_hv::ReplicaTarget> {
+        Some(self)
+    }
 }
 
 /// One backup in progress.

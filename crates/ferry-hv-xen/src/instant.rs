@@ -224,7 +224,7 @@ const VHD_BLOCK: u64 = 2 << 20;
 
 /// Writes the blocks of `src` that `written` touches into the VDI `target`, as a VHD that
 /// holds only those blocks.
-async fn apply_changes(
+pub(crate) async fn apply_changes(
     c: &XenClient,
     target: &str,
     src: &dyn BlockSource,

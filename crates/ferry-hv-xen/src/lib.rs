@@ -22,6 +22,7 @@ pub mod cbt;
 pub mod client;
 mod driver;
 pub mod instant;
+pub mod replica;
 mod restore;
 
 pub use driver::{SNAPSHOT_MARKER, VBD_MARKER, XenDriver, XenSession};

@@ -88,8 +88,18 @@ pub(crate) async fn restore(
     source: &str,
     plan: &RestorePlan,
 ) -> Result<RestoredVm, HvError> {
+    restore_marked(c, source, plan, json!({"ferry-restored": "1"})).await
+}
+
+/// A restore whose VM carries `other_config` from its creation on.
+pub(crate) async fn restore_marked(
+    c: &XenClient,
+    source: &str,
+    plan: &RestorePlan,
+    other_config: J,
+) -> Result<RestoredVm, HvError> {
     let (mut rec, native) = vm_record(plan);
-    rec.insert("other_config".into(), json!({"ferry-restored": "1"}));
+    rec.insert("other_config".into(), other_config);
     let vm = c.call_str("VM.create", vec![J::Object(rec)]).await?;
     let mut created_vdis = Vec::new();
     let r = fill(c, source, plan, &vm, native.as_ref(), &mut created_vdis).await;

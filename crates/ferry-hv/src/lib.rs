@@ -304,6 +304,81 @@ pub trait InstantRecovery: Send + Sync {
     async fn instant_cancel(&self, vm: &InstantVm) -> Result<(), HvError>;
 }
 
+/// A VM a replica job keeps (the standby, or a test copy), found again by the job's marker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReplicaVm {
+    /// The VM's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its power state.
+    pub power_state: PowerState,
+}
+
+/// A recovery point: a snapshot of the standby VM on the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RecoveryPoint {
+    /// The snapshot's id.
+    pub id: String,
+    /// Its name (Ferry names it after the restore point it holds).
+    pub name: String,
+}
+
+/// Which VMs a replica job marks on a target (ADR 0130).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaRole {
+    /// The standby VM.
+    Standby,
+    /// A test-failover copy (isolated NICs).
+    Test,
+}
+
+/// Replica targets: keep a standby VM up to date by writing changed extents into its disks,
+/// recovery points as snapshots on the target, and the power and isolation failover needs.
+/// Disks are addressed by their index in device order (the restore plan's disk order).
+/// Every call is safe to repeat: a killed caller runs it again (ADR 0131).
+#[async_trait]
+pub trait ReplicaTarget: Send + Sync {
+    /// Creates the standby VM of job `job` from `plan`, powered off, marked with the job.
+    /// A failure removes what it created.
+    async fn replica_create(&self, plan: &RestorePlan, job: &str) -> Result<ReplicaVm, HvError>;
+    /// The VMs marked as `role` of job `job` (what a killed run may have left).
+    async fn replica_marked(&self, job: &str, role: ReplicaRole)
+    -> Result<Vec<ReplicaVm>, HvError>;
+    /// The VM `vm` (id), `None` when it does not exist.
+    async fn replica_vm(&self, vm: &str) -> Result<Option<ReplicaVm>, HvError>;
+    /// Writes the `extents` of `source` into disk `index` of the halted VM `vm`; returns the
+    /// bytes sent.
+    async fn replica_write(
+        &self,
+        vm: &str,
+        index: usize,
+        source: &dyn BlockSource,
+        extents: &ExtentMap,
+    ) -> Result<u64, HvError>;
+    /// Takes recovery point `name` of `vm` (disks only).
+    async fn point_create(&self, vm: &str, name: &str) -> Result<RecoveryPoint, HvError>;
+    /// The recovery points of `vm`, oldest first.
+    async fn points(&self, vm: &str) -> Result<Vec<RecoveryPoint>, HvError>;
+    /// Powers `vm` off and reverts its disks to `point`.
+    async fn point_revert(&self, vm: &str, point: &str) -> Result<(), HvError>;
+    /// Deletes `point` and its disks; a point that is gone already is no error.
+    async fn point_delete(&self, point: &str) -> Result<(), HvError>;
+    /// Starts (`on`) or stops `vm` (clean shutdown, forced when refused); no-op when it is
+    /// in that state already.
+    async fn power(&self, vm: &str, on: bool) -> Result<(), HvError>;
+    /// Marks `vm` (id) as the standby of job `job`, or removes the mark (`None`): a VM
+    /// changes role when the direction is reversed.
+    async fn replica_mark(&self, vm: &str, job: Option<&str>) -> Result<(), HvError>;
+    /// A new, halted VM `name` made from `point`, marked as test copy of job `job`, its NICs
+    /// on an isolated network.
+    async fn test_copy(&self, point: &str, name: &str, job: &str) -> Result<ReplicaVm, HvError>;
+    /// Stops and removes `vm` with its disks (and the isolated network of a test copy).
+    async fn replica_remove(&self, vm: &str) -> Result<(), HvError>;
+}
+
 /// What [`HypervisorDriver::recover`] cleaned up.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -350,6 +425,10 @@ pub trait HypervisorDriver: Send + Sync {
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError>;
     /// Instant recovery, where the driver supports it.
     fn instant(&self) -> Option<&dyn InstantRecovery> {
+        None
+    }
+    /// Replica targets (and primaries of reversed replicas), where the driver supports them.
+    fn replica(&self) -> Option<&dyn ReplicaTarget> {
         None
     }
 }

@@ -13,6 +13,7 @@ pub mod hvbackup;
 pub mod image;
 pub mod instant;
 pub mod nbd;
+pub mod replica;
 pub mod repo;
 pub mod restore;
 pub mod serve;

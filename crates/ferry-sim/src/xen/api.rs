@@ -211,12 +211,12 @@ impl State {
         self.rec_mut(class, r)?.insert(f.into(), v);
         Ok(())
     }
-    fn push_ref(&mut self, class: &str, r: &str, f: &str, item: &str) -> R<()> {
+    pub(crate) fn push_ref(&mut self, class: &str, r: &str, f: &str, item: &str) -> R<()> {
         let mut v = self.frefs(class, r, f)?;
         v.push(item.into());
         self.set(class, r, f, Value::strs(&v))
     }
-    fn drop_ref(&mut self, class: &str, r: &str, f: &str, item: &str) {
+    pub(crate) fn drop_ref(&mut self, class: &str, r: &str, f: &str, item: &str) {
         if let Ok(mut v) = self.frefs(class, r, f) {
             v.retain(|x| x != item);
             let _ = self.set(class, r, f, Value::strs(&v));
@@ -433,6 +433,12 @@ impl State {
                 self.stop_guest(vm).await;
                 return Ok(s(""));
             }
+            ("VM", "clone" | "copy") => return self.vm_clone(arg(1)?, arg(2)?).await.map(s),
+            ("VM", "revert") => return self.vm_revert(arg(1)?).await.map(|_| s("")),
+            ("VDI", "clone") => return self.vdi_clone(arg(1)?).await.map(s),
+            ("VIF", "move") => return self.vif_move(arg(1)?, arg(2)?).map(|_| s("")),
+            ("network", "create") => return self.network_create(rec_param(1)?).map(s),
+            ("network", "destroy") => return self.network_destroy(arg(1)?).map(|_| s("")),
             ("SR", "create") => return self.sr_create(&strs, &params).await.map(s),
             ("SR", "forget" | "destroy") => return self.sr_forget(arg(1)?).map(|_| s("")),
             ("SR", "scan") => return self.obj("SR", arg(1)?).map(|_| s("")),
@@ -634,7 +640,7 @@ impl State {
         }))
     }
 
-    fn backend(e: impl std::fmt::Display) -> Failure {
+    pub(crate) fn backend(e: impl std::fmt::Display) -> Failure {
         Failure::new("SR_BACKEND_FAILURE", &["", "", &e.to_string()])
     }
 
@@ -911,7 +917,7 @@ impl State {
         Ok(())
     }
 
-    fn vm_power(&mut self, vm: &str, on: bool) -> R<()> {
+    pub(crate) fn vm_power(&mut self, vm: &str, on: bool) -> R<()> {
         let st = self.fstr("VM", vm, "power_state")?;
         if self.fbool("VM", vm, "is_a_snapshot")? || self.fbool("VM", vm, "is_a_template")? {
             return Err(Failure::new("VM_IS_TEMPLATE", &[vm]));
@@ -977,7 +983,7 @@ impl State {
         self.vif_create(r)
     }
 
-    fn vbd_create(&mut self, r: Rec) -> R<String> {
+    pub(crate) fn vbd_create(&mut self, r: Rec) -> R<String> {
         let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         let (vm, vdi) = (get("VM"), get("VDI"));
         self.obj("VM", &vm)?;
@@ -1114,7 +1120,7 @@ impl State {
         Ok(())
     }
 
-    fn vif_create(&mut self, r: Rec) -> R<String> {
+    pub(crate) fn vif_create(&mut self, r: Rec) -> R<String> {
         let get = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         let (vm, net) = (get("VM"), get("network"));
         self.obj("VM", &vm)?;
@@ -1198,7 +1204,7 @@ impl State {
         }
     }
 
-    fn vdi_destroy(&mut self, vdi: &str) -> R<()> {
+    pub(crate) fn vdi_destroy(&mut self, vdi: &str) -> R<()> {
         self.obj("VDI", vdi)?;
         if self.attached(vdi)? {
             return Err(Failure::new("VDI_IN_USE", &[vdi, "destroy"]));

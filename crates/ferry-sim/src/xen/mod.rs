@@ -13,6 +13,7 @@ mod api;
 mod http;
 mod nbd;
 mod nbdsr;
+mod replica;
 mod seed;
 mod sidedoor;
 pub mod storage;

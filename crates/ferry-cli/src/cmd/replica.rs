@@ -1,0 +1,1218 @@
+//! `ferry replica …`: standby VMs on another source kept up to date from a VM's changes
+//! (docs/replication.md, ADRs 0130–0133).
+//!
+//! A cycle backs the VM up into the repository (incremental, as `ferry backup --source`),
+//! writes the chunks that differ between the restore point the standby holds and the new one
+//! into the standby's disks, and takes a recovery point (a snapshot on the target). The state
+//! of each replica is a versioned JSON record in `<state-dir>/replicas/NAME.json`, replaced
+//! atomically after every step; the step in progress is in it (`op`, `cycle`), so a command
+//! killed halfway is completed by running it (or any other command of the replica) again.
+
+use crate::cmd::hvbackup::{VmBackupOptions, backup_vm, find_vm};
+use crate::cmd::repo::{open_repository, parse_duration, read_password};
+use crate::cmd::restore::{resolve_snapshot, restore_plan};
+use crate::cmd::source::connect;
+use anyhow::{Context, bail};
+use ferry_core::ExtentMap;
+use ferry_hv::{FerryConfig, HypervisorDriver, ReplicaRole, ReplicaTarget, RestorePlan};
+use ferry_repo::{Manifest, Repository};
+use serde::{Deserialize, Serialize};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Version of the replica record.
+const RECORD_VERSION: u32 = 1;
+
+/// `ferry replica …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Define a replica of VM on source SRC kept on source DST (nothing is copied yet: the
+    /// first `sync` creates the standby VM, from --seed when given).
+    Create(CreateArgs),
+    /// Run one replication cycle: incremental backup, changes written into the standby,
+    /// recovery point, pruning beyond --keep.
+    Sync(NameArgs),
+    /// Health of one replica or all: lag, last success, last error, bytes per cycle, points.
+    Status(StatusArgs),
+    /// Start the standby: --planned (primary shut down, last changes sent, replica started,
+    /// direction reversed) or --unplanned (the replica at a recovery point).
+    Failover(FailoverArgs),
+    /// Start an isolated copy of the standby at a recovery point (replication goes on);
+    /// `--cleanup` removes it.
+    Test(TestArgs),
+    /// After an unplanned failover: replicate back from the running replica to the old
+    /// primary (which is shut down and fully resynchronized).
+    Reverse(NameArgs),
+    /// End replication: remove the recovery points, test copies and the record (the
+    /// standby VM stays unless --delete-vm).
+    Cancel(CancelArgs),
+}
+
+/// Where records live and how sources are found.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Common {
+    /// Configuration file (default: $FERRY_CONFIG, ./ferry.toml, /etc/ferry/ferry.toml).
+    #[arg(long, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of the replica records (default: $XDG_STATE_HOME/ferry, ~/.local/state/ferry).
+    #[arg(long, env = "FERRY_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Repository password file (first line); default: the FERRY_PASSWORD variable.
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `ferry replica create`.
+#[derive(Debug, clap::Args)]
+pub struct CreateArgs {
+    /// Name of the replica job.
+    name: String,
+    /// Source of the VM (`[sources.NAME]`).
+    #[arg(long)]
+    source: String,
+    /// The VM (name or id).
+    #[arg(long)]
+    vm: String,
+    /// Target source of the standby VM.
+    #[arg(long)]
+    to_source: String,
+    /// Repository the cycles back up into.
+    #[arg(long, env = "FERRY_REPO")]
+    repo: String,
+    /// How often the scheduler runs a cycle (s, m, h).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    every: Duration,
+    /// Recovery points kept on the target.
+    #[arg(long, default_value_t = 4)]
+    keep: usize,
+    /// Lag beyond which the replica is stale (default: twice --every).
+    #[arg(long, value_parser = parse_duration)]
+    rpo: Option<Duration>,
+    /// Create the standby from this restore point (already in the repository) instead of
+    /// the first cycle's backup.
+    #[arg(long)]
+    seed: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// A replica by name.
+#[derive(Debug, clap::Args)]
+pub struct NameArgs {
+    /// Name of the replica job.
+    name: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `ferry replica status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// One replica (default: all).
+    name: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `ferry replica failover`.
+#[derive(Debug, clap::Args)]
+pub struct FailoverArgs {
+    /// Name of the replica job.
+    name: String,
+    /// The primary is shut down, its last changes sent, the replica started, the direction
+    /// reversed.
+    #[arg(
+        long,
+        conflicts_with = "unplanned",
+        required_unless_present = "unplanned"
+    )]
+    planned: bool,
+    /// The primary is lost: start the replica at a recovery point.
+    #[arg(long)]
+    unplanned: bool,
+    /// Recovery point (its id, restore point id or a unique prefix; default: the newest).
+    #[arg(long, requires = "unplanned")]
+    point: Option<String>,
+    /// Fail over a stale replica (lag beyond its RPO) anyway.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `ferry replica test`.
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// Name of the replica job.
+    name: String,
+    /// Recovery point (default: the newest).
+    #[arg(long, conflicts_with = "cleanup")]
+    point: Option<String>,
+    /// Remove the test copy.
+    #[arg(long)]
+    cleanup: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// `ferry replica cancel`.
+#[derive(Debug, clap::Args)]
+pub struct CancelArgs {
+    /// Name of the replica job.
+    name: String,
+    /// Also remove the standby VM and its disks.
+    #[arg(long)]
+    delete_vm: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// A recovery point the replica keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Point {
+    /// The snapshot's id on the target.
+    pub id: String,
+    /// The restore point whose content it holds.
+    pub restore_point: String,
+    /// Unix seconds of that restore point.
+    pub time: i64,
+}
+
+/// Where the replica stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum State {
+    /// Cycles keep the standby up to date.
+    Replicating,
+    /// The standby runs as the production VM (after an unplanned failover); `reverse`
+    /// replicates back.
+    FailedOver {
+        /// The recovery point it was started at.
+        point: String,
+    },
+}
+
+/// An operation in progress: what a re-run completes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Op {
+    /// Failover; `step` is the last step done.
+    Failover {
+        /// Planned or not.
+        planned: bool,
+        /// Recovery point (unplanned).
+        point: Option<String>,
+        /// 0 = nothing yet, 1 = primary stopped / reverted, 2 = synced, 3 = started.
+        step: u8,
+    },
+    /// Reverse replication.
+    Reverse {
+        /// The old primary must be resynchronized in full.
+        resync: bool,
+    },
+    /// Test failover at a point.
+    Test {
+        /// The recovery point.
+        point: String,
+    },
+    /// End of replication.
+    Cancel {
+        /// Remove the standby VM too.
+        delete_vm: bool,
+    },
+}
+
+/// The cycle in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Cycle {
+    /// The restore point the cycle's backup wrote (none yet: the backup runs).
+    pub restore_point: Option<String>,
+    /// Bytes written into the standby so far.
+    pub bytes: u64,
+}
+
+/// Health counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Health {
+    /// Unix seconds of the last successful cycle.
+    pub last_success: Option<i64>,
+    /// Unix seconds of the last cycle attempted.
+    pub last_attempt: Option<i64>,
+    /// The last cycle's error (cleared by a success).
+    pub last_error: Option<String>,
+    /// Bytes written into the standby by the last successful cycle.
+    pub last_bytes: u64,
+    /// Successful cycles.
+    pub cycles: u64,
+}
+
+/// The record of one replica job (`<state-dir>/replicas/NAME.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Replica {
+    /// [`RECORD_VERSION`].
+    pub version: u32,
+    /// Job name.
+    pub name: String,
+    /// Repository location.
+    pub repo: String,
+    /// Source of the primary VM.
+    pub source: String,
+    /// The primary VM's id.
+    pub vm: String,
+    /// Its name.
+    pub vm_name: String,
+    /// Target source.
+    pub target: String,
+    /// Seconds between cycles.
+    pub every: u64,
+    /// Recovery points kept.
+    pub keep: usize,
+    /// Seconds of lag beyond which the replica is stale.
+    pub rpo: u64,
+    /// Restore point to create the standby from.
+    pub seed: Option<String>,
+    /// The standby VM's id on the target.
+    pub standby: Option<String>,
+    /// The restore point whose content the standby's disks hold.
+    pub applied: Option<String>,
+    /// Unix seconds of `applied` (the lag is counted from it).
+    pub applied_time: Option<i64>,
+    /// The next cycle rewrites every block of the standby (it diverged).
+    pub resync: bool,
+    /// Recovery points, oldest first.
+    pub points: Vec<Point>,
+    /// Replicating or failed over.
+    pub state: State,
+    /// The running test copy's VM id.
+    pub test_vm: Option<String>,
+    /// The cycle in progress.
+    pub cycle: Option<Cycle>,
+    /// The operation in progress.
+    pub op: Option<Op>,
+    /// Health.
+    pub health: Health,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Replica {
+    /// Seconds since the restore point the standby holds was taken.
+    pub fn lag(&self) -> Option<i64> {
+        self.applied_time.map(|t| (now() - t).max(0))
+    }
+
+    /// Why a failover to this replica would lose more than its RPO, if it would.
+    pub fn stale(&self) -> Option<String> {
+        match self.lag() {
+            None => Some("it holds no recovery point yet".into()),
+            Some(l) if l > self.rpo as i64 => Some(format!(
+                "its newest data is {} old, beyond its RPO of {}; {}",
+                secs(l),
+                secs(self.rpo as i64),
+                match &self.health.last_error {
+                    Some(e) => format!("the last cycle failed: {e}"),
+                    None => "no cycle has succeeded since".into(),
+                }
+            )),
+            Some(_) => None,
+        }
+    }
+}
+
+fn secs(s: i64) -> String {
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The records of a state directory.
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    /// `<state-dir>/replicas`.
+    pub fn new(state_dir: Option<&Path>) -> Self {
+        let base = state_dir.map(Path::to_path_buf).unwrap_or_else(|| {
+            std::env::var_os("XDG_STATE_HOME")
+                .map(|x| PathBuf::from(x).join("ferry"))
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/ferry"))
+                })
+                .unwrap_or_else(|| PathBuf::from("/var/lib/ferry"))
+        });
+        Self {
+            dir: base.join("replicas"),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    /// Loads replica `name`.
+    pub fn load(&self, name: &str) -> anyhow::Result<Replica> {
+        let p = self.path(name);
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("no replica `{name}` (no {})", p.display())
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
+        };
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a replica record", p.display()))?;
+        if v["version"] != RECORD_VERSION {
+            bail!(
+                "{}: record version {} is not understood by this Ferry (it writes {RECORD_VERSION})",
+                p.display(),
+                v["version"]
+            );
+        }
+        serde_json::from_value(v)
+            .with_context(|| format!("{} is not a replica record", p.display()))
+    }
+
+    /// Every replica, by name.
+    pub fn all(&self) -> anyhow::Result<Vec<Replica>> {
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", self.dir.display())),
+        };
+        for e in rd {
+            let p = e?.path();
+            if let Some(n) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            {
+                out.push(self.load(n)?);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// Replaces the record atomically: a complete temporary file, synced, renamed over it.
+    pub fn save(&self, r: &Replica) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let p = self.path(&r.name);
+        let tmp = self.dir.join(format!(".{}.json.tmp", r.name));
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.write_all(serde_json::to_string_pretty(r)?.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &p).with_context(|| format!("cannot replace {}", p.display()))?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> anyhow::Result<()> {
+        std::fs::remove_file(self.path(name))?;
+        let _ = std::fs::remove_file(self.dir.join(format!("{name}.lock")));
+        Ok(())
+    }
+
+    /// An exclusive lock on replica `name` for this process's lifetime of the guard.
+    pub fn lock(&self, name: &str) -> anyhow::Result<std::fs::File> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create {}", self.dir.display()))?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(format!("{name}.lock")))?;
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: flock takes the descriptor of a file this function owns and keeps open; it
+        // reads or writes no memory of ours.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(f);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!("replica `{name}` is busy: another Ferry process is working on it");
+        }
+        Err(e.into())
+    }
+}
+
+fn valid_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!("replica name `{name}`: use letters, digits, `-`, `_` and `.`");
+    }
+    Ok(())
+}
+
+/// Everything one command needs: the record, its store, the sources.
+struct Ctx {
+    store: Store,
+    cfg: FerryConfig,
+    common: Common,
+    _lock: std::fs::File,
+    rec: Replica,
+}
+
+impl Ctx {
+    fn open(name: &str, common: &Common) -> anyhow::Result<Self> {
+        valid_name(name)?;
+        let store = Store::new(common.state_dir.as_deref());
+        let lock = store.lock(name)?;
+        let rec = store.load(name)?;
+        let cfg = FerryConfig::load(common.config.as_deref())?;
+        Ok(Self {
+            store,
+            cfg,
+            common: common.clone(),
+            _lock: lock,
+            rec,
+        })
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        self.store.save(&self.rec)
+    }
+
+    async fn driver(&self, source: &str) -> anyhow::Result<Arc<dyn HypervisorDriver>> {
+        connect(source, self.cfg.source(source)?).await
+    }
+
+    async fn repo(&self) -> anyhow::Result<Repository> {
+        let pw = read_password(self.common.password_file.as_deref(), "FERRY_PASSWORD")?;
+        open_repository(&self.rec.repo, pw.as_ref()).await
+    }
+}
+
+fn replica_of<'a>(
+    d: &'a dyn HypervisorDriver,
+    source: &str,
+) -> anyhow::Result<&'a dyn ReplicaTarget> {
+    d.replica().ok_or_else(|| {
+        anyhow::anyhow!(
+            "source `{source}` ({:?}) cannot hold replicas with this build of Ferry",
+            d.kind()
+        )
+    })
+}
+
+/// Runs a `replica` subcommand.
+pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCode> {
+    match cmd {
+        Command::Create(a) => create(a).await,
+        Command::Sync(a) => {
+            let mut ctx = Ctx::open(&a.name, &a.common)?;
+            resume(&mut ctx).await?;
+            if ctx.rec.state != State::Replicating {
+                bail!(
+                    "replica `{}` is failed over: run `ferry replica reverse {}` to replicate back",
+                    a.name,
+                    a.name
+                );
+            }
+            let r = sync(&mut ctx).await;
+            print_status(&ctx.rec, a.common.json)?;
+            r.map(|_| ExitCode::SUCCESS)
+        }
+        Command::Status(a) => {
+            let store = Store::new(a.common.state_dir.as_deref());
+            let recs = match &a.name {
+                Some(n) => vec![store.load(n)?],
+                None => store.all()?,
+            };
+            if a.common.json {
+                let v: Vec<serde_json::Value> = recs.iter().map(status_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for r in &recs {
+                    print_status(r, false)?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Failover(a) => {
+            let mut ctx = Ctx::open(&a.name, &a.common)?;
+            match &ctx.rec.op {
+                Some(Op::Failover { .. }) | None => {}
+                Some(_) => resume(&mut ctx).await?,
+            }
+            if ctx.rec.op.is_none() {
+                if ctx.rec.state != State::Replicating {
+                    bail!("replica `{}` is failed over already", a.name);
+                }
+                if let (false, Some(why)) = (a.force, ctx.rec.stale()) {
+                    bail!(
+                        "replica `{}` is stale: {why}. A failover now loses everything since; pass --force to fail over anyway",
+                        a.name
+                    );
+                }
+                let point = match (&a.point, a.unplanned) {
+                    (Some(p), _) => Some(find_point(&ctx.rec, p)?.id.clone()),
+                    (None, true) => Some(
+                        ctx.rec
+                            .points
+                            .last()
+                            .map(|p| p.id.clone())
+                            .context("the replica has no recovery point")?,
+                    ),
+                    (None, false) => None,
+                };
+                ctx.rec.op = Some(Op::Failover {
+                    planned: a.planned,
+                    point,
+                    step: 0,
+                });
+                ctx.save()?;
+            }
+            resume(&mut ctx).await?;
+            print_status(&ctx.rec, a.common.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test(a) => {
+            let mut ctx = Ctx::open(&a.name, &a.common)?;
+            if a.cleanup {
+                test_cleanup(&mut ctx).await?;
+            } else {
+                if ctx.rec.op.is_none() {
+                    if ctx.rec.test_vm.is_some() {
+                        bail!(
+                            "replica `{}` has a test copy running: `ferry replica test {} --cleanup` first",
+                            a.name,
+                            a.name
+                        );
+                    }
+                    let point = match &a.point {
+                        Some(p) => find_point(&ctx.rec, p)?.id.clone(),
+                        None => ctx
+                            .rec
+                            .points
+                            .last()
+                            .map(|p| p.id.clone())
+                            .context("the replica has no recovery point yet")?,
+                    };
+                    ctx.rec.op = Some(Op::Test { point });
+                    ctx.save()?;
+                }
+                resume(&mut ctx).await?;
+            }
+            print_status(&ctx.rec, a.common.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reverse(a) => {
+            let mut ctx = Ctx::open(&a.name, &a.common)?;
+            if ctx.rec.op.is_none() {
+                if !matches!(ctx.rec.state, State::FailedOver { .. }) {
+                    bail!(
+                        "replica `{}` is not failed over: nothing to reverse",
+                        a.name
+                    );
+                }
+                ctx.rec.op = Some(Op::Reverse { resync: true });
+                ctx.save()?;
+            }
+            resume(&mut ctx).await?;
+            print_status(&ctx.rec, a.common.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel(a) => {
+            let mut ctx = Ctx::open(&a.name, &a.common)?;
+            ctx.rec.op = Some(Op::Cancel {
+                delete_vm: a.delete_vm,
+            });
+            ctx.save()?;
+            resume(&mut ctx).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
+    valid_name(&a.name)?;
+    if a.keep == 0 {
+        bail!("--keep must be at least 1: the newest recovery point is what a failover starts");
+    }
+    if a.source == a.to_source {
+        tracing::warn!(source = %a.source, "the replica lives on the same source as its VM");
+    }
+    let store = Store::new(a.common.state_dir.as_deref());
+    let _lock = store.lock(&a.name)?;
+    if store.path(&a.name).exists() {
+        bail!("replica `{}` exists already", a.name);
+    }
+    let cfg = FerryConfig::load(a.common.config.as_deref())?;
+    let driver = connect(&a.source, cfg.source(&a.source)?).await?;
+    let target = connect(&a.to_source, cfg.source(&a.to_source)?).await?;
+    replica_of(target.as_ref(), &a.to_source)?;
+    let vms = driver
+        .list_vms()
+        .await
+        .with_context(|| format!("cannot list the VMs of source `{}`", a.source))?;
+    let vm = find_vm(&vms, &a.vm)?.clone();
+    let pw = read_password(a.common.password_file.as_deref(), "FERRY_PASSWORD")?;
+    let repo = open_repository(&a.repo, pw.as_ref()).await?;
+    let seed = match &a.seed {
+        Some(s) => {
+            let m = resolve_snapshot(&repo, s).await?;
+            if m.meta.vm.id != vm.id {
+                tracing::warn!(seed = %m.id, seed_vm = %m.meta.vm.name, vm = %vm.name,
+                    "the seed is a restore point of another VM; the first cycle rewrites what differs");
+            }
+            Some(m.id)
+        }
+        None => None,
+    };
+    let rec = Replica {
+        version: RECORD_VERSION,
+        name: a.name.clone(),
+        repo: a.repo.clone(),
+        source: a.source.clone(),
+        vm: vm.id.clone(),
+        vm_name: vm.name.clone(),
+        target: a.to_source.clone(),
+        every: a.every.as_secs().max(1),
+        keep: a.keep,
+        rpo: a.rpo.unwrap_or(a.every * 2).as_secs().max(1),
+        seed,
+        standby: None,
+        applied: None,
+        applied_time: None,
+        resync: false,
+        points: vec![],
+        state: State::Replicating,
+        test_vm: None,
+        cycle: None,
+        op: None,
+        health: Health::default(),
+    };
+    store.save(&rec)?;
+    print_status(&rec, a.common.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn find_point<'a>(r: &'a Replica, spec: &str) -> anyhow::Result<&'a Point> {
+    let hits: Vec<&Point> = r
+        .points
+        .iter()
+        .filter(|p| p.id.starts_with(spec) || p.restore_point.starts_with(spec))
+        .collect();
+    match hits.as_slice() {
+        [one] => Ok(one),
+        [] => bail!(
+            "replica `{}` has no recovery point `{spec}` (points: {})",
+            r.name,
+            r.points
+                .iter()
+                .map(|p| p.restore_point.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => bail!("`{spec}` matches several recovery points; give more of it"),
+    }
+}
+
+/// Completes the operation in progress, if any.
+async fn resume(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let Some(op) = ctx.rec.op.clone() else {
+        return Ok(());
+    };
+    tracing::info!(replica = %ctx.rec.name, ?op, "completing the operation in progress");
+    match op {
+        Op::Failover {
+            planned,
+            point,
+            step,
+        } => failover(ctx, planned, point, step).await,
+        Op::Reverse { resync } => reverse(ctx, resync).await,
+        Op::Test { point } => test_start(ctx, &point).await,
+        Op::Cancel { delete_vm } => cancel(ctx, delete_vm).await,
+    }
+}
+
+fn set_step(ctx: &mut Ctx, n: u8) -> anyhow::Result<()> {
+    if let Some(Op::Failover { step, .. }) = &mut ctx.rec.op {
+        *step = n;
+    }
+    ctx.save()
+}
+
+async fn failover(
+    ctx: &mut Ctx,
+    planned: bool,
+    point: Option<String>,
+    mut step: u8,
+) -> anyhow::Result<()> {
+    let target = ctx.driver(&ctx.rec.target.clone()).await?;
+    let t = replica_of(target.as_ref(), &ctx.rec.target)?;
+    let standby = ctx
+        .rec
+        .standby
+        .clone()
+        .context("the replica has no standby VM yet: run a sync first")?;
+    if planned {
+        if step < 1 {
+            // A cycle in progress backed up the running primary: finish it first, so the
+            // final cycle's backup is surely taken after the shutdown.
+            if ctx.rec.cycle.is_some() {
+                sync(ctx).await.context("the unfinished cycle failed")?;
+            }
+            let src = ctx.driver(&ctx.rec.source.clone()).await?;
+            replica_of(src.as_ref(), &ctx.rec.source)?
+                .power(&ctx.rec.vm, false)
+                .await
+                .context("cannot shut the primary down")?;
+            step = 1;
+            set_step(ctx, step)?;
+        }
+        if step < 2 {
+            // The primary is off: this cycle carries its last changes.
+            sync(ctx).await.context("the final cycle failed")?;
+            step = 2;
+            set_step(ctx, step)?;
+        }
+    } else if step < 1 {
+        let p = point.clone().context("no recovery point chosen")?;
+        t.point_revert(&standby, &p)
+            .await
+            .with_context(|| format!("cannot revert the standby to recovery point {p}"))?;
+        if let Some(pt) = ctx.rec.points.iter().find(|x| x.id == p).cloned() {
+            ctx.rec.applied = Some(pt.restore_point);
+            ctx.rec.applied_time = Some(pt.time);
+        }
+        step = 2;
+        set_step(ctx, step)?;
+    }
+    if step < 3 {
+        t.power(&standby, true)
+            .await
+            .context("cannot start the replica")?;
+        step = 3;
+        set_step(ctx, step)?;
+    }
+    let at = point
+        .or_else(|| ctx.rec.points.last().map(|p| p.id.clone()))
+        .unwrap_or_default();
+    ctx.rec.state = State::FailedOver { point: at };
+    if planned {
+        ctx.rec.op = Some(Op::Reverse { resync: false });
+        ctx.save()?;
+        return reverse(ctx, false).await;
+    }
+    ctx.rec.op = None;
+    ctx.save()
+}
+
+/// Swaps the direction: the running replica becomes the primary, the old primary (shut
+/// down) the standby. Every step can be repeated; the swap is one save.
+async fn reverse(ctx: &mut Ctx, resync: bool) -> anyhow::Result<()> {
+    let r = ctx.rec.clone();
+    let standby = r.standby.clone().context("the replica has no standby VM")?;
+    let target = ctx.driver(&r.target).await?;
+    let t = replica_of(target.as_ref(), &r.target)?;
+    let source = ctx.driver(&r.source).await?;
+    let s = replica_of(source.as_ref(), &r.source)?;
+    // The test copy and the recovery points belong to the old direction.
+    if let Some(vm) = &r.test_vm {
+        t.replica_remove(vm).await?;
+    }
+    for p in &r.points {
+        t.point_delete(&p.id).await?;
+    }
+    t.replica_mark(&standby, None).await?;
+    let old = s.replica_vm(&r.vm).await?;
+    if old.is_some() {
+        s.power(&r.vm, false)
+            .await
+            .context("cannot shut the old primary down")?;
+        s.replica_mark(&r.vm, Some(&r.name)).await?;
+    } else {
+        tracing::warn!(replica = %r.name, vm = %r.vm_name,
+            "the old primary is gone: the next cycle creates a new standby on `{}`", r.source);
+    }
+    let new_name = target
+        .list_vms()
+        .await?
+        .into_iter()
+        .find(|v| v.id == standby)
+        .map(|v| v.name)
+        .unwrap_or_else(|| r.vm_name.clone());
+    let rec = &mut ctx.rec;
+    rec.source = r.target.clone();
+    rec.target = r.source.clone();
+    rec.vm = standby;
+    rec.vm_name = new_name;
+    rec.standby = old.map(|v| v.id);
+    rec.resync = resync;
+    if rec.standby.is_none() {
+        rec.applied = None;
+    }
+    rec.seed = None;
+    rec.points.clear();
+    rec.test_vm = None;
+    rec.cycle = None;
+    rec.state = State::Replicating;
+    rec.op = None;
+    ctx.save()
+}
+
+async fn test_start(ctx: &mut Ctx, point: &str) -> anyhow::Result<()> {
+    let target = ctx.driver(&ctx.rec.target.clone()).await?;
+    let t = replica_of(target.as_ref(), &ctx.rec.target)?;
+    // A killed run may have left a copy: start over.
+    for vm in t.replica_marked(&ctx.rec.name, ReplicaRole::Test).await? {
+        t.replica_remove(&vm.id).await?;
+    }
+    let name = format!("{} (test failover)", ctx.rec.vm_name);
+    let vm = t
+        .test_copy(point, &name, &ctx.rec.name)
+        .await
+        .context("cannot make the test copy")?;
+    ctx.rec.test_vm = Some(vm.id.clone());
+    ctx.save()?;
+    t.power(&vm.id, true)
+        .await
+        .context("cannot start the test copy")?;
+    ctx.rec.op = None;
+    ctx.save()
+}
+
+async fn test_cleanup(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let target = ctx.driver(&ctx.rec.target.clone()).await?;
+    let t = replica_of(target.as_ref(), &ctx.rec.target)?;
+    let mut vms: Vec<String> = t
+        .replica_marked(&ctx.rec.name, ReplicaRole::Test)
+        .await?
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    vms.extend(ctx.rec.test_vm.clone());
+    vms.dedup();
+    for vm in vms {
+        t.replica_remove(&vm).await?;
+    }
+    ctx.rec.test_vm = None;
+    if matches!(ctx.rec.op, Some(Op::Test { .. })) {
+        ctx.rec.op = None;
+    }
+    ctx.save()
+}
+
+async fn cancel(ctx: &mut Ctx, delete_vm: bool) -> anyhow::Result<()> {
+    let target = ctx.driver(&ctx.rec.target.clone()).await?;
+    let t = replica_of(target.as_ref(), &ctx.rec.target)?;
+    test_cleanup(ctx).await?;
+    for p in ctx.rec.points.clone() {
+        t.point_delete(&p.id).await?;
+        ctx.rec.points.retain(|x| x.id != p.id);
+        ctx.save()?;
+    }
+    if let Some(vm) = ctx.rec.standby.clone() {
+        if t.replica_vm(&vm).await?.is_some() {
+            if delete_vm {
+                t.replica_remove(&vm).await?;
+            } else {
+                t.replica_mark(&vm, None).await?;
+            }
+        }
+    }
+    ctx.store.remove(&ctx.rec.name)?;
+    if !ctx.common.json && !crate::logging::quiet() {
+        eprintln!(
+            "replica `{}` ended{}",
+            ctx.rec.name,
+            if delete_vm {
+                ": standby VM removed"
+            } else {
+                "; the standby VM stays"
+            }
+        );
+    }
+    Ok(())
+}
+
+/// The chunks of `disk` that differ between restore points `from` and `to` (every byte
+/// when `from` has no such disk of the same geometry).
+async fn changed_between(
+    repo: &Repository,
+    from: Option<&Manifest>,
+    to: &Manifest,
+    disk: &str,
+) -> anyhow::Result<ExtentMap> {
+    let new = repo.load_index(to, disk).await?;
+    let all = ExtentMap::from_range(0..new.disk_size);
+    let Some(from) = from.filter(|f| f.disks.iter().any(|d| d.name == disk)) else {
+        return Ok(all);
+    };
+    let old = repo.load_index(from, disk).await?;
+    if old.disk_size != new.disk_size || old.chunk_size != new.chunk_size {
+        return Ok(all);
+    }
+    let mut m = ExtentMap::default();
+    for (i, (a, b)) in old.chunks.iter().zip(&new.chunks).enumerate() {
+        if a != b {
+            m.insert(new.chunk_range(i));
+        }
+    }
+    Ok(m)
+}
+
+/// One cycle (resumed where a killed one stopped): backup, standby created or updated,
+/// recovery point, pruning.
+async fn sync(ctx: &mut Ctx) -> anyhow::Result<()> {
+    ctx.rec.health.last_attempt = Some(now());
+    let r = cycle(ctx).await;
+    match &r {
+        Ok(()) => {
+            let bytes = ctx.rec.cycle.take().map(|c| c.bytes).unwrap_or(0);
+            let h = &mut ctx.rec.health;
+            h.last_success = Some(now());
+            h.last_error = None;
+            h.last_bytes = bytes;
+            h.cycles += 1;
+        }
+        Err(e) => ctx.rec.health.last_error = Some(crate::error_text(e)),
+    }
+    ctx.save()?;
+    r
+}
+
+async fn cycle(ctx: &mut Ctx) -> anyhow::Result<()> {
+    let repo = ctx.repo().await?;
+    let source = ctx.driver(&ctx.rec.source.clone()).await?;
+    let target = ctx.driver(&ctx.rec.target.clone()).await?;
+    let t = replica_of(target.as_ref(), &ctx.rec.target)?;
+    let name = ctx.rec.name.clone();
+    // 1. The backup (a killed one is started again; its driver removes the old snapshot).
+    let rp = match ctx.rec.cycle.as_ref().and_then(|c| c.restore_point.clone()) {
+        Some(rp) => rp,
+        None => {
+            ctx.rec.cycle = Some(Cycle {
+                restore_point: None,
+                bytes: 0,
+            });
+            ctx.save()?;
+            let vms = source.list_vms().await?;
+            let vm = find_vm(&vms, &ctx.rec.vm)?.clone();
+            let b = backup_vm(
+                source.as_ref(),
+                &ctx.rec.source,
+                &repo,
+                &vm,
+                &VmBackupOptions::default(),
+            )
+            .await?;
+            let rp = b.report.snapshot.clone();
+            ctx.rec.cycle = Some(Cycle {
+                restore_point: Some(rp.clone()),
+                bytes: 0,
+            });
+            ctx.save()?;
+            rp
+        }
+    };
+    let m = repo.load_manifest(&rp).await?;
+    // 2. The standby: created (from the seed, else this restore point) when there is none.
+    let standby = match &ctx.rec.standby {
+        Some(s) if t.replica_vm(s).await?.is_some() => s.clone(),
+        stale => {
+            if let Some(s) = stale {
+                tracing::warn!(replica = %name, vm = %s, "the standby VM is gone: creating it again");
+            }
+            for vm in t.replica_marked(&name, ReplicaRole::Standby).await? {
+                tracing::warn!(replica = %name, vm = %vm.id, "removing the standby a killed run left half-made");
+                t.replica_remove(&vm.id).await?;
+            }
+            let base = match ctx.rec.seed.clone() {
+                Some(s) => repo.load_manifest(&s).await?,
+                None => m.clone(),
+            };
+            let plan = restore_plan(
+                &repo,
+                &base,
+                target.kind(),
+                format!("{} (replica)", ctx.rec.vm_name),
+                false,
+            )
+            .await?;
+            let vm = t
+                .replica_create(&plan, &name)
+                .await
+                .context("cannot create the standby VM")?;
+            ctx.rec.standby = Some(vm.id.clone());
+            ctx.rec.applied = Some(base.id.clone());
+            ctx.rec.applied_time = Some(base.time);
+            ctx.rec.resync = false;
+            ctx.rec.points.clear();
+            if let Some(c) = &mut ctx.rec.cycle {
+                c.bytes += plan.disks.iter().map(|d| d.source.size()).sum::<u64>();
+            }
+            ctx.save()?;
+            vm.id
+        }
+    };
+    // 3. What changed since the restore point the standby holds, written into its disks.
+    if ctx.rec.applied.as_deref() != Some(rp.as_str()) || ctx.rec.resync {
+        let from = match (&ctx.rec.applied, ctx.rec.resync) {
+            (Some(a), false) => Some(repo.load_manifest(a).await?),
+            _ => None,
+        };
+        let plan: RestorePlan =
+            restore_plan(&repo, &m, target.kind(), String::new(), false).await?;
+        t.power(&standby, false).await?;
+        let mut bytes = 0;
+        for (i, d) in plan.disks.iter().enumerate() {
+            let ext = changed_between(&repo, from.as_ref(), &m, &d.name).await?;
+            bytes += t
+                .replica_write(&standby, i, d.source.as_ref(), &ext)
+                .await
+                .with_context(|| format!("cannot write disk `{}` of the standby", d.name))?;
+        }
+        ctx.rec.applied = Some(rp.clone());
+        ctx.rec.applied_time = Some(m.time);
+        ctx.rec.resync = false;
+        if let Some(c) = &mut ctx.rec.cycle {
+            c.bytes += bytes;
+        }
+        ctx.save()?;
+    }
+    // 4. The recovery point (one a killed run took already is adopted).
+    if !ctx.rec.points.iter().any(|p| p.restore_point == rp) {
+        let pname = format!("ferry-replica {name} {rp}");
+        let existing = t
+            .points(&standby)
+            .await?
+            .into_iter()
+            .find(|p| p.name == pname);
+        let p = match existing {
+            Some(p) => p,
+            None => t.point_create(&standby, &pname).await?,
+        };
+        ctx.rec.points.push(Point {
+            id: p.id,
+            restore_point: rp.clone(),
+            time: m.time,
+        });
+        ctx.save()?;
+    }
+    // 5. Retention.
+    while ctx.rec.points.len() > ctx.rec.keep {
+        let old = ctx.rec.points[0].clone();
+        t.point_delete(&old.id).await?;
+        ctx.rec.points.remove(0);
+        ctx.save()?;
+    }
+    Ok(())
+}
+
+fn status_json(r: &Replica) -> serde_json::Value {
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert("lag".into(), r.lag().into());
+        o.insert("stale".into(), r.stale().into());
+    }
+    v
+}
+
+fn print_status(r: &Replica, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status_json(r))?);
+        return Ok(());
+    }
+    let state = match &r.state {
+        State::Replicating => format!("replicating {} → {}", r.source, r.target),
+        State::FailedOver { point } => format!("failed over to {} (point {point})", r.target),
+    };
+    println!(
+        "{}: VM `{}` {state}; lag {}; last success {}; last cycle {}; {} point(s){}{}{}",
+        r.name,
+        r.vm_name,
+        r.lag().map_or("-".into(), secs),
+        r.health
+            .last_success
+            .map_or("never".into(), |t| format!("{} ago", secs(now() - t))),
+        ferry_core::size::human_bytes(r.health.last_bytes),
+        r.points.len(),
+        r.health
+            .last_error
+            .as_ref()
+            .map_or(String::new(), |e| format!("; last error: {e}")),
+        r.op.as_ref()
+            .map_or(String::new(), |o| format!("; unfinished: {o:?}")),
+        r.test_vm
+            .as_ref()
+            .map_or(String::new(), |v| format!("; test copy {v} running")),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("web-1.prod").is_ok());
+        for bad in ["", ".hidden", "a/b", "x y"] {
+            assert!(valid_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stale_after_the_rpo() {
+        let mut r = Replica {
+            version: RECORD_VERSION,
+            name: "r".into(),
+            repo: "/r".into(),
+            source: "a".into(),
+            vm: "v".into(),
+            vm_name: "v".into(),
+            target: "b".into(),
+            every: 60,
+            keep: 2,
+            rpo: 120,
+            seed: None,
+            standby: None,
+            applied: None,
+            applied_time: None,
+            resync: false,
+            points: vec![],
+            state: State::Replicating,
+            test_vm: None,
+            cycle: None,
+            op: None,
+            health: Health::default(),
+        };
+        assert!(r.stale().unwrap().contains("no recovery point"));
+        r.applied_time = Some(now() - 10);
+        assert!(r.stale().is_none());
+        r.applied_time = Some(now() - 600);
+        r.health.last_error = Some("boom".into());
+        let why = r.stale().unwrap();
+        assert!(why.contains("10m00s old") && why.contains("boom"), "{why}");
+    }
+}

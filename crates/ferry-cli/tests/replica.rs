@@ -1,0 +1,406 @@
+//! Replication through the `ferry` binary (docs/replication.md): two `ferry sim xen` pools,
+//! `prod` with the 2-disk VM `debian-web` and `dr` for its standby; the tests act as the guest
+//! through the simulator's side door and look at both pools through the official Python
+//! XenAPI SDK (`tests/xen_probe.py`). Disks are compared byte for byte (`qemu-img compare`)
+//! after exporting them with `GET /export_raw_vdi`.
+
+use ferry_core::Secret;
+use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use ferry_testkit::Killed;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+#[path = "common/xen_probe.rs"]
+mod xen_probe;
+use xen_probe::Probe;
+
+const PASSWORD: &str = "test password";
+const VM: &str = "debian-web";
+const STANDBY: &str = "debian-web (replica)";
+
+fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
+    c
+}
+
+fn start_sim(dir: &Path) -> (Killed, Value) {
+    Killed::spawn_json_line(
+        ferry()
+            .args([
+                "sim",
+                "xen",
+                "--listen",
+                "127.0.0.1:0",
+                "--disk-mib",
+                "8",
+                "--dir",
+            ])
+            .arg(dir),
+    )
+}
+
+fn source_toml(name: &str, info: &Value, pw: &Path, state: &Path) -> String {
+    let mut t = format!(
+        "[sources.{name}]\nkind = \"xen\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"network\"]\n",
+        info["url"].as_str().unwrap(),
+        info["username"].as_str().unwrap(),
+        pw.display(),
+        info["tls_fingerprint"].as_str().unwrap(),
+        state.display()
+    );
+    t.push_str(&format!("[sources.{name}.san-paths]\n"));
+    t
+}
+
+/// Two pools, their probes, a repository, a `ferry.toml` and a state directory.
+struct Lab {
+    dir: tempfile::TempDir,
+    prod: Probe,
+    dr: Probe,
+    prod_info: Value,
+    _sims: (Killed, Killed),
+}
+
+impl Lab {
+    fn start() -> Self {
+        let dir = ferry_testkit::scratch_dir();
+        let (a, prod_info) = start_sim(&dir.path().join("prod"));
+        let (b, dr_info) = start_sim(&dir.path().join("dr"));
+        let mut toml = String::new();
+        for (name, info) in [("prod", &prod_info), ("dr", &dr_info)] {
+            let pw = dir.path().join(format!("{name}.pw"));
+            std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
+            toml.push_str(&source_toml(name, info, &pw, &dir.path().join("state")));
+        }
+        std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
+        init_repo(&dir.path().join("repo"));
+        Self {
+            prod: Probe::start(&prod_info),
+            dr: Probe::start(&dr_info),
+            prod_info,
+            dir,
+            _sims: (a, b),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("FERRY_PASSWORD", PASSWORD.to_string()),
+            ("FERRY_REPO", self.path("repo").display().to_string()),
+            (
+                "FERRY_CONFIG",
+                self.path("ferry.toml").display().to_string(),
+            ),
+            ("FERRY_STATE_DIR", self.path("state").display().to_string()),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .to_vec()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn status(&self) -> Value {
+        let v: Value =
+            serde_json::from_str(&self.ok(&["replica", "status", "web", "--json"])).unwrap();
+        v[0].clone()
+    }
+
+    fn create(&self, keep: &str) {
+        self.ok(&[
+            "replica",
+            "create",
+            "web",
+            "--source",
+            "prod",
+            "--vm",
+            VM,
+            "--to-source",
+            "dr",
+            "--keep",
+            keep,
+            "--every",
+            "5m",
+        ]);
+    }
+
+    /// The disks of VM `name` on pool `dr` (or `prod`), exported as raw files.
+    fn disks(&mut self, on_dr: bool, name: &str, label: &str) -> Vec<PathBuf> {
+        let dir = self.dir.path().to_path_buf();
+        let p = if on_dr { &mut self.dr } else { &mut self.prod };
+        p.export_disks(name, &dir, label)
+    }
+
+    /// Every disk of restore point `rp`, restored to files.
+    fn restored(&self, rp: &str) -> Vec<PathBuf> {
+        ["xvda", "xvdb"]
+            .iter()
+            .map(|d| {
+                let out = self.path(&format!("rp-{rp}-{d}.raw"));
+                self.ok(&["restore", rp, "--disk", d, "--to", out.to_str().unwrap()]);
+                out
+            })
+            .collect()
+    }
+}
+
+fn init_repo(path: &Path) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(path.to_str().unwrap(), true).unwrap();
+        let opts = InitOptions {
+            chunk_size: 256 << 10,
+            kdf: KdfParams::insecure_fast(),
+            ..Default::default()
+        };
+        Repository::init(store, Some(&Secret::new(PASSWORD)), opts)
+            .await
+            .unwrap();
+    });
+}
+
+fn assert_same_disks(a: &[PathBuf], b: &[PathBuf]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(
+            std::fs::metadata(x).unwrap().len(),
+            std::fs::metadata(y).unwrap().len(),
+            "{} and {} differ in size",
+            x.display(),
+            y.display()
+        );
+        ferry_testkit::qemu_img_compare(x, "raw", y, "raw");
+    }
+}
+
+/// The guest of `vm` on `probe` writes a recognizable pattern into both its disks.
+fn guest_writes(probe: &mut Probe, vm: &str, seed: u8) {
+    let disks = probe.disk_uuids(vm);
+    probe.guest_write(&disks[0], 1 << 20, &[seed; 70_000]);
+    probe.guest_write(&disks[1], 3 << 20, &[seed.wrapping_add(1); 4096]);
+}
+
+#[test]
+fn replica_follows_guest_writes_and_unplanned_failover_starts_the_chosen_point() {
+    let mut lab = Lab::start();
+    lab.create("2");
+    let s = lab.status();
+    assert_eq!(s["standby"], Value::Null);
+    assert!(s["stale"].as_str().unwrap().contains("no recovery point"));
+    // Failover of a replica that holds nothing is refused with the reason.
+    let o = lab.run(&["replica", "failover", "web", "--unplanned"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is stale"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // The first cycle creates the standby (halted) with the VM's disks.
+    lab.ok(&["replica", "sync", "web"]);
+    let first = lab.status();
+    assert_eq!(first["points"].as_array().unwrap().len(), 1, "{first}");
+    assert_eq!(lab.dr.vm(STANDBY)["power_state"], "Halted");
+    let want = lab.disks(false, VM, "prod-1");
+    assert_same_disks(&lab.disks(true, STANDBY, "dr-1"), &want);
+    let rp1 = first["applied"].as_str().unwrap().to_string();
+
+    // Guest writes reach the standby within one cycle, sending only the changed blocks.
+    guest_writes(&mut lab.prod, VM, 0x5a);
+    lab.ok(&["replica", "sync", "web"]);
+    let second = lab.status();
+    let want2 = lab.disks(false, VM, "prod-2");
+    assert_same_disks(&lab.disks(true, STANDBY, "dr-2"), &want2);
+    let bytes = second["health"]["last-bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes <= 2 * (4 << 20), "{second}");
+    assert!(second["lag"].as_i64().unwrap() < 60, "{second}");
+    assert_eq!(second["health"]["cycles"], 2);
+
+    // A third cycle: --keep 2 prunes the oldest point on the pool too.
+    guest_writes(&mut lab.prod, VM, 0x77);
+    lab.ok(&["replica", "sync", "web"]);
+    let third = lab.status();
+    let points = third["points"].as_array().unwrap().clone();
+    assert_eq!(points.len(), 2, "{third}");
+    assert!(points.iter().all(|p| p["restore-point"] != rp1.as_str()));
+    let snaps = lab.prod.ask(json!({"op": "leftovers"}));
+    assert!(
+        snaps["snapshot_vms"].as_array().unwrap().is_empty(),
+        "{snaps}"
+    );
+    let dr = lab.dr.ask(json!({"op": "leftovers"}));
+    assert_eq!(dr["snapshot_vms"].as_array().unwrap().len(), 2, "{dr}");
+
+    // Unplanned failover to the older of the two points: running, disks as at that point.
+    let older = points[0]["restore-point"].as_str().unwrap().to_string();
+    lab.ok(&[
+        "replica",
+        "failover",
+        "web",
+        "--unplanned",
+        "--point",
+        &older,
+    ]);
+    assert_eq!(lab.dr.vm(STANDBY)["power_state"], "Running");
+    let at = lab.restored(&older);
+    assert_same_disks(&lab.disks(true, STANDBY, "dr-failed-over"), &at);
+    assert_same_disks(&at, &want2);
+    let s = lab.status();
+    assert_eq!(s["state"]["kind"], "failed-over", "{s}");
+    // A failed-over replica is not synced into.
+    let o = lab.run(&["replica", "sync", "web"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("reverse"));
+
+    // Reverse: the old primary becomes the standby, fully resynchronized from the replica.
+    guest_writes(&mut lab.dr, STANDBY, 0x33);
+    lab.ok(&["replica", "reverse", "web"]);
+    assert_eq!(lab.prod.vm(VM)["power_state"], "Halted");
+    lab.ok(&["replica", "sync", "web"]);
+    let s = lab.status();
+    assert_eq!(s["source"], "dr", "{s}");
+    assert_eq!(lab.dr.vm(STANDBY)["power_state"], "Running");
+    assert_same_disks(
+        &lab.disks(false, VM, "prod-reversed"),
+        &lab.disks(true, STANDBY, "dr-now"),
+    );
+
+    // Cancel removes the recovery points (on prod now) and the record; the VM stays.
+    lab.ok(&["replica", "cancel", "web"]);
+    let l = lab.prod.ask(json!({"op": "leftovers"}));
+    assert!(l["snapshot_vms"].as_array().unwrap().is_empty(), "{l}");
+    assert!(!lab.path("state/replicas/web.json").exists());
+    lab.prod.vm(VM);
+}
+
+#[test]
+fn test_failover_leaves_replication_alone_and_cleanup_leaves_nothing() {
+    let mut lab = Lab::start();
+    lab.create("3");
+    lab.ok(&["replica", "sync", "web"]);
+    let vdis = lab.dr.ask(json!({"op": "vdis"}));
+    let nets = lab.dr.ask(json!({"op": "networks"}));
+    let names = lab.dr.ask(json!({"op": "vm_names"}));
+
+    lab.ok(&["replica", "test", "web"]);
+    let copy = lab.dr.vm("debian-web (test failover)");
+    assert_eq!(copy["power_state"], "Running");
+    let vifs = copy["vifs"].as_array().unwrap();
+    assert!(!vifs.is_empty());
+    for v in vifs {
+        assert_eq!(
+            v["network"], "debian-web (test failover) (isolated)",
+            "{copy}"
+        );
+    }
+    assert_eq!(lab.dr.vm(STANDBY)["power_state"], "Halted");
+    // A second test while one runs is refused.
+    assert!(!lab.run(&["replica", "test", "web"]).status.success());
+    let copy_disks = lab.disks(true, "debian-web (test failover)", "copy");
+    assert_same_disks(&copy_disks, &lab.disks(true, STANDBY, "standby"));
+
+    lab.ok(&["replica", "test", "web", "--cleanup"]);
+    assert_eq!(lab.dr.ask(json!({"op": "vdis"})), vdis);
+    assert_eq!(lab.dr.ask(json!({"op": "networks"})), nets);
+    assert_eq!(lab.dr.ask(json!({"op": "vm_names"})), names);
+
+    // Replication goes on while a test copy runs.
+    lab.ok(&["replica", "test", "web"]);
+    guest_writes(&mut lab.prod, VM, 0x42);
+    lab.ok(&["replica", "sync", "web"]);
+    assert_same_disks(
+        &lab.disks(true, STANDBY, "standby-2"),
+        &lab.disks(false, VM, "prod-2"),
+    );
+    assert_eq!(
+        lab.dr.vm("debian-web (test failover)")["power_state"],
+        "Running"
+    );
+    lab.ok(&["replica", "test", "web", "--cleanup"]);
+    assert_eq!(lab.dr.ask(json!({"op": "networks"})), nets);
+    assert_eq!(lab.dr.ask(json!({"op": "vm_names"})), names);
+    assert_eq!(lab.status()["points"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn planned_failover_killed_halfway_completes_when_run_again() {
+    let mut lab = Lab::start();
+    lab.create("2");
+    lab.ok(&["replica", "sync", "web"]);
+    guest_writes(&mut lab.prod, VM, 0x61);
+    // The final cycle's snapshot task is slow: the failover is killed with the primary off
+    // while it waits (the pool still makes the snapshot, as xapi finishes a task whose
+    // caller died).
+    lab.prod.sim("set_task_delay", json!(["3000"]));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(["replica", "failover", "web", "--planned"]);
+    for (k, v) in lab.env() {
+        cmd.env(k, v);
+    }
+    let mut child = Killed(cmd.spawn().unwrap());
+    let record = lab.path("state/replicas/web.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+        if r["op"]["step"] == 1 && r["cycle"] != Value::Null {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the failover never got to its final cycle: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    assert_eq!(lab.prod.vm(VM)["power_state"], "Halted");
+    assert_eq!(lab.dr.vm(STANDBY)["power_state"], "Halted");
+    lab.prod.sim("set_task_delay", json!(["0"]));
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Any command of the replica completes it; `failover` again is the natural one.
+    lab.ok(&["replica", "failover", "web", "--planned"]);
+    assert_eq!(lab.dr.vm(STANDBY)["power_state"], "Running");
+    assert_same_disks(
+        &lab.disks(true, STANDBY, "dr"),
+        &lab.disks(false, VM, "prod"),
+    );
+    let s = lab.status();
+    assert_eq!(s["source"], "dr", "{s}");
+    assert_eq!(s["target"], "prod", "{s}");
+    assert_eq!(s["state"]["kind"], "replicating", "{s}");
+    assert_eq!(s["op"], Value::Null, "{s}");
+    // Nothing of the killed backup or of the old direction is left on either pool.
+    let l = lab.prod.ask(json!({"op": "leftovers"}));
+    assert!(l["snapshot_vms"].as_array().unwrap().is_empty(), "{l}");
+    let l = lab.dr.ask(json!({"op": "leftovers"}));
+    assert!(l["snapshot_vms"].as_array().unwrap().is_empty(), "{l}");
+
+    // Reversed: changes on the new primary reach the old one in one cycle.
+    guest_writes(&mut lab.dr, STANDBY, 0x19);
+    lab.ok(&["replica", "sync", "web"]);
+    assert_same_disks(
+        &lab.disks(false, VM, "prod-after"),
+        &lab.disks(true, STANDBY, "dr-after"),
+    );
+    let _ = &lab.prod_info;
+}
