@@ -155,6 +155,19 @@ impl Api {
     }
 
     /// Runs job `job` by hand and waits for its session to end.
+    /// The messages of a session's log.
+    async fn log_lines(&self, id: &str) -> Vec<String> {
+        let log = self
+            .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
+            .await
+            .body;
+        log.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     async fn run_job(&self, job: &str) -> Value {
         let r = self
             .ok("POST", &format!("/api/jobs/{job}/run"), None, None, 202)
@@ -458,16 +471,7 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
         assert!(!vms[0]["disks"].as_array().unwrap().is_empty(), "{s}");
         points.push(vms[0]["restore_point"].as_str().unwrap().to_string());
         assert_eq!(s["pruned"], round, "{s}");
-        let log = api
-            .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
-            .await
-            .body;
-        let lines: Vec<&str> = log
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["message"].as_str().unwrap())
-            .collect();
+        let lines = api.log_lines(&id).await;
         assert!(
             lines
                 .iter()
@@ -998,11 +1002,8 @@ async fn restores_run_as_sessions_through_the_api() {
         restored.iter().any(|b| *b != 0),
         "the restored disk is all zeros"
     );
-    let log = api
-        .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
-        .await
-        .body;
-    assert!(log.to_string().contains("restored to"), "{log}");
+    let lines = api.log_lines(&id).await;
+    assert!(lines.iter().any(|l| l.contains("restored to")), "{lines:?}");
 
     // The disk over NBD: served until the session is cancelled; the same bytes.
     let id = lab
@@ -1184,16 +1185,7 @@ async fn datastore_limits_queue_vms_visibly_and_the_bottleneck_is_live() {
         assert!(m["waiting_for"].is_null(), "{m}");
         assert_eq!(m["disk_time_splits"].as_array().unwrap().len(), 2, "{m}");
     }
-    let log = api
-        .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
-        .await
-        .body;
-    let lines: Vec<&str> = log
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
+    let lines = api.log_lines(&id).await;
     assert!(
         lines
             .iter()

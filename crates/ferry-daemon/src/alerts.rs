@@ -550,46 +550,32 @@ impl App {
                     continue;
                 };
                 let age = now - last;
+                let alert = |title: String, message: String| Alert {
+                    kind: "rpo".into(),
+                    title,
+                    message,
+                    job: Some(job.clone()),
+                    vm: Some(vm.vm_name.clone()),
+                    session: None,
+                    resolves: None,
+                };
+                let (name, old) = (&vm.vm_name, human_age(age));
                 if age > limit {
                     self.raise_alert(
-                        Alert {
-                            kind: "rpo".into(),
-                            title: format!(
-                                "VM `{}` breaches its RPO of {hours} h (job `{job}`)",
-                                vm.vm_name
-                            ),
-                            message: format!(
-                                "the newest restore point of VM `{}` is {} old; job `{job}` promises at most {hours} h",
-                                vm.vm_name,
-                                human_age(age)
-                            ),
-                            job: Some(job.clone()),
-                            vm: Some(vm.vm_name.clone()),
-                            session: None,
-                            resolves: None,
-                        },
+                        alert(
+                            format!("VM `{name}` breaches its RPO of {hours} h (job `{job}`)"),
+                            format!("the newest restore point of VM `{name}` is {old} old; job `{job}` promises at most {hours} h"),
+                        ),
                         Some(key),
                         true,
                     );
                 } else {
                     self.resolve_alerts(
                         &key,
-                        Alert {
-                            kind: String::new(),
-                            title: format!(
-                                "VM `{}` meets its RPO of {hours} h again (job `{job}`)",
-                                vm.vm_name
-                            ),
-                            message: format!(
-                                "the newest restore point of VM `{}` is {} old, within the {hours} h job `{job}` promises",
-                                vm.vm_name,
-                                human_age(age)
-                            ),
-                            job: Some(job.clone()),
-                            vm: Some(vm.vm_name.clone()),
-                            session: None,
-                            resolves: None,
-                        },
+                        alert(
+                            format!("VM `{name}` meets its RPO of {hours} h again (job `{job}`)"),
+                            format!("the newest restore point of VM `{name}` is {old} old, within the {hours} h job `{job}` promises"),
+                        ),
                     );
                 }
             }
