@@ -278,15 +278,18 @@ root_len=$(((total - root_off - 1048576) / 4096 * 4096))
 E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH mke2fs -q -F -t ext4 -L ferry-root -U "$root_uuid" \
   -E "hash_seed=$(uuid_for ext4-hash),root_owner=0:0" -m 1 -d "$rootfs" "$work/root.img" "$((root_len / 1024))k" \
   || die "mke2fs -d failed"
-# mke2fs -d copies each file's ctime, which no one can set (it is when we clamped the other times):
-# set every inode's to SOURCE_DATE_EPOCH in one debugfs run.
+# mke2fs -d copies each file's ctime and atime into its inode. No one can set a ctime (it is when we
+# clamped the other times), and the atime of every file the build read (libraries, the kernel for the
+# initramfs) or left alone is when that happened: the clamp above only moves times newer than
+# SOURCE_DATE_EPOCH by mtime. Both differ from build to build and sit in the inode table (the first
+# bytes two builds differed in), so every inode's are set to SOURCE_DATE_EPOCH in one debugfs run.
 (cd "$rootfs" && find . -print | sed 's|^\.||; s|^$|/|') >"$work/paths"
 ! grep -q '"' "$work/paths" || die "a path in the root file system holds a double quote"
-sed "s|.*|sif \"&\" ctime @$SOURCE_DATE_EPOCH|" "$work/paths" >"$work/ctime.debugfs"
-E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH debugfs -w -f "$work/ctime.debugfs" "$work/root.img" >/dev/null 2>"$work/debugfs.log" \
-  || { tail -n 5 "$work/debugfs.log" >&2; die "debugfs (ctime) failed"; }
+sed "s|.*|sif \"&\" ctime @$SOURCE_DATE_EPOCH\nsif \"&\" atime @$SOURCE_DATE_EPOCH|" "$work/paths" >"$work/times.debugfs"
+E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH debugfs -w -f "$work/times.debugfs" "$work/root.img" >/dev/null 2>"$work/debugfs.log" \
+  || { tail -n 5 "$work/debugfs.log" >&2; die "debugfs (ctime, atime) failed"; }
 if grep -v '^debugfs [0-9]' "$work/debugfs.log" | grep -q .; then
-  head -n 5 "$work/debugfs.log" >&2; die "debugfs could not set every ctime"
+  head -n 5 "$work/debugfs.log" >&2; die "debugfs could not set every ctime and atime"
 fi
 E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH e2fsck -fn "$work/root.img" >/dev/null || die "e2fsck finds errors in the new root file system"
 

@@ -5,7 +5,8 @@
 #            qemu-system-x86, syslinux, syslinux-common, mtools, busybox-static, cpio (boot verification),
 #            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin),
 #            chromium (the web console's end-to-end test, driven headless by playwright-core),
-#            systemd (systemd-analyze: the appliance unit's security assessment)
+#            systemd (systemd-analyze: the appliance unit's security assessment),
+#            libxml2-utils (xmllint: the appliance OVA's OVF against the DMTF schema, images/ovf-schema)
 #   Debian kernel: vmlinuz and the IDE disk modules of linux-image-amd64's kernel package, extracted
 #            (not installed) into $FERRY_PEERS_DIR/boot/{vmlinuz,modules/} for the bootable test disk
 #   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
@@ -55,7 +56,8 @@ fi
 
 # --- Debian packages -------------------------------------------------------------------------
 apt_pkgs=(nbdkit libnbd-bin curl syslinux syslinux-common mtools busybox-static cpio
-          ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev chromium systemd)
+          ntfs-3g e2fsprogs fdisk util-linux golang-go golang-github-vmware-govmomi-dev chromium systemd
+          libxml2-utils)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -68,7 +70,7 @@ if ((${#missing[@]})); then
     || die "apt-get install ${missing[*]} failed"
 fi
 for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_64 syslinux mcopy busybox cpio \
-         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go chromium systemd-analyze; do
+         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go chromium systemd-analyze xmllint; do
   command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
 done
 

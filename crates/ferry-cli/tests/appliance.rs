@@ -301,17 +301,23 @@ fn packaging_gives_checked_reproducible_images_and_a_valid_ova() {
     broken(
         "<rasd:ElementName>Hard Disk 1</rasd:ElementName>",
         "<rasd:Zzz>1</rasd:Zzz><rasd:ElementName>Hard Disk 1</rasd:ElementName>",
-        "not a property of the CIM class",
+        "ResourceAllocationSettingData}Zzz': This element is not expected",
     );
     broken(
         "<rasd:InstanceID>4</rasd:InstanceID>",
         "<rasd:InstanceID>4</rasd:InstanceID><rasd:AddressOnParent>1</rasd:AddressOnParent>",
-        "out of the schema's order",
+        "}AddressOnParent': This element is not expected",
     );
     broken(
         "<Info>Virtual disk information</Info>",
         "",
-        "first child must be ovf:Info",
+        "Expected is ( {http://schemas.dmtf.org/ovf/envelope/1}Info )",
+    );
+    // Attribute types are the schema's too (ovf:required is a boolean).
+    broken(
+        "ovf:required=\"false\" vmw:key=\"firmware\"",
+        "ovf:required=\"maybe\" vmw:key=\"firmware\"",
+        "schema: ",
     );
     broken(
         &format!("ovf:size=\"{}\"", std::fs::metadata(&vmdk).unwrap().len()),

@@ -155,6 +155,19 @@ impl Api {
     }
 
     /// Runs job `job` by hand and waits for its session to end.
+    /// The messages of a session's log.
+    async fn log_lines(&self, id: &str) -> Vec<String> {
+        let log = self
+            .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
+            .await
+            .body;
+        log.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["message"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     async fn run_job(&self, job: &str) -> Value {
         let r = self
             .ok("POST", &format!("/api/jobs/{job}/run"), None, None, 202)
@@ -458,16 +471,7 @@ async fn an_administrator_drives_the_appliance_over_its_api() {
         assert!(!vms[0]["disks"].as_array().unwrap().is_empty(), "{s}");
         points.push(vms[0]["restore_point"].as_str().unwrap().to_string());
         assert_eq!(s["pruned"], round, "{s}");
-        let log = api
-            .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
-            .await
-            .body;
-        let lines: Vec<&str> = log
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["message"].as_str().unwrap())
-            .collect();
+        let lines = api.log_lines(&id).await;
         assert!(
             lines
                 .iter()
@@ -998,11 +1002,8 @@ async fn restores_run_as_sessions_through_the_api() {
         restored.iter().any(|b| *b != 0),
         "the restored disk is all zeros"
     );
-    let log = api
-        .ok("GET", &format!("/api/sessions/{id}/log"), None, None, 200)
-        .await
-        .body;
-    assert!(log.to_string().contains("restored to"), "{log}");
+    let lines = api.log_lines(&id).await;
+    assert!(lines.iter().any(|l| l.contains("restored to")), "{lines:?}");
 
     // The disk over NBD: served until the session is cancelled; the same bytes.
     let id = lab
@@ -1101,6 +1102,102 @@ impl Lines {
         self.out.read_line(&mut line).unwrap();
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datastore_limits_queue_vms_visibly_and_the_bottleneck_is_live() {
+    let lab = Lab::start("").await;
+    let api = &lab.api;
+    // Bad limits: refused with the field named.
+    for (field, v) in [("per_datastore_vms", 0), ("parallel_disks", 5000)] {
+        let mut body = json!({"source": "lab", "repository": "local", "vms": ["*"]});
+        body[field] = json!(v);
+        let r = api.call("PUT", "/api/jobs/bad", Some(body), None).await;
+        assert_eq!(r.status, 422, "{}", r.text);
+        assert_eq!(r.body["field"], field, "{}", r.text);
+    }
+    // debian-web has a disk on each SR, win-db both on the LVM SR: with one VM per datastore,
+    // two VMs in parallel still run one after the other, and the second says why it waits.
+    // Reads throttled (all day) so the first runs long enough to watch.
+    api.ok(
+        "PUT",
+        "/api/jobs/pair",
+        Some(json!({"source": "lab", "repository": "local", "vms": ["debian-web", "win-db"],
+            "retries": 0, "parallel_vms": 2, "per_datastore_vms": 1, "parallel_disks": 4,
+            "throttle": [{"start": "00:00", "end": "12:00", "rate": 1}, {"start": "12:00", "end": "00:00", "rate": 1}]})),
+        None,
+        201,
+    )
+    .await;
+    let id = api
+        .ok("POST", "/api/jobs/pair/run", None, None, 202)
+        .await
+        .body["session"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut saw_wait, mut saw_live) = (None, None);
+    let t = Instant::now();
+    let end = loop {
+        let v = api
+            .ok("GET", &format!("/api/sessions/{id}"), None, None, 200)
+            .await
+            .body;
+        for m in v["vms"].as_array().unwrap() {
+            if let Some(w) = m["waiting_for"].as_str() {
+                saw_wait.get_or_insert(w.to_string());
+            }
+            if m["status"] == "running" && m["time_split"].is_object() {
+                saw_live.get_or_insert(m.clone());
+            }
+        }
+        if !["queued", "running", "retrying"].contains(&v["status"].as_str().unwrap()) {
+            break v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(50),
+            "session still running: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(end["status"], "success", "{end}");
+    let w = saw_wait.expect("a VM waited and said so");
+    assert!(
+        w.contains("datastore `Shared LVM storage` (per-datastore-vms = 1)"),
+        "{w}"
+    );
+    let live = saw_live.expect("a running VM showed its split live");
+    let split = &live["time_split"];
+    assert!(
+        ["source", "cpu", "target"].contains(&split["bottleneck"].as_str().unwrap()),
+        "{live}"
+    );
+    let sum: f64 = ["source_pct", "cpu_pct", "target_pct"]
+        .iter()
+        .map(|k| split[k].as_f64().unwrap())
+        .sum();
+    assert!((sum - 100.0).abs() < 0.5, "{live}");
+    assert!(
+        !live["disk_time_splits"].as_array().unwrap().is_empty(),
+        "{live}"
+    );
+    for m in end["vms"].as_array().unwrap() {
+        assert!(m["waiting_for"].is_null(), "{m}");
+        assert_eq!(m["disk_time_splits"].as_array().unwrap().len(), 2, "{m}");
+    }
+    let lines = api.log_lines(&id).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("waiting for datastore `Shared LVM storage`")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("disk ") && l.contains(": bottleneck: ")),
+        "the live log tells the bottleneck: {lines:?}"
+    );
 }
 
 /// Waits until `f` holds for the alerts list; returns it.
@@ -1308,6 +1405,47 @@ async fn alerts_reach_a_mail_sink_and_a_webhook() {
         "{mails:?}"
     );
 
+    // The job fixed and run again: the failure is resolved, with one `resolved` alert.
+    let r = api.get("/api/jobs/broken").await;
+    let etag = r.headers["etag"].to_str().unwrap().to_string();
+    let mut j = r.body.clone();
+    j["vms"] = json!(["debian-web"]);
+    api.ok("PUT", "/api/jobs/broken", Some(j), Some(&etag), 200)
+        .await;
+    assert_eq!(api.run_job("broken").await["status"], "success");
+    let alerts = wait_alerts(api, "resolved alert delivered", |a| {
+        a.iter()
+            .any(|x| x["kind"] == "resolved" && x["deliveries"].as_array().unwrap().len() == 2)
+    })
+    .await;
+    let r = alerts.iter().find(|x| x["kind"] == "resolved").unwrap();
+    assert_eq!(r["resolves"], "failure", "{r}");
+    assert_eq!(r["job"], "broken", "{r}");
+    assert!(r["resolved"].is_i64(), "a resolved alert is closed: {r}");
+    let f = alerts.iter().find(|x| x["kind"] == "failure").unwrap();
+    assert!(f["resolved"].is_i64(), "the failure is resolved: {f}");
+    let h = hook.next();
+    assert_eq!(h["body"]["kind"], "resolved", "{h}");
+    assert_eq!(h["body"]["resolves"], "failure", "{h}");
+    let mails = wait_mails(&maildir, 3);
+    assert!(
+        mails
+            .iter()
+            .any(|m| m.contains("Subject: [Ferry] resolved: job `broken` succeeds again")),
+        "{mails:?}"
+    );
+    // Another success resolves nothing more: still one `resolved` alert.
+    assert_eq!(api.run_job("broken").await["status"], "success");
+    let alerts = api.ok("GET", "/api/alerts", None, None, 200).await.body;
+    let n = |a: &Value, kind: &str| {
+        a.as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["kind"] == kind)
+            .count()
+    };
+    assert_eq!(n(&alerts, "resolved"), 1, "{alerts}");
+
     // An RPO breach: a job promising 1 s, checked every second; raised once, not per check.
     let r = api.get("/api/jobs/nightly").await;
     let etag = r.headers["etag"].to_str().unwrap().to_string();
@@ -1328,9 +1466,38 @@ async fn alerts_reach_a_mail_sink_and_a_webhook() {
         .collect();
     assert_eq!(rpo.len(), 1, "{alerts}");
     assert!(rpo[0]["resolved"].is_null());
-    let mails = wait_mails(&maildir, 3);
+    let mails = wait_mails(&maildir, 4);
     assert!(
         mails.iter().any(|m| m.contains("breaches its RPO")),
+        "{mails:?}"
+    );
+
+    // The promise relaxed: the breach ends with one `resolved` alert for the rpo targets.
+    let r = api.get("/api/jobs/nightly").await;
+    let etag = r.headers["etag"].to_str().unwrap().to_string();
+    let mut j = r.body.clone();
+    j["rpo_hours"] = json!(1000.0);
+    api.ok("PUT", "/api/jobs/nightly", Some(j), Some(&etag), 200)
+        .await;
+    let h = hook.next();
+    assert_eq!(h["body"]["kind"], "resolved", "{h}");
+    assert_eq!(h["body"]["resolves"], "rpo", "{h}");
+    assert_eq!(h["body"]["vm"], "debian-web");
+    let alerts = wait_alerts(api, "rpo breach resolved", |a| {
+        a.iter()
+            .any(|x| x["kind"] == "rpo" && x["resolved"].is_i64())
+    })
+    .await;
+    assert_eq!(
+        alerts.iter().filter(|x| x["resolves"] == "rpo").count(),
+        1,
+        "{alerts:?}"
+    );
+    let mails = wait_mails(&maildir, 5);
+    assert!(
+        mails
+            .iter()
+            .any(|m| m.contains("Subject: [Ferry] resolved: VM `debian-web` meets its RPO")),
         "{mails:?}"
     );
 }

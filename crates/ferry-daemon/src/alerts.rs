@@ -2,7 +2,9 @@
 //! job's `rpo-hours` raise an alert; each alert is kept in the catalog (`alerts` table) and
 //! sent to every enabled `[alert-targets.NAME]` that takes its kind: e-mail over SMTP
 //! (`lettre`, rustls) or a JSON POST to a webhook (ferry-http's reqwest client). An RPO breach
-//! is raised once and resolved by the VM's next success; the check runs periodically.
+//! is raised once and resolved by the VM's next success; the check runs periodically. When a
+//! failing job succeeds again or a breach ends, the open alerts are marked resolved and one
+//! `resolved` alert goes to the targets that took the original kind (ADR 0140).
 //! Targets' secrets (SMTP password, webhook bearer token) live in the appliance's secret
 //! files like every other password and are never returned.
 
@@ -192,6 +194,22 @@ pub struct Alert {
     pub vm: Option<String>,
     /// The session, if any.
     pub session: Option<String>,
+    /// For a `resolved` alert: the kind it resolves (`failure` or `rpo`); targets are picked
+    /// by that kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolves: Option<String>,
+}
+
+impl Alert {
+    /// The kind targets subscribe to.
+    fn event(&self) -> &str {
+        self.resolves.as_deref().unwrap_or(&self.kind)
+    }
+}
+
+/// The key under which an open alert waits to be resolved.
+fn failure_key(job: &str) -> String {
+    format!("failure:{job}")
 }
 
 const SCHEMA: &str = "
@@ -254,7 +272,10 @@ pub async fn send(name: &str, t: &AlertTargetConfig, a: &Alert) -> Result<(), St
                         .parse()
                         .map_err(|e| format!("from: {e}"))?,
                 )
-                .subject(format!("[Ferry] {}", a.title))
+                .subject(match a.resolves {
+                    Some(_) => format!("[Ferry] resolved: {}", a.title),
+                    None => format!("[Ferry] {}", a.title),
+                })
                 .header(lettre::message::header::ContentType::TEXT_PLAIN);
             for to in &t.to {
                 m = m.to(to.parse().map_err(|e| format!("to `{to}`: {e}"))?);
@@ -291,6 +312,7 @@ pub async fn send(name: &str, t: &AlertTargetConfig, a: &Alert) -> Result<(), St
                 "job": a.job,
                 "vm": a.vm,
                 "session": a.session,
+                "resolves": a.resolves,
                 "time": chrono::Utc::now().to_rfc3339(),
                 "appliance": hostname(),
             }));
@@ -325,12 +347,15 @@ fn body_text(a: &Alert) -> String {
 
 impl App {
     /// Records `a` and sends it to every enabled target taking its kind (in the background;
-    /// each delivery's result is added to the alert's row). With `key`, an alert with the
-    /// same key that is not resolved yet suppresses this one.
-    pub fn raise_alert(self: &Arc<Self>, a: Alert, key: Option<String>) {
+    /// each delivery's result is added to the alert's row). `key` names what the alert is
+    /// about until it is resolved; with `once`, an open alert with the same key suppresses
+    /// this one (an RPO breach is one alert, each failed session is one).
+    pub fn raise_alert(self: &Arc<Self>, a: Alert, key: Option<String>, once: bool) {
         let now = chrono::Utc::now().timestamp();
+        // A `resolved` alert is closed from the start.
+        let closed = a.resolves.as_ref().map(|_| now);
         let id = self.catalog.with(|c| {
-            if let Some(k) = &key {
+            if let (Some(k), true) = (&key, once) {
                 let open: i64 = c.query_row(
                     "SELECT COUNT(*) FROM alerts WHERE key = ?1 AND resolved IS NULL",
                     [k],
@@ -341,8 +366,8 @@ impl App {
                 }
             }
             c.execute(
-                "INSERT INTO alerts (time, kind, key, title, message, job, vm, session) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                rusqlite::params![now, a.kind, key, a.title, a.message, a.job, a.vm, a.session],
+                "INSERT INTO alerts (time, kind, key, title, message, job, vm, session, resolved) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                rusqlite::params![now, a.kind, key, a.title, a.message, a.job, a.vm, a.session, closed],
             )?;
             Ok(Some(c.last_insert_rowid()))
         });
@@ -367,7 +392,7 @@ impl App {
             let mut out = Vec::new();
             for (name, t) in targets
                 .iter()
-                .filter(|(_, t)| t.enabled && t.events.contains(&a.kind))
+                .filter(|(_, t)| t.enabled && t.events.iter().any(|e| e == a.event()))
             {
                 let r = send(name, t, &a).await;
                 if let Err(e) = &r {
@@ -387,16 +412,51 @@ impl App {
         });
     }
 
+    /// Marks the open alerts keyed `key` resolved; if there were any, raises one `resolved`
+    /// alert (`title`, `message`) to the targets of their kind.
+    fn resolve_alerts(self: &Arc<Self>, key: &str, mut a: Alert) {
+        let now = chrono::Utc::now().timestamp();
+        let kinds = self.catalog.with(|c| {
+            let mut st =
+                c.prepare("SELECT DISTINCT kind FROM alerts WHERE key = ?1 AND resolved IS NULL")?;
+            let kinds = st
+                .query_map([key], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            c.execute(
+                "UPDATE alerts SET resolved = ?1 WHERE key = ?2 AND resolved IS NULL",
+                rusqlite::params![now, key],
+            )?;
+            Ok(kinds)
+        });
+        match kinds {
+            Ok(kinds) => {
+                if let Some(kind) = kinds.into_iter().next() {
+                    a.kind = "resolved".into();
+                    a.resolves = Some(kind);
+                    self.raise_alert(a, Some(format!("resolved:{key}")), false);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot resolve an alert"),
+        }
+    }
+
     /// Alerts, newest first.
     pub fn alerts(&self, limit: u32) -> ApiResult<Vec<Value>> {
         self.catalog
             .with(|c| {
                 let mut st = c.prepare(
-                    "SELECT id, time, kind, title, message, job, vm, session, resolved, deliveries
+                    "SELECT id, time, kind, title, message, job, vm, session, resolved, deliveries, key
                      FROM alerts ORDER BY id DESC LIMIT ?1",
                 )?;
                 let rows = st.query_map([limit], |r| {
                     let d: String = r.get(9)?;
+                    let key: Option<String> = r.get(10)?;
+                    // `resolved:failure:JOB` → `failure`.
+                    let resolves = key.as_deref().and_then(|k| {
+                        k.strip_prefix("resolved:")
+                            .and_then(|k| k.split(':').next())
+                            .map(str::to_string)
+                    });
                     Ok(json!({
                         "id": r.get::<_, i64>(0)?,
                         "time": r.get::<_, i64>(1)?,
@@ -407,6 +467,7 @@ impl App {
                         "vm": r.get::<_, Option<String>>(6)?,
                         "session": r.get::<_, Option<String>>(7)?,
                         "resolved": r.get::<_, Option<i64>>(8)?,
+                        "resolves": resolves,
                         "deliveries": serde_json::from_str::<Value>(&d).unwrap_or(json!([])),
                     }))
                 })?;
@@ -415,9 +476,31 @@ impl App {
             .map_err(|e| Problem::internal(e.to_string()))
     }
 
-    /// A backup session ended: a failed one raises an alert naming its failed VMs.
+    /// A backup session ended: a failed one raises an alert naming its failed VMs; a
+    /// successful one resolves the job's open failure alerts.
     pub fn alert_session_end(self: &Arc<Self>, v: &crate::jobs::SessionView) {
-        if v.kind != "backup" || v.status != crate::jobs::Status::Failed {
+        if v.kind != "backup" {
+            return;
+        }
+        if v.status == crate::jobs::Status::Success {
+            self.resolve_alerts(
+                &failure_key(&v.job),
+                Alert {
+                    kind: String::new(),
+                    title: format!("job `{}` succeeds again", v.job),
+                    message: format!(
+                        "session {} of job `{}` backed up every VM; its earlier failures are resolved",
+                        v.id, v.job
+                    ),
+                    job: Some(v.job.clone()),
+                    vm: None,
+                    session: Some(v.id.clone()),
+                    resolves: None,
+                },
+            );
+            return;
+        }
+        if v.status != crate::jobs::Status::Failed {
             return;
         }
         let failed: Vec<String> = v
@@ -440,8 +523,10 @@ impl App {
                 job: Some(v.job.clone()),
                 vm: None,
                 session: Some(v.id.clone()),
+                resolves: None,
             },
-            None,
+            Some(failure_key(&v.job)),
+            false,
         );
     }
 
@@ -465,32 +550,33 @@ impl App {
                     continue;
                 };
                 let age = now - last;
+                let alert = |title: String, message: String| Alert {
+                    kind: "rpo".into(),
+                    title,
+                    message,
+                    job: Some(job.clone()),
+                    vm: Some(vm.vm_name.clone()),
+                    session: None,
+                    resolves: None,
+                };
+                let (name, old) = (&vm.vm_name, human_age(age));
                 if age > limit {
                     self.raise_alert(
-                        Alert {
-                            kind: "rpo".into(),
-                            title: format!(
-                                "VM `{}` breaches its RPO of {hours} h (job `{job}`)",
-                                vm.vm_name
-                            ),
-                            message: format!(
-                                "the newest restore point of VM `{}` is {} old; job `{job}` promises at most {hours} h",
-                                vm.vm_name,
-                                human_age(age)
-                            ),
-                            job: Some(job.clone()),
-                            vm: Some(vm.vm_name.clone()),
-                            session: None,
-                        },
+                        alert(
+                            format!("VM `{name}` breaches its RPO of {hours} h (job `{job}`)"),
+                            format!("the newest restore point of VM `{name}` is {old} old; job `{job}` promises at most {hours} h"),
+                        ),
                         Some(key),
+                        true,
                     );
-                } else if let Err(e) = self.catalog.with(|c| {
-                    c.execute(
-                        "UPDATE alerts SET resolved = ?1 WHERE key = ?2 AND resolved IS NULL",
-                        rusqlite::params![now, key],
-                    )
-                }) {
-                    tracing::warn!(error = %e, "cannot resolve an alert");
+                } else {
+                    self.resolve_alerts(
+                        &key,
+                        alert(
+                            format!("VM `{name}` meets its RPO of {hours} h again (job `{job}`)"),
+                            format!("the newest restore point of VM `{name}` is {old} old, within the {hours} h job `{job}` promises"),
+                        ),
+                    );
                 }
             }
         }

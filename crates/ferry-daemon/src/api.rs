@@ -694,6 +694,7 @@ async fn test_alert_target(
         job: None,
         vm: None,
         session: None,
+        resolves: None,
     };
     crate::alerts::send(&name, t, &a).await.map_err(|e| {
         Problem::new(

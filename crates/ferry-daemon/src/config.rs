@@ -183,6 +183,14 @@ pub struct JobConfig {
     /// VMs of this job backed up at once.
     #[serde(default = "default_parallel")]
     pub parallel_vms: usize,
+    /// VMs with a disk on one datastore/SR at once (their snapshots and reads load it);
+    /// shared by the jobs that ask the same number (ADR 0142). Unset: no limit.
+    #[serde(default)]
+    pub per_datastore_vms: Option<usize>,
+    /// Disks of this job in flight at once: a VM takes one slot per disk (all of a VM's
+    /// disks are snapshotted together), at most this many (ADR 0142). Unset: no limit.
+    #[serde(default)]
+    pub parallel_disks: Option<usize>,
     /// Scheduled runs happen only when enabled (runs by hand always can).
     #[serde(default = "default_true")]
     pub enabled: bool,
@@ -388,6 +396,17 @@ impl JobConfig {
                 "parallel_vms",
                 format!("job `{name}`: parallel_vms must be 1..=64"),
             ));
+        }
+        for (field, v) in [
+            ("per_datastore_vms", self.per_datastore_vms),
+            ("parallel_disks", self.parallel_disks),
+        ] {
+            if v.is_some_and(|n| n == 0 || n > 1024) {
+                return Err(Problem::invalid(
+                    field,
+                    format!("job `{name}`: {field} must be 1..=1024"),
+                ));
+            }
         }
         if self
             .rpo_hours

@@ -109,9 +109,28 @@ pub struct VmView {
     /// The appliance backing it up (scheduled runs; another one when it holds the VM's work
     /// lease, ADR 0105).
     pub appliance: Option<String>,
-    /// Where the backup's time went (source / CPU / target shares) and the largest share.
+    /// Where the backup's time went (source / CPU / target shares) and the largest share;
+    /// live while it runs (ADR 0141).
     pub time_split: Option<TimeSplitView>,
+    /// The same per disk, in the order the disks were read (the last one live).
+    pub disk_time_splits: Vec<DiskSplitView>,
+    /// What a queued VM waits for: a job slot or a source, host, datastore or appliance
+    /// limit (ADR 0142).
+    pub waiting_for: Option<String>,
 }
+
+/// The bottleneck split of one disk.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskSplitView {
+    /// Disk name.
+    pub disk: String,
+    /// Its shares.
+    #[serde(flatten)]
+    pub split: TimeSplitView,
+}
+
+/// How often the live log tells a running VM's bottleneck, when it changed.
+const SPLIT_LOG_EVERY: Duration = Duration::from_secs(2);
 
 /// The bottleneck split of a VM's backup (ADR 0109).
 #[derive(Clone, Debug, Serialize)]
@@ -157,6 +176,49 @@ impl VmView {
             error: None,
             appliance: None,
             time_split: None,
+            disk_time_splits: Vec::new(),
+            waiting_for: None,
+        }
+    }
+
+    /// Takes the live time splits of `p` into the view.
+    fn splits_from(&mut self, p: &ferry_engine::ProgressSnapshot) {
+        if p.time.measured() {
+            self.time_split = Some(p.time.into());
+        }
+        self.disk_time_splits = p
+            .disks
+            .iter()
+            .filter(|d| d.time.measured())
+            .map(|d| DiskSplitView {
+                disk: d.name.clone(),
+                split: d.time.into(),
+            })
+            .collect();
+    }
+}
+
+/// The permits a VM holds while it is backed up.
+pub(crate) struct VmSlots {
+    _job: tokio::sync::OwnedSemaphorePermit,
+    _disks: Option<tokio::sync::OwnedSemaphorePermit>,
+    _limits: crate::schedule::Slot,
+}
+
+/// A session's own limits: VMs and disks of the job at once.
+#[derive(Clone)]
+pub(crate) struct JobSlots {
+    vms: Arc<tokio::sync::Semaphore>,
+    disks: Option<(Arc<tokio::sync::Semaphore>, usize)>,
+}
+
+impl JobSlots {
+    fn new(job: &JobConfig) -> Self {
+        Self {
+            vms: Arc::new(tokio::sync::Semaphore::new(job.parallel_vms)),
+            disks: job
+                .parallel_disks
+                .map(|n| (Arc::new(tokio::sync::Semaphore::new(n.max(1))), n.max(1))),
         }
     }
 }
@@ -243,7 +305,8 @@ impl LiveSession {
                         vm.done = s.done;
                         vm.read = s.read;
                         vm.written = s.written;
-                        vm.current_disk = s.current;
+                        vm.current_disk = s.current.clone();
+                        vm.splits_from(&s);
                         let secs = since.elapsed().as_secs_f64();
                         if secs > 0.0 {
                             vm.rate = (s.done as f64 / secs) as u64;
@@ -576,7 +639,7 @@ impl App {
                 .await
                 .map_err(|e| format!("repository `{}`: {e}", job.repository))?,
         );
-        let job_slots = Arc::new(tokio::sync::Semaphore::new(job.parallel_vms));
+        let job_slots = JobSlots::new(&job);
         let mut set = tokio::task::JoinSet::new();
         for vm in crate::scaleout::rotate(picked, work.as_ref()) {
             let (app, s, repo, driver, job, slots, name, work) = (
@@ -603,13 +666,7 @@ impl App {
                         .await;
                     return;
                 }
-                let Ok(_job_slot) = slots.acquire_owned().await else {
-                    return;
-                };
-                let Some(_slot) = app
-                    .limits
-                    .acquire(&job.source, vm.host.as_deref(), &s.cancel)
-                    .await
+                let Some(_slots) = app.vm_slots(&s, &job, &slots, driver.as_ref(), &vm).await
                 else {
                     return;
                 };
@@ -753,13 +810,35 @@ impl App {
                     let opts = BackupOptions {
                         limit_rate,
                         cancel: cancel.child_token(),
-                        progress,
+                        progress: progress.clone(),
                         ..Default::default()
                     };
-                    self.backend
-                        .backup_vm(driver.as_ref(), &job.source, &repo, vm, opts)
-                        .await
-                        .map_err(|e| e.0)
+                    let backup =
+                        self.backend
+                            .backup_vm(driver.as_ref(), &job.source, &repo, vm, opts);
+                    tokio::pin!(backup);
+                    // The live log tells the bottleneck while the VM runs, when it changes.
+                    let mut tick = tokio::time::interval(SPLIT_LOG_EVERY);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut told = String::new();
+                    loop {
+                        tokio::select! {
+                            r = &mut backup => break r.map_err(|e| e.0),
+                            _ = tick.tick() => {
+                                let p = progress.snapshot();
+                                let Some(d) = p.disks.last().filter(|d| d.time.measured()) else {
+                                    continue;
+                                };
+                                let key = format!("{}/{}", d.name, d.time.bottleneck());
+                                if key != told {
+                                    self.log(s, "info", Some(&vm.name), format!(
+                                        "disk {}: {}", d.name, split_text(&d.time)
+                                    ));
+                                    told = key;
+                                }
+                            }
+                        }
+                    }
                 }
             },
         )
@@ -790,11 +869,12 @@ impl App {
                     "info",
                     Some(&vm.name),
                     format!(
-                        "restore point {} written: {} read, {} uploaded in {:.1}s",
+                        "restore point {} written: {} read, {} uploaded in {:.1}s; {}",
                         rep.snapshot,
                         ferry_core::size::human_bytes(read),
                         ferry_core::size::human_bytes(up),
-                        seconds
+                        seconds,
+                        split_text(&rep.time)
                     ),
                 );
                 s.vm(&vm.id, |l| {
@@ -802,6 +882,7 @@ impl App {
                         let snap = p.snapshot();
                         l.view.total = snap.total;
                         l.view.done = snap.done;
+                        l.view.splits_from(&snap);
                     }
                     l.view.status = Status::Success;
                     l.view.error = None;
@@ -851,7 +932,9 @@ impl App {
                     },
                 );
                 s.vm(&vm.id, |l| {
-                    l.progress = None;
+                    if let Some((p, _)) = l.progress.take() {
+                        l.view.splits_from(&p.snapshot());
+                    }
                     l.view.status = if cancelled {
                         Status::Cancelled
                     } else {
@@ -873,6 +956,101 @@ impl App {
         };
         self.persist(s);
         out
+    }
+}
+
+/// `bottleneck: target (source 12%, CPU 8%, target 80%)`.
+fn split_text(t: &ferry_engine::TimeSplit) -> String {
+    format!(
+        "bottleneck: {} (source {:.0}%, CPU {:.0}%, target {:.0}%)",
+        t.bottleneck(),
+        t.source_pct,
+        t.cpu_pct,
+        t.target_pct
+    )
+}
+
+impl App {
+    /// Waits for everything a VM of `job` needs before its backup starts: a slot of the
+    /// session, its disks' slots, then the appliance's limits (source, host, datastores,
+    /// appliance). The VM's view and the session log say what it waits for. `None` when the
+    /// session is cancelled first.
+    pub(crate) async fn vm_slots(
+        self: &Arc<Self>,
+        s: &Arc<LiveSession>,
+        job: &JobConfig,
+        slots: &JobSlots,
+        driver: &dyn ferry_hv::HypervisorDriver,
+        vm: &VmSummary,
+    ) -> Option<VmSlots> {
+        let on_wait = |what: &str| {
+            let mut changed = false;
+            s.vm(&vm.id, |l| {
+                if l.view.waiting_for.as_deref() != Some(what) {
+                    l.view.waiting_for = Some(what.to_string());
+                    changed = true;
+                }
+            });
+            if changed {
+                self.log(s, "info", Some(&vm.name), format!("waiting for {what}"));
+            }
+        };
+        let job_slot = crate::schedule::take(
+            slots.vms.clone(),
+            1,
+            &format!("a slot of the job (parallel-vms = {})", job.parallel_vms),
+            &s.cancel,
+            &on_wait,
+        )
+        .await?;
+        let disks = match &slots.disks {
+            Some((sem, n)) => {
+                let want = vm.disks.len().clamp(1, *n) as u32;
+                Some(
+                    crate::schedule::take(
+                        sem.clone(),
+                        want,
+                        &format!("{want} disk slot(s) of the job (parallel-disks = {n})"),
+                        &s.cancel,
+                        &on_wait,
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
+        let stores: Vec<String> = match job.per_datastore_vms {
+            Some(_) => match driver.disk_stores(vm).await {
+                Ok(m) => m.into_values().collect(),
+                Err(e) => {
+                    self.log(
+                        s,
+                        "warn",
+                        Some(&vm.name),
+                        format!("cannot tell the datastores of the VM's disks ({e}); not limited by datastore"),
+                    );
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        let limits = self
+            .limits
+            .acquire(
+                &job.source,
+                vm.host.as_deref(),
+                &stores,
+                job.per_datastore_vms,
+                &s.cancel,
+                &on_wait,
+            )
+            .await?;
+        s.vm(&vm.id, |l| l.view.waiting_for = None);
+        Some(VmSlots {
+            _job: job_slot,
+            _disks: disks,
+            _limits: limits,
+        })
     }
 }
 

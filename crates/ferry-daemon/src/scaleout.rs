@@ -20,7 +20,6 @@ use ferry_repo::work::{self, Claim, DoneMarker, WorkGuard};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Work windows are kept this long on the store, then removed after a run.
@@ -160,7 +159,7 @@ impl App {
     pub(crate) async fn claim_and_backup(
         self: &Arc<Self>,
         c: VmJob<'_>,
-        slots: Arc<Semaphore>,
+        slots: crate::jobs::JobSlots,
         window: Option<Window>,
         w: &WorkWindow,
     ) {
@@ -172,14 +171,7 @@ impl App {
             if s.cancel.is_cancelled() {
                 return;
             }
-            let Ok(job_slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let Some(slot) = self
-                .limits
-                .acquire(&c.job.source, vm.host.as_deref(), &s.cancel)
-                .await
-            else {
+            let Some(held) = self.vm_slots(s, c.job, &slots, c.driver.as_ref(), vm).await else {
                 return;
             };
             if self.window_closed(s, vm, window) {
@@ -234,7 +226,7 @@ impl App {
                     }
                 }
             }
-            drop((job_slot, slot));
+            drop(held);
             tokio::select! {
                 _ = s.cancel.cancelled() => return,
                 _ = tokio::time::sleep(poll) => {}

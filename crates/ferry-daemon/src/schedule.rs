@@ -90,7 +90,28 @@ where
     }
 }
 
-/// Concurrency limits: VMs at once on this appliance, per source and per hypervisor host.
+/// Takes `n` permits of `sem`; when none are free says so through `on_wait(what)` first, then
+/// waits. `None` when cancelled first.
+pub(crate) async fn take(
+    sem: Arc<Semaphore>,
+    n: u32,
+    what: &str,
+    cancel: &CancellationToken,
+    on_wait: &(dyn Fn(&str) + Send + Sync),
+) -> Option<OwnedSemaphorePermit> {
+    match sem.clone().try_acquire_many_owned(n) {
+        Ok(p) => return Some(p),
+        Err(tokio::sync::TryAcquireError::Closed) => return None,
+        Err(tokio::sync::TryAcquireError::NoPermits) => on_wait(what),
+    }
+    tokio::select! {
+        _ = cancel.cancelled() => None,
+        p = sem.acquire_many_owned(n) => p.ok(),
+    }
+}
+
+/// Concurrency limits: VMs at once on this appliance, per source, per hypervisor host and per
+/// datastore/SR.
 #[derive(Debug)]
 pub struct Limits {
     appliance: Arc<Semaphore>,
@@ -131,28 +152,49 @@ impl Limits {
             .clone()
     }
 
-    /// Waits for a slot for a VM of `source` (on `host`, if known); `None` when cancelled
-    /// first.
+    /// Waits for a slot for a VM of `source` (on `host`, if known; with disks on the
+    /// datastores `stores`, at most `per_store` VMs per datastore when set); `on_wait` hears
+    /// what it waits for. `None` when cancelled first.
     pub async fn acquire(
         &self,
         source: &str,
         host: Option<&str>,
+        stores: &[String],
+        per_store: Option<usize>,
         cancel: &CancellationToken,
+        on_wait: &(dyn Fn(&str) + Send + Sync),
     ) -> Option<Slot> {
         // Narrow limits first, in one fixed order (no two VMs wait for each other's permits):
-        // a VM waiting for a busy source or host holds no appliance slot.
-        let mut sems = vec![self.group(format!("source/{source}"), self.per_source)];
+        // a VM waiting for a busy source, host or datastore holds no appliance slot.
+        let mut sems = vec![(
+            self.group(format!("source/{source}"), self.per_source),
+            format!("source `{source}` (per-source-vms = {})", self.per_source),
+        )];
         if let (Some(n), Some(h)) = (self.per_host, host) {
-            sems.push(self.group(format!("host/{h}"), n));
+            sems.push((
+                self.group(format!("host/{h}"), n),
+                format!("host `{h}` (per-host-vms = {n})"),
+            ));
         }
-        sems.push(self.appliance.clone());
+        if let Some(n) = per_store.map(|n| n.max(1)) {
+            let mut stores = stores.to_vec();
+            stores.sort();
+            stores.dedup();
+            for d in stores {
+                // Jobs asking the same limit share one count per datastore (ADR 0142).
+                sems.push((
+                    self.group(format!("datastore/{source}/{d}/{n}"), n),
+                    format!("datastore `{d}` (per-datastore-vms = {n})"),
+                ));
+            }
+        }
+        sems.push((
+            self.appliance.clone(),
+            "a slot of the appliance (max-concurrent-vms)".to_string(),
+        ));
         let mut permits = Vec::with_capacity(sems.len());
-        for sem in sems {
-            let p = tokio::select! {
-                _ = cancel.cancelled() => return None,
-                p = sem.acquire_owned() => p.ok()?,
-            };
-            permits.push(p);
+        for (sem, what) in sems {
+            permits.push(take(sem, 1, &what, cancel, on_wait).await?);
         }
         Some(Slot { _permits: permits })
     }
@@ -358,7 +400,7 @@ mod tests {
                 max_src.clone(),
             );
             tasks.push(tokio::spawn(async move {
-                let _slot = l.acquire(&src, None, &c).await.unwrap();
+                let _slot = l.acquire(&src, None, &[], None, &c, &|_| {}).await.unwrap();
                 {
                     let mut m = r.lock().unwrap();
                     *m.entry(src.clone()).or_default() += 1;
@@ -376,10 +418,13 @@ mod tests {
         assert_eq!(max_total.load(Ordering::SeqCst), 3);
         // A waiter gives up when cancelled.
         let l = Limits::new(1, 1);
-        let held = l.acquire("a", None, &cancel).await.unwrap();
+        let held = l
+            .acquire("a", None, &[], None, &cancel, &|_| {})
+            .await
+            .unwrap();
         let c = CancellationToken::new();
         c.cancel();
-        assert!(l.acquire("a", None, &c).await.is_none());
+        assert!(l.acquire("a", None, &[], None, &c, &|_| {}).await.is_none());
         drop(held);
     }
 
@@ -387,25 +432,85 @@ mod tests {
     async fn limits_hold_per_host_across_sources() {
         let l = Limits::new(4, 4).per_host(Some(1));
         let cancel = CancellationToken::new();
-        let h1 = l.acquire("a", Some("host-1"), &cancel).await.unwrap();
+        let h1 = l
+            .acquire("a", Some("host-1"), &[], None, &cancel, &|_| {})
+            .await
+            .unwrap();
         // Another source's VM on the same host waits; one on another host does not.
-        let other = l.acquire("b", Some("host-2"), &cancel).await.unwrap();
+        let other = l
+            .acquire("b", Some("host-2"), &[], None, &cancel, &|_| {})
+            .await
+            .unwrap();
         let waiting = tokio::time::timeout(
             Duration::from_secs(5),
-            l.acquire("b", Some("host-1"), &cancel),
+            l.acquire("b", Some("host-1"), &[], None, &cancel, &|_| {}),
         )
         .await;
         assert!(waiting.is_err(), "a second VM of host-1 must wait");
         drop(h1);
         let again = tokio::time::timeout(
             Duration::from_secs(5),
-            l.acquire("b", Some("host-1"), &cancel),
+            l.acquire("b", Some("host-1"), &[], None, &cancel, &|_| {}),
         )
         .await;
         assert!(again.is_ok_and(|s| s.is_some()));
         // VMs whose host is unknown are limited by source and appliance only.
-        assert!(l.acquire("c", None, &cancel).await.is_some());
+        assert!(
+            l.acquire("c", None, &[], None, &cancel, &|_| {})
+                .await
+                .is_some()
+        );
         drop(other);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limits_hold_per_datastore_and_say_what_they_wait_for() {
+        let l = Limits::new(8, 8);
+        let cancel = CancellationToken::new();
+        let st = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let heard = std::sync::Mutex::new(Vec::<String>::new());
+        let hear = |w: &str| heard.lock().unwrap().push(w.to_string());
+        // A VM with disks on sr-1 and sr-2 holds both.
+        let a = l
+            .acquire(
+                "x",
+                None,
+                &st(&["sr-2", "sr-1", "sr-2"]),
+                Some(1),
+                &cancel,
+                &hear,
+            )
+            .await
+            .unwrap();
+        assert!(heard.lock().unwrap().is_empty(), "nothing was busy");
+        // One on sr-3 runs; one on sr-1 waits, saying so.
+        let b = l
+            .acquire("x", None, &st(&["sr-3"]), Some(1), &cancel, &hear)
+            .await
+            .unwrap();
+        let waiting = tokio::time::timeout(
+            Duration::from_secs(5),
+            l.acquire("x", None, &st(&["sr-1"]), Some(1), &cancel, &hear),
+        )
+        .await;
+        assert!(waiting.is_err(), "a second VM on sr-1 must wait");
+        assert_eq!(
+            *heard.lock().unwrap(),
+            ["datastore `sr-1` (per-datastore-vms = 1)"]
+        );
+        // Without a datastore limit, the same VM does not wait; with it, it runs once freed.
+        let c = l
+            .acquire("x", None, &st(&["sr-1"]), None, &cancel, &hear)
+            .await;
+        assert!(c.is_some());
+        drop(a);
+        let d = tokio::time::timeout(
+            Duration::from_secs(5),
+            l.acquire("x", None, &st(&["sr-1"]), Some(1), &cancel, &hear),
+        )
+        .await;
+        assert!(d.is_ok_and(|s| s.is_some()));
+        drop((b, c));
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! the next changed-block backup of that disk read everything too.
 
 use crate::error::{EngineError, Result};
-use crate::progress::{Progress, RateLimiter, StageClock, TimeSplit};
+use crate::progress::{Progress, RateLimiter, TimeSplit};
 use ferry_core::{BlockSource, ExtentMap};
 use ferry_repo::{
     BackupWriter, ChunkCodec, ChunkId, DiskIndex, DiskWriter, Repository, SnapshotMeta,
@@ -265,7 +265,6 @@ struct Ctx {
     codec: ChunkCodec,
     cpu: crate::cpu::CpuPool,
     pool: BufferPool,
-    clock: StageClock,
     limiter: Option<RateLimiter>,
     progress: Arc<Progress>,
     reads_in_flight: usize,
@@ -335,6 +334,9 @@ pub async fn backup(
             .begin_backup(meta)
             .await
             .map_err(|e| EngineError::repo("-", e))?;
+        // The progress's clock may have run before (one Progress over several VMs): the
+        // report's split is what this backup added.
+        let clock0 = opts.progress.clock.raw();
         let ctx = Arc::new(Ctx {
             codec: repo.codec().clone(),
             cpu: crate::cpu::CpuPool::new(opts.cpu_workers)?,
@@ -342,7 +344,6 @@ pub async fn backup(
                 size: repo.config().chunk_size as usize,
                 free: Mutex::new(Vec::new()),
             },
-            clock: StageClock::default(),
             limiter: opts.limit_rate.map(RateLimiter::new),
             progress: opts.progress.clone(),
             reads_in_flight: opts.reads_in_flight.max(1),
@@ -378,7 +379,7 @@ pub async fn backup(
             previous,
             disks: reports,
             seconds: started.elapsed().as_secs_f64(),
-            time: ctx.clock.split(),
+            time: TimeSplit::between(clock0, ctx.progress.clock.raw()),
             cbt_mismatch,
         })
     };
@@ -609,7 +610,7 @@ async fn read_chunk(
             ChunkData::Pooled(buf)
         }
     };
-    ctx.clock.source(t);
+    ctx.progress.clock.source(t);
     ctx.progress.add_read(read);
     Ok((data, read))
 }
@@ -617,7 +618,7 @@ async fn read_chunk(
 /// Runs `f` on the CPU pool, timing it.
 async fn on_cpu<T: Send + 'static>(ctx: &Ctx, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let (r, took) = ctx.cpu.run(f).await?;
-    ctx.clock.cpu(took);
+    ctx.progress.clock.cpu(took);
     Ok(r)
 }
 
@@ -748,7 +749,7 @@ async fn finish_new(
     dw.put_encoded(i, enc)
         .await
         .map_err(|e| EngineError::repo(dw.name(), e))?;
-    ctx.clock.target(t);
+    ctx.progress.clock.target(t);
     c.new.fetch_add(len, Ordering::Relaxed);
     c.uploaded.fetch_add(stored, Ordering::Relaxed);
     ctx.progress.add_written(stored);

@@ -48,5 +48,5 @@ pub use backup::{
     VerifyOutcome, backup,
 };
 pub use error::{EngineError, Result};
-pub use progress::{Progress, ProgressSnapshot, RateLimiter, TimeSplit};
+pub use progress::{DiskTime, Progress, ProgressSnapshot, RateLimiter, TimeSplit};
 pub use restore::{RestoreOptions, RestoreReport, RestoreTo, restore_disk};

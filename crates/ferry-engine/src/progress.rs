@@ -14,10 +14,14 @@ pub struct Progress {
     read: AtomicU64,
     written: AtomicU64,
     current: Mutex<String>,
+    /// Busy time per stage, live (ADR 0141): read while the job runs, not only at its end.
+    pub(crate) clock: StageClock,
+    /// Each disk begun, with the clock's totals when it began.
+    disk_starts: Mutex<Vec<(String, [u64; 3])>>,
 }
 
 /// A consistent-enough copy of [`Progress`].
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct ProgressSnapshot {
     /// Virtual bytes the job covers (all disks).
     pub total: u64,
@@ -29,6 +33,19 @@ pub struct ProgressSnapshot {
     pub written: u64,
     /// The disk being worked on.
     pub current: String,
+    /// Where the time went so far (all disks).
+    pub time: TimeSplit,
+    /// Where each disk's time went, in the order they were begun (the last one live).
+    pub disks: Vec<DiskTime>,
+}
+
+/// The time split of one disk.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DiskTime {
+    /// Disk name.
+    pub name: String,
+    /// Its shares.
+    pub time: TimeSplit,
 }
 
 impl Progress {
@@ -51,6 +68,10 @@ impl Progress {
     }
     pub(crate) fn set_current(&self, disk: &str) {
         *self.current.lock().expect("progress lock") = disk.to_string();
+        self.disk_starts
+            .lock()
+            .expect("progress lock")
+            .push((disk.to_string(), self.clock.raw()));
     }
 
     /// The counters now.
@@ -61,7 +82,26 @@ impl Progress {
             read: self.read.load(Ordering::Relaxed),
             written: self.written.load(Ordering::Relaxed),
             current: self.current.lock().expect("progress lock").clone(),
+            time: self.clock.split(),
+            disks: self.disk_times(),
         }
+    }
+
+    /// Each disk's share of the clock: from its start to the next disk's (or now).
+    fn disk_times(&self) -> Vec<DiskTime> {
+        let starts = self.disk_starts.lock().expect("progress lock").clone();
+        let now = self.clock.raw();
+        starts
+            .iter()
+            .enumerate()
+            .map(|(i, (name, from))| {
+                let to = starts.get(i + 1).map_or(now, |n| n.1);
+                DiskTime {
+                    name: name.clone(),
+                    time: TimeSplit::between(*from, to),
+                }
+            })
+            .collect()
     }
 }
 
@@ -86,20 +126,16 @@ impl StageClock {
         self.target
             .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
+    /// Nanoseconds so far: source, CPU, target.
+    pub(crate) fn raw(&self) -> [u64; 3] {
+        [
+            self.source.load(Ordering::Relaxed),
+            self.cpu.load(Ordering::Relaxed),
+            self.target.load(Ordering::Relaxed),
+        ]
+    }
     pub(crate) fn split(&self) -> TimeSplit {
-        let s = self.source.load(Ordering::Relaxed) as f64;
-        let c = self.cpu.load(Ordering::Relaxed) as f64;
-        let t = self.target.load(Ordering::Relaxed) as f64;
-        let sum = s + c + t;
-        if sum == 0.0 {
-            return TimeSplit::default();
-        }
-        let pct = |x: f64| (x * 1000.0 / sum).round() / 10.0;
-        TimeSplit {
-            source_pct: pct(s),
-            cpu_pct: pct(c),
-            target_pct: pct(t),
-        }
+        TimeSplit::between([0; 3], self.raw())
     }
 }
 
@@ -115,6 +151,28 @@ pub struct TimeSplit {
 }
 
 impl TimeSplit {
+    /// The shares of what a clock added between two readings.
+    pub(crate) fn between(from: [u64; 3], to: [u64; 3]) -> Self {
+        let d: Vec<f64> = (0..3)
+            .map(|i| to[i].saturating_sub(from[i]) as f64)
+            .collect();
+        let sum: f64 = d.iter().sum();
+        if sum == 0.0 {
+            return TimeSplit::default();
+        }
+        let pct = |x: f64| (x * 1000.0 / sum).round() / 10.0;
+        TimeSplit {
+            source_pct: pct(d[0]),
+            cpu_pct: pct(d[1]),
+            target_pct: pct(d[2]),
+        }
+    }
+
+    /// Whether any busy time was measured.
+    pub fn measured(&self) -> bool {
+        self.source_pct + self.cpu_pct + self.target_pct > 0.0
+    }
+
     /// The stage with the largest share.
     pub fn bottleneck(&self) -> &'static str {
         if self.source_pct >= self.cpu_pct && self.source_pct >= self.target_pct {
@@ -191,5 +249,24 @@ mod tests {
         assert_eq!(s.bottleneck(), "cpu");
         assert!((s.cpu_pct - 75.0).abs() < 0.01, "{s:?}");
         assert_eq!(StageClock::default().split(), TimeSplit::default());
+    }
+
+    #[test]
+    fn progress_splits_time_per_disk_while_it_runs() {
+        let p = Progress::new();
+        p.set_current("a");
+        p.clock.cpu(Duration::from_millis(100));
+        p.set_current("b");
+        p.clock.target.fetch_add(300_000_000, Ordering::Relaxed);
+        let s = p.snapshot();
+        assert_eq!(s.disks.len(), 2);
+        assert_eq!(
+            (s.disks[0].name.as_str(), s.disks[0].time.bottleneck()),
+            ("a", "cpu")
+        );
+        assert!((s.disks[0].time.cpu_pct - 100.0).abs() < 0.01, "{s:?}");
+        assert_eq!(s.disks[1].time.bottleneck(), "target");
+        assert!((s.time.target_pct - 75.0).abs() < 0.01, "{s:?}");
+        assert!(s.time.measured() && !TimeSplit::default().measured());
     }
 }

@@ -685,6 +685,21 @@ impl HypervisorDriver for VmwareDriver {
         Ok(self.inner.vms().await?.iter().map(summary).collect())
     }
 
+    async fn disk_stores(&self, vm: &VmSummary) -> Result<BTreeMap<String, String>, HvError> {
+        let found = self.inner.find_vm(&vm.id).await?;
+        // `[datastore1] vm/vm.vmdk` names the datastore; its MoRef when the path does not.
+        Ok(found
+            .disks
+            .iter()
+            .filter_map(|d| {
+                let name = split_datastore_path(&d.file)
+                    .map(|(ds, _)| ds.to_string())
+                    .or_else(|| d.datastore.as_ref().map(|m| m.value.clone()))?;
+                Some((d.key(), name))
+            })
+            .collect())
+    }
+
     async fn begin_backup(
         &self,
         want: &str,

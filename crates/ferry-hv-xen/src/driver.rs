@@ -377,6 +377,25 @@ impl HypervisorDriver for XenDriver {
         Ok(out)
     }
 
+    async fn disk_stores(&self, vm: &VmSummary) -> Result<BTreeMap<String, String>, HvError> {
+        let (vdis, srs) = (
+            self.inner.records("VDI").await?,
+            self.inner.records("SR").await?,
+        );
+        // An SR by its name, or its uuid when it has none.
+        Ok(vdis
+            .values()
+            .filter(|v| vm.disks.iter().any(|d| d.key == s(v, "uuid")))
+            .filter_map(|v| {
+                let sr = srs.get(&s(v, "SR"))?;
+                let name = Some(s(sr, "name_label"))
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| s(sr, "uuid"));
+                Some((s(v, "uuid"), name))
+            })
+            .collect())
+    }
+
     async fn begin_backup(
         &self,
         vm: &str,

@@ -421,6 +421,13 @@ pub trait HypervisorDriver: Send + Sync {
         let _ = (vm, owner);
         Ok(CleanupReport::default())
     }
+    /// The datastore (vSphere) or SR (Xen) each disk of `vm` lives on, keyed by
+    /// [`DiskSummary::key`]; a disk left out is on a store the driver cannot name. The
+    /// appliance's per-datastore limits key on it (ADR 0142).
+    async fn disk_stores(&self, vm: &VmSummary) -> Result<BTreeMap<String, String>, HvError> {
+        let _ = vm;
+        Ok(BTreeMap::new())
+    }
     /// Creates a VM from a restore point.
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError>;
     /// Instant recovery, where the driver supports it.

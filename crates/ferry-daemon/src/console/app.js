@@ -270,12 +270,17 @@ async function session(id) {
       v.ended ? ' · ended ' + when(v.ended) : '', v.error ? ' · ' + v.error : ''),
     live ? el('button', { id: 'cancel-session', on: { click: guard(async () => { await api('POST', '/api/sessions/' + id + '/cancel'); }) } }, 'Cancel') : null,
     info.length ? card('Restore', ...info) : null,
-    card('VMs', table(['VM', 'status', 'progress', 'read', 'written', 'rate', 'ETA', 'restore point'], v.vms.map((m) => {
+    card('VMs', table(['VM', 'status', 'progress', 'read', 'written', 'rate', 'ETA', 'bottleneck', 'restore point'], v.vms.map((m) => {
       const pct = m.total ? Math.min(100, Math.round((100 * m.done) / m.total)) : (m.status === 'success' ? 100 : 0);
-      return el('tr', { class: 'vm-row' }, el('td', {}, m.vm_name), el('td', {}, status(m.status)),
+      const split = (t) => t.bottleneck + ' (source ' + Math.round(t.source_pct) + '%, CPU ' + Math.round(t.cpu_pct) + '%, target ' + Math.round(t.target_pct) + '%)';
+      return el('tr', { class: 'vm-row' }, el('td', {}, m.vm_name),
+        el('td', {}, status(m.status), m.waiting_for ? el('div', { class: 'waiting' }, 'waiting for ' + m.waiting_for) : null),
         el('td', {}, el('span', { class: 'bar' }, el('span', { width: pct + '%' })), ' ', el('span', { class: 'pct' }, pct + '%'), m.current_disk ? ' ' + m.current_disk : ''),
         el('td', {}, bytes(m.read)), el('td', {}, bytes(m.written)), el('td', {}, m.rate ? bytes(m.rate) + '/s' : ''),
-        el('td', {}, m.eta_seconds === null || m.eta_seconds === undefined ? '' : m.eta_seconds + ' s'), el('td', {}, m.restore_point || ''));
+        el('td', {}, m.eta_seconds === null || m.eta_seconds === undefined ? '' : m.eta_seconds + ' s'),
+        el('td', { class: 'bottleneck' }, m.time_split ? split(m.time_split) : '',
+          ...(m.disk_time_splits || []).map((d) => el('div', { class: 'disk-split' }, d.disk + ': ' + split(d)))),
+        el('td', {}, m.restore_point || ''));
     }))),
     card('Log', el('div', { class: 'log', id: 'session-log' }, log.body.map((e) => el('div', {}, new Date(e.time * 1000).toLocaleTimeString() + ' ' + e.level + ' ' + (e.vm ? '[' + e.vm + '] ' : '') + e.message)))),
   );
