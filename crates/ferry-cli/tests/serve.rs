@@ -1198,6 +1198,25 @@ async fn datastore_limits_queue_vms_visibly_and_the_bottleneck_is_live() {
             .any(|l| l.starts_with("disk ") && l.contains(": bottleneck: ")),
         "the live log tells the bottleneck: {lines:?}"
     );
+
+    // Disk slots: two 2-disk VMs, 3 disk slots: the second VM waits for its two.
+    let r = api.get("/api/jobs/pair").await;
+    let etag = r.headers["etag"].to_str().unwrap().to_string();
+    let mut j = r.body.clone();
+    j.as_object_mut().unwrap().remove("per_datastore_vms");
+    j["parallel_disks"] = json!(3);
+    api.ok("PUT", "/api/jobs/pair", Some(j), Some(&etag), 200)
+        .await;
+    let s = api.run_job("pair").await;
+    assert_eq!(s["status"], "success", "{s}");
+    let lines = api.log_lines(s["id"].as_str().unwrap()).await;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l == "waiting for 2 disk slot(s) of the job (parallel-disks = 3)"),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("datastore")), "{lines:?}");
 }
 
 /// Waits until `f` holds for the alerts list; returns it.
