@@ -535,5 +535,6 @@ pub async fn rpo_loop(app: Arc<App>, stop: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(every)) => {}
         }
         app.check_rpo();
+        app.check_replicas();
     }
 }
