@@ -183,13 +183,8 @@ impl App {
                     },
                     Some(key),
                 );
-            } else if let Err(e) = self.catalog.with(|c| {
-                c.execute(
-                    "UPDATE alerts SET resolved = ?1 WHERE key = ?2 AND resolved IS NULL",
-                    rusqlite::params![now, key],
-                )
-            }) {
-                tracing::warn!(error = %e, "cannot resolve an alert");
+            } else {
+                self.resolve_alert(&key, now);
             }
         }
     }

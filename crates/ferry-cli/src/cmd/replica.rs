@@ -312,6 +312,33 @@ fn now() -> i64 {
 }
 
 impl Replica {
+    /// A new job of `spec` for VM `vm` (id) named `vm_name`: nothing replicated yet.
+    fn new(spec: &Spec, vm: &str, vm_name: &str) -> Self {
+        Self {
+            version: RECORD_VERSION,
+            name: spec.name.clone(),
+            repo: spec.repo.clone(),
+            source: spec.source.clone(),
+            vm: vm.into(),
+            vm_name: vm_name.into(),
+            target: spec.to_source.clone(),
+            every: spec.every.as_secs().max(1),
+            keep: spec.keep,
+            rpo: spec.rpo.unwrap_or(spec.every * 2).as_secs().max(1),
+            seed: None,
+            standby: None,
+            applied: None,
+            applied_time: None,
+            resync: false,
+            points: vec![],
+            state: State::Replicating,
+            test_vm: None,
+            cycle: None,
+            op: None,
+            health: Health::default(),
+        }
+    }
+
     /// Seconds since the restore point the standby holds was taken.
     pub fn lag(&self) -> Option<i64> {
         self.applied_time.map(|t| (now() - t).max(0))
@@ -721,27 +748,8 @@ async fn create_record(a: &Spec, common: &Common) -> anyhow::Result<Replica> {
         None => None,
     };
     let rec = Replica {
-        version: RECORD_VERSION,
-        name: a.name.clone(),
-        repo: a.repo.clone(),
-        source: a.source.clone(),
-        vm: vm.id.clone(),
-        vm_name: vm.name.clone(),
-        target: a.to_source.clone(),
-        every: a.every.as_secs().max(1),
-        keep: a.keep,
-        rpo: a.rpo.unwrap_or(a.every * 2).as_secs().max(1),
         seed,
-        standby: None,
-        applied: None,
-        applied_time: None,
-        resync: false,
-        points: vec![],
-        state: State::Replicating,
-        test_vm: None,
-        cycle: None,
-        op: None,
-        health: Health::default(),
+        ..Replica::new(a, &vm.id, &vm.name)
     };
     store.save(&rec)?;
     Ok(rec)
@@ -1408,29 +1416,19 @@ mod tests {
 
     #[test]
     fn stale_after_the_rpo() {
-        let mut r = Replica {
-            version: RECORD_VERSION,
+        let spec = Spec {
             name: "r".into(),
-            repo: "/r".into(),
             source: "a".into(),
             vm: "v".into(),
-            vm_name: "v".into(),
-            target: "b".into(),
-            every: 60,
+            to_source: "b".into(),
+            repo: "/r".into(),
+            every: Duration::from_secs(60),
             keep: 2,
-            rpo: 120,
+            rpo: None,
             seed: None,
-            standby: None,
-            applied: None,
-            applied_time: None,
-            resync: false,
-            points: vec![],
-            state: State::Replicating,
-            test_vm: None,
-            cycle: None,
-            op: None,
-            health: Health::default(),
         };
+        let mut r = Replica::new(&spec, "v", "v");
+        assert_eq!(r.rpo, 120);
         assert!(r.stale().unwrap().contains("no recovery point"));
         r.applied_time = Some(now() - 10);
         assert!(r.stale().is_none());
