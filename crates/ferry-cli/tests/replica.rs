@@ -27,19 +27,7 @@ fn ferry() -> Command {
 }
 
 fn start_sim(dir: &Path) -> (Killed, Value) {
-    Killed::spawn_json_line(
-        ferry()
-            .args([
-                "sim",
-                "xen",
-                "--listen",
-                "127.0.0.1:0",
-                "--disk-mib",
-                "8",
-                "--dir",
-            ])
-            .arg(dir),
-    )
+    xen_probe::start_sim(ferry(), dir)
 }
 
 fn source_toml(name: &str, info: &Value, pw: &Path, state: &Path) -> String {
@@ -230,7 +218,8 @@ fn replica_follows_guest_writes_and_unplanned_failover_starts_the_chosen_point()
     let want2 = lab.disks(false, VM, "prod-2");
     assert_same_disks(&lab.disks(true, STANDBY, "dr-2"), &want2);
     let bytes = second["health"]["last-bytes"].as_u64().unwrap();
-    assert!(bytes > 0 && bytes <= 2 * (4 << 20), "{second}");
+    // One changed chunk per disk, each sent as its whole 2 MiB VHD block.
+    assert_eq!(bytes, 2 * (2 << 20), "{second}");
     assert!(second["lag"].as_i64().unwrap() < 60, "{second}");
     assert_eq!(second["health"]["cycles"], 2);
 
@@ -403,4 +392,141 @@ fn planned_failover_killed_halfway_completes_when_run_again() {
         &lab.disks(true, STANDBY, "dr-after"),
     );
     let _ = &lab.prod_info;
+}
+
+/// `GET base+path` over HTTPS pinned to the service's certificate, with an optional token.
+async fn get(info: &Value, path: &str, token: Option<&str>) -> (u16, String) {
+    let fp = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
+    let tls = ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(fp)).unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let mut r = http.get(format!("{}{path}", info["url"].as_str().unwrap()));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    let resp = r.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+fn record(lab: &Lab) -> Value {
+    let p = lab.path("state/replicas/web.json");
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}
+
+fn wait_cycles(lab: &Lab, n: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let r = record(lab);
+        if r["health"]["cycles"].as_u64().unwrap_or(0) >= n {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "no {n} cycles: {r}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn serve_runs_replica_cycles_with_health_in_metrics_and_rpo_alerts() {
+    let mut lab = Lab::start();
+    let pw = lab.path("repo.pw");
+    std::fs::write(&pw, PASSWORD).unwrap();
+    let mut toml = std::fs::read_to_string(lab.path("ferry.toml")).unwrap();
+    toml.push_str(&format!(
+        "[appliance]\nrpo-check-seconds = 1\n[repositories.main]\nurl = \"{}\"\npassword-file = \"{}\"\n[replicas.web]\nsource = \"prod\"\nvm = \"{VM}\"\nto-source = \"dr\"\nrepository = \"main\"\nevery = \"2s\"\nkeep = 2\nrpo = \"1s\"\n",
+        lab.path("repo").display(),
+        pw.display()
+    ));
+    std::fs::write(lab.path("ferry.toml"), toml).unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    serve
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--init-admin",
+            "admin",
+            "--state-dir",
+        ])
+        .arg(lab.path("state"))
+        .arg("--config")
+        .arg(lab.path("ferry.toml"))
+        .env_remove("RUST_LOG")
+        .env_remove("FERRY_PASSWORD")
+        .env("FERRY_ADMIN_PASSWORD", "admin password");
+    let (_serve, info) = Killed::spawn_json_line(&mut serve);
+
+    // The job's record appears and cycles run on their own.
+    let first = wait_cycles(&lab, 1);
+    guest_writes(&mut lab.prod, VM, 0x2c);
+    wait_cycles(&lab, first["health"]["cycles"].as_u64().unwrap() + 2);
+    assert_same_disks(
+        &lab.disks(true, STANDBY, "dr-served"),
+        &lab.disks(false, VM, "prod-served"),
+    );
+    assert!(record(&lab)["points"].as_array().unwrap().len() <= 2);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (st, text) = get(&info, "/metrics", None).await;
+        assert_eq!(st, 200);
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let value = |name: &str| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name && s.labels.get("replica") == Some("web"))
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => v,
+                    ref o => panic!("{name}: {o:?}"),
+                })
+                .unwrap_or_else(|| panic!("no {name} for web in:\n{text}"))
+        };
+        assert!(value("ferry_replica_lag_seconds") < 60.0);
+        assert!(value("ferry_replica_last_success_timestamp_seconds") > 1.7e9);
+        assert_eq!(value("ferry_replica_rpo_seconds"), 1.0);
+        assert_eq!(value("ferry_replica_failing"), 0.0);
+
+        // An RPO of one second is breached between cycles: an `rpo` alert names the replica.
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(
+                (*ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(
+                    ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap())
+                        .unwrap(),
+                ))
+                .unwrap())
+                .clone(),
+            )
+            .no_proxy()
+            .build()
+            .unwrap();
+        let login: Value = http
+            .post(format!("{}/api/login", info["url"].as_str().unwrap()))
+            .json(&json!({"username": "admin", "password": "admin password"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token = login["token"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, text) = get(&info, "/api/alerts", Some(&token)).await;
+            let alerts: Value = serde_json::from_str(&text).unwrap();
+            if alerts.as_array().unwrap().iter().any(|a| {
+                a["kind"] == "rpo" && a["title"].as_str().unwrap_or("").contains("replica `web`")
+            }) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no replica RPO alert: {alerts}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
 }

@@ -27,19 +27,7 @@ fn ferry() -> Command {
 
 /// `ferry sim xen` on a free port; its JSON line.
 fn start_sim(dir: &Path) -> (Killed, Value) {
-    Killed::spawn_json_line(
-        ferry()
-            .args([
-                "sim",
-                "xen",
-                "--listen",
-                "127.0.0.1:0",
-                "--disk-mib",
-                "8",
-                "--dir",
-            ])
-            .arg(dir),
-    )
+    xen_probe::start_sim(ferry(), dir)
 }
 
 /// A `[sources.NAME]` table for the simulator described by `info`.

@@ -414,7 +414,7 @@ impl App {
 
     /// Marks the open alerts keyed `key` resolved; if there were any, raises one `resolved`
     /// alert (`title`, `message`) to the targets of their kind.
-    fn resolve_alerts(self: &Arc<Self>, key: &str, mut a: Alert) {
+    pub(crate) fn resolve_alerts(self: &Arc<Self>, key: &str, mut a: Alert) {
         let now = chrono::Utc::now().timestamp();
         let kinds = self.catalog.with(|c| {
             let mut st =
@@ -621,5 +621,6 @@ pub async fn rpo_loop(app: Arc<App>, stop: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(every)) => {}
         }
         app.check_rpo();
+        app.check_replicas();
     }
 }

@@ -233,7 +233,12 @@ async fn health(State(app): St) -> Response {
 async fn metrics(State(app): St) -> ApiResult<Response> {
     let text = app
         .metrics
-        .render(&app.catalog, app.running(), chrono::Utc::now().timestamp())
+        .render_with(
+            &app.catalog,
+            app.running(),
+            chrono::Utc::now().timestamp(),
+            Some(&app.state_dir),
+        )
         .map_err(Problem::internal)?;
     let mut r = text.into_response();
     r.headers_mut().insert(

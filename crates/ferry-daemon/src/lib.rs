@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod jobs;
 pub mod metrics;
 pub mod problem;
+pub mod replicas;
 pub mod restore;
 pub mod scaleout;
 pub mod schedule;

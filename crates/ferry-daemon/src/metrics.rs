@@ -114,7 +114,21 @@ impl Metrics {
 
     /// The exposition text.
     pub fn render(&self, catalog: &Catalog, running: usize, now: i64) -> Result<String, String> {
+        self.render_with(catalog, running, now, None)
+    }
+
+    /// The exposition text, with the health of the replicas recorded under `state_dir`.
+    pub fn render_with(
+        &self,
+        catalog: &Catalog,
+        running: usize,
+        now: i64,
+        state_dir: Option<&std::path::Path>,
+    ) -> Result<String, String> {
         let mut reg = Registry::with_prefix("ferry");
+        if let Some(d) = state_dir {
+            crate::replicas::register(&mut reg, d, now);
+        }
         let c = |v: u64| {
             let c: Counter = Counter::default();
             c.inc_by(v);

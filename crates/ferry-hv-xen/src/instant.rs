@@ -182,7 +182,7 @@ async fn vm_ref(c: &XenClient, vm: &InstantVm) -> Result<String, HvError> {
     c.call_str("VM.get_by_uuid", vec![json!(vm.id)]).await
 }
 
-async fn shutdown(c: &XenClient, vm: &str) -> Result<(), HvError> {
+pub(crate) async fn shutdown(c: &XenClient, vm: &str) -> Result<(), HvError> {
     let state = c.call_str("VM.get_power_state", vec![json!(vm)]).await?;
     if state == "Halted" {
         return Ok(());

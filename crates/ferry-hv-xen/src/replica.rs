@@ -7,7 +7,7 @@
 
 use crate::XenDriver;
 use crate::client::{XenClient, api_code};
-use crate::instant::apply_changes;
+use crate::instant::{apply_changes, shutdown};
 use async_trait::async_trait;
 use ferry_core::{BlockSource, ExtentMap};
 use ferry_hv::{
@@ -82,17 +82,6 @@ async fn disk_vdis(c: &XenClient, r: &str) -> Result<Vec<String>, HvError> {
     }
     disks.sort();
     Ok(disks.into_iter().map(|(_, v)| v).collect())
-}
-
-async fn shutdown(c: &XenClient, r: &str) -> Result<(), HvError> {
-    if c.call_str("VM.get_power_state", vec![json!(r)]).await? == "Halted" {
-        return Ok(());
-    }
-    if let Err(e) = c.call("VM.clean_shutdown", vec![json!(r)]).await {
-        tracing::warn!(error = %e, "clean shutdown refused; forcing it");
-        c.call("VM.hard_shutdown", vec![json!(r)]).await?;
-    }
-    Ok(())
 }
 
 /// Destroys VM `r` (halted first) and its disk VDIs.

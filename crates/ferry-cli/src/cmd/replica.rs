@@ -17,6 +17,7 @@ use ferry_core::ExtentMap;
 use ferry_hv::{FerryConfig, HypervisorDriver, ReplicaRole, ReplicaTarget, RestorePlan};
 use ferry_repo::{Manifest, Repository};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -311,6 +312,33 @@ fn now() -> i64 {
 }
 
 impl Replica {
+    /// A new job of `spec` for VM `vm` (id) named `vm_name`: nothing replicated yet.
+    fn new(spec: &Spec, vm: &str, vm_name: &str) -> Self {
+        Self {
+            version: RECORD_VERSION,
+            name: spec.name.clone(),
+            repo: spec.repo.clone(),
+            source: spec.source.clone(),
+            vm: vm.into(),
+            vm_name: vm_name.into(),
+            target: spec.to_source.clone(),
+            every: spec.every.as_secs().max(1),
+            keep: spec.keep,
+            rpo: spec.rpo.unwrap_or(spec.every * 2).as_secs().max(1),
+            seed: None,
+            standby: None,
+            applied: None,
+            applied_time: None,
+            resync: false,
+            points: vec![],
+            state: State::Replicating,
+            test_vm: None,
+            cycle: None,
+            op: None,
+            health: Health::default(),
+        }
+    }
+
     /// Seconds since the restore point the standby holds was taken.
     pub fn lag(&self) -> Option<i64> {
         self.applied_time.map(|t| (now() - t).max(0))
@@ -652,7 +680,39 @@ pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCo
     }
 }
 
+/// What a new replica job is (from `create` or a `[replicas.NAME]` table).
+#[derive(Debug, Clone)]
+struct Spec {
+    name: String,
+    source: String,
+    vm: String,
+    to_source: String,
+    repo: String,
+    every: Duration,
+    keep: usize,
+    rpo: Option<Duration>,
+    seed: Option<String>,
+}
+
 async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
+    let spec = Spec {
+        name: a.name,
+        source: a.source,
+        vm: a.vm,
+        to_source: a.to_source,
+        repo: a.repo,
+        every: a.every,
+        keep: a.keep,
+        rpo: a.rpo,
+        seed: a.seed,
+    };
+    let rec = create_record(&spec, &a.common).await?;
+    print_status(&rec, a.common.json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Checks `spec` against the sources and the repository and writes the new record.
+async fn create_record(a: &Spec, common: &Common) -> anyhow::Result<Replica> {
     valid_name(&a.name)?;
     if a.keep == 0 {
         bail!("--keep must be at least 1: the newest recovery point is what a failover starts");
@@ -660,12 +720,12 @@ async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
     if a.source == a.to_source {
         tracing::warn!(source = %a.source, "the replica lives on the same source as its VM");
     }
-    let store = Store::new(a.common.state_dir.as_deref());
+    let store = Store::new(common.state_dir.as_deref());
     let _lock = store.lock(&a.name)?;
     if store.path(&a.name).exists() {
         bail!("replica `{}` exists already", a.name);
     }
-    let cfg = FerryConfig::load(a.common.config.as_deref())?;
+    let cfg = FerryConfig::load(common.config.as_deref())?;
     let driver = connect(&a.source, cfg.source(&a.source)?).await?;
     let target = connect(&a.to_source, cfg.source(&a.to_source)?).await?;
     replica_of(target.as_ref(), &a.to_source)?;
@@ -674,7 +734,7 @@ async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot list the VMs of source `{}`", a.source))?;
     let vm = find_vm(&vms, &a.vm)?.clone();
-    let pw = read_password(a.common.password_file.as_deref(), "FERRY_PASSWORD")?;
+    let pw = read_password(common.password_file.as_deref(), "FERRY_PASSWORD")?;
     let repo = open_repository(&a.repo, pw.as_ref()).await?;
     let seed = match &a.seed {
         Some(s) => {
@@ -688,31 +748,203 @@ async fn create(a: CreateArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let rec = Replica {
-        version: RECORD_VERSION,
-        name: a.name.clone(),
-        repo: a.repo.clone(),
-        source: a.source.clone(),
-        vm: vm.id.clone(),
-        vm_name: vm.name.clone(),
-        target: a.to_source.clone(),
-        every: a.every.as_secs().max(1),
-        keep: a.keep,
-        rpo: a.rpo.unwrap_or(a.every * 2).as_secs().max(1),
         seed,
-        standby: None,
-        applied: None,
-        applied_time: None,
-        resync: false,
-        points: vec![],
-        state: State::Replicating,
-        test_vm: None,
-        cycle: None,
-        op: None,
-        health: Health::default(),
+        ..Replica::new(a, &vm.id, &vm.name)
     };
     store.save(&rec)?;
-    print_status(&rec, a.common.json)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(rec)
+}
+
+/// A `[replicas.NAME]` table of `ferry.toml`: a replica job `ferry serve` runs every `every`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReplicaConfig {
+    /// Source of the VM.
+    pub source: String,
+    /// The VM (name or id).
+    pub vm: String,
+    /// Target source.
+    pub to_source: String,
+    /// A `[repositories.NAME]` table.
+    pub repository: String,
+    /// Cycle interval (`5m`, `30s`, …).
+    #[serde(default = "default_every")]
+    pub every: String,
+    /// Recovery points kept.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Lag beyond which the replica is stale (default twice `every`).
+    #[serde(default)]
+    pub rpo: Option<String>,
+    /// Seed restore point.
+    #[serde(default)]
+    pub seed: Option<String>,
+    /// Scheduled cycles only when enabled.
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+}
+
+fn default_every() -> String {
+    "5m".into()
+}
+fn default_keep() -> usize {
+    4
+}
+fn default_enabled() -> bool {
+    true
+}
+
+/// The `[replicas.*]` tables with their repositories, each checked on its own.
+fn scheduled(
+    cfg: &FerryConfig,
+) -> BTreeMap<String, anyhow::Result<(Spec, ferry_daemon::config::RepositoryConfig, bool)>> {
+    let mut out = BTreeMap::new();
+    let Some(toml::Value::Table(t)) = cfg.other.get("replicas") else {
+        return out;
+    };
+    for (name, v) in t {
+        let one = (|| {
+            let rc: ReplicaConfig = v
+                .clone()
+                .try_into()
+                .with_context(|| format!("[replicas.{name}]"))?;
+            let repo: ferry_daemon::config::RepositoryConfig = match cfg
+                .other
+                .get("repositories")
+                .and_then(|r| r.get(&rc.repository))
+            {
+                Some(r) => r
+                    .clone()
+                    .try_into()
+                    .with_context(|| format!("[repositories.{}]", rc.repository))?,
+                None => bail!(
+                    "[replicas.{name}]: no repository `{}` in the configuration",
+                    rc.repository
+                ),
+            };
+            let every = parse_duration(&rc.every).map_err(anyhow::Error::msg)?;
+            let rpo = rc
+                .rpo
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            let spec = Spec {
+                name: name.clone(),
+                source: rc.source,
+                vm: rc.vm,
+                to_source: rc.to_source,
+                repo: repo.url.clone(),
+                every,
+                keep: rc.keep,
+                rpo,
+                seed: rc.seed,
+            };
+            Ok((spec, repo, rc.enabled))
+        })();
+        out.insert(name.clone(), one);
+    }
+    out
+}
+
+/// Runs the `[replicas.*]` jobs of `config` when due, until `stop`: creates a job's record the
+/// first time, completes an unfinished operation, runs a cycle every `every` (a failed one is
+/// tried again at the next interval). A failed-over job waits for the administrator.
+pub async fn schedule(
+    config: PathBuf,
+    state_dir: PathBuf,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let running: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let mut reported: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let cfg = match FerryConfig::load(Some(&config)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "replica scheduler: cannot read the configuration");
+                FerryConfig::default()
+            }
+        };
+        for (name, one) in scheduled(&cfg) {
+            let (spec, repo, enabled) = match one {
+                Ok(x) => x,
+                Err(e) => {
+                    let text = crate::error_text(&e);
+                    if reported.get(&name) != Some(&text) {
+                        tracing::warn!(replica = %name, error = %text, "replica scheduler: job skipped");
+                        reported.insert(name.clone(), text);
+                    }
+                    continue;
+                }
+            };
+            if !enabled
+                || !running
+                    .lock()
+                    .map(|mut r| r.insert(name.clone()))
+                    .unwrap_or(false)
+            {
+                continue;
+            }
+            let common = Common {
+                config: Some(config.clone()),
+                state_dir: Some(state_dir.clone()),
+                password_file: repo.password_file.clone(),
+                json: false,
+            };
+            let running = running.clone();
+            tokio::spawn(async move {
+                if let Err(e) = scheduled_run(&spec, &common).await {
+                    tracing::warn!(replica = %spec.name, error = %crate::error_text(&e), "replica cycle failed");
+                }
+                if let Ok(mut r) = running.lock() {
+                    r.remove(&spec.name);
+                }
+            });
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn scheduled_run(spec: &Spec, common: &Common) -> anyhow::Result<()> {
+    let store = Store::new(common.state_dir.as_deref());
+    if !store.path(&spec.name).exists() {
+        create_record(spec, common).await?;
+        tracing::info!(replica = %spec.name, "replica job created from the configuration");
+    }
+    let mut rec = store.load(&spec.name)?;
+    // Interval, retention and RPO follow the configuration (the rest is the job's identity).
+    let rpo = spec.rpo.unwrap_or(spec.every * 2).as_secs().max(1);
+    let every = spec.every.as_secs().max(1);
+    if (rec.every, rec.keep, rec.rpo) != (every, spec.keep.max(1), rpo) {
+        if let Ok(mut ctx) = Ctx::open(&spec.name, common) {
+            (ctx.rec.every, ctx.rec.keep, ctx.rec.rpo) = (every, spec.keep.max(1), rpo);
+            ctx.save()?;
+            rec = ctx.rec.clone();
+        }
+    }
+    let due = rec.op.is_some()
+        || rec.cycle.is_some()
+        || rec
+            .health
+            .last_attempt
+            .is_none_or(|t| now() - t >= rec.every as i64);
+    if !due || (rec.op.is_none() && rec.state != State::Replicating) {
+        return Ok(());
+    }
+    let mut ctx = match Ctx::open(&spec.name, common) {
+        Ok(c) => c,
+        Err(e) if e.to_string().contains("is busy") => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    resume(&mut ctx).await?;
+    if ctx.rec.state == State::Replicating {
+        sync(&mut ctx).await?;
+        tracing::info!(replica = %spec.name, bytes = ctx.rec.health.last_bytes, "replica cycle done");
+    }
+    Ok(())
 }
 
 fn find_point<'a>(r: &'a Replica, spec: &str) -> anyhow::Result<&'a Point> {
@@ -1184,29 +1416,19 @@ mod tests {
 
     #[test]
     fn stale_after_the_rpo() {
-        let mut r = Replica {
-            version: RECORD_VERSION,
+        let spec = Spec {
             name: "r".into(),
-            repo: "/r".into(),
             source: "a".into(),
             vm: "v".into(),
-            vm_name: "v".into(),
-            target: "b".into(),
-            every: 60,
+            to_source: "b".into(),
+            repo: "/r".into(),
+            every: Duration::from_secs(60),
             keep: 2,
-            rpo: 120,
+            rpo: None,
             seed: None,
-            standby: None,
-            applied: None,
-            applied_time: None,
-            resync: false,
-            points: vec![],
-            state: State::Replicating,
-            test_vm: None,
-            cycle: None,
-            op: None,
-            health: Health::default(),
         };
+        let mut r = Replica::new(&spec, "v", "v");
+        assert_eq!(r.rpo, 120);
         assert!(r.stale().unwrap().contains("no recovery point"));
         r.applied_time = Some(now() - 10);
         assert!(r.stale().is_none());

@@ -182,6 +182,12 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
         }
         s2.cancel();
     });
+    // Replica jobs (`[replicas.NAME]`) run beside the service's own scheduler.
+    tokio::spawn(super::replica::schedule(
+        config_path.clone(),
+        a.state_dir.clone(),
+        shutdown.clone(),
+    ));
     ferry_daemon::serve(listener, app, identity, job_grace, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -8,6 +8,24 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 
+/// `ferry sim xen` (`ferry`: the binary with the test's environment) on a free port with 8 MiB
+/// disks in `dir`; its JSON line.
+pub fn start_sim(mut ferry: Command, dir: &Path) -> (Killed, Value) {
+    Killed::spawn_json_line(
+        ferry
+            .args([
+                "sim",
+                "xen",
+                "--listen",
+                "127.0.0.1:0",
+                "--disk-mib",
+                "8",
+                "--dir",
+            ])
+            .arg(dir),
+    )
+}
+
 /// The Python SDK probe: one process, one session, one JSON line per request.
 pub struct Probe {
     _child: Killed,
