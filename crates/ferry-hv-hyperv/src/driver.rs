@@ -481,14 +481,14 @@ impl HypervisorDriver for HypervDriver {
             consistency,
             config: VmConfig::default(),
             native: NativeConfig {
-                format: "msvm-vssd".into(),
-                record: settings.to_xml(&crate::cim::class_uri("Msvm_VirtualSystemSettingData")),
+                format: crate::config::NATIVE_FORMAT.into(),
+                record: String::new(),
             },
             disks: vec![],
             old_reference: None,
             done: false,
         };
-        match session.open(&live, opts, previous).await {
+        match session.open(&settings, &live, opts, previous).await {
             Ok(()) => Ok(Box::new(session)),
             Err(e) => {
                 if let Err(c) = session.cleanup(Outcome::Aborted).await {
@@ -589,6 +589,7 @@ impl std::fmt::Debug for HypervSession {
 impl HypervSession {
     async fn open(
         &mut self,
+        settings: &Instance,
         live: &[VirtualDisk],
         opts: &BackupOptions,
         previous: Option<&ChangeTokens>,
@@ -684,6 +685,12 @@ impl HypervSession {
                 token: ChangeToken(self.checkpoint.clone()),
             });
         }
+        let disks = std::mem::take(&mut self.config.disks);
+        let (config, native) = crate::config::capture(&i.client, &self.vm.id, settings, disks)
+            .await
+            .map_err(|e| i.err(e))?;
+        self.config = config;
+        self.native = native;
         Ok(())
     }
 

@@ -96,6 +96,7 @@ async fn the_method_follows_each_guests_qualification() {
         assert_eq!(s.consistency(), level, "{vm}");
         assert!(matches!(s.disks()[0].changed, Changed::Full { .. }));
         assert_eq!(lab.recovery_checkpoints().await, 1, "{vm}");
+        check_config(vm, s.config(), &s.native().record);
         s.finish(Outcome::Aborted).await.unwrap();
         assert_eq!(lab.recovery_checkpoints().await, 0, "{vm}");
     }
@@ -114,6 +115,42 @@ async fn the_method_follows_each_guests_qualification() {
             vm.name
         );
         assert_eq!(vm.disks[0].size, 4 << 20);
+    }
+}
+
+/// The captured configuration of the seeded guests: hardware, switch, VLAN, MAC.
+fn check_config(vm: &str, c: &ferry_hv::VmConfig, native: &str) {
+    use ferry_core::vm::Firmware;
+    let n: serde_json::Value = serde_json::from_str(native).unwrap();
+    let nic = &c.nics[0];
+    assert_eq!(c.nics.len(), 1, "{vm}");
+    assert!(
+        nic.mac
+            .as_deref()
+            .is_some_and(|m| m.starts_with("00:15:5d:01:")),
+        "{vm}: {nic:?}"
+    );
+    assert_eq!(n["nics"][0]["mac"], nic.mac.as_deref().unwrap());
+    assert_eq!(c.disks[0].controller.as_deref(), Some("scsi0:0"), "{vm}");
+    if vm == "linux-web-01" {
+        assert_eq!(c.firmware, Firmware::Bios);
+        assert_eq!(nic.network.as_deref(), Some("vSwitch-DMZ"));
+        assert!(n["nics"][0]["vlan"].is_null(), "{n}");
+        assert_eq!(n["generation"], 1);
+    } else {
+        assert_eq!(c.firmware, Firmware::UefiSecureBoot, "{vm}");
+        assert_eq!(nic.network.as_deref(), Some("vSwitch-Prod"), "{vm}");
+        assert_eq!(n["nics"][0]["vlan"], 10, "{n}");
+        assert_eq!(n["generation"], 2);
+    }
+    if vm == "win-sql-01" {
+        assert_eq!((c.cpus, c.memory), (2, 4096 << 20));
+        assert_eq!(n["memory"]["dynamic"], false);
+        assert_eq!(c.disks[1].controller.as_deref(), Some("scsi0:1"));
+    } else {
+        assert_eq!(c.memory, 2048 << 20, "{vm}");
+        assert_eq!(n["memory"]["dynamic"], true, "{vm}");
+        assert_eq!(n["memory"]["maximum_mib"], 8192, "{vm}");
     }
 }
 

@@ -22,6 +22,7 @@
 //! Checkpoints freeze the disks into `.avhdx` files, RCT ([`rct`]) answers
 //! `GetVirtualDiskChanges`, and a side door ([`sidedoor`]) acts as the guest and injects faults.
 
+mod config;
 mod disks;
 mod rct;
 mod sidedoor;
@@ -290,6 +291,16 @@ impl State {
                 ],
             ));
         }
+        for (name, id) in config::switches() {
+            add(inst(
+                "Msvm_VirtualEthernetSwitch",
+                &[
+                    ("CreationClassName", text("Msvm_VirtualEthernetSwitch")),
+                    ("Name", text(id)),
+                    ("ElementName", text(name)),
+                ],
+            ));
+        }
         for (n, g) in GUESTS.iter().enumerate() {
             let id = guid(g.name);
             add(inst(
@@ -320,7 +331,18 @@ impl State {
                         "VirtualSystemType",
                         text("Microsoft:Hyper-V:System:Realized"),
                     ),
-                    ("VirtualSystemSubType", text("Microsoft:Hyper-V:SubType:2")),
+                    (
+                        "VirtualSystemSubType",
+                        text(if config::is_linux(g.name) {
+                            "Microsoft:Hyper-V:SubType:1"
+                        } else {
+                            "Microsoft:Hyper-V:SubType:2"
+                        }),
+                    ),
+                    (
+                        "SecureBootEnabled",
+                        text((!config::is_linux(g.name)).to_string()),
+                    ),
                     ("Version", text("10.0")),
                     ("ConfigurationDataRoot", text(&root)),
                     ("SnapshotDataRoot", text(snap_root)),
@@ -328,6 +350,9 @@ impl State {
                     ("Parent", Value::Null),
                 ],
             ));
+            for i in config::hardware(n, g.name, &id, host) {
+                add(i);
+            }
             // The backup (VSS) integration service: disabled in the Linux guest.
             add(inst(
                 "Msvm_VssComponent",
