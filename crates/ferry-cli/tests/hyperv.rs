@@ -458,3 +458,38 @@ fn broken_rct_is_a_full_read_with_the_reason() {
     lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
     assert_eq!(lab.checkpoints(), 0);
 }
+
+#[test]
+fn demo_hyperv_runs_green() {
+    let dir = ferry_testkit::scratch_dir();
+    let out = ferry()
+        .args(["demo", "--hypervisor", "hyperv", "--size-mib", "8", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "--- stdout\n{stdout}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        stdout
+            .matches("identical to the disks at checkpoint time")
+            .count(),
+        4,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("`win-sql-01` (2 disks, 16.0 MiB): method child-vm"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("`linux-web-01` (1 disks, 8.0 MiB): method saved-state"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("left on the host: 0 checkpoint(s), 2 reference point(s)"),
+        "{stdout}"
+    );
+}
