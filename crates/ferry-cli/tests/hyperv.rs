@@ -12,18 +12,20 @@ use ferry_hv_hyperv::{Credentials, WsmanClient};
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PASSWORD: &str = "test password";
 const CHUNK: u64 = 256 << 10;
 const RCT_BLOCK: u64 = 64 << 10;
 
+#[path = "common/cli.rs"]
+mod cli;
+
 fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
+    let mut c = cli::ferry();
+    c.env("FERRY_PASSWORD", PASSWORD);
     c
 }
 
@@ -264,21 +266,7 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut l = String::new();
-            assert!(
-                err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
-                "backup ended before it read: {seen}"
-            );
-            seen.push_str(&l);
-            if l.contains("backing up disk") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        cli::wait_for_stderr(&mut child, "backing up disk");
         std::thread::sleep(Duration::from_millis(300));
         child
     }

@@ -71,12 +71,8 @@ impl std::fmt::Debug for HypervDriver {
 fn hv(source: &str, e: HypervError) -> HvError {
     match e {
         HypervError::Http(h) => HvError::Http(h),
-        HypervError::Login { .. } => HvError::Connect {
-            source_name: source.into(),
-            url: String::new(),
-            message: e.to_string(),
-        },
-        HypervError::Fault { ref call, .. }
+        HypervError::Login { ref call, .. }
+        | HypervError::Fault { ref call, .. }
         | HypervError::Wmi { ref call, .. }
         | HypervError::Protocol { ref call, .. } => HvError::Api {
             source_name: source.into(),

@@ -292,3 +292,42 @@ async fn failures_leave_no_checkpoint_and_cleanup_removes_only_ferrys() {
     let l = vms.iter().find(|v| v.name == "linux-web-01").unwrap();
     assert_eq!(l.power_state, ferry_hv::PowerState::Running);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_resumes_a_vm_a_killed_backup_left_saved() {
+    let lab = lab().await;
+    let vms = lab.driver.list_vms().await.unwrap();
+    let l = vms.iter().find(|v| v.name == "linux-web-01").unwrap();
+    // What a backup killed between the save and the resume leaves: a saved VM, journaled.
+    Wmi::new(lab.driver.client())
+        .request_state(&l.id, "32769")
+        .await
+        .unwrap();
+    ferry_hv::journal::Journal::new(&lab.dir.path().join("state"), "lab")
+        .add("saved-vm", &l.id)
+        .unwrap();
+    let state = |vms: Vec<ferry_hv::VmSummary>| {
+        vms.into_iter()
+            .find(|v| v.name == "linux-web-01")
+            .unwrap()
+            .power_state
+    };
+    assert_eq!(
+        state(lab.driver.list_vms().await.unwrap()),
+        ferry_hv::PowerState::Suspended
+    );
+    let e = lab
+        .sim
+        .guest_write("linux-web-01", "disk0", 0, &[1; 512])
+        .unwrap_err();
+    assert!(e.contains("not running"), "{e}");
+    lab.driver.recover().await.unwrap();
+    assert_eq!(
+        state(lab.driver.list_vms().await.unwrap()),
+        ferry_hv::PowerState::Running
+    );
+    // Running again, the guest writes again.
+    lab.sim
+        .guest_write("linux-web-01", "disk0", 0, &[1; 512])
+        .unwrap();
+}
