@@ -3,7 +3,7 @@
 //! disk at checkpoint time, the method chosen per guest with its reason (summary, `--json` and
 //! restore point), SIGKILLed backups that leave no checkpoint, and RCT that broke. The tests
 //! act as the guest and break RCT through the simulator's WMI side door (`FerrySim_SideDoor`),
-//! and count what is left on the host over WS-Man.
+//! and check what is left on the host with pypsrp (`tests/hyperv_probe.py`).
 
 use base64::Engine as _;
 use ferry_core::Secret;
@@ -172,25 +172,44 @@ impl Lab {
         );
     }
 
-    fn count(&self, class: &str, filter: impl Fn(&ferry_hv_hyperv::Instance) -> bool) -> usize {
-        self.rt
-            .block_on(self.client.enumerate(class, None))
-            .unwrap()
-            .iter()
-            .filter(|i| filter(i))
-            .count()
+    /// What the vendor-side client (pypsrp, `tests/hyperv_probe.py`) sees on the host.
+    fn probe(&self) -> Value {
+        let python = ferry_testkit::peers_dir().join("venv/bin/python");
+        assert!(
+            python.exists(),
+            "peer `python` (venv) not found: run tests/peers/install.sh"
+        );
+        let out = Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/hyperv_probe.py"
+            ))
+            .args(["url", "username", "password"].map(|k| self.info[k].as_str().unwrap()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "hyperv_probe.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Recovery checkpoints left on the host.
     fn checkpoints(&self) -> usize {
-        self.count("Msvm_VirtualSystemSettingData", |i| {
-            i.text("VirtualSystemType") == Some("Microsoft:Hyper-V:Snapshot:Recovery")
-        })
+        self.probe()["checkpoints"].as_array().unwrap().len()
+    }
+
+    fn reference_points(&self) -> u64 {
+        self.probe()["reference_points"].as_u64().unwrap()
     }
 
     fn running(&self, vm: &str) -> bool {
-        self.count("Msvm_ComputerSystem", |i| {
-            i.text("ElementName") == Some(vm) && i.text("EnabledState") == Some("2")
-        }) == 1
+        self.probe()["running"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == vm)
     }
 
     /// Copies of what the guest of `vm` sees on its disks now.
@@ -298,7 +317,7 @@ fn full_then_rct_incremental_restore_byte_identical_with_the_method_recorded() {
         0,
         "the checkpoint became a reference point"
     );
-    assert_eq!(lab.count("Msvm_VirtualSystemReferencePoint", |_| true), 1);
+    assert_eq!(lab.reference_points(), 1);
     let id1 = r["snapshot"].as_str().unwrap().to_string();
     let labels = lab.labels(&id1);
     assert_eq!(labels["ferry.backup.method"], "child-vm");
@@ -313,7 +332,7 @@ fn full_then_rct_incremental_restore_byte_identical_with_the_method_recorded() {
     let (_, err) = lab.ok(&["backup", "--source", "lab", "--vm", vm]);
     assert!(err.contains("method child-vm: the guest runs"), "{err}");
     assert_eq!(lab.checkpoints(), 0);
-    assert_eq!(lab.count("Msvm_VirtualSystemReferencePoint", |_| true), 1);
+    assert_eq!(lab.reference_points(), 1);
     let (snaps, _) = lab.ok(&["snapshots", "--json"]);
     let snaps: Value = serde_json::from_str(&snaps).unwrap();
     let ids: Vec<&str> = snaps
@@ -353,6 +372,9 @@ fn the_method_per_guest_matches_its_qualification() {
         "--vm",
         "win-split-01",
     ];
+    let (out, _) = lab.ok(&["vms", "--source", "lab", "--json"]);
+    let inventory: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(inventory.as_array().unwrap().len(), 5, "{inventory}");
     let (reports, _) = lab.backup(&vms);
     let want = [
         ("win-sql-01", "child-vm", "application", "VSS"),

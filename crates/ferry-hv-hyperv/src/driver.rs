@@ -547,11 +547,26 @@ impl HypervDriver {
         let snap = w
             .create_recovery_checkpoint(vm_id, wmi::CRASH_CONSISTENT, name)
             .await;
+        let snap_id = snap
+            .as_ref()
+            .ok()
+            .and_then(|s| s.selector("InstanceID"))
+            .map(str::to_string);
+        if let Some(id) = &snap_id {
+            i.journal(true, "checkpoint", id);
+        }
         if running {
             // Resume whatever the checkpoint did: the VM must not stay saved.
-            w.request_state(vm_id, wmi::STATE_RUNNING)
-                .await
-                .map_err(|e| i.err(e))?;
+            if let Err(e) = w.request_state(vm_id, wmi::STATE_RUNNING).await {
+                // The journal keeps `saved-vm`: the next run retries the resume. The
+                // checkpoint goes now, as the backup does not go on.
+                if let Some(id) = &snap_id
+                    && w.destroy_checkpoint(id).await.is_ok()
+                {
+                    i.journal(false, "checkpoint", id);
+                }
+                return Err(i.err(e));
+            }
             i.journal(false, "saved-vm", vm_id);
         }
         snap.map_err(|e| i.err(e))

@@ -291,6 +291,20 @@ async fn failures_leave_no_checkpoint_and_cleanup_removes_only_ferrys() {
     let vms = lab.driver.list_vms().await.unwrap();
     let l = vms.iter().find(|v| v.name == "linux-web-01").unwrap();
     assert_eq!(l.power_state, ferry_hv::PowerState::Running);
+    // Saving the VM fails: the backup fails before any checkpoint, the VM runs on.
+    lab.sim
+        .fail_next("Msvm_ComputerSystem.RequestStateChange", 1);
+    let e = lab
+        .driver
+        .begin_backup("linux-web-01", &BackupOptions::default(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("injected"), "{e}");
+    assert_eq!(
+        lab.recovery_checkpoints().await,
+        1,
+        "the administrator's only"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
