@@ -503,3 +503,32 @@ fn demo_hyperv_runs_green() {
         "{stdout}"
     );
 }
+
+#[test]
+fn rct_that_misses_a_write_is_caught_by_verification() {
+    let lab = Lab::start();
+    let vm = "win-dyn-01";
+    lab.backup_vm(vm);
+    lab.guest_write(vm, "disk0", 0, &[0x01; 512]);
+    // A write RCT misses (a host bug): verifying every unchanged chunk must catch it.
+    lab.door(
+        "UntrackedWrite",
+        &[
+            ("VirtualSystem", vm.into()),
+            ("Disk", "disk0".into()),
+            ("Offset", (10 * CHUNK).to_string()),
+            (
+                "Data",
+                base64::engine::general_purpose::STANDARD.encode([0x99u8; 4096]),
+            ),
+        ],
+    );
+    let expected = lab.guest_disks(vm, "missed");
+    let (r, err) = lab.backup(&["--vm", vm, "--verify-sample", "100"]);
+    let r = &r[0];
+    assert_eq!(r["cbt_mismatch"], true, "{r}");
+    assert_eq!(disk(r, "disk0")["mode"], "full-cbt-distrusted", "{r}");
+    assert!(err.contains("CHANGE TRACKING IS BROKEN"), "{err}");
+    lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
+    assert_eq!(lab.checkpoints(), 0);
+}
