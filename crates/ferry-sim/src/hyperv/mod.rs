@@ -127,8 +127,8 @@ struct State {
     next_id: u64,
     /// The guests' disks, checkpoints and RCT.
     storage: Option<disks::Storage>,
-    /// Method → how many of its next calls fail (side door).
-    fail_next: HashMap<String, usize>,
+    /// Method → (calls to let through first, calls that fail then) (side door).
+    fail_next: HashMap<String, (usize, usize)>,
 }
 
 #[derive(Debug, Clone)]
@@ -984,8 +984,18 @@ fn invoke(
     }
     let mut out = Instance::default();
     let call = format!("{class}.{method}");
-    if let Some(n) = st.fail_next.get_mut(&call).filter(|n| **n > 0) {
-        *n -= 1;
+    let fail = match st.fail_next.get_mut(&call) {
+        Some((skip, _)) if *skip > 0 => {
+            *skip -= 1;
+            false
+        }
+        Some((_, n)) if *n > 0 => {
+            *n -= 1;
+            true
+        }
+        _ => false,
+    };
+    if fail {
         job_out(
             st,
             &mut out,
