@@ -95,6 +95,35 @@ pub(crate) fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
     }
 }
 
+/// Restores every disk of restore point `snapshot` to `dir/restored-<label>-<disk>.raw` and
+/// compares each with its expected copy.
+pub(crate) async fn restores_match(
+    repo: &Repository,
+    snapshot: &str,
+    expected: &[(String, PathBuf)],
+    dir: &Path,
+    label: &str,
+) -> anyhow::Result<bool> {
+    let manifest = repo.load_manifest(snapshot).await?;
+    let mut ok = true;
+    for (disk, want) in expected {
+        let out = dir.join(format!("restored-{label}-{}.raw", disk.replace(':', "-")));
+        ferry_engine::restore_disk(
+            repo,
+            &manifest,
+            disk,
+            RestoreTo::File {
+                path: out.clone(),
+                format: OutputFormat::Raw,
+            },
+            &RestoreOptions::default(),
+        )
+        .await?;
+        ok &= same_content(&out, want)?;
+    }
+    Ok(ok)
+}
+
 /// The live VDIs of `vm` with their disk names (`xvda`, `xvdb`, … in userdevice order).
 async fn live_disks(sim: &XenSim, vm: &str) -> anyhow::Result<Vec<(String, String)>> {
     let r = sim.vm(vm).await?;
@@ -487,23 +516,7 @@ async fn demo_vmware(dir: &Path, size_mib: u64) -> anyhow::Result<ExitCode> {
         (&full, &expected_full, "full", "5."),
         (&incr, &expected_incr, "incremental", "  "),
     ] {
-        let manifest = repo.load_manifest(&b.report.snapshot).await?;
-        let mut ok = true;
-        for (disk, want) in expected {
-            let out = dir.join(format!("restored-{label}-{}.raw", disk.replace(':', "-")));
-            ferry_engine::restore_disk(
-                &repo,
-                &manifest,
-                disk,
-                RestoreTo::File {
-                    path: out.clone(),
-                    format: OutputFormat::Raw,
-                },
-                &RestoreOptions::default(),
-            )
-            .await?;
-            ok &= same_content(&out, want)?;
-        }
+        let ok = restores_match(&repo, &b.report.snapshot, expected, dir, label).await?;
         all_ok &= ok;
         say(format!(
             "{step} restored the {label} restore point ({} disks): {}",

@@ -6,14 +6,12 @@
 //! reference point), guest writes, an RCT incremental (`GetVirtualDiskChanges`), and restores of
 //! both points compared byte for byte with the disks at checkpoint time; no checkpoint is left.
 
-use crate::cmd::demo::{line, same_content};
+use crate::cmd::demo::{line, restores_match};
 use crate::cmd::hvbackup::{VmBackupOptions, backup_vm, find_vm};
 use anyhow::bail;
 use ferry_core::Secret;
 use ferry_core::size::human_bytes;
-use ferry_engine::{RestoreOptions, RestoreTo};
 use ferry_hv::{FerryConfig, HypervisorDriver};
-use ferry_image::OutputFormat;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_sim::hyperv::{HypervSim, HypervSimConfig};
 use std::path::{Path, PathBuf};
@@ -125,23 +123,8 @@ pub async fn demo(dir: &Path, size_mib: u64) -> anyhow::Result<ExitCode> {
             (&full, &expected_full, "full"),
             (&incr, &expected_incr, "incremental"),
         ] {
-            let manifest = repo.load_manifest(&b.report.snapshot).await?;
-            let mut ok = true;
-            for (disk, want) in expected {
-                let out = dir.join(format!("restored-{label}-{name}-{disk}.raw"));
-                ferry_engine::restore_disk(
-                    &repo,
-                    &manifest,
-                    disk,
-                    RestoreTo::File {
-                        path: out.clone(),
-                        format: OutputFormat::Raw,
-                    },
-                    &RestoreOptions::default(),
-                )
-                .await?;
-                ok &= same_content(&out, want)?;
-            }
+            let tag = format!("{label}-{name}");
+            let ok = restores_match(&repo, &b.report.snapshot, expected, dir, &tag).await?;
             all_ok &= ok;
             say(format!(
                 "   restored the {label} restore point: {}",

@@ -7,6 +7,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// The `ferry` binary, with no inherited log level, config or repository password.
+#[allow(dead_code)]
 pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env_remove("RUST_LOG")
