@@ -3,7 +3,7 @@
 //! disk at checkpoint time, the method chosen per guest with its reason (summary, `--json` and
 //! restore point), SIGKILLed backups that leave no checkpoint, and RCT that broke. The tests
 //! act as the guest and break RCT through the simulator's WMI side door (`FerrySim_SideDoor`),
-//! and count what is left on the host over WS-Man.
+//! and check what is left on the host with pypsrp (`tests/hyperv_probe.py`).
 
 use base64::Engine as _;
 use ferry_core::Secret;
@@ -12,18 +12,20 @@ use ferry_hv_hyperv::{Credentials, WsmanClient};
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PASSWORD: &str = "test password";
 const CHUNK: u64 = 256 << 10;
 const RCT_BLOCK: u64 = 64 << 10;
 
+#[path = "common/cli.rs"]
+mod cli;
+
 fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
+    let mut c = cli::ferry();
+    c.env("FERRY_PASSWORD", PASSWORD);
     c
 }
 
@@ -170,25 +172,44 @@ impl Lab {
         );
     }
 
-    fn count(&self, class: &str, filter: impl Fn(&ferry_hv_hyperv::Instance) -> bool) -> usize {
-        self.rt
-            .block_on(self.client.enumerate(class, None))
-            .unwrap()
-            .iter()
-            .filter(|i| filter(i))
-            .count()
+    /// What the vendor-side client (pypsrp, `tests/hyperv_probe.py`) sees on the host.
+    fn probe(&self) -> Value {
+        let python = ferry_testkit::peers_dir().join("venv/bin/python");
+        assert!(
+            python.exists(),
+            "peer `python` (venv) not found: run tests/peers/install.sh"
+        );
+        let out = Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/hyperv_probe.py"
+            ))
+            .args(["url", "username", "password"].map(|k| self.info[k].as_str().unwrap()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "hyperv_probe.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// Recovery checkpoints left on the host.
     fn checkpoints(&self) -> usize {
-        self.count("Msvm_VirtualSystemSettingData", |i| {
-            i.text("VirtualSystemType") == Some("Microsoft:Hyper-V:Snapshot:Recovery")
-        })
+        self.probe()["checkpoints"].as_array().unwrap().len()
+    }
+
+    fn reference_points(&self) -> u64 {
+        self.probe()["reference_points"].as_u64().unwrap()
     }
 
     fn running(&self, vm: &str) -> bool {
-        self.count("Msvm_ComputerSystem", |i| {
-            i.text("ElementName") == Some(vm) && i.text("EnabledState") == Some("2")
-        }) == 1
+        self.probe()["running"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == vm)
     }
 
     /// Copies of what the guest of `vm` sees on its disks now.
@@ -264,21 +285,7 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut l = String::new();
-            assert!(
-                err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
-                "backup ended before it read: {seen}"
-            );
-            seen.push_str(&l);
-            if l.contains("backing up disk") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        cli::wait_for_stderr(&mut child, "backing up disk");
         std::thread::sleep(Duration::from_millis(300));
         child
     }
@@ -310,7 +317,7 @@ fn full_then_rct_incremental_restore_byte_identical_with_the_method_recorded() {
         0,
         "the checkpoint became a reference point"
     );
-    assert_eq!(lab.count("Msvm_VirtualSystemReferencePoint", |_| true), 1);
+    assert_eq!(lab.reference_points(), 1);
     let id1 = r["snapshot"].as_str().unwrap().to_string();
     let labels = lab.labels(&id1);
     assert_eq!(labels["ferry.backup.method"], "child-vm");
@@ -325,7 +332,7 @@ fn full_then_rct_incremental_restore_byte_identical_with_the_method_recorded() {
     let (_, err) = lab.ok(&["backup", "--source", "lab", "--vm", vm]);
     assert!(err.contains("method child-vm: the guest runs"), "{err}");
     assert_eq!(lab.checkpoints(), 0);
-    assert_eq!(lab.count("Msvm_VirtualSystemReferencePoint", |_| true), 1);
+    assert_eq!(lab.reference_points(), 1);
     let (snaps, _) = lab.ok(&["snapshots", "--json"]);
     let snaps: Value = serde_json::from_str(&snaps).unwrap();
     let ids: Vec<&str> = snaps
@@ -365,6 +372,9 @@ fn the_method_per_guest_matches_its_qualification() {
         "--vm",
         "win-split-01",
     ];
+    let (out, _) = lab.ok(&["vms", "--source", "lab", "--json"]);
+    let inventory: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(inventory.as_array().unwrap().len(), 5, "{inventory}");
     let (reports, _) = lab.backup(&vms);
     let want = [
         ("win-sql-01", "child-vm", "application", "VSS"),
@@ -455,6 +465,70 @@ fn broken_rct_is_a_full_read_with_the_reason() {
         "{reason}"
     );
     assert_eq!(r["method"]["name"], "saved-state");
+    lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
+    assert_eq!(lab.checkpoints(), 0);
+}
+
+#[test]
+fn demo_hyperv_runs_green() {
+    let dir = ferry_testkit::scratch_dir();
+    let out = ferry()
+        .args(["demo", "--hypervisor", "hyperv", "--size-mib", "8", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "--- stdout\n{stdout}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        stdout
+            .matches("identical to the disks at checkpoint time")
+            .count(),
+        4,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("`win-sql-01` (2 disks, 16.0 MiB): method child-vm"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("`linux-web-01` (1 disks, 8.0 MiB): method saved-state"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("left on the host: 0 checkpoint(s), 2 reference point(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn rct_that_misses_a_write_is_caught_by_verification() {
+    let lab = Lab::start();
+    let vm = "win-dyn-01";
+    lab.backup_vm(vm);
+    lab.guest_write(vm, "disk0", 0, &[0x01; 512]);
+    // A write RCT misses (a host bug): verifying every unchanged chunk must catch it.
+    lab.door(
+        "UntrackedWrite",
+        &[
+            ("VirtualSystem", vm.into()),
+            ("Disk", "disk0".into()),
+            ("Offset", (10 * CHUNK).to_string()),
+            (
+                "Data",
+                base64::engine::general_purpose::STANDARD.encode([0x99u8; 4096]),
+            ),
+        ],
+    );
+    let expected = lab.guest_disks(vm, "missed");
+    let (r, err) = lab.backup(&["--vm", vm, "--verify-sample", "100"]);
+    let r = &r[0];
+    assert_eq!(r["cbt_mismatch"], true, "{r}");
+    assert_eq!(disk(r, "disk0")["mode"], "full-cbt-distrusted", "{r}");
+    assert!(err.contains("CHANGE TRACKING IS BROKEN"), "{err}");
     lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
     assert_eq!(lab.checkpoints(), 0);
 }

@@ -9,10 +9,9 @@ use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PASSWORD: &str = "test password";
 /// The repository's chunk size: 4 CBT blocks.
@@ -52,6 +51,9 @@ fn source_toml(name: &str, info: &Value, pw: &Path, state: &Path, transports: &[
     }
     t
 }
+
+#[path = "common/cli.rs"]
+mod cli;
 
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
@@ -178,22 +180,7 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut l = String::new();
-            assert!(
-                err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
-                "backup ended before it read: {seen}"
-            );
-            seen.push_str(&l);
-            if l.contains("backing up disk") {
-                break;
-            }
-        }
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        cli::wait_for_stderr(&mut child, "backing up disk");
         std::thread::sleep(Duration::from_millis(300));
         child
     }

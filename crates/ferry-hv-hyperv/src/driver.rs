@@ -71,12 +71,8 @@ impl std::fmt::Debug for HypervDriver {
 fn hv(source: &str, e: HypervError) -> HvError {
     match e {
         HypervError::Http(h) => HvError::Http(h),
-        HypervError::Login { .. } => HvError::Connect {
-            source_name: source.into(),
-            url: String::new(),
-            message: e.to_string(),
-        },
-        HypervError::Fault { ref call, .. }
+        HypervError::Login { ref call, .. }
+        | HypervError::Fault { ref call, .. }
         | HypervError::Wmi { ref call, .. }
         | HypervError::Protocol { ref call, .. } => HvError::Api {
             source_name: source.into(),
@@ -481,14 +477,14 @@ impl HypervisorDriver for HypervDriver {
             consistency,
             config: VmConfig::default(),
             native: NativeConfig {
-                format: "msvm-vssd".into(),
-                record: settings.to_xml(&crate::cim::class_uri("Msvm_VirtualSystemSettingData")),
+                format: crate::config::NATIVE_FORMAT.into(),
+                record: String::new(),
             },
             disks: vec![],
             old_reference: None,
             done: false,
         };
-        match session.open(&live, opts, previous).await {
+        match session.open(&settings, &live, opts, previous).await {
             Ok(()) => Ok(Box::new(session)),
             Err(e) => {
                 if let Err(c) = session.cleanup(Outcome::Aborted).await {
@@ -551,11 +547,26 @@ impl HypervDriver {
         let snap = w
             .create_recovery_checkpoint(vm_id, wmi::CRASH_CONSISTENT, name)
             .await;
+        let snap_id = snap
+            .as_ref()
+            .ok()
+            .and_then(|s| s.selector("InstanceID"))
+            .map(str::to_string);
+        if let Some(id) = &snap_id {
+            i.journal(true, "checkpoint", id);
+        }
         if running {
             // Resume whatever the checkpoint did: the VM must not stay saved.
-            w.request_state(vm_id, wmi::STATE_RUNNING)
-                .await
-                .map_err(|e| i.err(e))?;
+            if let Err(e) = w.request_state(vm_id, wmi::STATE_RUNNING).await {
+                // The journal keeps `saved-vm`: the next run retries the resume. The
+                // checkpoint goes now, as the backup does not go on.
+                if let Some(id) = &snap_id
+                    && w.destroy_checkpoint(id).await.is_ok()
+                {
+                    i.journal(false, "checkpoint", id);
+                }
+                return Err(i.err(e));
+            }
             i.journal(false, "saved-vm", vm_id);
         }
         snap.map_err(|e| i.err(e))
@@ -589,6 +600,7 @@ impl std::fmt::Debug for HypervSession {
 impl HypervSession {
     async fn open(
         &mut self,
+        settings: &Instance,
         live: &[VirtualDisk],
         opts: &BackupOptions,
         previous: Option<&ChangeTokens>,
@@ -684,6 +696,12 @@ impl HypervSession {
                 token: ChangeToken(self.checkpoint.clone()),
             });
         }
+        let disks = std::mem::take(&mut self.config.disks);
+        let (config, native) = crate::config::capture(&i.client, &self.vm.id, settings, disks)
+            .await
+            .map_err(|e| i.err(e))?;
+        self.config = config;
+        self.native = native;
         Ok(())
     }
 

@@ -14,6 +14,7 @@
 //! Decisions: ADR 0110 (WS-Man on quick-xml, Basic first), docs/drivers.md (Hyper-V section).
 
 pub mod client;
+pub mod config;
 pub mod driver;
 pub mod error;
 pub mod transport;

@@ -96,6 +96,7 @@ async fn the_method_follows_each_guests_qualification() {
         assert_eq!(s.consistency(), level, "{vm}");
         assert!(matches!(s.disks()[0].changed, Changed::Full { .. }));
         assert_eq!(lab.recovery_checkpoints().await, 1, "{vm}");
+        check_config(vm, s.config(), &s.native().record);
         s.finish(Outcome::Aborted).await.unwrap();
         assert_eq!(lab.recovery_checkpoints().await, 0, "{vm}");
     }
@@ -114,6 +115,42 @@ async fn the_method_follows_each_guests_qualification() {
             vm.name
         );
         assert_eq!(vm.disks[0].size, 4 << 20);
+    }
+}
+
+/// The captured configuration of the seeded guests: hardware, switch, VLAN, MAC.
+fn check_config(vm: &str, c: &ferry_hv::VmConfig, native: &str) {
+    use ferry_core::vm::Firmware;
+    let n: serde_json::Value = serde_json::from_str(native).unwrap();
+    let nic = &c.nics[0];
+    assert_eq!(c.nics.len(), 1, "{vm}");
+    assert!(
+        nic.mac
+            .as_deref()
+            .is_some_and(|m| m.starts_with("00:15:5d:01:")),
+        "{vm}: {nic:?}"
+    );
+    assert_eq!(n["nics"][0]["mac"], nic.mac.as_deref().unwrap());
+    assert_eq!(c.disks[0].controller.as_deref(), Some("scsi0:0"), "{vm}");
+    if vm == "linux-web-01" {
+        assert_eq!(c.firmware, Firmware::Bios);
+        assert_eq!(nic.network.as_deref(), Some("vSwitch-DMZ"));
+        assert!(n["nics"][0]["vlan"].is_null(), "{n}");
+        assert_eq!(n["generation"], 1);
+    } else {
+        assert_eq!(c.firmware, Firmware::UefiSecureBoot, "{vm}");
+        assert_eq!(nic.network.as_deref(), Some("vSwitch-Prod"), "{vm}");
+        assert_eq!(n["nics"][0]["vlan"], 10, "{n}");
+        assert_eq!(n["generation"], 2);
+    }
+    if vm == "win-sql-01" {
+        assert_eq!((c.cpus, c.memory), (2, 4096 << 20));
+        assert_eq!(n["memory"]["dynamic"], false);
+        assert_eq!(c.disks[1].controller.as_deref(), Some("scsi0:1"));
+    } else {
+        assert_eq!(c.memory, 2048 << 20, "{vm}");
+        assert_eq!(n["memory"]["dynamic"], true, "{vm}");
+        assert_eq!(n["memory"]["maximum_mib"], 8192, "{vm}");
     }
 }
 
@@ -254,4 +291,57 @@ async fn failures_leave_no_checkpoint_and_cleanup_removes_only_ferrys() {
     let vms = lab.driver.list_vms().await.unwrap();
     let l = vms.iter().find(|v| v.name == "linux-web-01").unwrap();
     assert_eq!(l.power_state, ferry_hv::PowerState::Running);
+    // Saving the VM fails: the backup fails before any checkpoint, the VM runs on.
+    lab.sim
+        .fail_next("Msvm_ComputerSystem.RequestStateChange", 1);
+    let e = lab
+        .driver
+        .begin_backup("linux-web-01", &BackupOptions::default(), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("injected"), "{e}");
+    assert_eq!(
+        lab.recovery_checkpoints().await,
+        1,
+        "the administrator's only"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_resumes_a_vm_a_killed_backup_left_saved() {
+    let lab = lab().await;
+    let vms = lab.driver.list_vms().await.unwrap();
+    let l = vms.iter().find(|v| v.name == "linux-web-01").unwrap();
+    // What a backup killed between the save and the resume leaves: a saved VM, journaled.
+    Wmi::new(lab.driver.client())
+        .request_state(&l.id, "32769")
+        .await
+        .unwrap();
+    ferry_hv::journal::Journal::new(&lab.dir.path().join("state"), "lab")
+        .add("saved-vm", &l.id)
+        .unwrap();
+    let state = |vms: Vec<ferry_hv::VmSummary>| {
+        vms.into_iter()
+            .find(|v| v.name == "linux-web-01")
+            .unwrap()
+            .power_state
+    };
+    assert_eq!(
+        state(lab.driver.list_vms().await.unwrap()),
+        ferry_hv::PowerState::Suspended
+    );
+    let e = lab
+        .sim
+        .guest_write("linux-web-01", "disk0", 0, &[1; 512])
+        .unwrap_err();
+    assert!(e.contains("not running"), "{e}");
+    lab.driver.recover().await.unwrap();
+    assert_eq!(
+        state(lab.driver.list_vms().await.unwrap()),
+        ferry_hv::PowerState::Running
+    );
+    // Running again, the guest writes again.
+    lab.sim
+        .guest_write("linux-web-01", "disk0", 0, &[1; 512])
+        .unwrap();
 }

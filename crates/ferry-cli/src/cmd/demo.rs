@@ -44,9 +44,10 @@ pub struct Args {
     /// Keep the work directory (repository, images) for a look afterwards.
     #[arg(long)]
     pub keep: bool,
-    /// Which simulated hypervisor: `xen` (XenAPI, NBD with TLS) or `vmware` (govmomi's vcsim
-    /// behind `ferry sim vmware`, VMDKs read off the datastore, QueryChangedDiskAreas).
-    #[arg(long, default_value = "xen", value_parser = ["xen", "vmware"])]
+    /// Which simulated hypervisor: `xen` (XenAPI, NBD with TLS), `vmware` (govmomi's vcsim
+    /// behind `ferry sim vmware`, VMDKs read off the datastore, QueryChangedDiskAreas) or
+    /// `hyperv` (WinRM/WMI, child-VM and saved-state methods, RCT, VHDX chains).
+    #[arg(long, default_value = "xen", value_parser = ["xen", "vmware", "hyperv"])]
     pub hypervisor: String,
 }
 
@@ -62,6 +63,8 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let result = if a.hypervisor == "vmware" {
         demo_vmware(&dir, a.size_mib.max(8)).await
+    } else if a.hypervisor == "hyperv" {
+        crate::cmd::demo_hyperv::demo(&dir, a.size_mib.max(8)).await
     } else {
         demo(&dir, a.size_mib.max(8)).await
     };
@@ -73,7 +76,7 @@ pub async fn run(a: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     result
 }
 
-fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
+pub(crate) fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
     let mut fa = std::fs::File::open(a).with_context(|| format!("open {}", a.display()))?;
     let mut fb = std::fs::File::open(b).with_context(|| format!("open {}", b.display()))?;
     if fa.metadata()?.len() != fb.metadata()?.len() {
@@ -90,6 +93,35 @@ fn same_content(a: &Path, b: &Path) -> anyhow::Result<bool> {
             return Ok(false);
         }
     }
+}
+
+/// Restores every disk of restore point `snapshot` to `dir/restored-<label>-<disk>.raw` and
+/// compares each with its expected copy.
+pub(crate) async fn restores_match(
+    repo: &Repository,
+    snapshot: &str,
+    expected: &[(String, PathBuf)],
+    dir: &Path,
+    label: &str,
+) -> anyhow::Result<bool> {
+    let manifest = repo.load_manifest(snapshot).await?;
+    let mut ok = true;
+    for (disk, want) in expected {
+        let out = dir.join(format!("restored-{label}-{}.raw", disk.replace(':', "-")));
+        ferry_engine::restore_disk(
+            repo,
+            &manifest,
+            disk,
+            RestoreTo::File {
+                path: out.clone(),
+                format: OutputFormat::Raw,
+            },
+            &RestoreOptions::default(),
+        )
+        .await?;
+        ok &= same_content(&out, want)?;
+    }
+    Ok(ok)
 }
 
 /// The live VDIs of `vm` with their disk names (`xvda`, `xvdb`, … in userdevice order).
@@ -120,7 +152,7 @@ async fn save_disks(
     Ok(out)
 }
 
-fn line(what: &str, b: &VmBackup) -> String {
+pub(crate) fn line(what: &str, b: &VmBackup) -> String {
     let r = &b.report;
     let t = |f: fn(&ferry_engine::DiskReport) -> u64| human_bytes(r.total(f));
     format!(
@@ -484,23 +516,7 @@ async fn demo_vmware(dir: &Path, size_mib: u64) -> anyhow::Result<ExitCode> {
         (&full, &expected_full, "full", "5."),
         (&incr, &expected_incr, "incremental", "  "),
     ] {
-        let manifest = repo.load_manifest(&b.report.snapshot).await?;
-        let mut ok = true;
-        for (disk, want) in expected {
-            let out = dir.join(format!("restored-{label}-{}.raw", disk.replace(':', "-")));
-            ferry_engine::restore_disk(
-                &repo,
-                &manifest,
-                disk,
-                RestoreTo::File {
-                    path: out.clone(),
-                    format: OutputFormat::Raw,
-                },
-                &RestoreOptions::default(),
-            )
-            .await?;
-            ok &= same_content(&out, want)?;
-        }
+        let ok = restores_match(&repo, &b.report.snapshot, expected, dir, label).await?;
         all_ok &= ok;
         say(format!(
             "{step} restored the {label} restore point ({} disks): {}",

@@ -24,7 +24,10 @@ struct Features {
 pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode> {
     let f = Features {
         version: env!("CARGO_PKG_VERSION"),
-        hypervisors: vec!["xen (XenAPI; `ferry sim xen` simulates one)"],
+        hypervisors: vec![
+            "xen (XenAPI; `ferry sim xen` simulates one)",
+            "hyperv (WinRM/WMI: child-VM or saved-state per VM, RCT; `ferry sim hyperv` simulates one)",
+        ],
         transports: vec![
             "network: nbd, nbds (TLS), nbd+unix",
             "hot-add (xen)",

@@ -6,6 +6,7 @@ pub mod benchmark;
 pub mod cleanup;
 pub mod copy;
 pub mod demo;
+pub mod demo_hyperv;
 pub mod export;
 pub mod features;
 pub mod files;

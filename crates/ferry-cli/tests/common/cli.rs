@@ -1,11 +1,13 @@
-//! What the appliance tests (`serve.rs`, `scale_out.rs`) share: the `ferry` binary with a clean
-//! environment, and the JSON line a child prints when it is ready.
+//! What the appliance and driver tests share: the `ferry` binary with a clean environment, the
+//! JSON line a child prints when it is ready, and waiting for a line on a child's stderr.
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command};
+use std::time::{Duration, Instant};
 
 /// The `ferry` binary, with no inherited log level, config or repository password.
+#[allow(dead_code)]
 pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
     c.env_remove("RUST_LOG")
@@ -15,10 +17,32 @@ pub fn ferry() -> Command {
 }
 
 /// The first line `child` prints on stdout, parsed as JSON.
+#[allow(dead_code)]
 pub fn first_line(child: &mut Child) -> Value {
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+/// Waits (at most 30 s) until `child` prints a stderr line containing `needle`, then keeps
+/// draining its stderr in the background so it never blocks on a full pipe.
+#[allow(dead_code)]
+pub fn wait_for_stderr(child: &mut Child, needle: &str) {
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
+            "`{needle}` never came: {seen}"
+        );
+        seen.push_str(&l);
+        if l.contains(needle) {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
 }

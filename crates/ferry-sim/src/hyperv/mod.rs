@@ -22,6 +22,7 @@
 //! Checkpoints freeze the disks into `.avhdx` files, RCT ([`rct`]) answers
 //! `GetVirtualDiskChanges`, and a side door ([`sidedoor`]) acts as the guest and injects faults.
 
+mod config;
 mod disks;
 mod rct;
 mod sidedoor;
@@ -126,8 +127,8 @@ struct State {
     next_id: u64,
     /// The guests' disks, checkpoints and RCT.
     storage: Option<disks::Storage>,
-    /// Method → how many of its next calls fail (side door).
-    fail_next: HashMap<String, usize>,
+    /// Method → (calls to let through first, calls that fail then) (side door).
+    fail_next: HashMap<String, (usize, usize)>,
 }
 
 #[derive(Debug, Clone)]
@@ -290,6 +291,16 @@ impl State {
                 ],
             ));
         }
+        for (name, id) in config::switches() {
+            add(inst(
+                "Msvm_VirtualEthernetSwitch",
+                &[
+                    ("CreationClassName", text("Msvm_VirtualEthernetSwitch")),
+                    ("Name", text(id)),
+                    ("ElementName", text(name)),
+                ],
+            ));
+        }
         for (n, g) in GUESTS.iter().enumerate() {
             let id = guid(g.name);
             add(inst(
@@ -320,7 +331,18 @@ impl State {
                         "VirtualSystemType",
                         text("Microsoft:Hyper-V:System:Realized"),
                     ),
-                    ("VirtualSystemSubType", text("Microsoft:Hyper-V:SubType:2")),
+                    (
+                        "VirtualSystemSubType",
+                        text(if config::is_linux(g.name) {
+                            "Microsoft:Hyper-V:SubType:1"
+                        } else {
+                            "Microsoft:Hyper-V:SubType:2"
+                        }),
+                    ),
+                    (
+                        "SecureBootEnabled",
+                        text((!config::is_linux(g.name)).to_string()),
+                    ),
                     ("Version", text("10.0")),
                     ("ConfigurationDataRoot", text(&root)),
                     ("SnapshotDataRoot", text(snap_root)),
@@ -328,6 +350,9 @@ impl State {
                     ("Parent", Value::Null),
                 ],
             ));
+            for i in config::hardware(n, g.name, &id, host) {
+                add(i);
+            }
             // The backup (VSS) integration service: disabled in the Linux guest.
             add(inst(
                 "Msvm_VssComponent",
@@ -959,8 +984,18 @@ fn invoke(
     }
     let mut out = Instance::default();
     let call = format!("{class}.{method}");
-    if let Some(n) = st.fail_next.get_mut(&call).filter(|n| **n > 0) {
-        *n -= 1;
+    let fail = match st.fail_next.get_mut(&call) {
+        Some((skip, _)) if *skip > 0 => {
+            *skip -= 1;
+            false
+        }
+        Some((_, n)) if *n > 0 => {
+            *n -= 1;
+            true
+        }
+        _ => false,
+    };
+    if fail {
         job_out(
             st,
             &mut out,

@@ -10,7 +10,7 @@
 //! | `GuestWrite` | `VirtualSystem` (name or id), `Disk` (`disk0` or id), `Offset`, `Data` (base64) | the running guest writes; RCT records it |
 //! | `UntrackedWrite` | same | a write RCT misses (a host bug) |
 //! | `BreakRct` | `VirtualSystem`, `Disk` | RCT restarts: every earlier RCT id of the disk is invalid |
-//! | `FailNext` | `Method` (`Class.Method`), `Count` | the next `Count` calls of the method end in a failed job |
+//! | `FailNext` | `Method` (`Class.Method`), `Count`, optional `Skip` | after `Skip` more calls, the next `Count` calls of the method end in a failed job |
 
 use super::{Fault, HypervSim, State, fault, set_rv};
 use base64::Engine as _;
@@ -91,7 +91,11 @@ pub(super) fn invoke(st: &mut State, method: &str, body: &Node) -> Result<Instan
             .map_err(failed)?,
         "FailNext" => {
             let m = arg("Method")?;
-            *st.fail_next.entry(m).or_default() += num("Count")? as usize;
+            let skip = match body.text_at("Skip") {
+                Some(_) => num("Skip")? as usize,
+                None => 0,
+            };
+            st.fail_next.insert(m, (skip, num("Count")? as usize));
         }
         other => {
             return Err(fault(
@@ -140,7 +144,12 @@ impl HypervSim {
 
     /// The next `count` calls of `method` (`Class.Method`) end in a failed job.
     pub fn fail_next(&self, method: &str, count: usize) {
-        *self.state().fail_next.entry(method.into()).or_default() += count;
+        self.fail_after(method, 0, count);
+    }
+
+    /// After `skip` more successful calls of `method`, the next `count` end in a failed job.
+    pub fn fail_after(&self, method: &str, skip: usize, count: usize) {
+        self.state().fail_next.insert(method.into(), (skip, count));
     }
 
     /// The file holding what the guest of `vm` sees on disk `disk` now (raw).
