@@ -6,8 +6,10 @@
 //! connection, and from then on sends bare requests there. Over HTTP every message is sealed
 //! with the session (`multipart/encrypted`, [`ferry_wsman::sealed`]); over HTTPS TLS protects
 //! them and they go in the clear (pywinrm's `message_encryption = 'auto'`). Exchanges are
-//! serialized (the session's sequence numbers and cipher state advance per message); a 401 on
-//! a reused session (the host or a proxy closed the connection) redoes the handshake once.
+//! serialized (the session's sequence numbers and cipher state advance per message). When a
+//! request lands on a connection without the session (a 401, or a 400 to a sealed body: the
+//! host closed ours, or the pool opened another), the host has not run it: the client logs in
+//! again and resends, up to three logins per exchange.
 
 use crate::client::Credentials;
 use crate::error::HypervError;
@@ -20,6 +22,16 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 /// Largest reply accepted.
 const MAX_REPLY: usize = 64 << 20;
 const SOAP: &str = "application/soap+xml;charset=UTF-8";
+/// Logins per exchange before a lost session is reported.
+const MAX_ATTEMPTS: u32 = 3;
+
+/// Lets the HTTP client put the connection just read back in its pool, so the next request
+/// takes that connection (and its NTLM session) rather than opening another.
+async fn settle() {
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+}
 
 /// How a [`crate::WsmanClient`] logs in (`auth` of a Hyper-V source).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -119,11 +131,11 @@ impl Auth {
             )),
             AuthMethod::Ntlm => {
                 let mut guard = self.session.lock().await;
-                let mut fresh = false;
+                let mut attempt = 0;
                 loop {
+                    attempt += 1;
                     if guard.is_none() {
                         *guard = Some(self.handshake(http, url, creds, call).await?);
-                        fresh = true;
                     }
                     let session = guard.as_mut().ok_or_else(login)?;
                     let rb = http.inner().post(url.clone());
@@ -139,12 +151,28 @@ impl Auth {
                     };
                     let resp = http.send(call, rb).await?;
                     let status = resp.status().as_u16();
-                    if status == 401 {
+                    // The request went on a connection that does not hold this session (the pool
+                    // opened another, or the host closed ours): the host did not run it, so log
+                    // in again and resend, a few times at most.
+                    let lost = status == 401
+                        || (status == 400
+                            && self.encrypt
+                            && !resp
+                                .headers()
+                                .get(CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .is_some_and(sealed::is_encrypted));
+                    if lost {
                         *guard = None;
-                        if fresh {
+                        let _ = http.body_limited(call, resp, MAX_REPLY).await;
+                        if attempt >= MAX_ATTEMPTS {
                             return Err(login());
                         }
-                        tracing::debug!(call, "the NTLM session was lost; logging in again");
+                        tracing::debug!(
+                            call,
+                            status,
+                            "the NTLM session was lost; logging in again"
+                        );
                         continue;
                     }
                     let ct = resp
@@ -154,6 +182,7 @@ impl Auth {
                         .unwrap_or("")
                         .to_string();
                     let raw = http.body_limited(call, resp, MAX_REPLY).await?;
+                    settle().await;
                     if sealed::is_encrypted(&ct) {
                         return match sealed::unwrap(session, &raw) {
                             Ok(body) => Ok(Exchanged { status, body }),
@@ -234,6 +263,7 @@ impl Auth {
             });
         // Drain the body so the connection goes back to the pool for the second leg.
         let _ = http.body_limited(call, resp, MAX_REPLY).await?;
+        settle().await;
         let challenge = match (status, challenge) {
             (401, Some(c)) => c,
             (401, None) => {
@@ -258,6 +288,7 @@ impl Auth {
         let resp = http.send(call, rb).await?;
         let status = resp.status().as_u16();
         let _ = http.body_limited(call, resp, MAX_REPLY).await?;
+        settle().await;
         match status {
             200..=299 => {
                 tracing::debug!(call, user = %creds.user, "NTLM login");

@@ -19,7 +19,7 @@ use ferry_wsman::ntlm::{Accepted, NtlmServer, NtlmSession, is_ntlm};
 use ferry_wsman::sealed::{self, PROTOCOL_SPNEGO};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Connections whose state is kept; the oldest are forgotten beyond this.
 const MAX_CONNECTIONS: usize = 256;
@@ -48,6 +48,7 @@ pub(super) struct Auth {
     password: String,
     conns: Mutex<BTreeMap<(Channel, u64), ConnState>>,
     tamper: AtomicBool,
+    logins: AtomicU64,
 }
 
 impl std::fmt::Debug for Auth {
@@ -105,7 +106,13 @@ impl Auth {
             password: password.into(),
             conns: Mutex::default(),
             tamper: AtomicBool::new(false),
+            logins: AtomicU64::new(0),
         }
+    }
+
+    /// NTLM logins completed (a client that keeps its connection logs in once).
+    pub(super) fn logins(&self) -> u64 {
+        self.logins.load(Ordering::SeqCst)
     }
 
     /// Tests: flip a bit in the next sealed reply.
@@ -208,6 +215,7 @@ impl Auth {
             }
             Ok(Accepted::Done(user, session)) => {
                 tracing::debug!(user, "NTLM login");
+                self.logins.fetch_add(1, Ordering::SeqCst);
                 conns.insert(key, ConnState::Session(session));
                 Ok(())
             }

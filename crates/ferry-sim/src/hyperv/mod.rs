@@ -492,6 +492,11 @@ impl HypervSim {
         .to_string()
     }
 
+    /// NTLM logins completed so far (tests: a client keeps its session).
+    pub fn ntlm_logins(&self) -> u64 {
+        self.shared.auth.logins()
+    }
+
     /// Tests: the next sealed reply gets one bit flipped (a tampered message).
     pub fn tamper_next_reply(&self) {
         self.shared.auth.tamper_next_reply();
