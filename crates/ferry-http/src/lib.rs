@@ -18,7 +18,7 @@ pub mod client;
 pub mod server;
 
 pub use client::{ClientOptions, HttpClient, HttpError, ProxySetting};
-pub use server::Server;
+pub use server::{Connection, Server};
 
 /// `ferry/VERSION`, sent as the user agent and the server header.
 pub const USER_AGENT: &str = concat!("ferry/", env!("CARGO_PKG_VERSION"));

@@ -16,6 +16,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// The TCP connection a request arrived on, in every request's extensions
+/// (`axum::Extension<Connection>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Connection {
+    /// Unique per server, counting from 0.
+    pub id: u64,
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+}
+
 /// An HTTP(S) server on a bound listener.
 pub struct Server {
     listener: TcpListener,
@@ -79,9 +89,12 @@ impl Server {
                     }
                 },
             };
-            self.accepted.fetch_add(1, Ordering::Relaxed);
+            let id = self.accepted.fetch_add(1, Ordering::Relaxed);
+            // Handlers that keep per-connection state (NTLM's connection-bound sessions) see
+            // which connection a request came on.
+            let app = app.clone().layer(axum::Extension(Connection { id, peer }));
             let _ = sock.set_nodelay(true);
-            let (app, tls, kill) = (app.clone(), self.tls.clone(), kill.clone());
+            let (tls, kill) = (self.tls.clone(), kill.clone());
             let watcher = graceful.watcher();
             tokio::spawn(async move {
                 let served = async {

@@ -1,9 +1,9 @@
 //! A WS-Management client on [`ferry_http::HttpClient`]: WMI Enumerate/Pull (with WQL filters),
 //! Get and method invocation in `root/virtualization/v2`, Msvm_ConcreteJob polling, and the
-//! Windows remote shell cycle. Authentication is HTTP Basic (labs; over HTTPS 5986 or HTTP 5985
-//! with `AllowUnencrypted`), built by reqwest — NTLM/Kerberos with message encryption are the
-//! next step (ADR 0111).
+//! Windows remote shell cycle. Authentication (NTLM with message encryption by default, Basic
+//! for labs) lives in [`crate::auth`] (ADR 0112).
 
+use crate::auth::AuthMethod;
 use crate::cim::{self, Epr, Instance, Param};
 use crate::error::{FaultKind, HypervError};
 use crate::wsman::{self, Reply, Request};
@@ -11,8 +11,6 @@ use ferry_core::Secret;
 use ferry_http::{ClientOptions, HttpClient};
 use std::time::{Duration, Instant};
 
-/// Largest reply accepted.
-const MAX_REPLY: usize = 64 << 20;
 /// Items asked for per Enumerate/Pull.
 pub const PAGE: u32 = 512;
 /// Longest a WMI job may run before Ferry gives up on it.
@@ -23,7 +21,7 @@ pub const JOB_STARTED: u64 = 4096;
 /// `Msvm_ConcreteJob.JobState`: completed.
 pub const JOB_COMPLETED: u64 = 7;
 
-/// Credentials for Basic authentication.
+/// Credentials (NTLM or Basic).
 #[derive(Clone)]
 pub struct Credentials {
     /// User (`DOMAIN\user`, `user@domain` or a local account).
@@ -59,11 +57,12 @@ pub struct WsmanClient {
     url: url::Url,
     source: String,
     creds: Credentials,
+    auth: crate::auth::Auth,
 }
 
 impl WsmanClient {
-    /// A client for `url` (`https://host:5986/wsman`; a URL without a path gets `/wsman`).
-    /// Nothing is sent until the first call.
+    /// A client for `url` (`https://host:5986/wsman`; a URL without a path gets `/wsman`) that
+    /// logs in with NTLM (see [`Self::with_auth`]). Nothing is sent until the first call.
     pub fn new(url: &str, opts: &ClientOptions, creds: Credentials) -> Result<Self, HypervError> {
         let source = opts.source.clone();
         let http = HttpClient::new(opts)?;
@@ -74,12 +73,30 @@ impl WsmanClient {
             u.set_path("/wsman");
         }
         u.set_query(None);
+        let auth = crate::auth::Auth::new(AuthMethod::default(), None, &u);
         Ok(Self {
             http,
             url: u,
             source,
             creds,
+            auth,
         })
+    }
+
+    /// Logs in with `method` (NTLM `domain`, when the user name does not carry one).
+    pub fn with_auth(mut self, method: AuthMethod, domain: Option<String>) -> Self {
+        self.auth = crate::auth::Auth::new(method, domain, &self.url);
+        self
+    }
+
+    /// How this client logs in.
+    pub fn auth_method(&self) -> AuthMethod {
+        self.auth.method()
+    }
+
+    /// Whether messages are sealed (NTLM over HTTP).
+    pub fn encrypts(&self) -> bool {
+        self.auth.encrypts()
     }
 
     /// The source name.
@@ -98,26 +115,13 @@ impl WsmanClient {
 
     /// Sends `req`; returns the reply's body element after checking `RelatesTo`.
     pub async fn send(&self, call: &str, req: Request) -> Result<crate::xml::Node, HypervError> {
-        let http = self
-            .http
-            .inner()
-            .post(self.url.clone())
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/soap+xml;charset=UTF-8",
-            )
-            .basic_auth(&self.creds.user, Some(self.creds.password.expose()))
-            .body(req.to_xml());
-        let resp = self.http.send(call, http).await?;
-        let status = resp.status().as_u16();
-        if status == 401 {
-            return Err(HypervError::Login {
-                source_name: self.source.clone(),
-                call: call.into(),
-                user: self.creds.user.clone(),
-            });
-        }
-        let bytes = self.http.body_limited(call, resp, MAX_REPLY).await?;
+        let crate::auth::Exchanged {
+            status,
+            body: bytes,
+        } = self
+            .auth
+            .exchange(&self.http, &self.url, &self.creds, call, req.to_xml())
+            .await?;
         match wsman::parse_reply(&bytes) {
             Ok(Reply::Ok {
                 relates_to, body, ..

@@ -11,8 +11,11 @@
 //! - [`transport`]: the data-path seam (checkpoint image on the host → block source); `san`
 //!   reads the `.avhdx` chain with `ferry-image`.
 //!
-//! Decisions: ADR 0110 (WS-Man on quick-xml, Basic first), docs/drivers.md (Hyper-V section).
+//! - [`auth`]: NTLM with message encryption, Basic.
+//!
+//! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), docs/drivers.md (Hyper-V section).
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod driver;
@@ -23,6 +26,7 @@ pub mod wmi;
 pub use ferry_wsman::envelope as wsman;
 pub use ferry_wsman::{cim, xml};
 
+pub use auth::AuthMethod;
 pub use cim::{Epr, Instance, Param, Value};
 pub use client::{CommandOutput, Credentials, WsmanClient};
 pub use driver::HypervDriver;

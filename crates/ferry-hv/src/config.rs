@@ -171,6 +171,26 @@ pub struct SourceConfig {
     /// `false` stores them like any data (as `ferry backup --no-exclude-swap`).
     #[serde(default = "default_exclude_swap")]
     pub exclude_swap: bool,
+    /// Hyper-V: how WinRM logs in — `ntlm` (default; messages sealed over HTTP 5985),
+    /// `basic` (labs) or `kerberos` (not built yet: refused at connect).
+    #[serde(default)]
+    pub auth: Option<WinrmAuth>,
+    /// Hyper-V: the NTLM domain, when `username` does not carry one (`DOMAIN\user`).
+    #[serde(default)]
+    pub domain: Option<String>,
+}
+
+/// `auth` of a Hyper-V source (ADR 0112).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WinrmAuth {
+    /// NTLM with WinRM message encryption.
+    #[default]
+    Ntlm,
+    /// HTTP Basic.
+    Basic,
+    /// Kerberos (not built yet).
+    Kerberos,
 }
 
 fn default_exclude_swap() -> bool {
@@ -240,7 +260,11 @@ impl SourceConfig {
     }
 
     fn validate(&self, name: &str) -> Result<(), String> {
-        if !self.url.starts_with("https://") {
+        // WinRM over HTTP 5985 is safe with NTLM: every message is sealed (ADR 0112).
+        let sealed_http = self.kind == SourceKind::Hyperv
+            && self.auth.unwrap_or_default() == WinrmAuth::Ntlm
+            && self.url.starts_with("http://");
+        if !self.url.starts_with("https://") && !sealed_http {
             return Err(format!(
                 "source `{name}`: url must be https://…, not `{}`",
                 self.url
@@ -271,6 +295,11 @@ impl SourceConfig {
                 ));
             }
             _ => {}
+        }
+        if self.kind != SourceKind::Hyperv && (self.auth.is_some() || self.domain.is_some()) {
+            return Err(format!(
+                "source `{name}`: auth and domain are Hyper-V settings"
+            ));
         }
         if self.password_file.is_some() && self.password.is_some() {
             return Err(format!(
@@ -449,6 +478,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("https"), "{e}");
+    }
+
+    #[test]
+    fn hyperv_auth_defaults_to_ntlm_and_belongs_to_hyperv() {
+        let base = "[sources.h]\nkind = \"hyperv\"\nurl = \"http://h:5985/wsman\"\nusername = \"r\"\ntls-insecure = true\n";
+        let c = parse(base).unwrap();
+        let s = c.source("h").unwrap();
+        assert_eq!(s.auth.unwrap_or_default(), WinrmAuth::Ntlm);
+        let c = parse(&format!(
+            "{}auth = \"basic\"\ndomain = \"LAB\"\n",
+            base.replace("http:", "https:")
+        ))
+        .unwrap();
+        let s = c.source("h").unwrap();
+        assert_eq!(
+            (s.auth, s.domain.as_deref()),
+            (Some(WinrmAuth::Basic), Some("LAB"))
+        );
+        assert!(parse(&format!("{base}auth = \"digest\"\n")).is_err());
+        // Basic in the clear over HTTP is not accepted.
+        let e = parse(&format!("{base}auth = \"basic\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("https"), "{e}");
+        let xen = base.replace("hyperv", "xen").replace("http:", "https:") + "auth = \"ntlm\"\n";
+        let e = parse(&xen).unwrap_err().to_string();
+        assert!(e.contains("Hyper-V settings"), "{e}");
     }
 
     #[test]

@@ -1,8 +1,10 @@
 """Drives `ferry sim hyperv` with the vendors' clients: pywinrm (run_cmd over the WinRS shell
-cycle, HTTP and HTTPS with Basic) and pypsrp's generic WSMan class (WMI Enumerate with a WQL filter,
-Pull, Get, method invocation with a job). Prints one JSON line with what it saw.
+cycle, HTTP and HTTPS) and pypsrp's generic WSMan class (WMI Enumerate with a WQL filter, Pull,
+Get, method invocation with a job). AUTH `basic` logs in with Basic; `ntlm` with NTLM and message
+encryption over HTTP (pywinrm 'always', pypsrp 'always'), TLS alone over HTTPS (pywinrm 'auto').
+Prints one JSON line with what it saw.
 
-usage: hyperv_sdk.py HTTPS_URL HTTP_URL USER PASSWORD
+usage: hyperv_sdk.py HTTPS_URL HTTP_URL USER PASSWORD [AUTH]
 """
 
 import json
@@ -15,6 +17,7 @@ from pypsrp.exceptions import WSManFaultError
 from pypsrp.wsman import NAMESPACES, WSMan, SelectorSet
 
 https_url, http_url, user, password = sys.argv[1:5]
+AUTH = sys.argv[5] if len(sys.argv) > 5 else "basic"
 V2 = "http://schemas.microsoft.com/wbem/wsman/1/wmi/root/virtualization/v2/"
 N = NAMESPACES["wsen"]
 W = NAMESPACES["wsman"]
@@ -22,25 +25,38 @@ A = NAMESPACES["wsa"]
 out = {}
 
 # --- pywinrm: the cmd shell cycle, on both listeners -------------------------------------------
+def session(url, pw, encryption="auto"):
+    return winrm.Session(url, auth=(user, pw), transport=AUTH, server_cert_validation="ignore",
+                         message_encryption=encryption if AUTH == "ntlm" else "auto")
+
+
 for name, url in (("https", https_url), ("http", http_url)):
-    s = winrm.Session(url, auth=(user, password), transport="basic", server_cert_validation="ignore")
+    s = session(url, password, "always" if name == "http" else "auto")
     r = s.run_cmd("hostname")
     out[f"hostname_{name}"] = [r.std_out.decode().strip(), r.status_code]
+    out[f"encrypted_{name}"] = s.protocol.transport.encryption is not None
 r = s.run_cmd("echo", ["hello", "world"])
 out["echo"] = [r.std_out.decode().strip(), r.status_code]
 r = s.run_cmd("frobnicate")
 out["unknown"] = [r.std_err.decode().strip().splitlines()[0], r.status_code]
-bad = winrm.Session(http_url, auth=(user, "wrong"), transport="basic")
 try:
-    bad.run_cmd("hostname")
+    session(http_url, "wrong").run_cmd("hostname")
     out["bad_password"] = "accepted"
 except winrm.exceptions.InvalidCredentialsError as e:
     out["bad_password"] = "InvalidCredentialsError"
+if AUTH == "ntlm":
+    # Windows refuses an unsealed body over HTTP after NTLM (AllowUnencrypted = false).
+    try:
+        session(http_url, password, "never").run_cmd("hostname")
+        out["unencrypted_http"] = "accepted"
+    except winrm.exceptions.InvalidCredentialsError as e:
+        out["unencrypted_http"] = "InvalidCredentialsError"
 
 # --- pypsrp: WMI over WS-Man -------------------------------------------------------------------
-u = urllib.parse.urlparse(https_url)
-wsman = WSMan(u.hostname, port=u.port, username=user, password=password, ssl=True,
-              auth="basic", cert_validation=False, path="wsman")
+u = urllib.parse.urlparse(https_url if AUTH == "basic" else http_url)
+wsman = WSMan(u.hostname, port=u.port, username=user, password=password, ssl=AUTH == "basic",
+              auth=AUTH, cert_validation=False, path="wsman",
+              encryption="always" if AUTH == "ntlm" else "auto")
 
 
 def enumerate_all(class_uri, query=None, page=2):
@@ -147,4 +163,5 @@ try:
     out["missing"] = "found"
 except WSManFaultError as e:
     out["missing"] = e.reason
+out["pypsrp_encrypted"] = wsman.transport.encryption is not None
 print(json.dumps(out))

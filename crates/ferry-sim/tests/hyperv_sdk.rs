@@ -2,13 +2,33 @@
 //! the WinRS shell cycle on the HTTPS and HTTP listeners (and a refused password), pypsrp's
 //! generic WSMan class for WMI: a WQL-filtered Enumerate paged by Pull, Get by selectors,
 //! CreateSnapshot with an embedded CIM-XML instance and its job, DestroySnapshot, and the fault
-//! for a missing object.
+//! for a missing object — with Basic, and with NTLM and message encryption (pywinrm
+//! `message_encryption='always'` over HTTP and `'auto'` over HTTPS, pypsrp `encryption='always'`
+//! over HTTP), where an unsealed body over HTTP is refused as Windows refuses it.
 
 use ferry_sim::hyperv::{HypervSim, HypervSimConfig};
 use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pywinrm_and_pypsrp_accept_the_simulator() {
+    let v = run_script("basic").await;
+    check(&v);
+    assert_eq!(v["encrypted_http"], false, "{v}");
+    assert_eq!(v["pypsrp_encrypted"], false, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pywinrm_and_pypsrp_log_in_with_ntlm_and_encrypt() {
+    let v = run_script("ntlm").await;
+    check(&v);
+    // Sealed over HTTP, TLS alone over HTTPS ('auto'), and no clear text over HTTP.
+    assert_eq!(v["encrypted_http"], true, "{v}");
+    assert_eq!(v["encrypted_https"], false, "{v}");
+    assert_eq!(v["pypsrp_encrypted"], true, "{v}");
+    assert_eq!(v["unencrypted_http"], "InvalidCredentialsError", "{v}");
+}
+
+async fn run_script(auth: &'static str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = HypervSimConfig::new(dir.path());
     cfg.listen_http = Some("127.0.0.1:0".parse().unwrap());
@@ -23,7 +43,7 @@ async fn pywinrm_and_pypsrp_accept_the_simulator() {
     let (user, pass) = (sim.username().to_string(), sim.password().to_string());
     let o = tokio::task::spawn_blocking(move || {
         Command::new(&python)
-            .args([script, &url, &http_url, &user, &pass])
+            .args([script, &url, &http_url, &user, &pass, auth])
             .output()
             .unwrap()
     })
@@ -35,7 +55,10 @@ async fn pywinrm_and_pypsrp_accept_the_simulator() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn check(v: &serde_json::Value) {
     assert_eq!(
         v["hostname_https"],
         serde_json::json!(["HV-SIM-01", 0]),

@@ -6,8 +6,13 @@
 //! - [`cim`]: WMI objects on the wire: instances, endpoint references, method inputs, embedded
 //!   CIM-XML instances.
 //!
-//! Decisions: ADR 0110.
+//! - [`sealed`]: WinRM message encryption framing (`multipart/encrypted`).
+//! - [`ntlm`]: NTLM client and acceptor and its sealing session, through `sspi`.
+//!
+//! Decisions: ADR 0110, 0112.
 
 pub mod cim;
 pub mod envelope;
+pub mod ntlm;
+pub mod sealed;
 pub mod xml;

@@ -1,0 +1,301 @@
+//! WinRM authentication for [`crate::WsmanClient`] (ADR 0112): one SOAP exchange under Basic or
+//! NTLM, with MS-WSMV message encryption.
+//!
+//! NTLM authenticates a connection, not a request: the client sends NEGOTIATE on an empty POST,
+//! gets the CHALLENGE in a 401, sends AUTHENTICATE on a second empty POST on the same kept-alive
+//! connection, and from then on sends bare requests there. Over HTTP every message is sealed
+//! with the session (`multipart/encrypted`, [`ferry_wsman::sealed`]); over HTTPS TLS protects
+//! them and they go in the clear (pywinrm's `message_encryption = 'auto'`). Exchanges are
+//! serialized (the session's sequence numbers and cipher state advance per message). When a
+//! request lands on a connection without the session (a 401, or a 400 to a sealed body: the
+//! host closed ours, or the pool opened another), the host has not run it: the client logs in
+//! again and resends, up to three logins per exchange.
+
+use crate::client::Credentials;
+use crate::error::HypervError;
+use base64::Engine;
+use ferry_http::HttpClient;
+use ferry_wsman::ntlm::{NtlmClient, NtlmSession};
+use ferry_wsman::sealed::{self, PROTOCOL_SPNEGO};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+
+/// Largest reply accepted.
+const MAX_REPLY: usize = 64 << 20;
+const SOAP: &str = "application/soap+xml;charset=UTF-8";
+/// Logins per exchange before a lost session is reported.
+const MAX_ATTEMPTS: u32 = 3;
+
+/// Lets the HTTP client put the connection just read back in its pool, so the next request
+/// takes that connection (and its NTLM session) rather than opening another.
+async fn settle() {
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// How a [`crate::WsmanClient`] logs in (`auth` of a Hyper-V source).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// NTLM through `Negotiate`, with message encryption over HTTP (Windows' default).
+    #[default]
+    Ntlm,
+    /// HTTP Basic (labs: `Basic = true`, and `AllowUnencrypted` over HTTP).
+    Basic,
+    /// Kerberos: not built yet (ADR 0113); refused with a clear error.
+    Kerberos,
+}
+
+impl std::str::FromStr for AuthMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ntlm" => Ok(Self::Ntlm),
+            "basic" => Ok(Self::Basic),
+            "kerberos" => Ok(Self::Kerberos),
+            o => Err(format!("unknown auth `{o}` (ntlm, basic or kerberos)")),
+        }
+    }
+}
+
+/// One client's authentication state.
+#[derive(Debug)]
+pub(crate) struct Auth {
+    method: AuthMethod,
+    domain: Option<String>,
+    /// Seal messages (HTTP); over HTTPS TLS does it.
+    encrypt: bool,
+    host: String,
+    session: tokio::sync::Mutex<Option<NtlmSession>>,
+}
+
+/// A reply: HTTP status and the (unsealed) body.
+pub(crate) struct Exchanged {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Auth {
+    pub(crate) fn new(method: AuthMethod, domain: Option<String>, url: &url::Url) -> Self {
+        Self {
+            method,
+            domain,
+            encrypt: url.scheme() == "http",
+            host: url.host_str().unwrap_or("localhost").to_string(),
+            session: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn method(&self) -> AuthMethod {
+        self.method
+    }
+
+    /// Whether messages are sealed.
+    pub(crate) fn encrypts(&self) -> bool {
+        self.method == AuthMethod::Ntlm && self.encrypt
+    }
+
+    /// Sends `soap` and returns the reply (unsealed), or a login error on 401.
+    pub(crate) async fn exchange(
+        &self,
+        http: &HttpClient,
+        url: &url::Url,
+        creds: &Credentials,
+        call: &str,
+        soap: String,
+    ) -> Result<Exchanged, HypervError> {
+        let login = || HypervError::Login {
+            source_name: http.source().to_string(),
+            call: call.into(),
+            user: creds.user.clone(),
+        };
+        match self.method {
+            AuthMethod::Basic => {
+                let rb = http
+                    .inner()
+                    .post(url.clone())
+                    .header(CONTENT_TYPE, SOAP)
+                    .basic_auth(&creds.user, Some(creds.password.expose()))
+                    .body(soap);
+                let resp = http.send(call, rb).await?;
+                let status = resp.status().as_u16();
+                if status == 401 {
+                    return Err(login());
+                }
+                let body = http.body_limited(call, resp, MAX_REPLY).await?.to_vec();
+                Ok(Exchanged { status, body })
+            }
+            AuthMethod::Kerberos => Err(HypervError::protocol(
+                http.source(),
+                call,
+                "auth = \"kerberos\" is not built yet (ADR 0113); use auth = \"ntlm\"",
+            )),
+            AuthMethod::Ntlm => {
+                let mut guard = self.session.lock().await;
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    if guard.is_none() {
+                        *guard = Some(self.handshake(http, url, creds, call).await?);
+                    }
+                    let session = guard.as_mut().ok_or_else(login)?;
+                    let rb = http.inner().post(url.clone());
+                    let rb = if self.encrypt {
+                        let body = sealed::wrap(session, PROTOCOL_SPNEGO, soap.as_bytes())
+                            .map_err(|e| {
+                                HypervError::protocol(http.source(), call, e.to_string())
+                            })?;
+                        rb.header(CONTENT_TYPE, sealed::content_type(PROTOCOL_SPNEGO))
+                            .body(body)
+                    } else {
+                        rb.header(CONTENT_TYPE, SOAP).body(soap.clone())
+                    };
+                    let resp = http.send(call, rb).await?;
+                    let status = resp.status().as_u16();
+                    // The request went on a connection that does not hold this session (the pool
+                    // opened another, or the host closed ours): the host did not run it, so log
+                    // in again and resend, a few times at most.
+                    let lost = status == 401
+                        || (status == 400
+                            && self.encrypt
+                            && !resp
+                                .headers()
+                                .get(CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .is_some_and(sealed::is_encrypted));
+                    if lost {
+                        *guard = None;
+                        let _ = http.body_limited(call, resp, MAX_REPLY).await;
+                        if attempt >= MAX_ATTEMPTS {
+                            return Err(login());
+                        }
+                        tracing::debug!(
+                            call,
+                            status,
+                            "the NTLM session was lost; logging in again"
+                        );
+                        continue;
+                    }
+                    let ct = resp
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let raw = http.body_limited(call, resp, MAX_REPLY).await?;
+                    settle().await;
+                    if sealed::is_encrypted(&ct) {
+                        return match sealed::unwrap(session, &raw) {
+                            Ok(body) => Ok(Exchanged { status, body }),
+                            Err(e) => {
+                                // Out of step for good: the next call logs in again.
+                                *guard = None;
+                                Err(HypervError::protocol(
+                                    http.source(),
+                                    call,
+                                    format!("the reply was refused: {e} (altered in transit?)"),
+                                ))
+                            }
+                        };
+                    }
+                    if self.encrypt && !raw.is_empty() {
+                        *guard = None;
+                        return Err(HypervError::protocol(
+                            http.source(),
+                            call,
+                            format!(
+                                "HTTP {status}: the host answered an encrypted session in the clear"
+                            ),
+                        ));
+                    }
+                    return Ok(Exchanged {
+                        status,
+                        body: raw.to_vec(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The two-leg NTLM handshake on empty POSTs (one kept-alive connection).
+    async fn handshake(
+        &self,
+        http: &HttpClient,
+        url: &url::Url,
+        creds: &Credentials,
+        call: &str,
+    ) -> Result<NtlmSession, HypervError> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let proto = |m: String| HypervError::protocol(http.source(), call, m);
+        let login = || HypervError::Login {
+            source_name: http.source().to_string(),
+            call: call.into(),
+            user: creds.user.clone(),
+        };
+        let (client, negotiate) = NtlmClient::start(
+            &creds.user,
+            self.domain.as_deref(),
+            creds.password.expose(),
+            &self.host,
+        )
+        .map_err(|e| proto(e.to_string()))?;
+        let rb = http
+            .inner()
+            .post(url.clone())
+            .header(
+                AUTHORIZATION,
+                format!("Negotiate {}", b64.encode(negotiate)),
+            )
+            .header(CONTENT_TYPE, SOAP)
+            .body(Vec::new());
+        let resp = http.send(call, rb).await?;
+        let status = resp.status().as_u16();
+        let challenge = resp
+            .headers()
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                (scheme.eq_ignore_ascii_case("Negotiate") || scheme.eq_ignore_ascii_case("NTLM"))
+                    .then(|| b64.decode(token.trim()).ok())
+                    .flatten()
+            });
+        // Drain the body so the connection goes back to the pool for the second leg.
+        let _ = http.body_limited(call, resp, MAX_REPLY).await?;
+        settle().await;
+        let challenge = match (status, challenge) {
+            (401, Some(c)) => c,
+            (401, None) => {
+                return Err(proto(
+                    "the host does not offer NTLM (no Negotiate challenge); enable Negotiate or set auth = \"basic\"".into(),
+                ));
+            }
+            (s, _) => return Err(proto(format!("HTTP {s} to the NTLM NEGOTIATE message"))),
+        };
+        let (authenticate, session) = client
+            .authenticate(&challenge)
+            .map_err(|e| proto(e.to_string()))?;
+        let rb = http
+            .inner()
+            .post(url.clone())
+            .header(
+                AUTHORIZATION,
+                format!("Negotiate {}", b64.encode(authenticate)),
+            )
+            .header(CONTENT_TYPE, SOAP)
+            .body(Vec::new());
+        let resp = http.send(call, rb).await?;
+        let status = resp.status().as_u16();
+        let _ = http.body_limited(call, resp, MAX_REPLY).await?;
+        settle().await;
+        match status {
+            200..=299 => {
+                tracing::debug!(call, user = %creds.user, "NTLM login");
+                Ok(session)
+            }
+            401 => Err(login()),
+            s => Err(proto(format!("HTTP {s} to the NTLM AUTHENTICATE message"))),
+        }
+    }
+}
