@@ -42,7 +42,13 @@ fn open_ntfs(
     partition: Option<u32>,
     rt: tokio::runtime::Handle,
 ) -> Result<(Volume, u32)> {
-    let disk = Disk::open(Arc::new(BlockReader::new(dev.clone(), rt)))?;
+    // Only metadata is read here (boot sector, MFT records, upcase table): small windows, so
+    // read-ahead does not pull megabytes of the LUN per open.
+    let disk = Disk::open(Arc::new(BlockReader::with_window(
+        dev.clone(),
+        rt,
+        crate::reader::PROBE_WINDOW,
+    )))?;
     let n = match partition {
         Some(n) => n,
         None => disk
