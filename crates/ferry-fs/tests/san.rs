@@ -155,6 +155,41 @@ async fn vhdx_chain_read_off_host_matches_qemu_img_and_the_files() {
     let expected = dir.path().join("child-expected.raw");
     std::fs::write(&expected, &expect_child).unwrap();
     qemu_img_compare(&out, "raw", &expected, "raw");
+
+    // The same volume as the GPT partition of a LUN (how a CSV disk is laid out).
+    let lun = dir.path().join("lun.img");
+    let vol_len = std::fs::metadata(&img).unwrap().len();
+    std::fs::File::create(&lun)
+        .unwrap()
+        .set_len(vol_len + (2 << 20))
+        .unwrap();
+    let mut sfdisk = Command::new(tool("sfdisk"))
+        .args(["-q", s(&lun)])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    writeln!(
+        sfdisk.stdin.take().unwrap(),
+        "label: gpt\nstart=2048, size={}, type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+        vol_len / 512
+    )
+    .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    let bytes = std::fs::read(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &std::fs::OpenOptions::new().write(true).open(&lun).unwrap(),
+        &bytes,
+        1 << 20,
+    )
+    .unwrap();
+    let vol = open(&lun).await;
+    assert!(vol.label().contains("partition 1"), "{}", vol.label());
+    let child = vol.open_file("/child.avhdx").await.unwrap();
+    let child = ferry_image::open_source(child, &SanResolver::new(vol.clone(), HOST))
+        .await
+        .unwrap();
+    assert!(read_all(child.source.as_ref()).await == expect_child);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
