@@ -29,26 +29,15 @@ fn fixture() -> Fixture {
     let root = dir.path().join("vms");
     std::fs::create_dir(&root).unwrap();
     let base = root.join("base.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&base),
-        &SIZE.to_string(),
-    ]);
-    for w in [
-        "write -P 0xab 1M 3M",
-        "write -P 0x5c 20M 512K",
-        "write -P 0x11 47M 64K",
-    ] {
-        qemu_io(&["-f", "vhdx", "-c", w, s(&base)]);
-    }
-    let raw = dir.path().join("base.raw");
-    qemu_img(&["convert", "-f", "vhdx", "-O", "raw", s(&base), s(&raw)]);
-    let base_raw = std::fs::read(&raw).unwrap();
+    let base_raw = ferry_testkit::qemu_vhdx(
+        &base,
+        SIZE,
+        &[
+            "write -P 0xab 1M 3M",
+            "write -P 0x5c 20M 512K",
+            "write -P 0x11 47M 64K",
+        ],
+    );
     let mut child_raw = base_raw.clone();
     let opts = WriterOptions {
         block_size: None,
@@ -124,6 +113,14 @@ impl Agent {
             cert_pem: read("client-cert.pem"),
             key_pem: read("client-key.pem"),
         }
+    }
+
+    /// Opens `path` as the appliance would, with the pinned identity.
+    async fn open(
+        &self,
+        path: &str,
+    ) -> Result<std::sync::Arc<dyn ferry_core::BlockSource>, ferry_agent::AgentError> {
+        ferry_agent::client::open(&self.addr(), &self.fingerprint, &self.identity(), path).await
     }
 
     fn addr(&self) -> String {
@@ -216,14 +213,7 @@ fn libnbd_reads_vhdx_and_avhdx_exports_by_host_path() {
 async fn rust_client_reads_the_chain_and_skips_holes() {
     let fx = fixture();
     let agent = start_agent(&fx.root, TlsFiles::generate());
-    let src = ferry_agent::client::open(
-        &agent.addr(),
-        &agent.fingerprint,
-        &agent.identity(),
-        "C:\\VMs\\child.avhdx",
-    )
-    .await
-    .unwrap();
+    let src = agent.open("C:\\VMs\\child.avhdx").await.unwrap();
     assert_eq!(src.size(), SIZE);
     assert!(
         read_all(src.as_ref()).await == fx.child_raw,
@@ -272,10 +262,6 @@ async fn refusals_are_clear_nbd_errors() {
     std::fs::remove_file(&base2).unwrap();
 
     let agent = start_agent(&fx.root, TlsFiles::generate());
-    let open = |path: &'static str| {
-        let (addr, fp, id) = (agent.addr(), agent.fingerprint.clone(), agent.identity());
-        async move { ferry_agent::client::open(&addr, &fp, &id, path).await }
-    };
     let err = |r: Result<_, ferry_agent::AgentError>| match r {
         Ok(_) => panic!("opened"),
         Err(e) => format!("{e:#}"),
@@ -288,7 +274,7 @@ async fn refusals_are_clear_nbd_errors() {
         ("C:\\VMs\\vm.xml", "not a VHDX or VHD image"),
         ("C:\\VMs\\orphan\\orphan.avhdx", "parent"),
     ] {
-        let e = err(open(path).await);
+        let e = err(agent.open(path).await);
         assert!(e.contains(expect), "{path}: {e}");
     }
 
@@ -337,7 +323,7 @@ async fn refusals_are_clear_nbd_errors() {
         "nbdinfo without a client certificate succeeded"
     );
     // The agent survived all of it.
-    let src = open("C:\\VMs\\base.vhdx").await.unwrap();
+    let src = agent.open("C:\\VMs\\base.vhdx").await.unwrap();
     assert!(read_all(src.as_ref()).await == fx.base_raw);
 }
 
@@ -345,14 +331,7 @@ async fn refusals_are_clear_nbd_errors() {
 async fn a_file_changed_under_an_open_export_fails_reads() {
     let fx = fixture();
     let agent = start_agent(&fx.root, TlsFiles::generate());
-    let src = ferry_agent::client::open(
-        &agent.addr(),
-        &agent.fingerprint,
-        &agent.identity(),
-        "C:\\VMs\\child.avhdx",
-    )
-    .await
-    .unwrap();
+    let src = agent.open("C:\\VMs\\child.avhdx").await.unwrap();
     let mut buf = vec![0u8; 1 << 20];
     src.read_at(1 << 20, &mut buf).await.unwrap();
     // The parent is written to (what a merge of checkpoints would do).
@@ -375,14 +354,7 @@ async fn a_file_changed_under_an_open_export_fails_reads() {
 async fn a_killed_agent_gives_the_client_a_clear_error() {
     let fx = fixture();
     let agent = start_agent(&fx.root, TlsFiles::generate());
-    let src = ferry_agent::client::open(
-        &agent.addr(),
-        &agent.fingerprint,
-        &agent.identity(),
-        "C:\\VMs\\base.vhdx",
-    )
-    .await
-    .unwrap();
+    let src = agent.open("C:\\VMs\\base.vhdx").await.unwrap();
     let reader = {
         let src = src.clone();
         tokio::spawn(async move {

@@ -5,7 +5,7 @@
 use ferry_core::BlockSource;
 use ferry_fs::{SanResolver, SanVolume};
 use ferry_image::{FileSource, ImageWriter, OutputFormat, WriterOptions};
-use ferry_testkit::{qemu_img, qemu_img_compare, qemu_io, run_ok, tool};
+use ferry_testkit::{qemu_img_compare, run_ok, tool};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -51,26 +51,15 @@ async fn read_all(src: &dyn BlockSource) -> Vec<u8> {
 /// raw content.
 fn images(dir: &Path) -> Vec<u8> {
     let base = dir.join("base.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&base),
-        &SIZE.to_string(),
-    ]);
-    for w in [
-        "write -P 0xab 1M 3M",
-        "write -P 0x5c 9M 512K",
-        "write -P 0x11 23M 64K",
-    ] {
-        qemu_io(&["-f", "vhdx", "-c", w, s(&base)]);
-    }
-    let raw = dir.join("base.raw");
-    qemu_img(&["convert", "-f", "vhdx", "-O", "raw", s(&base), s(&raw)]);
-    let mut expect = std::fs::read(&raw).unwrap();
+    let mut expect = ferry_testkit::qemu_vhdx(
+        &base,
+        SIZE,
+        &[
+            "write -P 0xab 1M 3M",
+            "write -P 0x5c 9M 512K",
+            "write -P 0x11 23M 64K",
+        ],
+    );
     let opts = WriterOptions {
         block_size: None,
         parent: Some(base),
