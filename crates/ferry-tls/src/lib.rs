@@ -563,6 +563,26 @@ mod tests {
     }
 
     #[test]
+    fn pinned_clients_need_a_pin_and_identities_hide_their_key() {
+        let server = SelfSigned::generate(&["agent"]).unwrap();
+        let client = SelfSigned::generate(&["appliance"]).unwrap().identity();
+        let pin = parse_fingerprint(&client.fingerprint().unwrap()).unwrap();
+        server_config_pinned_clients(&server.cert_pem, &server.key_pem, &[pin]).unwrap();
+        assert!(matches!(
+            server_config_pinned_clients(&server.cert_pem, &server.key_pem, &[]),
+            Err(TlsError::Config(_))
+        ));
+        client_config_with_identity(&Trust::Insecure, Some(&client)).unwrap();
+        let debug = format!("{client:?}");
+        assert!(!debug.contains("PRIVATE") && debug.contains(&client.fingerprint().unwrap()));
+        let broken = ClientIdentity {
+            cert_pem: client.cert_pem.clone(),
+            key_pem: "junk".into(),
+        };
+        assert!(client_config_with_identity(&Trust::Insecure, Some(&broken)).is_err());
+    }
+
+    #[test]
     fn pin_mismatch_names_both_fingerprints() {
         let m = PinMismatch {
             presented: [1; 32],
