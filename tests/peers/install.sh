@@ -70,7 +70,7 @@ if ((${#missing[@]})); then
     || die "apt-get install ${missing[*]} failed"
 fi
 for b in qemu-img qemu-nbd qemu-io nbdkit nbdinfo nbdcopy curl qemu-system-x86_64 syslinux mcopy busybox cpio \
-         mkntfs ntfscp ntfsfix mke2fs e2fsck debugfs sfdisk mkswap go chromium systemd-analyze xmllint; do
+         mkntfs ntfscp ntfsfix ntfsfallocate ntfscat ntfsls mke2fs e2fsck debugfs sfdisk mkswap go chromium systemd-analyze xmllint; do
   command -v "$b" >/dev/null || die "$b missing after installing ${apt_pkgs[*]}"
 done
 

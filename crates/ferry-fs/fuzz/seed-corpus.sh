@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export PATH=$PATH:/usr/sbin:/sbin
-mkdir -p corpus/partitions corpus/ext4map
+mkdir -p corpus/partitions corpus/ext4map corpus/ntfs_layout
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 truncate -s 1M "$tmp/gpt.img"
@@ -18,4 +18,7 @@ printf '/swapfile none swap sw 0 0\n' > "$tmp/root/etc/fstab"
 head -c 65536 /dev/urandom > "$tmp/root/swapfile" && mkswap -q "$tmp/root/swapfile" >/dev/null
 mke2fs -q -F -t ext4 -N 32 -d "$tmp/root" "$tmp/ext4.img" 512K >/dev/null
 cp "$tmp/ext4.img" corpus/ext4map/ext4.img
+truncate -s 2M "$tmp/ntfs.img" && mkntfs -F -Q -q "$tmp/ntfs.img" >/dev/null 2>&1
+head -c 200000 /dev/urandom > "$tmp/base.vhdx" && ntfscp -q "$tmp/ntfs.img" "$tmp/base.vhdx" /base.vhdx
+cp "$tmp/ntfs.img" corpus/ntfs_layout/ntfs.img
 echo "corpus seeded under $(pwd)/corpus" >&2

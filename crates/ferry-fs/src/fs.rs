@@ -431,6 +431,173 @@ impl Volume {
     }
 }
 
+/// Where the unnamed data stream of an NTFS file lies on its volume (the off-host SAN path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NtfsLayout {
+    /// Length of the stream in bytes.
+    pub len: u64,
+    /// Runs in file order: volume-relative byte offset (`None`: sparse, reads as zeros) and
+    /// length in bytes. Together they cover at least `len` bytes.
+    pub runs: Vec<(Option<u64>, u64)>,
+    /// The bytes of a resident stream (small files kept inside the MFT record); `runs` is empty.
+    pub resident: Option<Vec<u8>>,
+}
+
+impl Volume {
+    /// The layout of the unnamed data stream of NTFS file `path`, following an attribute list
+    /// when the file is fragmented beyond one MFT record. Compressed and encrypted streams are
+    /// refused: their clusters do not hold the file's bytes.
+    pub fn ntfs_file_layout(&self, path: &str) -> Result<NtfsLayout> {
+        use ntfs::attribute_value::NtfsAttributeValue as V;
+        use ntfs::{NtfsAttributeFlags, NtfsAttributeType};
+        let Inner::Ntfs { ntfs, io } = &self.inner else {
+            return Err(FsError::Usage(format!("{} is not NTFS", self.label)));
+        };
+        let what = self.what(path);
+        let e = |err| ntfs_err(&what, err);
+        let mut io = io.lock().expect("io lock");
+        let f = ntfs_lookup(ntfs, &mut io, path, &what)?;
+        if f.is_directory() {
+            return Err(FsError::Usage(format!("{what} is a directory")));
+        }
+        let vol_len = self.slice.len();
+        let check_flags = |flags: NtfsAttributeFlags| {
+            if flags.intersects(NtfsAttributeFlags::COMPRESSED | NtfsAttributeFlags::ENCRYPTED) {
+                return Err(FsError::Unsupported {
+                    what: what.clone(),
+                    message: "is NTFS-compressed or encrypted; only plain (and sparse) files are read off-host".into(),
+                });
+            }
+            Ok(())
+        };
+        let mut runs: Vec<(Option<u64>, u64)> = Vec::new();
+        let push_runs = |v: &ntfs::attribute_value::NtfsNonResidentAttributeValue<'_, '_>,
+                         runs: &mut Vec<(Option<u64>, u64)>|
+         -> Result<()> {
+            for r in v.data_runs() {
+                let r = r.map_err(|x| ntfs_err(&what, x))?;
+                let len = r.allocated_size();
+                let pos = r.data_position().value().map(|p| p.get());
+                if let Some(p) = pos {
+                    if p.checked_add(len).is_none_or(|end| end > vol_len) {
+                        return Err(FsError::corrupt(
+                            &what,
+                            format!("data run {p}+{len} lies beyond the volume ({vol_len} bytes)"),
+                        ));
+                    }
+                }
+                runs.push((pos, len));
+            }
+            Ok(())
+        };
+        // A fragmented file keeps its runs in several MFT records, listed in $ATTRIBUTE_LIST.
+        let mut list_attr = None;
+        for a in f.attributes_raw() {
+            let a = a.map_err(e)?;
+            if a.ty().ok() == Some(NtfsAttributeType::AttributeList) {
+                list_attr = Some(a);
+                break;
+            }
+        }
+        let len;
+        if let Some(list_attr) = list_attr {
+            let list = list_attr
+                .structured_value::<_, ntfs::structured_values::NtfsAttributeList>(&mut *io)
+                .map_err(e)?;
+            let mut entries = list.entries();
+            let mut pieces = Vec::new();
+            while let Some(entry) = entries.next(&mut *io) {
+                let entry = entry.map_err(e)?;
+                if entry.ty().ok() == Some(NtfsAttributeType::Data) && entry.name_length() == 0 {
+                    pieces.push(entry);
+                }
+            }
+            pieces.sort_by_key(|p| p.lowest_vcn().value());
+            let Some(first) = pieces.first() else {
+                return Err(FsError::NotFound(format!("{what} has no data stream")));
+            };
+            if first.lowest_vcn().value() != 0 {
+                return Err(FsError::corrupt(
+                    &what,
+                    "the data stream does not start at cluster 0",
+                ));
+            }
+            let cluster = u64::from(ntfs.cluster_size());
+            let mut total_len = None;
+            for p in &pieces {
+                let have: u64 = runs.iter().map(|r| r.1).sum();
+                let vcn = u64::try_from(p.lowest_vcn().value()).unwrap_or(u64::MAX);
+                if vcn.checked_mul(cluster) != Some(have) {
+                    return Err(FsError::corrupt(
+                        &what,
+                        format!(
+                            "attribute list piece at cluster {vcn} does not follow the previous ones ({have} bytes)"
+                        ),
+                    ));
+                }
+                let rec = p.to_file(ntfs, &mut *io).map_err(e)?;
+                if rec.file_record_number() != p.base_file_reference().file_record_number() {
+                    return Err(FsError::corrupt(
+                        &what,
+                        "attribute list names the wrong record",
+                    ));
+                }
+                let attr = p.to_attribute(&rec).map_err(e)?;
+                check_flags(attr.flags())?;
+                if total_len.is_none() {
+                    total_len = Some(attr.value_length());
+                }
+                match attr.value(&mut *io).map_err(e)? {
+                    V::NonResident(v) => push_runs(&v, &mut runs)?,
+                    _ => {
+                        return Err(FsError::corrupt(
+                            &what,
+                            "a listed data stream piece is not non-resident",
+                        ));
+                    }
+                }
+            }
+            len = total_len.unwrap_or(0);
+        } else {
+            let item = f
+                .data(&mut *io, "")
+                .ok_or_else(|| FsError::NotFound(format!("{what} has no data stream")))?
+                .map_err(e)?;
+            let attr = item.to_attribute().map_err(e)?;
+            check_flags(attr.flags())?;
+            len = attr.value_length();
+            match attr.value(&mut *io).map_err(e)? {
+                V::Resident(v) => {
+                    return Ok(NtfsLayout {
+                        len: v.len(),
+                        runs: Vec::new(),
+                        resident: Some(v.data().to_vec()),
+                    });
+                }
+                V::NonResident(v) => push_runs(&v, &mut runs)?,
+                V::AttributeListNonResident(_) => {
+                    return Err(FsError::corrupt(
+                        &what,
+                        "an attribute list without $ATTRIBUTE_LIST",
+                    ));
+                }
+            }
+        }
+        let covered: u64 = runs.iter().map(|r| r.1).sum();
+        if covered < len {
+            return Err(FsError::corrupt(
+                &what,
+                format!("data runs cover {covered} bytes of a {len}-byte stream"),
+            ));
+        }
+        Ok(NtfsLayout {
+            len,
+            runs,
+            resident: None,
+        })
+    }
+}
+
 fn path_is_root(path: &str) -> bool {
     components(path).is_empty()
 }

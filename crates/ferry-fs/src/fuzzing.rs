@@ -34,6 +34,18 @@ pub fn ext4map(data: &[u8]) {
     }
 }
 
+/// The SAN reader's run-list decoder on an NTFS volume image: the file lookup, `$DATA`, an
+/// `$ATTRIBUTE_LIST` and its data runs.
+pub fn ntfs_layout(data: &[u8]) {
+    let disk: Arc<dyn ReadAt> = Arc::new(MemDisk(data.to_vec()));
+    let vol = Slice::new(disk, 0, data.len() as u64, "fuzz");
+    if let Ok(v) = crate::Volume::open(vol) {
+        for p in ["/base.vhdx", "/child.avhdx", "/$MFT", "/"] {
+            let _ = v.ntfs_file_layout(p);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -51,6 +63,11 @@ mod tests {
             super::partitions(&v);
             super::partitions(&with_magic(v.clone(), 510, &[0x55, 0xAA]));
             super::partitions(&with_magic(with_magic(v, 510, &[0x55, 0xAA]), 512, b"EFI PART"));
+        }
+
+        #[test]
+        fn ntfs_layout_never_panics(v in proptest::collection::vec(any::<u8>(), 0..8192)) {
+            super::ntfs_layout(&with_magic(v, 3, b"NTFS    "));
         }
 
         #[test]

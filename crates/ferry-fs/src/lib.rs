@@ -9,6 +9,8 @@
 //!   read them as zeros.
 //! * [`reader`]: synchronous, cached reads over an async `BlockSource`.
 //! * [`ext4map`]: where a file's blocks lie on ext4 (for swap files).
+//! * [`san`]: off-host reads of files (VHDX/AVHDX) straight from an NTFS volume on a LUN, and
+//!   the parent resolver that keeps an image chain inside that volume.
 
 pub mod error;
 pub mod ext4map;
@@ -16,12 +18,14 @@ pub mod fs;
 pub mod fuzzing;
 pub mod partition;
 pub mod reader;
+pub mod san;
 pub mod swap;
 
 pub use error::{FsError, Result};
-pub use fs::{Entry, EntryKind, FsKind, Volume};
+pub use fs::{Entry, EntryKind, FsKind, NtfsLayout, Volume};
 pub use partition::{Partition, PartitionTable, Scheme, read_table};
 pub use reader::{BlockReader, MemDisk, ReadAt, Slice};
+pub use san::{NtfsFileSource, SanResolver, SanVolume};
 pub use swap::{Exclusion, ExclusionKind, find_exclusions};
 
 use std::sync::Arc;

@@ -261,7 +261,9 @@ async fn negotiate(
                 proto::rep_err_name(r.reply_type)
             )));
         }
-        let config = crate::tls::client_config(&opts.verify).map_err(|m| ctx.tls(m))?;
+        let config =
+            crate::tls::client_config_with_identity(&opts.verify, opts.client_identity.as_ref())
+                .map_err(|m| ctx.tls(m))?;
         let name = opts
             .server_name
             .clone()
@@ -470,7 +472,9 @@ pub async fn list_exports(cfg: &NbdConfig) -> Result<Vec<(String, String)>, NbdE
         if r.reply_type != rep::ACK {
             return Err(ctx.tls("the server refused STARTTLS"));
         }
-        let config = crate::tls::client_config(&opts.verify).map_err(|m| ctx.tls(m))?;
+        let config =
+            crate::tls::client_config_with_identity(&opts.verify, opts.client_identity.as_ref())
+                .map_err(|m| ctx.tls(m))?;
         let name = opts
             .server_name
             .clone()

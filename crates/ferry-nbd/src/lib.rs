@@ -39,7 +39,9 @@ pub mod uri;
 pub use client::{ExportInfo, NbdClient, list_exports};
 pub use error::NbdError;
 pub use overlay::CowOverlay;
-pub use server::{NbdExport, NbdListener, NbdServer, NbdStream, ServerTls};
+pub use server::{
+    ExportProvider, ExportRefused, NbdExport, NbdListener, NbdServer, NbdStream, ServerTls,
+};
 pub use uri::{Address, NbdConfig, TlsOptions, TlsVerify};
 
 /// The standard allocation metadata context.

@@ -135,10 +135,30 @@ pub struct ServerTls {
     pub required: bool,
 }
 
-/// An NBD server for a fixed set of exports.
+/// Why an export asked for by name is not served; the text goes to the client in the
+/// option's error reply, so it must name the cause without secrets.
+#[derive(Debug, Clone)]
+pub struct ExportRefused {
+    /// `true`: refused by policy (`NBD_REP_ERR_POLICY`); `false`: does not exist or cannot be
+    /// opened (`NBD_REP_ERR_UNKNOWN`).
+    pub policy: bool,
+    /// What the client is told.
+    pub message: String,
+}
+
+/// Opens exports by name when a client asks for them (a host agent exporting image files by
+/// their path), instead of a fixed list.
+#[async_trait::async_trait]
+pub trait ExportProvider: Send + Sync {
+    /// The export called `name`.
+    async fn open(&self, name: &str) -> Result<NbdExport, ExportRefused>;
+}
+
+/// An NBD server for a fixed set of exports, or for exports opened by name.
 #[derive(Clone)]
 pub struct NbdServer {
     exports: Arc<Vec<NbdExport>>,
+    provider: Option<Arc<dyn ExportProvider>>,
     tls: Option<ServerTls>,
 }
 
@@ -147,6 +167,17 @@ impl NbdServer {
     pub fn new(exports: Vec<NbdExport>) -> Self {
         Self {
             exports: Arc::new(exports),
+            provider: None,
+            tls: None,
+        }
+    }
+
+    /// A server whose exports `provider` opens by name at `NBD_OPT_GO`/`EXPORT_NAME` (no
+    /// default export; `NBD_OPT_LIST` lists nothing).
+    pub fn with_provider(provider: Arc<dyn ExportProvider>) -> Self {
+        Self {
+            exports: Arc::new(Vec::new()),
+            provider: Some(provider),
             tls: None,
         }
     }
@@ -201,6 +232,25 @@ impl NbdServer {
             return self.exports.first();
         }
         self.exports.iter().find(|e| e.name == name)
+    }
+
+    /// The export `name`, from the fixed list or the provider.
+    async fn lookup(&self, name: &str) -> Result<NbdExport, ExportRefused> {
+        if let Some(p) = &self.provider {
+            return p.open(name).await;
+        }
+        self.find(name).cloned().ok_or_else(|| ExportRefused {
+            policy: false,
+            message: format!("no export named {name:?}"),
+        })
+    }
+
+    /// Whether a meta context set for `meta_name` applies to `export`.
+    fn same_export(&self, meta_name: &str, export: &NbdExport) -> bool {
+        if self.provider.is_some() {
+            return meta_name == export.name;
+        }
+        self.find(meta_name).is_some_and(|x| x.name == export.name)
     }
 
     async fn handle(&self, stream: Box<dyn NbdStream>, peer: &str) -> std::io::Result<()> {
@@ -269,9 +319,12 @@ impl NbdServer {
             match option {
                 opt::EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
-                    let Some(export) = self.find(&name) else {
-                        tracing::info!(%peer, export = %name, "NBD client asked for an unknown export");
-                        return Ok(None);
+                    let export = match self.lookup(&name).await {
+                        Ok(e) => e,
+                        Err(r) => {
+                            tracing::info!(%peer, export = %name, reason = %r.message, "NBD export refused");
+                            return Ok(None);
+                        }
                     };
                     out.extend_from_slice(&export.source.size().to_be_bytes());
                     out.extend_from_slice(&export.flags().to_be_bytes());
@@ -281,13 +334,10 @@ impl NbdServer {
                     s.write_all(&out).await?;
                     s.flush().await?;
                     let base_allocation = structured
-                        && meta.as_ref().is_some_and(|(e, sel)| {
-                            *sel && self.find(e).is_some_and(|x| x.name == export.name)
-                        });
-                    return Ok(Some((
-                        s,
-                        Session::new(export.clone(), structured, base_allocation),
-                    )));
+                        && meta
+                            .as_ref()
+                            .is_some_and(|(e, sel)| *sel && self.same_export(e, &export));
+                    return Ok(Some((s, Session::new(export, structured, base_allocation))));
                 }
                 opt::ABORT => {
                     codec::encode_option_reply(&mut out, option, rep::ACK, &[]);
@@ -373,7 +423,9 @@ impl NbdServer {
                                 b"structured replies first",
                             );
                         }
-                        Ok((export, _)) if self.find(&export).is_none() => {
+                        Ok((export, _))
+                            if self.provider.is_none() && self.find(&export).is_none() =>
+                        {
                             codec::encode_option_reply(
                                 &mut out,
                                 option,
@@ -406,17 +458,18 @@ impl NbdServer {
                         rep::ERR_INVALID,
                         e.0.as_bytes(),
                     ),
-                    Ok(go) => match self.find(&go.export) {
-                        None => {
-                            let msg = format!("no export named {:?}", go.export);
-                            codec::encode_option_reply(
-                                &mut out,
-                                option,
-                                rep::ERR_UNKNOWN,
-                                msg.as_bytes(),
-                            );
+                    Ok(go) => match self.lookup(&go.export).await {
+                        Err(r) => {
+                            tracing::info!(%peer, export = %go.export, reason = %r.message, "NBD export refused");
+                            let code = if r.policy {
+                                rep::ERR_POLICY
+                            } else {
+                                rep::ERR_UNKNOWN
+                            };
+                            let msg = &r.message.as_bytes()[..r.message.len().min(4096)];
+                            codec::encode_option_reply(&mut out, option, code, msg);
                         }
-                        Some(export) => {
+                        Ok(export) => {
                             let mut d = proto::info::EXPORT.to_be_bytes().to_vec();
                             d.extend_from_slice(&export.source.size().to_be_bytes());
                             d.extend_from_slice(&export.flags().to_be_bytes());
@@ -442,11 +495,11 @@ impl NbdServer {
                                 s.flush().await?;
                                 let base_allocation = structured
                                     && meta.as_ref().is_some_and(|(e, sel)| {
-                                        *sel && self.find(e).is_some_and(|x| x.name == export.name)
+                                        *sel && self.same_export(e, &export)
                                     });
                                 return Ok(Some((
                                     s,
-                                    Session::new(export.clone(), structured, base_allocation),
+                                    Session::new(export, structured, base_allocation),
                                 )));
                             }
                         }

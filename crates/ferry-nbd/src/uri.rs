@@ -67,6 +67,8 @@ pub struct TlsOptions {
     pub verify: TlsVerify,
     /// Name to check in the certificate; defaults to the URI host (`localhost` for Unix sockets).
     pub server_name: Option<String>,
+    /// Certificate presented when the server asks for one (mutual TLS, e.g. a host agent).
+    pub client_identity: Option<ferry_tls::ClientIdentity>,
 }
 
 /// Everything the client needs to reach one export.
@@ -194,6 +196,7 @@ impl NbdConfig {
         self.tls = Some(TlsOptions {
             verify: TlsVerify::CaPem(pem.into()),
             server_name: None,
+            client_identity: None,
         });
         self
     }
@@ -210,8 +213,18 @@ impl NbdConfig {
         self.tls = Some(TlsOptions {
             verify: TlsVerify::Fingerprint(digest),
             server_name: None,
+            client_identity: None,
         });
         Ok(self)
+    }
+
+    /// Presents `identity` to servers that require a client certificate. Call after choosing
+    /// the trust anchor (`with_tls_ca_pem`, `with_tls_fingerprint`).
+    pub fn with_client_identity(mut self, identity: ferry_tls::ClientIdentity) -> Self {
+        if let Some(t) = self.tls.as_mut() {
+            t.client_identity = Some(identity);
+        }
+        self
     }
 
     /// Adds a metadata context to select (e.g. `qemu:dirty-bitmap:b0`).

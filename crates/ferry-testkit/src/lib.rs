@@ -117,6 +117,38 @@ pub fn qemu_io(args: &[&str]) -> String {
     out
 }
 
+/// Makes a dynamic VHDX of `size` bytes at `path` with qemu-img (1 MiB blocks), applies the
+/// qemu-io `writes` (`write -P 0xab 1M 3M`) and returns its content as qemu-img reads it.
+pub fn qemu_vhdx(path: &Path, size: u64, writes: &[&str]) -> Vec<u8> {
+    let p = path.to_string_lossy();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=1M",
+        &p,
+        &size.to_string(),
+    ]);
+    for w in writes {
+        qemu_io(&["-f", "vhdx", "-c", w, &p]);
+    }
+    let raw = path.with_extension("qemu.raw");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "vhdx",
+        "-O",
+        "raw",
+        &p,
+        &raw.to_string_lossy(),
+    ]);
+    let bytes = std::fs::read(&raw).expect("read qemu-img's raw conversion");
+    let _ = std::fs::remove_file(&raw);
+    bytes
+}
+
 /// A fresh temporary directory, removed on drop.
 pub fn scratch_dir() -> tempfile::TempDir {
     tempfile::Builder::new()

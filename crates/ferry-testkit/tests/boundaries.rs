@@ -24,7 +24,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("ferry-http", &["ferry-tls"]),
     ("ferry-nbd", &["ferry-core", "ferry-tls"]),
     ("ferry-image", &["ferry-core"]),
-    ("ferry-fs", &["ferry-core"]),
+    // The off-host SAN reader hands NTFS files to ferry-image and resolves their parents.
+    ("ferry-fs", &["ferry-core", "ferry-image"]),
+    // The Hyper-V host agent: a data-path crate (NBD server over image chains, and its client).
+    (
+        "ferry-agent",
+        &["ferry-core", "ferry-nbd", "ferry-image", "ferry-tls"],
+    ),
     (
         "ferry-engine",
         &[

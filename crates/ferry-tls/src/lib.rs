@@ -15,6 +15,7 @@ use rustls::DigitallySignedStruct;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::sync::Arc;
@@ -96,10 +97,54 @@ fn provider() -> Arc<CryptoProvider> {
 /// Builds the rustls client configuration for `trust`. No ALPN protocols are offered; callers
 /// that speak a protocol over TLS add their own.
 pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    client_config_with_identity(trust, None)
+}
+
+/// A certificate and key a client presents for mutual TLS (the appliance to a host agent).
+#[derive(Clone)]
+pub struct ClientIdentity {
+    /// Certificate chain, PEM (the first certificate is the client's own).
+    pub cert_pem: String,
+    /// Private key, PEM (a secret: never printed).
+    pub key_pem: String,
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fp = parse_certs(&self.cert_pem)
+            .ok()
+            .and_then(|c| c.first().map(|c| fingerprint_of(c.as_ref())));
+        f.debug_struct("ClientIdentity")
+            .field("certificate", &fp)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientIdentity {
+    /// `sha256:AB:CD:…` of the client's own certificate (what a server pins).
+    pub fn fingerprint(&self) -> Result<String, TlsError> {
+        certificate_fingerprint(&self.cert_pem)
+    }
+}
+
+/// `sha256:AB:CD:…` of the first certificate of a PEM chain.
+pub fn certificate_fingerprint(cert_chain_pem: &str) -> Result<String, TlsError> {
+    let certs = parse_certs(cert_chain_pem)?;
+    let first = certs
+        .first()
+        .ok_or_else(|| TlsError::Pem("the certificate PEM holds no certificate".into()))?;
+    Ok(fingerprint_of(first.as_ref()))
+}
+
+/// [`client_config`] that also presents `identity` when the server asks for a certificate.
+pub fn client_config_with_identity(
+    trust: &Trust,
+    identity: Option<&ClientIdentity>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    let config = match trust {
+    let wants_cert = match trust {
         Trust::CaPem(pem) => {
             let certs = parse_certs(pem)?;
             if certs.is_empty() {
@@ -111,7 +156,7 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TlsErro
                     .add(c)
                     .map_err(|e| TlsError::Pem(format!("unusable CA certificate: {e}")))?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         Trust::System => {
             let found = rustls_native_certs::load_native_certs();
@@ -125,7 +170,7 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TlsErro
                     .unwrap_or_else(|| "no certificate found".into());
                 return Err(TlsError::SystemRoots(why));
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         Trust::Fingerprint(_) | Trust::Insecure => builder
             .dangerous()
@@ -135,10 +180,140 @@ pub fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>, TlsErro
                     _ => None,
                 },
                 provider: provider(),
-            }))
-            .with_no_client_auth(),
+            })),
+    };
+    let config = match identity {
+        None => wants_cert.with_no_client_auth(),
+        Some(id) => {
+            let (certs, key) = parse_pair(&id.cert_pem, &id.key_pem, "client")?;
+            wants_cert.with_client_auth_cert(certs, key).map_err(|e| {
+                TlsError::Config(format!(
+                    "client certificate and key do not form a usable pair: {e}"
+                ))
+            })?
+        }
     };
     Ok(Arc::new(config))
+}
+
+fn parse_pair(
+    cert_chain_pem: &str,
+    key_pem: &str,
+    whose: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let certs = parse_certs(cert_chain_pem)?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem(format!(
+            "the {whose} certificate PEM holds no certificate"
+        )));
+    }
+    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| TlsError::Pem(format!("cannot parse the {whose} private key PEM: {e}")))?
+        .ok_or_else(|| TlsError::Pem(format!("the {whose} key PEM holds no private key")))?;
+    Ok((certs, key))
+}
+
+/// A server configuration that requires every client to present one of the certificates whose
+/// SHA-256 fingerprints are in `client_pins` (mutual TLS with pinned clients: a host agent
+/// serves only the appliance it was paired with). Handshake signatures are verified, so the
+/// client must hold the pinned certificate's key.
+pub fn server_config_pinned_clients(
+    cert_chain_pem: &str,
+    key_pem: &str,
+    client_pins: &[[u8; 32]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    if client_pins.is_empty() {
+        return Err(TlsError::Config(
+            "mutual TLS needs at least one pinned client certificate".into(),
+        ));
+    }
+    let (certs, key) = parse_pair(cert_chain_pem, key_pem, "server")?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(PinnedClients {
+            pins: client_pins.to_vec(),
+            provider: provider(),
+        }))
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "certificate and key do not form a usable pair: {e}"
+            ))
+        })?;
+    Ok(Arc::new(config))
+}
+
+/// A client presented a certificate that is not pinned.
+#[derive(Clone, thiserror::Error)]
+#[error(
+    "the client presented certificate {}, which is not one of the {pinned} pinned client certificate(s)",
+    format_fingerprint(.presented)
+)]
+pub struct ClientNotPinned {
+    /// What the client presented.
+    pub presented: [u8; 32],
+    /// How many pins the server holds.
+    pub pinned: usize,
+}
+
+impl fmt::Debug for ClientNotPinned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[derive(Debug)]
+struct PinnedClients {
+    pins: Vec<[u8; 32]>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for PinnedClients {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let presented: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
+        if self.pins.contains(&presented) {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(ClientNotPinned {
+                    presented,
+                    pinned: self.pins.len(),
+                }))),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        handshake_signature(&self.provider, message, cert, dss, false)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        handshake_signature(&self.provider, message, cert, dss, true)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        schemes(&self.provider)
+    }
 }
 
 /// Builds a rustls server configuration from a PEM certificate chain and a PEM private key.
@@ -146,15 +321,7 @@ pub fn server_config(
     cert_chain_pem: &str,
     key_pem: &str,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs = parse_certs(cert_chain_pem)?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem(
-            "the certificate PEM holds no certificate".into(),
-        ));
-    }
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .map_err(|e| TlsError::Pem(format!("cannot parse the private key PEM: {e}")))?
-        .ok_or_else(|| TlsError::Pem("the key PEM holds no private key".into()))?;
+    let (certs, key) = parse_pair(cert_chain_pem, key_pem, "server")?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
@@ -215,6 +382,14 @@ impl SelfSigned {
     /// The rustls server configuration for this pair.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         server_config(&self.cert_pem, &self.key_pem)
+    }
+
+    /// This pair as a client identity for mutual TLS.
+    pub fn identity(&self) -> ClientIdentity {
+        ClientIdentity {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+        }
     }
 }
 
@@ -289,12 +464,7 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        handshake_signature(&self.provider, message, cert, dss, false)
     }
 
     fn verify_tls13_signature(
@@ -303,19 +473,35 @@ impl ServerCertVerifier for PinnedCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        handshake_signature(&self.provider, message, cert, dss, true)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        schemes(&self.provider)
     }
+}
+
+/// Checks a TLS 1.2 or 1.3 handshake signature with the provider's algorithms (both pinned
+/// verifiers: the pin names the certificate, the signature proves its key is held).
+fn handshake_signature(
+    provider: &CryptoProvider,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+    tls13: bool,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    let algs = &provider.signature_verification_algorithms;
+    if tls13 {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+    } else {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+    }
+}
+
+fn schemes(provider: &CryptoProvider) -> Vec<rustls::SignatureScheme> {
+    provider
+        .signature_verification_algorithms
+        .supported_schemes()
 }
 
 /// Finds a [`PinMismatch`] anywhere in an error's source chain (through `io::Error` and the
@@ -374,6 +560,26 @@ mod tests {
         ));
         assert!(server_config(&s.cert_pem, "junk").is_err());
         assert!(!format!("{s:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn pinned_clients_need_a_pin_and_identities_hide_their_key() {
+        let server = SelfSigned::generate(&["agent"]).unwrap();
+        let client = SelfSigned::generate(&["appliance"]).unwrap().identity();
+        let pin = parse_fingerprint(&client.fingerprint().unwrap()).unwrap();
+        server_config_pinned_clients(&server.cert_pem, &server.key_pem, &[pin]).unwrap();
+        assert!(matches!(
+            server_config_pinned_clients(&server.cert_pem, &server.key_pem, &[]),
+            Err(TlsError::Config(_))
+        ));
+        client_config_with_identity(&Trust::Insecure, Some(&client)).unwrap();
+        let debug = format!("{client:?}");
+        assert!(!debug.contains("PRIVATE") && debug.contains(&client.fingerprint().unwrap()));
+        let broken = ClientIdentity {
+            cert_pem: client.cert_pem.clone(),
+            key_pem: "junk".into(),
+        };
+        assert!(client_config_with_identity(&Trust::Insecure, Some(&broken)).is_err());
     }
 
     #[test]
