@@ -22,11 +22,11 @@
 //! Checkpoints freeze the disks into `.avhdx` files, RCT ([`rct`]) answers
 //! `GetVirtualDiskChanges`, and a side door ([`sidedoor`]) acts as the guest and injects faults.
 
+mod auth;
 mod config;
 mod disks;
 mod rct;
 mod sidedoor;
-mod auth;
 
 use axum::body::Bytes;
 use axum::extract::{Extension, State as AxState};
