@@ -23,7 +23,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 const MAX_REPLY: usize = 64 << 20;
 const SOAP: &str = "application/soap+xml;charset=UTF-8";
 /// Logins per exchange before a lost session is reported.
-const MAX_ATTEMPTS: u32 = 3;
+const MAX_ATTEMPTS: u32 = 5;
 
 /// Lets the HTTP client put the connection just read back in its pool, so the next request
 /// takes that connection (and its NTLM session) rather than opening another.
@@ -31,6 +31,8 @@ async fn settle() {
     for _ in 0..4 {
         tokio::task::yield_now().await;
     }
+    // On a loaded host the connection task may not have run yet after the yields.
+    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
 }
 
 /// How a [`crate::WsmanClient`] logs in (`auth` of a Hyper-V source).
@@ -135,7 +137,18 @@ impl Auth {
                 loop {
                     attempt += 1;
                     if guard.is_none() {
-                        *guard = Some(self.handshake(http, url, creds, call).await?);
+                        match self.handshake(http, url, creds, call).await {
+                            Ok(session) => *guard = Some(session),
+                            // The AUTHENTICATE leg can land on another pooled connection than
+                            // the NEGOTIATE leg (reqwest opened one while the first was not yet
+                            // idle): that connection has no handshake, so start over. A wrong
+                            // password fails every attempt.
+                            Err(HypervError::Login { .. }) if attempt < MAX_ATTEMPTS => {
+                                tracing::debug!(call, attempt, "NTLM login refused; starting over");
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                     let session = guard.as_mut().ok_or_else(login)?;
                     let rb = http.inner().post(url.clone());

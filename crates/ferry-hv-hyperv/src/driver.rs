@@ -206,7 +206,15 @@ impl HypervDriver {
                 password,
             },
         )
-        .map_err(|e| hv(name, e))?;
+        .map_err(|e| hv(name, e))?
+        .with_auth(
+            match cfg.auth.unwrap_or_default() {
+                ferry_hv::config::WinrmAuth::Ntlm => crate::AuthMethod::Ntlm,
+                ferry_hv::config::WinrmAuth::Basic => crate::AuthMethod::Basic,
+                ferry_hv::config::WinrmAuth::Kerberos => crate::AuthMethod::Kerberos,
+            },
+            cfg.domain.clone(),
+        );
         let san: Arc<dyn Transport> = Arc::new(SanTransport {
             paths: cfg
                 .san_paths
