@@ -237,7 +237,6 @@ impl Auth {
         creds: &Credentials,
         call: &str,
     ) -> Result<NtlmSession, HypervError> {
-        let b64 = base64::engine::general_purpose::STANDARD;
         let proto = |m: String| HypervError::protocol(http.source(), call, m);
         let login = || HypervError::Login {
             source_name: http.source().to_string(),
@@ -251,32 +250,7 @@ impl Auth {
             &self.host,
         )
         .map_err(|e| proto(e.to_string()))?;
-        let rb = http
-            .inner()
-            .post(url.clone())
-            .header(
-                AUTHORIZATION,
-                format!("Negotiate {}", b64.encode(negotiate)),
-            )
-            .header(CONTENT_TYPE, SOAP)
-            .body(Vec::new());
-        let resp = http.send(call, rb).await?;
-        let status = resp.status().as_u16();
-        let challenge = resp
-            .headers()
-            .get_all(WWW_AUTHENTICATE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .find_map(|v| {
-                let (scheme, token) = v.trim().split_once(' ')?;
-                (scheme.eq_ignore_ascii_case("Negotiate") || scheme.eq_ignore_ascii_case("NTLM"))
-                    .then(|| b64.decode(token.trim()).ok())
-                    .flatten()
-            });
-        // Drain the body so the connection goes back to the pool for the second leg.
-        let _ = http.body_limited(call, resp, MAX_REPLY).await?;
-        settle().await;
+        let (status, challenge) = leg(http, url, call, &negotiate).await?;
         let challenge = match (status, challenge) {
             (401, Some(c)) => c,
             (401, None) => {
@@ -289,19 +263,7 @@ impl Auth {
         let (authenticate, session) = client
             .authenticate(&challenge)
             .map_err(|e| proto(e.to_string()))?;
-        let rb = http
-            .inner()
-            .post(url.clone())
-            .header(
-                AUTHORIZATION,
-                format!("Negotiate {}", b64.encode(authenticate)),
-            )
-            .header(CONTENT_TYPE, SOAP)
-            .body(Vec::new());
-        let resp = http.send(call, rb).await?;
-        let status = resp.status().as_u16();
-        let _ = http.body_limited(call, resp, MAX_REPLY).await?;
-        settle().await;
+        let (status, _) = leg(http, url, call, &authenticate).await?;
         match status {
             200..=299 => {
                 tracing::debug!(call, user = %creds.user, "NTLM login");
@@ -311,4 +273,39 @@ impl Auth {
             s => Err(proto(format!("HTTP {s} to the NTLM AUTHENTICATE message"))),
         }
     }
+}
+
+/// One handshake leg: `token` in `Authorization: Negotiate` on an empty POST; the status and the
+/// NTLM token of a `WWW-Authenticate: Negotiate|NTLM …` answer. The body is drained so the
+/// connection goes back to the pool for the next leg.
+async fn leg(
+    http: &HttpClient,
+    url: &url::Url,
+    call: &str,
+    token: &[u8],
+) -> Result<(u16, Option<Vec<u8>>), HypervError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let rb = http
+        .inner()
+        .post(url.clone())
+        .header(AUTHORIZATION, format!("Negotiate {}", b64.encode(token)))
+        .header(CONTENT_TYPE, SOAP)
+        .body(Vec::new());
+    let resp = http.send(call, rb).await?;
+    let status = resp.status().as_u16();
+    let answer = resp
+        .headers()
+        .get_all(WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            (scheme.eq_ignore_ascii_case("Negotiate") || scheme.eq_ignore_ascii_case("NTLM"))
+                .then(|| b64.decode(token.trim()).ok())
+                .flatten()
+        });
+    let _ = http.body_limited(call, resp, MAX_REPLY).await?;
+    settle().await;
+    Ok((status, answer))
 }

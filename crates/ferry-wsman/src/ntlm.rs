@@ -45,6 +45,21 @@ fn identity(user: &str, domain: Option<&str>, password: &str) -> Result<AuthIden
     })
 }
 
+/// A fresh NTLM context and its credentials handle for `id`.
+fn acquire(
+    id: &AuthIdentity,
+    usage: CredentialUse,
+) -> Result<(Ntlm, Option<AuthIdentityBuffers>), NtlmError> {
+    let mut ntlm = Ntlm::new();
+    let acq = ntlm
+        .acquire_credentials_handle()
+        .with_credential_use(usage)
+        .with_auth_data(id)
+        .execute(&mut ntlm)
+        .map_err(ntlm_err)?;
+    Ok((ntlm, acq.credentials_handle))
+}
+
 /// The client side of one handshake.
 pub struct NtlmClient {
     ntlm: Ntlm,
@@ -69,17 +84,10 @@ impl NtlmClient {
         password: &str,
         host: &str,
     ) -> Result<(Self, Vec<u8>), NtlmError> {
-        let id = identity(user, domain, password)?;
-        let mut ntlm = Ntlm::new();
-        let acq = ntlm
-            .acquire_credentials_handle()
-            .with_credential_use(CredentialUse::Outbound)
-            .with_auth_data(&id)
-            .execute(&mut ntlm)
-            .map_err(ntlm_err)?;
+        let (ntlm, creds) = acquire(&identity(user, domain, password)?, CredentialUse::Outbound)?;
         let mut c = Self {
             ntlm,
-            creds: acq.credentials_handle,
+            creds,
             target: format!("HTTP/{host}"),
         };
         let (_, token) = c.step(None)?;
@@ -155,17 +163,10 @@ impl NtlmServer {
     /// An acceptor that lets in `user` with `password` (the user's domain is not checked: a
     /// local account, as on a workgroup host).
     pub fn new(user: &str, password: &str) -> Result<Self, NtlmError> {
-        let id = identity(user, None, password)?;
-        let mut ntlm = Ntlm::new();
-        let acq = ntlm
-            .acquire_credentials_handle()
-            .with_credential_use(CredentialUse::Inbound)
-            .with_auth_data(&id)
-            .execute(&mut ntlm)
-            .map_err(ntlm_err)?;
+        let (ntlm, creds) = acquire(&identity(user, None, password)?, CredentialUse::Inbound)?;
         Ok(Self {
             ntlm,
-            creds: acq.credentials_handle,
+            creds,
             user: user.to_string(),
         })
     }
