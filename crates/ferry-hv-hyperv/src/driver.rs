@@ -215,13 +215,24 @@ impl HypervDriver {
             },
             cfg.domain.clone(),
         );
-        let san: Arc<dyn Transport> = Arc::new(SanTransport {
-            paths: cfg
-                .san_paths
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        });
+        // `san-luns` (snapshot LUNs read through NTFS) take the place of `san-paths` (mounted).
+        let san: Arc<dyn Transport> = if cfg.san_luns.is_empty() {
+            Arc::new(SanTransport {
+                paths: cfg
+                    .san_paths
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+        } else {
+            Arc::new(crate::transport::NtfsLunTransport {
+                luns: cfg
+                    .san_luns
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 name: name.into(),

@@ -90,6 +90,82 @@ impl Transport for SanTransport {
     }
 }
 
+/// `network`: the checkpoint's chain served by `ferry-agent` on the host that owns the VM
+/// (ADR 0125), read over NBD with pinned mutual TLS.
+#[derive(Debug, Clone)]
+pub struct AgentTransport {
+    /// `host:port` of the agent.
+    pub agent: String,
+    /// The agent's certificate fingerprint (`sha256:…`).
+    pub agent_pin: String,
+    /// The appliance's client certificate and key, pinned by the agent.
+    pub identity: ferry_tls::ClientIdentity,
+}
+
+#[async_trait]
+impl Transport for AgentTransport {
+    fn mode(&self) -> TransportMode {
+        TransportMode::Network
+    }
+
+    async fn open(&self, disk: &CheckpointDisk) -> Result<Arc<dyn BlockSource>, String> {
+        ferry_agent::client::open(
+            &self.agent,
+            &self.agent_pin,
+            &self.identity,
+            &disk.host_path,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// `san` over snapshot LUNs: the VHDX/AVHDX files read through the NTFS volume on the device the
+/// proxy sees, without mounting it (ADR 0126). `luns`: the source's `san-luns`, host path prefix
+/// of a volume (`C:\ClusterStorage\Volume1`) → device.
+#[derive(Debug, Clone)]
+pub struct NtfsLunTransport {
+    /// Host path prefix → device (or volume image).
+    pub luns: BTreeMap<String, PathBuf>,
+}
+
+#[async_trait]
+impl Transport for NtfsLunTransport {
+    fn mode(&self) -> TransportMode {
+        TransportMode::San
+    }
+
+    async fn open(&self, disk: &CheckpointDisk) -> Result<Arc<dyn BlockSource>, String> {
+        // The longest prefix covering the disk names its volume.
+        let (prefix, device) = self
+            .luns
+            .iter()
+            .filter(|(p, d)| {
+                map_host_path(
+                    &BTreeMap::from([((*p).clone(), (*d).clone())]),
+                    &disk.host_path,
+                )
+                .is_some()
+            })
+            .max_by_key(|(p, _)| p.len())
+            .ok_or_else(|| format!("no san-luns entry covers `{}`", disk.host_path))?;
+        let dev: Arc<dyn BlockSource> =
+            Arc::new(ferry_image::FileSource::open(device).map_err(|e| e.to_string())?);
+        let vol = ferry_fs::SanVolume::open(dev, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let resolver = ferry_fs::SanResolver::new(vol.clone(), prefix);
+        let path = resolver
+            .volume_path(&disk.host_path)
+            .ok_or_else(|| format!("`{}` lies outside {prefix}", disk.host_path))?;
+        let file = vol.open_file(&path).await.map_err(|e| e.to_string())?;
+        let img = ferry_image::open_source(file, &resolver)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(img.source)
+    }
+}
+
 /// Opens an image file and its differencing chain (parents next to it).
 async fn open_chain(file: &Path) -> Result<Arc<dyn BlockSource>, String> {
     let img = ferry_image::open_image(file)

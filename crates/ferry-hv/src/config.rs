@@ -146,6 +146,11 @@ pub struct SourceConfig {
     /// Where the proxy sees shared storage: storage id (SR uuid, datastore) → local path.
     #[serde(default)]
     pub san_paths: BTreeMap<String, PathBuf>,
+    /// Hyper-V off-host: host path prefix of an NTFS volume (`C:\ClusterStorage\Volume1`) → the
+    /// device of its snapshot LUN on the proxy; the `san` transport then reads the VHDX files
+    /// through NTFS without mounting (ADR 0126).
+    #[serde(default)]
+    pub san_luns: BTreeMap<String, PathBuf>,
     /// Where hot-added disks appear (`/dev`).
     #[serde(default = "default_device_dir")]
     pub hotadd_device_dir: PathBuf,

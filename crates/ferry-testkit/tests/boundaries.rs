@@ -47,6 +47,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "ferry-hv-hyperv",
         &[
+            "ferry-agent",
+            "ferry-fs",
             "ferry-core",
             "ferry-hv",
             "ferry-nbd",
