@@ -147,6 +147,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/alert-targets/{name}/test", post(test_alert_target))
         .route("/api/alerts", get(list_alerts))
         .route("/api/usage", get(usage))
+        .merge(crate::replica_api::routes())
         .route("/", get(crate::console::index))
         .route("/console/app.js", get(crate::console::script))
         .route("/console/app.css", get(crate::console::style))
@@ -193,18 +194,18 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| Problem::bad_request(format!("request body: {e}")))
 }
 
-fn json_ok(status: StatusCode, v: Value) -> Response {
+pub(crate) fn json_ok(status: StatusCode, v: Value) -> Response {
     (status, axum::Json(v)).into_response()
 }
 
-fn with_etag(mut r: Response, tag: &str) -> Response {
+pub(crate) fn with_etag(mut r: Response, tag: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(tag) {
         r.headers_mut().insert(header::ETAG, v);
     }
     r
 }
 
-fn precondition(h: &HeaderMap) -> Precondition {
+pub(crate) fn precondition(h: &HeaderMap) -> Precondition {
     Precondition {
         if_match: h
             .get(header::IF_MATCH)
@@ -396,7 +397,7 @@ fn table_to_json(kind: Kind, name: &str, t: &toml::Table, doc: &Document, app: &
 }
 
 /// API JSON to a table; `password` is taken out and returned apart.
-fn json_to_table(
+pub(crate) fn json_to_table(
     body: &Bytes,
     read_only: &[&'static str],
 ) -> ApiResult<(toml::Table, Option<Secret>, serde_json::Map<String, Value>)> {
@@ -501,7 +502,7 @@ async fn delete_one(
 
 /// The table's shape alone (types, unknown keys), before preconditions are looked at: a body
 /// that can never be valid is a 422 whatever the ETag.
-fn precheck<T: serde::de::DeserializeOwned>(
+pub(crate) fn precheck<T: serde::de::DeserializeOwned>(
     kind: Kind,
     name: &str,
     t: &toml::Table,
@@ -1023,6 +1024,7 @@ mod tests {
         documented.sort();
         let mut routes: Vec<(String, String)> = ROUTES
             .iter()
+            .chain(crate::replica_api::ROUTES)
             .map(|(m, p)| (m.to_string(), p.to_string()))
             .collect();
         routes.sort();

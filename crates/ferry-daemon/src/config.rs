@@ -518,6 +518,8 @@ pub enum Kind {
     Job,
     /// `[alert-targets.NAME]`.
     AlertTarget,
+    /// `[replicas.NAME]`.
+    Replica,
 }
 
 impl Kind {
@@ -528,6 +530,7 @@ impl Kind {
             Kind::Repository => "repositories",
             Kind::Job => "jobs",
             Kind::AlertTarget => "alert-targets",
+            Kind::Replica => "replicas",
         }
     }
     /// For messages.
@@ -537,6 +540,7 @@ impl Kind {
             Kind::Repository => "repository",
             Kind::Job => "job",
             Kind::AlertTarget => "alert target",
+            Kind::Replica => "replica",
         }
     }
 }
@@ -792,7 +796,7 @@ impl ConfigStore {
             .filter(|(_, j)| match kind {
                 Kind::Source => j.source == name,
                 Kind::Repository => j.repository == name,
-                Kind::Job | Kind::AlertTarget => false,
+                Kind::Job | Kind::AlertTarget | Kind::Replica => false,
             })
             .map(|(n, _)| n)
             .collect();
@@ -805,6 +809,14 @@ impl ConfigStore {
                     .map(|s| format!("`{s}`"))
                     .collect::<Vec<_>>()
                     .join(", ")
+            )));
+        }
+        let replicas = crate::replicas::users_of(&doc, kind, name);
+        if !replicas.is_empty() {
+            return Err(Problem::conflict(format!(
+                "{} `{name}` is used by replica(s) {}; change or delete them first",
+                kind.noun(),
+                replicas.join(", ")
             )));
         }
         let mut raw = doc.raw.clone();

@@ -17,6 +17,7 @@ pub mod fsutil;
 pub mod jobs;
 pub mod metrics;
 pub mod problem;
+pub mod replica_api;
 pub mod replicas;
 pub mod restore;
 pub mod scaleout;
@@ -82,6 +83,22 @@ pub trait Backend: Send + Sync + 'static {
         manifest: &ferry_repo::Manifest,
         vm: VmRestore,
     ) -> Result<ferry_hv::RestoredVm, BackendError>;
+
+    /// Starts `action` on replica `name` (records in `<state_dir>/replicas/`, jobs in
+    /// `config`), exactly like `ferry replica …`: what is refused is refused now, before
+    /// anything changes; the rest is returned to run in the background.
+    async fn replica_action(
+        &self,
+        config: &std::path::Path,
+        state_dir: &std::path::Path,
+        name: &str,
+        action: replicas::ReplicaAction,
+    ) -> Result<replicas::ReplicaRun, replicas::ReplicaRefusal> {
+        let _ = (config, state_dir, name, action);
+        Err(replicas::ReplicaRefusal::Unavailable(
+            "replica jobs are not available in this service".into(),
+        ))
+    }
 }
 
 /// How to restore a whole VM.
@@ -192,6 +209,8 @@ pub struct App {
     pub fingerprint: Option<String>,
     /// The state directory (the drivers' crash journals go to `journal/` in it).
     pub state_dir: PathBuf,
+    /// The replica action each replica runs or ran last through the API.
+    pub replica_actions: Mutex<HashMap<String, replicas::ActionView>>,
 }
 
 impl std::fmt::Debug for App {
@@ -281,6 +300,7 @@ pub fn build(config: DaemonConfig) -> Result<(Arc<App>, Option<tls::Identity>), 
         clock: config.clock.clone(),
         fingerprint: identity.as_ref().map(|i| i.fingerprint.clone()),
         state_dir: state.clone(),
+        replica_actions: Default::default(),
     });
     Ok((app, identity))
 }

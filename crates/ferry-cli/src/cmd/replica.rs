@@ -544,30 +544,59 @@ fn replica_of<'a>(
 ) -> anyhow::Result<&'a dyn ReplicaTarget> {
     d.replica().ok_or_else(|| {
         anyhow::anyhow!(
-            "source `{source}` ({:?}) cannot hold replicas with this build of Ferry",
-            d.kind()
+            "source `{source}` ({}) cannot hold replicas with this build of Ferry",
+            kind_name(d.kind())
         )
     })
 }
 
+/// The hypervisor's name as administrators know it.
+fn kind_name(k: ferry_hv::HypervisorKind) -> &'static str {
+    match k {
+        ferry_hv::HypervisorKind::Xen => "Xen",
+        ferry_hv::HypervisorKind::Vmware => "vSphere",
+        ferry_hv::HypervisorKind::HyperV => "Hyper-V",
+        _ => "a plain disk source",
+    }
+}
+
+/// Refuses, before anything changes, an operation that ends with the primary's source
+/// holding the replica (`what`: planned failover, reverse) when that source cannot: a
+/// cross-hypervisor replica whose primary's hypervisor is no replica target yet (ADR 0162).
+async fn primary_must_hold_replicas(ctx: &Ctx, what: &str) -> anyhow::Result<()> {
+    let src = ctx.rec.source.clone();
+    let d = ctx.driver(&src).await?;
+    if d.replica().is_some() {
+        return Ok(());
+    }
+    let kind = kind_name(d.kind());
+    let vm = &ctx.rec.vm_name;
+    let target = &ctx.rec.target;
+    let (now, after) = if what == "reverse" {
+        (
+            format!("the replica keeps running on `{target}`"),
+            format!(
+                "to move it back, back it up (`ferry backup --source {target} --vm '{vm} (replica)'`) and restore it with `ferry restore RP --to-source {src}`"
+            ),
+        )
+    } else {
+        (
+            "nothing was changed".to_string(),
+            format!(
+                "fail over with --unplanned instead (the replica starts at a recovery point; shut `{vm}` down on `{src}` first so only one runs)"
+            ),
+        )
+    };
+    bail!(
+        "{what} of replica `{}`: reverse replication to {kind} needs {kind} to hold replicas (source `{src}`), which this build of Ferry cannot yet; {now}; {after}",
+        ctx.rec.name
+    )
+}
+
 /// Runs a `replica` subcommand.
 pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCode> {
-    match cmd {
-        Command::Create(a) => create(a).await,
-        Command::Sync(a) => {
-            let mut ctx = Ctx::open(&a.name, &a.common)?;
-            resume(&mut ctx).await?;
-            if ctx.rec.state != State::Replicating {
-                bail!(
-                    "replica `{}` is failed over: run `ferry replica reverse {}` to replicate back",
-                    a.name,
-                    a.name
-                );
-            }
-            let r = sync(&mut ctx).await;
-            print_status(&ctx.rec, a.common.json)?;
-            r.map(|_| ExitCode::SUCCESS)
-        }
+    let (name, common, action) = match cmd {
+        Command::Create(a) => return create(a).await,
         Command::Status(a) => {
             let store = Store::new(a.common.state_dir.as_deref());
             let recs = match &a.name {
@@ -582,102 +611,216 @@ pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCo
                     print_status(r, false)?;
                 }
             }
-            Ok(ExitCode::SUCCESS)
+            return Ok(ExitCode::SUCCESS);
         }
-        Command::Failover(a) => {
-            let mut ctx = Ctx::open(&a.name, &a.common)?;
+        Command::Sync(a) => (a.name, a.common, Action::Sync),
+        Command::Failover(a) => (
+            a.name,
+            a.common,
+            Action::Failover {
+                planned: a.planned,
+                point: a.point,
+                force: a.force,
+            },
+        ),
+        Command::Test(a) if a.cleanup => (a.name, a.common, Action::TestCleanup),
+        Command::Test(a) => (a.name, a.common, Action::Test { point: a.point }),
+        Command::Reverse(a) => (a.name, a.common, Action::Reverse),
+        Command::Cancel(a) => (
+            a.name,
+            a.common,
+            Action::Cancel {
+                delete_vm: a.delete_vm,
+            },
+        ),
+    };
+    let mut ctx = Ctx::open(&name, &common)?;
+    begin(&mut ctx, &action).await?;
+    let r = finish(&mut ctx, &action).await;
+    if !matches!(action, Action::Cancel { .. }) {
+        print_status(&ctx.rec, common.json)?;
+    }
+    r.map(|_| ExitCode::SUCCESS)
+}
+
+/// What a command asks (`ferry replica …` and the appliance's API alike).
+pub use ferry_daemon::replicas::ReplicaAction as Action;
+
+/// Checks `action` against the replica's state and records the operation it starts: what is
+/// refused is refused here, before anything changes. (An unfinished operation of another
+/// kind is completed first.)
+async fn begin(ctx: &mut Ctx, action: &Action) -> anyhow::Result<()> {
+    let name = ctx.rec.name.clone();
+    match action {
+        Action::Sync => {
+            if ctx.rec.op.is_none() && ctx.rec.state != State::Replicating {
+                bail!(
+                    "replica `{name}` is failed over: run `ferry replica reverse {name}` to replicate back"
+                );
+            }
+        }
+        Action::Failover {
+            planned,
+            point,
+            force,
+        } => {
             match &ctx.rec.op {
                 Some(Op::Failover { .. }) | None => {}
-                Some(_) => resume(&mut ctx).await?,
+                Some(_) => resume(ctx).await?,
             }
             if ctx.rec.op.is_none() {
                 if ctx.rec.state != State::Replicating {
-                    bail!("replica `{}` is failed over already", a.name);
+                    bail!("replica `{name}` is failed over already");
                 }
-                if let (false, Some(why)) = (a.force, ctx.rec.stale()) {
+                if let (false, Some(why)) = (*force, ctx.rec.stale()) {
                     bail!(
-                        "replica `{}` is stale: {why}. A failover now loses everything since; pass --force to fail over anyway",
-                        a.name
+                        "replica `{name}` is stale: {why}. A failover now loses everything since; pass --force to fail over anyway"
                     );
                 }
-                let point = match (&a.point, a.unplanned) {
+                if *planned {
+                    if point.is_some() {
+                        bail!(
+                            "a planned failover sends the last changes: it takes no recovery point"
+                        );
+                    }
+                    primary_must_hold_replicas(ctx, "a planned failover").await?;
+                }
+                let point = match (point, planned) {
                     (Some(p), _) => Some(find_point(&ctx.rec, p)?.id.clone()),
-                    (None, true) => Some(
+                    (None, false) => Some(
                         ctx.rec
                             .points
                             .last()
                             .map(|p| p.id.clone())
                             .context("the replica has no recovery point")?,
                     ),
-                    (None, false) => None,
+                    (None, true) => None,
                 };
                 ctx.rec.op = Some(Op::Failover {
-                    planned: a.planned,
+                    planned: *planned,
                     point,
                     step: 0,
                 });
                 ctx.save()?;
             }
-            resume(&mut ctx).await?;
-            print_status(&ctx.rec, a.common.json)?;
-            Ok(ExitCode::SUCCESS)
         }
-        Command::Test(a) => {
-            let mut ctx = Ctx::open(&a.name, &a.common)?;
-            if a.cleanup {
-                test_cleanup(&mut ctx).await?;
-            } else {
-                if ctx.rec.op.is_none() {
-                    if ctx.rec.test_vm.is_some() {
-                        bail!(
-                            "replica `{}` has a test copy running: `ferry replica test {} --cleanup` first",
-                            a.name,
-                            a.name
-                        );
-                    }
-                    let point = match &a.point {
-                        Some(p) => find_point(&ctx.rec, p)?.id.clone(),
-                        None => ctx
-                            .rec
-                            .points
-                            .last()
-                            .map(|p| p.id.clone())
-                            .context("the replica has no recovery point yet")?,
-                    };
-                    ctx.rec.op = Some(Op::Test { point });
-                    ctx.save()?;
-                }
-                resume(&mut ctx).await?;
-            }
-            print_status(&ctx.rec, a.common.json)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Reverse(a) => {
-            let mut ctx = Ctx::open(&a.name, &a.common)?;
+        Action::Test { point } => {
             if ctx.rec.op.is_none() {
-                if !matches!(ctx.rec.state, State::FailedOver { .. }) {
+                if ctx.rec.test_vm.is_some() {
                     bail!(
-                        "replica `{}` is not failed over: nothing to reverse",
-                        a.name
+                        "replica `{name}` has a test copy running: `ferry replica test {name} --cleanup` first"
                     );
                 }
+                let point = match point {
+                    Some(p) => find_point(&ctx.rec, p)?.id.clone(),
+                    None => ctx
+                        .rec
+                        .points
+                        .last()
+                        .map(|p| p.id.clone())
+                        .context("the replica has no recovery point yet")?,
+                };
+                ctx.rec.op = Some(Op::Test { point });
+                ctx.save()?;
+            }
+        }
+        Action::TestCleanup => {}
+        Action::Reverse => {
+            if ctx.rec.op.is_none() {
+                if !matches!(ctx.rec.state, State::FailedOver { .. }) {
+                    bail!("replica `{name}` is not failed over: nothing to reverse");
+                }
+                primary_must_hold_replicas(ctx, "reverse").await?;
                 ctx.rec.op = Some(Op::Reverse { resync: true });
                 ctx.save()?;
             }
-            resume(&mut ctx).await?;
-            print_status(&ctx.rec, a.common.json)?;
-            Ok(ExitCode::SUCCESS)
         }
-        Command::Cancel(a) => {
-            let mut ctx = Ctx::open(&a.name, &a.common)?;
+        Action::Cancel { delete_vm } => {
             ctx.rec.op = Some(Op::Cancel {
-                delete_vm: a.delete_vm,
+                delete_vm: *delete_vm,
             });
             ctx.save()?;
-            resume(&mut ctx).await?;
-            Ok(ExitCode::SUCCESS)
         }
     }
+    Ok(())
+}
+
+/// Runs what [`begin`] accepted to its end.
+async fn finish(ctx: &mut Ctx, action: &Action) -> anyhow::Result<()> {
+    match action {
+        Action::Sync => {
+            resume(ctx).await?;
+            if ctx.rec.state != State::Replicating {
+                let n = &ctx.rec.name;
+                bail!(
+                    "replica `{n}` is failed over: run `ferry replica reverse {n}` to replicate back"
+                );
+            }
+            sync(ctx).await
+        }
+        Action::TestCleanup => test_cleanup(ctx).await,
+        _ => resume(ctx).await,
+    }
+}
+
+/// `action` on replica `name` for the appliance's API ([`ferry_daemon::Backend`]): checked
+/// now, the rest returned to run in the background. A job of `[replicas.NAME]` without a
+/// record yet gets one (its first sync creates the standby).
+pub async fn api_action(
+    config: &Path,
+    state_dir: &Path,
+    name: &str,
+    action: Action,
+) -> Result<ferry_daemon::replicas::ReplicaRun, ferry_daemon::replicas::ReplicaRefusal> {
+    use ferry_daemon::replicas::ReplicaRefusal as R;
+    let conflict = |e: anyhow::Error| R::Conflict(crate::error_text(&e));
+    valid_name(name).map_err(|e| R::NotFound(crate::error_text(&e)))?;
+    let cfg = FerryConfig::load(Some(config)).map_err(|e| conflict(e.into()))?;
+    let spec = scheduled(&cfg).remove(name);
+    let store = Store::new(Some(state_dir));
+    let mut common = Common {
+        config: Some(config.to_path_buf()),
+        state_dir: Some(state_dir.to_path_buf()),
+        password_file: None,
+        json: false,
+    };
+    let spec = match spec {
+        Some(Ok((spec, repo, _))) => {
+            common.password_file = repo.password_file.clone();
+            Some(spec)
+        }
+        Some(Err(e)) if !store.path(name).exists() => return Err(conflict(e)),
+        _ => None,
+    };
+    if !store.path(name).exists() {
+        match (&spec, &action) {
+            (None, _) => return Err(R::NotFound(format!("replica `{name}`"))),
+            (Some(spec), Action::Sync) => {
+                let (spec, common) = (spec.clone(), common.clone());
+                return Ok(Box::pin(async move {
+                    let r = async {
+                        create_record(&spec, &common).await?;
+                        let mut ctx = Ctx::open(&spec.name, &common)?;
+                        finish(&mut ctx, &Action::Sync).await
+                    };
+                    r.await
+                        .map_err(|e| ferry_daemon::BackendError(crate::error_text(&e)))
+                }));
+            }
+            (Some(_), _) => {
+                return Err(R::Conflict(format!(
+                    "replica `{name}` has not run a cycle yet: sync it first"
+                )));
+            }
+        }
+    }
+    let mut ctx = Ctx::open(name, &common).map_err(conflict)?;
+    begin(&mut ctx, &action).await.map_err(conflict)?;
+    Ok(Box::pin(async move {
+        finish(&mut ctx, &action)
+            .await
+            .map_err(|e| ferry_daemon::BackendError(crate::error_text(&e)))
+    }))
 }
 
 /// What a new replica job is (from `create` or a `[replicas.NAME]` table).
@@ -729,6 +872,19 @@ async fn create_record(a: &Spec, common: &Common) -> anyhow::Result<Replica> {
     let driver = connect(&a.source, cfg.source(&a.source)?).await?;
     let target = connect(&a.to_source, cfg.source(&a.to_source)?).await?;
     replica_of(target.as_ref(), &a.to_source)?;
+    if driver.kind() != target.kind() {
+        // Cycles carry the normalized configuration and disks across (a whole-VM restore,
+        // then changed blocks); only the way back needs the primary's side to hold replicas.
+        tracing::info!(source = %a.source, target = %a.to_source,
+            "a cross-hypervisor replica: {} → {}", kind_name(driver.kind()), kind_name(target.kind()));
+        if driver.replica().is_none() {
+            tracing::warn!(
+                "{} cannot hold replicas yet: unplanned and test failover work, a planned failover and reverse replication to `{}` are refused",
+                kind_name(driver.kind()),
+                a.source
+            );
+        }
+    }
     let vms = driver
         .list_vms()
         .await
@@ -755,44 +911,7 @@ async fn create_record(a: &Spec, common: &Common) -> anyhow::Result<Replica> {
     Ok(rec)
 }
 
-/// A `[replicas.NAME]` table of `ferry.toml`: a replica job `ferry serve` runs every `every`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
-pub struct ReplicaConfig {
-    /// Source of the VM.
-    pub source: String,
-    /// The VM (name or id).
-    pub vm: String,
-    /// Target source.
-    pub to_source: String,
-    /// A `[repositories.NAME]` table.
-    pub repository: String,
-    /// Cycle interval (`5m`, `30s`, …).
-    #[serde(default = "default_every")]
-    pub every: String,
-    /// Recovery points kept.
-    #[serde(default = "default_keep")]
-    pub keep: usize,
-    /// Lag beyond which the replica is stale (default twice `every`).
-    #[serde(default)]
-    pub rpo: Option<String>,
-    /// Seed restore point.
-    #[serde(default)]
-    pub seed: Option<String>,
-    /// Scheduled cycles only when enabled.
-    #[serde(default = "default_enabled")]
-    pub enabled: bool,
-}
-
-fn default_every() -> String {
-    "5m".into()
-}
-fn default_keep() -> usize {
-    4
-}
-fn default_enabled() -> bool {
-    true
-}
+pub use ferry_daemon::replicas::ReplicaConfig;
 
 /// The `[replicas.*]` tables with their repositories, each checked on its own.
 fn scheduled(

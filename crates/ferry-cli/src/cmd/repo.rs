@@ -307,20 +307,7 @@ pub struct GcArgs {
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration such as 30m, 24h or 7d"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("`{s}`: unknown unit (use s, m, h or d)")),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
+    ferry_daemon::replicas::parse_duration(s)
 }
 
 /// Runs a `repo` subcommand.

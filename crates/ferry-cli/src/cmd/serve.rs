@@ -111,6 +111,16 @@ impl Backend for CliBackend {
             ))
         })
     }
+
+    async fn replica_action(
+        &self,
+        config: &std::path::Path,
+        state_dir: &std::path::Path,
+        name: &str,
+        action: ferry_daemon::replicas::ReplicaAction,
+    ) -> Result<ferry_daemon::replicas::ReplicaRun, ferry_daemon::replicas::ReplicaRefusal> {
+        super::replica::api_action(config, state_dir, name, action).await
+    }
 }
 
 /// Runs the service.

@@ -1,0 +1,414 @@
+//! Cross-hypervisor replicas through the `ferry` binary (docs/replication.md, ADR 0162): the
+//! 2-disk VM of `ferry sim vmware` (vcsim behind Ferry's front) replicated to a `ferry sim xen`
+//! pool. The tests act as the vSphere guest through the simulator's side door
+//! (`FerrySimGuestWrite`, sent with curl) and look at the pool through the XenAPI SDK
+//! (`tests/xen_probe.py`); disks are compared byte for byte with `qemu-img compare`.
+
+use ferry_core::Secret;
+use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use ferry_testkit::Killed;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+#[path = "common/xen_probe.rs"]
+mod xen_probe;
+use xen_probe::Probe;
+
+const PASSWORD: &str = "test password";
+
+fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
+    c
+}
+
+/// vCenter `vc` (the primary's side) and Xen pool `dr`, a repository, `ferry.toml`, state.
+struct Lab {
+    dir: tempfile::TempDir,
+    vc: Value,
+    dr: Probe,
+    /// The 2-disk VM: name, moref, [(device key, live flat file)] in scsi0:0, scsi0:1 order.
+    vm: (String, String, Vec<(i64, PathBuf)>),
+    _sims: (Killed, Killed),
+}
+
+impl Lab {
+    fn start() -> Self {
+        let dir = ferry_testkit::scratch_dir();
+        let (vc_sim, vc) = Killed::spawn_json_line(
+            ferry()
+                .args(["sim", "vmware", "--listen", "127.0.0.1:0"])
+                .args(["--disk-mib", "8", "--cbt-page-kib", "1024", "--vcsim"])
+                .arg(ferry_testkit::tool("vcsim"))
+                .arg("--dir")
+                .arg(dir.path().join("vc-sim")),
+        );
+        let (xen_sim, xen) = xen_probe::start_sim(ferry(), &dir.path().join("dr-sim"));
+        let state = dir.path().join("state");
+        let pw = |name: &str, info: &Value| {
+            let p = dir.path().join(format!("{name}.pw"));
+            std::fs::write(&p, info["password"].as_str().unwrap()).unwrap();
+            p
+        };
+        let mut t = format!(
+            "[sources.vc]\nkind = \"vmware\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"san\"]\nnbdkit-stand-in = \"file\"\n[sources.vc.san-paths]\n",
+            vc["url"].as_str().unwrap(),
+            vc["username"].as_str().unwrap(),
+            pw("vc", &vc).display(),
+            vc["tls_fingerprint"].as_str().unwrap(),
+            state.display(),
+        );
+        for (ds, p) in vc["san_paths"].as_object().unwrap() {
+            t.push_str(&format!("\"{ds}\" = \"{}\"\n", p.as_str().unwrap()));
+        }
+        t.push_str(&format!(
+            "[sources.dr]\nkind = \"xen\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"network\"]\n",
+            xen["url"].as_str().unwrap(),
+            xen["username"].as_str().unwrap(),
+            pw("dr", &xen).display(),
+            xen["tls_fingerprint"].as_str().unwrap(),
+            state.display(),
+        ));
+        std::fs::write(dir.path().join("ferry.toml"), t).unwrap();
+        init_repo(&dir.path().join("repo"));
+        let vm = two_disk_vm(&vc);
+        Self {
+            dr: Probe::start(&xen),
+            dir,
+            vc,
+            vm,
+            _sims: (vc_sim, xen_sim),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("FERRY_PASSWORD", PASSWORD.to_string()),
+            ("FERRY_REPO", self.path("repo").display().to_string()),
+            (
+                "FERRY_CONFIG",
+                self.path("ferry.toml").display().to_string(),
+            ),
+            ("FERRY_STATE_DIR", self.path("state").display().to_string()),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .to_vec()
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `ferry {args}` fails with `needle` in its error.
+    fn refused(&self, args: &[&str], needle: &str) {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "ferry {args:?} should fail");
+        assert!(err.contains(needle), "wanted `{needle}` in: {err}");
+    }
+
+    fn status(&self) -> Value {
+        let v: Value =
+            serde_json::from_str(&self.ok(&["replica", "status", "web", "--json"])).unwrap();
+        v[0].clone()
+    }
+
+    fn standby(&self) -> String {
+        format!("{} (replica)", self.vm.0)
+    }
+
+    /// The disks of VM `name` on the pool, exported as raw files.
+    fn xen_disks(&mut self, name: &str, label: &str) -> Vec<PathBuf> {
+        let dir = self.dir.path().to_path_buf();
+        self.dr.export_disks(name, &dir, label)
+    }
+
+    /// The vSphere VM's disks as they are now (copies of the simulator's flat files).
+    fn vc_disks(&self, label: &str) -> Vec<PathBuf> {
+        self.vm
+            .2
+            .iter()
+            .enumerate()
+            .map(|(i, (_, live))| {
+                let p = self.path(&format!("{label}-{i}.raw"));
+                std::fs::copy(live, &p).unwrap();
+                p
+            })
+            .collect()
+    }
+
+    /// Every disk of restore point `rp`, restored to files.
+    fn restored(&self, rp: &str) -> Vec<PathBuf> {
+        ["scsi0:0", "scsi0:1"]
+            .iter()
+            .map(|d| {
+                let out = self.path(&format!("rp-{rp}-{}.raw", d.replace(':', "-")));
+                self.ok(&["restore", rp, "--disk", d, "--to", out.to_str().unwrap()]);
+                out
+            })
+            .collect()
+    }
+
+    /// The guest writes a recognizable pattern into both disks.
+    fn guest_writes(&self, seed: u8) {
+        let (_, moref, disks) = &self.vm;
+        vc_guest_write(&self.vc, moref, disks[0].0, 300 << 10, &[seed; 70_000]);
+        vc_guest_write(
+            &self.vc,
+            moref,
+            disks[1].0,
+            5 << 20,
+            &[seed.wrapping_add(1); 4096],
+        );
+    }
+}
+
+/// The simulator's VM with two disks: (name, moref, [(device key, live file)]), the seeded
+/// 1 MiB disk (scsi0:0) first.
+fn two_disk_vm(vc: &Value) -> (String, String, Vec<(i64, PathBuf)>) {
+    let vm = vc["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["disks"].as_array().unwrap().len() == 2)
+        .expect("a 2-disk VM");
+    let mut disks: Vec<(u64, i64, PathBuf)> = vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["capacity"].as_u64().unwrap(),
+                d["key"].as_i64().unwrap(),
+                PathBuf::from(d["live"].as_str().unwrap()),
+            )
+        })
+        .collect();
+    disks.sort();
+    (
+        vm["name"].as_str().unwrap().into(),
+        vm["moref"].as_str().unwrap().into(),
+        disks.into_iter().map(|(_, k, p)| (k, p)).collect(),
+    )
+}
+
+/// A vim25 call of the vSphere simulator's side door, with curl (loopback: TLS not checked).
+fn vc_side_door(vc: &Value, method: &str, body: &str) -> String {
+    let env = format!(
+        "<?xml version=\"1.0\"?><soapenv:Envelope xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\"><soapenv:Body><{method} xmlns=\"urn:vim25\">{body}</{method}></soapenv:Body></soapenv:Envelope>"
+    );
+    let out = Command::new(ferry_testkit::tool("curl"))
+        .args([
+            "-sS",
+            "-k",
+            "--noproxy",
+            "*",
+            "-H",
+            "Content-Type: text/xml",
+        ])
+        .args([
+            "-H",
+            "Cookie: vmware_soap_session=side-door",
+            "--data-binary",
+            "@-",
+        ])
+        .arg(vc["url"].as_str().unwrap())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write as _;
+            c.stdin.take().unwrap().write_all(env.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !s.contains("Fault"),
+        "{method}: {s}"
+    );
+    s
+}
+
+fn vc_guest_write(vc: &Value, moref: &str, key: i64, offset: u64, data: &[u8]) {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+    vc_side_door(
+        vc,
+        "FerrySimGuestWrite",
+        &format!(
+            "<vm>{moref}</vm><deviceKey>{key}</deviceKey><offset>{offset}</offset><data>{b64}</data>"
+        ),
+    );
+}
+
+fn vc_snapshots(vc: &Value) -> u64 {
+    let s = vc_side_door(vc, "FerrySimSnapshotCount", "");
+    s.split("<returnval>")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{s}"))
+}
+
+fn init_repo(path: &Path) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(path.to_str().unwrap(), true).unwrap();
+        let opts = InitOptions {
+            chunk_size: 256 << 10,
+            kdf: KdfParams::insecure_fast(),
+            ..Default::default()
+        };
+        Repository::init(store, Some(&Secret::new(PASSWORD)), opts)
+            .await
+            .unwrap();
+    });
+}
+
+fn assert_same_disks(a: &[PathBuf], b: &[PathBuf]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(
+            std::fs::metadata(x).unwrap().len(),
+            std::fs::metadata(y).unwrap().len(),
+            "{} and {} differ in size",
+            x.display(),
+            y.display()
+        );
+        ferry_testkit::qemu_img_compare(x, "raw", y, "raw");
+    }
+}
+
+#[test]
+fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
+    let mut lab = Lab::start();
+    let vm = lab.vm.0.clone();
+    let standby = lab.standby();
+    let out = lab.run(&[
+        "replica",
+        "create",
+        "web",
+        "--source",
+        "vc",
+        "--vm",
+        &vm,
+        "--to-source",
+        "dr",
+        "--keep",
+        "3",
+    ]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot hold replicas yet"),
+        "the create warns about the way back: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The first cycle is a whole-VM restore across hypervisors: a halted Xen VM whose disks
+    // are the restore point's, in device order.
+    lab.ok(&["replica", "sync", "web"]);
+    let first = lab.status();
+    let rp1 = first["applied"].as_str().unwrap().to_string();
+    let x = lab.dr.vm(&standby);
+    assert_eq!(x["power_state"], "Halted", "{x}");
+    assert_eq!(x["disks"].as_array().unwrap().len(), 2, "{x}");
+    let at1 = lab.restored(&rp1);
+    assert_same_disks(&lab.xen_disks(&standby, "dr-1"), &at1);
+    assert_same_disks(&at1, &lab.vc_disks("vc-1"));
+    assert_eq!(vc_snapshots(&lab.vc), 0, "the cycle's snapshot is removed");
+
+    // Guest writes on both vSphere disks reach the Xen standby in one cycle, as changed blocks.
+    lab.guest_writes(0x5a);
+    lab.ok(&["replica", "sync", "web"]);
+    let second = lab.status();
+    let rp2 = second["applied"].as_str().unwrap().to_string();
+    assert_ne!(rp1, rp2);
+    let now = lab.vc_disks("vc-2");
+    let dr2 = lab.xen_disks(&standby, "dr-2");
+    assert_same_disks(&dr2, &lab.restored(&rp2));
+    assert_same_disks(&dr2, &now);
+    let bytes = second["health"]["last-bytes"].as_u64().unwrap();
+    let size: u64 = now
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    // One changed 2 MiB VHD block per disk, not the disks.
+    assert!(bytes > 0 && bytes <= 2 * (2 << 20), "{second}");
+    assert!(bytes < size, "{bytes} of {size}");
+    assert_eq!(second["points"].as_array().unwrap().len(), 2, "{second}");
+
+    // A test failover runs a copy of the newest point on an isolated network and leaves the
+    // pool as it was after its cleanup.
+    let vdis = lab.dr.ask(json!({"op": "vdis"}));
+    let nets = lab.dr.ask(json!({"op": "networks"}));
+    let names = lab.dr.ask(json!({"op": "vm_names"}));
+    lab.ok(&["replica", "test", "web"]);
+    let copy_name = format!("{vm} (test failover)");
+    let copy = lab.dr.vm(&copy_name);
+    assert_eq!(copy["power_state"], "Running", "{copy}");
+    for v in copy["vifs"].as_array().unwrap() {
+        assert_eq!(
+            v["network"],
+            format!("{copy_name} (isolated)").as_str(),
+            "{copy}"
+        );
+    }
+    assert_same_disks(&lab.xen_disks(&copy_name, "copy"), &dr2);
+    assert_eq!(lab.dr.vm(&standby)["power_state"], "Halted");
+    lab.ok(&["replica", "test", "web", "--cleanup"]);
+    assert_eq!(lab.dr.ask(json!({"op": "vdis"})), vdis);
+    assert_eq!(lab.dr.ask(json!({"op": "networks"})), nets);
+    assert_eq!(lab.dr.ask(json!({"op": "vm_names"})), names);
+
+    // The way back would need vSphere to hold a replica: a planned failover is refused before
+    // it changes anything (the primary keeps running, no operation is left pending).
+    lab.refused(
+        &["replica", "failover", "web", "--planned"],
+        "reverse replication to vSphere needs vSphere to hold replicas",
+    );
+    let s = lab.status();
+    assert_eq!(s["op"], Value::Null, "{s}");
+    assert_eq!(s["state"]["kind"], "replicating", "{s}");
+    assert_eq!(lab.dr.vm(&standby)["power_state"], "Halted");
+
+    // Unplanned failover to the older point: the Xen VM runs with exactly that point's disks.
+    lab.guest_writes(0x77);
+    lab.ok(&["replica", "sync", "web"]);
+    lab.ok(&["replica", "failover", "web", "--unplanned", "--point", &rp2]);
+    assert_eq!(lab.dr.vm(&standby)["power_state"], "Running");
+    assert_same_disks(&lab.xen_disks(&standby, "dr-failed-over"), &dr2);
+    let s = lab.status();
+    assert_eq!(s["state"]["kind"], "failed-over", "{s}");
+    // Reverse is refused with the way to go back, and leaves the replica failed over.
+    lab.refused(
+        &["replica", "reverse", "web"],
+        "reverse replication to vSphere needs",
+    );
+    let s = lab.status();
+    assert_eq!(s["state"]["kind"], "failed-over", "{s}");
+    assert_eq!(s["op"], Value::Null, "{s}");
+
+    // Cancel: the recovery points go, the running VM stays, nothing is left on vCenter.
+    lab.ok(&["replica", "cancel", "web"]);
+    let l = lab.dr.ask(json!({"op": "leftovers"}));
+    assert!(l["snapshot_vms"].as_array().unwrap().is_empty(), "{l}");
+    assert_eq!(lab.dr.vm(&standby)["power_state"], "Running");
+    assert_eq!(vc_snapshots(&lab.vc), 0);
+    assert!(!lab.path("state/replicas/web.json").exists());
+}
