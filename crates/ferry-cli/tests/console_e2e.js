@@ -1,7 +1,8 @@
 // The web console end to end in headless Chromium (Debian's `chromium`, driven by the npm
 // package playwright-core): an administrator logs in, adds the Xen simulator as a source (a
 // refused login first), a local repository, a job (a cron expression that never fires and a
-// job without VMs first), runs it, watches its progress and restores the VM onto the source.
+// job without VMs first), runs it, watches its progress and restores the VM onto the source;
+// then replicates it from the Replicas page.
 // Each step's screenshot is checked: it is not blank and its page shows the expected text.
 //
 // Usage: node console_e2e.js  with FERRY_URL, FERRY_USER, FERRY_PASSWORD, FERRY_SIM (the
@@ -172,6 +173,25 @@ async function main() {
   await shot('09-dashboard', 'Repository usage');
   await page.click('nav a[href="#health"]');
   await shot('10-health', 'status: ok');
+
+  // A replica of the VM (onto the same source: the simulator is the only one), synced by hand;
+  // the page follows the action until the recovery point is there.
+  await page.click('nav a[href="#replicas"]');
+  await page.waitForSelector('#replica-form');
+  await page.fill('#replica-form input[name=name]', 'web');
+  await page.selectOption('#replica-form select[name=source]', 'lab');
+  await page.fill('#replica-form input[name=vm]', 'debian-web');
+  await page.selectOption('#replica-form select[name=to_source]', 'lab');
+  await page.selectOption('#replica-form select[name=repository]', 'local');
+  await page.fill('#replica-form input[name=every]', '1h');
+  await page.uncheck('#replica-form input[name=enabled]');
+  await page.click('#replica-form button[type=submit]');
+  await page.click('tr[data-replica=web] button.sync');
+  await page.waitForFunction(() => (document.querySelector('tr[data-replica=web] .replica-action') || {}).textContent === 'sync by admin: done',
+    null, { timeout: 120000 });
+  const points = await page.textContent('tr[data-replica=web] .points');
+  if (points !== '1') throw new Error(`the replica shows ${points} recovery points: ${await page.textContent('main')}`);
+  await shot('11-replicas', 'replicating');
 
   await ctx.close();
   if (problems.length) throw new Error(problems.join('\n'));

@@ -1571,7 +1571,7 @@ async fn the_web_console_backs_up_and_restores_in_chromium() {
     let report: Value =
         serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     let shots_taken = report["shots"].as_array().unwrap();
-    assert_eq!(shots_taken.len(), 10, "{report}");
+    assert_eq!(shots_taken.len(), 11, "{report}");
     for s in shots_taken {
         let png = std::fs::read(s["file"].as_str().unwrap()).unwrap();
         assert!(
@@ -1597,6 +1597,19 @@ async fn the_web_console_backs_up_and_restores_in_chromium() {
         .ok("GET", "/api/vms/debian-web/restore-points", None, None, 200)
         .await
         .body;
-    assert_eq!(pts.as_array().unwrap().len(), 1, "{pts}");
+    // The job's, and the replica cycle's.
+    assert_eq!(pts.as_array().unwrap().len(), 2, "{pts}");
+    let r = api
+        .ok("GET", "/api/replicas/web", None, None, 200)
+        .await
+        .body;
+    assert_eq!(r["status"]["cycles"], 1, "{r}");
+    assert!(
+        vms.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "debian-web (replica)"),
+        "{vms}"
+    );
     assert!(api.get("/api/sources/bad").await.status == 404);
 }

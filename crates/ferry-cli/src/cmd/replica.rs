@@ -977,10 +977,16 @@ pub async fn schedule(
     let running: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
     let mut reported: BTreeMap<String, String> = BTreeMap::new();
     loop {
+        // No file yet (a fresh appliance) is no replica job; a broken one is said once.
         let cfg = match FerryConfig::load(Some(&config)) {
             Ok(c) => c,
+            Err(_) if !config.exists() => FerryConfig::default(),
             Err(e) => {
-                tracing::warn!(error = %e, "replica scheduler: cannot read the configuration");
+                let text = e.to_string();
+                if reported.get("") != Some(&text) {
+                    tracing::warn!(error = %text, "replica scheduler: cannot read the configuration");
+                    reported.insert(String::new(), text);
+                }
                 FerryConfig::default()
             }
         };

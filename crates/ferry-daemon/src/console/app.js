@@ -381,13 +381,74 @@ async function health() {
       el('td', {}, t.name), el('td', {}, t.kind), el('td', {}, (t.events || ['failure', 'rpo']).join(', ')), el('td', {}, t.enabled === false ? 'no' : 'yes'))))));
 }
 
+// --- Replicas -----------------------------------------------------------------------------------
+
+async function replicas() {
+  clearTimeout(state.timer);
+  const [list, sources, repos] = await Promise.all([api('GET', '/api/replicas'), api('GET', '/api/sources'), api('GET', '/api/repositories')]);
+  const path = (n, a) => '/api/replicas/' + encodeURIComponent(n) + (a ? '/' + a : '');
+  const act = (n, a, body) => guard(async () => { await api('POST', path(n, a), body); await replicas(); });
+  const busy = list.body.some((r) => r.action && r.action.ended === null);
+  const rows = list.body.map((r) => {
+    const s = r.status || {};
+    const failedOver = s.state === 'failed-over';
+    const point = el('select', { class: 'replica-point' }, (s.points || []).slice().reverse().map((p) => el('option', { value: p.id }, when(p.time) + ' · ' + p.restore_point)));
+    const a = r.action;
+    return el('tr', { 'data-replica': r.name },
+      el('td', {}, r.name), el('td', {}, s.vm_name || (r.config ? r.config.vm : '')),
+      el('td', {}, (s.source || (r.config || {}).source || '') + ' → ' + (s.target || (r.config || {}).to_source || '')),
+      el('td', { class: 'replica-state' }, r.status ? status(s.state) : 'no cycle yet', s.test_vm ? el('div', {}, 'test copy running') : null,
+        s.unfinished ? el('div', { class: 'waiting' }, 'unfinished: ' + s.unfinished.kind) : null),
+      el('td', { class: s.rpo_breached ? 'status-failed' : '' }, age(s.lag_seconds), s.rpo_seconds ? ' (RPO ' + age(s.rpo_seconds) + ')' : ''),
+      el('td', {}, when(s.last_success)), el('td', {}, bytes(s.last_bytes)), el('td', { class: 'points' }, (s.points || []).length),
+      el('td', {}, s.last_error || ''),
+      el('td', { class: 'replica-action' }, a ? a.action + ' by ' + a.by + ': ' + (a.ended === null ? 'running' : a.error ? 'failed: ' + a.error : 'done') : ''),
+      el('td', {},
+        failedOver ? el('button', { class: 'reverse', on: { click: act(r.name, 'reverse') } }, 'Reverse') : el('button', { class: 'sync', on: { click: act(r.name, 'sync') } }, 'Sync now'),
+        s.test_vm ? el('button', { class: 'test-cleanup', on: { click: act(r.name, 'test/cleanup') } }, 'Clean up test')
+          : el('button', { class: 'test', on: { click: guard(async () => { await api('POST', path(r.name, 'test'), point.value ? { point: point.value } : {}); await replicas(); }) } }, 'Test failover'),
+        failedOver ? null : el('span', {}, point,
+          el('button', { class: 'failover', on: { click: guard(async () => { await api('POST', path(r.name, 'failover'), point.value ? { point: point.value } : {}); await replicas(); }) } }, 'Failover to point'),
+          el('button', { class: 'planned', on: { click: act(r.name, 'failover', { planned: true }) } }, 'Planned failover')),
+        r.config ? el('button', { class: 'delete', on: { click: guard(async () => {
+          const g = await api('GET', path(r.name));
+          await api('DELETE', path(r.name), undefined, g.etag);
+          await replicas();
+        }) } }, 'Delete') : null));
+  });
+  const opt = (xs) => xs.map((x) => el('option', { value: x.name }, x.name));
+  const f = el('form', { id: 'replica-form', class: 'card' },
+    el('h2', {}, 'New replica'),
+    el('label', {}, 'Name', el('input', { name: 'name', required: true })),
+    el('label', {}, 'Source of the VM', el('select', { name: 'source' }, opt(sources.body))),
+    el('label', {}, 'VM (name or id)', el('input', { name: 'vm', required: true })),
+    el('label', {}, 'Standby on source', el('select', { name: 'to_source' }, opt(sources.body))),
+    el('label', {}, 'Repository', el('select', { name: 'repository' }, opt(repos.body))),
+    el('label', {}, 'Every (30s, 5m, 1h)', el('input', { name: 'every', value: '5m' })),
+    el('label', {}, 'Recovery points kept', el('input', { name: 'keep', type: 'number', min: 1, value: 4 })),
+    el('label', {}, 'RPO (empty: twice the interval)', el('input', { name: 'rpo' })),
+    el('label', {}, el('input', { name: 'enabled', type: 'checkbox', checked: true }), ' cycles on schedule'),
+    el('button', { type: 'submit', class: 'primary' }, 'Save'));
+  f.addEventListener('submit', guard(async () => {
+    const d = new FormData(f);
+    const body = { source: d.get('source'), vm: d.get('vm'), to_source: d.get('to_source'), repository: d.get('repository'),
+      every: d.get('every'), keep: Number(d.get('keep')), enabled: d.get('enabled') !== null };
+    if (d.get('rpo')) body.rpo = d.get('rpo');
+    await api('PUT', path(d.get('name')), body);
+    await replicas();
+  }));
+  mount(el('h1', {}, 'Replicas'),
+    card('Replicas', table(['name', 'VM', 'direction', 'state', 'lag', 'last success', 'last cycle', 'points', 'last error', 'action', ''], rows)), f);
+  if (busy) state.timer = setTimeout(() => { if (location.hash === '#replicas') replicas().catch(showError); }, 1000);
+}
+
 // --- Routing ------------------------------------------------------------------------------------
 
 const routes = [
   [/^#?$/, dashboard], [/^#dashboard$/, dashboard], [/^#jobs$/, jobs], [/^#job-new$/, () => jobForm(null)],
   [/^#job\/(.+)$/, (m) => jobForm(decodeURIComponent(m[1]))], [/^#sessions$/, sessions], [/^#session\/(.+)$/, (m) => session(m[1])],
   [/^#vms$/, vms], [/^#vm\/(.+)$/, (m) => vm(decodeURIComponent(m[1]))], [/^#sources$/, sources],
-  [/^#repositories$/, repositories], [/^#health$/, health],
+  [/^#repositories$/, repositories], [/^#replicas$/, replicas], [/^#health$/, health],
 ];
 
 async function route() {
