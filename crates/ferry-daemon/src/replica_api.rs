@@ -128,6 +128,9 @@ async fn put_one(
         ));
     }
     precheck::<ReplicaConfig>(Kind::Replica, &name, &t)?;
+    if let Ok(cfg) = toml::Value::Table(t.clone()).try_into::<ReplicaConfig>() {
+        cfg.check(&name)?;
+    }
     let n2 = name.clone();
     let (tag, created) = app
         .store

@@ -76,6 +76,16 @@ impl ReplicaConfig {
                 format!("replica `{name}`: no repository `{}`", self.repository),
             ));
         }
+        self.check(name)
+    }
+
+    /// What the table alone must satisfy (checked before any precondition): at least one
+    /// point kept, durations that parse. Returns (every, rpo).
+    pub fn check(
+        &self,
+        name: &str,
+    ) -> Result<(Duration, Option<Duration>), crate::problem::Problem> {
+        use crate::problem::Problem;
         if self.keep == 0 {
             return Err(Problem::invalid(
                 "keep",
