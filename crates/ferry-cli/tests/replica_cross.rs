@@ -412,3 +412,169 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
     assert_eq!(vc_snapshots(&lab.vc), 0);
     assert!(!lab.path("state/replicas/web.json").exists());
 }
+
+/// `ferry sim hyperv` (the 2-disk guest `win-sql-01`) as source `hv`, a `ferry sim xen` pool
+/// as `dr`; the guest writes through the simulator's WMI side door.
+#[test]
+fn hyperv_to_xen_replica_follows_writes_and_starts_on_xen() {
+    use base64::Engine as _;
+    use ferry_hv_hyperv::cim::{Epr, Param};
+    const VM: &str = "win-sql-01";
+    let dir = ferry_testkit::scratch_dir();
+    let d = dir.path();
+    let (_hv_sim, hv) = Killed::spawn_json_line(
+        ferry()
+            .args([
+                "sim",
+                "hyperv",
+                "--listen",
+                "127.0.0.1:0",
+                "--disk-mib",
+                "8",
+            ])
+            .arg("--dir")
+            .arg(d.join("host")),
+    );
+    let (_xen_sim, xen) = xen_probe::start_sim(ferry(), &d.join("dr-sim"));
+    let pw = |name: &str, info: &Value| {
+        let p = d.join(format!("{name}.pw"));
+        std::fs::write(&p, info["password"].as_str().unwrap()).unwrap();
+        p
+    };
+    let toml = format!(
+        "[sources.hv]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\n[sources.hv.san-paths]\n'C:\\' = \"{}\"\n[sources.dr]\nkind = \"xen\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"network\"]\n",
+        hv["url"].as_str().unwrap(),
+        hv["username"].as_str().unwrap(),
+        pw("hv", &hv).display(),
+        hv["tls_fingerprint"].as_str().unwrap(),
+        d.join("state").display(),
+        hv["san_paths"]["C:\\"].as_str().unwrap(),
+        xen["url"].as_str().unwrap(),
+        xen["username"].as_str().unwrap(),
+        pw("dr", &xen).display(),
+        xen["tls_fingerprint"].as_str().unwrap(),
+        d.join("state").display(),
+    );
+    std::fs::write(d.join("ferry.toml"), toml).unwrap();
+    init_repo(&d.join("repo"));
+    let env: Vec<(String, String)> = [
+        ("FERRY_PASSWORD", PASSWORD.to_string()),
+        ("FERRY_REPO", d.join("repo").display().to_string()),
+        ("FERRY_CONFIG", d.join("ferry.toml").display().to_string()),
+        ("FERRY_STATE_DIR", d.join("state").display().to_string()),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .to_vec();
+    let run = |args: &[&str]| ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &env);
+    let ok = |args: &[&str]| {
+        let o = run(args);
+        assert!(
+            o.status.success(),
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let status = || -> Value {
+        serde_json::from_str::<Value>(&ok(&["replica", "status", "web", "--json"])).unwrap()[0]
+            .clone()
+    };
+    // What the guest sees on its disks now (copies of the simulator's live images).
+    let guest_disks = |tag: &str| -> Vec<PathBuf> {
+        let v = hv["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == VM)
+            .unwrap()
+            .clone();
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                let to = d.join(format!("hv-{}-{tag}.raw", x["name"].as_str().unwrap()));
+                std::fs::copy(x["live"].as_str().unwrap(), &to).unwrap();
+                to
+            })
+            .collect()
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pin = ferry_tls::parse_fingerprint(hv["tls_fingerprint"].as_str().unwrap()).unwrap();
+    let mut o = ferry_http::ClientOptions::new("hv", ferry_tls::Trust::Fingerprint(pin));
+    o.proxy = ferry_http::ProxySetting::Off;
+    let client = {
+        let _g = rt.enter();
+        ferry_hv_hyperv::WsmanClient::new(
+            hv["url"].as_str().unwrap(),
+            &o,
+            ferry_hv_hyperv::Credentials {
+                user: hv["username"].as_str().unwrap().into(),
+                password: Secret::new(hv["password"].as_str().unwrap()),
+            },
+        )
+        .unwrap()
+    };
+    let guest_write = |disk: &str, offset: u64, data: &[u8]| {
+        let p = [
+            ("VirtualSystem", VM.to_string()),
+            ("Disk", disk.to_string()),
+            ("Offset", offset.to_string()),
+            (
+                "Data",
+                base64::engine::general_purpose::STANDARD.encode(data),
+            ),
+        ]
+        .map(|(k, v)| Param::Text(k.into(), v));
+        rt.block_on(client.invoke(
+            &Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]),
+            "GuestWrite",
+            &p,
+        ))
+        .unwrap();
+    };
+    let mut dr = Probe::start(&xen);
+    let standby = format!("{VM} (replica)");
+
+    ok(&[
+        "replica",
+        "create",
+        "web",
+        "--source",
+        "hv",
+        "--vm",
+        VM,
+        "--to-source",
+        "dr",
+    ]);
+    ok(&["replica", "sync", "web"]);
+    let x = dr.vm(&standby);
+    assert_eq!(x["power_state"], "Halted", "{x}");
+    assert_same_disks(&dr.export_disks(&standby, d, "dr-1"), &guest_disks("1"));
+
+    // Guest writes on both disks reach the Xen standby in one cycle, as changed blocks.
+    guest_write("disk0", 3 << 20, &[0x5a; 136 * 512]);
+    guest_write("disk1", 5 << 20, &[0xa5; 4096]);
+    ok(&["replica", "sync", "web"]);
+    let s = status();
+    let now = guest_disks("2");
+    let dr2 = dr.export_disks(&standby, d, "dr-2");
+    assert_same_disks(&dr2, &now);
+    let bytes = s["health"]["last-bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes <= 2 * (2 << 20), "{s}");
+
+    // The way back to Hyper-V is refused up front; an unplanned failover starts the VM on Xen.
+    let o = run(&["replica", "failover", "web", "--planned"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("reverse replication to Hyper-V needs Hyper-V to hold replicas"),
+        "{err}"
+    );
+    ok(&["replica", "failover", "web", "--unplanned"]);
+    assert_eq!(dr.vm(&standby)["power_state"], "Running");
+    assert_same_disks(&dr.export_disks(&standby, d, "dr-up"), &dr2);
+    ok(&["replica", "cancel", "web"]);
+    let l = dr.ask(json!({"op": "leftovers"}));
+    assert!(l["snapshot_vms"].as_array().unwrap().is_empty(), "{l}");
+}
