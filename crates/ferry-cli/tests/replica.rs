@@ -4,16 +4,17 @@
 //! XenAPI SDK (`tests/xen_probe.py`). Disks are compared byte for byte (`qemu-img compare`)
 //! after exporting them with `GET /export_raw_vdi`.
 
-use ferry_core::Secret;
-use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+#[path = "common/replica_lab.rs"]
+mod replica_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
+use replica_lab::{Ferry, assert_same_disks, init_repo};
 use xen_probe::Probe;
 
 const PASSWORD: &str = "test password";
@@ -64,7 +65,7 @@ impl Lab {
             toml.push_str(&source_toml(name, info, &pw, &dir.path().join("state")));
         }
         std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
-        init_repo(&dir.path().join("repo"));
+        init_repo(&dir.path().join("repo"), PASSWORD);
         Self {
             prod: Probe::start(&prod_info),
             dr: Probe::start(&dr_info),
@@ -79,31 +80,15 @@ impl Lab {
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        [
-            ("FERRY_PASSWORD", PASSWORD.to_string()),
-            ("FERRY_REPO", self.path("repo").display().to_string()),
-            (
-                "FERRY_CONFIG",
-                self.path("ferry.toml").display().to_string(),
-            ),
-            ("FERRY_STATE_DIR", self.path("state").display().to_string()),
-        ]
-        .map(|(k, v)| (k.to_string(), v))
-        .to_vec()
+        Ferry::in_dir(self.dir.path(), PASSWORD).env
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
+        Ferry::in_dir(self.dir.path(), PASSWORD).run(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "ferry {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        Ferry::in_dir(self.dir.path(), PASSWORD).ok(args)
     }
 
     fn status(&self) -> Value {
@@ -147,35 +132,6 @@ impl Lab {
                 out
             })
             .collect()
-    }
-}
-
-fn init_repo(path: &Path) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let store = Store::open(path.to_str().unwrap(), true).unwrap();
-        let opts = InitOptions {
-            chunk_size: 256 << 10,
-            kdf: KdfParams::insecure_fast(),
-            ..Default::default()
-        };
-        Repository::init(store, Some(&Secret::new(PASSWORD)), opts)
-            .await
-            .unwrap();
-    });
-}
-
-fn assert_same_disks(a: &[PathBuf], b: &[PathBuf]) {
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!(
-            std::fs::metadata(x).unwrap().len(),
-            std::fs::metadata(y).unwrap().len(),
-            "{} and {} differ in size",
-            x.display(),
-            y.display()
-        );
-        ferry_testkit::qemu_img_compare(x, "raw", y, "raw");
     }
 }
 

@@ -5,14 +5,16 @@
 //! (`tests/xen_probe.py`); disks are compared byte for byte with `qemu-img compare`.
 
 use ferry_core::Secret;
-use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+#[path = "common/replica_lab.rs"]
+mod replica_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
+use replica_lab::{Ferry, assert_same_disks, init_repo};
 use xen_probe::Probe;
 
 const PASSWORD: &str = "test password";
@@ -71,7 +73,7 @@ impl Lab {
             state.display(),
         ));
         std::fs::write(dir.path().join("ferry.toml"), t).unwrap();
-        init_repo(&dir.path().join("repo"));
+        init_repo(&dir.path().join("repo"), PASSWORD);
         let vm = two_disk_vm(&vc);
         Self {
             dr: Probe::start(&xen),
@@ -86,32 +88,12 @@ impl Lab {
         self.dir.path().join(p)
     }
 
-    fn env(&self) -> Vec<(String, String)> {
-        [
-            ("FERRY_PASSWORD", PASSWORD.to_string()),
-            ("FERRY_REPO", self.path("repo").display().to_string()),
-            (
-                "FERRY_CONFIG",
-                self.path("ferry.toml").display().to_string(),
-            ),
-            ("FERRY_STATE_DIR", self.path("state").display().to_string()),
-        ]
-        .map(|(k, v)| (k.to_string(), v))
-        .to_vec()
-    }
-
     fn run(&self, args: &[&str]) -> Output {
-        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
+        Ferry::in_dir(self.dir.path(), PASSWORD).run(args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "ferry {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        Ferry::in_dir(self.dir.path(), PASSWORD).ok(args)
     }
 
     /// `ferry {args}` fails with `needle` in its error.
@@ -264,35 +246,6 @@ fn vc_snapshots(vc: &Value) -> u64 {
         .and_then(|r| r.split('<').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{s}"))
-}
-
-fn init_repo(path: &Path) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let store = Store::open(path.to_str().unwrap(), true).unwrap();
-        let opts = InitOptions {
-            chunk_size: 256 << 10,
-            kdf: KdfParams::insecure_fast(),
-            ..Default::default()
-        };
-        Repository::init(store, Some(&Secret::new(PASSWORD)), opts)
-            .await
-            .unwrap();
-    });
-}
-
-fn assert_same_disks(a: &[PathBuf], b: &[PathBuf]) {
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(b) {
-        assert_eq!(
-            std::fs::metadata(x).unwrap().len(),
-            std::fs::metadata(y).unwrap().len(),
-            "{} and {} differ in size",
-            x.display(),
-            y.display()
-        );
-        ferry_testkit::qemu_img_compare(x, "raw", y, "raw");
-    }
 }
 
 #[test]
@@ -456,25 +409,10 @@ fn hyperv_to_xen_replica_follows_writes_and_starts_on_xen() {
         d.join("state").display(),
     );
     std::fs::write(d.join("ferry.toml"), toml).unwrap();
-    init_repo(&d.join("repo"));
-    let env: Vec<(String, String)> = [
-        ("FERRY_PASSWORD", PASSWORD.to_string()),
-        ("FERRY_REPO", d.join("repo").display().to_string()),
-        ("FERRY_CONFIG", d.join("ferry.toml").display().to_string()),
-        ("FERRY_STATE_DIR", d.join("state").display().to_string()),
-    ]
-    .map(|(k, v)| (k.to_string(), v))
-    .to_vec();
-    let run = |args: &[&str]| ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &env);
-    let ok = |args: &[&str]| {
-        let o = run(args);
-        assert!(
-            o.status.success(),
-            "ferry {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    };
+    init_repo(&d.join("repo"), PASSWORD);
+    let lab = Ferry::in_dir(d, PASSWORD);
+    let run = |args: &[&str]| lab.run(args);
+    let ok = |args: &[&str]| lab.ok(args);
     let status = || -> Value {
         serde_json::from_str::<Value>(&ok(&["replica", "status", "web", "--json"])).unwrap()[0]
             .clone()

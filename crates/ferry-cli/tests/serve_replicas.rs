@@ -6,16 +6,16 @@
 //! replica's view, and a delete that ends replication. The pools are looked at through the
 //! XenAPI SDK (`tests/xen_probe.py`); disks are compared with `qemu-img compare`.
 
-use ferry_core::Secret;
-use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[path = "common/replica_lab.rs"]
+mod replica_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
+use replica_lab::{assert_same_disks, init_repo};
 use xen_probe::Probe;
 
 const REPO_PW: &str = "repo password";
@@ -140,28 +140,6 @@ impl Api {
     }
 }
 
-fn init_repo(path: &Path) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let store = Store::open(path.to_str().unwrap(), true).unwrap();
-        let opts = InitOptions {
-            chunk_size: 256 << 10,
-            kdf: KdfParams::insecure_fast(),
-            ..Default::default()
-        };
-        Repository::init(store, Some(&Secret::new(REPO_PW)), opts)
-            .await
-            .unwrap();
-    });
-}
-
-fn assert_same_disks(a: &[PathBuf], b: &[PathBuf]) {
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(b) {
-        ferry_testkit::qemu_img_compare(x, "raw", y, "raw");
-    }
-}
-
 fn guest_writes(probe: &mut Probe, vm: &str, seed: u8) {
     let disks = probe.disk_uuids(vm);
     probe.guest_write(&disks[0], 1 << 20, &[seed; 70_000]);
@@ -187,7 +165,7 @@ fn replicas_are_configured_watched_and_failed_over_through_the_api() {
             d.join("xen-state").display()
         ));
     }
-    init_repo(&d.join("repo"));
+    init_repo(&d.join("repo"), REPO_PW);
     std::fs::write(d.join("repo.pw"), REPO_PW).unwrap();
     toml.push_str(&format!(
         "[repositories.main]\nurl = \"{}\"\npassword-file = \"{}\"\n",

@@ -1,0 +1,75 @@
+//! What the replica tests share (`replica.rs`, `replica_cross.rs`, `serve_replicas.rs`): a lab
+//! directory laid out as `ferry.toml`, `repo/` and `state/`, the `ferry` binary run in it, a
+//! repository made for it, and disks compared byte for byte.
+#![allow(dead_code)]
+
+use ferry_core::Secret;
+use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// The `ferry` binary with a lab directory's environment: its repository (password
+/// `password`), `ferry.toml` and state directory.
+pub struct Ferry {
+    pub env: Vec<(String, String)>,
+}
+
+impl Ferry {
+    pub fn in_dir(dir: &Path, password: &str) -> Self {
+        let env = [
+            ("FERRY_PASSWORD", password.to_string()),
+            ("FERRY_REPO", dir.join("repo").display().to_string()),
+            ("FERRY_CONFIG", dir.join("ferry.toml").display().to_string()),
+            ("FERRY_STATE_DIR", dir.join("state").display().to_string()),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .to_vec();
+        Self { env }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env)
+    }
+
+    /// `ferry ARGS`, which must succeed: its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// A repository at `path` with 256 KiB chunks and a fast KDF.
+pub fn init_repo(path: &Path, password: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = Store::open(path.to_str().unwrap(), true).unwrap();
+        let opts = InitOptions {
+            chunk_size: 256 << 10,
+            kdf: KdfParams::insecure_fast(),
+            ..Default::default()
+        };
+        Repository::init(store, Some(&Secret::new(password)), opts)
+            .await
+            .unwrap();
+    });
+}
+
+/// Raw disk images `a[i]` and `b[i]` are the same size and content (`qemu-img compare`).
+pub fn assert_same_disks(a: &[PathBuf], b: &[PathBuf]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(
+            std::fs::metadata(x).unwrap().len(),
+            std::fs::metadata(y).unwrap().len(),
+            "{} and {} differ in size",
+            x.display(),
+            y.display()
+        );
+        ferry_testkit::qemu_img_compare(x, "raw", y, "raw");
+    }
+}
