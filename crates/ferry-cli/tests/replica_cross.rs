@@ -275,7 +275,12 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
 
     // The first cycle is a whole-VM restore across hypervisors: a halted Xen VM whose disks
     // are the restore point's, in device order.
+    let t = std::time::Instant::now();
     lab.ok(&["replica", "sync", "web"]);
+    eprintln!(
+        "vSphere → Xen first cycle (whole-VM restore): {:?}",
+        t.elapsed()
+    );
     let first = lab.status();
     let rp1 = first["applied"].as_str().unwrap().to_string();
     let x = lab.dr.vm(&standby);
@@ -288,7 +293,9 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
 
     // Guest writes on both vSphere disks reach the Xen standby in one cycle, as changed blocks.
     lab.guest_writes(0x5a);
+    let t = std::time::Instant::now();
     lab.ok(&["replica", "sync", "web"]);
+    eprintln!("vSphere → Xen incremental cycle: {:?}", t.elapsed());
     let second = lab.status();
     let rp2 = second["applied"].as_str().unwrap().to_string();
     assert_ne!(rp1, rp2);
@@ -304,6 +311,7 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
     // One changed 2 MiB VHD block per disk, not the disks.
     assert!(bytes > 0 && bytes <= 2 * (2 << 20), "{second}");
     assert!(bytes < size, "{bytes} of {size}");
+    eprintln!("vSphere → Xen incremental cycle wrote {bytes} of {size} bytes");
     assert_eq!(second["points"].as_array().unwrap().len(), 2, "{second}");
 
     // A test failover runs a copy of the newest point on an isolated network and leaves the
@@ -485,7 +493,12 @@ fn hyperv_to_xen_replica_follows_writes_and_starts_on_xen() {
         "--to-source",
         "dr",
     ]);
+    let t = std::time::Instant::now();
     ok(&["replica", "sync", "web"]);
+    eprintln!(
+        "Hyper-V → Xen first cycle (whole-VM restore): {:?}",
+        t.elapsed()
+    );
     let x = dr.vm(&standby);
     assert_eq!(x["power_state"], "Halted", "{x}");
     assert_same_disks(&dr.export_disks(&standby, d, "dr-1"), &guest_disks("1"));
@@ -493,13 +506,20 @@ fn hyperv_to_xen_replica_follows_writes_and_starts_on_xen() {
     // Guest writes on both disks reach the Xen standby in one cycle, as changed blocks.
     guest_write("disk0", 3 << 20, &[0x5a; 136 * 512]);
     guest_write("disk1", 5 << 20, &[0xa5; 4096]);
+    let t = std::time::Instant::now();
     ok(&["replica", "sync", "web"]);
+    eprintln!("Hyper-V → Xen incremental cycle: {:?}", t.elapsed());
     let s = status();
     let now = guest_disks("2");
     let dr2 = dr.export_disks(&standby, d, "dr-2");
     assert_same_disks(&dr2, &now);
     let bytes = s["health"]["last-bytes"].as_u64().unwrap();
     assert!(bytes > 0 && bytes <= 2 * (2 << 20), "{s}");
+    let size: u64 = now
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    eprintln!("Hyper-V → Xen incremental cycle wrote {bytes} of {size} bytes");
 
     // The way back to Hyper-V is refused up front; an unplanned failover starts the VM on Xen.
     let o = run(&["replica", "failover", "web", "--planned"]);
