@@ -31,7 +31,10 @@ const KRB5_OID: &[u8] = &[
 pub struct KerberosError(pub String);
 
 fn krb_err(e: sspi::Error) -> KerberosError {
-    KerberosError(format!("{:?}: {}", e.error_type, e.description))
+    // The KDC's e-data (salts, enctypes) is noise in a message for a person.
+    let d = e.description.as_str();
+    let d = d.split(". Additional error data").next().unwrap_or(d);
+    KerberosError(format!("{:?}: {d}", e.error_type))
 }
 
 /// Carries KDC messages: the caller's I/O (RFC 4120 7.2).
