@@ -6,7 +6,8 @@
 #            golang-go + golang-github-vmware-govmomi-dev (vcsim, built offline into $FERRY_PEERS_DIR/bin),
 #            chromium (the web console's end-to-end test, driven headless by playwright-core),
 #            systemd (systemd-analyze: the appliance unit's security assessment),
-#            libxml2-utils (xmllint: the appliance OVA's OVF against the DMTF schema, images/ovf-schema)
+#            libxml2-utils (xmllint: the appliance OVA's OVF against the DMTF schema, images/ovf-schema),
+#            krb5-kdc, krb5-admin-server, krb5-user, faketime (a throwaway MIT realm for WinRM Kerberos)
 #   Debian kernel: vmlinuz and the IDE disk modules of linux-image-amd64's kernel package, extracted
 #            (not installed) into $FERRY_PEERS_DIR/boot/{vmlinuz,modules/} for the bootable test disk
 #   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
@@ -151,5 +152,25 @@ if [ ! -x "$node_dir/node_modules/.bin/azurite-blob" ] || [ ! -d "$node_dir/node
 fi
 [ -x "$node_dir/node_modules/.bin/azurite-blob" ] || die "azurite-blob missing from $node_dir"
 [ -d "$node_dir/node_modules/playwright-core" ] || die "playwright-core missing from $node_dir"
+
+# --- MIT Kerberos (WinRM Kerberos tests, ADR 0159) ---------------------------------------------
+# A throwaway realm per test (ferry_testkit::MitKdc): kdb5_util/kadmin.local/krb5kdc from krb5-kdc and
+# krb5-admin-server, kinit/klist from krb5-user; faketime runs a KDC with its clock off (skew test).
+# Their services are not started: the tests run krb5kdc -n on a free port.
+krb_pkgs=(krb5-kdc krb5-admin-server krb5-user faketime)
+krb_missing=()
+for p in "${krb_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || krb_missing+=("$p")
+done
+if ((${#krb_missing[@]})); then
+  command -v apt-get >/dev/null || die "apt-get not found; install ${krb_missing[*]} by hand"
+  say "installing Debian packages: ${krb_missing[*]}"
+  $sudo apt-get update -qq || die "apt-get update failed"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${krb_missing[@]}" >/dev/null \
+    || die "apt-get install ${krb_missing[*]} failed"
+fi
+for b in /usr/sbin/krb5kdc /usr/sbin/kdb5_util /usr/sbin/kadmin.local /usr/bin/kinit /usr/bin/faketime; do
+  [ -x "$b" ] || die "$b missing after installing ${krb_pkgs[*]}"
+done
 
 say "peers ready in $peers"

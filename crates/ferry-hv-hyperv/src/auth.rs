@@ -1,5 +1,5 @@
-//! WinRM authentication for [`crate::WsmanClient`] (ADR 0112): one SOAP exchange under Basic or
-//! NTLM, with MS-WSMV message encryption.
+//! WinRM authentication for [`crate::WsmanClient`] (ADR 0112, 0159): one SOAP exchange under
+//! Basic, NTLM or Kerberos ([`crate::kerberos`]), with MS-WSMV message encryption.
 //!
 //! NTLM authenticates a connection, not a request: the client sends NEGOTIATE on an empty POST,
 //! gets the CHALLENGE in a 401, sends AUTHENTICATE on a second empty POST on the same kept-alive
@@ -15,8 +15,9 @@ use crate::client::Credentials;
 use crate::error::HypervError;
 use base64::Engine;
 use ferry_http::HttpClient;
-use ferry_wsman::ntlm::{NtlmClient, NtlmSession};
-use ferry_wsman::sealed::{self, PROTOCOL_SPNEGO};
+use ferry_wsman::kerberos::PROTOCOL_KERBEROS;
+use ferry_wsman::ntlm::NtlmClient;
+use ferry_wsman::sealed::{self, PROTOCOL_SPNEGO, Seal};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 
 /// Largest reply accepted.
@@ -43,7 +44,8 @@ pub enum AuthMethod {
     Ntlm,
     /// HTTP Basic (labs: `Basic = true`, and `AllowUnencrypted` over HTTP).
     Basic,
-    /// Kerberos: not built yet (ADR 0113); refused with a clear error.
+    /// Kerberos through `Negotiate`, tickets from the realm's KDC, with message encryption
+    /// over HTTP (ADR 0159).
     Kerberos,
 }
 
@@ -67,7 +69,8 @@ pub(crate) struct Auth {
     /// Seal messages (HTTP); over HTTPS TLS does it.
     encrypt: bool,
     host: String,
-    session: tokio::sync::Mutex<Option<NtlmSession>>,
+    kerberos: crate::kerberos::KerberosOptions,
+    session: tokio::sync::Mutex<Option<Box<dyn Seal + Send>>>,
 }
 
 /// A reply: HTTP status and the (unsealed) body.
@@ -83,6 +86,7 @@ impl Auth {
             domain,
             encrypt: url.scheme() == "http",
             host: url.host_str().unwrap_or("localhost").to_string(),
+            kerberos: Default::default(),
             session: tokio::sync::Mutex::new(None),
         }
     }
@@ -91,9 +95,47 @@ impl Auth {
         self.method
     }
 
+    /// Kerberos settings (realm, KDC, keytab).
+    pub(crate) fn set_kerberos(&mut self, opts: crate::kerberos::KerberosOptions) {
+        self.kerberos = opts;
+    }
+
     /// Whether messages are sealed.
     pub(crate) fn encrypts(&self) -> bool {
-        self.method == AuthMethod::Ntlm && self.encrypt
+        self.method != AuthMethod::Basic && self.encrypt
+    }
+
+    /// The sealed messages' protocol.
+    fn protocol(&self) -> &'static str {
+        match self.method {
+            AuthMethod::Kerberos => PROTOCOL_KERBEROS,
+            _ => PROTOCOL_SPNEGO,
+        }
+    }
+
+    /// One login of the session's method.
+    async fn login(
+        &self,
+        http: &HttpClient,
+        url: &url::Url,
+        creds: &Credentials,
+        call: &str,
+    ) -> Result<Box<dyn Seal + Send>, HypervError> {
+        Ok(match self.method {
+            AuthMethod::Kerberos => Box::new(
+                crate::kerberos::handshake(
+                    http,
+                    url,
+                    creds,
+                    call,
+                    &self.host,
+                    self.domain.as_deref(),
+                    &self.kerberos,
+                )
+                .await?,
+            ),
+            _ => Box::new(self.handshake(http, url, creds, call).await?),
+        })
     }
 
     /// Sends `soap` and returns the reply (unsealed), or a login error on 401.
@@ -126,38 +168,33 @@ impl Auth {
                 let body = http.body_limited(call, resp, MAX_REPLY).await?.to_vec();
                 Ok(Exchanged { status, body })
             }
-            AuthMethod::Kerberos => Err(HypervError::protocol(
-                http.source(),
-                call,
-                "auth = \"kerberos\" is not built yet (ADR 0113); use auth = \"ntlm\"",
-            )),
-            AuthMethod::Ntlm => {
+            AuthMethod::Ntlm | AuthMethod::Kerberos => {
                 let mut guard = self.session.lock().await;
                 let mut attempt = 0;
                 loop {
                     attempt += 1;
                     if guard.is_none() {
-                        match self.handshake(http, url, creds, call).await {
+                        match self.login(http, url, creds, call).await {
                             Ok(session) => *guard = Some(session),
                             // The AUTHENTICATE leg can land on another pooled connection than
                             // the NEGOTIATE leg (reqwest opened one while the first was not yet
                             // idle): that connection has no handshake, so start over. A wrong
                             // password fails every attempt.
                             Err(HypervError::Login { .. }) if attempt < MAX_ATTEMPTS => {
-                                tracing::debug!(call, attempt, "NTLM login refused; starting over");
+                                tracing::debug!(call, attempt, "login refused; starting over");
                                 continue;
                             }
                             Err(e) => return Err(e),
                         }
                     }
-                    let session = guard.as_mut().ok_or_else(login)?;
+                    let session = guard.as_mut().ok_or_else(login)?.as_mut();
                     let rb = http.inner().post(url.clone());
                     let rb = if self.encrypt {
-                        let body = sealed::wrap(session, PROTOCOL_SPNEGO, soap.as_bytes())
+                        let body = sealed::wrap(session, self.protocol(), soap.as_bytes())
                             .map_err(|e| {
                                 HypervError::protocol(http.source(), call, e.to_string())
                             })?;
-                        rb.header(CONTENT_TYPE, sealed::content_type(PROTOCOL_SPNEGO))
+                        rb.header(CONTENT_TYPE, sealed::content_type(self.protocol()))
                             .body(body)
                     } else {
                         rb.header(CONTENT_TYPE, SOAP).body(soap.clone())
@@ -181,11 +218,7 @@ impl Auth {
                         if attempt >= MAX_ATTEMPTS {
                             return Err(login());
                         }
-                        tracing::debug!(
-                            call,
-                            status,
-                            "the NTLM session was lost; logging in again"
-                        );
+                        tracing::debug!(call, status, "the session was lost; logging in again");
                         continue;
                     }
                     let ct = resp
@@ -236,7 +269,7 @@ impl Auth {
         url: &url::Url,
         creds: &Credentials,
         call: &str,
-    ) -> Result<NtlmSession, HypervError> {
+    ) -> Result<ferry_wsman::ntlm::NtlmSession, HypervError> {
         let proto = |m: String| HypervError::protocol(http.source(), call, m);
         let login = || HypervError::Login {
             source_name: http.source().to_string(),
@@ -276,9 +309,10 @@ impl Auth {
 }
 
 /// One handshake leg: `token` in `Authorization: Negotiate` on an empty POST; the status and the
-/// NTLM token of a `WWW-Authenticate: Negotiate|NTLM …` answer. The body is drained so the
-/// connection goes back to the pool for the next leg.
-async fn leg(
+/// token of a `WWW-Authenticate: Negotiate|NTLM|Kerberos …` answer (an NTLM CHALLENGE, a
+/// Kerberos AP-REP). The body is drained so the connection goes back to the pool for the next
+/// leg.
+pub(crate) async fn leg(
     http: &HttpClient,
     url: &url::Url,
     call: &str,
@@ -301,7 +335,9 @@ async fn leg(
         .flat_map(|v| v.split(','))
         .find_map(|v| {
             let (scheme, token) = v.trim().split_once(' ')?;
-            (scheme.eq_ignore_ascii_case("Negotiate") || scheme.eq_ignore_ascii_case("NTLM"))
+            ["Negotiate", "NTLM", "Kerberos"]
+                .iter()
+                .any(|s| scheme.eq_ignore_ascii_case(s))
                 .then(|| b64.decode(token.trim()).ok())
                 .flatten()
         });

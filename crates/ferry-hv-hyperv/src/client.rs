@@ -89,12 +89,18 @@ impl WsmanClient {
         self
     }
 
+    /// Kerberos settings: realm, KDC, keytab (ADR 0159).
+    pub fn with_kerberos(mut self, opts: crate::kerberos::KerberosOptions) -> Self {
+        self.auth.set_kerberos(opts);
+        self
+    }
+
     /// How this client logs in.
     pub fn auth_method(&self) -> AuthMethod {
         self.auth.method()
     }
 
-    /// Whether messages are sealed (NTLM over HTTP).
+    /// Whether messages are sealed (NTLM or Kerberos over HTTP).
     pub fn encrypts(&self) -> bool {
         self.auth.encrypts()
     }

@@ -214,7 +214,12 @@ impl HypervDriver {
                 ferry_hv::config::WinrmAuth::Kerberos => crate::AuthMethod::Kerberos,
             },
             cfg.domain.clone(),
-        );
+        )
+        .with_kerberos(crate::KerberosOptions {
+            realm: cfg.realm.clone(),
+            kdc: cfg.kdc.clone(),
+            keytab: cfg.keytab.clone(),
+        });
         // `san-luns` (snapshot LUNs read through NTFS) take the place of `san-paths` (mounted).
         let san: Arc<dyn Transport> = if cfg.san_luns.is_empty() {
             Arc::new(SanTransport {

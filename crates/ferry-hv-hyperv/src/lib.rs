@@ -12,14 +12,16 @@
 //!   reads the `.avhdx` chain with `ferry-image`.
 //!
 //! - [`auth`]: NTLM with message encryption, Basic.
+//! - [`kerberos`]: Kerberos logins (tickets from the KDC, the AP-REQ/AP-REP leg), sealing as NTLM.
 //!
-//! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), docs/drivers.md (Hyper-V section).
+//! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), ADR 0159 (Kerberos), docs/drivers.md (Hyper-V section).
 
 pub mod auth;
 pub mod client;
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod kerberos;
 pub mod transport;
 pub mod wmi;
 
@@ -31,3 +33,4 @@ pub use cim::{Epr, Instance, Param, Value};
 pub use client::{CommandOutput, Credentials, WsmanClient};
 pub use driver::HypervDriver;
 pub use error::{FaultKind, HypervError};
+pub use kerberos::KerberosOptions;

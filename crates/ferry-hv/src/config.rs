@@ -177,12 +177,22 @@ pub struct SourceConfig {
     #[serde(default = "default_exclude_swap")]
     pub exclude_swap: bool,
     /// Hyper-V: how WinRM logs in — `ntlm` (default; messages sealed over HTTP 5985),
-    /// `basic` (labs) or `kerberos` (not built yet: refused at connect).
+    /// `basic` (labs) or `kerberos` (tickets from the realm's KDC; sealed over HTTP too).
     #[serde(default)]
     pub auth: Option<WinrmAuth>,
     /// Hyper-V: the NTLM domain, when `username` does not carry one (`DOMAIN\user`).
     #[serde(default)]
     pub domain: Option<String>,
+    /// Hyper-V Kerberos: the realm, when `username` carries none (`user@REALM`); else `domain`.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// Hyper-V Kerberos: the KDC (`host[:port]`, `tcp://…`, `udp://…`); else the realm's entry
+    /// in `KRB5_CONFIG` (`/etc/krb5.conf`), then DNS SRV records.
+    #[serde(default)]
+    pub kdc: Option<String>,
+    /// Hyper-V Kerberos: a keytab with the user's key, used instead of the password.
+    #[serde(default)]
+    pub keytab: Option<PathBuf>,
 }
 
 /// `auth` of a Hyper-V source (ADR 0112).
@@ -194,7 +204,7 @@ pub enum WinrmAuth {
     Ntlm,
     /// HTTP Basic.
     Basic,
-    /// Kerberos (not built yet).
+    /// Kerberos with WinRM message encryption (ADR 0159).
     Kerberos,
 }
 
@@ -267,7 +277,10 @@ impl SourceConfig {
     fn validate(&self, name: &str) -> Result<(), String> {
         // WinRM over HTTP 5985 is safe with NTLM: every message is sealed (ADR 0112).
         let sealed_http = self.kind == SourceKind::Hyperv
-            && self.auth.unwrap_or_default() == WinrmAuth::Ntlm
+            && matches!(
+                self.auth.unwrap_or_default(),
+                WinrmAuth::Ntlm | WinrmAuth::Kerberos
+            )
             && self.url.starts_with("http://");
         if !self.url.starts_with("https://") && !sealed_http {
             return Err(format!(
@@ -304,6 +317,14 @@ impl SourceConfig {
         if self.kind != SourceKind::Hyperv && (self.auth.is_some() || self.domain.is_some()) {
             return Err(format!(
                 "source `{name}`: auth and domain are Hyper-V settings"
+            ));
+        }
+        let kerberos_keys = self.realm.is_some() || self.kdc.is_some() || self.keytab.is_some();
+        if kerberos_keys
+            && (self.kind != SourceKind::Hyperv || self.auth != Some(WinrmAuth::Kerberos))
+        {
+            return Err(format!(
+                "source `{name}`: realm, kdc and keytab go with auth = \"kerberos\""
             ));
         }
         if self.password_file.is_some() && self.password.is_some() {
@@ -510,6 +531,22 @@ mod tests {
         let xen = base.replace("hyperv", "xen").replace("http:", "https:") + "auth = \"ntlm\"\n";
         let e = parse(&xen).unwrap_err().to_string();
         assert!(e.contains("Hyper-V settings"), "{e}");
+    }
+
+    #[test]
+    fn kerberos_keys_go_with_auth_kerberos() {
+        let base = "[sources.h]\nkind = \"hyperv\"\nurl = \"http://h:5985/wsman\"\nusername = \"alice@LAB.TEST\"\ntls-insecure = true\n";
+        let c = parse(&format!(
+            "{base}auth = \"kerberos\"\nrealm = \"LAB.TEST\"\nkdc = \"kdc.lab.test:88\"\nkeytab = \"/etc/ferry/alice.keytab\"\n"
+        ))
+        .unwrap();
+        let s = c.source("h").unwrap();
+        assert_eq!(s.auth, Some(WinrmAuth::Kerberos));
+        assert_eq!(s.kdc.as_deref(), Some("kdc.lab.test:88"));
+        let e = parse(&format!("{base}kdc = \"kdc:88\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auth = \"kerberos\""), "{e}");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! ```
 
 mod azurite;
+mod krb;
 mod moto;
 mod nbd;
 mod process;
@@ -24,6 +25,7 @@ mod tls;
 mod vcsim;
 
 pub use azurite::Azurite;
+pub use krb::MitKdc;
 pub use moto::Moto;
 pub use nbd::{NbdPeer, Nbdkit, QemuNbd};
 pub use process::{Killed, PeerProcess};

@@ -8,11 +8,14 @@
 //!
 //! - [`sealed`]: WinRM message encryption framing (`multipart/encrypted`).
 //! - [`ntlm`]: NTLM client and acceptor and its sealing session, through `sspi`.
+//! - [`kerberos`]: Kerberos client (KDC exchanges sans I/O) and acceptor (keytab), and its
+//!   sealing session, through `sspi` (ADR 0159).
 //!
 //! Decisions: ADR 0110, 0112.
 
 pub mod cim;
 pub mod envelope;
+pub mod kerberos;
 pub mod ntlm;
 pub mod sealed;
 pub mod xml;

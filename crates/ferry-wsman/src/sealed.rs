@@ -34,7 +34,7 @@ fn err<T>(m: impl Into<String>) -> Result<T, SealError> {
 
 /// A session that seals and unseals messages (one per authenticated connection; the order of
 /// calls matters: sequence numbers and stream-cipher state advance with each message).
-pub trait Seal {
+pub trait Seal: std::fmt::Debug {
     /// Seals `plain`: (signature, sealed payload).
     fn seal(&mut self, plain: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SealError>;
     /// Checks `signature` and unseals `sealed`.

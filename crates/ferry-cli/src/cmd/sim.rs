@@ -43,6 +43,12 @@ pub struct HypervArgs {
     /// Size of each seeded virtual disk in MiB.
     #[arg(long, default_value_t = 16)]
     disk_mib: u64,
+    /// Also accept Kerberos with the service key in this keytab (ADR 0159).
+    #[arg(long)]
+    kerberos_keytab: Option<PathBuf>,
+    /// The Kerberos service principal, without realm.
+    #[arg(long, default_value = "HTTP/127.0.0.1")]
+    kerberos_service: String,
 }
 
 /// Arguments of `ferry sim vmware`.
@@ -134,6 +140,9 @@ async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
     cfg.username = a.username;
     cfg.password = a.password;
     cfg.disk_mib = a.disk_mib;
+    cfg.kerberos = a
+        .kerberos_keytab
+        .map(|k| ferry_sim::hyperv::HypervKerberos::new(k, &a.kerberos_service));
     let sim = HypervSim::start(cfg)
         .await
         .context("cannot start the Hyper-V simulator")?;

@@ -8,6 +8,10 @@
 //! - message encryption (MS-WSMV 2.2.9.1): a `multipart/encrypted` request is unsealed with the
 //!   connection's session and its reply sealed. Over plain HTTP an unsealed body after NTLM is
 //!   refused with 401 (WinRM's `AllowUnencrypted = false`); over HTTPS it is served;
+//! - Kerberos (when configured, ADR 0159): a GSS-API Kerberos AP-REQ in `Negotiate …` or
+//!   `Kerberos …`, checked with the service key from a keytab ([`super::kerberos`]); the AP-REP
+//!   goes back in the answer's `WWW-Authenticate` (mutual authentication), the connection is
+//!   authenticated and its messages are sealed under `HTTP-Kerberos-session-encrypted`;
 //! - anything else is a 401 naming the schemes (`Negotiate`, `Basic realm="WSMAN"`).
 
 use axum::body::Bytes;
@@ -15,8 +19,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use ferry_http::Connection;
-use ferry_wsman::ntlm::{Accepted, NtlmServer, NtlmSession, is_ntlm};
-use ferry_wsman::sealed::{self, PROTOCOL_SPNEGO};
+use ferry_wsman::kerberos::{KerberosServer, PROTOCOL_KERBEROS, is_kerberos};
+use ferry_wsman::ntlm::{Accepted, NtlmServer, is_ntlm};
+use ferry_wsman::sealed::{self, PROTOCOL_SPNEGO, Seal};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,10 +41,10 @@ pub(super) enum Channel {
 }
 
 enum ConnState {
-    /// NEGOTIATE seen, CHALLENGE sent.
-    Pending(NtlmServer),
-    /// Authenticated.
-    Session(NtlmSession),
+    /// NEGOTIATE seen, CHALLENGE sent (boxed: an acceptor is large).
+    Pending(Box<NtlmServer>),
+    /// Authenticated: the session and its sealed messages' protocol.
+    Session(Box<dyn Seal + Send>, &'static str),
 }
 
 /// Authentication state of the simulator: the account and each connection's NTLM state.
@@ -49,6 +54,10 @@ pub(super) struct Auth {
     conns: Mutex<BTreeMap<(Channel, u64), ConnState>>,
     tamper: AtomicBool,
     logins: AtomicU64,
+    kerberos: Option<KerberosServer>,
+    /// AP-REPs to send with the answer to the request that carried the AP-REQ.
+    ap_reps: Mutex<BTreeMap<(Channel, u64), HeaderValue>>,
+    kerberos_logins: AtomicU64,
 }
 
 impl std::fmt::Debug for Auth {
@@ -107,7 +116,79 @@ impl Auth {
             conns: Mutex::default(),
             tamper: AtomicBool::new(false),
             logins: AtomicU64::new(0),
+            kerberos: None,
+            ap_reps: Mutex::default(),
+            kerberos_logins: AtomicU64::new(0),
         }
+    }
+
+    /// Also accepts Kerberos with `cfg`'s service key.
+    pub(super) fn with_kerberos(
+        mut self,
+        cfg: Option<&super::kerberos::HypervKerberos>,
+    ) -> Result<Self, String> {
+        self.kerberos = cfg.map(|k| k.acceptor()).transpose()?;
+        Ok(self)
+    }
+
+    /// Kerberos logins completed.
+    pub(super) fn kerberos_logins(&self) -> u64 {
+        self.kerberos_logins.load(Ordering::SeqCst)
+    }
+
+    /// Adds the AP-REP of the connection's Kerberos login to the answer (mutual
+    /// authentication), when this request carried the AP-REQ.
+    pub(super) fn mutual(&self, chan: Channel, conn: &Connection, mut r: Response) -> Response {
+        let ap_rep = self
+            .ap_reps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(chan, conn.id));
+        if let Some(v) = ap_rep {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+        r
+    }
+
+    /// Checks a Kerberos AP-REQ: the connection is authenticated, its AP-REP waits for the
+    /// answer; or a 401.
+    fn kerberos_login(
+        &self,
+        key: (Channel, u64),
+        scheme: &str,
+        token: &[u8],
+    ) -> Result<(), Box<Response>> {
+        let Some(server) = &self.kerberos else {
+            tracing::debug!("refused a Kerberos token: Kerberos is not configured");
+            return Err(challenge_401(None));
+        };
+        let accepted = server.accept(token).map_err(|e| {
+            tracing::info!(error = %e, "Kerberos login refused");
+            challenge_401(None)
+        })?;
+        let account = accepted.client.split('@').next().unwrap_or_default();
+        if !account.eq_ignore_ascii_case(&self.user) {
+            tracing::info!(client = %accepted.client, "Kerberos login refused: not the host's user");
+            return Err(challenge_401(None));
+        }
+        tracing::debug!(client = %accepted.client, "Kerberos login");
+        self.kerberos_logins.fetch_add(1, Ordering::SeqCst);
+        let v = base64::engine::general_purpose::STANDARD.encode(&accepted.ap_rep);
+        if let Ok(v) = HeaderValue::from_str(&format!("{scheme} {v}")) {
+            self.ap_reps
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, v);
+        }
+        let mut conns = self.conns();
+        conns.insert(
+            key,
+            ConnState::Session(Box::new(accepted.session), PROTOCOL_KERBEROS),
+        );
+        while conns.len() > MAX_CONNECTIONS {
+            conns.pop_first();
+        }
+        Ok(())
     }
 
     /// NTLM logins completed (a client that keeps its connection logs in once).
@@ -151,18 +232,24 @@ impl Auth {
                 Err(challenge_401(None))
             };
         }
-        if scheme.eq_ignore_ascii_case("Negotiate") || scheme.eq_ignore_ascii_case("NTLM") {
-            let token = b64(value).filter(|t| is_ntlm(t)).ok_or_else(|| {
-                tracing::debug!("refused a Negotiate token that is not NTLM");
-                challenge_401(None)
-            })?;
-            self.handshake(key, scheme, &token)?;
+        if ["Negotiate", "NTLM", "Kerberos"]
+            .iter()
+            .any(|s| scheme.eq_ignore_ascii_case(s))
+        {
+            match b64(value) {
+                Some(t) if is_ntlm(&t) => self.handshake(key, scheme, &t)?,
+                Some(t) if is_kerberos(&t) => self.kerberos_login(key, scheme, &t)?,
+                _ => {
+                    tracing::debug!("refused a Negotiate token that is neither NTLM nor Kerberos");
+                    return Err(challenge_401(None));
+                }
+            }
             if body.is_empty() {
                 return Ok(Admitted::Empty);
             }
         }
         let mut conns = self.conns();
-        let Some(ConnState::Session(session)) = conns.get_mut(&key) else {
+        let Some(ConnState::Session(session, _)) = conns.get_mut(&key) else {
             return Err(challenge_401(None));
         };
         let encrypted = headers
@@ -170,7 +257,7 @@ impl Auth {
             .and_then(|v| v.to_str().ok())
             .is_some_and(sealed::is_encrypted);
         if encrypted {
-            match sealed::unwrap(session, &body) {
+            match sealed::unwrap(session.as_mut(), &body) {
                 Ok(plain) => Ok(Admitted::Sealed(plain, key)),
                 Err(e) => {
                     // A session out of step cannot recover: forget it, like WinRM.
@@ -198,7 +285,7 @@ impl Auth {
         let mut conns = self.conns();
         let pending = match conns.remove(&key) {
             // An AUTHENTICATE continues the connection's handshake; a NEGOTIATE starts over.
-            Some(ConnState::Pending(p)) if token.get(8) == Some(&3) => p,
+            Some(ConnState::Pending(p)) if token.get(8) == Some(&3) => *p,
             _ => NtlmServer::new(&self.user, &self.password).map_err(|e| {
                 tracing::warn!(error = %e, "NTLM acceptor");
                 challenge_401(None)
@@ -206,7 +293,7 @@ impl Auth {
         };
         match pending.step(token) {
             Ok(Accepted::Challenge(t, server)) => {
-                conns.insert(key, ConnState::Pending(server));
+                conns.insert(key, ConnState::Pending(Box::new(server)));
                 while conns.len() > MAX_CONNECTIONS {
                     conns.pop_first();
                 }
@@ -216,7 +303,7 @@ impl Auth {
             Ok(Accepted::Done(user, session)) => {
                 tracing::debug!(user, "NTLM login");
                 self.logins.fetch_add(1, Ordering::SeqCst);
-                conns.insert(key, ConnState::Session(session));
+                conns.insert(key, ConnState::Session(Box::new(session), PROTOCOL_SPNEGO));
                 Ok(())
             }
             Err(e) => {
@@ -234,10 +321,11 @@ impl Auth {
             Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         };
         let mut conns = self.conns();
-        let Some(ConnState::Session(session)) = conns.get_mut(&key) else {
+        let Some(ConnState::Session(session, protocol)) = conns.get_mut(&key) else {
             return *challenge_401(None);
         };
-        let mut body = match sealed::wrap(session, PROTOCOL_SPNEGO, &plain) {
+        let protocol = *protocol;
+        let mut body = match sealed::wrap(session.as_mut(), protocol, &plain) {
             Ok(b) => b,
             Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
         };
@@ -249,7 +337,7 @@ impl Auth {
         }
         (
             status,
-            [(header::CONTENT_TYPE, sealed::content_type(PROTOCOL_SPNEGO))],
+            [(header::CONTENT_TYPE, sealed::content_type(protocol))],
             body,
         )
             .into_response()

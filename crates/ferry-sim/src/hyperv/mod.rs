@@ -25,8 +25,11 @@
 mod auth;
 mod config;
 mod disks;
+mod kerberos;
 mod rct;
 mod sidedoor;
+
+pub use kerberos::HypervKerberos;
 
 use axum::body::Bytes;
 use axum::extract::{Extension, State as AxState};
@@ -80,6 +83,8 @@ pub struct HypervSimConfig {
     pub host_name: String,
     /// Size of each seeded disk in MiB.
     pub disk_mib: u64,
+    /// Also accept Kerberos (ADR 0159).
+    pub kerberos: Option<HypervKerberos>,
 }
 
 impl HypervSimConfig {
@@ -94,6 +99,7 @@ impl HypervSimConfig {
             password: "hypervsim".into(),
             host_name: "HV-SIM-01".into(),
             disk_mib: 16,
+            kerberos: None,
         }
     }
 }
@@ -496,7 +502,9 @@ impl HypervSim {
             username: cfg.username.clone(),
             password: cfg.password.clone(),
             host_name: cfg.host_name.clone(),
-            auth: auth::Auth::new(&cfg.username, &cfg.password),
+            auth: auth::Auth::new(&cfg.username, &cfg.password)
+                .with_kerberos(cfg.kerberos.as_ref())
+                .map_err(HypervSimError::Other)?,
             state: std::sync::Mutex::new(state),
         });
         let cert = ferry_tls::SelfSigned::generate(&["localhost", "127.0.0.1"])
@@ -645,6 +653,11 @@ impl HypervSim {
         self.shared.auth.logins()
     }
 
+    /// Kerberos logins completed so far.
+    pub fn kerberos_logins(&self) -> u64 {
+        self.shared.auth.kerberos_logins()
+    }
+
     /// Tests: the next sealed reply gets one bit flipped (a tampered message).
     pub fn tamper_next_reply(&self) {
         self.shared.auth.tamper_next_reply();
@@ -669,7 +682,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match shared.auth.admit(chan, &conn, &headers, body) {
+    let r = match shared.auth.admit(chan, &conn, &headers, body) {
         Err(r) => *r,
         Ok(auth::Admitted::Empty) => StatusCode::OK.into_response(),
         Ok(auth::Admitted::Clear(body)) => answer(&shared, &body),
@@ -677,7 +690,8 @@ async fn handle(
             let reply = answer(&shared, &body);
             shared.auth.seal(key, reply).await
         }
-    }
+    };
+    shared.auth.mutual(chan, &conn, r)
 }
 
 /// Serves one (authenticated, unsealed) SOAP request.
