@@ -11,10 +11,12 @@
 //! - [`transport`]: the data-path seam (checkpoint image on the host → block source); `san`
 //!   reads the `.avhdx` chain with `ferry-image`.
 //!
+//! - [`agent`]: the `network` transport per owner node (`[sources.NAME.agent]`).
 //! - [`auth`]: NTLM with message encryption, Basic.
 //!
 //! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), docs/drivers.md (Hyper-V section).
 
+pub mod agent;
 pub mod auth;
 pub mod client;
 pub mod config;

@@ -183,6 +183,9 @@ pub struct SourceConfig {
     /// Hyper-V: the NTLM domain, when `username` does not carry one (`DOMAIN\user`).
     #[serde(default)]
     pub domain: Option<String>,
+    /// Hyper-V: the host agent of the `network` transport (`[sources.NAME.agent]`).
+    #[serde(default)]
+    pub agent: Option<crate::agent::AgentSettings>,
 }
 
 /// `auth` of a Hyper-V source (ADR 0112).
@@ -305,6 +308,14 @@ impl SourceConfig {
             return Err(format!(
                 "source `{name}`: auth and domain are Hyper-V settings"
             ));
+        }
+        if let Some(a) = &self.agent {
+            if self.kind != SourceKind::Hyperv {
+                return Err(format!(
+                    "source `{name}`: agent is a Hyper-V setting (the host agent)"
+                ));
+            }
+            a.validate(name)?;
         }
         if self.password_file.is_some() && self.password.is_some() {
             return Err(format!(

@@ -43,6 +43,14 @@ pub struct HypervArgs {
     /// Size of each seeded virtual disk in MiB.
     #[arg(long, default_value_t = 16)]
     disk_mib: u64,
+    /// An appliance client certificate (`sha256:…`, from `ferry source agent-pin`) the host
+    /// agent admits (repeatable; more through the side door).
+    #[arg(long = "agent-client-pin")]
+    agent_client_pins: Vec<String>,
+    /// Present a snapshot LUN (NTFS volume image, ntfs-3g) per VM folder, refreshed at each
+    /// checkpoint; printed as `san_luns`.
+    #[arg(long)]
+    san_luns: bool,
 }
 
 /// Arguments of `ferry sim vmware`.
@@ -134,6 +142,8 @@ async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
     cfg.username = a.username;
     cfg.password = a.password;
     cfg.disk_mib = a.disk_mib;
+    cfg.data_paths.agent_client_pins = a.agent_client_pins;
+    cfg.data_paths.san_luns = a.san_luns;
     let sim = HypervSim::start(cfg)
         .await
         .context("cannot start the Hyper-V simulator")?;

@@ -22,9 +22,11 @@
 //! Checkpoints freeze the disks into `.avhdx` files, RCT ([`rct`]) answers
 //! `GetVirtualDiskChanges`, and a side door ([`sidedoor`]) acts as the guest and injects faults.
 
+mod agent;
 mod auth;
 mod config;
 mod disks;
+mod lun;
 mod rct;
 mod sidedoor;
 
@@ -45,6 +47,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+pub use agent::DataPathOptions;
 
 /// Why the simulator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +84,8 @@ pub struct HypervSimConfig {
     pub host_name: String,
     /// Size of each seeded disk in MiB.
     pub disk_mib: u64,
+    /// The host agent's pins and snapshot LUNs ([`agent`]).
+    pub data_paths: DataPathOptions,
 }
 
 impl HypervSimConfig {
@@ -94,6 +100,7 @@ impl HypervSimConfig {
             password: "hypervsim".into(),
             host_name: "HV-SIM-01".into(),
             disk_mib: 16,
+            data_paths: DataPathOptions::default(),
         }
     }
 }
@@ -107,6 +114,7 @@ pub struct HypervSim {
     http_url: Option<String>,
     fingerprint: String,
     dir: PathBuf,
+    agent: agent::SimAgent,
 }
 
 #[derive(Debug)]
@@ -131,6 +139,8 @@ struct State {
     storage: Option<disks::Storage>,
     /// Method → (calls to let through first, calls that fail then) (side door).
     fail_next: HashMap<String, (usize, usize)>,
+    /// The host agent's pins and the snapshot LUNs.
+    data_paths: agent::DataPaths,
 }
 
 #[derive(Debug, Clone)]
@@ -488,10 +498,14 @@ impl HypervSim {
         })?;
         let disk_size = cfg.disk_mib.max(1) << 20;
         let (host, dir) = (cfg.host_name.clone(), cfg.dir.clone());
-        let state = tokio::task::spawn_blocking(move || State::seed(&host, &dir, disk_size))
+        let mut state = tokio::task::spawn_blocking(move || State::seed(&host, &dir, disk_size))
             .await
             .map_err(|e| HypervSimError::Other(e.to_string()))?
             .map_err(|e| HypervSimError::Other(format!("seeding the disks: {e}")))?;
+        let shutdown = CancellationToken::new();
+        let (sim_agent, data_paths) =
+            agent::start(&cfg.dir, &cfg.data_paths, shutdown.clone()).await?;
+        state.data_paths = data_paths;
         let shared = Arc::new(Shared {
             username: cfg.username.clone(),
             password: cfg.password.clone(),
@@ -505,7 +519,6 @@ impl HypervSim {
         let tls = cert
             .server_config()
             .map_err(|e| HypervSimError::Other(e.to_string()))?;
-        let shutdown = CancellationToken::new();
         let app = axum::Router::new()
             .route("/wsman", axum::routing::post(handle))
             .with_state(shared.clone());
@@ -548,6 +561,7 @@ impl HypervSim {
             http_url,
             fingerprint,
             dir: cfg.dir,
+            agent: sim_agent,
         })
     }
 
@@ -635,6 +649,9 @@ impl HypervSim {
             "dir": self.dir,
             // Where the proxy sees the host's volumes (a source's `san-paths`).
             "san_paths": { "C:\\": self.dir.join("volumes").join("C") },
+            // The host agent (`network`) and the snapshot LUNs (`san-luns`).
+            "agent": self.agent.info(),
+            "san_luns": agent::lun_files(&st.data_paths, st.storage.as_ref()),
             "vms": vms,
         })
         .to_string()
@@ -1283,6 +1300,11 @@ fn create_snapshot(st: &mut State, body: &Node, out: &mut Instance) -> Result<()
             return Ok(());
         }
     };
+    if let Err(m) = agent::checkpoint_taken(&st.data_paths, storage, &vm_id, &frozen) {
+        let _ = storage.release(&vm_id, &snap_id);
+        job_out(st, out, "CreateSnapshot", Err(m));
+        return Ok(());
+    }
     let name = prop("ElementName").unwrap_or_else(|| format!("{vm_name} - checkpoint"));
     let snap = inst(
         "Msvm_VirtualSystemSettingData",

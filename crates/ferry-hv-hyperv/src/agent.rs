@@ -1,0 +1,236 @@
+//! The `network` transport per owner node: which node runs the VM ([`owner_node`], from WMI),
+//! where that node's `ferry-agent` listens (`[sources.NAME.agent]`, ADR 0150), and the
+//! appliance's client certificate the agents pin ([`load_identity`], generated on first use).
+
+use crate::client::WsmanClient;
+use crate::error::HypervError;
+use crate::transport::{CheckpointDisk, Transport};
+use async_trait::async_trait;
+use ferry_core::BlockSource;
+use ferry_hv::agent::AgentSettings;
+use ferry_hv::config::ConfigError;
+use ferry_hv::{SourceConfig, TransportMode};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The node that runs a VM at backup time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerNode {
+    /// Its name as WMI reports it (`HV01`).
+    pub name: String,
+    /// Whether it is the host the source's URL reaches; its agent is then found at that
+    /// address unless `agent.nodes` names it.
+    pub is_source_host: bool,
+}
+
+/// The node that owns VM `vm_id`: on a standalone host, the host itself
+/// (`Msvm_ComputerSystem` with Caption `Hosting Computer System`). A cluster's owner-node
+/// lookup (a moved VM is read from its new node) plugs in here.
+pub async fn owner_node(client: &WsmanClient, vm_id: &str) -> Result<OwnerNode, HypervError> {
+    let _ = vm_id;
+    let hosts = client
+        .enumerate(
+            "Msvm_ComputerSystem",
+            Some("SELECT * FROM Msvm_ComputerSystem WHERE Caption = 'Hosting Computer System'"),
+        )
+        .await?;
+    let name = hosts
+        .iter()
+        .find_map(|h| h.text("Name").or(h.text("ElementName")))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            HypervError::protocol(
+                client.url(),
+                "owner node",
+                "the host reports no Msvm_ComputerSystem of caption `Hosting Computer System`",
+            )
+        })?;
+    Ok(OwnerNode {
+        name,
+        is_source_host: true,
+    })
+}
+
+/// The host part of the source's URL (`hv01.lab`, `10.0.0.5`, `::1`).
+fn url_host(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+        .unwrap_or_default()
+}
+
+/// `network`: the agent of the node that owns the VM, over NBD with pinned mutual TLS.
+#[derive(Clone)]
+pub struct NodeAgentTransport {
+    settings: AgentSettings,
+    source_host: String,
+    identity: ferry_tls::ClientIdentity,
+}
+
+impl std::fmt::Debug for NodeAgentTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeAgentTransport")
+            .field("port", &self.settings.port)
+            .field("nodes", &self.settings.nodes)
+            .field("identity", &self.identity)
+            .finish()
+    }
+}
+
+impl NodeAgentTransport {
+    /// Where the agent of `node` listens.
+    pub fn address(&self, node: &OwnerNode) -> String {
+        let fallback = if node.is_source_host {
+            &self.source_host
+        } else {
+            &node.name
+        };
+        self.settings.address(&node.name, fallback)
+    }
+
+    async fn open_at(
+        &self,
+        disk: &CheckpointDisk,
+        node: &OwnerNode,
+    ) -> Result<Arc<dyn BlockSource>, String> {
+        let addr = self.address(node);
+        ferry_agent::client::open(
+            &addr,
+            &self.settings.fingerprint,
+            &self.identity,
+            &disk.host_path,
+        )
+        .await
+        .map_err(|e| format!("the agent of node {} at {addr}: {e}", node.name))
+    }
+}
+
+#[async_trait]
+impl Transport for NodeAgentTransport {
+    fn mode(&self) -> TransportMode {
+        TransportMode::Network
+    }
+
+    async fn open(&self, disk: &CheckpointDisk) -> Result<Arc<dyn BlockSource>, String> {
+        let node = OwnerNode {
+            name: self.source_host.clone(),
+            is_source_host: true,
+        };
+        self.open_at(disk, &node).await
+    }
+
+    async fn open_on(
+        &self,
+        disk: &CheckpointDisk,
+        node: Option<&OwnerNode>,
+    ) -> Result<Arc<dyn BlockSource>, String> {
+        match node {
+            Some(n) => self.open_at(disk, n).await,
+            None => self.open(disk).await,
+        }
+    }
+}
+
+/// The `network` transport of source `name`, when it lists `network` and has an `agent` table.
+pub fn transport(
+    name: &str,
+    cfg: &SourceConfig,
+) -> Result<Option<Arc<dyn Transport>>, ConfigError> {
+    let Some(settings) = &cfg.agent else {
+        return Ok(None);
+    };
+    if !cfg.transports.contains(&TransportMode::Network) {
+        return Ok(None);
+    }
+    let (identity, _) = load_identity(name, cfg)?;
+    Ok(Some(Arc::new(NodeAgentTransport {
+        settings: settings.clone(),
+        source_host: url_host(&cfg.url),
+        identity,
+    })))
+}
+
+/// The appliance's client identity file of source `cfg`: `agent.identity`, else
+/// `<state-dir>/agent-client.pem`.
+pub fn identity_path(cfg: &SourceConfig) -> PathBuf {
+    cfg.agent
+        .as_ref()
+        .and_then(|a| a.identity.clone())
+        .unwrap_or_else(|| cfg.state_dir().join("agent-client.pem"))
+}
+
+/// Loads the appliance's client certificate and key (one PEM file); the default file in the
+/// state directory is generated on first use. Returns it and whether it was just made.
+pub fn load_identity(
+    name: &str,
+    cfg: &SourceConfig,
+) -> Result<(ferry_tls::ClientIdentity, bool), ConfigError> {
+    let bad = |message: String| ConfigError::Source {
+        source_name: name.into(),
+        message,
+    };
+    let path = identity_path(cfg);
+    let explicit = cfg.agent.as_ref().is_some_and(|a| a.identity.is_some());
+    let created = if path.exists() || explicit {
+        false
+    } else {
+        let s = ferry_tls::SelfSigned::generate(&["ferry-appliance"])
+            .map_err(|e| bad(format!("cannot make the agent client certificate: {e}")))?;
+        write_private(&path, &format!("{}{}", s.cert_pem, s.key_pem))
+            .map_err(|e| bad(format!("cannot write {}: {e}", path.display())))?;
+        tracing::info!(source = %name, path = %path.display(), fingerprint = %s.fingerprint(), "made the appliance's agent client certificate: pin it on the agents");
+        true
+    };
+    let pem = std::fs::read_to_string(&path).map_err(|e| {
+        bad(format!(
+            "cannot read the agent identity {}: {e}",
+            path.display()
+        ))
+    })?;
+    let id = ferry_tls::ClientIdentity {
+        cert_pem: pem.clone(),
+        key_pem: pem,
+    };
+    // Both halves must be there: a file with only a certificate fails here, not at a backup.
+    ferry_tls::client_config_with_identity(&ferry_tls::Trust::Insecure, Some(&id)).map_err(
+        |e| {
+            bad(format!(
+                "the agent identity {} must hold a certificate and its private key (PEM): {e}",
+                path.display()
+            ))
+        },
+    )?;
+    Ok((id, created))
+}
+
+/// Writes a file readable by its owner only, through a temporary name (never half a key).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    let mut f = o.open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_hosts() {
+        assert_eq!(url_host("https://hv01.lab:5986/wsman"), "hv01.lab");
+        assert_eq!(url_host("http://[::1]:5985/wsman"), "::1");
+        assert_eq!(url_host("nonsense"), "");
+    }
+}
