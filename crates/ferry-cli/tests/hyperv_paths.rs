@@ -147,9 +147,14 @@ impl Lab {
 
     /// `ferry source agent-pin lab`, registered with the host's agent through the side door.
     fn pair(&self) -> String {
+        self.pair_made(true)
+    }
+
+    /// [`Self::pair`]; `made`: whether this call is the one that makes the certificate.
+    fn pair_made(&self, made: bool) -> String {
         let (out, _) = self.ok(&["source", "agent-pin", "lab", "--json"]);
         let v: Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["created"], true, "{v}");
+        assert_eq!(v["created"], made, "{v}");
         assert!(std::path::Path::new(v["identity"].as_str().unwrap()).exists());
         let fp = v["fingerprint"].as_str().unwrap().to_string();
         // The second call reuses the certificate.
@@ -375,11 +380,22 @@ fn unreachable_agent_falls_back_to_the_next_transport_and_says_why() {
 }
 
 #[test]
-fn wrong_agent_fingerprint_is_a_clear_error_and_leaves_no_checkpoint() {
+fn unpaired_appliance_or_wrong_agent_fingerprint_is_a_clear_error_and_leaves_no_checkpoint() {
     let lab = Lab::start(false);
+    // Not paired yet: the agent refuses the appliance's certificate (made at first use).
+    lab.config("[\"network\"]", &lab.agent_table(None, ""));
+    let out = lab.run(&["backup", "--source", "lab", "--vm", VM]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("refused this appliance's client certificate"),
+        "{err}"
+    );
+    assert_eq!(lab.leftovers(), 0, "the refused backup left a checkpoint");
+    lab.pair_made(false);
+
     let wrong = format!("sha256:{}", ["AB"; 32].join(":"));
     lab.config("[\"network\"]", &lab.agent_table(Some(&wrong), ""));
-    lab.pair();
     let out = lab.run(&["backup", "--source", "lab", "--vm", VM]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -227,6 +227,61 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    fn source(dir: &Path, identity: Option<&Path>) -> SourceConfig {
+        let mut t = format!(
+            "[sources.s]\nkind = \"hyperv\"\nurl = \"https://hv01.lab:5986/wsman\"\nusername = \"u\"\ntls-insecure = true\nstate-dir = \"{}\"\ntransports = [\"network\"]\n[sources.s.agent]\nfingerprint = \"sha256:{}\"\n",
+            dir.display(),
+            "AB".repeat(32)
+        );
+        if let Some(p) = identity {
+            t.push_str(&format!("identity = \"{}\"\n", p.display()));
+        }
+        let cfg = ferry_hv::FerryConfig::parse(&t, Path::new("ferry.toml")).unwrap();
+        cfg.sources["s"].clone()
+    }
+
+    #[test]
+    fn identities_made_once_never_where_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = source(dir.path(), None);
+        let (a, made) = load_identity("s", &cfg).unwrap();
+        assert!(made);
+        let (b, made) = load_identity("s", &cfg).unwrap();
+        assert!(!made);
+        assert_eq!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let m = std::fs::metadata(identity_path(&cfg)).unwrap();
+            assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        }
+        // A named identity that is missing is an error, and is not made.
+        let named = dir.path().join("etc/agent-client.pem");
+        let e = load_identity("s", &source(dir.path(), Some(&named))).unwrap_err();
+        assert!(
+            e.to_string().contains("cannot read the agent identity"),
+            "{e}"
+        );
+        assert!(!named.exists());
+        // A certificate without its key is refused when loaded.
+        std::fs::create_dir_all(named.parent().unwrap()).unwrap();
+        std::fs::write(
+            &named,
+            &a.cert_pem[..a.cert_pem.find("-----END CERTIFICATE-----").unwrap() + 25],
+        )
+        .unwrap();
+        let e = load_identity("s", &source(dir.path(), Some(&named))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("must hold a certificate and its private key"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("PRIVATE KEY-----"), "{e}");
+        // The transport's Debug shows the certificate, never the key.
+        let t = transport("s", &cfg).unwrap().unwrap();
+        assert!(!format!("{t:?}").contains("PRIVATE"), "{t:?}");
+    }
+
     #[test]
     fn url_hosts() {
         assert_eq!(url_host("https://hv01.lab:5986/wsman"), "hv01.lab");
