@@ -116,16 +116,3 @@ pub(super) fn lun_files(
         .collect();
     serde_json::Value::Object(m)
 }
-
-/// A checkpoint of VM `vm_id` froze `frozen`: the snapshot LUN follows (when LUNs are on).
-pub(super) fn checkpoint_taken(
-    paths: &DataPaths,
-    storage: &super::disks::Storage,
-    vm_id: &str,
-    frozen: &[super::disks::Frozen],
-) -> Result<(), String> {
-    match &paths.luns {
-        Some(l) => lun::checkpoint_taken(l, storage, vm_id, frozen),
-        None => Ok(()),
-    }
-}

@@ -100,31 +100,33 @@ pub(super) fn split(host_path: &str) -> Option<(&str, &str)> {
     host_path.rsplit_once('\\')
 }
 
-/// After checkpoint `frozen` of VM `vm_id`: refreshes the LUN of the VM's folder with every
-/// image of its disks there (the bases and the checkpoint's children).
-pub(super) fn checkpoint_taken(
-    luns: &Luns,
-    storage: &super::disks::Storage,
-    vm_id: &str,
-    frozen: &[super::disks::Frozen],
-) -> Result<(), String> {
-    let mut by_folder: std::collections::BTreeMap<&str, Vec<(PathBuf, String)>> =
-        Default::default();
-    let paths = storage
-        .disks
-        .iter()
-        .filter(|d| d.vm_id == vm_id)
-        .map(|d| d.host_path.as_str())
-        .chain(frozen.iter().map(|f| f.host_path.as_str()));
-    for hp in paths {
-        let (folder, name) = split(hp).ok_or_else(|| format!("`{hp}` has no folder"))?;
-        by_folder
-            .entry(folder)
-            .or_default()
-            .push((storage.local(hp)?, name.to_string()));
+impl Luns {
+    /// After checkpoint `frozen` of VM `vm_id`: refreshes the LUN of the VM's folder with every
+    /// image of its disks there (the bases and the checkpoint's children).
+    pub(super) fn checkpoint_taken(
+        &self,
+        storage: &super::disks::Storage,
+        vm_id: &str,
+        frozen: &[super::disks::Frozen],
+    ) -> Result<(), String> {
+        let mut by_folder: std::collections::BTreeMap<&str, Vec<(PathBuf, String)>> =
+            Default::default();
+        let paths = storage
+            .disks
+            .iter()
+            .filter(|d| d.vm_id == vm_id)
+            .map(|d| d.host_path.as_str())
+            .chain(frozen.iter().map(|f| f.host_path.as_str()));
+        for hp in paths {
+            let (folder, name) = split(hp).ok_or_else(|| format!("`{hp}` has no folder"))?;
+            by_folder
+                .entry(folder)
+                .or_default()
+                .push((storage.local(hp)?, name.to_string()));
+        }
+        for (folder, files) in by_folder {
+            self.refresh(folder, &files)?;
+        }
+        Ok(())
     }
-    for (folder, files) in by_folder {
-        luns.refresh(folder, &files)?;
-    }
-    Ok(())
 }

@@ -1300,7 +1300,10 @@ fn create_snapshot(st: &mut State, body: &Node, out: &mut Instance) -> Result<()
             return Ok(());
         }
     };
-    if let Err(m) = agent::checkpoint_taken(&st.data_paths, storage, &vm_id, &frozen) {
+    // A snapshot LUN shows the checkpoint's files as an array snapshot taken now would.
+    if let Some(l) = &st.data_paths.luns
+        && let Err(m) = l.checkpoint_taken(storage, &vm_id, &frozen)
+    {
         let _ = storage.release(&vm_id, &snap_id);
         job_out(st, out, "CreateSnapshot", Err(m));
         return Ok(());
