@@ -16,16 +16,17 @@ use std::sync::Arc;
 /// The node that runs a VM at backup time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnerNode {
-    /// Its name as WMI reports it (`HV01`).
+    /// Its name as WMI reports it (`HV01`): the key of `agent.nodes`.
     pub name: String,
-    /// Whether it is the host the source's URL reaches; its agent is then found at that
-    /// address unless `agent.nodes` names it.
-    pub is_source_host: bool,
+    /// Where its services are when `agent.nodes` does not name it: the host of the WinRM
+    /// endpoint that answers for it (a cluster node's own endpoint, or the source's URL).
+    pub host: String,
 }
 
-/// The node that owns VM `vm_id`: on a standalone host, the host itself
-/// (`Msvm_ComputerSystem` with Caption `Hosting Computer System`). A cluster's owner-node
-/// lookup (a moved VM is read from its new node) plugs in here.
+/// The node that owns VM `vm_id`, as the host behind `client` reports it: the
+/// `Msvm_ComputerSystem` of Caption `Hosting Computer System`, reached at `client`'s host. On a
+/// cluster, `client` is the owner node's own (the driver's per-node view), so this names that
+/// node; a cluster's `Node { name, url }` maps to `OwnerNode { name, host: node.host() }`.
 pub async fn owner_node(client: &WsmanClient, vm_id: &str) -> Result<OwnerNode, HypervError> {
     let _ = vm_id;
     let hosts = client
@@ -47,7 +48,7 @@ pub async fn owner_node(client: &WsmanClient, vm_id: &str) -> Result<OwnerNode, 
         })?;
     Ok(OwnerNode {
         name,
-        is_source_host: true,
+        host: url_host(client.url()),
     })
 }
 
@@ -80,10 +81,10 @@ impl std::fmt::Debug for NodeAgentTransport {
 impl NodeAgentTransport {
     /// Where the agent of `node` listens.
     pub fn address(&self, node: &OwnerNode) -> String {
-        let fallback = if node.is_source_host {
-            &self.source_host
-        } else {
+        let fallback = if node.host.is_empty() {
             &node.name
+        } else {
+            &node.host
         };
         self.settings.address(&node.name, fallback)
     }
@@ -114,7 +115,7 @@ impl Transport for NodeAgentTransport {
     async fn open(&self, disk: &CheckpointDisk) -> Result<Arc<dyn BlockSource>, String> {
         let node = OwnerNode {
             name: self.source_host.clone(),
-            is_source_host: true,
+            host: self.source_host.clone(),
         };
         self.open_at(disk, &node).await
     }
