@@ -65,7 +65,11 @@ fn url_host(url: &str) -> String {
 pub struct NodeAgentTransport {
     settings: AgentSettings,
     source_host: String,
-    identity: ferry_tls::ClientIdentity,
+    source: String,
+    cfg: SourceConfig,
+    /// Loaded at the first open, so an identity problem refuses `network` (with the reason)
+    /// but never stops what does not read disks (inventory, cleanup).
+    identity: Arc<std::sync::OnceLock<Result<ferry_tls::ClientIdentity, String>>>,
 }
 
 impl std::fmt::Debug for NodeAgentTransport {
@@ -73,7 +77,8 @@ impl std::fmt::Debug for NodeAgentTransport {
         f.debug_struct("NodeAgentTransport")
             .field("port", &self.settings.port)
             .field("nodes", &self.settings.nodes)
-            .field("identity", &self.identity)
+            .field("identity", &identity_path(&self.cfg))
+            .field("loaded", &self.identity.get().map(|r| r.is_ok()))
             .finish()
     }
 }
@@ -94,15 +99,19 @@ impl NodeAgentTransport {
         disk: &CheckpointDisk,
         node: &OwnerNode,
     ) -> Result<Arc<dyn BlockSource>, String> {
+        let identity = self
+            .identity
+            .get_or_init(|| {
+                load_identity(&self.source, &self.cfg)
+                    .map(|(id, _)| id)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| e.clone())?;
         let addr = self.address(node);
-        ferry_agent::client::open(
-            &addr,
-            &self.settings.fingerprint,
-            &self.identity,
-            &disk.host_path,
-        )
-        .await
-        .map_err(|e| format!("the agent of node {} at {addr}: {e}", node.name))
+        ferry_agent::client::open(&addr, &self.settings.fingerprint, identity, &disk.host_path)
+            .await
+            .map_err(|e| format!("the agent of node {} at {addr}: {e}", node.name))
     }
 }
 
@@ -143,11 +152,12 @@ pub fn transport(
     if !cfg.transports.contains(&TransportMode::Network) {
         return Ok(None);
     }
-    let (identity, _) = load_identity(name, cfg)?;
     Ok(Some(Arc::new(NodeAgentTransport {
         settings: settings.clone(),
         source_host: url_host(&cfg.url),
-        identity,
+        source: name.to_string(),
+        cfg: cfg.clone(),
+        identity: Arc::default(),
     })))
 }
 
@@ -278,9 +288,27 @@ mod tests {
             "{e}"
         );
         assert!(!e.to_string().contains("PRIVATE KEY-----"), "{e}");
-        // The transport's Debug shows the certificate, never the key.
+        // The transport's Debug shows where the identity is, never the key.
         let t = transport("s", &cfg).unwrap().unwrap();
         assert!(!format!("{t:?}").contains("PRIVATE"), "{t:?}");
+        // An unusable identity refuses `network` with the reason at the first open.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = transport("s", &source(dir.path(), Some(&named)))
+            .unwrap()
+            .unwrap();
+        let disk = CheckpointDisk {
+            vm: "v".into(),
+            key: "k".into(),
+            host_path: "C:\\v\\d.vhdx".into(),
+        };
+        let e = rt.block_on(t.open(&disk)).err().unwrap();
+        assert!(
+            e.contains("must hold a certificate and its private key"),
+            "{e}"
+        );
     }
 
     #[test]
