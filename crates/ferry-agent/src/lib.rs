@@ -26,7 +26,7 @@ pub mod paths;
 pub mod server;
 
 pub use config::{AgentConfig, PathMap};
-pub use server::{RunningAgent, start};
+pub use server::{RunningAgent, start, start_with_pins};
 
 /// Default TCP port of the agent (the IANA NBD port; the agent speaks nothing else).
 pub const DEFAULT_PORT: u16 = 10809;

@@ -106,9 +106,19 @@ fn write_private(path: &Path, text: &str) -> Result<(), AgentError> {
 /// Starts an agent: checks the configuration, binds, and serves in a background task.
 pub async fn start(cfg: AgentConfig) -> Result<RunningAgent, AgentError> {
     let pins = cfg.parsed_pins()?;
+    start_with_pins(cfg, ferry_tls::ClientPins::new(pins)).await
+}
+
+/// [`start`] with a shared set of client pins instead of `cfg.client_pins`: pins added to
+/// `pins` later are admitted from the next handshake on (the Hyper-V simulator pairs this
+/// way with an appliance whose certificate it learns after starting).
+pub async fn start_with_pins(
+    cfg: AgentConfig,
+    pins: ferry_tls::ClientPins,
+) -> Result<RunningAgent, AgentError> {
     let policy = Arc::new(PathPolicy::new(&cfg.roots, &cfg.maps)?);
     let (cert_pem, key_pem) = certificate(&cfg)?;
-    let tls = ferry_tls::server_config_pinned_clients(&cert_pem, &key_pem, &pins)?;
+    let tls = ferry_tls::server_config_shared_pins(&cert_pem, &key_pem, pins)?;
     let fingerprint = ferry_tls::certificate_fingerprint(&cert_pem)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await

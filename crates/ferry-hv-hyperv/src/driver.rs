@@ -238,13 +238,15 @@ impl HypervDriver {
                     .collect(),
             })
         };
+        let mut transports = vec![san];
+        transports.extend(crate::agent::transport(name, cfg)?);
         Ok(Self {
             inner: Arc::new(Inner {
                 name: name.into(),
                 cfg: cfg.clone(),
                 client,
                 journal: Journal::new(&cfg.state_dir(), name),
-                transports: std::sync::RwLock::new(vec![san]),
+                transports: std::sync::RwLock::new(transports),
             }),
         })
     }
@@ -634,6 +636,17 @@ impl HypervSession {
         let all = w.all_disks().await.map_err(|e| i.err(e))?;
         let frozen = Wmi::disks_of(&all, &self.checkpoint);
         let names = disk_names(live);
+        // The node that runs the VM, for the host agent (`network`).
+        let node = match i.cfg.agent {
+            Some(_) => match crate::agent::owner_node(&i.client, &self.vm.id).await {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    tracing::warn!(source = %i.name, vm = %self.vm.name, error = %e, "cannot tell the VM's node: the agent is looked for at the source's host");
+                    None
+                }
+            },
+            None => None,
+        };
         // The previous reference point, if the previous backup's still exists.
         let prev_id = previous
             .and_then(|p| p.0.values().next())
@@ -664,7 +677,7 @@ impl HypervSession {
                 key: d.key.clone(),
                 host_path: f.path.clone(),
             };
-            let (source, transport) = open_disk(&i, &label, &cd).await?;
+            let (source, transport) = open_disk(&i, &label, &cd, node.as_ref()).await?;
             let size = source.size();
             let changed = if opts.force_full {
                 Changed::Full {
@@ -767,6 +780,7 @@ async fn open_disk(
     i: &Inner,
     label: &str,
     cd: &CheckpointDisk,
+    node: Option<&crate::agent::OwnerNode>,
 ) -> Result<(Arc<dyn ferry_core::BlockSource>, TransportMode), HvError> {
     let mut refused = Vec::new();
     let transports = i
@@ -776,12 +790,16 @@ async fn open_disk(
         .clone();
     for (rank, mode) in i.cfg.transports.iter().enumerate() {
         let Some(t) = transports.iter().find(|t| t.mode() == *mode) else {
-            refused.push(format!(
-                "{mode}: not available for Hyper-V in this build (the host agent comes with `ferry-agent`)"
-            ));
+            refused.push(match mode {
+                TransportMode::Network => format!(
+                    "{mode}: no host agent is configured (a [sources.{}.agent] table with port and fingerprint)",
+                    i.name
+                ),
+                _ => format!("{mode}: not available for Hyper-V"),
+            });
             continue;
         };
-        match t.open(cd).await {
+        match t.open_on(cd, node).await {
             Ok(src) => {
                 if rank > 0 {
                     tracing::warn!(source = %i.name, disk = %label, transport = %mode, refused = %refused.join("; "), "using a less preferred transport");

@@ -11,11 +11,13 @@
 //! - [`transport`]: the data-path seam (checkpoint image on the host → block source); `san`
 //!   reads the `.avhdx` chain with `ferry-image`.
 //!
+//! - [`agent`]: the `network` transport per owner node (`[sources.NAME.agent]`).
 //! - [`auth`]: NTLM with message encryption, Basic.
 //! - [`kerberos`]: Kerberos logins (tickets from the KDC, the AP-REQ/AP-REP leg), sealing as NTLM.
 //!
 //! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), ADR 0159 (Kerberos), docs/drivers.md (Hyper-V section).
 
+pub mod agent;
 pub mod auth;
 pub mod client;
 pub mod config;

@@ -30,6 +30,16 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn mode(&self) -> TransportMode;
     /// Opens `disk` read-only, or says why it cannot.
     async fn open(&self, disk: &CheckpointDisk) -> Result<Arc<dyn BlockSource>, String>;
+    /// Opens `disk` knowing the node that runs the VM (the host agent reads it there); paths
+    /// that do not depend on the node open it as [`Transport::open`] does.
+    async fn open_on(
+        &self,
+        disk: &CheckpointDisk,
+        node: Option<&crate::agent::OwnerNode>,
+    ) -> Result<Arc<dyn BlockSource>, String> {
+        let _ = node;
+        self.open(disk).await
+    }
 }
 
 /// `san`: the host's files through a local directory per host path prefix.

@@ -193,6 +193,9 @@ pub struct SourceConfig {
     /// Hyper-V Kerberos: a keytab with the user's key, used instead of the password.
     #[serde(default)]
     pub keytab: Option<PathBuf>,
+    /// Hyper-V: the host agent of the `network` transport (`[sources.NAME.agent]`).
+    #[serde(default)]
+    pub agent: Option<crate::agent::AgentSettings>,
 }
 
 /// `auth` of a Hyper-V source (ADR 0112).
@@ -326,6 +329,14 @@ impl SourceConfig {
             return Err(format!(
                 "source `{name}`: realm, kdc and keytab go with auth = \"kerberos\""
             ));
+        }
+        if let Some(a) = &self.agent {
+            if self.kind != SourceKind::Hyperv {
+                return Err(format!(
+                    "source `{name}`: agent is a Hyper-V setting (the host agent)"
+                ));
+            }
+            a.validate(name)?;
         }
         if self.password_file.is_some() && self.password.is_some() {
             return Err(format!(

@@ -16,6 +16,7 @@
 //!
 //! [`config`] holds the typed sources configuration (`ferry.toml`).
 
+pub mod agent;
 pub mod config;
 pub mod counting;
 pub mod journal;

@@ -227,12 +227,50 @@ pub fn server_config_pinned_clients(
             "mutual TLS needs at least one pinned client certificate".into(),
         ));
     }
+    server_config_shared_pins(
+        cert_chain_pem,
+        key_pem,
+        ClientPins::new(client_pins.to_vec()),
+    )
+}
+
+/// The pinned client certificates of a running server, shared with it: a pin added later
+/// admits that client from the next handshake on (a simulator pairing with an appliance).
+#[derive(Clone, Debug, Default)]
+pub struct ClientPins(Arc<std::sync::RwLock<Vec<[u8; 32]>>>);
+
+impl ClientPins {
+    /// A set holding `pins`.
+    pub fn new(pins: Vec<[u8; 32]>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(pins)))
+    }
+
+    /// Admits the client certificate of fingerprint `pin`.
+    pub fn add(&self, pin: [u8; 32]) {
+        let mut v = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if !v.contains(&pin) {
+            v.push(pin);
+        }
+    }
+
+    fn snapshot(&self) -> Vec<[u8; 32]> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// [`server_config_pinned_clients`] over a shared set, which may start empty (every client is
+/// refused until a pin is added).
+pub fn server_config_shared_pins(
+    cert_chain_pem: &str,
+    key_pem: &str,
+    client_pins: ClientPins,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let (certs, key) = parse_pair(cert_chain_pem, key_pem, "server")?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(Arc::new(PinnedClients {
-            pins: client_pins.to_vec(),
+            pins: client_pins,
             provider: provider(),
         }))
         .with_single_cert(certs, key)
@@ -265,7 +303,7 @@ impl fmt::Debug for ClientNotPinned {
 
 #[derive(Debug)]
 struct PinnedClients {
-    pins: Vec<[u8; 32]>,
+    pins: ClientPins,
     provider: Arc<CryptoProvider>,
 }
 
@@ -281,13 +319,14 @@ impl ClientCertVerifier for PinnedClients {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let presented: [u8; 32] = Sha256::digest(end_entity.as_ref()).into();
-        if self.pins.contains(&presented) {
+        let pins = self.pins.snapshot();
+        if pins.contains(&presented) {
             Ok(ClientCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Other(rustls::OtherError(Arc::new(ClientNotPinned {
                     presented,
-                    pinned: self.pins.len(),
+                    pinned: pins.len(),
                 }))),
             ))
         }

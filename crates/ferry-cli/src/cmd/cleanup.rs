@@ -9,6 +9,9 @@ use std::process::ExitCode;
 pub enum Command {
     /// Remove leftover Ferry snapshots, attachments and tasks from the source.
     Cleanup(Args),
+    /// Print this appliance's client certificate fingerprint for the source's Hyper-V host
+    /// agents (made on first use).
+    AgentPin(super::agent_pin::Args),
 }
 
 /// Arguments of `ferry source cleanup`.
@@ -23,7 +26,10 @@ pub struct Args {
 
 /// Runs the sweep.
 pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCode> {
-    let Command::Cleanup(args) = cmd;
+    let args = match cmd {
+        Command::Cleanup(a) => a,
+        Command::AgentPin(a) => return super::agent_pin::run(a).await,
+    };
     let driver = args.source.connect().await?;
     let report = driver.recover().await?;
     if args.json {

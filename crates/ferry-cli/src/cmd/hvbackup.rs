@@ -150,6 +150,7 @@ pub fn transport_label(kind: HypervisorKind, mode: TransportMode) -> String {
         (HypervisorKind::Xen, TransportMode::Hotadd) => "hotadd (vbd on the proxy)".into(),
         (HypervisorKind::Xen, TransportMode::San) => "san (vhd chain)".into(),
         (HypervisorKind::HyperV, TransportMode::San) => "san (vhdx chain)".into(),
+        (HypervisorKind::HyperV, TransportMode::Network) => "network (host agent, nbd+tls)".into(),
         (_, m) => m.to_string(),
     }
 }

@@ -1,6 +1,7 @@
 //! One module per subcommand (or subcommand group). Each exposes `Args` and
 //! `pub async fn run(args: Args, global: &crate::Global) -> anyhow::Result<std::process::ExitCode>`.
 
+pub mod agent_pin;
 pub mod backup;
 pub mod benchmark;
 pub mod cleanup;

@@ -49,6 +49,14 @@ pub struct HypervArgs {
     /// The Kerberos service principal, without realm.
     #[arg(long, default_value = "HTTP/127.0.0.1")]
     kerberos_service: String,
+    /// An appliance client certificate (`sha256:…`, from `ferry source agent-pin`) the host
+    /// agent admits (repeatable; more through the side door).
+    #[arg(long = "agent-client-pin")]
+    agent_client_pins: Vec<String>,
+    /// Present a snapshot LUN (NTFS volume image, ntfs-3g) per VM folder, refreshed at each
+    /// checkpoint; printed as `san_luns`.
+    #[arg(long)]
+    san_luns: bool,
 }
 
 /// Arguments of `ferry sim vmware`.
@@ -143,6 +151,8 @@ async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
     cfg.kerberos = a
         .kerberos_keytab
         .map(|k| ferry_sim::hyperv::HypervKerberos::new(k, &a.kerberos_service));
+    cfg.data_paths.agent_client_pins = a.agent_client_pins;
+    cfg.data_paths.san_luns = a.san_luns;
     let sim = HypervSim::start(cfg)
         .await
         .context("cannot start the Hyper-V simulator")?;

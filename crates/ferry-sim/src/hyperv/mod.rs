@@ -22,10 +22,12 @@
 //! Checkpoints freeze the disks into `.avhdx` files, RCT ([`rct`]) answers
 //! `GetVirtualDiskChanges`, and a side door ([`sidedoor`]) acts as the guest and injects faults.
 
+mod agent;
 mod auth;
 mod config;
 mod disks;
 mod kerberos;
+mod lun;
 mod rct;
 mod sidedoor;
 
@@ -48,6 +50,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+pub use agent::DataPathOptions;
 
 /// Why the simulator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +89,8 @@ pub struct HypervSimConfig {
     pub disk_mib: u64,
     /// Also accept Kerberos (ADR 0159).
     pub kerberos: Option<HypervKerberos>,
+    /// The host agent's pins and snapshot LUNs ([`agent`]).
+    pub data_paths: DataPathOptions,
 }
 
 impl HypervSimConfig {
@@ -100,6 +106,7 @@ impl HypervSimConfig {
             host_name: "HV-SIM-01".into(),
             disk_mib: 16,
             kerberos: None,
+            data_paths: DataPathOptions::default(),
         }
     }
 }
@@ -113,6 +120,7 @@ pub struct HypervSim {
     http_url: Option<String>,
     fingerprint: String,
     dir: PathBuf,
+    agent: agent::SimAgent,
 }
 
 #[derive(Debug)]
@@ -137,6 +145,8 @@ struct State {
     storage: Option<disks::Storage>,
     /// Method → (calls to let through first, calls that fail then) (side door).
     fail_next: HashMap<String, (usize, usize)>,
+    /// The host agent's pins and the snapshot LUNs.
+    data_paths: agent::DataPaths,
 }
 
 #[derive(Debug, Clone)]
@@ -494,10 +504,14 @@ impl HypervSim {
         })?;
         let disk_size = cfg.disk_mib.max(1) << 20;
         let (host, dir) = (cfg.host_name.clone(), cfg.dir.clone());
-        let state = tokio::task::spawn_blocking(move || State::seed(&host, &dir, disk_size))
+        let mut state = tokio::task::spawn_blocking(move || State::seed(&host, &dir, disk_size))
             .await
             .map_err(|e| HypervSimError::Other(e.to_string()))?
             .map_err(|e| HypervSimError::Other(format!("seeding the disks: {e}")))?;
+        let shutdown = CancellationToken::new();
+        let (sim_agent, data_paths) =
+            agent::start(&cfg.dir, &cfg.data_paths, shutdown.clone()).await?;
+        state.data_paths = data_paths;
         let shared = Arc::new(Shared {
             username: cfg.username.clone(),
             password: cfg.password.clone(),
@@ -513,7 +527,6 @@ impl HypervSim {
         let tls = cert
             .server_config()
             .map_err(|e| HypervSimError::Other(e.to_string()))?;
-        let shutdown = CancellationToken::new();
         let app = axum::Router::new()
             .route("/wsman", axum::routing::post(handle))
             .with_state(shared.clone());
@@ -556,6 +569,7 @@ impl HypervSim {
             http_url,
             fingerprint,
             dir: cfg.dir,
+            agent: sim_agent,
         })
     }
 
@@ -643,6 +657,9 @@ impl HypervSim {
             "dir": self.dir,
             // Where the proxy sees the host's volumes (a source's `san-paths`).
             "san_paths": { "C:\\": self.dir.join("volumes").join("C") },
+            // The host agent (`network`) and the snapshot LUNs (`san-luns`).
+            "agent": self.agent.info(),
+            "san_luns": agent::lun_files(&st.data_paths, st.storage.as_ref()),
             "vms": vms,
         })
         .to_string()
@@ -1297,6 +1314,14 @@ fn create_snapshot(st: &mut State, body: &Node, out: &mut Instance) -> Result<()
             return Ok(());
         }
     };
+    // A snapshot LUN shows the checkpoint's files as an array snapshot taken now would.
+    if let Some(l) = &st.data_paths.luns
+        && let Err(m) = l.checkpoint_taken(storage, &vm_id, &frozen)
+    {
+        let _ = storage.release(&vm_id, &snap_id);
+        job_out(st, out, "CreateSnapshot", Err(m));
+        return Ok(());
+    }
     let name = prop("ElementName").unwrap_or_else(|| format!("{vm_name} - checkpoint"));
     let snap = inst(
         "Msvm_VirtualSystemSettingData",

@@ -10,6 +10,7 @@
 //! | `GuestWrite` | `VirtualSystem` (name or id), `Disk` (`disk0` or id), `Offset`, `Data` (base64) | the running guest writes; RCT records it |
 //! | `UntrackedWrite` | same | a write RCT misses (a host bug) |
 //! | `BreakRct` | `VirtualSystem`, `Disk` | RCT restarts: every earlier RCT id of the disk is invalid |
+//! | `AgentPin` | `Fingerprint` (`sha256:…`) | the host agent admits this appliance client certificate |
 //! | `FailNext` | `Method` (`Class.Method`), `Count`, optional `Skip` | after `Skip` more calls, the next `Count` calls of the method end in a failed job |
 
 use super::{Fault, HypervSim, State, fault, set_rv};
@@ -86,6 +87,10 @@ pub(super) fn invoke(st: &mut State, method: &str, body: &Node) -> Result<Instan
             )
             .map_err(failed)?;
         }
+        "AgentPin" => st
+            .data_paths
+            .add_pin(&arg("Fingerprint")?)
+            .map_err(failed)?,
         "BreakRct" => st
             .break_rct(&arg("VirtualSystem")?, &arg("Disk")?)
             .map_err(failed)?,
@@ -140,6 +145,11 @@ impl HypervSim {
     /// Restarts RCT of a disk: its earlier RCT ids become invalid.
     pub fn break_rct(&self, vm: &str, disk: &str) -> Result<(), String> {
         self.state().break_rct(vm, disk)
+    }
+
+    /// The host agent admits the appliance client certificate `fingerprint` (`sha256:…`).
+    pub fn agent_pin(&self, fingerprint: &str) -> Result<(), String> {
+        self.state().data_paths.add_pin(fingerprint)
     }
 
     /// The next `count` calls of `method` (`Class.Method`) end in a failed job.
