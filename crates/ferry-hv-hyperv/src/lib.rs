@@ -12,11 +12,13 @@
 //!   reads the `.avhdx` chain with `ferry-image`.
 //!
 //! - [`auth`]: NTLM with message encryption, Basic.
+//! - [`cluster`]: failover clusters: the node that owns a VM now, a client per node (ADR 0153).
 //!
 //! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), docs/drivers.md (Hyper-V section).
 
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod driver;
 pub mod error;

@@ -43,6 +43,9 @@ pub struct HypervArgs {
     /// Size of each seeded virtual disk in MiB.
     #[arg(long, default_value_t = 16)]
     disk_mib: u64,
+    /// A failover cluster of N nodes (each its own WinRM listener; the disks on a shared CSV).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
+    cluster: Option<u8>,
 }
 
 /// Arguments of `ferry sim vmware`.
@@ -134,6 +137,7 @@ async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
     cfg.username = a.username;
     cfg.password = a.password;
     cfg.disk_mib = a.disk_mib;
+    cfg.cluster_nodes = a.cluster.map_or(0, usize::from);
     let sim = HypervSim::start(cfg)
         .await
         .context("cannot start the Hyper-V simulator")?;

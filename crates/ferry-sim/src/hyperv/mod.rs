@@ -23,6 +23,7 @@
 //! `GetVirtualDiskChanges`, and a side door ([`sidedoor`]) acts as the guest and injects faults.
 
 mod auth;
+mod cluster;
 mod config;
 mod disks;
 mod rct;
@@ -45,6 +46,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+
+pub use cluster::NodeInfo;
 
 /// Why the simulator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,8 @@ pub struct HypervSimConfig {
     pub host_name: String,
     /// Size of each seeded disk in MiB.
     pub disk_mib: u64,
+    /// Nodes of a failover cluster (0 or 1: a standalone host; see [`cluster`]).
+    pub cluster_nodes: usize,
 }
 
 impl HypervSimConfig {
@@ -94,6 +99,7 @@ impl HypervSimConfig {
             password: "hypervsim".into(),
             host_name: "HV-SIM-01".into(),
             disk_mib: 16,
+            cluster_nodes: 0,
         }
     }
 }
@@ -107,6 +113,7 @@ pub struct HypervSim {
     http_url: Option<String>,
     fingerprint: String,
     dir: PathBuf,
+    nodes: Vec<cluster::NodeInfo>,
 }
 
 #[derive(Debug)]
@@ -131,6 +138,10 @@ struct State {
     storage: Option<disks::Storage>,
     /// Method → (calls to let through first, calls that fail then) (side door).
     fail_next: HashMap<String, (usize, usize)>,
+    /// The failover cluster, when the host is one of its nodes.
+    cluster: Option<cluster::Cluster>,
+    /// The node serving the request being answered.
+    viewer: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -417,10 +428,11 @@ impl State {
             return None;
         }
         self.objects.get(class)?.iter().find(|i| {
-            selectors
-                .iter()
-                .filter(|(k, _)| i.props.contains_key(k) || k == "__cimnamespace")
-                .all(|(k, v)| k == "__cimnamespace" || i.text(k) == Some(v.as_str()))
+            self.visible(i)
+                && selectors
+                    .iter()
+                    .filter(|(k, _)| i.props.contains_key(k) || k == "__cimnamespace")
+                    .all(|(k, v)| k == "__cimnamespace" || i.text(k) == Some(v.as_str()))
                 && selectors.iter().any(|(k, _)| i.props.contains_key(k))
         })
     }
@@ -488,10 +500,14 @@ impl HypervSim {
         })?;
         let disk_size = cfg.disk_mib.max(1) << 20;
         let (host, dir) = (cfg.host_name.clone(), cfg.dir.clone());
-        let state = tokio::task::spawn_blocking(move || State::seed(&host, &dir, disk_size))
+        let mut state = tokio::task::spawn_blocking(move || State::seed(&host, &dir, disk_size))
             .await
             .map_err(|e| HypervSimError::Other(e.to_string()))?
             .map_err(|e| HypervSimError::Other(format!("seeding the disks: {e}")))?;
+        let node_names = cluster::node_names(&cfg.host_name, cfg.cluster_nodes.max(1));
+        if node_names.len() > 1 {
+            state.seed_cluster("HV-CLUSTER", &node_names);
+        }
         let shared = Arc::new(Shared {
             username: cfg.username.clone(),
             password: cfg.password.clone(),
@@ -508,7 +524,10 @@ impl HypervSim {
         let shutdown = CancellationToken::new();
         let app = axum::Router::new()
             .route("/wsman", axum::routing::post(handle))
-            .with_state(shared.clone());
+            .with_state(shared.clone())
+            .layer(Extension(cluster::Viewer(
+                (node_names.len() > 1).then(|| node_names[0].clone()),
+            )));
         let bind = |a: SocketAddr| async move {
             tokio::net::TcpListener::bind(a)
                 .await
@@ -541,13 +560,24 @@ impl HypervSim {
             }
             None => None,
         };
+        let url = format!("https://{addr}/wsman");
+        let nodes = cluster::start_nodes(
+            &shared,
+            &node_names,
+            addr.ip(),
+            &url,
+            &fingerprint,
+            &shutdown,
+        )
+        .await?;
         Ok(Self {
             shared,
             shutdown,
-            url: format!("https://{addr}/wsman"),
+            url,
             http_url,
             fingerprint,
             dir: cfg.dir,
+            nodes,
         })
     }
 
@@ -620,12 +650,13 @@ impl HypervSim {
                             "id": id,
                             "state": i.text("EnabledState"),
                             "disks": disks,
+                            "owner": st.cluster.as_ref().and_then(|c| c.owners.get(id)),
                         })
                     })
                     .collect()
             })
             .unwrap_or_default();
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "url": self.url,
             "http_url": self.http_url,
             "username": self.shared.username,
@@ -636,8 +667,11 @@ impl HypervSim {
             // Where the proxy sees the host's volumes (a source's `san-paths`).
             "san_paths": { "C:\\": self.dir.join("volumes").join("C") },
             "vms": vms,
-        })
-        .to_string()
+        });
+        if let Some(c) = cluster::info(&st, &self.nodes) {
+            v["cluster"] = c;
+        }
+        v.to_string()
     }
 
     /// NTLM logins completed so far (tests: a client keeps its session).
@@ -666,22 +700,23 @@ async fn handle(
     AxState(shared): AxState<Arc<Shared>>,
     Extension(chan): Extension<auth::Channel>,
     Extension(conn): Extension<ferry_http::Connection>,
+    Extension(viewer): Extension<cluster::Viewer>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     match shared.auth.admit(chan, &conn, &headers, body) {
         Err(r) => *r,
         Ok(auth::Admitted::Empty) => StatusCode::OK.into_response(),
-        Ok(auth::Admitted::Clear(body)) => answer(&shared, &body),
+        Ok(auth::Admitted::Clear(body)) => answer(&shared, &viewer, &body),
         Ok(auth::Admitted::Sealed(body, key)) => {
-            let reply = answer(&shared, &body);
+            let reply = answer(&shared, &viewer, &body);
             shared.auth.seal(key, reply).await
         }
     }
 }
 
 /// Serves one (authenticated, unsealed) SOAP request.
-fn answer(shared: &Shared, body: &[u8]) -> Response {
+fn answer(shared: &Shared, viewer: &cluster::Viewer, body: &[u8]) -> Response {
     let req = match xml::parse(body) {
         Ok(n) if n.name == "Envelope" => n,
         Ok(_) | Err(_) => {
@@ -723,6 +758,7 @@ fn answer(shared: &Shared, body: &[u8]) -> Response {
         .unwrap_or(&empty);
     let result = {
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.viewer = viewer.0.clone();
         dispatch(shared, &mut st, &action, &resource, &selectors, body)
     };
     match result {
@@ -789,7 +825,10 @@ fn dispatch(
     if resource == SHELL_CMD {
         return shell(shared, st, action, selectors, body);
     }
-    let Some(class) = resource.strip_prefix(cim::VIRTUALIZATION_V2) else {
+    let Some(class) = resource
+        .strip_prefix(cim::VIRTUALIZATION_V2)
+        .or_else(|| st.cluster_class(resource))
+    else {
         return Err(fault(
             "DestinationUnreachable",
             format!(
@@ -897,7 +936,11 @@ fn enumerate(st: &State, class: &str, body: &Node) -> Result<Vec<Instance>, Faul
                 "An enumeration of the namespace needs a filter.",
             ));
         }
-        return Ok(st.objects.get(class).cloned().unwrap_or_default());
+        return Ok(st
+            .objects
+            .get(class)
+            .map(|v| v.iter().filter(|i| st.visible(i)).cloned().collect())
+            .unwrap_or_default());
     };
     let q = filter.text.trim();
     let bad = || {
@@ -938,6 +981,7 @@ fn enumerate(st: &State, class: &str, body: &Node) -> Result<Vec<Instance>, Faul
         .get(*cls)
         .map(|v| {
             v.iter()
+                .filter(|i| st.visible(i))
                 .filter(|i| conds.iter().all(|(k, v)| i.text(k) == Some(v.as_str())))
                 .cloned()
                 .collect()
@@ -979,6 +1023,9 @@ fn invoke(
     body: &Node,
 ) -> Result<Instance, Fault> {
     if class == sidedoor::CLASS {
+        if let Some(r) = cluster::sidedoor(st, method, body) {
+            return r;
+        }
         return sidedoor::invoke(st, method, body);
     }
     if st.find(class, selectors).is_none() {
