@@ -169,11 +169,23 @@ impl WsmanClient {
         class: &str,
         query: Option<&str>,
     ) -> Result<Vec<Instance>, HypervError> {
+        self.enumerate_in(cim::VIRTUALIZATION_V2, class, query)
+            .await
+    }
+
+    /// [`Self::enumerate`] in another WMI namespace, given by its resource URI prefix
+    /// (`…/wmi/root/mscluster/`).
+    pub async fn enumerate_in(
+        &self,
+        namespace: &str,
+        class: &str,
+        query: Option<&str>,
+    ) -> Result<Vec<Instance>, HypervError> {
         let call = format!("Enumerate {class}");
         // WinRM takes filtered enumerations on the namespace's wildcard resource.
         let uri = match query {
-            Some(_) => cim::class_uri("*"),
-            None => cim::class_uri(class),
+            Some(_) => format!("{namespace}*"),
+            None => format!("{namespace}{class}"),
         };
         let filter = query
             .map(|q| {

@@ -22,6 +22,7 @@
 
 use crate::cim::Instance;
 use crate::client::{Credentials, WsmanClient};
+use crate::cluster::{Clusters, Node};
 use crate::error::HypervError;
 use crate::transport::{CheckpointDisk, SanTransport, Transport};
 use crate::wmi::{self, VirtualDisk, Wmi};
@@ -35,6 +36,7 @@ use ferry_hv::{
     HypervisorKind, NativeConfig, Outcome, PowerState, RestorePlan, RestoredVm, SourceConfig,
     TransportMode, VmConfig, VmSummary,
 };
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Start of the name of every checkpoint Ferry takes; the owning process follows in brackets.
@@ -48,9 +50,15 @@ pub const SAVED_STATE: &str = "saved-state";
 struct Inner {
     name: String,
     cfg: SourceConfig,
-    client: WsmanClient,
-    journal: Journal,
+    /// The host this works with: the source's `url`, or the cluster node that owns the VM.
+    client: Arc<WsmanClient>,
+    /// Shared by the per-node views of the source: one journal file, one lock.
+    journal: Arc<Journal>,
     transports: std::sync::RwLock<Vec<Arc<dyn Transport>>>,
+    /// The source's cluster nodes (ADR 0153).
+    clusters: Arc<Clusters>,
+    /// The cluster node `client` talks to, in a per-node view.
+    node: Option<Node>,
 }
 
 /// The Hyper-V driver for one configured source.
@@ -104,6 +112,16 @@ pub fn volume_of(path: &str) -> String {
         return parts[..3].join("\\");
     }
     parts.first().copied().unwrap_or_default().to_string()
+}
+
+/// How a volume is named for per-datastore limits: `C:\ClusterStorage\Volume1`,
+/// `\\fs01\vms`, `D:` (as written in the disk's path).
+pub fn volume_label(path: &str) -> String {
+    let v = volume_of(path);
+    let p = path.replace('/', "\\");
+    p.get(..v.len())
+        .filter(|x| x.eq_ignore_ascii_case(&v))
+        .map_or(v, str::to_string)
 }
 
 /// Whether the guest qualifies for the child-VM method: `Ok(why)` or `Err(why not)`.
@@ -193,33 +211,34 @@ fn disk_names(disks: &[VirtualDisk]) -> Vec<String> {
     out
 }
 
+/// The Kerberos settings of a source (also used for each cluster node's client).
+pub(crate) fn kerberos_options(cfg: &SourceConfig) -> crate::KerberosOptions {
+    crate::KerberosOptions {
+        realm: cfg.realm.clone(),
+        kdc: cfg.kdc.clone(),
+        keytab: cfg.keytab.clone(),
+    }
+}
+
 impl HypervDriver {
     /// Connects to source `name` (nothing is sent until the first call).
     pub async fn connect(name: &str, cfg: &SourceConfig) -> Result<Self, HvError> {
         let http = cfg.http_options(name)?;
         let password = cfg.password(name)?;
-        let client = WsmanClient::new(
-            &cfg.url,
-            &http,
-            Credentials {
-                user: cfg.username.clone(),
-                password,
-            },
-        )
-        .map_err(|e| hv(name, e))?
-        .with_auth(
-            match cfg.auth.unwrap_or_default() {
-                ferry_hv::config::WinrmAuth::Ntlm => crate::AuthMethod::Ntlm,
-                ferry_hv::config::WinrmAuth::Basic => crate::AuthMethod::Basic,
-                ferry_hv::config::WinrmAuth::Kerberos => crate::AuthMethod::Kerberos,
-            },
-            cfg.domain.clone(),
-        )
-        .with_kerberos(crate::KerberosOptions {
-            realm: cfg.realm.clone(),
-            kdc: cfg.kdc.clone(),
-            keytab: cfg.keytab.clone(),
-        });
+        let creds = Credentials {
+            user: cfg.username.clone(),
+            password,
+        };
+        let auth = match cfg.auth.unwrap_or_default() {
+            ferry_hv::config::WinrmAuth::Ntlm => crate::AuthMethod::Ntlm,
+            ferry_hv::config::WinrmAuth::Basic => crate::AuthMethod::Basic,
+            ferry_hv::config::WinrmAuth::Kerberos => crate::AuthMethod::Kerberos,
+        };
+        let client = WsmanClient::new(&cfg.url, &http, creds.clone())
+            .map_err(|e| hv(name, e))?
+            .with_auth(auth, cfg.domain.clone())
+            .with_kerberos(kerberos_options(cfg));
+        let clusters = Arc::new(Clusters::new(name, cfg, creds, auth, cfg.domain.clone()));
         // `san-luns` (snapshot LUNs read through NTFS) take the place of `san-paths` (mounted).
         let san: Arc<dyn Transport> = if cfg.san_luns.is_empty() {
             Arc::new(SanTransport {
@@ -244,9 +263,11 @@ impl HypervDriver {
             inner: Arc::new(Inner {
                 name: name.into(),
                 cfg: cfg.clone(),
-                client,
-                journal: Journal::new(&cfg.state_dir(), name),
+                client: Arc::new(client),
+                journal: Arc::new(Journal::new(&cfg.state_dir(), name)),
                 transports: std::sync::RwLock::new(transports),
+                clusters,
+                node: None,
             }),
         })
     }
@@ -267,11 +288,66 @@ impl HypervDriver {
     pub fn client(&self) -> &WsmanClient {
         &self.inner.client
     }
+
+    /// The cluster node that runs VM `vm` (name or id) now, from `root/MSCluster`; `None`
+    /// when the source is a standalone host. A backup sends its checkpoint and RCT calls to
+    /// this node, and a per-node data path (the host agent) reads from [`Node::host`].
+    pub async fn owner_node(&self, vm: &str) -> Result<Option<Node>, HvError> {
+        let i = &self.inner;
+        i.clusters.owner(&i.client, vm).await.map_err(|e| i.err(e))
+    }
 }
 
 impl Inner {
     fn wmi(&self) -> Wmi<'_> {
         Wmi::new(&self.client)
+    }
+
+    /// This source as seen from `client` (a cluster node): same name, journal and data paths.
+    fn on(&self, node: Node, client: Arc<WsmanClient>) -> Arc<Inner> {
+        Arc::new(Inner {
+            name: self.name.clone(),
+            cfg: self.cfg.clone(),
+            client,
+            journal: self.journal.clone(),
+            transports: std::sync::RwLock::new(
+                self.transports
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            ),
+            clusters: self.clusters.clone(),
+            node: Some(node),
+        })
+    }
+
+    /// The host that runs VM `vm`: its cluster node, or the standalone host.
+    async fn for_vm(self: &Arc<Self>, vm: &str) -> Result<Arc<Inner>, HvError> {
+        match self
+            .clusters
+            .owner(&self.client, vm)
+            .await
+            .map_err(|e| self.err(e))?
+        {
+            None => Ok(self.clone()),
+            Some(node) => {
+                tracing::info!(source = %self.name, vm, node = %node.name, "the VM runs on cluster node {}", node.name);
+                let c = self
+                    .clusters
+                    .client(&node.name)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                Ok(self.on(node, c))
+            }
+        }
+    }
+
+    /// Every host of the source (each cluster node, or the standalone host).
+    async fn hosts(&self) -> Result<Vec<crate::cluster::Host>, HvError> {
+        self.clusters
+            .hosts(&self.client)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     fn err(&self, e: HypervError) -> HvError {
@@ -292,6 +368,21 @@ impl Inner {
 
     async fn find_vm(&self, want: &str) -> Result<Instance, HvError> {
         let vms = self.wmi().vms().await.map_err(|e| self.err(e))?;
+        if let Some(n) = &self.node
+            && !vms.iter().any(|v| {
+                v.text("Name").is_some_and(|x| x.eq_ignore_ascii_case(want))
+                    || v.text("ElementName") == Some(want)
+            })
+        {
+            // A node answers for the VMs it runs only.
+            return Err(self.vm_err(
+                want,
+                format!(
+                    "the cluster says node `{}` runs the VM, but the host at {} does not know it (a node answers for the VMs it runs only): the VM moved meanwhile (run again), or [sources.{}.nodes] points `{}` at another host",
+                    n.name, n.url, self.name, n.name
+                ),
+            ));
+        }
         let hits: Vec<&Instance> = vms
             .iter()
             .filter(|v| {
@@ -310,8 +401,7 @@ impl Inner {
     }
 
     /// Resumes VM `id` if it is saved (after a backup that saved it).
-    async fn resume(&self, id: &str) -> Result<bool, HvError> {
-        let w = self.wmi();
+    async fn resume(&self, w: &Wmi<'_>, id: &str) -> Result<bool, HvError> {
         let vm = match w.vm(id).await {
             Ok(v) => v,
             Err(e) if wmi::is_gone(&e) => return Ok(false),
@@ -340,21 +430,45 @@ impl Inner {
             disk: "crash journal".into(),
             message: e.to_string(),
         })?;
-        let w = self.wmi();
+        // On a cluster the object is on the node that ran the VM then: ask every node (one
+        // that does not have it answers "gone").
+        let hosts = self.hosts().await?;
         for e in &entries {
-            match e.kind.as_str() {
-                "checkpoint" => {
-                    w.destroy_checkpoint(&e.id).await.map_err(|x| self.err(x))?;
-                    report.snapshots += 1;
+            for h in &hosts {
+                let w = Wmi::new(&h.client);
+                match e.kind.as_str() {
+                    "checkpoint"
+                        if w.checkpoint_exists(&e.id).await.map_err(|x| self.err(x))? =>
+                    {
+                        w.destroy_checkpoint(&e.id).await.map_err(|x| self.err(x))?;
+                        report.snapshots += 1;
+                    }
+                    "saved-vm" if self.resume(&w, &e.id).await? => {
+                        tracing::warn!(source = %self.name, vm = %e.id, "resumed a VM an interrupted backup had saved");
+                    }
+                    _ => {}
                 }
-                "saved-vm" if self.resume(&e.id).await? => {
-                    tracing::warn!(source = %self.name, vm = %e.id, "resumed a VM an interrupted backup had saved");
-                }
-                _ => {}
             }
             self.journal(false, &e.kind, &e.id);
         }
-        // Checkpoints named by Ferry whose owner died before journaling them.
+        for h in &hosts {
+            self.remove_unjournaled(&Wmi::new(&h.client), all, &entries, &mut report)
+                .await?;
+        }
+        if report != CleanupReport::default() {
+            tracing::warn!(source = %self.name, checkpoints = report.snapshots, "removed leftovers of an interrupted backup");
+        }
+        Ok(report)
+    }
+
+    /// Ferry's checkpoints on one host whose owner died before journaling them.
+    async fn remove_unjournaled(
+        &self,
+        w: &Wmi<'_>,
+        all: bool,
+        entries: &[journal::Entry],
+        report: &mut CleanupReport,
+    ) -> Result<(), HvError> {
         let host = this_host();
         for c in w.recovery_checkpoints().await.map_err(|e| self.err(e))? {
             let (Some(id), Some(owner)) = (
@@ -372,10 +486,7 @@ impl Inner {
             w.destroy_checkpoint(id).await.map_err(|e| self.err(e))?;
             report.snapshots += 1;
         }
-        if report != CleanupReport::default() {
-            tracing::warn!(source = %self.name, checkpoints = report.snapshots, "removed leftovers of an interrupted backup");
-        }
-        Ok(report)
+        Ok(())
     }
 }
 
@@ -387,11 +498,83 @@ impl HypervisorDriver for HypervDriver {
 
     async fn list_vms(&self) -> Result<Vec<VmSummary>, HvError> {
         let i = &self.inner;
-        let w = i.wmi();
+        let mut out = Vec::new();
+        for h in i.hosts().await? {
+            self.list_host_vms(&h, &mut out).await?;
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    async fn disk_stores(&self, vm: &VmSummary) -> Result<BTreeMap<String, String>, HvError> {
+        let i = self.inner.for_vm(&vm.id).await?;
+        let all = i.wmi().all_disks().await.map_err(|e| i.err(e))?;
+        // The volume each disk's image is on: a CSV, a share or a drive.
+        Ok(Wmi::disks_of(&all, &format!("Microsoft:{}", vm.id))
+            .into_iter()
+            .filter(|d| vm.disks.is_empty() || vm.disks.iter().any(|x| x.key == d.key))
+            .map(|d| (d.key, volume_label(&d.path)))
+            .collect())
+    }
+
+    async fn begin_backup(
+        &self,
+        vm: &str,
+        opts: &BackupOptions,
+        previous: Option<&ChangeTokens>,
+    ) -> Result<Box<dyn BackupSession>, HvError> {
+        self.inner.recover(false).await?;
+        // On a cluster, every call of the backup goes to the node that runs the VM now.
+        let node = self.inner.for_vm(vm).await?;
+        self.backup_on(&node, vm, opts, previous).await
+    }
+
+    async fn recover(&self) -> Result<CleanupReport, HvError> {
+        self.inner.recover(true).await
+    }
+
+    async fn remove_leftovers(&self, vm: &str, owner: &str) -> Result<CleanupReport, HvError> {
+        let i = &self.inner;
+        let mut report = CleanupReport::default();
+        for h in i.hosts().await? {
+            let w = Wmi::new(&h.client);
+            for c in w.recovery_checkpoints().await.map_err(|e| i.err(e))? {
+                if c.text("VirtualSystemIdentifier") != Some(vm)
+                    || c.text("ElementName").and_then(checkpoint_owner) != Some(owner)
+                {
+                    continue;
+                }
+                if let Some(id) = c.text("InstanceID") {
+                    w.destroy_checkpoint(id).await.map_err(|e| i.err(e))?;
+                    report.snapshots += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn restore_vm(&self, _plan: &RestorePlan) -> Result<RestoredVm, HvError> {
+        Err(HvError::Api {
+            source_name: self.inner.name.clone(),
+            call: "restore".into(),
+            message: "whole-VM restore to Hyper-V is not part of this build yet; restore the disks with `ferry restore --disk … --to FILE.vhdx`".into(),
+            retryable: false,
+        })
+    }
+}
+
+impl HypervDriver {
+    /// The VMs of one host, with the node they run on.
+    async fn list_host_vms(
+        &self,
+        h: &crate::cluster::Host,
+        out: &mut Vec<VmSummary>,
+    ) -> Result<(), HvError> {
+        let i = &self.inner;
+        let w = Wmi::new(&h.client);
         let vms = w.vms().await.map_err(|e| i.err(e))?;
         let all = w.all_disks().await.map_err(|e| i.err(e))?;
-        let host = i.client.url().to_string();
-        let mut out = Vec::new();
+        let host = h.node.clone().unwrap_or_else(|| h.client.url().to_string());
         for v in &vms {
             let id = v.text("Name").unwrap_or("").to_string();
             let disks = Wmi::disks_of(&all, &format!("Microsoft:{id}"));
@@ -416,18 +599,17 @@ impl HypervisorDriver for HypervDriver {
                 tags: vec![],
             });
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        Ok(out)
+        Ok(())
     }
 
-    async fn begin_backup(
+    /// A backup of `vm` on host `i` (the node that runs it).
+    async fn backup_on(
         &self,
+        i: &Arc<Inner>,
         vm: &str,
         opts: &BackupOptions,
         previous: Option<&ChangeTokens>,
     ) -> Result<Box<dyn BackupSession>, HvError> {
-        let i = &self.inner;
-        i.recover(false).await?;
         let w = i.wmi();
         let sys = i.find_vm(vm).await?;
         let vm_id = sys.text("Name").unwrap_or("").to_string();
@@ -461,7 +643,7 @@ impl HypervisorDriver for HypervDriver {
                         let reason = format!("the application-consistent checkpoint failed: {e}");
                         tracing::warn!(source = %i.name, vm = %vm_name, %reason, "falling back to the saved-state method");
                         (
-                            self.saved_state(&vm_id, &sys, &name).await?,
+                            i.saved_state(&vm_id, &sys, &name).await?,
                             BackupMethod {
                                 name: SAVED_STATE.into(),
                                 reason,
@@ -472,7 +654,7 @@ impl HypervisorDriver for HypervDriver {
                 }
             }
             Err(why) => (
-                self.saved_state(&vm_id, &sys, &name).await?,
+                i.saved_state(&vm_id, &sys, &name).await?,
                 BackupMethod {
                     name: SAVED_STATE.into(),
                     reason: format!("the guest does not qualify for the child-VM method: {why}"),
@@ -488,7 +670,7 @@ impl HypervisorDriver for HypervDriver {
             ConsistencyLevel::SavedState
         };
         let mut session = HypervSession {
-            inner: self.inner.clone(),
+            inner: i.clone(),
             vm: VmSummary {
                 id: vm_id.clone(),
                 name: vm_name,
@@ -520,40 +702,9 @@ impl HypervisorDriver for HypervDriver {
             }
         }
     }
-
-    async fn recover(&self) -> Result<CleanupReport, HvError> {
-        self.inner.recover(true).await
-    }
-
-    async fn remove_leftovers(&self, vm: &str, owner: &str) -> Result<CleanupReport, HvError> {
-        let i = &self.inner;
-        let w = i.wmi();
-        let mut report = CleanupReport::default();
-        for c in w.recovery_checkpoints().await.map_err(|e| i.err(e))? {
-            if c.text("VirtualSystemIdentifier") != Some(vm)
-                || c.text("ElementName").and_then(checkpoint_owner) != Some(owner)
-            {
-                continue;
-            }
-            if let Some(id) = c.text("InstanceID") {
-                w.destroy_checkpoint(id).await.map_err(|e| i.err(e))?;
-                report.snapshots += 1;
-            }
-        }
-        Ok(report)
-    }
-
-    async fn restore_vm(&self, _plan: &RestorePlan) -> Result<RestoredVm, HvError> {
-        Err(HvError::Api {
-            source_name: self.inner.name.clone(),
-            call: "restore".into(),
-            message: "whole-VM restore to Hyper-V is not part of this build yet; restore the disks with `ferry restore --disk … --to FILE.vhdx`".into(),
-            retryable: false,
-        })
-    }
 }
 
-impl HypervDriver {
+impl Inner {
     /// The saved-state method: save a running VM, checkpoint it crash consistent, resume it.
     async fn saved_state(
         &self,
@@ -561,7 +712,7 @@ impl HypervDriver {
         sys: &Instance,
         name: &str,
     ) -> Result<crate::cim::Epr, HvError> {
-        let i = &self.inner;
+        let i = self;
         let w = i.wmi();
         let running = sys.text("EnabledState") == Some("2");
         if running {

@@ -14,12 +14,14 @@
 //! - [`agent`]: the `network` transport per owner node (`[sources.NAME.agent]`).
 //! - [`auth`]: NTLM with message encryption, Basic.
 //! - [`kerberos`]: Kerberos logins (tickets from the KDC, the AP-REQ/AP-REP leg), sealing as NTLM.
+//! - [`cluster`]: failover clusters: the node that owns a VM now, a client per node (ADR 0153).
 //!
 //! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), ADR 0159 (Kerberos), docs/drivers.md (Hyper-V section).
 
 pub mod agent;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod driver;
 pub mod error;

@@ -232,6 +232,15 @@ impl<'a> Wmi<'a> {
         Epr::new("Msvm_VirtualSystemSettingData", &[("InstanceID", id)])
     }
 
+    /// Whether the host has the checkpoint (settings) `id`.
+    pub async fn checkpoint_exists(&self, id: &str) -> Result<bool, HypervError> {
+        match self.c.get(&Self::settings_epr(id)).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_gone(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `DestroySnapshot`; a checkpoint that is already gone is no error.
     pub async fn destroy_checkpoint(&self, id: &str) -> Result<(), HypervError> {
         let svc = self.service("Msvm_VirtualSystemSnapshotService").await?;

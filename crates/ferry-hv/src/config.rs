@@ -151,6 +151,11 @@ pub struct SourceConfig {
     /// through NTFS without mounting (ADR 0126).
     #[serde(default)]
     pub san_luns: BTreeMap<String, PathBuf>,
+    /// Hyper-V failover cluster: node name → its WinRM endpoint, for nodes whose names do not
+    /// resolve from the appliance or that have their own certificate (ADR 0153). Nodes not
+    /// listed are reached at `url` with the node's name as host.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, ClusterNode>,
     /// Where hot-added disks appear (`/dev`).
     #[serde(default = "default_device_dir")]
     pub hotadd_device_dir: PathBuf,
@@ -196,6 +201,42 @@ pub struct SourceConfig {
     /// Hyper-V: the host agent of the `network` transport (`[sources.NAME.agent]`).
     #[serde(default)]
     pub agent: Option<crate::agent::AgentSettings>,
+}
+
+/// One `[sources.NAME.nodes]` entry: `HV01 = "https://hv01.lab:5986/wsman"` or
+/// `HV01 = { url = "https://10.0.0.11:5986/wsman", tls-fingerprint = "sha256:…" }`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ClusterNode {
+    /// The node's WinRM endpoint; TLS trust as the source's.
+    Url(String),
+    /// The endpoint and the pin of the node's own certificate.
+    Endpoint {
+        /// The node's WinRM endpoint.
+        url: String,
+        /// SHA-256 fingerprint of the node's certificate (else the source's trust).
+        #[serde(rename = "tls-fingerprint", default)]
+        tls_fingerprint: Option<String>,
+    },
+}
+
+impl ClusterNode {
+    /// The node's WinRM endpoint.
+    pub fn url(&self) -> &str {
+        match self {
+            Self::Url(u) | Self::Endpoint { url: u, .. } => u,
+        }
+    }
+
+    /// The pin of the node's certificate, when it has its own.
+    pub fn tls_fingerprint(&self) -> Option<&str> {
+        match self {
+            Self::Url(_) => None,
+            Self::Endpoint {
+                tls_fingerprint, ..
+            } => tls_fingerprint.as_deref(),
+        }
+    }
 }
 
 /// `auth` of a Hyper-V source (ADR 0112).
@@ -337,6 +378,27 @@ impl SourceConfig {
                 ));
             }
             a.validate(name)?;
+        }
+        if !self.nodes.is_empty() && self.kind != SourceKind::Hyperv {
+            return Err(format!(
+                "source `{name}`: nodes are the Hyper-V cluster's nodes; {:?} sources have none",
+                self.kind
+            ));
+        }
+        for (node, n) in &self.nodes {
+            let u = n.url();
+            if !(u.starts_with("https://") || sealed_http && u.starts_with("http://")) {
+                return Err(format!(
+                    "source `{name}`: node `{node}`: url must be https://…, not `{u}`"
+                ));
+            }
+            if n.tls_fingerprint()
+                .is_some_and(|f| ferry_tls::parse_fingerprint(f).is_none())
+            {
+                return Err(format!(
+                    "source `{name}`: node `{node}`: tls-fingerprint must be sha256:XX:XX:… (32 bytes)"
+                ));
+            }
         }
         if self.password_file.is_some() && self.password.is_some() {
             return Err(format!(
@@ -614,5 +676,33 @@ mod tests {
             e.contains("/nonexistent/ca.pem") && e.contains("`x`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn hyperv_cluster_nodes_take_a_url_or_a_url_with_its_pin() {
+        let base = "[sources.c]\nkind = \"hyperv\"\nurl = \"https://hvc:5986/wsman\"\nusername = \"u\"\ntls-insecure = true\n";
+        let c = parse(&format!(
+            "{base}[sources.c.nodes]\nHV01 = \"https://127.0.0.1:1/wsman\"\nHV02 = {{ url = \"https://127.0.0.1:2/wsman\", tls-fingerprint = \"{FP}\" }}\n"
+        ))
+        .unwrap();
+        let n = &c.source("c").unwrap().nodes;
+        assert_eq!(n["HV01"].url(), "https://127.0.0.1:1/wsman");
+        assert_eq!(n["HV01"].tls_fingerprint(), None);
+        assert_eq!(n["HV02"].tls_fingerprint(), Some(FP));
+        for (bad, why) in [
+            ("HV01 = \"ftp://x\"\n", "url must be https"),
+            (
+                "HV01 = { url = \"https://x\", tls-fingerprint = \"md5:1\" }\n",
+                "tls-fingerprint must be",
+            ),
+        ] {
+            let e = parse(&format!("{base}[sources.c.nodes]\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why) && e.contains("HV01"), "{e}");
+        }
+        let xen = "[sources.x]\nkind = \"xen\"\nurl = \"https://h\"\nusername = \"u\"\ntls-insecure = true\n[sources.x.nodes]\nA = \"https://a\"\n";
+        let e = parse(xen).unwrap_err().to_string();
+        assert!(e.contains("nodes are the Hyper-V cluster"), "{e}");
     }
 }

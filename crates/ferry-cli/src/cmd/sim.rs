@@ -57,6 +57,9 @@ pub struct HypervArgs {
     /// checkpoint; printed as `san_luns`.
     #[arg(long)]
     san_luns: bool,
+    /// A failover cluster of N nodes (each its own WinRM listener; the disks on a shared CSV).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
+    cluster: Option<u8>,
 }
 
 /// Arguments of `ferry sim vmware`.
@@ -153,6 +156,7 @@ async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
         .map(|k| ferry_sim::hyperv::HypervKerberos::new(k, &a.kerberos_service));
     cfg.data_paths.agent_client_pins = a.agent_client_pins;
     cfg.data_paths.san_luns = a.san_luns;
+    cfg.cluster_nodes = a.cluster.map_or(0, usize::from);
     let sim = HypervSim::start(cfg)
         .await
         .context("cannot start the Hyper-V simulator")?;

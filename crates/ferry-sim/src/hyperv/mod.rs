@@ -24,6 +24,7 @@
 
 mod agent;
 mod auth;
+mod cluster;
 mod config;
 mod disks;
 mod kerberos;
@@ -52,6 +53,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use agent::DataPathOptions;
+pub use cluster::NodeInfo;
 
 /// Why the simulator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,8 @@ pub struct HypervSimConfig {
     pub kerberos: Option<HypervKerberos>,
     /// The host agent's pins and snapshot LUNs ([`agent`]).
     pub data_paths: DataPathOptions,
+    /// Nodes of a failover cluster (0 or 1: a standalone host; see [`cluster`]).
+    pub cluster_nodes: usize,
 }
 
 impl HypervSimConfig {
@@ -107,6 +111,7 @@ impl HypervSimConfig {
             disk_mib: 16,
             kerberos: None,
             data_paths: DataPathOptions::default(),
+            cluster_nodes: 0,
         }
     }
 }
@@ -121,6 +126,7 @@ pub struct HypervSim {
     fingerprint: String,
     dir: PathBuf,
     agent: agent::SimAgent,
+    nodes: Vec<cluster::NodeInfo>,
 }
 
 #[derive(Debug)]
@@ -147,6 +153,10 @@ struct State {
     fail_next: HashMap<String, (usize, usize)>,
     /// The host agent's pins and the snapshot LUNs.
     data_paths: agent::DataPaths,
+    /// The failover cluster, when the host is one of its nodes.
+    cluster: Option<cluster::Cluster>,
+    /// The node serving the request being answered.
+    viewer: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -433,10 +443,11 @@ impl State {
             return None;
         }
         self.objects.get(class)?.iter().find(|i| {
-            selectors
-                .iter()
-                .filter(|(k, _)| i.props.contains_key(k) || k == "__cimnamespace")
-                .all(|(k, v)| k == "__cimnamespace" || i.text(k) == Some(v.as_str()))
+            self.visible(i)
+                && selectors
+                    .iter()
+                    .filter(|(k, _)| i.props.contains_key(k) || k == "__cimnamespace")
+                    .all(|(k, v)| k == "__cimnamespace" || i.text(k) == Some(v.as_str()))
                 && selectors.iter().any(|(k, _)| i.props.contains_key(k))
         })
     }
@@ -512,6 +523,10 @@ impl HypervSim {
         let (sim_agent, data_paths) =
             agent::start(&cfg.dir, &cfg.data_paths, shutdown.clone()).await?;
         state.data_paths = data_paths;
+        let node_names = cluster::node_names(&cfg.host_name, cfg.cluster_nodes.max(1));
+        if node_names.len() > 1 {
+            state.seed_cluster("HV-CLUSTER", &node_names);
+        }
         let shared = Arc::new(Shared {
             username: cfg.username.clone(),
             password: cfg.password.clone(),
@@ -529,7 +544,10 @@ impl HypervSim {
             .map_err(|e| HypervSimError::Other(e.to_string()))?;
         let app = axum::Router::new()
             .route("/wsman", axum::routing::post(handle))
-            .with_state(shared.clone());
+            .with_state(shared.clone())
+            .layer(Extension(cluster::Viewer(
+                (node_names.len() > 1).then(|| node_names[0].clone()),
+            )));
         let bind = |a: SocketAddr| async move {
             tokio::net::TcpListener::bind(a)
                 .await
@@ -562,14 +580,25 @@ impl HypervSim {
             }
             None => None,
         };
+        let url = format!("https://{addr}/wsman");
+        let nodes = cluster::start_nodes(
+            &shared,
+            &node_names,
+            addr.ip(),
+            &url,
+            &fingerprint,
+            &shutdown,
+        )
+        .await?;
         Ok(Self {
             shared,
             shutdown,
-            url: format!("https://{addr}/wsman"),
+            url,
             http_url,
             fingerprint,
             dir: cfg.dir,
             agent: sim_agent,
+            nodes,
         })
     }
 
@@ -642,12 +671,13 @@ impl HypervSim {
                             "id": id,
                             "state": i.text("EnabledState"),
                             "disks": disks,
+                            "owner": st.cluster.as_ref().and_then(|c| c.owners.get(id)),
                         })
                     })
                     .collect()
             })
             .unwrap_or_default();
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "url": self.url,
             "http_url": self.http_url,
             "username": self.shared.username,
@@ -661,8 +691,11 @@ impl HypervSim {
             "agent": self.agent.info(),
             "san_luns": agent::lun_files(&st.data_paths, st.storage.as_ref()),
             "vms": vms,
-        })
-        .to_string()
+        });
+        if let Some(c) = cluster::info(&st, &self.nodes) {
+            v["cluster"] = c;
+        }
+        v.to_string()
     }
 
     /// NTLM logins completed so far (tests: a client keeps its session).
@@ -696,15 +729,16 @@ async fn handle(
     AxState(shared): AxState<Arc<Shared>>,
     Extension(chan): Extension<auth::Channel>,
     Extension(conn): Extension<ferry_http::Connection>,
+    Extension(viewer): Extension<cluster::Viewer>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let r = match shared.auth.admit(chan, &conn, &headers, body) {
         Err(r) => *r,
         Ok(auth::Admitted::Empty) => StatusCode::OK.into_response(),
-        Ok(auth::Admitted::Clear(body)) => answer(&shared, &body),
+        Ok(auth::Admitted::Clear(body)) => answer(&shared, &viewer, &body),
         Ok(auth::Admitted::Sealed(body, key)) => {
-            let reply = answer(&shared, &body);
+            let reply = answer(&shared, &viewer, &body);
             shared.auth.seal(key, reply).await
         }
     };
@@ -712,7 +746,7 @@ async fn handle(
 }
 
 /// Serves one (authenticated, unsealed) SOAP request.
-fn answer(shared: &Shared, body: &[u8]) -> Response {
+fn answer(shared: &Shared, viewer: &cluster::Viewer, body: &[u8]) -> Response {
     let req = match xml::parse(body) {
         Ok(n) if n.name == "Envelope" => n,
         Ok(_) | Err(_) => {
@@ -754,6 +788,7 @@ fn answer(shared: &Shared, body: &[u8]) -> Response {
         .unwrap_or(&empty);
     let result = {
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.viewer = viewer.0.clone();
         dispatch(shared, &mut st, &action, &resource, &selectors, body)
     };
     match result {
@@ -820,7 +855,10 @@ fn dispatch(
     if resource == SHELL_CMD {
         return shell(shared, st, action, selectors, body);
     }
-    let Some(class) = resource.strip_prefix(cim::VIRTUALIZATION_V2) else {
+    let Some(class) = resource
+        .strip_prefix(cim::VIRTUALIZATION_V2)
+        .or_else(|| st.cluster_class(resource))
+    else {
         return Err(fault(
             "DestinationUnreachable",
             format!(
@@ -928,7 +966,11 @@ fn enumerate(st: &State, class: &str, body: &Node) -> Result<Vec<Instance>, Faul
                 "An enumeration of the namespace needs a filter.",
             ));
         }
-        return Ok(st.objects.get(class).cloned().unwrap_or_default());
+        return Ok(st
+            .objects
+            .get(class)
+            .map(|v| v.iter().filter(|i| st.visible(i)).cloned().collect())
+            .unwrap_or_default());
     };
     let q = filter.text.trim();
     let bad = || {
@@ -969,6 +1011,7 @@ fn enumerate(st: &State, class: &str, body: &Node) -> Result<Vec<Instance>, Faul
         .get(*cls)
         .map(|v| {
             v.iter()
+                .filter(|i| st.visible(i))
                 .filter(|i| conds.iter().all(|(k, v)| i.text(k) == Some(v.as_str())))
                 .cloned()
                 .collect()
@@ -1010,6 +1053,9 @@ fn invoke(
     body: &Node,
 ) -> Result<Instance, Fault> {
     if class == sidedoor::CLASS {
+        if let Some(r) = cluster::sidedoor(st, method, body) {
+            return r;
+        }
         return sidedoor::invoke(st, method, body);
     }
     if st.find(class, selectors).is_none() {

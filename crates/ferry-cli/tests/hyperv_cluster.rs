@@ -1,0 +1,394 @@
+//! Hyper-V failover clusters through the `ferry` binary against `ferry sim hyperv --cluster 2`
+//! (two nodes, each its own WinRM listener and certificate, the disks on a shared CSV): a VM
+//! live-migrated between backups stays incremental, read through its new node; a failed
+//! migration (RCT reset) is a full read with the reason; restores match the guest's disk by
+//! `qemu-img compare`; no checkpoint is left on either node (seen through pypsrp,
+//! `tests/hyperv_probe.py`); a node map that points a node at the wrong host gives a clear
+//! error.
+
+use base64::Engine as _;
+use ferry_core::Secret;
+use ferry_hv_hyperv::cim::{Epr, Param};
+use ferry_hv_hyperv::{Credentials, WsmanClient};
+use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use ferry_testkit::Killed;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const PASSWORD: &str = "test password";
+const CHUNK: u64 = 256 << 10;
+const RCT_BLOCK: u64 = 64 << 10;
+const DISK: u64 = 8 << 20;
+
+#[path = "common/cli.rs"]
+mod cli;
+
+struct Lab {
+    dir: tempfile::TempDir,
+    info: Value,
+    rt: tokio::runtime::Runtime,
+    client: WsmanClient,
+    _sim: Killed,
+}
+
+impl Lab {
+    /// A two-node cluster; `nodes` is the `[sources.lab.nodes]` table (None: each node with
+    /// its own URL and pin, as the simulator prints them).
+    fn start(nodes: Option<&dyn Fn(&Value) -> String>) -> Self {
+        let dir = ferry_testkit::scratch_dir();
+        let mut c = cli::ferry();
+        c.args([
+            "sim",
+            "hyperv",
+            "--cluster",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--disk-mib",
+            "8",
+            "--dir",
+        ])
+        .arg(dir.path().join("host"));
+        let (sim, info) = Killed::spawn_json_line(&mut c);
+        let pw = dir.path().join("hv.pw");
+        std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
+        let node_table = match nodes {
+            Some(f) => f(&info),
+            None => info["cluster"]["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
+                        n["name"].as_str().unwrap(),
+                        n["url"].as_str().unwrap(),
+                        n["tls_fingerprint"].as_str().unwrap()
+                    )
+                })
+                .collect(),
+        };
+        let toml = format!(
+            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\n[sources.lab.san-paths]\n'C:\\' = \"{}\"\n[sources.lab.nodes]\n{node_table}",
+            info["url"].as_str().unwrap(),
+            info["username"].as_str().unwrap(),
+            pw.display(),
+            info["tls_fingerprint"].as_str().unwrap(),
+            dir.path().join("state").display(),
+            info["san_paths"]["C:\\"].as_str().unwrap(),
+        );
+        std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = Store::open(dir.path().join("repo").to_str().unwrap(), true).unwrap();
+            let opts = InitOptions {
+                chunk_size: CHUNK as u32,
+                kdf: KdfParams::insecure_fast(),
+                ..Default::default()
+            };
+            Repository::init(store, Some(&Secret::new(PASSWORD)), opts)
+                .await
+                .unwrap();
+        });
+        let pin = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
+        let mut o = ferry_http::ClientOptions::new("lab", ferry_tls::Trust::Fingerprint(pin));
+        o.proxy = ferry_http::ProxySetting::Off;
+        let client = {
+            let _g = rt.enter();
+            WsmanClient::new(
+                info["url"].as_str().unwrap(),
+                &o,
+                Credentials {
+                    user: info["username"].as_str().unwrap().into(),
+                    password: Secret::new(info["password"].as_str().unwrap()),
+                },
+            )
+            .unwrap()
+        };
+        Self {
+            dir,
+            info,
+            rt,
+            client,
+            _sim: sim,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn node(&self, k: usize) -> (String, String) {
+        let n = &self.info["cluster"]["nodes"][k];
+        (
+            n["name"].as_str().unwrap().to_string(),
+            n["url"].as_str().unwrap().to_string(),
+        )
+    }
+
+    fn env(&self) -> [(String, String); 3] {
+        [
+            ("FERRY_PASSWORD", PASSWORD.to_string()),
+            ("FERRY_REPO", self.path("repo").display().to_string()),
+            (
+                "FERRY_CONFIG",
+                self.path("ferry.toml").display().to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
+    }
+
+    fn ok(&self, args: &[&str]) -> (String, String) {
+        let out = self.run(args);
+        assert!(out.status.success(), "ferry {args:?} failed");
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    }
+
+    /// `ferry -v backup --source lab --json --vm VM`: the report and stderr.
+    fn backup_vm(&self, vm: &str) -> (Value, String) {
+        let (out, err) = self.ok(&["-v", "backup", "--source", "lab", "--json", "--vm", vm]);
+        let mut v: Value = serde_json::from_str(&out).unwrap();
+        let v = v.as_array_mut().unwrap();
+        assert_eq!(v.len(), 1, "{v:?}");
+        (v.remove(0), err)
+    }
+
+    /// A side-door call (the guest, migrations); any node has the side door.
+    fn door(&self, method: &str, params: &[(&str, String)]) {
+        let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
+        let p: Vec<Param> = params
+            .iter()
+            .map(|(k, v)| Param::Text(k.to_string(), v.clone()))
+            .collect();
+        self.rt
+            .block_on(self.client.invoke(&epr, method, &p))
+            .unwrap();
+    }
+
+    fn guest_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) {
+        self.door(
+            "GuestWrite",
+            &[
+                ("VirtualSystem", vm.into()),
+                ("Disk", disk.into()),
+                ("Offset", offset.to_string()),
+                (
+                    "Data",
+                    base64::engine::general_purpose::STANDARD.encode(data),
+                ),
+            ],
+        );
+    }
+
+    fn migrate(&self, how: &str, vm: &str, to: &str) {
+        self.door(
+            how,
+            &[("VirtualSystem", vm.into()), ("DestinationNode", to.into())],
+        );
+    }
+
+    /// What pypsrp sees on the node at `url`.
+    fn probe(&self, url: &str) -> Value {
+        let python = ferry_testkit::peers_dir().join("venv/bin/python");
+        assert!(
+            python.exists(),
+            "peer `python` (venv) not found: run tests/peers/install.sh"
+        );
+        let out = Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/hyperv_probe.py"
+            ))
+            .arg(url)
+            .args(["username", "password"].map(|k| self.info[k].as_str().unwrap()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "hyperv_probe.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// (recovery checkpoints, reference points) on each node.
+    fn left(&self) -> Vec<(usize, u64)> {
+        (0..2)
+            .map(|k| {
+                let p = self.probe(&self.node(k).1);
+                (
+                    p["checkpoints"].as_array().unwrap().len(),
+                    p["reference_points"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// Copies of what the guest of `vm` sees on its disks now.
+    fn guest_disks(&self, vm: &str, tag: &str) -> Vec<PathBuf> {
+        let v = self.info["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vm)
+            .unwrap();
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let to = self.path(&format!("{vm}-{}-{tag}.raw", d["name"].as_str().unwrap()));
+                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
+                to
+            })
+            .collect()
+    }
+
+    /// Restores disk `diskN` of `snapshot` and compares it with `expected[N]`.
+    fn assert_restores(&self, snapshot: &str, expected: &[PathBuf]) {
+        for (i, want) in expected.iter().enumerate() {
+            let disk = format!("disk{i}");
+            let out = self.path(&format!("restored-{snapshot}-{disk}.raw"));
+            self.ok(&[
+                "restore",
+                snapshot,
+                "--disk",
+                &disk,
+                "--to",
+                out.to_str().unwrap(),
+            ]);
+            ferry_testkit::qemu_img_compare(&out, "raw", want, "raw");
+        }
+    }
+}
+
+fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("no disk {name} in {report}"))
+}
+
+#[test]
+fn a_live_migrated_vm_stays_incremental_read_from_its_new_node() {
+    let lab = Lab::start(None);
+    let vm = "win-sql-01";
+    let ((a, _), (b, _)) = (lab.node(0), lab.node(1));
+    let owner = |v: &Value| {
+        v["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == vm)
+            .unwrap()["owner"]
+            .clone()
+    };
+    assert_eq!(owner(&lab.info), a.as_str(), "{}", lab.info);
+    let first = lab.guest_disks(vm, "first");
+    let (r1, err) = lab.backup_vm(vm);
+    assert!(err.contains(&format!("runs on cluster node {a}")), "{err}");
+    assert_eq!(r1["method"]["name"], "child-vm", "{r1}");
+    assert_eq!(
+        lab.left(),
+        [(0, 1), (0, 0)],
+        "the reference point is on node A"
+    );
+
+    lab.migrate("LiveMigrate", vm, &b);
+    lab.guest_write(vm, "disk1", 5 * CHUNK + 512, &[0x5A; 4096]);
+    lab.guest_write(vm, "disk0", 20 * CHUNK, &[0xA5; 512]);
+    let second = lab.guest_disks(vm, "second");
+    let (r2, err) = lab.backup_vm(vm);
+    assert!(err.contains(&format!("runs on cluster node {b}")), "{err}");
+    for (d, changed) in [("disk0", RCT_BLOCK), ("disk1", RCT_BLOCK)] {
+        let rep = disk(&r2, d);
+        assert_eq!(rep["mode"], "changed-blocks", "{r2}");
+        assert_eq!(rep["full_reason"], Value::Null, "{r2}");
+        assert_eq!(rep["cbt_changed_bytes"], changed, "{r2}");
+        let read = rep["source_read_bytes"].as_u64().unwrap();
+        assert!(read < DISK / 8, "{d}: read {read} of {DISK}");
+    }
+    assert_eq!(
+        lab.left(),
+        [(0, 0), (0, 1)],
+        "no checkpoint on either node; the reference point moved with the VM to node B"
+    );
+    lab.assert_restores(r1["snapshot"].as_str().unwrap(), &first);
+    lab.assert_restores(r2["snapshot"].as_str().unwrap(), &second);
+    // Back to node A: still incremental.
+    lab.migrate("LiveMigrate", vm, &a);
+    lab.guest_write(vm, "disk0", 9 * CHUNK, &[0x33; 1024]);
+    let third = lab.guest_disks(vm, "third");
+    let (r3, _) = lab.backup_vm(vm);
+    assert_eq!(disk(&r3, "disk0")["cbt_changed_bytes"], RCT_BLOCK, "{r3}");
+    assert_eq!(disk(&r3, "disk1")["cbt_changed_bytes"], 0, "{r3}");
+    lab.assert_restores(r3["snapshot"].as_str().unwrap(), &third);
+    assert_eq!(lab.left(), [(0, 1), (0, 0)]);
+}
+
+#[test]
+fn a_failed_migration_is_a_full_read_with_the_reason() {
+    let lab = Lab::start(None);
+    let vm = "linux-web-01";
+    let (b, _) = lab.node(1);
+    lab.backup_vm(vm);
+    lab.migrate("FailedMigrate", vm, &b);
+    lab.guest_write(vm, "disk0", 2 * CHUNK, &[0x42; 8192]);
+    let expected = lab.guest_disks(vm, "after");
+    let (r, err) = lab.backup_vm(vm);
+    let reason = disk(&r, "disk0")["full_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("RCT") && reason.contains("reset"),
+        "{reason}"
+    );
+    assert!(err.contains("FULL backup of the disk"), "{err}");
+    assert!(disk(&r, "disk0")["source_read_bytes"].as_u64().unwrap() >= DISK / 2);
+    lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
+    assert_eq!(lab.left(), [(0, 0), (0, 1)]);
+    // The next one is incremental again, from node B.
+    lab.guest_write(vm, "disk0", 4 * CHUNK, &[0x24; 512]);
+    let (r, _) = lab.backup_vm(vm);
+    assert_eq!(disk(&r, "disk0")["cbt_changed_bytes"], RCT_BLOCK, "{r}");
+}
+
+#[test]
+fn a_node_map_pointing_at_the_wrong_host_is_a_clear_error() {
+    // Both node names lead to node A's listener: node B's VMs are not there.
+    let lab = Lab::start(Some(&|info: &Value| {
+        let a = &info["cluster"]["nodes"][0];
+        info["cluster"]["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                format!(
+                    "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
+                    n["name"].as_str().unwrap(),
+                    a["url"].as_str().unwrap(),
+                    a["tls_fingerprint"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }));
+    let ((a, _), (b, _)) = (lab.node(0), lab.node(1));
+    let out = lab.run(&["backup", "--source", "lab", "--vm", "win-file-01"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cluster node `{b}` is reached at"))
+            && err.contains(&format!("but that host is `{a}`"))
+            && err.contains("fix [sources.lab.nodes]"),
+        "{err}"
+    );
+    assert_eq!(lab.left(), [(0, 0), (0, 0)], "nothing was left behind");
+}
