@@ -11,6 +11,7 @@
 //! - [`transport`]: the data-path seam (checkpoint image on the host → block source); `san`
 //!   reads the `.avhdx` chain with `ferry-image`.
 //!
+//! - [`restore`]: whole-VM restore (VHDX through `san-paths`, `DefineSystem`, devices).
 //! - [`auth`]: NTLM with message encryption, Basic.
 //!
 //! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), docs/drivers.md (Hyper-V section).
@@ -20,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod driver;
 pub mod error;
+pub mod restore;
 pub mod transport;
 pub mod wmi;
 

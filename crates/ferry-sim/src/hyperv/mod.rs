@@ -24,6 +24,7 @@
 
 mod auth;
 mod config;
+mod define;
 mod disks;
 mod rct;
 mod sidedoor;
@@ -1009,6 +1010,7 @@ fn invoke(
         return Ok(out);
     }
     match (class, method) {
+        (define::SERVICE, m) => define::invoke(st, m, body, &mut out)?,
         ("Msvm_VirtualSystemSnapshotService", "CreateSnapshot") => {
             create_snapshot(st, body, &mut out)?;
         }
