@@ -76,7 +76,7 @@ impl std::fmt::Debug for HypervDriver {
 }
 
 /// A driver error as the hypervisor interface reports it.
-fn hv(source: &str, e: HypervError) -> HvError {
+pub(crate) fn hv(source: &str, e: HypervError) -> HvError {
     match e {
         HypervError::Http(h) => HvError::Http(h),
         HypervError::Login { ref call, .. }
@@ -553,13 +553,9 @@ impl HypervisorDriver for HypervDriver {
         Ok(report)
     }
 
-    async fn restore_vm(&self, _plan: &RestorePlan) -> Result<RestoredVm, HvError> {
-        Err(HvError::Api {
-            source_name: self.inner.name.clone(),
-            call: "restore".into(),
-            message: "whole-VM restore to Hyper-V is not part of this build yet; restore the disks with `ferry restore --disk … --to FILE.vhdx`".into(),
-            retryable: false,
-        })
+    async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError> {
+        let i = &self.inner;
+        crate::restore::restore(&i.client, &i.name, &i.cfg, plan).await
     }
 }
 

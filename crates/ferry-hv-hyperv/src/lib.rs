@@ -12,6 +12,7 @@
 //!   reads the `.avhdx` chain with `ferry-image`.
 //!
 //! - [`agent`]: the `network` transport per owner node (`[sources.NAME.agent]`).
+//! - [`restore`]: whole-VM restore (VHDX through `san-paths`, `DefineSystem`, devices).
 //! - [`auth`]: NTLM with message encryption, Basic.
 //! - [`kerberos`]: Kerberos logins (tickets from the KDC, the AP-REQ/AP-REP leg), sealing as NTLM.
 //! - [`cluster`]: failover clusters: the node that owns a VM now, a client per node (ADR 0153).
@@ -26,6 +27,7 @@ pub mod config;
 pub mod driver;
 pub mod error;
 pub mod kerberos;
+pub mod restore;
 pub mod transport;
 pub mod wmi;
 

@@ -148,7 +148,7 @@ impl<'a> Wmi<'a> {
             .collect()
     }
 
-    async fn service(&self, class: &str) -> Result<Epr, HypervError> {
+    pub(crate) async fn service(&self, class: &str) -> Result<Epr, HypervError> {
         let svc = self
             .c
             .enumerate(class, None)

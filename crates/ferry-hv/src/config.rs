@@ -201,6 +201,12 @@ pub struct SourceConfig {
     /// Hyper-V: the host agent of the `network` transport (`[sources.NAME.agent]`).
     #[serde(default)]
     pub agent: Option<crate::agent::AgentSettings>,
+    /// Hyper-V: the host folder whole-VM restores write to (a folder per VM, its VHDX files
+    /// inside), e.g. `C:\ClusterStorage\Volume1\Restores`; an absolute host path under a
+    /// `san-paths` prefix, through which the proxy writes. Default: the folder that held the
+    /// backed-up VM's own folder.
+    #[serde(default)]
+    pub restore_dir: Option<String>,
 }
 
 /// One `[sources.NAME.nodes]` entry: `HV01 = "https://hv01.lab:5986/wsman"` or
@@ -400,6 +406,9 @@ impl SourceConfig {
                 ));
             }
         }
+        if let Some(d) = &self.restore_dir {
+            check_restore_dir(self, d).map_err(|m| format!("source `{name}`: restore-dir {m}"))?;
+        }
         if self.password_file.is_some() && self.password.is_some() {
             return Err(format!(
                 "source `{name}`: password-file and password exclude each other"
@@ -426,6 +435,37 @@ impl SourceConfig {
         }
         Ok(())
     }
+}
+
+/// `restore-dir` is an absolute Windows path (`X:\…` or `\\server\share\…`) without `.`/`..`
+/// components, under one of the source's `san-paths` prefixes (component-wise, any case).
+fn check_restore_dir(src: &SourceConfig, d: &str) -> Result<(), String> {
+    if src.kind != SourceKind::Hyperv {
+        return Err("is a Hyper-V setting".into());
+    }
+    let p = d.replace('/', "\\");
+    let b = p.as_bytes();
+    let drive = b.len() >= 3 && b[0].is_ascii_alphabetic() && b[1] == b':' && b[2] == b'\\';
+    let unc = p.starts_with("\\\\") && p[2..].split('\\').filter(|s| !s.is_empty()).count() >= 2;
+    if !drive && !unc {
+        return Err(format!(
+            "`{d}` must be an absolute host path (C:\\… or \\\\server\\share\\…)"
+        ));
+    }
+    if p.split('\\').any(|c| c == "." || c == "..") {
+        return Err(format!("`{d}` must not contain `.` or `..`"));
+    }
+    let norm = |s: &str| s.replace('/', "\\").trim_end_matches('\\').to_lowercase();
+    let covered = src.san_paths.keys().any(|k| {
+        let (k, p) = (norm(k), norm(&p));
+        p == k || (p.starts_with(&k) && p[k.len()..].starts_with('\\'))
+    });
+    if !covered {
+        return Err(format!(
+            "`{d}` is under no san-paths prefix: the proxy cannot write there"
+        ));
+    }
+    Ok(())
 }
 
 /// A proxy URL from the config; its `Debug` hides the password.

@@ -56,6 +56,10 @@ pub struct Args {
     /// With --to-source: start the VM once it is complete.
     #[arg(long, requires = "to_source")]
     pub power_on: bool,
+    /// With --to-source: attach the NICs of network (switch, port group) OLD to NEW instead;
+    /// repeatable.
+    #[arg(long = "network-map", value_name = "OLD=NEW", requires = "to_source")]
+    pub network_map: Vec<String>,
     /// Output format for files: raw, vhd, vhd-fixed, vhdx, vmdk, vmdk-stream.
     #[arg(long, default_value = "raw")]
     pub format: String,
@@ -173,6 +177,42 @@ pub async fn restore_plan(
     })
 }
 
+/// Applies `--network-map OLD=NEW` to the NICs of `config`; a mapping no NIC uses is an error
+/// (a typo would otherwise go unnoticed).
+pub fn map_networks(config: &mut ferry_core::vm::VmConfig, maps: &[String]) -> anyhow::Result<()> {
+    for m in maps {
+        let Some((old, new)) = m
+            .split_once('=')
+            .filter(|(o, n)| !o.is_empty() && !n.is_empty())
+        else {
+            bail!("--network-map `{m}`: expected OLD=NEW");
+        };
+        let mut hit = false;
+        for n in &mut config.nics {
+            if n.network.as_deref() == Some(old) {
+                n.network = Some(new.to_string());
+                hit = true;
+            }
+        }
+        if !hit {
+            let known: Vec<&str> = config
+                .nics
+                .iter()
+                .filter_map(|n| n.network.as_deref())
+                .collect();
+            bail!(
+                "--network-map `{m}`: no NIC of the restore point is on `{old}` (its networks: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A source that fails every read once `cancel` fires, so a driver's upload stops at the next
 /// read and takes its own error path (which removes the half-created VM); it counts the bytes
 /// read into `read` (the appliance's progress of a VM restore).
@@ -242,6 +282,14 @@ async fn run_to_source(a: Args, source: String) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| format!("{} (restore point {})", manifest.meta.vm.name, manifest.id));
     let mut plan = restore_plan(&repo, &manifest, driver.kind(), name, a.power_on).await?;
+    map_networks(&mut plan.config, &a.network_map)?;
+    if manifest.meta.hypervisor != driver.kind()
+        && let Some(n) = &manifest.meta.native_config
+    {
+        for w in ferry_hv_hyperv::restore::not_carried(n) {
+            tracing::warn!(source = %source, vm = %plan.name, "restore: {w}");
+        }
+    }
     let cancel = CancellationToken::new();
     cancel_on_signal(cancel.clone());
     guard_plan(&mut plan, &cancel, None);

@@ -162,6 +162,31 @@ impl Storage {
         Ok(self.disks[self.disks.len() - 1].id.clone())
     }
 
+    /// Takes the image already at `host_path` as disk `name` (id `id`) of VM `vm_id`, as a
+    /// restore attaches it; the caller fills its live file. Its index.
+    pub fn adopt(
+        &mut self,
+        vm_id: &str,
+        vm_name: &str,
+        name: &str,
+        id: &str,
+        host_path: &str,
+        size: u64,
+    ) -> usize {
+        self.disks.push(Disk {
+            vm_id: vm_id.into(),
+            vm_name: vm_name.into(),
+            name: name.into(),
+            rct: Rct::new(id.to_string()),
+            id: id.into(),
+            host_path: host_path.into(),
+            size,
+            dirty: Vec::new(),
+            epochs: 0,
+        });
+        self.disks.len() - 1
+    }
+
     /// Rewrites the base `.vhdx` of `d` from its live content.
     fn write_base(&self, d: &Disk) -> Result<(), String> {
         let path = self.local(&d.host_path)?;

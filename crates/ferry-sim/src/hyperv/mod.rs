@@ -26,6 +26,7 @@ mod agent;
 mod auth;
 mod cluster;
 mod config;
+mod define;
 mod disks;
 mod kerberos;
 mod lun;
@@ -1086,6 +1087,7 @@ fn invoke(
         return Ok(out);
     }
     match (class, method) {
+        (define::SERVICE, m) => define::invoke(st, m, body, &mut out)?,
         ("Msvm_VirtualSystemSnapshotService", "CreateSnapshot") => {
             create_snapshot(st, body, &mut out)?;
         }

@@ -1,0 +1,638 @@
+//! Whole-VM restore to Hyper-V through the `ferry` binary against `ferry sim hyperv`: a VM with
+//! two disks and two NICs (static MACs, a VLAN) comes back under a new name with the same
+//! processors, memory, generation and NICs (switch, MAC, VLAN) as pypsrp reads them from the
+//! host (`tests/hyperv_vm_probe.py`), its VHDX files `qemu-img compare` identical to the disks
+//! at backup time; a missing switch is a clear error and a failure halfway leaves nothing; and
+//! across hypervisors, Hyper-V → Xen and Xen → Hyper-V (`ferry sim xen`, read with the XenAPI
+//! SDK) keep the MACs and the disks.
+
+use ferry_core::Secret;
+use ferry_hv_hyperv::cim::{Epr, Param};
+use ferry_hv_hyperv::{Credentials, WsmanClient};
+use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use ferry_testkit::Killed;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+const PASSWORD: &str = "test password";
+
+#[path = "common/cli.rs"]
+mod cli;
+
+fn ferry() -> Command {
+    let mut c = cli::ferry();
+    c.env("FERRY_PASSWORD", PASSWORD);
+    c
+}
+
+struct Lab {
+    dir: tempfile::TempDir,
+    info: Value,
+    rt: tokio::runtime::Runtime,
+    client: WsmanClient,
+    _sim: Killed,
+}
+
+impl Lab {
+    fn start() -> Self {
+        let dir = ferry_testkit::scratch_dir();
+        let (sim, info) = Killed::spawn_json_line(
+            ferry()
+                .args(["sim", "hyperv", "--listen", "127.0.0.1:0"])
+                .args(["--disk-mib", "8", "--dir"])
+                .arg(dir.path().join("host")),
+        );
+        let pw = dir.path().join("hv.pw");
+        std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
+        let toml = format!(
+            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\nrestore-dir = 'C:\\ClusterStorage\\Volume1\\Restores'\n[sources.lab.san-paths]\n'C:\\' = \"{}\"\n",
+            info["url"].as_str().unwrap(),
+            info["username"].as_str().unwrap(),
+            pw.display(),
+            info["tls_fingerprint"].as_str().unwrap(),
+            dir.path().join("state").display(),
+            info["san_paths"]["C:\\"].as_str().unwrap(),
+        );
+        std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = Store::open(dir.path().join("repo").to_str().unwrap(), true).unwrap();
+            let opts = InitOptions {
+                chunk_size: 256 << 10,
+                kdf: KdfParams::insecure_fast(),
+                ..Default::default()
+            };
+            Repository::init(store, Some(&Secret::new(PASSWORD)), opts)
+                .await
+                .unwrap();
+        });
+        let pin = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
+        let mut o = ferry_http::ClientOptions::new("lab", ferry_tls::Trust::Fingerprint(pin));
+        o.proxy = ferry_http::ProxySetting::Off;
+        let client = {
+            let _g = rt.enter();
+            WsmanClient::new(
+                info["url"].as_str().unwrap(),
+                &o,
+                Credentials {
+                    user: info["username"].as_str().unwrap().into(),
+                    password: Secret::new(info["password"].as_str().unwrap()),
+                },
+            )
+            .unwrap()
+        };
+        Self {
+            dir,
+            info,
+            rt,
+            client,
+            _sim: sim,
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn env(&self) -> [(String, String); 3] {
+        [
+            ("FERRY_PASSWORD", PASSWORD.to_string()),
+            ("FERRY_REPO", self.path("repo").display().to_string()),
+            (
+                "FERRY_CONFIG",
+                self.path("ferry.toml").display().to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
+    }
+
+    fn ok(&self, args: &[&str]) -> (String, String) {
+        let out = self.run(args);
+        assert!(out.status.success(), "ferry {args:?} failed");
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    }
+
+    /// `ferry backup --source SOURCE --vm VM --json`: the restore point's id.
+    fn backup(&self, source: &str, vm: &str) -> String {
+        let (out, _) = self.ok(&["backup", "--source", source, "--vm", vm, "--json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v[0]["snapshot"].as_str().unwrap().to_string()
+    }
+
+    /// A WMI method of the management service, as an administrator's script calls it.
+    fn manage(&self, method: &str, params: Vec<Param>) -> ferry_hv_hyperv::Instance {
+        let svc = Epr::new(
+            "Msvm_VirtualSystemManagementService",
+            &[
+                ("CreationClassName", "Msvm_VirtualSystemManagementService"),
+                ("Name", "vmms"),
+                ("SystemCreationClassName", "Msvm_ComputerSystem"),
+                ("SystemName", "HV-SIM-01"),
+            ],
+        );
+        self.rt
+            .block_on(self.client.invoke(&svc, method, &params))
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
+    }
+
+    /// Gives VM `vm` a second network adapter: static MAC `mac` on `switch` (its id), VLAN `vlan`.
+    fn add_nic(&self, vm_id: &str, mac: &str, switch_id: &str, vlan: u32) {
+        let vssd = Epr::new(
+            "Msvm_VirtualSystemSettingData",
+            &[("InstanceID", &format!("Microsoft:{vm_id}"))],
+        );
+        let one = |k: &str, v: &str| {
+            format!("<PROPERTY NAME=\"{k}\" TYPE=\"string\"><VALUE>{v}</VALUE></PROPERTY>")
+        };
+        let port = format!(
+            "<INSTANCE CLASSNAME=\"Msvm_SyntheticEthernetPortSettingData\">{}{}{}{}</INSTANCE>",
+            one("ResourceType", "10"),
+            one(
+                "ResourceSubType",
+                "Microsoft:Hyper-V:Synthetic Ethernet Port"
+            ),
+            one("StaticMacAddress", "true"),
+            one("Address", mac)
+        );
+        let out = self.manage(
+            "AddResourceSettings",
+            vec![
+                Param::Ref("AffectedConfiguration".into(), vssd.clone()),
+                Param::Texts("ResourceSettings".into(), vec![port]),
+            ],
+        );
+        let port_id = out
+            .reference("ResultingResourceSettings")
+            .and_then(|e| e.selector("InstanceID"))
+            .unwrap()
+            .to_string();
+        let conn = format!(
+            "<INSTANCE CLASSNAME=\"Msvm_EthernetPortAllocationSettingData\">{}{}{}<PROPERTY.ARRAY NAME=\"HostResource\" TYPE=\"string\"><VALUE.ARRAY><VALUE>\\\\HV-SIM-01\\root\\virtualization\\v2:Msvm_VirtualEthernetSwitch.CreationClassName=\"Msvm_VirtualEthernetSwitch\",Name=\"{switch_id}\"</VALUE></VALUE.ARRAY></PROPERTY.ARRAY></INSTANCE>",
+            one("ResourceType", "33"),
+            one("ResourceSubType", "Microsoft:Hyper-V:Ethernet Connection"),
+            one("Parent", &port_id),
+        );
+        let out = self.manage(
+            "AddResourceSettings",
+            vec![
+                Param::Ref("AffectedConfiguration".into(), vssd),
+                Param::Texts("ResourceSettings".into(), vec![conn]),
+            ],
+        );
+        let conn_id = out
+            .reference("ResultingResourceSettings")
+            .and_then(|e| e.selector("InstanceID"))
+            .unwrap()
+            .to_string();
+        let v = format!(
+            "<INSTANCE CLASSNAME=\"Msvm_EthernetSwitchPortVlanSettingData\">{}{}</INSTANCE>",
+            one("OperationMode", "1"),
+            one("AccessVlanId", &vlan.to_string())
+        );
+        self.manage(
+            "AddFeatureSettings",
+            vec![
+                Param::Ref(
+                    "AffectedConfiguration".into(),
+                    Epr::new(
+                        "Msvm_EthernetPortAllocationSettingData",
+                        &[("InstanceID", &conn_id)],
+                    ),
+                ),
+                Param::Texts("FeatureSettings".into(), vec![v]),
+            ],
+        );
+    }
+
+    /// A side-door call (fault injection).
+    fn door(&self, method: &str, params: &[(&str, &str)]) {
+        let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
+        let p: Vec<Param> = params
+            .iter()
+            .map(|(k, v)| Param::Text(k.to_string(), v.to_string()))
+            .collect();
+        self.rt
+            .block_on(self.client.invoke(&epr, method, &p))
+            .unwrap();
+    }
+
+    /// The VMs `names` as pypsrp reads them from the host's WMI (null: no such VM).
+    fn probe(&self, names: &[&str]) -> Value {
+        let python = ferry_testkit::peers_dir().join("venv/bin/python");
+        assert!(
+            python.exists(),
+            "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
+        );
+        let out = ferry_testkit::run_ok(
+            Command::new(python)
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/hyperv_vm_probe.py"
+                ))
+                .args(["url", "username", "password"].map(|k| self.info[k].as_str().unwrap()))
+                .args(names),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    /// The proxy's view of host path `p` (under `C:\`).
+    fn local(&self, p: &str) -> PathBuf {
+        let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
+        let mut out = PathBuf::from(self.info["san_paths"]["C:\\"].as_str().unwrap());
+        for c in rest.split('\\') {
+            out.push(c);
+        }
+        out
+    }
+
+    /// Copies of what the guest of `vm` sees on its disks now.
+    fn guest_disks(&self, vm: &str, tag: &str) -> Vec<PathBuf> {
+        let v = self.info["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vm)
+            .unwrap();
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let to = self.path(&format!("{vm}-{}-{tag}.raw", d["name"].as_str().unwrap()));
+                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
+                to
+            })
+            .collect()
+    }
+
+    fn vm_id(&self, vm: &str) -> String {
+        self.info["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vm)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Adds `ferry sim xen` as source `xen` of the same ferry.toml.
+    fn with_xen(&self) -> (Killed, Value) {
+        let (sim, xen) = Killed::spawn_json_line(
+            ferry()
+                .args(["sim", "xen", "--listen", "127.0.0.1:0", "--disk-mib", "4"])
+                .arg("--dir")
+                .arg(self.path("xen-sim")),
+        );
+        let pw = self.path("xen.pw");
+        std::fs::write(&pw, xen["password"].as_str().unwrap()).unwrap();
+        let mut t = std::fs::read_to_string(self.path("ferry.toml")).unwrap();
+        t.push_str(&format!(
+            "[sources.xen]\nkind = \"xen\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"network\"]\n",
+            xen["url"].as_str().unwrap(),
+            xen["username"].as_str().unwrap(),
+            pw.display(),
+            xen["tls_fingerprint"].as_str().unwrap(),
+            self.path("state").display()
+        ));
+        std::fs::write(self.path("ferry.toml"), t).unwrap();
+        (sim, xen)
+    }
+}
+
+/// The parts of a VM's configuration a restore must carry over (not its id, state or files).
+fn machine(vm: &Value) -> Value {
+    let disks: Vec<&Value> = vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["at"])
+        .collect();
+    json!({"generation": vm["generation"], "secure_boot": vm["secure_boot"], "cpus": vm["cpus"],
+        "memory_mib": vm["memory_mib"], "dynamic_memory": vm["dynamic_memory"],
+        "nics": vm["nics"], "disks": disks})
+}
+
+/// The switch ids of the simulated host, by name.
+fn switch_id(lab: &Lab, name: &str) -> String {
+    let out = lab
+        .rt
+        .block_on(lab.client.enumerate("Msvm_VirtualEthernetSwitch", None))
+        .unwrap();
+    out.iter()
+        .find(|s| s.text("ElementName") == Some(name))
+        .and_then(|s| s.text("Name"))
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn whole_vm_restore_brings_back_nics_with_switch_mac_vlan_and_identical_disks() {
+    let lab = Lab::start();
+    let vm = "win-sql-01";
+    lab.add_nic(
+        &lab.vm_id(vm),
+        "00155D0199AA",
+        &switch_id(&lab, "vSwitch-DMZ"),
+        20,
+    );
+    let expected = lab.guest_disks(vm, "backup");
+    let id = lab.backup("lab", vm);
+
+    let (out, err) = lab.ok(&["restore", &id, "--to-source", "lab", "--name", "sql-copy"]);
+    let p = lab.probe(&[vm, "sql-copy"]);
+    let (orig, copy) = (&p[vm], &p["sql-copy"]);
+    assert!(copy.is_object(), "no restored VM: {p}\n{err}");
+    assert_eq!(out.trim(), copy["id"], "{err}");
+    assert_ne!(copy["id"], orig["id"]);
+    assert_eq!(machine(copy), machine(orig), "{p}");
+    let nics = copy["nics"].as_array().unwrap();
+    assert_eq!(nics.len(), 2, "{copy}");
+    assert_eq!(
+        nics[1],
+        json!({"mac": "00155D0199AA", "static": "true", "switch": "vSwitch-DMZ", "vlan": 20})
+    );
+    assert_eq!(nics[0]["switch"], "vSwitch-Prod");
+    assert_eq!(nics[0]["vlan"], 10);
+    assert_eq!(copy["state"], "3", "restored powered off");
+    assert!(
+        err.contains("via san (VHDX written through san-paths)"),
+        "{err}"
+    );
+    // Its VHDX files, in a folder of its own under restore-dir, hold the disks at backup time.
+    let disks = copy["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), expected.len());
+    for (d, want) in disks.iter().zip(&expected) {
+        let host = d["path"].as_str().unwrap();
+        assert!(
+            host.starts_with("C:\\ClusterStorage\\Volume1\\Restores\\sql-copy\\"),
+            "{host}"
+        );
+        ferry_testkit::qemu_img_compare(&lab.local(host), "vhdx", want, "raw");
+    }
+    // The host runs it: it backs up like any VM (the simulator reads its disks).
+    let again = lab.backup("lab", "sql-copy");
+    let back = lab.path("sql-copy-disk1.raw");
+    lab.ok(&[
+        "restore",
+        &again,
+        "--disk",
+        "disk1",
+        "--to",
+        back.to_str().unwrap(),
+    ]);
+    ferry_testkit::qemu_img_compare(&back, "raw", &expected[1], "raw");
+
+    // The same name again: the new VM gets a suffix, in a folder of its own.
+    let (_, err) = lab.ok(&["restore", &id, "--to-source", "lab", "--name", "sql-copy"]);
+    assert!(err.contains("the restored VM is `sql-copy (2)`"), "{err}");
+    let p = lab.probe(&["sql-copy (2)"]);
+    assert_eq!(machine(&p["sql-copy (2)"]), machine(orig));
+    assert!(
+        lab.local("C:\\ClusterStorage\\Volume1\\Restores\\sql-copy (2)")
+            .is_dir()
+    );
+}
+
+#[test]
+fn a_missing_switch_or_a_failure_halfway_leaves_nothing() {
+    let lab = Lab::start();
+    let vm = "linux-web-01";
+    let id = lab.backup("lab", vm);
+    let folder = lab.local("C:\\ClusterStorage\\Volume1\\Restores");
+
+    // A switch the host does not have: refused before anything is made.
+    let o = lab.run(&[
+        "restore",
+        &id,
+        "--to-source",
+        "lab",
+        "--name",
+        "no-switch",
+        "--network-map",
+        "vSwitch-DMZ=vSwitch-Gone",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("the virtual switch `vSwitch-Gone` does not exist on this host")
+            && err.contains("vSwitch-Prod, vSwitch-DMZ")
+            && err.contains("--network-map"),
+        "{err}"
+    );
+    assert!(lab.probe(&["no-switch"])["no-switch"].is_null());
+    assert!(!folder.join("no-switch").exists());
+    // A mapping no NIC uses is a typo.
+    let o = lab.run(&[
+        "restore",
+        &id,
+        "--to-source",
+        "lab",
+        "--network-map",
+        "LAN=vSwitch-Prod",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no NIC of the restore point is on `LAN`"));
+
+    // The host fails the last call (the NIC's VLAN... or its connection): the half-defined VM
+    // and its written VHDX files go.
+    lab.door(
+        "FailNext",
+        &[
+            (
+                "Method",
+                "Msvm_VirtualSystemManagementService.AddResourceSettings",
+            ),
+            ("Skip", "3"),
+            ("Count", "1"),
+        ],
+    );
+    let o = lab.run(&["restore", &id, "--to-source", "lab", "--name", "halfway"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("injected by the simulator") && err.contains("removing the partial VM"),
+        "{err}"
+    );
+    assert!(lab.probe(&["halfway"])["halfway"].is_null());
+    assert!(!folder.join("halfway").exists(), "written files left");
+    // The same restore then works, under that name.
+    lab.ok(&[
+        "restore",
+        &id,
+        "--to-source",
+        "lab",
+        "--name",
+        "halfway",
+        "--power-on",
+    ]);
+    let p = lab.probe(&[vm, "halfway"]);
+    assert_eq!(machine(&p["halfway"]), machine(&p[vm]));
+    assert_eq!(p["halfway"]["state"], "2", "powered on");
+}
+
+/// Asks the XenAPI SDK probe (`tests/xen_probe.py`) the requests `reqs` in one session.
+fn xen_probe(info: &Value, reqs: &[Value]) -> Vec<Value> {
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    let input: String = reqs.iter().map(|r| format!("{r}\n")).collect();
+    let mut child = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xen_probe.py"))
+        .args(["url", "username", "password"].map(|k| info[k].as_str().unwrap()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("peer `python` (venv with XenAPI): run tests/peers/install.sh");
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .zip(reqs)
+        .map(|(l, r)| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v.get("ok")
+                .cloned()
+                .unwrap_or_else(|| panic!("xen probe failed on {r}: {v}"))
+        })
+        .collect()
+}
+
+fn macs(v: &Value, list: &str, key: &str) -> Vec<String> {
+    v[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            n[key]
+                .as_str()
+                .unwrap()
+                .replace(':', "")
+                .to_ascii_lowercase()
+        })
+        .collect()
+}
+
+#[test]
+fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
+    let lab = Lab::start();
+    let (_xen_sim, xen) = lab.with_xen();
+
+    // Hyper-V → Xen: the disks, the MACs; what Xen cannot hold is said.
+    let vm = "win-sql-01";
+    let expected = lab.guest_disks(vm, "hv");
+    let id = lab.backup("lab", vm);
+    let (_, err) = lab.ok(&[
+        "restore",
+        &id,
+        "--to-source",
+        "xen",
+        "--name",
+        "from-hyperv",
+    ]);
+    let orig = lab.probe(&[vm])[vm].clone();
+    let x = &xen_probe(&xen, &[json!({"op": "vm", "name": "from-hyperv"})])[0];
+    let text = |v: &Value| v.to_string().trim_matches('"').to_string();
+    assert_eq!(text(&x["VCPUs_max"]), orig["cpus"].to_string());
+    assert_eq!(
+        text(&x["memory_static_max"]),
+        (orig["memory_mib"].as_u64().unwrap() << 20).to_string()
+    );
+    assert_eq!(macs(x, "vifs", "MAC"), macs(&orig, "nics", "mac"), "{x}");
+    assert_eq!(x["HVM_boot_params"]["firmware"], "uefi", "{x}");
+    let xdisks = x["disks"].as_array().unwrap();
+    assert_eq!(xdisks.len(), 2, "{x}");
+    for (i, (d, want)) in xdisks.iter().zip(&expected).enumerate() {
+        assert_eq!(d["userdevice"], i.to_string(), "{x}");
+        let got = lab.path(&format!("xen-{i}.raw"));
+        xen_probe(
+            &xen,
+            &[json!({"op": "export", "vdi": d["uuid"], "path": got})],
+        );
+        ferry_testkit::qemu_img_compare(&got, "raw", want, "raw");
+    }
+    for w in [
+        "position `scsi0:0` does not exist on Xen; attached as device 0",
+        "network `vSwitch-Prod` does not exist in this pool",
+        "access VLAN 10 on switch `vSwitch-Prod` is not kept",
+    ] {
+        assert!(err.contains(w), "no warning `{w}`: {err}");
+    }
+
+    // Xen → Hyper-V: BIOS makes a generation 1 VM booting from IDE 0:0; the network is mapped
+    // to a switch; the MACs are kept, static.
+    let web = &xen_probe(&xen, &[json!({"op": "vm", "name": "debian-web"})])[0];
+    let xen_disks: Vec<PathBuf> = web["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let p = lab.path(&format!("web-{i}.raw"));
+            xen_probe(
+                &xen,
+                &[json!({"op": "export", "vdi": d["uuid"], "path": p})],
+            );
+            p
+        })
+        .collect();
+    let xid = lab.backup("xen", "debian-web");
+    let net = web["vifs"][0]["network"].as_str().unwrap().to_string();
+    let (_, err) = lab.ok(&[
+        "restore",
+        &xid,
+        "--to-source",
+        "lab",
+        "--name",
+        "from-xen",
+        "--network-map",
+        &format!("{net}=vSwitch-Prod"),
+    ]);
+    let v = lab.probe(&["from-xen"])["from-xen"].clone();
+    assert!(v.is_object(), "{err}");
+    assert_eq!(v["cpus"].to_string(), text(&web["VCPUs_max"]), "{v}");
+    assert_eq!(
+        (v["memory_mib"].as_u64().unwrap() << 20).to_string(),
+        text(&web["memory_static_max"])
+    );
+    assert_eq!(macs(&v, "nics", "mac"), macs(web, "vifs", "MAC"), "{v}");
+    assert!(
+        v["nics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["switch"] == "vSwitch-Prod" && n["static"] == "true"),
+        "{v}"
+    );
+    assert_eq!(v["generation"], "1", "{v}");
+    let vdisks = v["disks"].as_array().unwrap();
+    assert_eq!(vdisks.len(), xen_disks.len(), "{v}");
+    assert_eq!(vdisks[0]["at"], "ide0:0", "{v}");
+    for (d, want) in vdisks.iter().zip(&xen_disks) {
+        ferry_testkit::qemu_img_compare(
+            &lab.local(d["path"].as_str().unwrap()),
+            "vhdx",
+            want,
+            "raw",
+        );
+    }
+    assert!(
+        err.contains("does not exist on a generation 1 Hyper-V VM; attached at ide0:0"),
+        "{err}"
+    );
+}
