@@ -495,3 +495,59 @@ impl App {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(extra: &str) -> ReplicaConfig {
+        toml::from_str(&format!(
+            "source = \"a\"\nvm = \"v\"\nto-source = \"b\"\nrepository = \"r\"\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_table_is_checked_on_its_own() {
+        let (every, rpo) = table("").check("web").unwrap();
+        assert_eq!((every.as_secs(), rpo), (300, None));
+        let (every, rpo) = table("every = \"30s\"\nrpo = \"2m\"").check("web").unwrap();
+        assert_eq!((every.as_secs(), rpo.map(|r| r.as_secs())), (30, Some(120)));
+        for (bad, field) in [
+            ("keep = 0", "keep"),
+            ("every = \"often\"", "every"),
+            ("every = \"0s\"", "every"),
+            ("rpo = \"5x\"", "rpo"),
+        ] {
+            let p = table(bad).check("web").unwrap_err();
+            assert_eq!(p.field.as_deref(), Some(field), "{bad}: {p:?}");
+            assert!(p.detail.contains("replica `web`"), "{bad}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn actions_and_views_speak_snake_case() {
+        let a: ReplicaAction = serde_json::from_value(
+            serde_json::json!({"action": "failover", "planned": false, "point": "p1", "force": true}),
+        )
+        .unwrap();
+        assert_eq!(a.label(), "unplanned failover");
+        assert_eq!(ReplicaAction::TestCleanup.label(), "test cleanup");
+        let rec: ReplicaHealth = serde_json::from_value(serde_json::json!({
+            "name": "web", "source": "a", "target": "b", "vm-name": "v", "rpo": 60,
+            "applied-time": 1000, "state": {"kind": "failed-over", "point": "s1"},
+            "points": [{"id": "s1", "restore-point": "rp1", "time": 1000}],
+            "health": {"last-success": 1001, "last-bytes": 7, "cycles": 3},
+            "a-field-from-a-newer-ferry": true
+        }))
+        .unwrap();
+        let v = rec.view(1100);
+        assert_eq!(v["state"], "failed-over");
+        assert_eq!(v["failed_over_point"], "s1");
+        assert_eq!(v["lag_seconds"], 100);
+        assert_eq!(v["rpo_breached"], true);
+        assert_eq!(v["points"][0]["restore_point"], "rp1");
+        assert_eq!(v["last_bytes"], 7);
+        assert_eq!(v["unfinished"], serde_json::Value::Null);
+    }
+}

@@ -782,7 +782,8 @@ pub async fn api_action(
         config: Some(config.to_path_buf()),
         state_dir: Some(state_dir.to_path_buf()),
         password_file: None,
-        json: false,
+        // Nothing goes to the service's stdout/stderr as console text: it logs.
+        json: true,
     };
     let spec = match spec {
         Some(Ok((spec, repo, _))) => {
