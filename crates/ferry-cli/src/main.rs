@@ -78,7 +78,8 @@ enum Command {
     /// Run a hypervisor simulator (tests, demos).
     #[command(subcommand)]
     Sim(cmd::sim::Command),
-    /// Maintain a hypervisor source: `cleanup` removes what killed backups left behind.
+    /// Maintain a hypervisor source: `cleanup` removes what killed backups left behind;
+    /// `agent-pin` prints the certificate fingerprint the Hyper-V host agents pin.
     #[command(subcommand)]
     Source(cmd::cleanup::Command),
     /// Inspect NBD exports: negotiated info, export list, block status.
