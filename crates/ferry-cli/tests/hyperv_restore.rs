@@ -12,6 +12,7 @@ use ferry_hv_hyperv::{Credentials, WsmanClient};
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
@@ -36,11 +37,16 @@ struct Lab {
 
 impl Lab {
     fn start() -> Self {
+        Self::with_disks("8")
+    }
+
+    /// A lab whose guests have disks of `mib` MiB.
+    fn with_disks(mib: &str) -> Self {
         let dir = ferry_testkit::scratch_dir();
         let (sim, info) = Killed::spawn_json_line(
             ferry()
                 .args(["sim", "hyperv", "--listen", "127.0.0.1:0"])
-                .args(["--disk-mib", "8", "--dir"])
+                .args(["--disk-mib", mib, "--dir"])
                 .arg(dir.path().join("host")),
         );
         let pw = dir.path().join("hv.pw");
@@ -803,4 +809,52 @@ fn hyperv_to_vsphere_and_vsphere_to_hyperv_keep_macs_and_disks() {
         err.contains("does not exist on Hyper-V; it becomes a synthetic network adapter"),
         "{err}"
     );
+}
+
+#[test]
+fn a_restore_killed_halfway_is_removed_by_source_cleanup() {
+    // Disks large enough that the kill lands while they are written.
+    let lab = Lab::with_disks("64");
+    let id = lab.backup("lab", "win-sql-01");
+    let mut child = ferry()
+        .args([
+            "-v",
+            "restore",
+            &id,
+            "--to-source",
+            "lab",
+            "--name",
+            "killed",
+        ])
+        .envs(lab.env())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0,
+            "restore ended before it defined the VM: {seen}"
+        );
+        seen.push_str(&l);
+        if l.contains("VM defined; writing its disks") {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let folder = lab.local("C:\\ClusterStorage\\Volume1\\Restores\\killed");
+    assert!(lab.probe(&["killed"])["killed"].is_object(), "{seen}");
+    assert!(folder.exists());
+    let (out, err) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["partial-vms"], 1, "{report}");
+    assert!(
+        err.contains("destroyed the partial VM of a killed restore"),
+        "{err}"
+    );
+    assert!(lab.probe(&["killed"])["killed"].is_null());
+    assert!(!folder.exists(), "the written files are left");
 }

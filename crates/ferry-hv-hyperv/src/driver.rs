@@ -343,6 +343,16 @@ impl Inner {
                 "saved-vm" if self.resume(&e.id).await? => {
                     tracing::warn!(source = %self.name, vm = %e.id, "resumed a VM an interrupted backup had saved");
                 }
+                // What a killed restore left (ADR 0156).
+                crate::restore::VM_ENTRY
+                    if crate::restore::destroy_vm(&self.client, &self.name, &e.id).await? =>
+                {
+                    tracing::warn!(source = %self.name, vm = %e.id, "destroyed the partial VM of a killed restore");
+                    report.partial_vms += 1;
+                }
+                crate::restore::FOLDER_ENTRY => {
+                    crate::restore::remove_folder(&self.name, &e.id);
+                }
                 _ => {}
             }
             self.journal(false, &e.kind, &e.id);
@@ -538,7 +548,7 @@ impl HypervisorDriver for HypervDriver {
 
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError> {
         let i = &self.inner;
-        crate::restore::restore(&i.client, &i.name, &i.cfg, plan).await
+        crate::restore::restore(&i.client, &i.name, &i.cfg, &i.journal, plan).await
     }
 }
 
