@@ -12,6 +12,7 @@ use ferry_hv_hyperv::{Credentials, WsmanClient};
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
@@ -36,11 +37,16 @@ struct Lab {
 
 impl Lab {
     fn start() -> Self {
+        Self::with_disks("8")
+    }
+
+    /// A lab whose guests have disks of `mib` MiB.
+    fn with_disks(mib: &str) -> Self {
         let dir = ferry_testkit::scratch_dir();
         let (sim, info) = Killed::spawn_json_line(
             ferry()
                 .args(["sim", "hyperv", "--listen", "127.0.0.1:0"])
-                .args(["--disk-mib", "8", "--dir"])
+                .args(["--disk-mib", mib, "--dir"])
                 .arg(dir.path().join("host")),
         );
         let pw = dir.path().join("hv.pw");
@@ -635,4 +641,220 @@ fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
         err.contains("does not exist on a generation 1 Hyper-V VM; attached at ide0:0"),
         "{err}"
     );
+}
+
+impl Lab {
+    /// Adds `ferry sim vmware` (vcsim behind Ferry's front) as source `vc`.
+    fn with_vsphere(&self) -> (Killed, Value) {
+        let (sim, vc) = Killed::spawn_json_line(
+            ferry()
+                .args(["sim", "vmware", "--listen", "127.0.0.1:0"])
+                .args(["--disk-mib", "8", "--vcsim"])
+                .arg(ferry_testkit::tool("vcsim"))
+                .arg("--dir")
+                .arg(self.path("vc-sim")),
+        );
+        let pw = self.path("vc.pw");
+        std::fs::write(&pw, vc["password"].as_str().unwrap()).unwrap();
+        let mut t = std::fs::read_to_string(self.path("ferry.toml")).unwrap();
+        t.push_str(&format!(
+            "[sources.vc]\nkind = \"vmware\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"san\"]\nnbdkit-stand-in = \"file\"\n[sources.vc.san-paths]\n",
+            vc["url"].as_str().unwrap(),
+            vc["username"].as_str().unwrap(),
+            pw.display(),
+            vc["tls_fingerprint"].as_str().unwrap(),
+            self.path("state").display(),
+        ));
+        for (ds, p) in vc["san_paths"].as_object().unwrap() {
+            t.push_str(&format!("\"{ds}\" = \"{}\"\n", p.as_str().unwrap()));
+        }
+        std::fs::write(self.path("ferry.toml"), t).unwrap();
+        (sim, vc)
+    }
+}
+
+/// What VMware's SDK (pyvmomi, `tests/vmware_probe.py`) reports of VM `name` on `vc`.
+fn vsphere_probe(vc: &Value, name: &str) -> Value {
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    let url = vc["url"].as_str().unwrap();
+    let (host, port) = url
+        .trim_start_matches("https://")
+        .trim_end_matches("/sdk")
+        .rsplit_once(':')
+        .unwrap();
+    let out = ferry_testkit::run_ok(
+        Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/vmware_probe.py"
+            ))
+            .args([host, port])
+            .args(["username", "password"].map(|k| vc[k].as_str().unwrap()))
+            .arg(name)
+            .env("no_proxy", "*"),
+    );
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v[name].clone()
+}
+
+/// The local file of a datastore path `[ds] dir/file.vmdk`.
+fn datastore_file(vc: &Value, file: &str) -> PathBuf {
+    let (ds, rel) = file
+        .strip_prefix('[')
+        .and_then(|r| r.split_once("] "))
+        .unwrap_or_else(|| panic!("not a datastore path: {file}"));
+    PathBuf::from(vc["san_paths"][ds].as_str().unwrap()).join(rel)
+}
+
+#[test]
+fn hyperv_to_vsphere_and_vsphere_to_hyperv_keep_macs_and_disks() {
+    let lab = Lab::start();
+    let (_vc_sim, vc) = lab.with_vsphere();
+
+    // Hyper-V → vSphere.
+    let vm = "win-sql-01";
+    let expected = lab.guest_disks(vm, "to-vc");
+    let id = lab.backup("lab", vm);
+    let (_, err) = lab.ok(&["restore", &id, "--to-source", "vc", "--name", "from-hyperv"]);
+    let orig = lab.probe(&[vm])[vm].clone();
+    let v = vsphere_probe(&vc, "from-hyperv");
+    assert!(v.is_object(), "{err}");
+    assert_eq!(v["cpus"], orig["cpus"], "{v}");
+    assert_eq!(v["memory_mb"], orig["memory_mib"], "{v}");
+    assert_eq!(v["firmware"], "efi", "{v}");
+    assert_eq!(macs(&v, "nics", "mac"), macs(&orig, "nics", "mac"), "{v}");
+    let disks = v["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{v}");
+    for (i, (d, want)) in disks.iter().zip(&expected).enumerate() {
+        assert_eq!(d["position"], format!("scsi0:{i}"), "{v}");
+        let desc = datastore_file(&vc, d["file"].as_str().unwrap());
+        ferry_testkit::qemu_img_compare(&desc, "vmdk", want, "raw");
+    }
+    for w in [
+        "model `synthetic` does not exist on vSphere; using vmxnet3",
+        "network `vSwitch-Prod` does not exist on this vCenter",
+        "access VLAN 10 on switch `vSwitch-Prod` is not kept",
+    ] {
+        assert!(err.contains(w), "no warning `{w}`: {err}");
+    }
+
+    // vSphere → Hyper-V: positions kept, the port group mapped to a switch, MACs kept.
+    let src = vc["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["disks"].as_array().unwrap().len() == 2)
+        .expect("a 2-disk VM");
+    let name = src["name"].as_str().unwrap().to_string();
+    let before = vsphere_probe(&vc, &name);
+    let mut live: Vec<(String, PathBuf)> = before["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let p = lab.path(&format!("vc-{}.raw", d["position"].as_str().unwrap()));
+            // The two disks differ in size (1 MiB seeded, 8 MiB added by the simulator).
+            let size = d["capacity"].as_u64();
+            let l = src["disks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["capacity"].as_u64() == size)
+                .unwrap()["live"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            std::fs::copy(l, &p).unwrap();
+            (d["position"].as_str().unwrap().to_string(), p)
+        })
+        .collect();
+    live.sort();
+    let vid = lab.backup("vc", &name);
+    let net = before["nics"][0]["network"].as_str().unwrap().to_string();
+    let (_, err) = lab.ok(&[
+        "restore",
+        &vid,
+        "--to-source",
+        "lab",
+        "--name",
+        "from-vsphere",
+        "--network-map",
+        &format!("{net}=vSwitch-DMZ"),
+    ]);
+    let h = lab.probe(&["from-vsphere"])["from-vsphere"].clone();
+    assert!(h.is_object(), "{err}");
+    assert_eq!(h["cpus"], before["cpus"], "{h}");
+    assert_eq!(h["memory_mib"], before["memory_mb"], "{h}");
+    assert_eq!(macs(&h, "nics", "mac"), macs(&before, "nics", "mac"), "{h}");
+    assert!(
+        h["nics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["switch"] == "vSwitch-DMZ"),
+        "{h}"
+    );
+    let hd = h["disks"].as_array().unwrap();
+    assert_eq!(hd.len(), live.len(), "{h}");
+    for (d, (at, want)) in hd.iter().zip(&live) {
+        assert_eq!(&d["at"], at, "{h}");
+        ferry_testkit::qemu_img_compare(
+            &lab.local(d["path"].as_str().unwrap()),
+            "vhdx",
+            want,
+            "raw",
+        );
+    }
+    assert!(
+        err.contains("does not exist on Hyper-V; it becomes a synthetic network adapter"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_restore_killed_halfway_is_removed_by_source_cleanup() {
+    // Disks large enough that the kill lands while they are written.
+    let lab = Lab::with_disks("64");
+    let id = lab.backup("lab", "win-sql-01");
+    let mut child = ferry()
+        .args([
+            "-v",
+            "restore",
+            &id,
+            "--to-source",
+            "lab",
+            "--name",
+            "killed",
+        ])
+        .envs(lab.env())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0,
+            "restore ended before it defined the VM: {seen}"
+        );
+        seen.push_str(&l);
+        if l.contains("VM defined; writing its disks") {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let folder = lab.local("C:\\ClusterStorage\\Volume1\\Restores\\killed");
+    assert!(lab.probe(&["killed"])["killed"].is_object(), "{seen}");
+    assert!(folder.exists());
+    let (out, err) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["partial-vms"], 1, "{report}");
+    assert!(
+        err.contains("destroyed the partial VM of a killed restore"),
+        "{err}"
+    );
+    assert!(lab.probe(&["killed"])["killed"].is_null());
+    assert!(!folder.exists(), "the written files are left");
 }

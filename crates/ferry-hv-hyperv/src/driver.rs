@@ -434,19 +434,31 @@ impl Inner {
         // that does not have it answers "gone").
         let hosts = self.hosts().await?;
         for e in &entries {
-            for h in &hosts {
-                let w = Wmi::new(&h.client);
-                match e.kind.as_str() {
-                    "checkpoint"
-                        if w.checkpoint_exists(&e.id).await.map_err(|x| self.err(x))? =>
-                    {
-                        w.destroy_checkpoint(&e.id).await.map_err(|x| self.err(x))?;
-                        report.snapshots += 1;
+            match e.kind.as_str() {
+                // What a killed restore left (ADR 0156): on the source's own host.
+                crate::restore::VM_ENTRY => {
+                    if crate::restore::destroy_vm(&self.client, &self.name, &e.id).await? {
+                        tracing::warn!(source = %self.name, vm = %e.id, "destroyed the partial VM of a killed restore");
+                        report.partial_vms += 1;
                     }
-                    "saved-vm" if self.resume(&w, &e.id).await? => {
-                        tracing::warn!(source = %self.name, vm = %e.id, "resumed a VM an interrupted backup had saved");
+                }
+                crate::restore::FOLDER_ENTRY => crate::restore::remove_folder(&self.name, &e.id),
+                _ => {
+                    for h in &hosts {
+                        let w = Wmi::new(&h.client);
+                        match e.kind.as_str() {
+                            "checkpoint"
+                                if w.checkpoint_exists(&e.id).await.map_err(|x| self.err(x))? =>
+                            {
+                                w.destroy_checkpoint(&e.id).await.map_err(|x| self.err(x))?;
+                                report.snapshots += 1;
+                            }
+                            "saved-vm" if self.resume(&w, &e.id).await? => {
+                                tracing::warn!(source = %self.name, vm = %e.id, "resumed a VM an interrupted backup had saved");
+                            }
+                            _ => {}
+                        }
                     }
-                    _ => {}
                 }
             }
             self.journal(false, &e.kind, &e.id);
@@ -555,7 +567,7 @@ impl HypervisorDriver for HypervDriver {
 
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError> {
         let i = &self.inner;
-        crate::restore::restore(&i.client, &i.name, &i.cfg, plan).await
+        crate::restore::restore(&i.client, &i.name, &i.cfg, &i.journal, plan).await
     }
 }
 

@@ -1,16 +1,16 @@
-//! Whole-VM restore to Hyper-V (ADR 0156). Every disk is written as a VHDX by `ferry-image`
-//! into a new folder for the VM under the source's `restore-dir` (default: the folder that held
-//! the backed-up VM's folder), through `san-paths` (a share or CSV the proxy mounts). Then
-//! `Msvm_VirtualSystemManagementService` builds the VM: `DefineSystem` (name, generation,
-//! secure boot), `ModifyResourceSettings` (processors; memory, static or dynamic),
-//! `AddResourceSettings` (SCSI controller, a drive and its VHDX per disk; per NIC a synthetic
-//! adapter with its MAC, static, and its connection to the switch of the same name) and
-//! `AddFeatureSettings` (the NIC's access VLAN).
+//! Whole-VM restore to Hyper-V (ADR 0156). `Msvm_VirtualSystemManagementService` defines the
+//! VM: `DefineSystem` (name, generation, secure boot, its folder), `ModifyResourceSettings`
+//! (processors; memory, static or dynamic). Every disk is then written as a VHDX by
+//! `ferry-image` into the VM's new folder under the source's `restore-dir` (default: the folder
+//! that held the backed-up VM's folder), through `san-paths` (a share or CSV the proxy mounts),
+//! and attached: `AddResourceSettings` of the SCSI controller, a drive and its VHDX per disk; per
+//! NIC a synthetic adapter with its MAC, static, and its connection to the switch of the same
+//! name, then `AddFeatureSettings` for its access VLAN.
 //!
-//! Before anything is written, every NIC's switch must exist on the host (a missing one is an
+//! Before anything is made, every NIC's switch must exist on the host (a missing one is an
 //! error naming the host's switches and `--network-map`). A VM of the same name makes the new
 //! one `NAME (2)`. A failure after that destroys the half-defined VM and removes the written
-//! files: nothing half-made is left.
+//! files; the VM and the folder are journaled, so a killed restore is removed by `recover`.
 //!
 //! From another hypervisor (no `msvm-vm-config+json` record) the normalized configuration
 //! decides: BIOS → generation 1 with the boot disk on IDE 0:0, UEFI → generation 2; positions
@@ -27,9 +27,53 @@ use crate::wmi::{self, Wmi};
 use crate::xml::escape;
 use ferry_core::BlockSource;
 use ferry_core::vm::{Firmware, VmConfig};
+use ferry_hv::journal::Journal;
 use ferry_hv::{HvError, NativeConfig, RestorePlan, RestoredVm, SourceConfig};
 use serde_json::Value as J;
 use std::path::{Path, PathBuf};
+
+/// Journal kind of a VM a restore defined (destroyed by `recover` after a kill).
+pub const VM_ENTRY: &str = "restore-vm";
+/// Journal kind of the proxy-side folder a restore writes (removed by `recover` after a kill).
+pub const FOLDER_ENTRY: &str = "restore-folder";
+
+/// Turns VM `id` off and destroys it; `false` when it is gone already.
+pub async fn destroy_vm(c: &WsmanClient, source: &str, id: &str) -> Result<bool, HvError> {
+    let w = Wmi::new(c);
+    let v = match w.vm(id).await {
+        Ok(v) => v,
+        Err(e) if wmi::is_gone(&e) => return Ok(false),
+        Err(e) => return Err(hv(source, e)),
+    };
+    if v.text("EnabledState") != Some("3") {
+        w.request_state(id, "3").await.map_err(|e| hv(source, e))?;
+    }
+    let svc = w.service(SERVICE).await.map_err(|e| hv(source, e))?;
+    c.invoke(
+        &svc,
+        "DestroySystem",
+        &[Param::Ref("AffectedSystem".into(), Wmi::vm_epr(id))],
+    )
+    .await
+    .map_err(|e| hv(source, e))?;
+    Ok(true)
+}
+
+/// Removes the restore folder `dir` (on the proxy's side of `san-paths`) if it still exists;
+/// whether it is gone.
+pub fn remove_folder(source: &str, dir: &str) -> bool {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {
+            tracing::warn!(source = %source, folder = %dir, "removed the files of an unfinished restore");
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            tracing::warn!(source = %source, folder = %dir, error = %e, "cannot remove the folder of an unfinished restore");
+            false
+        }
+    }
+}
 
 /// Bytes read and written per step.
 const PIECE: u64 = 1 << 20;
@@ -360,11 +404,14 @@ fn refs(out: &Instance, k: &str) -> Vec<Epr> {
 struct Run<'a> {
     c: &'a WsmanClient,
     source: &'a str,
+    journal: &'a Journal,
     svc: Epr,
     host: String,
     vm: Option<String>,
     files: Vec<PathBuf>,
     folder: Option<PathBuf>,
+    /// The journaled folder (removed from the journal once done or undone).
+    folder_entry: Option<String>,
 }
 
 impl Run<'_> {
@@ -411,35 +458,45 @@ impl Run<'_> {
             })
     }
 
-    /// Removes the half-made VM and the written files.
+    /// Removes the half-made VM and the written files; what cannot be removed stays journaled
+    /// for `ferry source cleanup`.
     async fn undo(&mut self) {
-        if let Some(id) = self.vm.take() {
-            let w = Wmi::new(self.c);
-            if let Ok(v) = w.vm(&id).await
-                && v.text("EnabledState") != Some("3")
-                && let Err(e) = w.request_state(&id, "3").await
-            {
-                tracing::warn!(source = %self.source, vm = %id, error = %e, "cannot turn the partial VM off");
-            }
-            let r = self
-                .c
-                .invoke(
-                    &self.svc,
-                    "DestroySystem",
-                    &[Param::Ref("AffectedSystem".into(), Wmi::vm_epr(&id))],
-                )
-                .await;
-            if let Err(e) = r {
-                tracing::warn!(source = %self.source, vm = %id, error = %e, "cannot destroy the partial VM; remove it by hand");
+        if let Some(id) = self.vm.clone() {
+            match destroy_vm(self.c, self.source, &id).await {
+                Ok(_) => {
+                    self.vm = None;
+                    self.note(false, VM_ENTRY, &id);
+                }
+                Err(e) => {
+                    tracing::warn!(source = %self.source, vm = %id, error = %e, "cannot destroy the partial VM; `ferry source cleanup` retries")
+                }
             }
         }
         for f in self.files.drain(..) {
             let _ = std::fs::remove_file(&f);
         }
-        if let Some(d) = self.folder.take()
-            && let Err(e) = std::fs::remove_dir_all(&d)
-        {
-            tracing::warn!(source = %self.source, folder = %d.display(), error = %e, "cannot remove the restore folder");
+        self.folder = None;
+        if let Some(d) = self.folder_entry.take() {
+            if remove_folder(self.source, &d) {
+                self.note(false, FOLDER_ENTRY, &d);
+            } else {
+                self.folder_entry = Some(d);
+            }
+        }
+    }
+
+    /// Journals what this restore made (a killed run leaves it to `recover`).
+    fn note(&self, add: bool, kind: &str, id: &str) {
+        self.journal.note(self.source, add, kind, id);
+    }
+
+    /// Drops the journal entries of what is done or undone.
+    fn forget(&mut self) {
+        if let Some(id) = self.vm.take() {
+            self.note(false, VM_ENTRY, &id);
+        }
+        if let Some(d) = self.folder_entry.take() {
+            self.note(false, FOLDER_ENTRY, &d);
         }
     }
 }
@@ -449,6 +506,7 @@ pub async fn restore(
     c: &WsmanClient,
     source: &str,
     cfg: &SourceConfig,
+    journal: &Journal,
     plan: &RestorePlan,
 ) -> Result<RestoredVm, HvError> {
     let vm_err = |m: String| HvError::Vm {
@@ -550,18 +608,23 @@ pub async fn restore(
     let mut run = Run {
         c,
         source,
+        journal,
         svc,
         host,
         vm: None,
         files: vec![],
         folder: None,
+        folder_entry: None,
     };
     match build(&mut run, cfg, plan, &vp, &name, &root, &switch_ids).await {
-        Ok(id) => Ok(RestoredVm {
-            id,
-            name,
-            transport: "san (VHDX written through san-paths)".into(),
-        }),
+        Ok(id) => {
+            run.forget();
+            Ok(RestoredVm {
+                id,
+                name,
+                transport: "san (VHDX written through san-paths)".into(),
+            })
+        }
         Err(e) => {
             tracing::warn!(source = %source, vm = %name, error = %e, "restore failed; removing the partial VM and its files");
             run.undo().await;
@@ -602,27 +665,8 @@ async fn build(
         )
     })?;
     run.folder = Some(local.clone());
-    let mut vhdx = Vec::new();
-    let mut used = Vec::new();
-    for d in &plan.disks {
-        let mut file = safe_name(&d.name);
-        while used.contains(&file.to_lowercase()) {
-            file.push('_');
-        }
-        used.push(file.to_lowercase());
-        let host_path = format!("{folder}\\{file}.vhdx");
-        let path = local.join(format!("{file}.vhdx"));
-        let written = write_vhdx(d.source.as_ref(), &path)
-            .await
-            .map_err(|m| HvError::Disk {
-                source_name: run.source.into(),
-                disk: format!("{name}/{}", d.name),
-                message: format!("writing {host_path}: {m}"),
-            })?;
-        run.files.push(path);
-        tracing::info!(source = %run.source, vm = %name, disk = %d.name, file = %host_path, bytes = written, "disk written");
-        vhdx.push(host_path);
-    }
+    run.folder_entry = Some(local.display().to_string());
+    run.note(true, FOLDER_ENTRY, &local.display().to_string());
     // The VM.
     let mut settings = vec![
         p("ElementName", "string", name),
@@ -653,7 +697,8 @@ async fn build(
         .map(str::to_string)
         .ok_or_else(|| run.fail("DefineSystem", "the host returned no VM"))?;
     run.vm = Some(id.clone());
-    tracing::info!(source = %run.source, vm = %name, id = %id, "VM defined; adding its devices");
+    run.note(true, VM_ENTRY, &id);
+    tracing::info!(source = %run.source, vm = %name, id = %id, "VM defined; writing its disks");
     let w = Wmi::new(run.c);
     let vssd = w
         .settings(&id)
@@ -712,6 +757,27 @@ async fn build(
         )],
     )
     .await?;
+    let mut vhdx = Vec::new();
+    let mut used = Vec::new();
+    for d in &plan.disks {
+        let mut file = safe_name(&d.name);
+        while used.contains(&file.to_lowercase()) {
+            file.push('_');
+        }
+        used.push(file.to_lowercase());
+        let host_path = format!("{folder}\\{file}.vhdx");
+        let path = local.join(format!("{file}.vhdx"));
+        let written = write_vhdx(d.source.as_ref(), &path)
+            .await
+            .map_err(|m| HvError::Disk {
+                source_name: run.source.into(),
+                disk: format!("{name}/{}", d.name),
+                message: format!("writing {host_path}: {m}"),
+            })?;
+        run.files.push(path);
+        tracing::info!(source = %run.source, vm = %name, disk = %d.name, file = %host_path, bytes = written, "disk written");
+        vhdx.push(host_path);
+    }
     // Controllers: SCSI ones as the disks need them; generation 1 has its IDE controllers.
     let rasd = "Msvm_ResourceAllocationSettingData";
     let mut controllers: Vec<((bool, u32), String)> = Vec::new();
@@ -891,8 +957,7 @@ async fn build(
             .await
             .map_err(|e| run.err(e))?;
     }
-    // Done: nothing is undone any more.
-    run.vm = None;
+    // Done: nothing is undone any more (the journal entries go in `forget`).
     run.files.clear();
     run.folder = None;
     Ok(id)

@@ -663,6 +663,38 @@ mod tests {
     }
 
     #[test]
+    fn restore_dir_is_an_absolute_host_path_under_san_paths() {
+        let base = "[sources.h]\nkind = \"hyperv\"\nurl = \"https://h:5986/wsman\"\nusername = \"r\"\ntls-insecure = true\n";
+        let with = |d: &str, paths: &str| {
+            format!("{base}restore-dir = '{d}'\n[sources.h.san-paths]\n{paths}")
+        };
+        let share = "'\\\\fs\\vms' = \"/mnt/vms\"\n'C:\\ClusterStorage\\Volume1' = \"/mnt/csv1\"\n";
+        for ok in [
+            "C:\\ClusterStorage\\Volume1\\Restores",
+            "c:\\clusterstorage\\volume1",
+            "\\\\fs\\vms\\r",
+        ] {
+            parse(&with(ok, share)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, why) in [
+            ("Restores", "absolute host path"),
+            ("C:\\ClusterStorage\\Volume1\\..\\x", "`..`"),
+            ("C:\\ClusterStorage\\Volume10", "under no san-paths prefix"),
+            ("D:\\r", "under no san-paths prefix"),
+        ] {
+            let e = parse(&with(bad, share)).unwrap_err().to_string();
+            assert!(e.contains("restore-dir") && e.contains(why), "{bad}: {e}");
+        }
+        let xen = with("C:\\r", "'C:\\' = \"/x\"\n").replace("hyperv", "xen");
+        assert!(
+            parse(&xen)
+                .unwrap_err()
+                .to_string()
+                .contains("Hyper-V setting")
+        );
+    }
+
+    #[test]
     fn password_file_errors_name_the_file_not_the_secret() {
         let c = parse("[sources.x]\nkind = \"xen\"\nurl = \"https://h\"\nusername = \"r\"\ntls-insecure = true\npassword-file = \"/nonexistent/pw\"\n").unwrap();
         let e = c
