@@ -442,7 +442,9 @@ impl Inner {
                         report.partial_vms += 1;
                     }
                 }
-                crate::restore::FOLDER_ENTRY => crate::restore::remove_folder(&self.name, &e.id),
+                crate::restore::FOLDER_ENTRY => {
+                    crate::restore::remove_folder(&self.name, &e.id);
+                }
                 _ => {
                     for h in &hosts {
                         let w = Wmi::new(&h.client);
