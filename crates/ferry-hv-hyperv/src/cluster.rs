@@ -198,22 +198,34 @@ impl Clusters {
         }
     }
 
-    /// Every host of the source: each cluster node, or the standalone host behind `c`.
-    pub async fn hosts(&self, c: &Arc<WsmanClient>) -> Result<Vec<Host>, HypervError> {
+    /// Every host of the source: each cluster node, or the standalone host behind `c`; and
+    /// the nodes that cannot be reached now (`name: why`), which callers skip with a warning.
+    pub async fn hosts(
+        &self,
+        c: &Arc<WsmanClient>,
+    ) -> Result<(Vec<Host>, Vec<String>), HypervError> {
         let Some(names) = self.node_names(c).await? else {
-            return Ok(vec![Host {
-                node: None,
-                client: c.clone(),
-            }]);
+            return Ok((
+                vec![Host {
+                    node: None,
+                    client: c.clone(),
+                }],
+                vec![],
+            ));
         };
-        let mut out = Vec::new();
+        let (mut out, mut down) = (Vec::new(), Vec::new());
         for n in names {
-            out.push(Host {
-                client: self.client(&n).await?,
-                node: Some(n),
-            });
+            match self.client(&n).await {
+                Ok(client) => out.push(Host {
+                    client,
+                    node: Some(n),
+                }),
+                // A node that is down (or drained and off) must not stop the others.
+                Err(HypervError::Http(e)) => down.push(format!("{n}: {e}")),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(out)
+        Ok((out, down))
     }
 
     /// The node that runs VM `vm` (name or id) now; `None` on a standalone host.

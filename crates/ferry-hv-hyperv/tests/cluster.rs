@@ -138,3 +138,36 @@ async fn a_standalone_host_has_no_owner_node() {
     let e = d.owner_node("win-sql-01").await.unwrap_err().to_string();
     assert!(e.contains("MSCluster"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_is_down_does_not_stop_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = sim(dir.path(), 2).await;
+    let (a, b) = (sim.nodes()[0].clone(), sim.nodes()[1].clone());
+    // Node B's endpoint refuses connections, as a node that is down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let map = format!(
+        "[nodes]\n{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n{} = \"https://127.0.0.1:{port}/wsman\"\n",
+        a.name, a.url, a.tls_fingerprint, b.name
+    );
+    let d = driver(&sim, dir.path(), &map).await;
+    let vms = d.list_vms().await.unwrap();
+    assert!(
+        !vms.is_empty()
+            && vms
+                .iter()
+                .all(|v| v.host.as_deref() == Some(a.name.as_str())),
+        "node A's VMs only: {vms:?}"
+    );
+    assert_eq!(d.recover().await.unwrap(), Default::default());
+    // A VM on node B cannot be backed up; the error names the node's endpoint.
+    let e = d
+        .begin_backup("win-file-01", &Default::default(), None)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains(&port.to_string()), "{e}");
+}
