@@ -14,7 +14,8 @@ use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const PASSWORD: &str = "test password";
 const CHUNK: u64 = 256 << 10;
@@ -391,4 +392,47 @@ fn a_node_map_pointing_at_the_wrong_host_is_a_clear_error() {
         "{err}"
     );
     assert_eq!(lab.left(), [(0, 0), (0, 0)], "nothing was left behind");
+}
+
+#[test]
+fn a_backup_killed_on_the_second_node_leaves_nothing_after_cleanup() {
+    let lab = Lab::start(None);
+    let vm = "win-file-01";
+    let (b, _) = lab.node(1);
+    let mut c = cli::ferry();
+    for (k, v) in lab.env() {
+        c.env(k, v);
+    }
+    let mut child = c
+        .args([
+            "-v",
+            "backup",
+            "--source",
+            "lab",
+            "--vm",
+            vm,
+            "--limit-rate",
+            "1M",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cli::wait_for_stderr(&mut child, "backing up disk");
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        lab.left(),
+        [(0, 0), (1, 0)],
+        "the kill lands mid-backup on node {b}"
+    );
+    // Cleanup asks every node; the administrator's config points at node A.
+    let (out, _) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["snapshots"], 1, "{v}");
+    assert_eq!(lab.left(), [(0, 0), (0, 0)]);
+    let expected = lab.guest_disks(vm, "after-kill");
+    let (r, _) = lab.backup_vm(vm);
+    lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
+    assert_eq!(lab.left(), [(0, 0), (0, 1)]);
 }
