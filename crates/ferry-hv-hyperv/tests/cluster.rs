@@ -76,6 +76,16 @@ async fn the_owner_node_follows_a_live_migration() {
     let on_a = Wmi::new(d.client());
     let e = on_a.vm(&sql.id).await.unwrap_err();
     assert!(ferry_hv_hyperv::wmi::is_gone(&e), "{e}");
+    // Its images are held by node B.
+    let image = "C:\\ClusterStorage\\Volume1\\win-sql-01\\disk0.vhdx";
+    let e = on_a.disk_size(image).await.unwrap_err().to_string();
+    assert!(e.contains("being used by another process"), "{e}");
+    assert_eq!(
+        on_a.disk_size("C:\\ClusterStorage\\Volume1\\linux-web-01\\disk0.vhdx")
+            .await
+            .unwrap(),
+        2 << 20
+    );
     let e = d.owner_node("no-such-vm").await.unwrap_err().to_string();
     assert!(
         e.contains("no node of the cluster") && e.contains("no-such-vm"),
