@@ -34,9 +34,9 @@ struct Lab {
 }
 
 impl Lab {
-    /// A two-node cluster; `nodes` is the `[sources.lab.nodes]` table (None: each node with
-    /// its own URL and pin, as the simulator prints them).
-    fn start(nodes: Option<&dyn Fn(&Value) -> String>) -> Self {
+    /// A two-node cluster whose `[sources.lab.nodes]` sends node `k` to the endpoint (URL and
+    /// pin) of node `reach(k)`.
+    fn start(reach: fn(usize) -> usize) -> Self {
         let dir = ferry_testkit::scratch_dir();
         let mut c = cli::ferry();
         c.args([
@@ -54,22 +54,20 @@ impl Lab {
         let (sim, info) = Killed::spawn_json_line(&mut c);
         let pw = dir.path().join("hv.pw");
         std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
-        let node_table = match nodes {
-            Some(f) => f(&info),
-            None => info["cluster"]["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| {
-                    format!(
-                        "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
-                        n["name"].as_str().unwrap(),
-                        n["url"].as_str().unwrap(),
-                        n["tls_fingerprint"].as_str().unwrap()
-                    )
-                })
-                .collect(),
-        };
+        let all = info["cluster"]["nodes"].as_array().unwrap();
+        let node_table: String = all
+            .iter()
+            .enumerate()
+            .map(|(k, n)| {
+                let to = &all[reach(k)];
+                format!(
+                    "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
+                    n["name"].as_str().unwrap(),
+                    to["url"].as_str().unwrap(),
+                    to["tls_fingerprint"].as_str().unwrap()
+                )
+            })
+            .collect();
         let toml = format!(
             "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\n[sources.lab.san-paths]\n'C:\\' = \"{}\"\n[sources.lab.nodes]\n{node_table}",
             info["url"].as_str().unwrap(),
@@ -282,7 +280,7 @@ fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {
 
 #[test]
 fn a_live_migrated_vm_stays_incremental_read_from_its_new_node() {
-    let lab = Lab::start(None);
+    let lab = Lab::start(|k| k);
     let vm = "win-sql-01";
     let ((a, _), (b, _)) = (lab.node(0), lab.node(1));
     let owner = |v: &Value| {
@@ -339,7 +337,7 @@ fn a_live_migrated_vm_stays_incremental_read_from_its_new_node() {
 
 #[test]
 fn a_failed_migration_is_a_full_read_with_the_reason() {
-    let lab = Lab::start(None);
+    let lab = Lab::start(|k| k);
     let vm = "linux-web-01";
     let (b, _) = lab.node(1);
     lab.backup_vm(vm);
@@ -365,22 +363,7 @@ fn a_failed_migration_is_a_full_read_with_the_reason() {
 #[test]
 fn a_node_map_pointing_at_the_wrong_host_is_a_clear_error() {
     // Both node names lead to node A's listener: node B's VMs are not there.
-    let lab = Lab::start(Some(&|info: &Value| {
-        let a = &info["cluster"]["nodes"][0];
-        info["cluster"]["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| {
-                format!(
-                    "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
-                    n["name"].as_str().unwrap(),
-                    a["url"].as_str().unwrap(),
-                    a["tls_fingerprint"].as_str().unwrap()
-                )
-            })
-            .collect()
-    }));
+    let lab = Lab::start(|_| 0);
     let ((a, _), (b, _)) = (lab.node(0), lab.node(1));
     let out = lab.run(&["backup", "--source", "lab", "--vm", "win-file-01"]);
     assert!(!out.status.success());
@@ -396,7 +379,7 @@ fn a_node_map_pointing_at_the_wrong_host_is_a_clear_error() {
 
 #[test]
 fn a_backup_killed_on_the_second_node_leaves_nothing_after_cleanup() {
-    let lab = Lab::start(None);
+    let lab = Lab::start(|k| k);
     let vm = "win-file-01";
     let (b, _) = lab.node(1);
     let mut c = cli::ferry();

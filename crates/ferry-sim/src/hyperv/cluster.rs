@@ -105,20 +105,14 @@ impl State {
             self.objects.entry(i.class.clone()).or_default().push(i);
         }
         let vms: Vec<(String, String)> = self
-            .objects
-            .get("Msvm_ComputerSystem")
-            .map(|v| {
-                v.iter()
-                    .filter(|i| i.text("Caption") == Some("Virtual Machine"))
-                    .map(|i| {
-                        (
-                            i.text("Name").unwrap_or("").to_string(),
-                            i.text("ElementName").unwrap_or("").to_string(),
-                        )
-                    })
-                    .collect()
+            .guests()
+            .map(|i| {
+                (
+                    i.text("Name").unwrap_or("").to_string(),
+                    i.text("ElementName").unwrap_or("").to_string(),
+                )
             })
-            .unwrap_or_default();
+            .collect();
         let mut c = Cluster {
             name: name.into(),
             nodes: nodes.to_vec(),
@@ -276,15 +270,18 @@ impl State {
             .then(|| &resource[MSCLUSTER.len()..])
     }
 
-    fn vm_id(&self, vm: &str) -> Result<String, String> {
+    /// The guests' `Msvm_ComputerSystem`s.
+    fn guests(&self) -> impl Iterator<Item = &Instance> {
         self.objects
             .get("Msvm_ComputerSystem")
-            .and_then(|v| {
-                v.iter().find(|i| {
-                    i.text("Caption") == Some("Virtual Machine")
-                        && (i.text("Name") == Some(vm) || i.text("ElementName") == Some(vm))
-                })
-            })
+            .into_iter()
+            .flatten()
+            .filter(|i| i.text("Caption") == Some("Virtual Machine"))
+    }
+
+    fn vm_id(&self, vm: &str) -> Result<String, String> {
+        self.guests()
+            .find(|i| i.text("Name") == Some(vm) || i.text("ElementName") == Some(vm))
             .and_then(|i| i.text("Name"))
             .map(str::to_string)
             .ok_or_else(|| format!("no VM `{vm}`"))
