@@ -3,8 +3,9 @@
 //! live-migrated between backups stays incremental, read through its new node; a failed
 //! migration (RCT reset) is a full read with the reason; restores match the guest's disk by
 //! `qemu-img compare`; no checkpoint is left on either node (seen through pypsrp,
-//! `tests/hyperv_probe.py`); a node map that points a node at the wrong host gives a clear
-//! error.
+//! `tests/hyperv_probe.py`), and every node tells pypsrp the new owner in `root/MSCluster`
+//! (`tests/hyperv_cluster_probe.py`); a node map that points a node at the wrong host gives a
+//! clear error; a backup SIGKILLed on the second node is cleaned up from the first.
 
 use base64::Engine as _;
 use ferry_core::Secret;
@@ -194,25 +195,23 @@ impl Lab {
         );
     }
 
-    /// What pypsrp sees on the node at `url`.
-    fn probe(&self, url: &str) -> Value {
+    /// What pypsrp sees on the node at `url` (`script`: `hyperv_probe.py`, Hyper-V's
+    /// leftovers, or `hyperv_cluster_probe.py`, the cluster's owners).
+    fn probe_with(&self, script: &str, url: &str) -> Value {
         let python = ferry_testkit::peers_dir().join("venv/bin/python");
         assert!(
             python.exists(),
             "peer `python` (venv) not found: run tests/peers/install.sh"
         );
         let out = Command::new(python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/hyperv_probe.py"
-            ))
+            .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
             .arg(url)
             .args(["username", "password"].map(|k| self.info[k].as_str().unwrap()))
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "hyperv_probe.py: {}",
+            "{script}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
@@ -222,7 +221,7 @@ impl Lab {
     fn left(&self) -> Vec<(usize, u64)> {
         (0..2)
             .map(|k| {
-                let p = self.probe(&self.node(k).1);
+                let p = self.probe_with("hyperv_probe.py", &self.node(k).1);
                 (
                     p["checkpoints"].as_array().unwrap().len(),
                     p["reference_points"].as_u64().unwrap(),
@@ -304,6 +303,14 @@ fn a_live_migrated_vm_stays_incremental_read_from_its_new_node() {
     );
 
     lab.migrate("LiveMigrate", vm, &b);
+    // Every node tells the vendor's client the new owner.
+    for k in 0..2 {
+        let c = lab.probe_with("hyperv_cluster_probe.py", &lab.node(k).1);
+        assert_eq!(c["nodes"], serde_json::json!([a, b]), "{c}");
+        assert_eq!(c["owners"][vm], b.as_str(), "{c}");
+        assert_eq!(c["owners"]["win-file-01"], b.as_str(), "{c}");
+        assert_eq!(c["owners"]["linux-web-01"], a.as_str(), "{c}");
+    }
     lab.guest_write(vm, "disk1", 5 * CHUNK + 512, &[0x5A; 4096]);
     lab.guest_write(vm, "disk0", 20 * CHUNK, &[0xA5; 512]);
     let second = lab.guest_disks(vm, "second");
