@@ -523,90 +523,7 @@ impl HypervisorDriver for HypervDriver {
         self.inner.recover(false).await?;
         // On a cluster, every call of the backup goes to the node that runs the VM now.
         let node = self.inner.for_vm(vm).await?;
-        self.backup_on(&node, vm, opts, previous).await
-    }
-
-    async fn recover(&self) -> Result<CleanupReport, HvError> {
-        self.inner.recover(true).await
-    }
-
-    async fn remove_leftovers(&self, vm: &str, owner: &str) -> Result<CleanupReport, HvError> {
-        let i = &self.inner;
-        let mut report = CleanupReport::default();
-        for h in i.hosts("cleanup").await?.0 {
-            let w = Wmi::new(&h.client);
-            for c in w.recovery_checkpoints().await.map_err(|e| i.err(e))? {
-                if c.text("VirtualSystemIdentifier") != Some(vm)
-                    || c.text("ElementName").and_then(checkpoint_owner) != Some(owner)
-                {
-                    continue;
-                }
-                if let Some(id) = c.text("InstanceID") {
-                    w.destroy_checkpoint(id).await.map_err(|e| i.err(e))?;
-                    report.snapshots += 1;
-                }
-            }
-        }
-        Ok(report)
-    }
-
-    async fn restore_vm(&self, _plan: &RestorePlan) -> Result<RestoredVm, HvError> {
-        Err(HvError::Api {
-            source_name: self.inner.name.clone(),
-            call: "restore".into(),
-            message: "whole-VM restore to Hyper-V is not part of this build yet; restore the disks with `ferry restore --disk … --to FILE.vhdx`".into(),
-            retryable: false,
-        })
-    }
-}
-
-impl HypervDriver {
-    /// The VMs of one host, with the node they run on.
-    async fn list_host_vms(
-        &self,
-        h: &crate::cluster::Host,
-        out: &mut Vec<VmSummary>,
-    ) -> Result<(), HvError> {
-        let i = &self.inner;
-        let w = Wmi::new(&h.client);
-        let vms = w.vms().await.map_err(|e| i.err(e))?;
-        let all = w.all_disks().await.map_err(|e| i.err(e))?;
-        let host = h.node.clone().unwrap_or_else(|| h.client.url().to_string());
-        for v in &vms {
-            let id = v.text("Name").unwrap_or("").to_string();
-            let disks = Wmi::disks_of(&all, &format!("Microsoft:{id}"));
-            let names = disk_names(&disks);
-            let mut summaries = Vec::new();
-            for (d, name) in disks.iter().zip(names) {
-                let size = w.disk_size(&d.path).await.map_err(|e| i.err(e))?;
-                summaries.push(DiskSummary {
-                    key: d.key.clone(),
-                    name,
-                    size,
-                    position: d.address.as_ref().map(|a| format!("scsi0:{a}")),
-                });
-            }
-            out.push(VmSummary {
-                id,
-                name: v.text("ElementName").unwrap_or("").to_string(),
-                power_state: power(v.text("EnabledState")),
-                host: Some(host.clone()),
-                cluster: None,
-                disks: summaries,
-                tags: vec![],
-            });
-        }
-        Ok(())
-    }
-
-    /// A backup of `vm` on host `i` (the node that runs it).
-    async fn backup_on(
-        &self,
-        i: &Arc<Inner>,
-        vm: &str,
-        opts: &BackupOptions,
-        previous: Option<&ChangeTokens>,
-    ) -> Result<Box<dyn BackupSession>, HvError> {
+        let i = &node;
         let w = i.wmi();
         let sys = i.find_vm(vm).await?;
         let vm_id = sys.text("Name").unwrap_or("").to_string();
@@ -698,6 +615,79 @@ impl HypervDriver {
                 Err(e)
             }
         }
+    }
+
+    async fn recover(&self) -> Result<CleanupReport, HvError> {
+        self.inner.recover(true).await
+    }
+
+    async fn remove_leftovers(&self, vm: &str, owner: &str) -> Result<CleanupReport, HvError> {
+        let i = &self.inner;
+        let mut report = CleanupReport::default();
+        for h in i.hosts("cleanup").await?.0 {
+            let w = Wmi::new(&h.client);
+            for c in w.recovery_checkpoints().await.map_err(|e| i.err(e))? {
+                if c.text("VirtualSystemIdentifier") != Some(vm)
+                    || c.text("ElementName").and_then(checkpoint_owner) != Some(owner)
+                {
+                    continue;
+                }
+                if let Some(id) = c.text("InstanceID") {
+                    w.destroy_checkpoint(id).await.map_err(|e| i.err(e))?;
+                    report.snapshots += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn restore_vm(&self, _plan: &RestorePlan) -> Result<RestoredVm, HvError> {
+        Err(HvError::Api {
+            source_name: self.inner.name.clone(),
+            call: "restore".into(),
+            message: "whole-VM restore to Hyper-V is not part of this build yet; restore the disks with `ferry restore --disk … --to FILE.vhdx`".into(),
+            retryable: false,
+        })
+    }
+}
+
+impl HypervDriver {
+    /// The VMs of one host, with the node they run on.
+    async fn list_host_vms(
+        &self,
+        h: &crate::cluster::Host,
+        out: &mut Vec<VmSummary>,
+    ) -> Result<(), HvError> {
+        let i = &self.inner;
+        let w = Wmi::new(&h.client);
+        let vms = w.vms().await.map_err(|e| i.err(e))?;
+        let all = w.all_disks().await.map_err(|e| i.err(e))?;
+        let host = h.node.clone().unwrap_or_else(|| h.client.url().to_string());
+        for v in &vms {
+            let id = v.text("Name").unwrap_or("").to_string();
+            let disks = Wmi::disks_of(&all, &format!("Microsoft:{id}"));
+            let names = disk_names(&disks);
+            let mut summaries = Vec::new();
+            for (d, name) in disks.iter().zip(names) {
+                let size = w.disk_size(&d.path).await.map_err(|e| i.err(e))?;
+                summaries.push(DiskSummary {
+                    key: d.key.clone(),
+                    name,
+                    size,
+                    position: d.address.as_ref().map(|a| format!("scsi0:{a}")),
+                });
+            }
+            out.push(VmSummary {
+                id,
+                name: v.text("ElementName").unwrap_or("").to_string(),
+                power_state: power(v.text("EnabledState")),
+                host: Some(host.clone()),
+                cluster: None,
+                disks: summaries,
+                tags: vec![],
+            });
+        }
+        Ok(())
     }
 }
 
