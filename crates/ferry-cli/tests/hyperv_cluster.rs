@@ -3,8 +3,9 @@
 //! live-migrated between backups stays incremental, read through its new node; a failed
 //! migration (RCT reset) is a full read with the reason; restores match the guest's disk by
 //! `qemu-img compare`; no checkpoint is left on either node (seen through pypsrp,
-//! `tests/hyperv_probe.py`); a node map that points a node at the wrong host gives a clear
-//! error.
+//! `tests/hyperv_probe.py`), and every node tells pypsrp the new owner in `root/MSCluster`
+//! (`tests/hyperv_cluster_probe.py`); a node map that points a node at the wrong host gives a
+//! clear error; a backup SIGKILLed on the second node is cleaned up from the first.
 
 use base64::Engine as _;
 use ferry_core::Secret;
@@ -14,7 +15,8 @@ use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 const PASSWORD: &str = "test password";
 const CHUNK: u64 = 256 << 10;
@@ -33,9 +35,9 @@ struct Lab {
 }
 
 impl Lab {
-    /// A two-node cluster; `nodes` is the `[sources.lab.nodes]` table (None: each node with
-    /// its own URL and pin, as the simulator prints them).
-    fn start(nodes: Option<&dyn Fn(&Value) -> String>) -> Self {
+    /// A two-node cluster whose `[sources.lab.nodes]` sends node `k` to the endpoint (URL and
+    /// pin) of node `reach(k)`.
+    fn start(reach: fn(usize) -> usize) -> Self {
         let dir = ferry_testkit::scratch_dir();
         let mut c = cli::ferry();
         c.args([
@@ -53,22 +55,20 @@ impl Lab {
         let (sim, info) = Killed::spawn_json_line(&mut c);
         let pw = dir.path().join("hv.pw");
         std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
-        let node_table = match nodes {
-            Some(f) => f(&info),
-            None => info["cluster"]["nodes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| {
-                    format!(
-                        "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
-                        n["name"].as_str().unwrap(),
-                        n["url"].as_str().unwrap(),
-                        n["tls_fingerprint"].as_str().unwrap()
-                    )
-                })
-                .collect(),
-        };
+        let all = info["cluster"]["nodes"].as_array().unwrap();
+        let node_table: String = all
+            .iter()
+            .enumerate()
+            .map(|(k, n)| {
+                let to = &all[reach(k)];
+                format!(
+                    "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
+                    n["name"].as_str().unwrap(),
+                    to["url"].as_str().unwrap(),
+                    to["tls_fingerprint"].as_str().unwrap()
+                )
+            })
+            .collect();
         let toml = format!(
             "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\n[sources.lab.san-paths]\n'C:\\' = \"{}\"\n[sources.lab.nodes]\n{node_table}",
             info["url"].as_str().unwrap(),
@@ -195,25 +195,23 @@ impl Lab {
         );
     }
 
-    /// What pypsrp sees on the node at `url`.
-    fn probe(&self, url: &str) -> Value {
+    /// What pypsrp sees on the node at `url` (`script`: `hyperv_probe.py`, Hyper-V's
+    /// leftovers, or `hyperv_cluster_probe.py`, the cluster's owners).
+    fn probe_with(&self, script: &str, url: &str) -> Value {
         let python = ferry_testkit::peers_dir().join("venv/bin/python");
         assert!(
             python.exists(),
             "peer `python` (venv) not found: run tests/peers/install.sh"
         );
         let out = Command::new(python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/hyperv_probe.py"
-            ))
+            .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
             .arg(url)
             .args(["username", "password"].map(|k| self.info[k].as_str().unwrap()))
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "hyperv_probe.py: {}",
+            "{script}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).unwrap()
@@ -223,7 +221,7 @@ impl Lab {
     fn left(&self) -> Vec<(usize, u64)> {
         (0..2)
             .map(|k| {
-                let p = self.probe(&self.node(k).1);
+                let p = self.probe_with("hyperv_probe.py", &self.node(k).1);
                 (
                     p["checkpoints"].as_array().unwrap().len(),
                     p["reference_points"].as_u64().unwrap(),
@@ -281,7 +279,7 @@ fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {
 
 #[test]
 fn a_live_migrated_vm_stays_incremental_read_from_its_new_node() {
-    let lab = Lab::start(None);
+    let lab = Lab::start(|k| k);
     let vm = "win-sql-01";
     let ((a, _), (b, _)) = (lab.node(0), lab.node(1));
     let owner = |v: &Value| {
@@ -305,6 +303,14 @@ fn a_live_migrated_vm_stays_incremental_read_from_its_new_node() {
     );
 
     lab.migrate("LiveMigrate", vm, &b);
+    // Every node tells the vendor's client the new owner.
+    for k in 0..2 {
+        let c = lab.probe_with("hyperv_cluster_probe.py", &lab.node(k).1);
+        assert_eq!(c["nodes"], serde_json::json!([a, b]), "{c}");
+        assert_eq!(c["owners"][vm], b.as_str(), "{c}");
+        assert_eq!(c["owners"]["win-file-01"], b.as_str(), "{c}");
+        assert_eq!(c["owners"]["linux-web-01"], a.as_str(), "{c}");
+    }
     lab.guest_write(vm, "disk1", 5 * CHUNK + 512, &[0x5A; 4096]);
     lab.guest_write(vm, "disk0", 20 * CHUNK, &[0xA5; 512]);
     let second = lab.guest_disks(vm, "second");
@@ -338,7 +344,7 @@ fn a_live_migrated_vm_stays_incremental_read_from_its_new_node() {
 
 #[test]
 fn a_failed_migration_is_a_full_read_with_the_reason() {
-    let lab = Lab::start(None);
+    let lab = Lab::start(|k| k);
     let vm = "linux-web-01";
     let (b, _) = lab.node(1);
     lab.backup_vm(vm);
@@ -364,22 +370,7 @@ fn a_failed_migration_is_a_full_read_with_the_reason() {
 #[test]
 fn a_node_map_pointing_at_the_wrong_host_is_a_clear_error() {
     // Both node names lead to node A's listener: node B's VMs are not there.
-    let lab = Lab::start(Some(&|info: &Value| {
-        let a = &info["cluster"]["nodes"][0];
-        info["cluster"]["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| {
-                format!(
-                    "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
-                    n["name"].as_str().unwrap(),
-                    a["url"].as_str().unwrap(),
-                    a["tls_fingerprint"].as_str().unwrap()
-                )
-            })
-            .collect()
-    }));
+    let lab = Lab::start(|_| 0);
     let ((a, _), (b, _)) = (lab.node(0), lab.node(1));
     let out = lab.run(&["backup", "--source", "lab", "--vm", "win-file-01"]);
     assert!(!out.status.success());
@@ -391,4 +382,47 @@ fn a_node_map_pointing_at_the_wrong_host_is_a_clear_error() {
         "{err}"
     );
     assert_eq!(lab.left(), [(0, 0), (0, 0)], "nothing was left behind");
+}
+
+#[test]
+fn a_backup_killed_on_the_second_node_leaves_nothing_after_cleanup() {
+    let lab = Lab::start(|k| k);
+    let vm = "win-file-01";
+    let (b, _) = lab.node(1);
+    let mut c = cli::ferry();
+    for (k, v) in lab.env() {
+        c.env(k, v);
+    }
+    let mut child = c
+        .args([
+            "-v",
+            "backup",
+            "--source",
+            "lab",
+            "--vm",
+            vm,
+            "--limit-rate",
+            "1M",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    cli::wait_for_stderr(&mut child, "backing up disk");
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        lab.left(),
+        [(0, 0), (1, 0)],
+        "the kill lands mid-backup on node {b}"
+    );
+    // Cleanup asks every node; the administrator's config points at node A.
+    let (out, _) = lab.ok(&["source", "cleanup", "--source", "lab", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["snapshots"], 1, "{v}");
+    assert_eq!(lab.left(), [(0, 0), (0, 0)]);
+    let expected = lab.guest_disks(vm, "after-kill");
+    let (r, _) = lab.backup_vm(vm);
+    lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
+    assert_eq!(lab.left(), [(0, 0), (0, 1)]);
 }

@@ -76,6 +76,15 @@ fn no_cluster(e: &HypervError) -> bool {
     }
 }
 
+/// Whether `vm` is a VM id (a GUID) rather than a name.
+fn is_vm_id(vm: &str) -> bool {
+    vm.len() == 36
+        && vm.chars().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
 impl Clusters {
     /// For source `source` (its settings and login).
     pub fn new(
@@ -199,22 +208,34 @@ impl Clusters {
         }
     }
 
-    /// Every host of the source: each cluster node, or the standalone host behind `c`.
-    pub async fn hosts(&self, c: &Arc<WsmanClient>) -> Result<Vec<Host>, HypervError> {
+    /// Every host of the source: each cluster node, or the standalone host behind `c`; and
+    /// the nodes that cannot be reached now (`name: why`), which callers skip with a warning.
+    pub async fn hosts(
+        &self,
+        c: &Arc<WsmanClient>,
+    ) -> Result<(Vec<Host>, Vec<String>), HypervError> {
         let Some(names) = self.node_names(c).await? else {
-            return Ok(vec![Host {
-                node: None,
-                client: c.clone(),
-            }]);
+            return Ok((
+                vec![Host {
+                    node: None,
+                    client: c.clone(),
+                }],
+                vec![],
+            ));
         };
-        let mut out = Vec::new();
+        let (mut out, mut down) = (Vec::new(), Vec::new());
         for n in names {
-            out.push(Host {
-                client: self.client(&n).await?,
-                node: Some(n),
-            });
+            match self.client(&n).await {
+                Ok(client) => out.push(Host {
+                    client,
+                    node: Some(n),
+                }),
+                // A node that is down (or drained and off) must not stop the others.
+                Err(HypervError::Http(e)) => down.push(format!("{n}: {e}")),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(out)
+        Ok((out, down))
     }
 
     /// The node that runs VM `vm` (name or id) now; `None` on a standalone host.
@@ -222,6 +243,13 @@ impl Clusters {
         let Some(names) = self.node_names(c).await? else {
             return Ok(None);
         };
+        // The resources carry the VM's name; its id only inside `PrivateProperties` (an
+        // embedded object): a VM given by id is looked up on the nodes at once.
+        if is_vm_id(vm) {
+            let name = self.probe(&names, vm).await?;
+            let (url, _) = self.endpoint(&name)?;
+            return Ok(Some(Node { name, url }));
+        }
         let q = "SELECT * FROM MSCluster_Resource WHERE Type = 'Virtual Machine'";
         let resources = c
             .enumerate_in(MSCLUSTER, "MSCluster_Resource", Some(q))
@@ -328,5 +356,7 @@ mod tests {
         };
         assert_eq!(n.host(), "10.0.0.12");
         assert!(c.make_client("HV02").is_ok());
+        assert!(is_vm_id("5C24A79E-A869-48F4-845C-D10A296AAEA2"));
+        assert!(!is_vm_id("win-sql-01"));
     }
 }

@@ -342,12 +342,18 @@ impl Inner {
         }
     }
 
-    /// Every host of the source (each cluster node, or the standalone host).
-    async fn hosts(&self) -> Result<Vec<crate::cluster::Host>, HvError> {
-        self.clusters
+    /// Every host of the source (each cluster node, or the standalone host) that answers, and
+    /// whether some node could not be reached (logged).
+    async fn hosts(&self, what: &str) -> Result<(Vec<crate::cluster::Host>, bool), HvError> {
+        let (hosts, down) = self
+            .clusters
             .hosts(&self.client)
             .await
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        for d in &down {
+            tracing::warn!(source = %self.name, node = %d, "{what}: skipping a cluster node that cannot be reached");
+        }
+        Ok((hosts, !down.is_empty()))
     }
 
     fn err(&self, e: HypervError) -> HvError {
@@ -432,7 +438,7 @@ impl Inner {
         })?;
         // On a cluster the object is on the node that ran the VM then: ask every node (one
         // that does not have it answers "gone").
-        let hosts = self.hosts().await?;
+        let (hosts, some_down) = self.hosts("cleanup").await?;
         for e in &entries {
             match e.kind.as_str() {
                 // What a killed restore left (ADR 0156): on the source's own host.
@@ -463,7 +469,10 @@ impl Inner {
                     }
                 }
             }
-            self.journal(false, &e.kind, &e.id);
+            // A node that did not answer may still hold it: the next run tries again.
+            if !some_down {
+                self.journal(false, &e.kind, &e.id);
+            }
         }
         for h in &hosts {
             self.remove_unjournaled(&Wmi::new(&h.client), all, &entries, &mut report)
@@ -513,7 +522,7 @@ impl HypervisorDriver for HypervDriver {
     async fn list_vms(&self) -> Result<Vec<VmSummary>, HvError> {
         let i = &self.inner;
         let mut out = Vec::new();
-        for h in i.hosts().await? {
+        for h in i.hosts("inventory").await?.0 {
             self.list_host_vms(&h, &mut out).await?;
         }
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
@@ -550,7 +559,7 @@ impl HypervisorDriver for HypervDriver {
     async fn remove_leftovers(&self, vm: &str, owner: &str) -> Result<CleanupReport, HvError> {
         let i = &self.inner;
         let mut report = CleanupReport::default();
-        for h in i.hosts().await? {
+        for h in i.hosts("cleanup").await?.0 {
             let w = Wmi::new(&h.client);
             for c in w.recovery_checkpoints().await.map_err(|e| i.err(e))? {
                 if c.text("VirtualSystemIdentifier") != Some(vm)

@@ -76,6 +76,16 @@ async fn the_owner_node_follows_a_live_migration() {
     let on_a = Wmi::new(d.client());
     let e = on_a.vm(&sql.id).await.unwrap_err();
     assert!(ferry_hv_hyperv::wmi::is_gone(&e), "{e}");
+    // Its images are held by node B.
+    let image = "C:\\ClusterStorage\\Volume1\\win-sql-01\\disk0.vhdx";
+    let e = on_a.disk_size(image).await.unwrap_err().to_string();
+    assert!(e.contains("being used by another process"), "{e}");
+    assert_eq!(
+        on_a.disk_size("C:\\ClusterStorage\\Volume1\\linux-web-01\\disk0.vhdx")
+            .await
+            .unwrap(),
+        2 << 20
+    );
     let e = d.owner_node("no-such-vm").await.unwrap_err().to_string();
     assert!(
         e.contains("no node of the cluster") && e.contains("no-such-vm"),
@@ -137,4 +147,37 @@ async fn a_standalone_host_has_no_owner_node() {
     let d = driver(&sim, dir.path(), &node_map(&sim)).await;
     let e = d.owner_node("win-sql-01").await.unwrap_err().to_string();
     assert!(e.contains("MSCluster"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_is_down_does_not_stop_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = sim(dir.path(), 2).await;
+    let (a, b) = (sim.nodes()[0].clone(), sim.nodes()[1].clone());
+    // Node B's endpoint refuses connections, as a node that is down.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let map = format!(
+        "[nodes]\n{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n{} = \"https://127.0.0.1:{port}/wsman\"\n",
+        a.name, a.url, a.tls_fingerprint, b.name
+    );
+    let d = driver(&sim, dir.path(), &map).await;
+    let vms = d.list_vms().await.unwrap();
+    assert!(
+        !vms.is_empty()
+            && vms
+                .iter()
+                .all(|v| v.host.as_deref() == Some(a.name.as_str())),
+        "node A's VMs only: {vms:?}"
+    );
+    assert_eq!(d.recover().await.unwrap(), Default::default());
+    // A VM on node B cannot be backed up; the error names the node's endpoint.
+    let e = d
+        .begin_backup("win-file-01", &Default::default(), None)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains(&port.to_string()), "{e}");
 }

@@ -105,20 +105,14 @@ impl State {
             self.objects.entry(i.class.clone()).or_default().push(i);
         }
         let vms: Vec<(String, String)> = self
-            .objects
-            .get("Msvm_ComputerSystem")
-            .map(|v| {
-                v.iter()
-                    .filter(|i| i.text("Caption") == Some("Virtual Machine"))
-                    .map(|i| {
-                        (
-                            i.text("Name").unwrap_or("").to_string(),
-                            i.text("ElementName").unwrap_or("").to_string(),
-                        )
-                    })
-                    .collect()
+            .guests()
+            .map(|i| {
+                (
+                    i.text("Name").unwrap_or("").to_string(),
+                    i.text("ElementName").unwrap_or("").to_string(),
+                )
             })
-            .unwrap_or_default();
+            .collect();
         let mut c = Cluster {
             name: name.into(),
             nodes: nodes.to_vec(),
@@ -240,6 +234,32 @@ impl State {
         }
     }
 
+    /// Whether this node may open image `path`: on a cluster, the images of a VM another node
+    /// runs are held open by that node (a sharing violation, as on a CSV).
+    pub(super) fn image_reachable(&self, path: &str) -> Result<(), String> {
+        let (Some(c), Some(me), Some(s)) = (&self.cluster, &self.viewer, &self.storage) else {
+            return Ok(());
+        };
+        let disk = s
+            .disks
+            .iter()
+            .find(|d| d.host_path.eq_ignore_ascii_case(path))
+            .or_else(|| {
+                let f = s
+                    .frozen
+                    .values()
+                    .flatten()
+                    .find(|f| f.host_path.eq_ignore_ascii_case(path))?;
+                s.disks.iter().find(|d| d.id == f.disk_id)
+            });
+        match disk.and_then(|d| c.owners.get(&d.vm_id)) {
+            Some(owner) if owner != me => Err(format!(
+                "The process cannot access the file '{path}' because it is being used by another process."
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The class a `root/MSCluster` resource URI names, on a cluster (else the namespace does
     /// not exist on the host).
     pub(super) fn cluster_class<'r>(&self, resource: &'r str) -> Option<&'r str> {
@@ -250,15 +270,18 @@ impl State {
             .then(|| &resource[MSCLUSTER.len()..])
     }
 
-    fn vm_id(&self, vm: &str) -> Result<String, String> {
+    /// The guests' `Msvm_ComputerSystem`s.
+    fn guests(&self) -> impl Iterator<Item = &Instance> {
         self.objects
             .get("Msvm_ComputerSystem")
-            .and_then(|v| {
-                v.iter().find(|i| {
-                    i.text("Caption") == Some("Virtual Machine")
-                        && (i.text("Name") == Some(vm) || i.text("ElementName") == Some(vm))
-                })
-            })
+            .into_iter()
+            .flatten()
+            .filter(|i| i.text("Caption") == Some("Virtual Machine"))
+    }
+
+    fn vm_id(&self, vm: &str) -> Result<String, String> {
+        self.guests()
+            .find(|i| i.text("Name") == Some(vm) || i.text("ElementName") == Some(vm))
             .and_then(|i| i.text("Name"))
             .map(str::to_string)
             .ok_or_else(|| format!("no VM `{vm}`"))
@@ -434,4 +457,20 @@ pub(super) async fn start_nodes(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node_names;
+
+    #[test]
+    fn node_names_count_on_from_the_first() {
+        assert_eq!(
+            node_names("HV-SIM-01", 3),
+            ["HV-SIM-01", "HV-SIM-02", "HV-SIM-03"]
+        );
+        assert_eq!(node_names("HV9", 2), ["HV9", "HV10"]);
+        assert_eq!(node_names("host", 2), ["host", "host-2"]);
+        assert_eq!(node_names("HV-SIM-01", 1), ["HV-SIM-01"]);
+    }
 }

@@ -1188,6 +1188,10 @@ fn invoke(
         }
         ("Msvm_ImageManagementService", "GetVirtualDiskChanges") => {
             let path = body.text_at("Path").unwrap_or("").to_string();
+            if let Err(m) = st.image_reachable(&path) {
+                job_out(st, &mut out, method, Err(m));
+                return Ok(out);
+            }
             let since = body
                 .text_at("TargetSnapshotId")
                 .or_else(|| body.text_at("LimitId"))
@@ -1218,6 +1222,10 @@ fn invoke(
         }
         ("Msvm_ImageManagementService", "GetVirtualHardDiskSettingData") => {
             let path = body.text_at("Path").unwrap_or("").to_string();
+            if let Err(m) = st.image_reachable(&path) {
+                job_out(st, &mut out, method, Err(m));
+                return Ok(out);
+            }
             let storage = st.storage.as_ref().ok_or_else(no_storage)?;
             match storage.describe(&path) {
                 Some((size, parent)) => {
