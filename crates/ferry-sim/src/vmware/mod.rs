@@ -126,6 +126,9 @@ struct SnapDisk {
     generation: u64,
     epoch: u64,
     change_id: String,
+    /// The disk's content when the snapshot was taken (a sparse raw copy under
+    /// `<dir>/snapshots/<snapshot>/`), written back by RevertToSnapshot_Task.
+    content: PathBuf,
 }
 
 #[derive(Debug, Default)]
@@ -170,6 +173,8 @@ struct Shared {
     vm_names: BTreeMap<String, String>,
     /// Where hot-added disks appear as files (`<dir>/dev`).
     device_dir: PathBuf,
+    /// Per-snapshot disk contents (`<dir>/snapshots/<snapshot>/<device key>.raw`).
+    snap_dir: PathBuf,
     cbt_page: u64,
 }
 
@@ -549,6 +554,7 @@ impl VmwareSim {
             ds_dirs: BTreeMap::new(),
             vm_names: BTreeMap::new(),
             device_dir: cfg.dir.join("dev"),
+            snap_dir: cfg.dir.join("snapshots"),
             cbt_page: cfg.cbt_page.max(BLOCK) / BLOCK * BLOCK,
         };
         Self::seed(&mut shared, &cfg, &user, &pass)
@@ -1089,12 +1095,30 @@ async fn answer(
                         }
                     }
                     st.cbt.remove(&vm);
+                    // Its snapshots go too.
+                    let snaps: Vec<String> = st
+                        .snaps
+                        .iter()
+                        .filter(|(_, (v, _))| *v == vm)
+                        .map(|(s, _)| s.clone())
+                        .collect();
+                    for s in snaps {
+                        st.snaps.remove(&s);
+                        let _ = std::fs::remove_dir_all(sh.snap_dir.join(&s));
+                    }
                 }
             }
         }
         "RemoveSnapshot_Task" if ok => {
             let snap = req.text_at("_this").unwrap_or("").to_string();
             sh.state.lock().await.snaps.remove(&snap);
+            let _ = std::fs::remove_dir_all(sh.snap_dir.join(&snap));
+        }
+        "RevertToSnapshot_Task" if ok => {
+            let snap = req.text_at("_this").unwrap_or("").to_string();
+            if let Err(e) = revert(&sh, cookie.as_deref(), &snap, &up.body).await {
+                return fault("SystemError", &format!("simulator: revert disks: {e}"));
+            }
         }
         "RetrievePropertiesEx"
         | "ContinueRetrievePropertiesEx"
@@ -1257,6 +1281,11 @@ async fn freeze(sh: &Shared, cookie: Option<&str>, vm: &str, body: &[u8]) -> Res
             .get(ds)
             .ok_or_else(|| format!("unknown datastore {ds}"))?;
         write_flat_vmdk(&dir.join(rel), &d.live, d.capacity).map_err(|e| e.to_string())?;
+        // The frozen extent above is the backing's one file, overwritten by the next snapshot;
+        // this copy is the snapshot's own, for a revert.
+        let content = sh.snap_dir.join(&snap).join(format!("{key}.raw"));
+        std::fs::create_dir_all(sh.snap_dir.join(&snap)).map_err(|e| e.to_string())?;
+        sparse_copy(&d.live, &content, d.capacity).map_err(|e| e.to_string())?;
         frozen.insert(
             key,
             SnapDisk {
@@ -1268,10 +1297,39 @@ async fn freeze(sh: &Shared, cookie: Option<&str>, vm: &str, body: &[u8]) -> Res
                 } else {
                     String::new()
                 },
+                content,
             },
         );
     }
     st.snaps.insert(snap, (vm.to_string(), frozen));
+    Ok(())
+}
+
+/// After vcsim reverted the VM to a snapshot (its configuration): the disks get the snapshot's
+/// content back before the client sees the task end.
+async fn revert(sh: &Shared, cookie: Option<&str>, snap: &str, body: &[u8]) -> Result<(), String> {
+    let env = soap::parse(body)?;
+    let task = env
+        .text_at("Body/RevertToSnapshot_TaskResponse/returnval")
+        .map(|t| t.trim().to_string())
+        .ok_or("no task")?;
+    sh.wait_task(cookie, &task).await?;
+    let mut st = sh.state.lock().await;
+    let Some((vm, disks)) = st.snaps.get(snap).cloned() else {
+        // Not taken through the front: only vcsim's side (the configuration) reverts.
+        return Ok(());
+    };
+    let next = st.generation + 1;
+    let mut changed = false;
+    for (key, sd) in &disks {
+        let Some(d) = st.disks.get_mut(&(vm.clone(), *key)) else {
+            continue; // the disk was removed since
+        };
+        changed |= revert_disk(d, &sd.content, next).map_err(|e| format!("disk {key}: {e}"))?;
+    }
+    if changed {
+        st.generation = next;
+    }
     Ok(())
 }
 
@@ -1300,28 +1358,62 @@ ddb.adapterType = \"lsilogic\"\nddb.virtualHWVersion = \"13\"\n"
 
 /// `path` becomes a VMDK descriptor naming `<stem>-flat.vmdk`, a sparse copy of `live`.
 fn write_flat_vmdk(path: &Path, live: &Path, capacity: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d)?;
     }
     let flat = flat_of(path);
-    let tmp = flat.with_extension("tmp");
-    let src = std::fs::File::open(live)?;
-    let dst = std::fs::File::create(&tmp)?;
-    dst.set_len(capacity)?;
+    sparse_copy(live, &flat, capacity)?;
+    std::fs::write(path, descriptor(&flat, capacity))
+}
+
+/// `dst` becomes a sparse copy of the first `capacity` bytes of `src` (through a temporary
+/// file renamed into place, so a reader never sees half of it).
+fn sparse_copy(src: &Path, dst: &Path, capacity: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let tmp = dst.with_extension("tmp");
+    let s = std::fs::File::open(src)?;
+    let d = std::fs::File::create(&tmp)?;
+    d.set_len(capacity)?;
     let mut buf = vec![0u8; BLOCK as usize];
     let mut pos = 0;
     while pos < capacity {
         let n = (capacity - pos).min(BLOCK) as usize;
-        src.read_exact_at(&mut buf[..n], pos)?;
+        s.read_exact_at(&mut buf[..n], pos)?;
         if buf[..n].iter().any(|b| *b != 0) {
-            dst.write_all_at(&buf[..n], pos)?;
+            d.write_all_at(&buf[..n], pos)?;
         }
         pos += n as u64;
     }
-    dst.sync_all()?;
-    std::fs::rename(&tmp, &flat)?;
-    std::fs::write(path, descriptor(&flat, capacity))
+    d.sync_all()?;
+    std::fs::rename(&tmp, dst)
+}
+
+/// Writes a snapshot's content back into a live disk, in place (nbdkit may hold the file
+/// open), block by block; the blocks that change are stamped with `generation` so CBT reports
+/// them. True if any changed.
+fn revert_disk(d: &mut Disk, content: &Path, generation: u64) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let snap = std::fs::File::open(content)?;
+    let live = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&d.live)?;
+    let mut want = vec![0u8; BLOCK as usize];
+    let mut have = vec![0u8; BLOCK as usize];
+    let mut any = false;
+    for (b, stamp) in d.stamps.iter_mut().enumerate() {
+        let pos = b as u64 * BLOCK;
+        let n = (d.capacity - pos).min(BLOCK) as usize;
+        snap.read_exact_at(&mut want[..n], pos)?;
+        live.read_exact_at(&mut have[..n], pos)?;
+        if want[..n] != have[..n] {
+            live.write_all_at(&want[..n], pos)?;
+            *stamp = generation;
+            any = true;
+        }
+    }
+    live.sync_all()?;
+    Ok(any)
 }
 
 /// Stamps the non-zero, never stamped blocks of a disk written outside the side door; true if
