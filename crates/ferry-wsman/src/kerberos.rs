@@ -12,8 +12,8 @@ use crate::sealed::{Seal, SealError};
 use sspi::network_client::NetworkClient;
 use sspi::{
     AuthIdentity, BufferType, ClientRequestFlags, CredentialUse, Credentials, CredentialsBuffers,
-    DataRepresentation, EncryptionFlags, Kerberos, KerberosConfig, SecurityBuffer,
-    SecurityBufferRef, SecurityStatus, ServerRequestFlags, Sspi, SspiImpl, Username,
+    DataRepresentation, Kerberos, KerberosConfig, SecurityBuffer, SecurityStatus,
+    ServerRequestFlags, Sspi, SspiImpl, Username,
 };
 
 /// The `protocol` of a Kerberos session's encrypted messages.
@@ -508,29 +508,13 @@ impl std::fmt::Debug for KerberosSession {
 
 impl Seal for KerberosSession {
     fn seal(&mut self, plain: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SealError> {
-        let mut sig = vec![0u8; TRAILER];
-        let mut data = plain.to_vec();
-        let mut bufs = vec![
-            SecurityBufferRef::token_buf(sig.as_mut_slice()),
-            SecurityBufferRef::data_buf(data.as_mut_slice()),
-        ];
-        self.krb
-            .encrypt_message(EncryptionFlags::empty(), &mut bufs)
-            .map_err(|e| SealError(krb_err(e).to_string()))?;
-        Ok((bufs[0].data().to_vec(), bufs[1].data().to_vec()))
+        crate::sealed::sspi_seal(&mut self.krb, TRAILER, plain)
+            .map_err(|e| SealError(krb_err(e).to_string()))
     }
 
     fn unseal(&mut self, signature: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
-        let mut sig = signature.to_vec();
-        let mut data = sealed.to_vec();
-        let mut bufs = vec![
-            SecurityBufferRef::token_buf(sig.as_mut_slice()),
-            SecurityBufferRef::data_buf(data.as_mut_slice()),
-        ];
-        self.krb
-            .decrypt_message(&mut bufs)
-            .map_err(|e| SealError(krb_err(e).to_string()))?;
-        Ok(bufs[1].data().to_vec())
+        crate::sealed::sspi_unseal(&mut self.krb, signature, sealed)
+            .map_err(|e| SealError(krb_err(e).to_string()))
     }
 }
 
