@@ -310,3 +310,71 @@ async fn clock_skew_between_host_and_kdc_is_refused() {
     );
     c.enumerate("Msvm_ComputerSystem", None).await.unwrap();
 }
+
+/// The cost per call once logged in, against Basic over HTTPS in the same run (printed for
+/// docs/performance.md), and the logins it takes: a kept session, not a login per call.
+#[tokio::test]
+async fn per_call_cost_and_logins_over_300_calls() {
+    let lab = lab(None).await;
+    let pin = ferry_tls::parse_fingerprint(lab.sim.tls_fingerprint()).unwrap();
+    let mut o = ClientOptions::new("lab-hv", ferry_tls::Trust::Fingerprint(pin));
+    o.proxy = ferry_http::ProxySetting::Off;
+    let basic = WsmanClient::new(
+        lab.sim.url(),
+        &o,
+        Credentials {
+            user: "alice".into(),
+            password: Secret::new(lab.sim.password()),
+        },
+    )
+    .unwrap()
+    .with_auth(AuthMethod::Basic, None);
+    let ntlm = |url: &str| {
+        WsmanClient::new(
+            url,
+            &o,
+            Credentials {
+                user: "alice".into(),
+                password: Secret::new(lab.sim.password()),
+            },
+        )
+        .unwrap()
+    };
+    let (ntlm_https, ntlm_http) = (ntlm(lab.sim.url()), ntlm(lab.sim.http_url().unwrap()));
+    let https = client(
+        &lab,
+        lab.sim.url(),
+        "alice@FERRY.TEST",
+        PASSWORD,
+        at_kdc(&lab),
+    );
+    let http = client(
+        &lab,
+        lab.sim.http_url().unwrap(),
+        "alice@FERRY.TEST",
+        PASSWORD,
+        at_kdc(&lab),
+    );
+    let mut per_call = Vec::new();
+    for (name, c) in [
+        ("basic/https", &basic),
+        ("ntlm/https", &ntlm_https),
+        ("ntlm/http sealed", &ntlm_http),
+        ("kerberos/https", &https),
+        ("kerberos/http sealed", &http),
+    ] {
+        let t = std::time::Instant::now();
+        c.enumerate("Msvm_ComputerSystem", None).await.unwrap();
+        let first = t.elapsed();
+        let t = std::time::Instant::now();
+        for _ in 0..300 {
+            c.enumerate("Msvm_ComputerSystem", None).await.unwrap();
+        }
+        let each = t.elapsed() / 300;
+        eprintln!("{name}: first call (login) {first:?}, then {each:?} per call");
+        per_call.push(each);
+    }
+    let logins = lab.sim.kerberos_logins();
+    eprintln!("Kerberos logins for 602 calls: {logins}");
+    assert!((2..=20).contains(&logins), "{logins} logins for 602 calls");
+}
