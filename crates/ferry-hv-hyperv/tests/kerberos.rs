@@ -161,6 +161,35 @@ async fn kerberos_seals_over_http_and_relies_on_tls_over_https() {
     assert!(!https.encrypts());
     exercise(&https).await;
 
+    // A reply altered in transit fails its wrap token's checksum; the next call logs in again.
+    lab.sim.tamper_next_reply();
+    let m = http
+        .enumerate("Msvm_ComputerSystem", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("refused") && m.contains("altered"), "{m}");
+    assert_eq!(
+        http.enumerate("Msvm_ComputerSystem", None)
+            .await
+            .unwrap()
+            .len(),
+        6
+    );
+
+    // The KDC over UDP as well as TCP.
+    let udp = client(
+        &lab,
+        lab.sim.http_url().unwrap(),
+        "alice@FERRY.TEST",
+        PASSWORD,
+        KerberosOptions {
+            kdc: Some(format!("udp://{}", lab.kdc.kdc())),
+            ..Default::default()
+        },
+    );
+    exercise(&udp).await;
+
     // A raw request sealed under the Kerberos protocol but on a connection that never logged
     // in is refused (401), not served.
     let pin = ferry_tls::parse_fingerprint(lab.sim.tls_fingerprint()).unwrap();
