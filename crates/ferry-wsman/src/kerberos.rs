@@ -5,8 +5,9 @@
 //! service key from a keytab; and the session's wrap tokens as a [`Seal`].
 //!
 //! Tokens are raw GSS-API Kerberos tokens (`0x60 … 1.2.840.113554.1.2.2 …`), what pywinrm's
-//! `transport='kerberos'` sends in `Authorization: Negotiate …`, not SPNEGO; sealed messages use
-//! the `application/HTTP-Kerberos-session-encrypted` protocol.
+//! `transport='kerberos'` sends in `Authorization: Negotiate …`, not SPNEGO. Sealed messages
+//! under `Negotiate` carry SPNEGO's protocol string (as pywinrm's); [`PROTOCOL_KERBEROS`] goes
+//! with `Authorization: Kerberos`.
 
 use crate::sealed::{Seal, SealError};
 use sspi::network_client::NetworkClient;
@@ -16,7 +17,7 @@ use sspi::{
     ServerRequestFlags, Sspi, SspiImpl, Username,
 };
 
-/// The `protocol` of a Kerberos session's encrypted messages.
+/// The `protocol` of encrypted messages after `Authorization: Kerberos` (MS-WSMV 2.2.9.1).
 pub const PROTOCOL_KERBEROS: &str = "application/HTTP-Kerberos-session-encrypted";
 /// Room for a wrap token's header and trailer (60 bytes with AES and EC 16).
 const TRAILER: usize = 128;
