@@ -3,7 +3,8 @@
 //! service key the KDC wrote into a keytab, the AP-REP back (mutual authentication), then WinRM
 //! messages sealed with the Kerberos session over HTTP, TLS alone over HTTPS. Wrong passwords,
 //! unknown principals, principals that are not the host's user and clock skew are refused with
-//! clear errors that never contain the secret.
+//! clear errors that never contain the secret. pywinrm (`transport='kerberos'`, MIT's GSSAPI
+//! through pykerberos) checks the simulator's acceptor and sealing (`kerberos_probe.py`).
 
 use ferry_core::Secret;
 use ferry_http::ClientOptions;
@@ -406,4 +407,55 @@ async fn per_call_cost_and_logins_over_300_calls() {
     let logins = lab.sim.kerberos_logins();
     eprintln!("Kerberos logins for 602 calls: {logins}");
     assert!((2..=20).contains(&logins), "{logins} logins for 602 calls");
+}
+
+/// The vendor client: pywinrm with MIT's GSSAPI (pykerberos), a TGT from `kinit`, mutual
+/// authentication and sealed messages over HTTP, TLS alone over HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pywinrm_with_mit_gssapi_logs_in_and_seals() {
+    let lab = lab(None).await;
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "peer `python` (venv) not found: run tests/peers/install.sh"
+    );
+    let cc = lab._dir.path().join("ccache");
+    let mut env = lab.kdc.env();
+    env.push(("KRB5CCNAME".into(), format!("FILE:{}", cc.display())));
+    tokio::task::block_in_place(|| {
+        use std::io::Write;
+        let mut kinit = std::process::Command::new("kinit")
+            .arg("alice@FERRY.TEST")
+            .envs(env.iter().cloned())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("kinit (krb5-user): run tests/peers/install.sh");
+        writeln!(kinit.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+        assert!(kinit.wait().unwrap().success(), "kinit failed");
+        for (url, enc) in [
+            (lab.sim.http_url().unwrap(), "always"),
+            (lab.sim.url(), "auto"),
+        ] {
+            let out = std::process::Command::new(&python)
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/kerberos_probe.py"
+                ))
+                .args([url, "alice@FERRY.TEST", enc])
+                .envs(env.iter().cloned())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{url}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+            assert_eq!(v["stdout"], "kerberos from pywinrm", "{v}");
+            assert_eq!(v["status"], 0, "{v}");
+        }
+    });
+    assert!(lab.sim.kerberos_logins() >= 2);
 }
