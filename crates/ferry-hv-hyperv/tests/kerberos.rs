@@ -24,7 +24,15 @@ struct Lab {
 
 /// A realm with `alice` (password) and the host's service key; the simulator's user is `alice`.
 async fn lab(max_skew: Option<std::time::Duration>) -> Lab {
-    let kdc = tokio::task::spawn_blocking(MitKdc::start).await.unwrap();
+    lab_with(
+        tokio::task::spawn_blocking(MitKdc::start).await.unwrap(),
+        max_skew,
+    )
+    .await
+}
+
+/// [`lab`] on a given KDC.
+async fn lab_with(kdc: MitKdc, max_skew: Option<std::time::Duration>) -> Lab {
     kdc.add_user("alice", PASSWORD);
     kdc.add_user("bob", PASSWORD);
     let keytab = kdc.add_service(SPN);
@@ -46,7 +54,8 @@ async fn lab(max_skew: Option<std::time::Duration>) -> Lab {
     }
 }
 
-fn client(lab: &Lab, url: &str, user: &str, password: &str, opts: KerberosOptions) -> WsmanClient {
+/// A client of the simulator (NTLM until told otherwise).
+fn plain_client(lab: &Lab, url: &str, user: &str, password: &str) -> WsmanClient {
     let pin = ferry_tls::parse_fingerprint(lab.sim.tls_fingerprint()).unwrap();
     let mut o = ClientOptions::new("lab-hv", ferry_tls::Trust::Fingerprint(pin));
     o.proxy = ferry_http::ProxySetting::Off;
@@ -59,8 +68,12 @@ fn client(lab: &Lab, url: &str, user: &str, password: &str, opts: KerberosOption
         },
     )
     .unwrap()
-    .with_auth(AuthMethod::Kerberos, None)
-    .with_kerberos(opts)
+}
+
+fn client(lab: &Lab, url: &str, user: &str, password: &str, opts: KerberosOptions) -> WsmanClient {
+    plain_client(lab, url, user, password)
+        .with_auth(AuthMethod::Kerberos, None)
+        .with_kerberos(opts)
 }
 
 fn at_kdc(lab: &Lab) -> KerberosOptions {
@@ -296,21 +309,7 @@ async fn clock_skew_between_host_and_kdc_is_refused() {
     let skewed = tokio::task::spawn_blocking(|| MitKdc::start_with_clock_offset("+600"))
         .await
         .unwrap();
-    skewed.add_user("alice", PASSWORD);
-    let keytab = skewed.add_service(SPN);
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = HypervSimConfig::new(dir.path());
-    cfg.username = "alice".into();
-    cfg.disk_mib = 4;
-    let mut k = HypervKerberos::new(keytab, SPN);
-    k.max_skew = std::time::Duration::from_secs(120);
-    cfg.kerberos = Some(k);
-    let sim = HypervSim::start(cfg).await.unwrap();
-    let lab2 = Lab {
-        kdc: skewed,
-        sim,
-        _dir: dir,
-    };
+    let lab2 = lab_with(skewed, Some(std::time::Duration::from_secs(120))).await;
     let e = client(
         &lab2,
         lab2.sim.url(),
@@ -346,30 +345,9 @@ async fn clock_skew_between_host_and_kdc_is_refused() {
 #[tokio::test]
 async fn per_call_cost_and_logins_over_300_calls() {
     let lab = lab(None).await;
-    let pin = ferry_tls::parse_fingerprint(lab.sim.tls_fingerprint()).unwrap();
-    let mut o = ClientOptions::new("lab-hv", ferry_tls::Trust::Fingerprint(pin));
-    o.proxy = ferry_http::ProxySetting::Off;
-    let basic = WsmanClient::new(
-        lab.sim.url(),
-        &o,
-        Credentials {
-            user: "alice".into(),
-            password: Secret::new(lab.sim.password()),
-        },
-    )
-    .unwrap()
-    .with_auth(AuthMethod::Basic, None);
-    let ntlm = |url: &str| {
-        WsmanClient::new(
-            url,
-            &o,
-            Credentials {
-                user: "alice".into(),
-                password: Secret::new(lab.sim.password()),
-            },
-        )
-        .unwrap()
-    };
+    let pw = lab.sim.password();
+    let basic = plain_client(&lab, lab.sim.url(), "alice", pw).with_auth(AuthMethod::Basic, None);
+    let ntlm = |url: &str| plain_client(&lab, url, "alice", pw);
     let (ntlm_https, ntlm_http) = (ntlm(lab.sim.url()), ntlm(lab.sim.http_url().unwrap()));
     let https = client(
         &lab,
@@ -385,7 +363,6 @@ async fn per_call_cost_and_logins_over_300_calls() {
         PASSWORD,
         at_kdc(&lab),
     );
-    let mut per_call = Vec::new();
     for (name, c) in [
         ("basic/https", &basic),
         ("ntlm/https", &ntlm_https),
@@ -402,7 +379,6 @@ async fn per_call_cost_and_logins_over_300_calls() {
         }
         let each = t.elapsed() / 300;
         eprintln!("{name}: first call (login) {first:?}, then {each:?} per call");
-        per_call.push(each);
     }
     let logins = lab.sim.kerberos_logins();
     eprintln!("Kerberos logins for 602 calls: {logins}");
