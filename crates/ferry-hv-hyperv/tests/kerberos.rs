@@ -76,6 +76,11 @@ fn client(lab: &Lab, url: &str, user: &str, password: &str, opts: KerberosOption
         .with_kerberos(opts)
 }
 
+/// `alice@FERRY.TEST` with her password, the KDC given.
+fn alice(lab: &Lab, url: &str) -> WsmanClient {
+    client(lab, url, "alice@FERRY.TEST", PASSWORD, at_kdc(lab))
+}
+
 fn at_kdc(lab: &Lab) -> KerberosOptions {
     KerberosOptions {
         kdc: Some(lab.kdc.kdc()),
@@ -135,13 +140,7 @@ async fn exercise(c: &WsmanClient) {
 #[tokio::test]
 async fn kerberos_seals_over_http_and_relies_on_tls_over_https() {
     let lab = lab(None).await;
-    let http = client(
-        &lab,
-        lab.sim.http_url().unwrap(),
-        "alice@FERRY.TEST",
-        PASSWORD,
-        at_kdc(&lab),
-    );
+    let http = alice(&lab, lab.sim.http_url().unwrap());
     assert_eq!(http.auth_method(), AuthMethod::Kerberos);
     assert!(http.encrypts());
     exercise(&http).await;
@@ -310,16 +309,10 @@ async fn clock_skew_between_host_and_kdc_is_refused() {
         .await
         .unwrap();
     let lab2 = lab_with(skewed, Some(std::time::Duration::from_secs(120))).await;
-    let e = client(
-        &lab2,
-        lab2.sim.url(),
-        "alice@FERRY.TEST",
-        PASSWORD,
-        at_kdc(&lab2),
-    )
-    .enumerate("Msvm_ComputerSystem", None)
-    .await
-    .unwrap_err();
+    let e = alice(&lab2, lab2.sim.url())
+        .enumerate("Msvm_ComputerSystem", None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, HypervError::Login { .. }), "{e}");
     assert_eq!(lab2.sim.kerberos_logins(), 0);
     // The skewed KDC did issue the ticket (the client followed its clock): the host refused it.
@@ -330,13 +323,7 @@ async fn clock_skew_between_host_and_kdc_is_refused() {
     );
     // The same client against the unskewed realm logs in.
     drop(lab2);
-    let c = client(
-        &lab,
-        lab.sim.url(),
-        "alice@FERRY.TEST",
-        PASSWORD,
-        at_kdc(&lab),
-    );
+    let c = alice(&lab, lab.sim.url());
     c.enumerate("Msvm_ComputerSystem", None).await.unwrap();
 }
 
@@ -349,20 +336,8 @@ async fn per_call_cost_and_logins_over_300_calls() {
     let basic = plain_client(&lab, lab.sim.url(), "alice", pw).with_auth(AuthMethod::Basic, None);
     let ntlm = |url: &str| plain_client(&lab, url, "alice", pw);
     let (ntlm_https, ntlm_http) = (ntlm(lab.sim.url()), ntlm(lab.sim.http_url().unwrap()));
-    let https = client(
-        &lab,
-        lab.sim.url(),
-        "alice@FERRY.TEST",
-        PASSWORD,
-        at_kdc(&lab),
-    );
-    let http = client(
-        &lab,
-        lab.sim.http_url().unwrap(),
-        "alice@FERRY.TEST",
-        PASSWORD,
-        at_kdc(&lab),
-    );
+    let https = alice(&lab, lab.sim.url());
+    let http = alice(&lab, lab.sim.http_url().unwrap());
     for (name, c) in [
         ("basic/https", &basic),
         ("ntlm/https", &ntlm_https),
