@@ -11,7 +11,7 @@
 #   Debian kernel: vmlinuz and the IDE disk modules of linux-image-amd64's kernel package, extracted
 #            (not installed) into $FERRY_PEERS_DIR/boot/{vmlinuz,modules/} for the bootable test disk
 #   PyPI:    tests/peers/requirements.txt into $FERRY_PEERS_DIR/venv  (moto server, xenapi, azure-storage-blob,
-#            schemathesis, pyvmomi, aiosmtpd, pywinrm, pypsrp)
+#            schemathesis, pyvmomi, aiosmtpd, pywinrm, pypsrp); pykerberos==1.2.4 after libkrb5-dev (Kerberos block)
 #   npm:     tests/peers/package.json into $FERRY_PEERS_DIR/node      (azurite, playwright-core)
 #
 # FERRY_PEERS_DIR defaults to <repo>/.peers (git-ignored). Fails loudly on any error.
@@ -156,8 +156,10 @@ fi
 # --- MIT Kerberos (WinRM Kerberos tests, ADR 0159) ---------------------------------------------
 # A throwaway realm per test (ferry_testkit::MitKdc): kdb5_util/kadmin.local/krb5kdc from krb5-kdc and
 # krb5-admin-server, kinit/klist from krb5-user; faketime runs a KDC with its clock off (skew test).
-# Their services are not started: the tests run krb5kdc -n on a free port.
-krb_pkgs=(krb5-kdc krb5-admin-server krb5-user faketime)
+# Their services are not started: the tests run krb5kdc -n on a free port. pywinrm's transport='kerberos'
+# needs pykerberos (no wheel on PyPI: built with gcc against libkrb5-dev), pinned here rather than in
+# requirements.txt because it needs those Debian packages first.
+krb_pkgs=(krb5-kdc krb5-admin-server krb5-user faketime libkrb5-dev gcc)
 krb_missing=()
 for p in "${krb_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || krb_missing+=("$p")
@@ -172,5 +174,10 @@ fi
 for b in /usr/sbin/krb5kdc /usr/sbin/kdb5_util /usr/sbin/kadmin.local /usr/bin/kinit /usr/bin/faketime; do
   [ -x "$b" ] || die "$b missing after installing ${krb_pkgs[*]}"
 done
+if ! "$venv/bin/python" -c 'import kerberos' 2>/dev/null; then
+  say "building pykerberos 1.2.4 into $venv (pywinrm's transport='kerberos')"
+  "$venv/bin/pip" install -q --disable-pip-version-check pykerberos==1.2.4 || die "pip install pykerberos==1.2.4 failed"
+fi
+"$venv/bin/python" -c 'import kerberos' 2>/dev/null || die "pykerberos missing from $venv"
 
 say "peers ready in $peers"

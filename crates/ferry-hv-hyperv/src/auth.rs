@@ -15,7 +15,6 @@ use crate::client::Credentials;
 use crate::error::HypervError;
 use base64::Engine;
 use ferry_http::HttpClient;
-use ferry_wsman::kerberos::PROTOCOL_KERBEROS;
 use ferry_wsman::ntlm::NtlmClient;
 use ferry_wsman::sealed::{self, PROTOCOL_SPNEGO, Seal};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
@@ -105,14 +104,6 @@ impl Auth {
         self.method != AuthMethod::Basic && self.encrypt
     }
 
-    /// The sealed messages' protocol.
-    fn protocol(&self) -> &'static str {
-        match self.method {
-            AuthMethod::Kerberos => PROTOCOL_KERBEROS,
-            _ => PROTOCOL_SPNEGO,
-        }
-    }
-
     /// One login of the session's method.
     async fn login(
         &self,
@@ -190,11 +181,11 @@ impl Auth {
                     let session = guard.as_mut().ok_or_else(login)?.as_mut();
                     let rb = http.inner().post(url.clone());
                     let rb = if self.encrypt {
-                        let body = sealed::wrap(session, self.protocol(), soap.as_bytes())
+                        let body = sealed::wrap(session, PROTOCOL_SPNEGO, soap.as_bytes())
                             .map_err(|e| {
                                 HypervError::protocol(http.source(), call, e.to_string())
                             })?;
-                        rb.header(CONTENT_TYPE, sealed::content_type(self.protocol()))
+                        rb.header(CONTENT_TYPE, sealed::content_type(PROTOCOL_SPNEGO))
                             .body(body)
                     } else {
                         rb.header(CONTENT_TYPE, SOAP).body(soap.clone())

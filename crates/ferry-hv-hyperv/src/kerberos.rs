@@ -2,7 +2,7 @@
 //! `ferry_wsman::kerberos` (sspi), its KDC messages carried here over TCP or UDP, then one
 //! HTTP leg: the AP-REQ in `Authorization: Negotiate …` on an empty POST, the acceptor's AP-REP
 //! in the 200's `WWW-Authenticate` (mutual authentication). The session then seals messages
-//! like NTLM's, under `application/HTTP-Kerberos-session-encrypted`.
+//! like NTLM's, under the `Negotiate` scheme's `application/HTTP-SPNEGO-session-encrypted`.
 
 use crate::client::Credentials;
 use crate::error::HypervError;

@@ -3,7 +3,8 @@
 //! service key the KDC wrote into a keytab, the AP-REP back (mutual authentication), then WinRM
 //! messages sealed with the Kerberos session over HTTP, TLS alone over HTTPS. Wrong passwords,
 //! unknown principals, principals that are not the host's user and clock skew are refused with
-//! clear errors that never contain the secret.
+//! clear errors that never contain the secret. pywinrm (`transport='kerberos'`, MIT's GSSAPI
+//! through pykerberos) checks the simulator's acceptor and sealing (`kerberos_probe.py`).
 
 use ferry_core::Secret;
 use ferry_http::ClientOptions;
@@ -23,7 +24,15 @@ struct Lab {
 
 /// A realm with `alice` (password) and the host's service key; the simulator's user is `alice`.
 async fn lab(max_skew: Option<std::time::Duration>) -> Lab {
-    let kdc = tokio::task::spawn_blocking(MitKdc::start).await.unwrap();
+    lab_with(
+        tokio::task::spawn_blocking(MitKdc::start).await.unwrap(),
+        max_skew,
+    )
+    .await
+}
+
+/// [`lab`] on a given KDC.
+async fn lab_with(kdc: MitKdc, max_skew: Option<std::time::Duration>) -> Lab {
     kdc.add_user("alice", PASSWORD);
     kdc.add_user("bob", PASSWORD);
     let keytab = kdc.add_service(SPN);
@@ -45,7 +54,8 @@ async fn lab(max_skew: Option<std::time::Duration>) -> Lab {
     }
 }
 
-fn client(lab: &Lab, url: &str, user: &str, password: &str, opts: KerberosOptions) -> WsmanClient {
+/// A client of the simulator (NTLM until told otherwise).
+fn plain_client(lab: &Lab, url: &str, user: &str, password: &str) -> WsmanClient {
     let pin = ferry_tls::parse_fingerprint(lab.sim.tls_fingerprint()).unwrap();
     let mut o = ClientOptions::new("lab-hv", ferry_tls::Trust::Fingerprint(pin));
     o.proxy = ferry_http::ProxySetting::Off;
@@ -58,8 +68,17 @@ fn client(lab: &Lab, url: &str, user: &str, password: &str, opts: KerberosOption
         },
     )
     .unwrap()
-    .with_auth(AuthMethod::Kerberos, None)
-    .with_kerberos(opts)
+}
+
+fn client(lab: &Lab, url: &str, user: &str, password: &str, opts: KerberosOptions) -> WsmanClient {
+    plain_client(lab, url, user, password)
+        .with_auth(AuthMethod::Kerberos, None)
+        .with_kerberos(opts)
+}
+
+/// `alice@FERRY.TEST` with her password, the KDC given.
+fn alice(lab: &Lab, url: &str) -> WsmanClient {
+    client(lab, url, "alice@FERRY.TEST", PASSWORD, at_kdc(lab))
 }
 
 fn at_kdc(lab: &Lab) -> KerberosOptions {
@@ -121,13 +140,7 @@ async fn exercise(c: &WsmanClient) {
 #[tokio::test]
 async fn kerberos_seals_over_http_and_relies_on_tls_over_https() {
     let lab = lab(None).await;
-    let http = client(
-        &lab,
-        lab.sim.http_url().unwrap(),
-        "alice@FERRY.TEST",
-        PASSWORD,
-        at_kdc(&lab),
-    );
+    let http = alice(&lab, lab.sim.http_url().unwrap());
     assert_eq!(http.auth_method(), AuthMethod::Kerberos);
     assert!(http.encrypts());
     exercise(&http).await;
@@ -160,6 +173,35 @@ async fn kerberos_seals_over_http_and_relies_on_tls_over_https() {
     );
     assert!(!https.encrypts());
     exercise(&https).await;
+
+    // A reply altered in transit fails its wrap token's checksum; the next call logs in again.
+    lab.sim.tamper_next_reply();
+    let m = http
+        .enumerate("Msvm_ComputerSystem", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("refused") && m.contains("altered"), "{m}");
+    assert_eq!(
+        http.enumerate("Msvm_ComputerSystem", None)
+            .await
+            .unwrap()
+            .len(),
+        6
+    );
+
+    // The KDC over UDP as well as TCP.
+    let udp = client(
+        &lab,
+        lab.sim.http_url().unwrap(),
+        "alice@FERRY.TEST",
+        PASSWORD,
+        KerberosOptions {
+            kdc: Some(format!("udp://{}", lab.kdc.kdc())),
+            ..Default::default()
+        },
+    );
+    exercise(&udp).await;
 
     // A raw request sealed under the Kerberos protocol but on a connection that never logged
     // in is refused (401), not served.
@@ -266,31 +308,11 @@ async fn clock_skew_between_host_and_kdc_is_refused() {
     let skewed = tokio::task::spawn_blocking(|| MitKdc::start_with_clock_offset("+600"))
         .await
         .unwrap();
-    skewed.add_user("alice", PASSWORD);
-    let keytab = skewed.add_service(SPN);
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = HypervSimConfig::new(dir.path());
-    cfg.username = "alice".into();
-    cfg.disk_mib = 4;
-    let mut k = HypervKerberos::new(keytab, SPN);
-    k.max_skew = std::time::Duration::from_secs(120);
-    cfg.kerberos = Some(k);
-    let sim = HypervSim::start(cfg).await.unwrap();
-    let lab2 = Lab {
-        kdc: skewed,
-        sim,
-        _dir: dir,
-    };
-    let e = client(
-        &lab2,
-        lab2.sim.url(),
-        "alice@FERRY.TEST",
-        PASSWORD,
-        at_kdc(&lab2),
-    )
-    .enumerate("Msvm_ComputerSystem", None)
-    .await
-    .unwrap_err();
+    let lab2 = lab_with(skewed, Some(std::time::Duration::from_secs(120))).await;
+    let e = alice(&lab2, lab2.sim.url())
+        .enumerate("Msvm_ComputerSystem", None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, HypervError::Login { .. }), "{e}");
     assert_eq!(lab2.sim.kerberos_logins(), 0);
     // The skewed KDC did issue the ticket (the client followed its clock): the host refused it.
@@ -301,12 +323,90 @@ async fn clock_skew_between_host_and_kdc_is_refused() {
     );
     // The same client against the unskewed realm logs in.
     drop(lab2);
-    let c = client(
-        &lab,
-        lab.sim.url(),
-        "alice@FERRY.TEST",
-        PASSWORD,
-        at_kdc(&lab),
-    );
+    let c = alice(&lab, lab.sim.url());
     c.enumerate("Msvm_ComputerSystem", None).await.unwrap();
+}
+
+/// The cost per call once logged in, against Basic over HTTPS in the same run (printed for
+/// docs/performance.md), and the logins it takes: a kept session, not a login per call.
+#[tokio::test]
+async fn per_call_cost_and_logins_over_300_calls() {
+    let lab = lab(None).await;
+    let pw = lab.sim.password();
+    let basic = plain_client(&lab, lab.sim.url(), "alice", pw).with_auth(AuthMethod::Basic, None);
+    let ntlm = |url: &str| plain_client(&lab, url, "alice", pw);
+    let (ntlm_https, ntlm_http) = (ntlm(lab.sim.url()), ntlm(lab.sim.http_url().unwrap()));
+    let https = alice(&lab, lab.sim.url());
+    let http = alice(&lab, lab.sim.http_url().unwrap());
+    for (name, c) in [
+        ("basic/https", &basic),
+        ("ntlm/https", &ntlm_https),
+        ("ntlm/http sealed", &ntlm_http),
+        ("kerberos/https", &https),
+        ("kerberos/http sealed", &http),
+    ] {
+        let t = std::time::Instant::now();
+        c.enumerate("Msvm_ComputerSystem", None).await.unwrap();
+        let first = t.elapsed();
+        let t = std::time::Instant::now();
+        for _ in 0..300 {
+            c.enumerate("Msvm_ComputerSystem", None).await.unwrap();
+        }
+        let each = t.elapsed() / 300;
+        eprintln!("{name}: first call (login) {first:?}, then {each:?} per call");
+    }
+    let logins = lab.sim.kerberos_logins();
+    eprintln!("Kerberos logins for 602 calls: {logins}");
+    assert!((2..=20).contains(&logins), "{logins} logins for 602 calls");
+}
+
+/// The vendor client: pywinrm with MIT's GSSAPI (pykerberos), a TGT from `kinit`, mutual
+/// authentication and sealed messages over HTTP, TLS alone over HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pywinrm_with_mit_gssapi_logs_in_and_seals() {
+    let lab = lab(None).await;
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "peer `python` (venv) not found: run tests/peers/install.sh"
+    );
+    let cc = lab._dir.path().join("ccache");
+    let mut env = lab.kdc.env();
+    env.push(("KRB5CCNAME".into(), format!("FILE:{}", cc.display())));
+    tokio::task::block_in_place(|| {
+        use std::io::Write;
+        let mut kinit = std::process::Command::new("kinit")
+            .arg("alice@FERRY.TEST")
+            .envs(env.iter().cloned())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("kinit (krb5-user): run tests/peers/install.sh");
+        writeln!(kinit.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+        assert!(kinit.wait().unwrap().success(), "kinit failed");
+        for (url, enc) in [
+            (lab.sim.http_url().unwrap(), "always"),
+            (lab.sim.url(), "auto"),
+        ] {
+            let out = std::process::Command::new(&python)
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/kerberos_probe.py"
+                ))
+                .args([url, "alice@FERRY.TEST", enc])
+                .envs(env.iter().cloned())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{url}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+            assert_eq!(v["stdout"], "kerberos from pywinrm", "{v}");
+            assert_eq!(v["status"], 0, "{v}");
+        }
+    });
+    assert!(lab.sim.kerberos_logins() >= 2);
 }

@@ -252,6 +252,49 @@ async fn assert_hello_via_env(url: &str, env: Vec<(String, String)>) {
     assert_eq!(&got[..], b"ferry says hello");
 }
 
+/// MIT's own client gets a ticket from the throwaway realm: a TGT for a user, a service ticket
+/// whose key is the one `add_service` wrote into the keytab (`kvno` checks it), and a wrong
+/// password is refused.
+#[test]
+fn mit_kdc_issues_tickets_to_kinit() {
+    let kdc = ferry_testkit::MitKdc::start();
+    kdc.add_user("carol", "Carol-pw-1");
+    let kt = kdc.add_service("HTTP/127.0.0.1");
+    let dir = scratch_dir();
+    let mut env = kdc.env();
+    env.push((
+        "KRB5CCNAME".into(),
+        format!("FILE:{}", dir.path().join("cc").display()),
+    ));
+    let kinit = |pw: &str| {
+        use std::io::Write;
+        let mut c = std::process::Command::new("kinit")
+            .arg("carol")
+            .envs(env.iter().cloned())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("kinit (krb5-user): run tests/peers/install.sh");
+        writeln!(c.stdin.take().unwrap(), "{pw}").unwrap();
+        c.wait().unwrap().success()
+    };
+    assert!(!kinit("wrong"));
+    assert!(kinit("Carol-pw-1"));
+    let out = run_ok(
+        std::process::Command::new("kvno")
+            .arg("HTTP/127.0.0.1")
+            .envs(env.iter().cloned()),
+    );
+    assert!(out.contains("kvno = 2"), "{out}");
+    let out = run_ok(std::process::Command::new("klist").args(["-k"]).arg(&kt));
+    assert!(out.contains("2 HTTP/127.0.0.1@FERRY.TEST"), "{out}");
+    assert!(
+        kdc.log()
+            .contains("carol@FERRY.TEST for HTTP/127.0.0.1@FERRY.TEST")
+    );
+}
+
 #[test]
 fn every_guard_leaves_no_process_behind() {
     let dir = scratch_dir();
@@ -285,6 +328,12 @@ fn every_guard_leaves_no_process_behind() {
         }),
         ("azurite", {
             let g = Azurite::start();
+            let p = g.pid();
+            assert!(group_alive(p));
+            p
+        }),
+        ("krb5kdc", {
+            let g = ferry_testkit::MitKdc::start();
             let p = g.pid();
             assert!(group_alive(p));
             p

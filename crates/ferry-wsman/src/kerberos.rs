@@ -5,18 +5,19 @@
 //! service key from a keytab; and the session's wrap tokens as a [`Seal`].
 //!
 //! Tokens are raw GSS-API Kerberos tokens (`0x60 … 1.2.840.113554.1.2.2 …`), what pywinrm's
-//! `transport='kerberos'` sends in `Authorization: Negotiate …`, not SPNEGO; sealed messages use
-//! the `application/HTTP-Kerberos-session-encrypted` protocol.
+//! `transport='kerberos'` sends in `Authorization: Negotiate …`, not SPNEGO. Sealed messages
+//! under `Negotiate` carry SPNEGO's protocol string (as pywinrm's); [`PROTOCOL_KERBEROS`] goes
+//! with `Authorization: Kerberos`.
 
 use crate::sealed::{Seal, SealError};
 use sspi::network_client::NetworkClient;
 use sspi::{
     AuthIdentity, BufferType, ClientRequestFlags, CredentialUse, Credentials, CredentialsBuffers,
-    DataRepresentation, EncryptionFlags, Kerberos, KerberosConfig, SecurityBuffer,
-    SecurityBufferRef, SecurityStatus, ServerRequestFlags, Sspi, SspiImpl, Username,
+    DataRepresentation, Kerberos, KerberosConfig, SecurityBuffer, SecurityStatus,
+    ServerRequestFlags, Sspi, SspiImpl, Username,
 };
 
-/// The `protocol` of a Kerberos session's encrypted messages.
+/// The `protocol` of encrypted messages after `Authorization: Kerberos` (MS-WSMV 2.2.9.1).
 pub const PROTOCOL_KERBEROS: &str = "application/HTTP-Kerberos-session-encrypted";
 /// Room for a wrap token's header and trailer (60 bytes with AES and EC 16).
 const TRAILER: usize = 128;
@@ -508,29 +509,13 @@ impl std::fmt::Debug for KerberosSession {
 
 impl Seal for KerberosSession {
     fn seal(&mut self, plain: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SealError> {
-        let mut sig = vec![0u8; TRAILER];
-        let mut data = plain.to_vec();
-        let mut bufs = vec![
-            SecurityBufferRef::token_buf(sig.as_mut_slice()),
-            SecurityBufferRef::data_buf(data.as_mut_slice()),
-        ];
-        self.krb
-            .encrypt_message(EncryptionFlags::empty(), &mut bufs)
-            .map_err(|e| SealError(krb_err(e).to_string()))?;
-        Ok((bufs[0].data().to_vec(), bufs[1].data().to_vec()))
+        crate::sealed::sspi_seal(&mut self.krb, TRAILER, plain)
+            .map_err(|e| SealError(krb_err(e).to_string()))
     }
 
     fn unseal(&mut self, signature: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
-        let mut sig = signature.to_vec();
-        let mut data = sealed.to_vec();
-        let mut bufs = vec![
-            SecurityBufferRef::token_buf(sig.as_mut_slice()),
-            SecurityBufferRef::data_buf(data.as_mut_slice()),
-        ];
-        self.krb
-            .decrypt_message(&mut bufs)
-            .map_err(|e| SealError(krb_err(e).to_string()))?;
-        Ok(bufs[1].data().to_vec())
+        crate::sealed::sspi_unseal(&mut self.krb, signature, sealed)
+            .map_err(|e| SealError(krb_err(e).to_string()))
     }
 }
 

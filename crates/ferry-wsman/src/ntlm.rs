@@ -6,8 +6,8 @@
 use crate::sealed::{Seal, SealError};
 use sspi::{
     AuthIdentity, AuthIdentityBuffers, BufferType, ClientRequestFlags, CredentialUse,
-    DataRepresentation, EncryptionFlags, Ntlm, SecurityBuffer, SecurityBufferRef, SecurityStatus,
-    ServerRequestFlags, Sspi, SspiImpl, Username,
+    DataRepresentation, Ntlm, SecurityBuffer, SecurityStatus, ServerRequestFlags, Sspi, SspiImpl,
+    Username,
 };
 
 /// The signature NTLM puts in front of a sealed message.
@@ -231,18 +231,8 @@ impl std::fmt::Debug for NtlmSession {
 
 impl Seal for NtlmSession {
     fn seal(&mut self, plain: &[u8]) -> Result<(Vec<u8>, Vec<u8>), SealError> {
-        let mut sig = vec![0u8; SIGNATURE];
-        let mut data = plain.to_vec();
-        let mut bufs = vec![
-            SecurityBufferRef::token_buf(sig.as_mut_slice()),
-            SecurityBufferRef::data_buf(data.as_mut_slice()),
-        ];
-        self.ntlm
-            .encrypt_message(EncryptionFlags::empty(), &mut bufs)
-            .map_err(|e| SealError(ntlm_err(e).to_string()))?;
-        let sig = bufs[0].data().to_vec();
-        let sealed = bufs[1].data().to_vec();
-        Ok((sig, sealed))
+        crate::sealed::sspi_seal(&mut self.ntlm, SIGNATURE, plain)
+            .map_err(|e| SealError(ntlm_err(e).to_string()))
     }
 
     fn unseal(&mut self, signature: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
@@ -252,16 +242,8 @@ impl Seal for NtlmSession {
                 signature.len()
             )));
         }
-        let mut sig = signature.to_vec();
-        let mut data = sealed.to_vec();
-        let mut bufs = vec![
-            SecurityBufferRef::token_buf(sig.as_mut_slice()),
-            SecurityBufferRef::data_buf(data.as_mut_slice()),
-        ];
-        self.ntlm
-            .decrypt_message(&mut bufs)
-            .map_err(|e| SealError(ntlm_err(e).to_string()))?;
-        Ok(bufs[1].data().to_vec())
+        crate::sealed::sspi_unseal(&mut self.ntlm, signature, sealed)
+            .map_err(|e| SealError(ntlm_err(e).to_string()))
     }
 }
 

@@ -41,6 +41,39 @@ pub trait Seal: std::fmt::Debug {
     fn unseal(&mut self, signature: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError>;
 }
 
+/// Seals `plain` with an sspi context (NTLM, Kerberos): the token buffer (room for `trailer`
+/// bytes) becomes the signature, the data buffer the sealed payload.
+pub(crate) fn sspi_seal(
+    ctx: &mut impl sspi::Sspi,
+    trailer: usize,
+    plain: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), sspi::Error> {
+    let mut sig = vec![0u8; trailer];
+    let mut data = plain.to_vec();
+    let mut bufs = vec![
+        sspi::SecurityBufferRef::token_buf(sig.as_mut_slice()),
+        sspi::SecurityBufferRef::data_buf(data.as_mut_slice()),
+    ];
+    ctx.encrypt_message(sspi::EncryptionFlags::empty(), &mut bufs)?;
+    Ok((bufs[0].data().to_vec(), bufs[1].data().to_vec()))
+}
+
+/// Checks `signature` and unseals `sealed` with an sspi context.
+pub(crate) fn sspi_unseal(
+    ctx: &mut impl sspi::Sspi,
+    signature: &[u8],
+    sealed: &[u8],
+) -> Result<Vec<u8>, sspi::Error> {
+    let mut sig = signature.to_vec();
+    let mut data = sealed.to_vec();
+    let mut bufs = vec![
+        sspi::SecurityBufferRef::token_buf(sig.as_mut_slice()),
+        sspi::SecurityBufferRef::data_buf(data.as_mut_slice()),
+    ];
+    ctx.decrypt_message(&mut bufs)?;
+    Ok(bufs[1].data().to_vec())
+}
+
 /// The HTTP `Content-Type` of an encrypted body.
 pub fn content_type(protocol: &str) -> String {
     format!("multipart/encrypted;protocol=\"{protocol}\";boundary=\"{BOUNDARY}\"")

@@ -11,7 +11,9 @@
 //! - Kerberos (when configured, ADR 0159): a GSS-API Kerberos AP-REQ in `Negotiate …` or
 //!   `Kerberos …`, checked with the service key from a keytab ([`super::kerberos`]); the AP-REP
 //!   goes back in the answer's `WWW-Authenticate` (mutual authentication), the connection is
-//!   authenticated and its messages are sealed under `HTTP-Kerberos-session-encrypted`;
+//!   authenticated and its messages are sealed under the scheme's protocol
+//!   (`HTTP-SPNEGO-session-encrypted` for `Negotiate`, `HTTP-Kerberos-session-encrypted` for
+//!   `Kerberos`);
 //! - anything else is a 401 naming the schemes (`Negotiate`, `Basic realm="WSMAN"`).
 
 use axum::body::Bytes;
@@ -180,10 +182,17 @@ impl Auth {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(key, v);
         }
+        // Windows seals under the scheme's protocol: SPNEGO's for `Negotiate` (what pywinrm and
+        // Ferry send), Kerberos' for `Authorization: Kerberos` (MS-WSMV 2.2.9.1).
+        let protocol = if scheme.eq_ignore_ascii_case("Kerberos") {
+            PROTOCOL_KERBEROS
+        } else {
+            PROTOCOL_SPNEGO
+        };
         let mut conns = self.conns();
         conns.insert(
             key,
-            ConnState::Session(Box::new(accepted.session), PROTOCOL_KERBEROS),
+            ConnState::Session(Box::new(accepted.session), protocol),
         );
         while conns.len() > MAX_CONNECTIONS {
             conns.pop_first();
