@@ -59,9 +59,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("ferry-wsman", &[]),
+    // The simulated Hyper-V host runs the real host agent, as a host does (ADR 0151).
     (
         "ferry-sim",
         &[
+            "ferry-agent",
             "ferry-core",
             "ferry-nbd",
             "ferry-wsman",
