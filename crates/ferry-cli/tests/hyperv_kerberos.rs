@@ -4,8 +4,6 @@
 //! session, the KDC found through `KRB5_CONFIG` as on a Linux appliance. A wrong password fails
 //! the backup with the KDC's reason and never shows the secret.
 
-use ferry_core::Secret;
-use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::{Killed, MitKdc};
 use serde_json::Value;
 use std::process::{Command, Output};
@@ -15,6 +13,8 @@ const KRB_PASSWORD: &str = "Kerb-backup-pw-7";
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/hyperv_lab.rs"]
+mod hyperv_lab;
 
 fn ferry() -> Command {
     let mut c = cli::ferry();
@@ -65,16 +65,7 @@ impl Lab {
         std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
         std::fs::write(dir.path().join("krb.pw"), KRB_PASSWORD).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let store = Store::open(dir.path().join("repo").to_str().unwrap(), true).unwrap();
-            let opts = InitOptions {
-                kdf: KdfParams::insecure_fast(),
-                ..Default::default()
-            };
-            Repository::init(store, Some(&Secret::new(PASSWORD)), opts)
-                .await
-                .unwrap();
-        });
+        hyperv_lab::init_repo(&rt, &dir.path().join("repo"), PASSWORD, None);
         Self {
             dir,
             kdc,

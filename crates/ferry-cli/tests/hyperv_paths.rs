@@ -10,9 +10,9 @@
 
 use base64::Engine as _;
 use ferry_core::Secret;
+use ferry_hv_hyperv::WsmanClient;
 use ferry_hv_hyperv::cim::{Epr, Param};
-use ferry_hv_hyperv::{Credentials, WsmanClient};
-use ferry_repo::{InitOptions, KdfParams, Repository, Store};
+use ferry_repo::{Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -25,6 +25,8 @@ const VM: &str = "win-sql-01";
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/hyperv_lab.rs"]
+mod hyperv_lab;
 
 /// How the source reaches the checkpoint's disks.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -63,32 +65,8 @@ impl Lab {
         let (sim, info) = Killed::spawn_json_line(&mut sim);
         std::fs::write(dir.path().join("hv.pw"), info["password"].as_str().unwrap()).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let store = Store::open(dir.path().join("repo").to_str().unwrap(), true).unwrap();
-            let opts = InitOptions {
-                chunk_size: CHUNK as u32,
-                kdf: KdfParams::insecure_fast(),
-                ..Default::default()
-            };
-            Repository::init(store, Some(&Secret::new(PASSWORD)), opts)
-                .await
-                .unwrap();
-        });
-        let pin = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
-        let mut o = ferry_http::ClientOptions::new("lab", ferry_tls::Trust::Fingerprint(pin));
-        o.proxy = ferry_http::ProxySetting::Off;
-        let client = {
-            let _g = rt.enter();
-            WsmanClient::new(
-                info["url"].as_str().unwrap(),
-                &o,
-                Credentials {
-                    user: info["username"].as_str().unwrap().into(),
-                    password: Secret::new(info["password"].as_str().unwrap()),
-                },
-            )
-            .unwrap()
-        };
+        hyperv_lab::init_repo(&rt, &dir.path().join("repo"), PASSWORD, Some(CHUNK as u32));
+        let client = hyperv_lab::sim_client(&rt, &info);
         Self {
             dir,
             info,
