@@ -53,6 +53,14 @@ def everything(cls):
     return enumerate_all("SELECT * FROM %s" % cls)
 
 
+def iid(parent):
+    """The InstanceID a Parent names: a WMI object path (as Hyper-V writes it) or the id itself."""
+    if not parent or 'InstanceID="' not in parent:
+        return parent
+    v = parent.split('InstanceID="', 1)[1].rsplit('"', 1)[0]
+    return v.replace('\\\\', '\\').replace('\\"', '"')
+
+
 def owned(items, prefix):
     return [i for i in items if (i.get("InstanceID") or "").lower().startswith(prefix.lower())]
 
@@ -87,12 +95,13 @@ for name in names:
     disks = []
     for d in owned(vhds, mine):
         ctl = None
-        drive = [r for r in rasds if r["InstanceID"] == d.get("Parent")]
+        drive = [r for r in rasds if r["InstanceID"] == iid(d.get("Parent"))]
         if drive:
-            c = [r for r in rasds if r["InstanceID"] == drive[0].get("Parent")][0]
+            c = [r for r in rasds if r["InstanceID"] == iid(drive[0].get("Parent"))][0]
             bus = "ide" if "IDE" in c["ResourceSubType"] else "scsi"
             ctl = "%s%s:%s" % (bus, c["Address"], drive[0]["AddressOnParent"])
-        disks.append({"path": values(d, "HostResource")[0], "at": ctl or "scsi0:" + d["AddressOnParent"]})
+        disks.append({"path": values(d, "HostResource")[0], "at": ctl or "scsi0:" + d["AddressOnParent"],
+                      "controller": c["ResourceSubType"] if drive else None})
     disks.sort(key=lambda d: d["at"])
     out[name] = {
         "id": vid,

@@ -66,7 +66,7 @@ pub struct Clusters {
 }
 
 /// Whether `e` says the host has no failover cluster namespace (a standalone host).
-fn no_cluster(e: &HypervError) -> bool {
+pub(crate) fn no_cluster(e: &HypervError) -> bool {
     match e {
         HypervError::Fault { kind, fault, .. } => {
             matches!(kind, FaultKind::NotSupported | FaultKind::NotFound)

@@ -522,8 +522,20 @@ impl HypervisorDriver for HypervDriver {
     async fn list_vms(&self) -> Result<Vec<VmSummary>, HvError> {
         let i = &self.inner;
         let mut out = Vec::new();
-        for h in i.hosts("inventory").await?.0 {
+        let hosts = i.hosts("inventory").await?.0;
+        // A clustered source: every VM is in the failover cluster (ADR 0153).
+        let cluster = if hosts.iter().any(|h| h.node.is_some()) {
+            crate::inventory::cluster_name(&i.client)
+                .await
+                .map_err(|e| i.err(e))?
+        } else {
+            None
+        };
+        for h in hosts {
             self.list_host_vms(&h, &mut out).await?;
+        }
+        for v in &mut out {
+            v.cluster.clone_from(&cluster);
         }
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         Ok(out)
@@ -593,10 +605,14 @@ impl HypervDriver {
         let w = Wmi::new(&h.client);
         let vms = w.vms().await.map_err(|e| i.err(e))?;
         let all = w.all_disks().await.map_err(|e| i.err(e))?;
+        let layout = crate::controllers::Layout::read(&h.client)
+            .await
+            .map_err(|e| i.err(e))?;
         let host = h.node.clone().unwrap_or_else(|| h.client.url().to_string());
         for v in &vms {
             let id = v.text("Name").unwrap_or("").to_string();
             let disks = Wmi::disks_of(&all, &format!("Microsoft:{id}"));
+            let places = layout.positions(&i.name, &id);
             let names = disk_names(&disks);
             let mut summaries = Vec::new();
             for (d, name) in disks.iter().zip(names) {
@@ -605,7 +621,7 @@ impl HypervDriver {
                     key: d.key.clone(),
                     name,
                     size,
-                    position: d.address.as_ref().map(|a| format!("scsi0:{a}")),
+                    position: places.of(&d.key),
                 });
             }
             out.push(VmSummary {
@@ -805,6 +821,10 @@ impl HypervSession {
         let w = i.wmi();
         let all = w.all_disks().await.map_err(|e| i.err(e))?;
         let frozen = Wmi::disks_of(&all, &self.checkpoint);
+        let places = crate::controllers::Layout::read(&i.client)
+            .await
+            .map_err(|e| i.err(e))?
+            .positions(&i.name, &self.vm.id);
         let names = disk_names(live);
         // The node that runs the VM, for the host agent (`network`).
         let node = match i.cfg.agent {
@@ -883,14 +903,14 @@ impl HypervSession {
             self.config.disks.push(DiskConfig {
                 name: name.clone(),
                 size,
-                controller: d.address.as_ref().map(|a| format!("scsi0:{a}")),
+                controller: places.of(&d.key),
                 bootable: self.config.disks.is_empty(),
             });
             self.vm.disks.push(DiskSummary {
                 key: d.key.clone(),
                 name: name.clone(),
                 size,
-                position: d.address.as_ref().map(|a| format!("scsi0:{a}")),
+                position: places.of(&d.key),
             });
             let counting = CountingSource::new(source);
             self.disks.push(BackupDisk {
@@ -903,6 +923,7 @@ impl HypervSession {
                 token: ChangeToken(self.checkpoint.clone()),
             });
         }
+        crate::controllers::mark_boot(&mut self.config.disks);
         let disks = std::mem::take(&mut self.config.disks);
         let (config, native) = crate::config::capture(&i.client, &self.vm.id, settings, disks)
             .await

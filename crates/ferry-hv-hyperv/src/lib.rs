@@ -16,6 +16,8 @@
 //! - [`auth`]: NTLM with message encryption, Basic.
 //! - [`kerberos`]: Kerberos logins (tickets from the KDC, the AP-REQ/AP-REP leg), sealing as NTLM.
 //! - [`cluster`]: failover clusters: the node that owns a VM now, a client per node (ADR 0153).
+//! - [`controllers`]: each disk's controller and location (`ide0:0`, `scsi1:3`; ADR 0166).
+//! - [`inventory`]: the failover cluster's name for the inventory.
 //!
 //! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), ADR 0159 (Kerberos), docs/drivers.md (Hyper-V section).
 
@@ -24,8 +26,10 @@ pub mod auth;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod controllers;
 pub mod driver;
 pub mod error;
+pub mod inventory;
 pub mod kerberos;
 pub mod restore;
 pub mod transport;

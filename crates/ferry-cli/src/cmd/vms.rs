@@ -23,19 +23,21 @@ pub async fn run(args: Args, _global: &crate::Global) -> anyhow::Result<ExitCode
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<24} {:<36} {:<9} {:>5} {:>10}  TAGS",
-        "NAME", "ID", "POWER", "DISKS", "SIZE"
+        "{:<24} {:<36} {:<9} {:>5} {:>10}  {:<16} TAGS",
+        "NAME", "ID", "POWER", "DISKS", "SIZE", "CLUSTER"
     );
     for v in &vms {
         let size: u64 = v.disks.iter().map(|d| d.size).sum();
         let power = serde_json::to_value(v.power_state)?;
         println!(
-            "{:<24} {:<36} {:<9} {:>5} {:>10}  {}",
+            "{:<24} {:<36} {:<9} {:>5} {:>10}  {:<16} {}",
             v.name,
             v.id,
             power.as_str().unwrap_or("?"),
             v.disks.len(),
             human_bytes(size),
+            // The vSphere cluster, Xen pool or Hyper-V failover cluster.
+            v.cluster.as_deref().unwrap_or("-"),
             v.tags.join(",")
         );
     }

@@ -48,3 +48,48 @@ pub fn sim_client(rt: &tokio::runtime::Runtime, info: &Value) -> WsmanClient {
     )
     .unwrap()
 }
+
+/// The VMs `names` of the Hyper-V simulator `info` as pypsrp reads them from the host's WMI
+/// (`tests/hyperv_vm_probe.py`; null: no such VM).
+pub fn probe_vms(info: &Value, names: &[&str]) -> Value {
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
+    );
+    let out = ferry_testkit::run_ok(
+        std::process::Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/hyperv_vm_probe.py"
+            ))
+            .args(["url", "username", "password"].map(|k| info[k].as_str().unwrap()))
+            .args(names),
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// What VMware's SDK (pyvmomi, `tests/vmware_probe.py`) reports of VM `name` on the vSphere
+/// simulator `vc` (its JSON line).
+pub fn vsphere_vm(vc: &Value, name: &str) -> Value {
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    let url = vc["url"].as_str().unwrap();
+    let (host, port) = url
+        .trim_start_matches("https://")
+        .trim_end_matches("/sdk")
+        .rsplit_once(':')
+        .unwrap();
+    let out = ferry_testkit::run_ok(
+        std::process::Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/vmware_probe.py"
+            ))
+            .args([host, port])
+            .args(["username", "password"].map(|k| vc[k].as_str().unwrap()))
+            .arg(name)
+            .env("no_proxy", "*"),
+    );
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v[name].clone()
+}

@@ -12,6 +12,7 @@
 //! the image's content, checkpoints and RCT work on it as on the seeded guests. `DestroySystem`
 //! removes the VM and its settings but, like Hyper-V, leaves its VHDX files on the volume.
 
+use super::controllers::{self, DRIVE, IDE, SCSI};
 use super::{Fault, State, fault, guid, inst, job_out, param_ref, text};
 use ferry_core::BlockSource;
 use ferry_wsman::cim::{Epr, Instance, Value};
@@ -22,17 +23,11 @@ use std::os::unix::fs::FileExt;
 /// The service's class.
 pub(super) const SERVICE: &str = "Msvm_VirtualSystemManagementService";
 
-const SCSI: &str = "Microsoft:Hyper-V:Synthetic SCSI Controller";
-const IDE: &str = "Microsoft:Hyper-V:Emulated IDE Controller";
-const DRIVE: &str = "Microsoft:Hyper-V:Synthetic Disk Drive";
 const VHD: &str = "Microsoft:Hyper-V:Virtual Hard Disk";
 const PORT: &str = "Microsoft:Hyper-V:Synthetic Ethernet Port";
 const CONNECTION: &str = "Microsoft:Hyper-V:Ethernet Connection";
 const GEN1: &str = "Microsoft:Hyper-V:SubType:1";
 const GEN2: &str = "Microsoft:Hyper-V:SubType:2";
-/// Device-class segments of the controllers' InstanceIDs, as Hyper-V writes them.
-const SCSI_CLASS: &str = "D422512D-2BF2-4752-809D-7B82B5FCB1B4";
-const IDE_CLASS: &str = "83F8638B-8DCA-4152-9EDA-2CA8B33039B4";
 
 /// The properties an embedded instance of `class` may carry.
 fn known(class: &str) -> Option<&'static [&'static str]> {
@@ -396,20 +391,8 @@ fn define(st: &mut State, body: &Node, out: &mut Instance) -> Result<(), String>
         ],
     ));
     if subtype == GEN1 {
-        for n in 0..2 {
-            st.push(inst(
-                "Msvm_ResourceAllocationSettingData",
-                &[
-                    (
-                        "InstanceID",
-                        text(format!("Microsoft:{id}\\{IDE_CLASS}\\{n}")),
-                    ),
-                    ("ResourceType", text("5")),
-                    ("ResourceSubType", text(IDE)),
-                    ("ElementName", text("IDE Controller")),
-                    ("Address", text(n.to_string())),
-                ],
-            ));
+        for c in controllers::ide_controllers(&id) {
+            st.push(c);
         }
     }
     for r in body.all("ResourceSettings") {
@@ -486,17 +469,9 @@ fn add_one(st: &mut State, vm: &str, e: &Embedded) -> Result<Epr, String> {
                             "A virtual machine has at most 4 SCSI controllers.",
                         ));
                     }
-                    let id = format!("Microsoft:{vm}\\{SCSI_CLASS}\\{n}");
-                    st.push(inst(
-                        &e.class,
-                        &[
-                            ("InstanceID", text(&id)),
-                            ("ResourceType", text("6")),
-                            ("ResourceSubType", text(SCSI)),
-                            ("ElementName", text("SCSI Controller")),
-                            ("Address", text(n.to_string())),
-                        ],
-                    ));
+                    let c = controllers::scsi_controller(vm, n);
+                    let id = c.text("InstanceID").unwrap_or("").to_string();
+                    st.push(c);
                     Ok(epr(&e.class, &id))
                 }
                 DRIVE => add_drive(st, vm, e),
@@ -664,16 +639,11 @@ fn add_drive(st: &mut State, vm: &str, e: &Embedded) -> Result<Epr, String> {
             format!("Location {addr} of the controller is in use."),
         ));
     }
-    st.push(inst(
-        "Msvm_ResourceAllocationSettingData",
-        &[
-            ("InstanceID", text(&id)),
-            ("ResourceType", text("17")),
-            ("ResourceSubType", text(DRIVE)),
-            ("ElementName", text("Hard Drive")),
-            ("Parent", text(&ctl_id)),
-            ("AddressOnParent", text(addr.to_string())),
-        ],
+    // Recorded as the host records it: `Parent` is the controller's (IDE or SCSI) path.
+    st.push(controllers::drive(
+        &controllers::host_name(st),
+        &ctl_id,
+        addr,
     ));
     Ok(epr("Msvm_ResourceAllocationSettingData", &id))
 }
@@ -703,8 +673,9 @@ fn add_vhd(st: &mut State, vm: &str, e: &Embedded) -> Result<Epr, String> {
     let addr = drive.text("AddressOnParent").unwrap_or("0").to_string();
     let taken = st.objects.get(&e.class).is_some_and(|v| {
         v.iter()
-            .any(|d| d.text("Parent") == Some(drive_id.as_str()))
+            .any(|d| d.text("Parent").map(path_id).as_deref() == Some(drive_id.as_str()))
     });
+    let drive_path = controllers::path(&controllers::host_name(st), controllers::RASD, &drive_id);
     if taken {
         return Err(failed(what, "The drive holds a disk already."));
     }
@@ -763,7 +734,7 @@ fn add_vhd(st: &mut State, vm: &str, e: &Embedded) -> Result<Epr, String> {
             ("ElementName", text("Hard Disk Image")),
             ("ResourceType", text("31")),
             ("ResourceSubType", text(VHD)),
-            ("Parent", text(&drive_id)),
+            ("Parent", text(drive_path)),
             ("HostResource", Value::Array(vec![text(path.as_str())])),
             ("AddressOnParent", text(addr)),
             ("VirtualQuantity", text(size.to_string())),

@@ -26,6 +26,7 @@ mod agent;
 mod auth;
 mod cluster;
 mod config;
+mod controllers;
 mod define;
 mod disks;
 mod kerberos;
@@ -396,6 +397,11 @@ impl State {
                 ],
             ));
             let folder = format!("{VHD_ROOT}\\{}", g.name);
+            // Generation 1 (the Linux guests) boots from IDE 0:0; generation 2 has SCSI only.
+            let (devices, places) = controllers::seed(&id, host, config::is_linux(g.name), g.disks);
+            for d in devices {
+                add(d);
+            }
             for k in 0..g.disks {
                 let name = format!("disk{k}");
                 let disk_id = storage.create(
@@ -423,7 +429,8 @@ impl State {
                             "HostResource",
                             Value::Array(vec![text(format!("{folder}\\{name}.vhdx"))]),
                         ),
-                        ("AddressOnParent", text(k.to_string())),
+                        ("Parent", text(&places[k as usize].0)),
+                        ("AddressOnParent", text(places[k as usize].1.to_string())),
                         ("VirtualQuantity", text(disk_size.to_string())),
                     ],
                 ));
