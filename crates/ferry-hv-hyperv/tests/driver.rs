@@ -131,7 +131,13 @@ fn check_config(vm: &str, c: &ferry_hv::VmConfig, native: &str) {
         "{vm}: {nic:?}"
     );
     assert_eq!(n["nics"][0]["mac"], nic.mac.as_deref().unwrap());
-    assert_eq!(c.disks[0].controller.as_deref(), Some("scsi0:0"), "{vm}");
+    // Generation 1 boots from IDE 0:0, generation 2 from SCSI (ADR 0166).
+    let boot = if vm == "linux-web-01" {
+        "ide0:0"
+    } else {
+        "scsi0:0"
+    };
+    assert_eq!(c.disks[0].controller.as_deref(), Some(boot), "{vm}");
     if vm == "linux-web-01" {
         assert_eq!(c.firmware, Firmware::Bios);
         assert_eq!(nic.network.as_deref(), Some("vSwitch-DMZ"));
