@@ -7,6 +7,7 @@
 //! identical under `qemu-img compare`. A clustered source names its failover cluster in
 //! `ferry vms --json`.
 
+use ferry_hv_hyperv::cim::{Epr, Param};
 use ferry_testkit::Killed;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -169,6 +170,103 @@ impl Lab {
         out
     }
 
+    /// Gives VM `vm` a further disk as an administrator's script does: a SCSI controller, a
+    /// drive at location 0 on it (`Parent` = the controller's path) and a VHDX made by qemu-img
+    /// (`Parent` = the drive's path). Returns the disk's content as a raw file.
+    fn add_scsi_disk(&self, vm: &str) -> PathBuf {
+        let host_path = format!("C:\\ClusterStorage\\Volume1\\{vm}\\data1.vhdx");
+        let bytes =
+            ferry_testkit::qemu_vhdx(&self.local(&host_path), 4 << 20, &["write -P 0x5a 1M 2M"]);
+        let want = self.path(&format!("{vm}-data1.raw"));
+        std::fs::write(&want, bytes).unwrap();
+        let id = self.info["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vm)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let client = hyperv_lab::sim_client(&rt, &self.info);
+        let svc = Epr::new(
+            "Msvm_VirtualSystemManagementService",
+            &[
+                ("CreationClassName", "Msvm_VirtualSystemManagementService"),
+                ("Name", "vmms"),
+                ("SystemCreationClassName", "Msvm_ComputerSystem"),
+                ("SystemName", self.info["host"].as_str().unwrap()),
+            ],
+        );
+        let vssd = Epr::new(
+            "Msvm_VirtualSystemSettingData",
+            &[("InstanceID", &format!("Microsoft:{id}"))],
+        );
+        let rasd = "Msvm_ResourceAllocationSettingData";
+        let path = |class: &str, iid: &str| {
+            format!(
+                "\\\\{}\\root\\virtualization\\v2:{class}.InstanceID=\"{}\"",
+                self.info["host"].as_str().unwrap(),
+                iid.replace('\\', "\\\\")
+            )
+        };
+        let add = |class: &str, props: &[(&str, &str)], arrays: &[(&str, &str)]| {
+            let mut x = format!("<INSTANCE CLASSNAME=\"{class}\">");
+            for (k, v) in props {
+                x.push_str(&format!(
+                    "<PROPERTY NAME=\"{k}\" TYPE=\"string\"><VALUE>{v}</VALUE></PROPERTY>"
+                ));
+            }
+            for (k, v) in arrays {
+                x.push_str(&format!("<PROPERTY.ARRAY NAME=\"{k}\" TYPE=\"string\"><VALUE.ARRAY><VALUE>{v}</VALUE></VALUE.ARRAY></PROPERTY.ARRAY>"));
+            }
+            x.push_str("</INSTANCE>");
+            let params = [
+                Param::Ref("AffectedConfiguration".into(), vssd.clone()),
+                Param::Texts("ResourceSettings".into(), vec![x]),
+            ];
+            let out = rt
+                .block_on(client.invoke(&svc, "AddResourceSettings", &params))
+                .unwrap_or_else(|e| panic!("AddResourceSettings {class}: {e}"));
+            out.reference("ResultingResourceSettings")
+                .and_then(|e| e.selector("InstanceID"))
+                .unwrap()
+                .to_string()
+        };
+        let ctl = add(
+            rasd,
+            &[
+                ("ResourceType", "6"),
+                (
+                    "ResourceSubType",
+                    "Microsoft:Hyper-V:Synthetic SCSI Controller",
+                ),
+            ],
+            &[],
+        );
+        let drive = add(
+            rasd,
+            &[
+                ("ResourceType", "17"),
+                ("ResourceSubType", "Microsoft:Hyper-V:Synthetic Disk Drive"),
+                ("Parent", &path(rasd, &ctl)),
+                ("AddressOnParent", "0"),
+            ],
+            &[],
+        );
+        add(
+            "Msvm_StorageAllocationSettingData",
+            &[
+                ("ResourceType", "31"),
+                ("ResourceSubType", "Microsoft:Hyper-V:Virtual Hard Disk"),
+                ("Parent", &path(rasd, &drive)),
+            ],
+            &[("HostResource", &host_path)],
+        );
+        want
+    }
+
     /// Appends source `name` for the simulator `sim` (its JSON line) of `kind`, with `extra`.
     fn add_source(&self, name: &str, kind: &str, sim: &Value, extra: &str) {
         let pw = self.path(&format!("{name}.pw"));
@@ -205,35 +303,41 @@ fn generation_1_boot_disk_is_captured_on_ide_and_restored_there() {
     let sql = lab.inventory("win-sql-01");
     assert_eq!(positions(&sql), ["scsi0:0", "scsi0:1"], "{sql}");
 
-    let expected = lab.guest_disk(GEN1, 0);
-    let id = lab.backup(GEN1);
-    assert_eq!(lab.recorded(&id), ["ide0:0"]);
     let sql_id = lab.backup("win-sql-01");
     assert_eq!(lab.recorded(&sql_id), ["scsi0:0", "scsi0:1"]);
 
-    // Whole VM back to Hyper-V: generation 1, the boot disk on IDE controller 0, location 0.
+    // The generation 1 guest gets a data disk on a SCSI controller, as an administrator adds one.
+    let expected = [lab.guest_disk(GEN1, 0), lab.add_scsi_disk(GEN1)];
+    assert_eq!(positions(&lab.inventory(GEN1)), ["ide0:0", "scsi0:0"]);
+    let id = lab.backup(GEN1);
+    assert_eq!(lab.recorded(&id), ["ide0:0", "scsi0:0"]);
+
+    // Whole VM back to Hyper-V: generation 1, the boot disk on IDE controller 0, location 0,
+    // the data disk on SCSI.
     let (_, err) = lab.ok(&["restore", &id, "--to-source", "lab", "--name", "web-copy"]);
     let p = hyperv_lab::probe_vms(&lab.info, &[GEN1, "web-copy"]);
     let copy = &p["web-copy"];
     assert!(copy.is_object(), "no restored VM: {p}\n{err}");
     assert_eq!(copy["generation"], "1", "{copy}");
     let disks = copy["disks"].as_array().unwrap();
-    assert_eq!(disks.len(), 1, "{copy}");
-    assert_eq!(disks[0]["at"], "ide0:0", "{copy}");
+    let at: Vec<&str> = disks.iter().map(|d| d["at"].as_str().unwrap()).collect();
+    assert_eq!(at, ["ide0:0", "scsi0:0"], "{copy}");
     assert_eq!(disks[0]["controller"], IDE, "{copy}");
     assert_eq!(p[GEN1]["disks"][0]["at"], "ide0:0", "{p}");
     assert!(
         !err.contains("does not exist on a generation"),
         "nothing moved: {err}"
     );
-    ferry_testkit::qemu_img_compare(
-        &lab.local(disks[0]["path"].as_str().unwrap()),
-        "vhdx",
-        &expected,
-        "raw",
-    );
+    for (d, want) in disks.iter().zip(&expected) {
+        ferry_testkit::qemu_img_compare(
+            &lab.local(d["path"].as_str().unwrap()),
+            "vhdx",
+            want,
+            "raw",
+        );
+    }
     // Ferry reads the restored VM's chain back as the host recorded it.
-    assert_eq!(positions(&lab.inventory("web-copy")), ["ide0:0"]);
+    assert_eq!(positions(&lab.inventory("web-copy")), ["ide0:0", "scsi0:0"]);
 }
 
 #[test]
