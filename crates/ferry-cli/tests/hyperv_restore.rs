@@ -208,21 +208,7 @@ impl Lab {
 
     /// The VMs `names` as pypsrp reads them from the host's WMI (null: no such VM).
     fn probe(&self, names: &[&str]) -> Value {
-        let python = ferry_testkit::peers_dir().join("venv/bin/python");
-        assert!(
-            python.exists(),
-            "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
-        );
-        let out = ferry_testkit::run_ok(
-            Command::new(python)
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/hyperv_vm_probe.py"
-                ))
-                .args(["url", "username", "password"].map(|k| self.info[k].as_str().unwrap()))
-                .args(names),
-        );
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+        hyperv_lab::probe_vms(&self.info, names)
     }
 
     /// The proxy's view of host path `p` (under `C:\`).
@@ -651,26 +637,7 @@ impl Lab {
 
 /// What VMware's SDK (pyvmomi, `tests/vmware_probe.py`) reports of VM `name` on `vc`.
 fn vsphere_probe(vc: &Value, name: &str) -> Value {
-    let python = ferry_testkit::peers_dir().join("venv/bin/python");
-    let url = vc["url"].as_str().unwrap();
-    let (host, port) = url
-        .trim_start_matches("https://")
-        .trim_end_matches("/sdk")
-        .rsplit_once(':')
-        .unwrap();
-    let out = ferry_testkit::run_ok(
-        Command::new(python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/vmware_probe.py"
-            ))
-            .args([host, port])
-            .args(["username", "password"].map(|k| vc[k].as_str().unwrap()))
-            .arg(name)
-            .env("no_proxy", "*"),
-    );
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    v[name].clone()
+    hyperv_lab::vsphere_vm(vc, name)
 }
 
 /// The local file of a datastore path `[ds] dir/file.vmdk`.
