@@ -16,6 +16,9 @@ use std::process::{Command, Stdio};
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/xen_probe.rs"]
+mod xen_probe;
+use xen_probe::macs;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 
@@ -371,54 +374,6 @@ fn a_missing_switch_or_a_failure_halfway_leaves_nothing() {
     assert_eq!(p["halfway"]["state"], "2", "powered on");
 }
 
-/// Asks the XenAPI SDK probe (`tests/xen_probe.py`) the requests `reqs` in one session.
-fn xen_probe(info: &Value, reqs: &[Value]) -> Vec<Value> {
-    let python = ferry_testkit::peers_dir().join("venv/bin/python");
-    let input: String = reqs.iter().map(|r| format!("{r}\n")).collect();
-    let mut child = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xen_probe.py"))
-        .args(["url", "username", "password"].map(|k| info[k].as_str().unwrap()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("peer `python` (venv with XenAPI): run tests/peers/install.sh");
-    {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .zip(reqs)
-        .map(|(l, r)| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            v.get("ok")
-                .cloned()
-                .unwrap_or_else(|| panic!("xen probe failed on {r}: {v}"))
-        })
-        .collect()
-}
-
-fn macs(v: &Value, list: &str, key: &str) -> Vec<String> {
-    v[list]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            n[key]
-                .as_str()
-                .unwrap()
-                .replace(':', "")
-                .to_ascii_lowercase()
-        })
-        .collect()
-}
-
 #[test]
 fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
     let lab = Lab::start();
@@ -437,7 +392,8 @@ fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
         "from-hyperv",
     ]);
     let orig = lab.probe(&[vm])[vm].clone();
-    let x = &xen_probe(&xen, &[json!({"op": "vm", "name": "from-hyperv"})])[0];
+    let mut xp = xen_probe::Probe::start(&xen);
+    let x = &xp.assert_disks("from-hyperv", &expected, lab.dir.path());
     let text = |v: &Value| v.to_string().trim_matches('"').to_string();
     assert_eq!(text(&x["VCPUs_max"]), orig["cpus"].to_string());
     assert_eq!(
@@ -446,17 +402,6 @@ fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
     );
     assert_eq!(macs(x, "vifs", "MAC"), macs(&orig, "nics", "mac"), "{x}");
     assert_eq!(x["HVM_boot_params"]["firmware"], "uefi", "{x}");
-    let xdisks = x["disks"].as_array().unwrap();
-    assert_eq!(xdisks.len(), 2, "{x}");
-    for (i, (d, want)) in xdisks.iter().zip(&expected).enumerate() {
-        assert_eq!(d["userdevice"], i.to_string(), "{x}");
-        let got = lab.path(&format!("xen-{i}.raw"));
-        xen_probe(
-            &xen,
-            &[json!({"op": "export", "vdi": d["uuid"], "path": got})],
-        );
-        ferry_testkit::qemu_img_compare(&got, "raw", want, "raw");
-    }
     for w in [
         "position `scsi0:0` does not exist on Xen; attached as device 0",
         "network `vSwitch-Prod` does not exist in this pool",
@@ -467,21 +412,8 @@ fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
 
     // Xen → Hyper-V: BIOS makes a generation 1 VM booting from IDE 0:0; the network is mapped
     // to a switch; the MACs are kept, static.
-    let web = &xen_probe(&xen, &[json!({"op": "vm", "name": "debian-web"})])[0];
-    let xen_disks: Vec<PathBuf> = web["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let p = lab.path(&format!("web-{i}.raw"));
-            xen_probe(
-                &xen,
-                &[json!({"op": "export", "vdi": d["uuid"], "path": p})],
-            );
-            p
-        })
-        .collect();
+    let web = &xp.vm("debian-web");
+    let xen_disks = xp.export_disks("debian-web", lab.dir.path(), "web");
     let xid = lab.backup_of("xen", "debian-web");
     let net = web["vifs"][0]["network"].as_str().unwrap().to_string();
     let (_, err) = lab.ok(&[
