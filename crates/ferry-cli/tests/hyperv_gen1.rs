@@ -9,11 +9,11 @@
 
 use ferry_hv_hyperv::cim::{Epr, Param};
 use ferry_testkit::Killed;
+use hyperv_lab::PASSWORD;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-const PASSWORD: &str = "test password";
 const GEN1: &str = "linux-web-01";
 const IDE: &str = "Microsoft:Hyper-V:Emulated IDE Controller";
 
@@ -30,84 +30,29 @@ fn ferry() -> Command {
     c
 }
 
-struct Lab {
-    dir: tempfile::TempDir,
-    info: Value,
-    _sim: Killed,
+/// The shared Hyper-V lab, with what these tests ask of it.
+struct Lab(hyperv_lab::Lab);
+
+impl std::ops::Deref for Lab {
+    type Target = hyperv_lab::Lab;
+    fn deref(&self) -> &hyperv_lab::Lab {
+        &self.0
+    }
 }
 
 impl Lab {
-    /// `ferry sim hyperv` (with `extra` arguments) as source `lab`, `[sources.lab]` ending with
-    /// `tail`, and an empty repository.
-    fn start(extra: &[&str], tail: impl Fn(&Value) -> String) -> Self {
-        let dir = ferry_testkit::scratch_dir();
-        let (sim, info) = Killed::spawn_json_line(
-            ferry()
-                .args([
-                    "sim",
-                    "hyperv",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--disk-mib",
-                    "8",
-                ])
-                .args(extra)
-                .arg("--dir")
-                .arg(dir.path().join("host")),
-        );
-        let pw = dir.path().join("hv.pw");
-        std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
-        let toml = format!(
-            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\n{}[sources.lab.san-paths]\n'C:\\' = \"{}\"\n",
-            info["url"].as_str().unwrap(),
-            info["username"].as_str().unwrap(),
-            pw.display(),
-            info["tls_fingerprint"].as_str().unwrap(),
-            dir.path().join("state").display(),
-            tail(&info),
-            info["san_paths"]["C:\\"].as_str().unwrap(),
-        );
-        std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        hyperv_lab::init_repo(&rt, &dir.path().join("repo"), PASSWORD, Some(256 << 10));
-        Self {
-            dir,
-            info,
-            _sim: sim,
-        }
-    }
-
-    /// A standalone host that restores into `C:\ClusterStorage\Volume1\Restores`.
+    /// A standalone host, source `lab` reading through `san-paths` and restoring into
+    /// `C:\ClusterStorage\Volume1\Restores`.
     fn standalone() -> Self {
-        Self::start(&[], |_| {
-            "restore-dir = 'C:\\ClusterStorage\\Volume1\\Restores'\n".into()
-        })
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        let env = [
-            ("FERRY_PASSWORD", PASSWORD.to_string()),
-            ("FERRY_REPO", self.path("repo").display().to_string()),
-            (
-                "FERRY_CONFIG",
-                self.path("ferry.toml").display().to_string(),
+        let lab = hyperv_lab::Lab::start(&["--disk-mib", "8"]);
+        lab.config(
+            "[\"san\"]",
+            &format!(
+                "restore-dir = 'C:\\ClusterStorage\\Volume1\\Restores'\n{}",
+                lab.san_paths_table()
             ),
-        ]
-        .map(|(k, v)| (k.to_string(), v));
-        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &env)
-    }
-
-    fn ok(&self, args: &[&str]) -> (String, String) {
-        let out = self.run(args);
-        assert!(out.status.success(), "ferry {args:?} failed");
-        (
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
+        );
+        Self(lab)
     }
 
     fn json(&self, args: &[&str]) -> Value {
@@ -116,25 +61,19 @@ impl Lab {
     }
 
     /// `ferry backup --source lab --vm VM`: the restore point's id.
-    fn backup(&self, vm: &str) -> String {
-        let v = self.json(&["backup", "--source", "lab", "--vm", vm, "--json"]);
-        v[0]["snapshot"].as_str().unwrap().to_string()
+    fn backup_vm(&self, vm: &str) -> String {
+        let (reports, _) = self.backup(&["--vm", vm]);
+        reports[0]["snapshot"].as_str().unwrap().to_string()
     }
 
     /// The disk positions the restore point `id` records, in its disk order.
     fn recorded(&self, id: &str) -> Vec<String> {
-        let all = self.json(&["snapshots", "--json"]);
-        let m = all
-            .as_array()
-            .unwrap()
+        self.manifest(id)
+            .meta
+            .config
+            .disks
             .iter()
-            .find(|m| m["id"] == id)
-            .unwrap_or_else(|| panic!("no restore point {id}: {all}"));
-        m["config"]["disks"]
-            .as_array()
-            .unwrap_or_else(|| panic!("no disks in the config: {m}"))
-            .iter()
-            .map(|d| d["controller"].as_str().unwrap_or("").to_string())
+            .map(|d| d.controller.clone().unwrap_or_default())
             .collect()
     }
 
@@ -149,27 +88,6 @@ impl Lab {
             .unwrap_or_else(|| panic!("no VM {name}: {all}"))
     }
 
-    /// A copy of what the guest of `vm` sees on disk `n` now.
-    fn guest_disk(&self, vm: &str, n: usize) -> PathBuf {
-        let v = self.info["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == vm)
-            .unwrap();
-        let to = self.path(&format!("{vm}-{n}.raw"));
-        std::fs::copy(v["disks"][n]["live"].as_str().unwrap(), &to).unwrap();
-        to
-    }
-
-    /// The proxy's view of host path `p` (under `C:\`).
-    fn local(&self, p: &str) -> PathBuf {
-        let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
-        let mut out = PathBuf::from(self.info["san_paths"]["C:\\"].as_str().unwrap());
-        out.extend(rest.split('\\'));
-        out
-    }
-
     /// Gives VM `vm` a further disk as an administrator's script does: a SCSI controller, a
     /// drive at location 0 on it (`Parent` = the controller's path) and a VHDX made by qemu-img
     /// (`Parent` = the drive's path). Returns the disk's content as a raw file.
@@ -179,35 +97,15 @@ impl Lab {
             ferry_testkit::qemu_vhdx(&self.local(&host_path), 4 << 20, &["write -P 0x5a 1M 2M"]);
         let want = self.path(&format!("{vm}-data1.raw"));
         std::fs::write(&want, bytes).unwrap();
-        let id = self.info["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == vm)
-            .unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let client = hyperv_lab::sim_client(&rt, &self.info);
-        let svc = Epr::new(
-            "Msvm_VirtualSystemManagementService",
-            &[
-                ("CreationClassName", "Msvm_VirtualSystemManagementService"),
-                ("Name", "vmms"),
-                ("SystemCreationClassName", "Msvm_ComputerSystem"),
-                ("SystemName", self.info["host"].as_str().unwrap()),
-            ],
-        );
         let vssd = Epr::new(
             "Msvm_VirtualSystemSettingData",
-            &[("InstanceID", &format!("Microsoft:{id}"))],
+            &[("InstanceID", &format!("Microsoft:{}", self.vm_id(vm)))],
         );
+        let host = self.info["host"].as_str().unwrap();
         let rasd = "Msvm_ResourceAllocationSettingData";
-        let path = |class: &str, iid: &str| {
+        let path = |iid: &str| {
             format!(
-                "\\\\{}\\root\\virtualization\\v2:{class}.InstanceID=\"{}\"",
-                self.info["host"].as_str().unwrap(),
+                "\\\\{host}\\root\\virtualization\\v2:{rasd}.InstanceID=\"{}\"",
                 iid.replace('\\', "\\\\")
             )
         };
@@ -222,13 +120,13 @@ impl Lab {
                 x.push_str(&format!("<PROPERTY.ARRAY NAME=\"{k}\" TYPE=\"string\"><VALUE.ARRAY><VALUE>{v}</VALUE></VALUE.ARRAY></PROPERTY.ARRAY>"));
             }
             x.push_str("</INSTANCE>");
-            let params = [
-                Param::Ref("AffectedConfiguration".into(), vssd.clone()),
-                Param::Texts("ResourceSettings".into(), vec![x]),
-            ];
-            let out = rt
-                .block_on(client.invoke(&svc, "AddResourceSettings", &params))
-                .unwrap_or_else(|e| panic!("AddResourceSettings {class}: {e}"));
+            let out = self.manage(
+                "AddResourceSettings",
+                vec![
+                    Param::Ref("AffectedConfiguration".into(), vssd.clone()),
+                    Param::Texts("ResourceSettings".into(), vec![x]),
+                ],
+            );
             out.reference("ResultingResourceSettings")
                 .and_then(|e| e.selector("InstanceID"))
                 .unwrap()
@@ -250,7 +148,7 @@ impl Lab {
             &[
                 ("ResourceType", "17"),
                 ("ResourceSubType", "Microsoft:Hyper-V:Synthetic Disk Drive"),
-                ("Parent", &path(rasd, &ctl)),
+                ("Parent", &path(&ctl)),
                 ("AddressOnParent", "0"),
             ],
             &[],
@@ -260,7 +158,7 @@ impl Lab {
             &[
                 ("ResourceType", "31"),
                 ("ResourceSubType", "Microsoft:Hyper-V:Virtual Hard Disk"),
-                ("Parent", &path(rasd, &drive)),
+                ("Parent", &path(&drive)),
             ],
             &[("HostResource", &host_path)],
         );
@@ -303,19 +201,22 @@ fn generation_1_boot_disk_is_captured_on_ide_and_restored_there() {
     let sql = lab.inventory("win-sql-01");
     assert_eq!(positions(&sql), ["scsi0:0", "scsi0:1"], "{sql}");
 
-    let sql_id = lab.backup("win-sql-01");
+    let sql_id = lab.backup_vm("win-sql-01");
     assert_eq!(lab.recorded(&sql_id), ["scsi0:0", "scsi0:1"]);
 
     // The generation 1 guest gets a data disk on a SCSI controller, as an administrator adds one.
-    let expected = [lab.guest_disk(GEN1, 0), lab.add_scsi_disk(GEN1)];
+    let expected = [
+        lab.guest_disks(GEN1, "live").remove(0),
+        lab.add_scsi_disk(GEN1),
+    ];
     assert_eq!(positions(&lab.inventory(GEN1)), ["ide0:0", "scsi0:0"]);
-    let id = lab.backup(GEN1);
+    let id = lab.backup_vm(GEN1);
     assert_eq!(lab.recorded(&id), ["ide0:0", "scsi0:0"]);
 
     // Whole VM back to Hyper-V: generation 1, the boot disk on IDE controller 0, location 0,
     // the data disk on SCSI.
     let (_, err) = lab.ok(&["restore", &id, "--to-source", "lab", "--name", "web-copy"]);
-    let p = hyperv_lab::probe_vms(&lab.info, &[GEN1, "web-copy"]);
+    let p = lab.probe_vms(&[GEN1, "web-copy"]);
     let copy = &p["web-copy"];
     assert!(copy.is_object(), "no restored VM: {p}\n{err}");
     assert_eq!(copy["generation"], "1", "{copy}");
@@ -360,8 +261,8 @@ fn a_generation_1_point_boots_from_ide_on_vsphere_and_from_device_0_on_xen() {
     let (_xen_sim, xen) = xen_probe::start_sim(ferry(), &lab.path("xen-sim"));
     lab.add_source("xen", "xen", &xen, "transports = [\"network\"]\n");
 
-    let expected = lab.guest_disk(GEN1, 0);
-    let id = lab.backup(GEN1);
+    let expected = lab.guest_disks(GEN1, "live").remove(0);
+    let id = lab.backup_vm(GEN1);
 
     // vSphere: the disk on an IDE controller, unit 0; BIOS.
     let (_, err) = lab.ok(&["restore", &id, "--to-source", "vc", "--name", "web-vc"]);
@@ -398,22 +299,12 @@ fn a_generation_1_point_boots_from_ide_on_vsphere_and_from_device_0_on_xen() {
 
 #[test]
 fn a_clustered_source_names_its_failover_cluster_in_the_inventory() {
-    let lab = Lab::start(&["--cluster", "2"], |info| {
-        let nodes: String = info["cluster"]["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| {
-                format!(
-                    "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
-                    n["name"].as_str().unwrap(),
-                    n["url"].as_str().unwrap(),
-                    n["tls_fingerprint"].as_str().unwrap()
-                )
-            })
-            .collect();
-        format!("[sources.lab.nodes]\n{nodes}")
-    });
+    let lab = hyperv_lab::Lab::start(&["--cluster", "2", "--disk-mib", "8"]);
+    lab.config(
+        "[\"san\"]",
+        &format!("{}{}", lab.san_paths_table(), lab.nodes_table(|k| k)),
+    );
+    let lab = Lab(lab);
     let cluster = lab.info["cluster"]["name"].as_str().unwrap().to_string();
     let nodes: Vec<&str> = lab.info["cluster"]["nodes"]
         .as_array()
