@@ -35,23 +35,9 @@ impl Lab {
     /// pin) of node `reach(k)`.
     fn start(reach: fn(usize) -> usize) -> Self {
         let lab = hyperv_lab::Lab::start(&["--cluster", "2", "--disk-mib", "8"]);
-        let all = lab.info["cluster"]["nodes"].as_array().unwrap();
-        let node_table: String = all
-            .iter()
-            .enumerate()
-            .map(|(k, n)| {
-                let to = &all[reach(k)];
-                format!(
-                    "{} = {{ url = \"{}\", tls-fingerprint = \"{}\" }}\n",
-                    n["name"].as_str().unwrap(),
-                    to["url"].as_str().unwrap(),
-                    to["tls_fingerprint"].as_str().unwrap()
-                )
-            })
-            .collect();
         lab.config(
             "[\"san\"]",
-            &format!("{}[sources.lab.nodes]\n{node_table}", lab.san_paths_table()),
+            &format!("{}{}", lab.san_paths_table(), lab.nodes_table(reach)),
         );
         Self(lab)
     }
