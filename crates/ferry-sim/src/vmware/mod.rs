@@ -11,12 +11,15 @@
 //!   advanced at every snapshot; QueryChangedDiskAreas answered from the stamps, paged by
 //!   `startOffset` in windows of `cbt_page` bytes; `*` answers the allocated blocks;
 //! - faults: the next calls of a method fail with a given vim25 fault (a SOAP fault, also for
-//!   `*_Task` methods), and CBT can be reset (old changeIds then fail with `FileFault`).
+//!   `*_Task` methods), and CBT can be reset (old changeIds then fail with `FileFault`);
+//! - clones: `CloneVM_Task` gets disk contents (the snapshot's when it names one) and leaves
+//!   its source's disks alone (clone.rs).
 //!
 //! The side door is a set of vim25-shaped methods that real vCenter does not have
 //! (`FerrySimGuestWrite`, `FerrySimResetCbt`, `FerrySimFailNext`, `FerrySimSnapshotCount`),
 //! callable on any session.
 
+mod clone;
 mod soap;
 
 use axum::body::Bytes;
@@ -1026,6 +1029,14 @@ async fn answer(
         }
         _ => {}
     }
+    // A clone changes its source's disks in vcsim: what they were, to put back (clone.rs).
+    let clone_source = match name.as_str() {
+        "CloneVM_Task" => {
+            let src = req.text_at("_this").unwrap_or("").to_string();
+            sh.devices_of_vm(cookie.as_deref(), &src).await.ok()
+        }
+        _ => None,
+    };
     let up = match sh
         .forward(body.to_vec(), cookie.as_deref(), action.as_deref())
         .await
@@ -1070,6 +1081,17 @@ async fn answer(
                     "SystemError",
                     &format!("simulator: disks of the new VM: {e}"),
                 );
+            }
+        }
+        "CloneVM_Task" if ok => {
+            if let Some(before) = &clone_source {
+                if let Err(e) = clone::cloned(&sh, cookie.as_deref(), &req, &up.body, before).await
+                {
+                    return fault(
+                        "SystemError",
+                        &format!("simulator: disks of the clone: {e}"),
+                    );
+                }
             }
         }
         "Destroy_Task" if ok => {
