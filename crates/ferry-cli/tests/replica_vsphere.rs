@@ -308,28 +308,11 @@ fn planned_failover_to_vsphere_killed_halfway_completes_and_replicates_back() {
     // The final cycle's snapshot task on the Xen primary is slow: the failover is SIGKILLed
     // with the primary shut down while its last backup waits.
     lab.prod.sim("set_task_delay", json!(["3000"]));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    cmd.args(["replica", "failover", "web", "--planned"]);
-    for (k, v) in Ferry::in_dir(lab.dir.path(), PASSWORD).env {
-        cmd.env(k, v);
-    }
-    let mut child = Killed(cmd.spawn().unwrap());
-    let record = lab.path("state/replicas/web.json");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r: Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
-        if r["op"]["step"] == 1 && r["cycle"] != Value::Null {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the failover never got to its final cycle: {r}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    replica_lab::kill_planned_failover_in_final_cycle(
+        "web",
+        &Ferry::in_dir(lab.dir.path(), PASSWORD).env,
+        &lab.path("state"),
+    );
     assert_eq!(lab.prod.vm(VM)["power_state"], "Halted");
     assert_eq!(vsphere_lab::vm(&lab.vc, STANDBY)["power"], "poweredOff");
     lab.prod.sim("set_task_delay", json!(["0"]));

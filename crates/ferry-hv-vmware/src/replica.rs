@@ -602,34 +602,17 @@ impl ReplicaTarget for VmwareDriver {
             let copy = crate::model::Vm::from_object(&o)
                 .ok_or_else(|| i.vm_err(name, "the test copy cannot be read back"))?;
             let mut changes = Body::new();
-            for (i, n) in copy.nics.iter().enumerate() {
+            for (idx, n) in copy.nics.iter().enumerate() {
                 let kind = crate::restore::nic_type(&n.model).unwrap_or("VirtualVmxnet3");
-                let mut dev = Body::new()
-                    .text("key", &n.device_key.to_string())
-                    .nested(
-                        "deviceInfo",
-                        None,
-                        Body::new()
-                            .text("label", &format!("Network adapter {}", i + 1))
-                            .text("summary", &pg),
-                    )
-                    .nested(
-                        "backing",
-                        Some("VirtualEthernetCardNetworkBackingInfo"),
-                        Body::new().text("deviceName", &pg),
-                    )
-                    .nested(
-                        "connectable",
-                        None,
-                        Body::new()
-                            .text("startConnected", "true")
-                            .text("allowGuestControl", "true")
-                            .text("connected", "false"),
-                    );
-                dev = match &n.mac {
-                    Some(mac) => dev.text("addressType", "manual").text("macAddress", mac),
-                    None => dev.text("addressType", "generated"),
-                };
+                // vcsim's edit needs `deviceInfo`; vCenter takes it as given.
+                let label = format!("Network adapter {}", idx + 1);
+                let dev = crate::restore::nic_device(
+                    n.device_key,
+                    Some((&label, &pg)),
+                    "VirtualEthernetCardNetworkBackingInfo",
+                    Body::new().text("deviceName", &pg),
+                    n.mac.as_deref(),
+                );
                 changes = changes.append(crate::restore::device_change("edit", None, kind, dev));
             }
             if !copy.nics.is_empty() {

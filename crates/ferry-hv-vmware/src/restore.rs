@@ -126,6 +126,37 @@ pub(crate) fn device_change(
     Body::new().nested("deviceChange", None, c.nested("device", Some(kind), device))
 }
 
+/// A NIC device (fields in WSDL order): `key`, the `deviceInfo` label and summary when given,
+/// the backing of type `btype`, connected at power-on, its MAC kept (`manual`) or generated.
+pub(crate) fn nic_device(
+    key: i32,
+    info: Option<(&str, &str)>,
+    btype: &str,
+    backing: Body,
+    mac: Option<&str>,
+) -> Body {
+    let mut dev = Body::new().text("key", &key.to_string());
+    if let Some((label, summary)) = info {
+        dev = dev.nested(
+            "deviceInfo",
+            None,
+            Body::new().text("label", label).text("summary", summary),
+        );
+    }
+    dev = dev.nested("backing", Some(btype), backing).nested(
+        "connectable",
+        None,
+        Body::new()
+            .text("startConnected", "true")
+            .text("allowGuestControl", "true")
+            .text("connected", "false"),
+    );
+    match mac {
+        Some(mac) => dev.text("addressType", "manual").text("macAddress", mac),
+        None => dev.text("addressType", "generated"),
+    }
+}
+
 /// Where the new VM goes: folder, pool, datastore and the networks by name.
 struct Placement {
     folder: MoRef,
@@ -337,21 +368,7 @@ fn config_spec(plan: &RestorePlan, at: &Placement, extra: &[(&str, &str)]) -> (B
                 ),
             ),
         };
-        let mut dev = Body::new()
-            .text("key", &(-2000 - n as i32).to_string())
-            .nested("backing", Some(btype), backing)
-            .nested(
-                "connectable",
-                None,
-                Body::new()
-                    .text("startConnected", "true")
-                    .text("allowGuestControl", "true")
-                    .text("connected", "false"),
-            );
-        dev = match &nic.mac {
-            Some(mac) => dev.text("addressType", "manual").text("macAddress", mac),
-            None => dev.text("addressType", "generated"),
-        };
+        let dev = nic_device(-2000 - n as i32, None, btype, backing, nic.mac.as_deref());
         changes = changes.append(device_change("add", None, kind, dev));
     }
     let mut spec = Body::new()

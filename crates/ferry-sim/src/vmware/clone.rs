@@ -5,7 +5,7 @@
 //! the snapshot's own copy when the spec names one (ADR 0164), else the source's live disks — as
 //! flat extents nbdkit can write, like a VM made by `CreateVM_Task`.
 
-use super::{BLOCK, Disk, Shared, descriptor, disks_of, flat_of, soap, sparse_copy, split_ds};
+use super::{Shared, disks_of, soap};
 
 /// After vcsim ran `req` (a CloneVM_Task whose answer is `body`); `before`: the source's
 /// `config.hardware.device` read just before.
@@ -31,16 +31,6 @@ pub(super) async fn cloned(
     let disks = sh.disks_of_vm(cookie, &vm).await?;
     let mut st = sh.state.lock().await;
     for (n, (key, cap, file)) in disks.into_iter().enumerate() {
-        let (ds, rel) = split_ds(&file).ok_or_else(|| format!("bad backing {file}"))?;
-        let dir = sh
-            .ds_dirs
-            .get(ds)
-            .ok_or_else(|| format!("unknown datastore {ds}"))?;
-        let desc = dir.join(rel);
-        let flat = flat_of(&desc);
-        if let Some(d) = desc.parent() {
-            std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
-        }
         // The clone keeps the source's device keys; by position otherwise.
         let from = match snap.as_ref().and_then(|s| st.snaps.get(s)) {
             Some((_, frozen)) => frozen
@@ -59,24 +49,8 @@ pub(super) async fn cloned(
                 })
                 .map(|d| d.live.clone()),
         };
-        match from {
-            Some(f) => sparse_copy(&f, &flat, cap).map_err(|e| e.to_string())?,
-            None => std::fs::File::create(&flat)
-                .and_then(|f| f.set_len(cap))
-                .map_err(|e| e.to_string())?,
-        }
-        std::fs::write(&desc, descriptor(&flat, cap)).map_err(|e| e.to_string())?;
-        st.disks.insert(
-            (vm.clone(), key),
-            Disk {
-                capacity: cap,
-                live: flat,
-                file,
-                stamps: vec![0; cap.div_ceil(BLOCK) as usize],
-                epoch: 1,
-                external: true,
-            },
-        );
+        let disk = sh.api_disk(file, cap, from.as_deref())?;
+        st.disks.insert((vm.clone(), key), disk);
     }
     Ok(())
 }

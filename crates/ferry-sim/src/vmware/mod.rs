@@ -401,33 +401,43 @@ impl Shared {
         let disks = self.disks_of_vm(cookie, &vm).await?;
         let mut st = self.state.lock().await;
         for (key, cap, file) in disks {
-            let (ds, rel) = split_ds(&file).ok_or_else(|| format!("bad backing {file}"))?;
-            let dir = self
-                .ds_dirs
-                .get(ds)
-                .ok_or_else(|| format!("unknown datastore {ds}"))?;
-            let desc = dir.join(rel);
-            let flat = flat_of(&desc);
-            if let Some(d) = desc.parent() {
-                std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
-            }
-            std::fs::File::create(&flat)
-                .and_then(|f| f.set_len(cap))
-                .map_err(|e| e.to_string())?;
-            std::fs::write(&desc, descriptor(&flat, cap)).map_err(|e| e.to_string())?;
-            st.disks.insert(
-                (vm.clone(), key),
-                Disk {
-                    capacity: cap,
-                    live: flat,
-                    file,
-                    stamps: vec![0; cap.div_ceil(BLOCK) as usize],
-                    epoch: 1,
-                    external: true,
-                },
-            );
+            st.disks
+                .insert((vm.clone(), key), self.api_disk(file, cap, None)?);
         }
         Ok(())
+    }
+}
+
+impl Shared {
+    /// A disk of a VM made through the API (`CreateVM_Task`, `CloneVM_Task`): a VMFS descriptor
+    /// at its backing `file` and a thin `-flat.vmdk` — a copy of `content` when given — which is
+    /// its live file (written through nbdkit).
+    fn api_disk(&self, file: String, cap: u64, content: Option<&Path>) -> Result<Disk, String> {
+        let (ds, rel) = split_ds(&file).ok_or_else(|| format!("bad backing {file}"))?;
+        let dir = self
+            .ds_dirs
+            .get(ds)
+            .ok_or_else(|| format!("unknown datastore {ds}"))?;
+        let desc = dir.join(rel);
+        let flat = flat_of(&desc);
+        if let Some(d) = desc.parent() {
+            std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+        }
+        match content {
+            Some(c) => sparse_copy(c, &flat, cap).map_err(|e| e.to_string())?,
+            None => std::fs::File::create(&flat)
+                .and_then(|f| f.set_len(cap))
+                .map_err(|e| e.to_string())?,
+        }
+        std::fs::write(&desc, descriptor(&flat, cap)).map_err(|e| e.to_string())?;
+        Ok(Disk {
+            capacity: cap,
+            live: flat,
+            file,
+            stamps: vec![0; cap.div_ceil(BLOCK) as usize],
+            epoch: 1,
+            external: true,
+        })
     }
 }
 
