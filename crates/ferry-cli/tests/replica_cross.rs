@@ -106,14 +106,11 @@ impl Lab {
 
     /// Every disk of restore point `rp`, restored to files.
     fn restored(&self, rp: &str) -> Vec<PathBuf> {
-        ["scsi0:0", "scsi0:1"]
-            .iter()
-            .map(|d| {
-                let out = self.path(&format!("rp-{rp}-{}.raw", d.replace(':', "-")));
-                self.ok(&["restore", rp, "--disk", d, "--to", out.to_str().unwrap()]);
-                out
-            })
-            .collect()
+        Ferry::in_dir(self.dir.path(), PASSWORD).restored(
+            self.dir.path(),
+            rp,
+            &["scsi0:0", "scsi0:1"],
+        )
     }
 
     /// The guest writes a recognizable pattern into both disks.

@@ -118,14 +118,7 @@ impl Lab {
 
     /// Every disk of restore point `rp`, restored to files.
     fn restored(&self, rp: &str) -> Vec<PathBuf> {
-        ["xvda", "xvdb"]
-            .iter()
-            .map(|d| {
-                let out = self.path(&format!("rp-{rp}-{d}.raw"));
-                self.ok(&["restore", rp, "--disk", d, "--to", out.to_str().unwrap()]);
-                out
-            })
-            .collect()
+        Ferry::in_dir(self.dir.path(), PASSWORD).restored(self.dir.path(), rp, &["xvda", "xvdb"])
     }
 }
 

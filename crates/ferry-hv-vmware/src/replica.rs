@@ -498,12 +498,25 @@ impl ReplicaTarget for VmwareDriver {
     async fn point_revert(&self, vm: &str, point: &str) -> Result<(), HvError> {
         let i = self.inner();
         let v = get(i, vm).await?;
+        let snap = MoRef::new("VirtualMachineSnapshot", point);
+        let owner = i
+            .client
+            .retrieve_one(&snap, &["vm"])
+            .await?
+            .prop("vm")
+            .and_then(Node::moref);
+        if owner.as_ref() != Some(&v.moref) {
+            return Err(i.vm_err(
+                &v.name,
+                format!("recovery point {point} is not a snapshot of this VM"),
+            ));
+        }
         power_off(i, &v.moref).await?;
         i.client
             .run_task(
                 "RevertToSnapshot_Task",
                 Body::new()
-                    .moref("_this", &MoRef::new("VirtualMachineSnapshot", point))
+                    .moref("_this", &snap)
                     .text("suppressPowerOn", "true"),
             )
             .await?;

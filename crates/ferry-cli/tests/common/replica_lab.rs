@@ -44,6 +44,20 @@ impl Ferry {
     }
 }
 
+impl Ferry {
+    /// Disks `disks` of restore point `rp`, restored to files `dir/rp-<rp>-<disk>.raw`.
+    pub fn restored(&self, dir: &Path, rp: &str, disks: &[&str]) -> Vec<PathBuf> {
+        disks
+            .iter()
+            .map(|d| {
+                let out = dir.join(format!("rp-{rp}-{}.raw", d.replace(':', "-")));
+                self.ok(&["restore", rp, "--disk", d, "--to", out.to_str().unwrap()]);
+                out
+            })
+            .collect()
+    }
+}
+
 /// A repository at `path` with 256 KiB chunks and a fast KDF.
 pub fn init_repo(path: &Path, password: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
