@@ -251,8 +251,23 @@ fn test_failover_on_vsphere_runs_an_isolated_copy_and_cleanup_leaves_nothing() {
     let before = vsphere_lab::probe(&lab.vc, &["--inventory"]);
     let standby_disks = lab.vc_disks(STANDBY, "standby");
 
-    // A copy of the older point: a new VM on a port group of its own, running; the standby
-    // is untouched (off, same disks, same points).
+    // A copy that cannot be isolated is removed, with the vSwitch made for it.
+    vsphere_lab::side_door(
+        &lab.vc,
+        "FerrySimFailNext",
+        "<method>AddPortGroup</method><fault>PlatformConfigFault</fault><count>1</count>",
+    );
+    let o = lab.run(&["replica", "test", "web", "--point", &rp1]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("cannot make the test copy") && err.contains("AddPortGroup"),
+        "{err}"
+    );
+    assert_eq!(vsphere_lab::probe(&lab.vc, &["--inventory"]), before);
+
+    // A copy of the older point (the failed test, run again): a new VM on a port group of its
+    // own, running; the standby is untouched (off, same disks, same points).
     lab.ok(&["replica", "test", "web", "--point", &rp1]);
     let copy = vsphere_lab::vm(&lab.vc, COPY);
     assert_eq!(copy["power"], "poweredOn", "{copy}");
@@ -312,10 +327,26 @@ fn planned_failover_to_vsphere_killed_halfway_completes_and_replicates_back() {
     std::thread::sleep(Duration::from_secs(3));
 
     // Running it again completes it: the replica runs on vCenter with the primary's last
-    // disks, the direction is reversed, no snapshot is left on either side.
+    // disks, the direction is reversed, no snapshot is left on either side — also when the
+    // connection breaks while the old points are removed (the answer lost after the removal,
+    // then the call lost before it).
+    for phase in ["response", "request"] {
+        vsphere_lab::side_door(
+            &lab.vc,
+            "FerrySimDropNext",
+            &format!("<method>RemoveSnapshot_Task</method><phase>{phase}</phase><count>1</count>"),
+        );
+    }
     let t = Instant::now();
-    lab.ok(&["replica", "failover", "web", "--planned"]);
+    let o = lab.run(&["replica", "failover", "web", "--planned"]);
     eprintln!("planned failover to vSphere, completed: {}", seconds(t));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(
+        err.matches("checking whether it is gone").count(),
+        2,
+        "{err}"
+    );
     assert_eq!(vsphere_lab::vm(&lab.vc, STANDBY)["power"], "poweredOn");
     assert_same_disks(&lab.vc_disks(STANDBY, "vc"), &lab.xen_disks(VM, "prod"));
     let s = lab.status();
