@@ -193,10 +193,17 @@ fn xen_to_vsphere_replica_follows_writes_and_fails_over_to_an_older_point() {
     // One changed 256 KiB chunk per disk (70,000 bytes may straddle two).
     assert!(bytes > 0 && bytes <= 3 * (256 << 10), "{second}");
 
-    // A third cycle; the points are the standby's snapshots, oldest first.
+    // A third cycle, the chunk of the first write zeroed (written as zeroes, not as data);
+    // the points are the standby's snapshots, oldest first.
     xen_guest_writes(&mut lab.prod, VM, 0x77);
+    let d0 = lab.prod.disk_uuids(VM)[0].clone();
+    lab.prod.guest_write(&d0, 1 << 20, &[0; 256 << 10]);
     lab.ok(&["replica", "sync", "web"]);
     let third = lab.status();
+    let rp3 = third["applied"].as_str().unwrap().to_string();
+    assert_same_disks(&lab.vc_disks(STANDBY, "vc-3"), &lab.restored(&rp3));
+    // Disk 2's changed chunk only: the zeroed chunk of disk 1 carried no payload.
+    assert_eq!(third["health"]["last-bytes"], 256 << 10, "{third}");
     let snaps: Vec<String> = vsphere_lab::vm(&lab.vc, STANDBY)["snapshots"]
         .as_array()
         .unwrap()

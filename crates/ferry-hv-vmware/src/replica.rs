@@ -208,7 +208,8 @@ async fn set_extra(i: &Inner, vm: &MoRef, opts: &[(&str, &str)]) -> Result<(), H
     Ok(())
 }
 
-/// Writes the `extents` of `src` (clipped to its size) through `nbd`; returns the bytes sent.
+/// Writes the `extents` of `src` (clipped to its size) through `nbd`, zero pieces as
+/// WRITE_ZEROES; returns the data bytes sent.
 async fn write_extents(
     src: &dyn BlockSource,
     nbd: &ferry_nbd::NbdClient,
@@ -225,10 +226,17 @@ async fn write_extents(
             src.read_at(pos, &mut buf[..n])
                 .await
                 .map_err(|e| format!("read at {pos}: {e}"))?;
-            nbd.write(pos, &buf[..n])
-                .await
-                .map_err(|e| format!("NBD write at {pos}: {e}"))?;
-            sent += n as u64;
+            if buf[..n].iter().all(|b| *b == 0) {
+                // No payload; a thin disk stays thin where the server can.
+                nbd.write_zeroes(pos, n as u64)
+                    .await
+                    .map_err(|e| format!("NBD write zeroes at {pos}: {e}"))?;
+            } else {
+                nbd.write(pos, &buf[..n])
+                    .await
+                    .map_err(|e| format!("NBD write at {pos}: {e}"))?;
+                sent += n as u64;
+            }
             pos += n as u64;
         }
     }
