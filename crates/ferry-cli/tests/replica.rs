@@ -124,14 +124,7 @@ impl Lab {
 
     /// Every disk of restore point `rp`, restored to files.
     fn restored(&self, rp: &str) -> Vec<PathBuf> {
-        ["xvda", "xvdb"]
-            .iter()
-            .map(|d| {
-                let out = self.path(&format!("rp-{rp}-{d}.raw"));
-                self.ok(&["restore", rp, "--disk", d, "--to", out.to_str().unwrap()]);
-                out
-            })
-            .collect()
+        Ferry::in_dir(self.dir.path(), PASSWORD).restored(self.dir.path(), rp, &["xvda", "xvdb"])
     }
 }
 
@@ -295,28 +288,7 @@ fn planned_failover_killed_halfway_completes_when_run_again() {
     // while it waits (the pool still makes the snapshot, as xapi finishes a task whose
     // caller died).
     lab.prod.sim("set_task_delay", json!(["3000"]));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    cmd.args(["replica", "failover", "web", "--planned"]);
-    for (k, v) in lab.env() {
-        cmd.env(k, v);
-    }
-    let mut child = Killed(cmd.spawn().unwrap());
-    let record = lab.path("state/replicas/web.json");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r: Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
-        if r["op"]["step"] == 1 && r["cycle"] != Value::Null {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the failover never got to its final cycle: {r}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    replica_lab::kill_planned_failover_in_final_cycle("web", &lab.env(), &lab.path("state"));
     assert_eq!(lab.prod.vm(VM)["power_state"], "Halted");
     assert_eq!(lab.dr.vm(STANDBY)["power_state"], "Halted");
     lab.prod.sim("set_task_delay", json!(["0"]));

@@ -8,10 +8,12 @@ use ferry_core::Secret;
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 #[path = "common/replica_lab.rs"]
 mod replica_lab;
+#[path = "common/vsphere_lab.rs"]
+mod vsphere_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
 use replica_lab::{Ferry, assert_same_disks, init_repo};
@@ -38,14 +40,7 @@ struct Lab {
 impl Lab {
     fn start() -> Self {
         let dir = ferry_testkit::scratch_dir();
-        let (vc_sim, vc) = Killed::spawn_json_line(
-            ferry()
-                .args(["sim", "vmware", "--listen", "127.0.0.1:0"])
-                .args(["--disk-mib", "8", "--cbt-page-kib", "1024", "--vcsim"])
-                .arg(ferry_testkit::tool("vcsim"))
-                .arg("--dir")
-                .arg(dir.path().join("vc-sim")),
-        );
+        let (vc_sim, vc) = vsphere_lab::start_sim(ferry(), &dir.path().join("vc-sim"));
         let (xen_sim, xen) = xen_probe::start_sim(ferry(), &dir.path().join("dr-sim"));
         let state = dir.path().join("state");
         let pw = |name: &str, info: &Value| {
@@ -53,28 +48,11 @@ impl Lab {
             std::fs::write(&p, info["password"].as_str().unwrap()).unwrap();
             p
         };
-        let mut t = format!(
-            "[sources.vc]\nkind = \"vmware\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"san\"]\nnbdkit-stand-in = \"file\"\n[sources.vc.san-paths]\n",
-            vc["url"].as_str().unwrap(),
-            vc["username"].as_str().unwrap(),
-            pw("vc", &vc).display(),
-            vc["tls_fingerprint"].as_str().unwrap(),
-            state.display(),
-        );
-        for (ds, p) in vc["san_paths"].as_object().unwrap() {
-            t.push_str(&format!("\"{ds}\" = \"{}\"\n", p.as_str().unwrap()));
-        }
-        t.push_str(&format!(
-            "[sources.dr]\nkind = \"xen\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"network\"]\n",
-            xen["url"].as_str().unwrap(),
-            xen["username"].as_str().unwrap(),
-            pw("dr", &xen).display(),
-            xen["tls_fingerprint"].as_str().unwrap(),
-            state.display(),
-        ));
+        let mut t = vsphere_lab::source_toml("vc", &vc, &pw("vc", &vc), &state);
+        t.push_str(&xen_probe::source_toml("dr", &xen, &pw("dr", &xen), &state));
         std::fs::write(dir.path().join("ferry.toml"), t).unwrap();
         init_repo(&dir.path().join("repo"), PASSWORD);
-        let vm = two_disk_vm(&vc);
+        let vm = vsphere_lab::two_disk_vm(&vc);
         Self {
             dr: Probe::start(&xen),
             dir,
@@ -94,14 +72,6 @@ impl Lab {
 
     fn ok(&self, args: &[&str]) -> String {
         Ferry::in_dir(self.dir.path(), PASSWORD).ok(args)
-    }
-
-    /// `ferry {args}` fails with `needle` in its error.
-    fn refused(&self, args: &[&str], needle: &str) {
-        let out = self.run(args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "ferry {args:?} should fail");
-        assert!(err.contains(needle), "wanted `{needle}` in: {err}");
     }
 
     fn status(&self) -> Value {
@@ -136,14 +106,11 @@ impl Lab {
 
     /// Every disk of restore point `rp`, restored to files.
     fn restored(&self, rp: &str) -> Vec<PathBuf> {
-        ["scsi0:0", "scsi0:1"]
-            .iter()
-            .map(|d| {
-                let out = self.path(&format!("rp-{rp}-{}.raw", d.replace(':', "-")));
-                self.ok(&["restore", rp, "--disk", d, "--to", out.to_str().unwrap()]);
-                out
-            })
-            .collect()
+        Ferry::in_dir(self.dir.path(), PASSWORD).restored(
+            self.dir.path(),
+            rp,
+            &["scsi0:0", "scsi0:1"],
+        )
     }
 
     /// The guest writes a recognizable pattern into both disks.
@@ -160,92 +127,12 @@ impl Lab {
     }
 }
 
-/// The simulator's VM with two disks: (name, moref, [(device key, live file)]), the seeded
-/// 1 MiB disk (scsi0:0) first.
-fn two_disk_vm(vc: &Value) -> (String, String, Vec<(i64, PathBuf)>) {
-    let vm = vc["vms"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["disks"].as_array().unwrap().len() == 2)
-        .expect("a 2-disk VM");
-    let mut disks: Vec<(u64, i64, PathBuf)> = vm["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["capacity"].as_u64().unwrap(),
-                d["key"].as_i64().unwrap(),
-                PathBuf::from(d["live"].as_str().unwrap()),
-            )
-        })
-        .collect();
-    disks.sort();
-    (
-        vm["name"].as_str().unwrap().into(),
-        vm["moref"].as_str().unwrap().into(),
-        disks.into_iter().map(|(_, k, p)| (k, p)).collect(),
-    )
-}
-
-/// A vim25 call of the vSphere simulator's side door, with curl (loopback: TLS not checked).
-fn vc_side_door(vc: &Value, method: &str, body: &str) -> String {
-    let env = format!(
-        "<?xml version=\"1.0\"?><soapenv:Envelope xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\"><soapenv:Body><{method} xmlns=\"urn:vim25\">{body}</{method}></soapenv:Body></soapenv:Envelope>"
-    );
-    let out = Command::new(ferry_testkit::tool("curl"))
-        .args([
-            "-sS",
-            "-k",
-            "--noproxy",
-            "*",
-            "-H",
-            "Content-Type: text/xml",
-        ])
-        .args([
-            "-H",
-            "Cookie: vmware_soap_session=side-door",
-            "--data-binary",
-            "@-",
-        ])
-        .arg(vc["url"].as_str().unwrap())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write as _;
-            c.stdin.take().unwrap().write_all(env.as_bytes())?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    let s = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !s.contains("Fault"),
-        "{method}: {s}"
-    );
-    s
-}
-
 fn vc_guest_write(vc: &Value, moref: &str, key: i64, offset: u64, data: &[u8]) {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(data);
-    vc_side_door(
-        vc,
-        "FerrySimGuestWrite",
-        &format!(
-            "<vm>{moref}</vm><deviceKey>{key}</deviceKey><offset>{offset}</offset><data>{b64}</data>"
-        ),
-    );
+    vsphere_lab::guest_write(vc, moref, key, offset, data);
 }
 
 fn vc_snapshots(vc: &Value) -> u64 {
-    let s = vc_side_door(vc, "FerrySimSnapshotCount", "");
-    s.split("<returnval>")
-        .nth(1)
-        .and_then(|r| r.split('<').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("{s}"))
+    vsphere_lab::snapshot_count(vc)
 }
 
 #[test]
@@ -267,9 +154,10 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
         "3",
     ]);
     assert!(out.status.success());
+    // vSphere holds replicas too: the way back is possible, nothing to warn about.
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot hold replicas yet"),
-        "the create warns about the way back: {}",
+        !String::from_utf8_lossy(&out.stderr).contains("cannot hold replicas"),
+        "{}",
         String::from_utf8_lossy(&out.stderr)
     );
 
@@ -337,17 +225,6 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
     assert_eq!(lab.dr.ask(json!({"op": "networks"})), nets);
     assert_eq!(lab.dr.ask(json!({"op": "vm_names"})), names);
 
-    // The way back would need vSphere to hold a replica: a planned failover is refused before
-    // it changes anything (the primary keeps running, no operation is left pending).
-    lab.refused(
-        &["replica", "failover", "web", "--planned"],
-        "reverse replication to vSphere needs vSphere to hold replicas",
-    );
-    let s = lab.status();
-    assert_eq!(s["op"], Value::Null, "{s}");
-    assert_eq!(s["state"]["kind"], "replicating", "{s}");
-    assert_eq!(lab.dr.vm(&standby)["power_state"], "Halted");
-
     // Unplanned failover to the older point: the Xen VM runs with exactly that point's disks.
     lab.guest_writes(0x77);
     lab.ok(&["replica", "sync", "web"]);
@@ -356,14 +233,19 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
     assert_same_disks(&lab.xen_disks(&standby, "dr-failed-over"), &dr2);
     let s = lab.status();
     assert_eq!(s["state"]["kind"], "failed-over", "{s}");
-    // Reverse is refused with the way to go back, and leaves the replica failed over.
-    lab.refused(
-        &["replica", "reverse", "web"],
-        "reverse replication to vSphere needs",
-    );
+    // Reverse (vSphere holds replicas, ADR 0165): the Xen VM is the primary now, the
+    // vSphere VM its standby, shut down.
+    lab.ok(&["replica", "reverse", "web"]);
     let s = lab.status();
-    assert_eq!(s["state"]["kind"], "failed-over", "{s}");
-    assert_eq!(s["op"], Value::Null, "{s}");
+    assert_eq!(s["state"]["kind"], "replicating", "{s}");
+    assert_eq!(
+        (&s["source"], &s["target"]),
+        (&json!("dr"), &json!("vc")),
+        "{s}"
+    );
+    let old = vsphere_lab::vm(&lab.vc, &vm);
+    assert_eq!(old["power"], "poweredOff", "{old}");
+    assert_eq!(old["extra"]["ferry.replica.role"], "standby", "{old}");
 
     // Cancel: the recovery points go, the running VM stays, nothing is left on vCenter.
     lab.ok(&["replica", "cancel", "web"]);

@@ -3,7 +3,9 @@ vim25 client, so tests compare what Ferry created with what vSphere reports.
 
 Usage: vmware_probe.py HOST PORT USER PASSWORD NAME... Prints one JSON object: each NAME → its
 configuration (CPUs, memory, firmware, guestId, disks with position and capacity, NICs with
-model, MAC and network), or null when no VM has that name."""
+model, MAC and network, Ferry's `ferry.*` extraConfig marks, snapshot names oldest first), or null
+when no VM has that name. `vmware_probe.py HOST PORT USER PASSWORD --inventory` prints the names of
+every VM and every network instead."""
 import json
 import sys
 
@@ -33,13 +35,40 @@ def describe(vm):
             bus = next(p for t, p in prefix.items() if isinstance(ctl, t))
             disks.append({"position": "%s%d:%d" % (bus, ctl.busNumber, d.unitNumber),
                           "capacity": d.capacityInBytes or d.capacityInKB * 1024,
-                          "file": d.backing.fileName})
+                          "file": d.backing.fileName, "key": d.key})
         elif isinstance(d, vim.vm.device.VirtualEthernetCard):
             nics.append({"type": type(d).__name__.split(".")[-1], "mac": d.macAddress.lower(),
                          "network": getattr(d.backing, "deviceName", None) or names.get(getattr(getattr(d.backing, "port", None), "portgroupKey", None)), "address_type": d.addressType})
-    return {"cpus": vm.config.hardware.numCPU, "memory_mb": vm.config.hardware.memoryMB,
+    # vCenter keeps one option per key; vcsim appends every update, so the last one counts.
+    extra = {}
+    for o in vm.config.extraConfig:
+        if o.key.startswith("ferry."):
+            extra[o.key] = o.value
+    snaps = []
+
+    def walk(t):
+        snaps.append((t.id, t.name))
+        for c in t.childSnapshotList:
+            walk(c)
+    # RetrievePropertiesEx of the tree alone: vcsim fails reading `vm.snapshot` (RetrieveProperties)
+    # once every snapshot of a VM was removed.
+    spec = vim.PropertyFilterSpec(objectSet=[vim.ObjectSpec(obj=vm)], propSet=[
+        vim.PropertySpec(type=vim.VirtualMachine, pathSet=["snapshot.rootSnapshotList"])])
+    r = content.propertyCollector.RetrievePropertiesEx([spec], vim.PropertyCollector.RetrieveOptions())
+    for o in (r.objects if r else []):
+        for p in o.propSet:
+            for t in p.val:
+                walk(t)
+    return {"moref": vm._moId, "extra": {k: v for k, v in extra.items() if v},
+            "snapshots": [n for _, n in sorted(snaps)],
+            "cpus": vm.config.hardware.numCPU, "memory_mb": vm.config.hardware.memoryMB,
             "firmware": vm.config.firmware, "guest_id": vm.config.guestId,
             "uuid": vm.config.uuid, "power": str(vm.runtime.powerState), "disks": disks, "nics": nics}
 
 
-print(json.dumps({n: describe(vms[n]) if n in vms else None for n in sys.argv[5:]}))
+if sys.argv[5:] == ["--inventory"]:
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.Network], True)
+    print(json.dumps({"vms": sorted(vms), "networks": sorted(n.name for n in view.view)}))
+    view.Destroy()
+else:
+    print(json.dumps({n: describe(vms[n]) if n in vms else None for n in sys.argv[5:]}))

@@ -65,6 +65,10 @@ impl VmwareDriver {
         })
     }
 
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
     /// The vim25 client.
     pub fn client(&self) -> &VimClient {
         &self.inner.client
@@ -240,7 +244,7 @@ impl Inner {
     }
 }
 
-fn power(s: &str) -> PowerState {
+pub(crate) fn power(s: &str) -> PowerState {
     match s {
         "poweredOn" => PowerState::Running,
         "poweredOff" => PowerState::Off,
@@ -797,6 +801,10 @@ impl HypervisorDriver for VmwareDriver {
 
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError> {
         crate::restore::restore(&self.inner, plan).await
+    }
+
+    fn replica(&self) -> Option<&dyn ferry_hv::ReplicaTarget> {
+        Some(self)
     }
 }
 

@@ -5,6 +5,7 @@
 //!   service content, login, PropertyCollector inventory paging, tasks, snapshots, CBT.
 //! - [`model`]: VMs, disks and NICs read from `VirtualMachine` properties.
 //! - [`restore`]: whole-VM restore (CreateVM_Task, disks over the NBD write path).
+//! - [`replica`]: replica targets (standby VMs, recovery points as snapshots, test copies).
 //!
 //! Decisions: ADR 0080 (SOAP client), docs/drivers.md (vSphere section).
 
@@ -13,6 +14,7 @@ pub mod driver;
 pub mod error;
 mod hotadd;
 pub mod model;
+pub mod replica;
 pub mod restore;
 pub mod xml;
 

@@ -90,7 +90,7 @@ pub fn place_disks(config: &VmConfig) -> (Vec<Position>, Vec<String>) {
 }
 
 /// The vim25 device type of a NIC model (`vmxnet3` → `VirtualVmxnet3`).
-fn nic_type(model: &str) -> Option<&'static str> {
+pub(crate) fn nic_type(model: &str) -> Option<&'static str> {
     Some(match model {
         "vmxnet3" => "VirtualVmxnet3",
         "vmxnet2" => "VirtualVmxnet2",
@@ -124,6 +124,37 @@ pub(crate) fn device_change(
         c = c.text("fileOperation", f);
     }
     Body::new().nested("deviceChange", None, c.nested("device", Some(kind), device))
+}
+
+/// A NIC device (fields in WSDL order): `key`, the `deviceInfo` label and summary when given,
+/// the backing of type `btype`, connected at power-on, its MAC kept (`manual`) or generated.
+pub(crate) fn nic_device(
+    key: i32,
+    info: Option<(&str, &str)>,
+    btype: &str,
+    backing: Body,
+    mac: Option<&str>,
+) -> Body {
+    let mut dev = Body::new().text("key", &key.to_string());
+    if let Some((label, summary)) = info {
+        dev = dev.nested(
+            "deviceInfo",
+            None,
+            Body::new().text("label", label).text("summary", summary),
+        );
+    }
+    dev = dev.nested("backing", Some(btype), backing).nested(
+        "connectable",
+        None,
+        Body::new()
+            .text("startConnected", "true")
+            .text("allowGuestControl", "true")
+            .text("connected", "false"),
+    );
+    match mac {
+        Some(mac) => dev.text("addressType", "manual").text("macAddress", mac),
+        None => dev.text("addressType", "generated"),
+    }
 }
 
 /// Where the new VM goes: folder, pool, datastore and the networks by name.
@@ -237,8 +268,9 @@ async fn placement(i: &Inner, plan: &RestorePlan) -> Result<Placement, HvError> 
     })
 }
 
-/// The `VirtualMachineConfigSpec` of the new VM (fields in WSDL order) and the mapping warnings.
-fn config_spec(plan: &RestorePlan, at: &Placement) -> (Body, Vec<String>) {
+/// The `VirtualMachineConfigSpec` of the new VM (fields in WSDL order), with `extra` as
+/// `extraConfig` options, and the mapping warnings.
+fn config_spec(plan: &RestorePlan, at: &Placement, extra: &[(&str, &str)]) -> (Body, Vec<String>) {
     let cfg = &plan.config;
     let mut warnings = Vec::new();
     let native: Option<serde_json::Value> = plan
@@ -336,21 +368,7 @@ fn config_spec(plan: &RestorePlan, at: &Placement) -> (Body, Vec<String>) {
                 ),
             ),
         };
-        let mut dev = Body::new()
-            .text("key", &(-2000 - n as i32).to_string())
-            .nested("backing", Some(btype), backing)
-            .nested(
-                "connectable",
-                None,
-                Body::new()
-                    .text("startConnected", "true")
-                    .text("allowGuestControl", "true")
-                    .text("connected", "false"),
-            );
-        dev = match &nic.mac {
-            Some(mac) => dev.text("addressType", "manual").text("macAddress", mac),
-            None => dev.text("addressType", "generated"),
-        };
+        let dev = nic_device(-2000 - n as i32, None, btype, backing, nic.mac.as_deref());
         changes = changes.append(device_change("add", None, kind, dev));
     }
     let mut spec = Body::new()
@@ -364,6 +382,13 @@ fn config_spec(plan: &RestorePlan, at: &Placement) -> (Body, Vec<String>) {
         .text("numCPUs", &cfg.cpus.max(1).to_string())
         .text("memoryMB", &cfg.memory.div_ceil(1 << 20).max(4).to_string());
     spec = spec.append(changes);
+    for (k, v) in extra {
+        spec = spec.nested(
+            "extraConfig",
+            Some("OptionValue"),
+            crate::replica::option(k, v),
+        );
+    }
     if cfg.firmware == Firmware::UefiSecureBoot {
         spec = spec.nested(
             "bootOptions",
@@ -383,6 +408,16 @@ fn config_spec(plan: &RestorePlan, at: &Placement) -> (Body, Vec<String>) {
 }
 
 pub(crate) async fn restore(i: &Inner, plan: &RestorePlan) -> Result<RestoredVm, HvError> {
+    restore_marked(i, plan, &[]).await
+}
+
+/// [`restore`] with `extra` in the new VM's `extraConfig` from its creation on (replica marks,
+/// so a run killed while the disks are written finds the VM).
+pub(crate) async fn restore_marked(
+    i: &Inner,
+    plan: &RestorePlan,
+    extra: &[(&str, &str)],
+) -> Result<RestoredVm, HvError> {
     if plan.disks.len() != plan.config.disks.len() {
         return Err(HvError::Disk {
             source_name: i.name.clone(),
@@ -401,7 +436,7 @@ pub(crate) async fn restore(i: &Inner, plan: &RestorePlan) -> Result<RestoredVm,
         ));
     }
     let at = placement(i, plan).await?;
-    let (spec, warnings) = config_spec(plan, &at);
+    let (spec, warnings) = config_spec(plan, &at, extra);
     for w in &warnings {
         tracing::warn!(source = %i.name, vm = %plan.name, "restore: {w}");
     }

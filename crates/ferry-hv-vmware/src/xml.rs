@@ -328,6 +328,17 @@ impl Body {
         self
     }
 
+    /// `<name xsi:type="TYPE">text</name>` (an `xsd:anyType` value such as `OptionValue.value`).
+    pub fn typed_text(mut self, name: &str, xsi_type: &str, value: &str) -> Self {
+        let _ = write!(
+            self.xml,
+            "<{name} xsi:type=\"{}\">{}</{name}>",
+            escape(xsi_type),
+            escape(value)
+        );
+        self
+    }
+
     /// `<name xsi:type="TYPE">…</name>` around a nested body.
     pub fn nested(mut self, name: &str, xsi_type: Option<&str>, inner: Body) -> Self {
         match xsi_type {

@@ -7,7 +7,9 @@ answers one line per command read on stdin:
   REVERT <snapshot>              -> OK
   REMOVE <snapshot>              -> OK
   CID <snapshot> <deviceKey>     -> the changeId of that disk in the snapshot
-  CHANGED <snapshot> <deviceKey> <changeId> -> JSON [[start, length], ...]"""
+  CHANGED <snapshot> <deviceKey> <changeId> -> JSON [[start, length], ...]
+  CLONE <snapshot> <name>        -> `<clone moref> <deviceKey>...` (CloneVM_Task from the snapshot)
+  FILES <vm moref>               -> JSON [backing fileName, ...] of the VM's disks"""
 import json
 import sys
 import time
@@ -80,6 +82,16 @@ for line in sys.stdin:
             areas += [(a.start, a.length) for a in info.changedArea]
             off = info.startOffset + info.length
         print(json.dumps(areas), flush=True)
+    elif cmd[0] == "CLONE":
+        spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(), powerOn=False, template=False,
+                                snapshot=snaps[cmd[1]])
+        t = vm.CloneVM_Task(folder=vm.parent, name=cmd[2], spec=spec)
+        WaitForTask(t)
+        c = t.info.result
+        print("%s %s" % (c._moId, " ".join(str(d.key) for d in disks(c))), flush=True)
+    elif cmd[0] == "FILES":
+        v = vim.VirtualMachine(cmd[1], si._stub)
+        print(json.dumps([d.backing.fileName for d in disks(v)]), flush=True)
     else:
         print("unknown command %s" % cmd[0], flush=True)
 Disconnect(si)

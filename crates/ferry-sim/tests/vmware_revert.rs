@@ -1,6 +1,7 @@
 //! Snapshots of `ferry sim vmware` keep their own disk content: pyvmomi's RevertToSnapshot_Task
 //! brings back exactly what each disk held when that snapshot was taken (not the last snapshot's),
-//! CBT reports the blocks a revert changed, and RemoveSnapshot_Task deletes the snapshot's copy.
+//! CBT reports the blocks a revert changed, a CloneVM_Task from a snapshot has that snapshot's disks,
+//! and RemoveSnapshot_Task deletes the snapshot's copy.
 
 use ferry_sim::vmware::{BLOCK, VmwareSim, VmwareSimConfig};
 use std::io::{BufRead, BufReader, Write};

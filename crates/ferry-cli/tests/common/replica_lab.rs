@@ -6,7 +6,8 @@
 use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 /// The `ferry` binary with a lab directory's environment: its repository (password
 /// `password`), `ferry.toml` and state directory.
@@ -43,6 +44,20 @@ impl Ferry {
     }
 }
 
+impl Ferry {
+    /// Disks `disks` of restore point `rp`, restored to files `dir/rp-<rp>-<disk>.raw`.
+    pub fn restored(&self, dir: &Path, rp: &str, disks: &[&str]) -> Vec<PathBuf> {
+        disks
+            .iter()
+            .map(|d| {
+                let out = dir.join(format!("rp-{rp}-{}.raw", d.replace(':', "-")));
+                self.ok(&["restore", rp, "--disk", d, "--to", out.to_str().unwrap()]);
+                out
+            })
+            .collect()
+    }
+}
+
 /// A repository at `path` with 256 KiB chunks and a fast KDF.
 pub fn init_repo(path: &Path, password: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -72,4 +87,33 @@ pub fn assert_same_disks(a: &[PathBuf], b: &[PathBuf]) {
         );
         ferry_testkit::qemu_img_compare(x, "raw", y, "raw");
     }
+}
+
+/// Starts `ferry replica failover NAME --planned` with `env` and SIGKILLs it once the replica
+/// record in `state` shows it in its final cycle (step 1: the primary is shut down), half a
+/// second later.
+pub fn kill_planned_failover_in_final_cycle(name: &str, env: &[(String, String)], state: &Path) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(["replica", "failover", name, "--planned"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child: Child = cmd.spawn().unwrap();
+    let record = state.join(format!("replicas/{name}.json"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+        if r["op"]["step"] == 1 && r["cycle"] != serde_json::Value::Null {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the failover never got to its final cycle: {r}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -28,6 +28,18 @@ pub fn start_sim(mut ferry: Command, dir: &Path) -> (Killed, Value) {
     )
 }
 
+/// `[sources.NAME]` for the pool `info` (password in `pw`), disks read over NBD.
+pub fn source_toml(name: &str, info: &Value, pw: &Path, state: &Path) -> String {
+    format!(
+        "[sources.{name}]\nkind = \"xen\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"network\"]\n",
+        info["url"].as_str().unwrap(),
+        info["username"].as_str().unwrap(),
+        pw.display(),
+        info["tls_fingerprint"].as_str().unwrap(),
+        state.display(),
+    )
+}
+
 /// The Python SDK probe: one process, one session, one JSON line per request.
 pub struct Probe {
     _child: Killed,

@@ -11,12 +11,15 @@
 //!   advanced at every snapshot; QueryChangedDiskAreas answered from the stamps, paged by
 //!   `startOffset` in windows of `cbt_page` bytes; `*` answers the allocated blocks;
 //! - faults: the next calls of a method fail with a given vim25 fault (a SOAP fault, also for
-//!   `*_Task` methods), and CBT can be reset (old changeIds then fail with `FileFault`).
+//!   `*_Task` methods), and CBT can be reset (old changeIds then fail with `FileFault`);
+//! - clones: `CloneVM_Task` gets disk contents (the snapshot's when it names one) and leaves
+//!   its source's disks alone (clone.rs).
 //!
 //! The side door is a set of vim25-shaped methods that real vCenter does not have
 //! (`FerrySimGuestWrite`, `FerrySimResetCbt`, `FerrySimFailNext`, `FerrySimSnapshotCount`),
 //! callable on any session.
 
+mod clone;
 mod soap;
 
 use axum::body::Bytes;
@@ -398,33 +401,43 @@ impl Shared {
         let disks = self.disks_of_vm(cookie, &vm).await?;
         let mut st = self.state.lock().await;
         for (key, cap, file) in disks {
-            let (ds, rel) = split_ds(&file).ok_or_else(|| format!("bad backing {file}"))?;
-            let dir = self
-                .ds_dirs
-                .get(ds)
-                .ok_or_else(|| format!("unknown datastore {ds}"))?;
-            let desc = dir.join(rel);
-            let flat = flat_of(&desc);
-            if let Some(d) = desc.parent() {
-                std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
-            }
-            std::fs::File::create(&flat)
-                .and_then(|f| f.set_len(cap))
-                .map_err(|e| e.to_string())?;
-            std::fs::write(&desc, descriptor(&flat, cap)).map_err(|e| e.to_string())?;
-            st.disks.insert(
-                (vm.clone(), key),
-                Disk {
-                    capacity: cap,
-                    live: flat,
-                    file,
-                    stamps: vec![0; cap.div_ceil(BLOCK) as usize],
-                    epoch: 1,
-                    external: true,
-                },
-            );
+            st.disks
+                .insert((vm.clone(), key), self.api_disk(file, cap, None)?);
         }
         Ok(())
+    }
+}
+
+impl Shared {
+    /// A disk of a VM made through the API (`CreateVM_Task`, `CloneVM_Task`): a VMFS descriptor
+    /// at its backing `file` and a thin `-flat.vmdk` — a copy of `content` when given — which is
+    /// its live file (written through nbdkit).
+    fn api_disk(&self, file: String, cap: u64, content: Option<&Path>) -> Result<Disk, String> {
+        let (ds, rel) = split_ds(&file).ok_or_else(|| format!("bad backing {file}"))?;
+        let dir = self
+            .ds_dirs
+            .get(ds)
+            .ok_or_else(|| format!("unknown datastore {ds}"))?;
+        let desc = dir.join(rel);
+        let flat = flat_of(&desc);
+        if let Some(d) = desc.parent() {
+            std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+        }
+        match content {
+            Some(c) => sparse_copy(c, &flat, cap).map_err(|e| e.to_string())?,
+            None => std::fs::File::create(&flat)
+                .and_then(|f| f.set_len(cap))
+                .map_err(|e| e.to_string())?,
+        }
+        std::fs::write(&desc, descriptor(&flat, cap)).map_err(|e| e.to_string())?;
+        Ok(Disk {
+            capacity: cap,
+            live: flat,
+            file,
+            stamps: vec![0; cap.div_ceil(BLOCK) as usize],
+            epoch: 1,
+            external: true,
+        })
     }
 }
 
@@ -1026,6 +1039,14 @@ async fn answer(
         }
         _ => {}
     }
+    // A clone changes its source's disks in vcsim: what they were, to put back (clone.rs).
+    let clone_source = match name.as_str() {
+        "CloneVM_Task" => {
+            let src = req.text_at("_this").unwrap_or("").to_string();
+            sh.devices_of_vm(cookie.as_deref(), &src).await.ok()
+        }
+        _ => None,
+    };
     let up = match sh
         .forward(body.to_vec(), cookie.as_deref(), action.as_deref())
         .await
@@ -1070,6 +1091,17 @@ async fn answer(
                     "SystemError",
                     &format!("simulator: disks of the new VM: {e}"),
                 );
+            }
+        }
+        "CloneVM_Task" if ok => {
+            if let Some(before) = &clone_source {
+                if let Err(e) = clone::cloned(&sh, cookie.as_deref(), &req, &up.body, before).await
+                {
+                    return fault(
+                        "SystemError",
+                        &format!("simulator: disks of the clone: {e}"),
+                    );
+                }
             }
         }
         "Destroy_Task" if ok => {
