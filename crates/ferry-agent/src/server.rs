@@ -126,11 +126,14 @@ pub async fn start_with_pins(
     let addr = listener
         .local_addr()
         .map_err(|e| AgentError::io("local address", e))?;
-    let server =
-        NbdServer::with_provider(Arc::new(AgentExports::new(policy))).with_tls(ServerTls {
-            config: tls,
-            required: true,
-        });
+    let provider = crate::restore::AgentProvider {
+        read: AgentExports::new(policy),
+        restore: crate::restore::RestoreExports::new(&cfg.restore_roots, &cfg.maps)?,
+    };
+    let server = NbdServer::with_provider(Arc::new(provider)).with_tls(ServerTls {
+        config: tls,
+        required: true,
+    });
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.serve(listener, shutdown.clone()));
     Ok(RunningAgent {

@@ -28,6 +28,7 @@ pub mod driver;
 pub mod error;
 pub mod kerberos;
 pub mod restore;
+pub mod restore_agent;
 pub mod transport;
 pub mod wmi;
 

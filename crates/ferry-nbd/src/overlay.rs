@@ -46,6 +46,19 @@ impl CowOverlay {
         })
     }
 
+    /// [`Self::new`] with the temporary file in `dir`: on the volume the data is meant for (a
+    /// host agent staging a restored disk), still unlinked, so nothing is left after a crash.
+    pub fn new_in(source: Arc<dyn BlockSource>, dir: &std::path::Path) -> std::io::Result<Self> {
+        let file = tempfile::tempfile_in(dir)?;
+        file.set_len(source.size())?;
+        Ok(Self {
+            source,
+            file: Arc::new(file),
+            cells: Mutex::new(ExtentMap::new()),
+            write_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
     /// Bytes (cell-aligned) held by the overlay rather than the source.
     pub fn written(&self) -> ExtentMap {
         self.cells.lock().expect("overlay lock").clone()

@@ -48,3 +48,49 @@ pub fn sim_client(rt: &tokio::runtime::Runtime, info: &Value) -> WsmanClient {
     )
     .unwrap()
 }
+
+/// A side-door call on the simulator (`FerrySim_SideDoor`: fault injection, agent pins).
+pub fn side_door(
+    rt: &tokio::runtime::Runtime,
+    client: &WsmanClient,
+    method: &str,
+    params: &[(&str, &str)],
+) {
+    let epr = ferry_hv_hyperv::cim::Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
+    let p: Vec<ferry_hv_hyperv::cim::Param> = params
+        .iter()
+        .map(|(k, v)| ferry_hv_hyperv::cim::Param::Text(k.to_string(), v.to_string()))
+        .collect();
+    rt.block_on(client.invoke(&epr, method, &p))
+        .unwrap_or_else(|e| panic!("side door {method}: {e}"));
+}
+
+/// The VMs `names` as pypsrp reads them from the simulator's WMI (`tests/hyperv_vm_probe.py`;
+/// null: no such VM).
+pub fn vm_probe(info: &Value, names: &[&str]) -> Value {
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
+    );
+    let out = ferry_testkit::run_ok(
+        std::process::Command::new(python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/hyperv_vm_probe.py"
+            ))
+            .args(["url", "username", "password"].map(|k| info[k].as_str().unwrap()))
+            .args(names),
+    );
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The simulator's local file for host path `p` (under `C:\`).
+pub fn sim_local(info: &Value, p: &str) -> std::path::PathBuf {
+    let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
+    let mut out = std::path::PathBuf::from(info["san_paths"]["C:\\"].as_str().unwrap());
+    for c in rest.split('\\') {
+        out.push(c);
+    }
+    out
+}
