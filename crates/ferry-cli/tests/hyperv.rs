@@ -6,18 +6,11 @@
 //! and check what is left on the host with pypsrp (`tests/hyperv_probe.py`).
 
 use base64::Engine as _;
-use ferry_core::Secret;
-use ferry_hv_hyperv::WsmanClient;
-use ferry_hv_hyperv::cim::{Epr, Param};
-use ferry_repo::{Repository, Store};
-use ferry_testkit::Killed;
+use hyperv_lab::{CHUNK, PASSWORD, disk};
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const PASSWORD: &str = "test password";
-const CHUNK: u64 = 256 << 10;
 const RCT_BLOCK: u64 = 64 << 10;
 
 #[path = "common/cli.rs"]
@@ -31,90 +24,21 @@ fn ferry() -> Command {
     c
 }
 
-struct Lab {
-    dir: tempfile::TempDir,
-    info: Value,
-    rt: tokio::runtime::Runtime,
-    client: WsmanClient,
-    _sim: Killed,
+/// The lab's host with source `lab` reading through `san-paths`.
+struct Lab(hyperv_lab::Lab);
+
+impl std::ops::Deref for Lab {
+    type Target = hyperv_lab::Lab;
+    fn deref(&self) -> &hyperv_lab::Lab {
+        &self.0
+    }
 }
 
 impl Lab {
     fn start() -> Self {
-        let dir = ferry_testkit::scratch_dir();
-        let (sim, info) = Killed::spawn_json_line(
-            ferry()
-                .args([
-                    "sim",
-                    "hyperv",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--disk-mib",
-                    "8",
-                    "--dir",
-                ])
-                .arg(dir.path().join("host")),
-        );
-        let pw = dir.path().join("hv.pw");
-        std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
-        let toml = format!(
-            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\n[sources.lab.san-paths]\n'C:\\' = \"{}\"\n",
-            info["url"].as_str().unwrap(),
-            info["username"].as_str().unwrap(),
-            pw.display(),
-            info["tls_fingerprint"].as_str().unwrap(),
-            dir.path().join("state").display(),
-            info["san_paths"]["C:\\"].as_str().unwrap(),
-        );
-        std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        hyperv_lab::init_repo(&rt, &dir.path().join("repo"), PASSWORD, Some(CHUNK as u32));
-        let client = hyperv_lab::sim_client(&rt, &info);
-        Self {
-            dir,
-            info,
-            rt,
-            client,
-            _sim: sim,
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn env(&self) -> [(String, String); 3] {
-        [
-            ("FERRY_PASSWORD", PASSWORD.to_string()),
-            ("FERRY_REPO", self.path("repo").display().to_string()),
-            (
-                "FERRY_CONFIG",
-                self.path("ferry.toml").display().to_string(),
-            ),
-        ]
-        .map(|(k, v)| (k.to_string(), v))
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
-    }
-
-    fn ok(&self, args: &[&str]) -> (String, String) {
-        let out = self.run(args);
-        assert!(out.status.success(), "ferry {args:?} failed");
-        (
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
-    }
-
-    /// `ferry backup --source lab --json ARGS`: the reports, and stderr.
-    fn backup(&self, args: &[&str]) -> (Vec<Value>, String) {
-        let mut all = vec!["backup", "--source", "lab", "--json"];
-        all.extend_from_slice(args);
-        let (out, err) = self.ok(&all);
-        let v: Value = serde_json::from_str(&out).unwrap();
-        (v.as_array().unwrap().clone(), err)
+        let lab = hyperv_lab::Lab::start(&["--disk-mib", "8"]);
+        lab.config("[\"san\"]", &lab.san_paths_table());
+        Self(lab)
     }
 
     fn backup_vm(&self, vm: &str) -> (Value, String) {
@@ -123,54 +47,9 @@ impl Lab {
         (v.remove(0), err)
     }
 
-    /// A side-door call (the guest, RCT faults).
-    fn door(&self, method: &str, params: &[(&str, String)]) {
-        let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
-        let p: Vec<Param> = params
-            .iter()
-            .map(|(k, v)| Param::Text(k.to_string(), v.clone()))
-            .collect();
-        self.rt
-            .block_on(self.client.invoke(&epr, method, &p))
-            .unwrap();
-    }
-
-    fn guest_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) {
-        self.door(
-            "GuestWrite",
-            &[
-                ("VirtualSystem", vm.into()),
-                ("Disk", disk.into()),
-                ("Offset", offset.to_string()),
-                (
-                    "Data",
-                    base64::engine::general_purpose::STANDARD.encode(data),
-                ),
-            ],
-        );
-    }
-
     /// What the vendor-side client (pypsrp, `tests/hyperv_probe.py`) sees on the host.
     fn probe(&self) -> Value {
-        let python = ferry_testkit::peers_dir().join("venv/bin/python");
-        assert!(
-            python.exists(),
-            "peer `python` (venv) not found: run tests/peers/install.sh"
-        );
-        let out = Command::new(python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/hyperv_probe.py"
-            ))
-            .args(["url", "username", "password"].map(|k| self.info[k].as_str().unwrap()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "hyperv_probe.py: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.probe_with("hyperv_probe.py", self.info["url"].as_str().unwrap(), &[])
     }
 
     /// Recovery checkpoints left on the host.
@@ -190,56 +69,9 @@ impl Lab {
             .any(|v| v == vm)
     }
 
-    /// Copies of what the guest of `vm` sees on its disks now.
-    fn guest_disks(&self, vm: &str, tag: &str) -> Vec<PathBuf> {
-        let v = self.info["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == vm)
-            .unwrap();
-        v["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                let to = self.path(&format!("{vm}-{}-{tag}.raw", d["name"].as_str().unwrap()));
-                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
-                to
-            })
-            .collect()
-    }
-
-    /// Restores disk `diskN` of `snapshot` and compares it with `expected[N]`.
-    fn assert_restores(&self, snapshot: &str, expected: &[PathBuf]) {
-        for (i, want) in expected.iter().enumerate() {
-            let disk = format!("disk{i}");
-            let out = self.path(&format!("restored-{snapshot}-{disk}.raw"));
-            self.ok(&[
-                "restore",
-                snapshot,
-                "--disk",
-                &disk,
-                "--to",
-                out.to_str().unwrap(),
-            ]);
-            assert_eq!(
-                std::fs::metadata(&out).unwrap().len(),
-                std::fs::metadata(want).unwrap().len()
-            );
-            ferry_testkit::qemu_img_compare(&out, "raw", want, "raw");
-        }
-    }
-
     /// The labels of restore point `id`.
     fn labels(&self, id: &str) -> std::collections::BTreeMap<String, String> {
-        self.rt.block_on(async {
-            let store = Store::open(self.path("repo").to_str().unwrap(), false).unwrap();
-            let repo = Repository::open(store, Some(&Secret::new(PASSWORD)))
-                .await
-                .unwrap();
-            repo.load_manifest(id).await.unwrap().meta.labels
-        })
+        self.manifest(id).meta.labels
     }
 
     /// A throttled backup of `vm`, returned once the engine reads its disks.
@@ -267,15 +99,6 @@ impl Lab {
         std::thread::sleep(Duration::from_millis(300));
         child
     }
-}
-
-fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == name)
-        .unwrap_or_else(|| panic!("no disk {name} in {report}"))
 }
 
 #[test]
@@ -431,10 +254,7 @@ fn broken_rct_is_a_full_read_with_the_reason() {
     let vm = "win-split-01";
     lab.backup_vm(vm);
     lab.guest_write(vm, "disk0", 2 * CHUNK, &[0x42; 8192]);
-    lab.door(
-        "BreakRct",
-        &[("VirtualSystem", vm.into()), ("Disk", "disk0".into())],
-    );
+    lab.door("BreakRct", &[("VirtualSystem", vm), ("Disk", "disk0")]);
     let expected = lab.guest_disks(vm, "broken");
     let (r, _) = lab.backup_vm(vm);
     let reason = disk(&r, "disk0")["full_reason"].as_str().unwrap();
@@ -492,12 +312,12 @@ fn rct_that_misses_a_write_is_caught_by_verification() {
     lab.door(
         "UntrackedWrite",
         &[
-            ("VirtualSystem", vm.into()),
-            ("Disk", "disk0".into()),
-            ("Offset", (10 * CHUNK).to_string()),
+            ("VirtualSystem", vm),
+            ("Disk", "disk0"),
+            ("Offset", &(10 * CHUNK).to_string()),
             (
                 "Data",
-                base64::engine::general_purpose::STANDARD.encode([0x99u8; 4096]),
+                &base64::engine::general_purpose::STANDARD.encode([0x99u8; 4096]),
             ),
         ],
     );

@@ -7,17 +7,11 @@
 //! (`tests/hyperv_cluster_probe.py`); a node map that points a node at the wrong host gives a
 //! clear error; a backup SIGKILLed on the second node is cleaned up from the first.
 
-use base64::Engine as _;
-use ferry_hv_hyperv::WsmanClient;
-use ferry_hv_hyperv::cim::{Epr, Param};
-use ferry_testkit::Killed;
+use hyperv_lab::{CHUNK, disk};
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-const PASSWORD: &str = "test password";
-const CHUNK: u64 = 256 << 10;
 const RCT_BLOCK: u64 = 64 << 10;
 const DISK: u64 = 8 << 20;
 
@@ -26,36 +20,22 @@ mod cli;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 
-struct Lab {
-    dir: tempfile::TempDir,
-    info: Value,
-    rt: tokio::runtime::Runtime,
-    client: WsmanClient,
-    _sim: Killed,
+/// A two-node cluster with source `lab` reading through `san-paths`.
+struct Lab(hyperv_lab::Lab);
+
+impl std::ops::Deref for Lab {
+    type Target = hyperv_lab::Lab;
+    fn deref(&self) -> &hyperv_lab::Lab {
+        &self.0
+    }
 }
 
 impl Lab {
     /// A two-node cluster whose `[sources.lab.nodes]` sends node `k` to the endpoint (URL and
     /// pin) of node `reach(k)`.
     fn start(reach: fn(usize) -> usize) -> Self {
-        let dir = ferry_testkit::scratch_dir();
-        let mut c = cli::ferry();
-        c.args([
-            "sim",
-            "hyperv",
-            "--cluster",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--disk-mib",
-            "8",
-            "--dir",
-        ])
-        .arg(dir.path().join("host"));
-        let (sim, info) = Killed::spawn_json_line(&mut c);
-        let pw = dir.path().join("hv.pw");
-        std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
-        let all = info["cluster"]["nodes"].as_array().unwrap();
+        let lab = hyperv_lab::Lab::start(&["--cluster", "2", "--disk-mib", "8"]);
+        let all = lab.info["cluster"]["nodes"].as_array().unwrap();
         let node_table: String = all
             .iter()
             .enumerate()
@@ -69,30 +49,11 @@ impl Lab {
                 )
             })
             .collect();
-        let toml = format!(
-            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\n[sources.lab.san-paths]\n'C:\\' = \"{}\"\n[sources.lab.nodes]\n{node_table}",
-            info["url"].as_str().unwrap(),
-            info["username"].as_str().unwrap(),
-            pw.display(),
-            info["tls_fingerprint"].as_str().unwrap(),
-            dir.path().join("state").display(),
-            info["san_paths"]["C:\\"].as_str().unwrap(),
+        lab.config(
+            "[\"san\"]",
+            &format!("{}[sources.lab.nodes]\n{node_table}", lab.san_paths_table()),
         );
-        std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        hyperv_lab::init_repo(&rt, &dir.path().join("repo"), PASSWORD, Some(CHUNK as u32));
-        let client = hyperv_lab::sim_client(&rt, &info);
-        Self {
-            dir,
-            info,
-            rt,
-            client,
-            _sim: sim,
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
+        Self(lab)
     }
 
     fn node(&self, k: usize) -> (String, String) {
@@ -103,101 +64,22 @@ impl Lab {
         )
     }
 
-    fn env(&self) -> [(String, String); 3] {
-        [
-            ("FERRY_PASSWORD", PASSWORD.to_string()),
-            ("FERRY_REPO", self.path("repo").display().to_string()),
-            (
-                "FERRY_CONFIG",
-                self.path("ferry.toml").display().to_string(),
-            ),
-        ]
-        .map(|(k, v)| (k.to_string(), v))
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
-    }
-
-    fn ok(&self, args: &[&str]) -> (String, String) {
-        let out = self.run(args);
-        assert!(out.status.success(), "ferry {args:?} failed");
-        (
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
-    }
-
     /// `ferry -v backup --source lab --json --vm VM`: the report and stderr.
     fn backup_vm(&self, vm: &str) -> (Value, String) {
-        let (out, err) = self.ok(&["-v", "backup", "--source", "lab", "--json", "--vm", vm]);
-        let mut v: Value = serde_json::from_str(&out).unwrap();
-        let v = v.as_array_mut().unwrap();
+        let (mut v, err) = self.backup(&["-v", "--vm", vm]);
         assert_eq!(v.len(), 1, "{v:?}");
         (v.remove(0), err)
     }
 
-    /// A side-door call (the guest, migrations); any node has the side door.
-    fn door(&self, method: &str, params: &[(&str, String)]) {
-        let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
-        let p: Vec<Param> = params
-            .iter()
-            .map(|(k, v)| Param::Text(k.to_string(), v.clone()))
-            .collect();
-        self.rt
-            .block_on(self.client.invoke(&epr, method, &p))
-            .unwrap();
-    }
-
-    fn guest_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) {
-        self.door(
-            "GuestWrite",
-            &[
-                ("VirtualSystem", vm.into()),
-                ("Disk", disk.into()),
-                ("Offset", offset.to_string()),
-                (
-                    "Data",
-                    base64::engine::general_purpose::STANDARD.encode(data),
-                ),
-            ],
-        );
-    }
-
     fn migrate(&self, how: &str, vm: &str, to: &str) {
-        self.door(
-            how,
-            &[("VirtualSystem", vm.into()), ("DestinationNode", to.into())],
-        );
-    }
-
-    /// What pypsrp sees on the node at `url` (`script`: `hyperv_probe.py`, Hyper-V's
-    /// leftovers, or `hyperv_cluster_probe.py`, the cluster's owners).
-    fn probe_with(&self, script: &str, url: &str) -> Value {
-        let python = ferry_testkit::peers_dir().join("venv/bin/python");
-        assert!(
-            python.exists(),
-            "peer `python` (venv) not found: run tests/peers/install.sh"
-        );
-        let out = Command::new(python)
-            .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
-            .arg(url)
-            .args(["username", "password"].map(|k| self.info[k].as_str().unwrap()))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.door(how, &[("VirtualSystem", vm), ("DestinationNode", to)]);
     }
 
     /// (recovery checkpoints, reference points) on each node.
     fn left(&self) -> Vec<(usize, u64)> {
         (0..2)
             .map(|k| {
-                let p = self.probe_with("hyperv_probe.py", &self.node(k).1);
+                let p = self.probe_with("hyperv_probe.py", &self.node(k).1, &[]);
                 (
                     p["checkpoints"].as_array().unwrap().len(),
                     p["reference_points"].as_u64().unwrap(),
@@ -205,52 +87,6 @@ impl Lab {
             })
             .collect()
     }
-
-    /// Copies of what the guest of `vm` sees on its disks now.
-    fn guest_disks(&self, vm: &str, tag: &str) -> Vec<PathBuf> {
-        let v = self.info["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == vm)
-            .unwrap();
-        v["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                let to = self.path(&format!("{vm}-{}-{tag}.raw", d["name"].as_str().unwrap()));
-                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
-                to
-            })
-            .collect()
-    }
-
-    /// Restores disk `diskN` of `snapshot` and compares it with `expected[N]`.
-    fn assert_restores(&self, snapshot: &str, expected: &[PathBuf]) {
-        for (i, want) in expected.iter().enumerate() {
-            let disk = format!("disk{i}");
-            let out = self.path(&format!("restored-{snapshot}-{disk}.raw"));
-            self.ok(&[
-                "restore",
-                snapshot,
-                "--disk",
-                &disk,
-                "--to",
-                out.to_str().unwrap(),
-            ]);
-            ferry_testkit::qemu_img_compare(&out, "raw", want, "raw");
-        }
-    }
-}
-
-fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == name)
-        .unwrap_or_else(|| panic!("no disk {name} in {report}"))
 }
 
 #[test]
@@ -281,7 +117,7 @@ fn a_live_migrated_vm_stays_incremental_read_from_its_new_node() {
     lab.migrate("LiveMigrate", vm, &b);
     // Every node tells the vendor's client the new owner.
     for k in 0..2 {
-        let c = lab.probe_with("hyperv_cluster_probe.py", &lab.node(k).1);
+        let c = lab.probe_with("hyperv_cluster_probe.py", &lab.node(k).1, &[]);
         assert_eq!(c["nodes"], serde_json::json!([a, b]), "{c}");
         assert_eq!(c["owners"][vm], b.as_str(), "{c}");
         assert_eq!(c["owners"]["win-file-01"], b.as_str(), "{c}");

@@ -8,23 +8,12 @@
 //! next transport with the reason logged, and a wrong agent fingerprint is a clear error that
 //! leaves no checkpoint.
 
-use base64::Engine as _;
-use ferry_core::Secret;
-use ferry_hv_hyperv::WsmanClient;
-use ferry_hv_hyperv::cim::{Epr, Param};
-use ferry_repo::{Repository, Store};
-use ferry_testkit::Killed;
+use hyperv_lab::{CHUNK, disk};
 use serde_json::Value;
-use std::path::PathBuf;
-use std::process::Output;
 
-const PASSWORD: &str = "test password";
-const CHUNK: u64 = 256 << 10;
 const DISK: u64 = 8 << 20;
 const VM: &str = "win-sql-01";
 
-#[path = "common/cli.rs"]
-mod cli;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 
@@ -37,60 +26,24 @@ enum Path {
     Lun,
 }
 
-struct Lab {
-    dir: tempfile::TempDir,
-    info: Value,
-    rt: tokio::runtime::Runtime,
-    client: WsmanClient,
-    _sim: Killed,
+/// The lab's host (`luns`: with snapshot LUNs); the config is written per test.
+struct Lab(hyperv_lab::Lab);
+
+impl std::ops::Deref for Lab {
+    type Target = hyperv_lab::Lab;
+    fn deref(&self) -> &hyperv_lab::Lab {
+        &self.0
+    }
 }
 
 impl Lab {
     fn start(luns: bool) -> Self {
-        let dir = ferry_testkit::scratch_dir();
-        let mut sim = cli::ferry();
-        sim.env("FERRY_PASSWORD", PASSWORD).args([
-            "sim",
-            "hyperv",
-            "--listen",
-            "127.0.0.1:0",
-            "--disk-mib",
-            &(DISK >> 20).to_string(),
-            "--dir",
-        ]);
-        sim.arg(dir.path().join("host"));
+        let mib = (DISK >> 20).to_string();
+        let mut args = vec!["--disk-mib", mib.as_str()];
         if luns {
-            sim.arg("--san-luns");
+            args.push("--san-luns");
         }
-        let (sim, info) = Killed::spawn_json_line(&mut sim);
-        std::fs::write(dir.path().join("hv.pw"), info["password"].as_str().unwrap()).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        hyperv_lab::init_repo(&rt, &dir.path().join("repo"), PASSWORD, Some(CHUNK as u32));
-        let client = hyperv_lab::sim_client(&rt, &info);
-        Self {
-            dir,
-            info,
-            rt,
-            client,
-            _sim: sim,
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// Writes `ferry.toml`: source `lab` with `transports` and the extra TOML `tail` (tables).
-    fn config(&self, transports: &str, tail: &str) {
-        let toml = format!(
-            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = {transports}\n{tail}",
-            self.info["url"].as_str().unwrap(),
-            self.info["username"].as_str().unwrap(),
-            self.path("hv.pw").display(),
-            self.info["tls_fingerprint"].as_str().unwrap(),
-            self.path("state").display(),
-        );
-        std::fs::write(self.path("ferry.toml"), toml).unwrap();
+        Self(hyperv_lab::Lab::start(&args))
     }
 
     /// The `[sources.lab.agent]` table pinning the simulator's agent (or `fingerprint`).
@@ -138,103 +91,14 @@ impl Lab {
         // The second call reuses the certificate.
         let (again, _) = self.ok(&["source", "agent-pin", "lab"]);
         assert_eq!(again.trim(), fp);
-        self.door("AgentPin", &[("Fingerprint", fp.clone())]);
+        self.door("AgentPin", &[("Fingerprint", &fp)]);
         fp
     }
 
-    fn env(&self) -> [(String, String); 3] {
-        [
-            ("FERRY_PASSWORD", PASSWORD.to_string()),
-            ("FERRY_REPO", self.path("repo").display().to_string()),
-            (
-                "FERRY_CONFIG",
-                self.path("ferry.toml").display().to_string(),
-            ),
-        ]
-        .map(|(k, v)| (k.to_string(), v))
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
-    }
-
-    fn ok(&self, args: &[&str]) -> (String, String) {
-        let out = self.run(args);
-        assert!(out.status.success(), "ferry {args:?} failed");
-        (
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
-    }
-
     /// `ferry backup --source lab --vm VM --json`: the report, and stderr.
-    fn backup(&self) -> (Value, String) {
-        let (out, err) = self.ok(&["backup", "--source", "lab", "--json", "--vm", VM]);
-        let mut v: Value = serde_json::from_str(&out).unwrap();
-        (v.as_array_mut().unwrap().remove(0), err)
-    }
-
-    fn door(&self, method: &str, params: &[(&str, String)]) {
-        let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
-        let p: Vec<Param> = params
-            .iter()
-            .map(|(k, v)| Param::Text(k.to_string(), v.clone()))
-            .collect();
-        self.rt
-            .block_on(self.client.invoke(&epr, method, &p))
-            .unwrap();
-    }
-
-    fn guest_write(&self, disk: &str, offset: u64, data: &[u8]) {
-        self.door(
-            "GuestWrite",
-            &[
-                ("VirtualSystem", VM.into()),
-                ("Disk", disk.into()),
-                ("Offset", offset.to_string()),
-                (
-                    "Data",
-                    base64::engine::general_purpose::STANDARD.encode(data),
-                ),
-            ],
-        );
-    }
-
-    /// Copies of what the guest sees on its disks now.
-    fn guest_disks(&self, tag: &str) -> Vec<PathBuf> {
-        let v = self.info["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == VM)
-            .unwrap();
-        v["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                let to = self.path(&format!("{}-{tag}.raw", d["name"].as_str().unwrap()));
-                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
-                to
-            })
-            .collect()
-    }
-
-    /// Restores disk `diskN` of `snapshot` and compares it with `expected[N]`.
-    fn assert_restores(&self, snapshot: &str, expected: &[PathBuf]) {
-        for (i, want) in expected.iter().enumerate() {
-            let disk = format!("disk{i}");
-            let out = self.path(&format!("restored-{snapshot}-{disk}.raw"));
-            self.ok(&[
-                "restore",
-                snapshot,
-                "--disk",
-                &disk,
-                "--to",
-                out.to_str().unwrap(),
-            ]);
-            ferry_testkit::qemu_img_compare(&out, "raw", want, "raw");
-        }
+    fn backup_one(&self) -> (Value, String) {
+        let (mut v, err) = self.backup(&["--vm", VM]);
+        (v.remove(0), err)
     }
 
     /// `ferry source cleanup`: what it removed (nothing, after clean runs).
@@ -243,34 +107,13 @@ impl Lab {
         let v: Value = serde_json::from_str(&out).unwrap();
         v["snapshots"].as_u64().unwrap()
     }
-
-    /// The restore point's manifest.
-    fn manifest(&self, id: &str) -> ferry_repo::Manifest {
-        self.rt.block_on(async {
-            let store = Store::open(self.path("repo").to_str().unwrap(), false).unwrap();
-            let repo = Repository::open(store, Some(&Secret::new(PASSWORD)))
-                .await
-                .unwrap();
-            repo.load_manifest(id).await.unwrap()
-        })
-    }
 }
 
-fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == name)
-        .unwrap_or_else(|| panic!("no disk {name} in {report}"))
-}
-
-/// Full, guest writes, RCT incremental, restores, nothing left: through `path`.
 fn full_then_incremental(path: Path, transport: &str) {
     let lab = Lab::start(path == Path::Lun);
     lab.configure(path);
-    let first = lab.guest_disks("first");
-    let (r1, _) = lab.backup();
+    let first = lab.guest_disks(VM, "first");
+    let (r1, _) = lab.backup_one();
     for d in ["disk0", "disk1"] {
         assert_eq!(disk(&r1, d)["transport"], transport, "{r1}");
         assert_eq!(disk(&r1, d)["full_reason"], "no previous restore point");
@@ -278,11 +121,11 @@ fn full_then_incremental(path: Path, transport: &str) {
     let id1 = r1["snapshot"].as_str().unwrap().to_string();
     assert_eq!(lab.leftovers(), 0, "the first backup left a checkpoint");
 
-    lab.guest_write("disk1", 5 * CHUNK + 512, &[0x5A; 4096]);
-    lab.guest_write("disk1", 20 * CHUNK, &[0xA5; 512]);
-    lab.guest_write("disk0", 7 * CHUNK, &[0x11; 1024]);
-    let second = lab.guest_disks("second");
-    let (r2, _) = lab.backup();
+    lab.guest_write(VM, "disk1", 5 * CHUNK + 512, &[0x5A; 4096]);
+    lab.guest_write(VM, "disk1", 20 * CHUNK, &[0xA5; 512]);
+    lab.guest_write(VM, "disk0", 7 * CHUNK, &[0x11; 1024]);
+    let second = lab.guest_disks(VM, "second");
+    let (r2, _) = lab.backup_one();
     let id2 = r2["snapshot"].as_str().unwrap().to_string();
     let mut read = 0;
     for d in ["disk0", "disk1"] {
@@ -345,8 +188,8 @@ fn unreachable_agent_falls_back_to_the_next_transport_and_says_why() {
         ),
     );
     lab.pair();
-    let expect = lab.guest_disks("now");
-    let (r, err) = lab.backup();
+    let expect = lab.guest_disks(VM, "now");
+    let (r, err) = lab.backup_one();
     assert_eq!(disk(&r, "disk0")["transport"], "san", "{r}");
     assert!(err.contains("using a less preferred transport"), "{err}");
     assert!(

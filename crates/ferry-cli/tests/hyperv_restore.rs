@@ -6,18 +6,19 @@
 //! across hypervisors, Hyper-V → Xen and Xen → Hyper-V (`ferry sim xen`, read with the XenAPI
 //! SDK) keep the MACs and the disks.
 
-use ferry_hv_hyperv::WsmanClient;
 use ferry_hv_hyperv::cim::{Epr, Param};
 use ferry_testkit::Killed;
+use hyperv_lab::PASSWORD;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-
-const PASSWORD: &str = "test password";
+use std::process::{Command, Stdio};
 
 #[path = "common/cli.rs"]
 mod cli;
+#[path = "common/xen_probe.rs"]
+mod xen_probe;
+use xen_probe::macs;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 
@@ -27,12 +28,14 @@ fn ferry() -> Command {
     c
 }
 
-struct Lab {
-    dir: tempfile::TempDir,
-    info: Value,
-    rt: tokio::runtime::Runtime,
-    client: WsmanClient,
-    _sim: Killed,
+/// The lab's host with source `lab` reading through `san-paths` and restoring to `restore-dir`.
+struct Lab(hyperv_lab::Lab);
+
+impl std::ops::Deref for Lab {
+    type Target = hyperv_lab::Lab;
+    fn deref(&self) -> &hyperv_lab::Lab {
+        &self.0
+    }
 }
 
 impl Lab {
@@ -42,68 +45,19 @@ impl Lab {
 
     /// A lab whose guests have disks of `mib` MiB.
     fn with_disks(mib: &str) -> Self {
-        let dir = ferry_testkit::scratch_dir();
-        let (sim, info) = Killed::spawn_json_line(
-            ferry()
-                .args(["sim", "hyperv", "--listen", "127.0.0.1:0"])
-                .args(["--disk-mib", mib, "--dir"])
-                .arg(dir.path().join("host")),
-        );
-        let pw = dir.path().join("hv.pw");
-        std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
-        let toml = format!(
-            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\nrestore-dir = 'C:\\ClusterStorage\\Volume1\\Restores'\n[sources.lab.san-paths]\n'C:\\' = \"{}\"\n",
-            info["url"].as_str().unwrap(),
-            info["username"].as_str().unwrap(),
-            pw.display(),
-            info["tls_fingerprint"].as_str().unwrap(),
-            dir.path().join("state").display(),
-            info["san_paths"]["C:\\"].as_str().unwrap(),
-        );
-        std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        hyperv_lab::init_repo(&rt, &dir.path().join("repo"), PASSWORD, Some(256 << 10));
-        let client = hyperv_lab::sim_client(&rt, &info);
-        Self {
-            dir,
-            info,
-            rt,
-            client,
-            _sim: sim,
-        }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn env(&self) -> [(String, String); 3] {
-        [
-            ("FERRY_PASSWORD", PASSWORD.to_string()),
-            ("FERRY_REPO", self.path("repo").display().to_string()),
-            (
-                "FERRY_CONFIG",
-                self.path("ferry.toml").display().to_string(),
+        let lab = hyperv_lab::Lab::start(&["--disk-mib", mib]);
+        lab.config(
+            "[\"san\"]",
+            &format!(
+                "restore-dir = 'C:\\ClusterStorage\\Volume1\\Restores'\n{}",
+                lab.san_paths_table()
             ),
-        ]
-        .map(|(k, v)| (k.to_string(), v))
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
-    }
-
-    fn ok(&self, args: &[&str]) -> (String, String) {
-        let out = self.run(args);
-        assert!(out.status.success(), "ferry {args:?} failed");
-        (
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
+        );
+        Self(lab)
     }
 
     /// `ferry backup --source SOURCE --vm VM --json`: the restore point's id.
-    fn backup(&self, source: &str, vm: &str) -> String {
+    fn backup_of(&self, source: &str, vm: &str) -> String {
         let (out, _) = self.ok(&["backup", "--source", source, "--vm", vm, "--json"]);
         let v: Value = serde_json::from_str(&out).unwrap();
         v[0]["snapshot"].as_str().unwrap().to_string()
@@ -194,35 +148,13 @@ impl Lab {
         );
     }
 
-    /// A side-door call (fault injection).
-    fn door(&self, method: &str, params: &[(&str, &str)]) {
-        let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
-        let p: Vec<Param> = params
-            .iter()
-            .map(|(k, v)| Param::Text(k.to_string(), v.to_string()))
-            .collect();
-        self.rt
-            .block_on(self.client.invoke(&epr, method, &p))
-            .unwrap();
-    }
-
     /// The VMs `names` as pypsrp reads them from the host's WMI (null: no such VM).
     fn probe(&self, names: &[&str]) -> Value {
-        let python = ferry_testkit::peers_dir().join("venv/bin/python");
-        assert!(
-            python.exists(),
-            "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
-        );
-        let out = ferry_testkit::run_ok(
-            Command::new(python)
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/hyperv_vm_probe.py"
-                ))
-                .args(["url", "username", "password"].map(|k| self.info[k].as_str().unwrap()))
-                .args(names),
-        );
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+        self.probe_with(
+            "hyperv_vm_probe.py",
+            self.info["url"].as_str().unwrap(),
+            names,
+        )
     }
 
     /// The proxy's view of host path `p` (under `C:\`).
@@ -233,26 +165,6 @@ impl Lab {
             out.push(c);
         }
         out
-    }
-
-    /// Copies of what the guest of `vm` sees on its disks now.
-    fn guest_disks(&self, vm: &str, tag: &str) -> Vec<PathBuf> {
-        let v = self.info["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == vm)
-            .unwrap();
-        v["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                let to = self.path(&format!("{vm}-{}-{tag}.raw", d["name"].as_str().unwrap()));
-                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
-                to
-            })
-            .collect()
     }
 
     fn vm_id(&self, vm: &str) -> String {
@@ -328,7 +240,7 @@ fn whole_vm_restore_brings_back_nics_with_switch_mac_vlan_and_identical_disks() 
         20,
     );
     let expected = lab.guest_disks(vm, "backup");
-    let id = lab.backup("lab", vm);
+    let id = lab.backup_of("lab", vm);
 
     let (out, err) = lab.ok(&["restore", &id, "--to-source", "lab", "--name", "sql-copy"]);
     let p = lab.probe(&[vm, "sql-copy"]);
@@ -362,7 +274,7 @@ fn whole_vm_restore_brings_back_nics_with_switch_mac_vlan_and_identical_disks() 
         ferry_testkit::qemu_img_compare(&lab.local(host), "vhdx", want, "raw");
     }
     // The host runs it: it backs up like any VM (the simulator reads its disks).
-    let again = lab.backup("lab", "sql-copy");
+    let again = lab.backup_of("lab", "sql-copy");
     let back = lab.path("sql-copy-disk1.raw");
     lab.ok(&[
         "restore",
@@ -389,7 +301,7 @@ fn whole_vm_restore_brings_back_nics_with_switch_mac_vlan_and_identical_disks() 
 fn a_missing_switch_or_a_failure_halfway_leaves_nothing() {
     let lab = Lab::start();
     let vm = "linux-web-01";
-    let id = lab.backup("lab", vm);
+    let id = lab.backup_of("lab", vm);
     let folder = lab.local("C:\\ClusterStorage\\Volume1\\Restores");
 
     // A switch the host does not have: refused before anything is made.
@@ -462,54 +374,6 @@ fn a_missing_switch_or_a_failure_halfway_leaves_nothing() {
     assert_eq!(p["halfway"]["state"], "2", "powered on");
 }
 
-/// Asks the XenAPI SDK probe (`tests/xen_probe.py`) the requests `reqs` in one session.
-fn xen_probe(info: &Value, reqs: &[Value]) -> Vec<Value> {
-    let python = ferry_testkit::peers_dir().join("venv/bin/python");
-    let input: String = reqs.iter().map(|r| format!("{r}\n")).collect();
-    let mut child = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xen_probe.py"))
-        .args(["url", "username", "password"].map(|k| info[k].as_str().unwrap()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("peer `python` (venv with XenAPI): run tests/peers/install.sh");
-    {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .zip(reqs)
-        .map(|(l, r)| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            v.get("ok")
-                .cloned()
-                .unwrap_or_else(|| panic!("xen probe failed on {r}: {v}"))
-        })
-        .collect()
-}
-
-fn macs(v: &Value, list: &str, key: &str) -> Vec<String> {
-    v[list]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            n[key]
-                .as_str()
-                .unwrap()
-                .replace(':', "")
-                .to_ascii_lowercase()
-        })
-        .collect()
-}
-
 #[test]
 fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
     let lab = Lab::start();
@@ -518,7 +382,7 @@ fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
     // Hyper-V → Xen: the disks, the MACs; what Xen cannot hold is said.
     let vm = "win-sql-01";
     let expected = lab.guest_disks(vm, "hv");
-    let id = lab.backup("lab", vm);
+    let id = lab.backup_of("lab", vm);
     let (_, err) = lab.ok(&[
         "restore",
         &id,
@@ -528,7 +392,8 @@ fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
         "from-hyperv",
     ]);
     let orig = lab.probe(&[vm])[vm].clone();
-    let x = &xen_probe(&xen, &[json!({"op": "vm", "name": "from-hyperv"})])[0];
+    let mut xp = xen_probe::Probe::start(&xen);
+    let x = &xp.assert_disks("from-hyperv", &expected, lab.dir.path());
     let text = |v: &Value| v.to_string().trim_matches('"').to_string();
     assert_eq!(text(&x["VCPUs_max"]), orig["cpus"].to_string());
     assert_eq!(
@@ -537,17 +402,6 @@ fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
     );
     assert_eq!(macs(x, "vifs", "MAC"), macs(&orig, "nics", "mac"), "{x}");
     assert_eq!(x["HVM_boot_params"]["firmware"], "uefi", "{x}");
-    let xdisks = x["disks"].as_array().unwrap();
-    assert_eq!(xdisks.len(), 2, "{x}");
-    for (i, (d, want)) in xdisks.iter().zip(&expected).enumerate() {
-        assert_eq!(d["userdevice"], i.to_string(), "{x}");
-        let got = lab.path(&format!("xen-{i}.raw"));
-        xen_probe(
-            &xen,
-            &[json!({"op": "export", "vdi": d["uuid"], "path": got})],
-        );
-        ferry_testkit::qemu_img_compare(&got, "raw", want, "raw");
-    }
     for w in [
         "position `scsi0:0` does not exist on Xen; attached as device 0",
         "network `vSwitch-Prod` does not exist in this pool",
@@ -558,22 +412,9 @@ fn hyperv_to_xen_and_xen_to_hyperv_keep_macs_and_disks() {
 
     // Xen → Hyper-V: BIOS makes a generation 1 VM booting from IDE 0:0; the network is mapped
     // to a switch; the MACs are kept, static.
-    let web = &xen_probe(&xen, &[json!({"op": "vm", "name": "debian-web"})])[0];
-    let xen_disks: Vec<PathBuf> = web["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let p = lab.path(&format!("web-{i}.raw"));
-            xen_probe(
-                &xen,
-                &[json!({"op": "export", "vdi": d["uuid"], "path": p})],
-            );
-            p
-        })
-        .collect();
-    let xid = lab.backup("xen", "debian-web");
+    let web = &xp.vm("debian-web");
+    let xen_disks = xp.export_disks("debian-web", lab.dir.path(), "web");
+    let xid = lab.backup_of("xen", "debian-web");
     let net = web["vifs"][0]["network"].as_str().unwrap().to_string();
     let (_, err) = lab.ok(&[
         "restore",
@@ -690,7 +531,7 @@ fn hyperv_to_vsphere_and_vsphere_to_hyperv_keep_macs_and_disks() {
     // Hyper-V → vSphere.
     let vm = "win-sql-01";
     let expected = lab.guest_disks(vm, "to-vc");
-    let id = lab.backup("lab", vm);
+    let id = lab.backup_of("lab", vm);
     let (_, err) = lab.ok(&["restore", &id, "--to-source", "vc", "--name", "from-hyperv"]);
     let orig = lab.probe(&[vm])[vm].clone();
     let v = vsphere_probe(&vc, "from-hyperv");
@@ -745,7 +586,7 @@ fn hyperv_to_vsphere_and_vsphere_to_hyperv_keep_macs_and_disks() {
         })
         .collect();
     live.sort();
-    let vid = lab.backup("vc", &name);
+    let vid = lab.backup_of("vc", &name);
     let net = before["nics"][0]["network"].as_str().unwrap().to_string();
     let (_, err) = lab.ok(&[
         "restore",
@@ -791,7 +632,7 @@ fn hyperv_to_vsphere_and_vsphere_to_hyperv_keep_macs_and_disks() {
 fn a_restore_killed_halfway_is_removed_by_source_cleanup() {
     // Disks large enough that the kill lands while they are written.
     let lab = Lab::with_disks("64");
-    let id = lab.backup("lab", "win-sql-01");
+    let id = lab.backup_of("lab", "win-sql-01");
     let mut child = ferry()
         .args([
             "-v",

@@ -7,15 +7,12 @@
 //! create nothing (with `san` after `network`, the restore falls back with a warning); an agent
 //! lost mid-restore leaves no VM, and after `ferry source cleanup` no file.
 
-use ferry_hv_hyperv::WsmanClient;
-use ferry_testkit::Killed;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use tokio_util::sync::CancellationToken;
 
-const PASSWORD: &str = "test password";
 const VM: &str = "win-sql-01";
 
 #[path = "common/cli.rs"]
@@ -23,97 +20,45 @@ mod cli;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 
-struct Lab {
-    dir: tempfile::TempDir,
-    info: Value,
-    rt: tokio::runtime::Runtime,
-    client: WsmanClient,
-    _sim: Killed,
+/// The lab's host with source `lab` writing restores through the host agent.
+struct Lab(hyperv_lab::Lab);
+
+impl std::ops::Deref for Lab {
+    type Target = hyperv_lab::Lab;
+    fn deref(&self) -> &hyperv_lab::Lab {
+        &self.0
+    }
 }
 
 impl Lab {
+    /// Guests with 8 MiB disks; source `lab` with `transports = ["network"]` only, its
+    /// appliance certificate (`ferry source agent-pin`) pinned by the host's agent.
     fn start() -> Self {
-        let dir = ferry_testkit::scratch_dir();
-        let (sim, info) = Killed::spawn_json_line(
-            cli::ferry()
-                .env("FERRY_PASSWORD", PASSWORD)
-                .args([
-                    "sim",
-                    "hyperv",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--disk-mib",
-                    "8",
-                ])
-                .arg("--dir")
-                .arg(dir.path().join("host")),
-        );
-        std::fs::write(dir.path().join("hv.pw"), info["password"].as_str().unwrap()).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        hyperv_lab::init_repo(&rt, &dir.path().join("repo"), PASSWORD, Some(256 << 10));
-        let client = hyperv_lab::sim_client(&rt, &info);
-        let lab = Self {
-            dir,
-            info,
-            rt,
-            client,
-            _sim: sim,
-        };
-        lab.config("[\"network\"]", "", None, None);
+        let lab = Self(hyperv_lab::Lab::start(&["--disk-mib", "8"]));
+        lab.agent_config("[\"network\"]", "", None, None);
         let (out, _) = lab.ok(&["source", "agent-pin", "lab"]);
-        hyperv_lab::side_door(
-            &lab.rt,
-            &lab.client,
-            "AgentPin",
-            &[("Fingerprint", out.trim())],
-        );
+        lab.door("AgentPin", &[("Fingerprint", out.trim())]);
         lab
     }
 
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    /// `ferry.toml`: source `lab` with `transports`, extra keys `extra`, the agent pinned by
+    /// `ferry.toml` with `transports`, more keys and tables `extra`, the agent pinned by
     /// `fingerprint` (else the simulator's) on `port` (else the simulator's).
-    fn config(&self, transports: &str, extra: &str, fingerprint: Option<&str>, port: Option<u16>) {
+    fn agent_config(
+        &self,
+        transports: &str,
+        extra: &str,
+        fingerprint: Option<&str>,
+        port: Option<u16>,
+    ) {
         let agent = &self.info["agent"];
-        let toml = format!(
-            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = {transports}\n{extra}[sources.lab.agent]\nport = {}\nfingerprint = \"{}\"\n",
-            self.info["url"].as_str().unwrap(),
-            self.info["username"].as_str().unwrap(),
-            self.path("hv.pw").display(),
-            self.info["tls_fingerprint"].as_str().unwrap(),
-            self.path("state").display(),
-            port.map_or_else(|| agent["port"].to_string(), |p| p.to_string()),
-            fingerprint.unwrap_or(agent["fingerprint"].as_str().unwrap()),
-        );
-        std::fs::write(self.path("ferry.toml"), toml).unwrap();
-    }
-
-    fn env(&self) -> [(String, String); 3] {
-        [
-            ("FERRY_PASSWORD", PASSWORD.to_string()),
-            ("FERRY_REPO", self.path("repo").display().to_string()),
-            (
-                "FERRY_CONFIG",
-                self.path("ferry.toml").display().to_string(),
+        self.config(
+            transports,
+            &format!(
+                "{extra}[sources.lab.agent]\nport = {}\nfingerprint = \"{}\"\n",
+                port.map_or_else(|| agent["port"].to_string(), |p| p.to_string()),
+                fingerprint.unwrap_or(agent["fingerprint"].as_str().unwrap()),
             ),
-        ]
-        .map(|(k, v)| (k.to_string(), v))
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
-    }
-
-    fn ok(&self, args: &[&str]) -> (String, String) {
-        let out = self.run(args);
-        assert!(out.status.success(), "ferry {args:?} failed");
-        (
-            String::from_utf8(out.stdout).unwrap(),
-            String::from_utf8(out.stderr).unwrap(),
-        )
+        );
     }
 
     /// A failing `ferry ARGS`: its stderr.
@@ -125,39 +70,37 @@ impl Lab {
     }
 
     /// `ferry backup` of VM `VM`: the restore point's id.
-    fn backup(&self) -> String {
-        let (out, _) = self.ok(&["backup", "--source", "lab", "--vm", VM, "--json"]);
-        let v: Value = serde_json::from_str(&out).unwrap();
-        v[0]["snapshot"].as_str().unwrap().to_string()
+    fn backup_vm(&self) -> String {
+        let (reports, _) = self.backup(&["--vm", VM]);
+        reports[0]["snapshot"].as_str().unwrap().to_string()
     }
 
-    /// Copies of what the guest of `VM` sees on its disks now.
-    fn guest_disks(&self) -> Vec<PathBuf> {
-        let vm = self.info["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == VM)
-            .unwrap();
-        vm["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                let to = self.path(&format!("{}.raw", d["name"].as_str().unwrap()));
-                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
-                to
-            })
-            .collect()
+    /// The VMs `names` as pypsrp reads them from the host's WMI (null: no such VM).
+    fn probe(&self, names: &[&str]) -> Value {
+        self.probe_with(
+            "hyperv_vm_probe.py",
+            self.info["url"].as_str().unwrap(),
+            names,
+        )
+    }
+
+    /// The simulator's file for host path `p` (under `C:\`).
+    fn local(&self, p: &str) -> PathBuf {
+        let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
+        let mut out = PathBuf::from(self.info["san_paths"]["C:\\"].as_str().unwrap());
+        for c in rest.split('\\') {
+            out.push(c);
+        }
+        out
     }
 
     /// The folder a restore named `name` gets (the default restore-dir: where `VM` lives).
     fn restore_folder(&self, name: &str) -> PathBuf {
-        let orig = &hyperv_lab::vm_probe(&self.info, &[VM])[VM];
+        let orig = &self.probe(&[VM])[VM];
         let disk = orig["disks"][0]["path"].as_str().unwrap();
         let vm_folder = disk.rsplit_once('\\').unwrap().0;
         let parent = vm_folder.rsplit_once('\\').unwrap().0;
-        hyperv_lab::sim_local(&self.info, &format!("{parent}\\{name}"))
+        self.local(&format!("{parent}\\{name}"))
     }
 }
 
@@ -176,16 +119,16 @@ fn machine(vm: &Value) -> Value {
 #[test]
 fn whole_vm_restore_through_the_agent_alone_writes_vhdx_disks_and_brings_back_the_nics() {
     let lab = Lab::start();
-    let expected = lab.guest_disks();
+    let expected = lab.guest_disks(VM, "backup");
     assert_eq!(expected.len(), 2, "a two-disk VM");
-    let id = lab.backup();
+    let id = lab.backup_vm();
 
     let (out, err) = lab.ok(&["restore", &id, "--to-source", "lab", "--name", "sql-agent"]);
     assert!(
         err.contains("via network (VHDX written through the host agent, nbd+tls)"),
         "{err}"
     );
-    let p = hyperv_lab::vm_probe(&lab.info, &[VM, "sql-agent"]);
+    let p = lab.probe(&[VM, "sql-agent"]);
     let (orig, copy) = (&p[VM], &p["sql-agent"]);
     assert!(copy.is_object(), "no restored VM: {p}\n{err}");
     assert_eq!(out.trim(), copy["id"], "{err}");
@@ -199,7 +142,7 @@ fn whole_vm_restore_through_the_agent_alone_writes_vhdx_disks_and_brings_back_th
     }
     let folder = lab.restore_folder("sql-agent");
     for (d, want) in copy["disks"].as_array().unwrap().iter().zip(&expected) {
-        let local = hyperv_lab::sim_local(&lab.info, d["path"].as_str().unwrap());
+        let local = lab.local(d["path"].as_str().unwrap());
         assert!(
             local.starts_with(&folder),
             "{} not in {}",
@@ -220,9 +163,9 @@ fn whole_vm_restore_through_the_agent_alone_writes_vhdx_disks_and_brings_back_th
 #[test]
 fn outside_the_restore_roots_or_a_wrong_pin_creates_nothing() {
     let lab = Lab::start();
-    let id = lab.backup();
+    let id = lab.backup_vm();
     // A restore-dir the agent does not hold: refused before the VM is defined.
-    lab.config(
+    lab.agent_config(
         "[\"network\"]",
         "restore-dir = 'D:\\Restores'\n",
         None,
@@ -234,26 +177,24 @@ fn outside_the_restore_roots_or_a_wrong_pin_creates_nothing() {
             && err.contains("outside the agent's roots"),
         "{err}"
     );
-    assert!(hyperv_lab::vm_probe(&lab.info, &["outside"])["outside"].is_null());
+    assert!(lab.probe(&["outside"])["outside"].is_null());
     // A wrong agent pin: a clear TLS error, nothing made.
     let wrong = format!("sha256:{}", "AB".repeat(32));
-    lab.config("[\"network\"]", "", Some(&wrong), None);
+    lab.agent_config("[\"network\"]", "", Some(&wrong), None);
     let err = lab.fails(&["restore", &id, "--to-source", "lab", "--name", "pinned"]);
     assert!(
         err.contains("network: the agent of node") && err.contains("TLS"),
         "{err}"
     );
-    assert!(hyperv_lab::vm_probe(&lab.info, &["pinned"])["pinned"].is_null());
+    assert!(lab.probe(&["pinned"])["pinned"].is_null());
     assert!(!lab.restore_folder("pinned").exists());
     // With san after network, the restore falls back to san-paths, saying why.
-    let san = format!(
-        "[sources.lab.san-paths]\n'C:\\' = \"{}\"\n",
-        lab.info["san_paths"]["C:\\"].as_str().unwrap()
+    lab.agent_config(
+        "[\"network\", \"san\"]",
+        &lab.san_paths_table(),
+        Some(&wrong),
+        None,
     );
-    lab.config("[\"network\", \"san\"]", "", Some(&wrong), None);
-    let mut t = std::fs::read_to_string(lab.path("ferry.toml")).unwrap();
-    t.push_str(&san);
-    std::fs::write(lab.path("ferry.toml"), t).unwrap();
     let (_, err) = lab.ok(&["restore", &id, "--to-source", "lab", "--name", "pinned"]);
     assert!(
         err.contains("restore: network cannot write the disks") && err.contains("trying san"),
@@ -263,7 +204,7 @@ fn outside_the_restore_roots_or_a_wrong_pin_creates_nothing() {
         err.contains("via san (VHDX written through san-paths)"),
         "{err}"
     );
-    assert!(hyperv_lab::vm_probe(&lab.info, &["pinned"])["pinned"].is_object());
+    assert!(lab.probe(&["pinned"])["pinned"].is_object());
 }
 
 /// A TCP relay to `to` on `port` (0: any) that passes what the appliance sends at about
@@ -322,12 +263,13 @@ fn relay(
 #[test]
 fn an_agent_lost_mid_restore_leaves_no_vm_and_after_cleanup_no_file() {
     let lab = Lab::start();
-    let id = lab.backup();
+    let id = lab.backup_vm();
     let agent = lab.info["agent"]["address"].as_str().unwrap().to_string();
     // The agent behind a slow link, so the loss lands while the disks are written.
     let (port, stop) = relay(&lab.rt, 0, agent.clone(), 2 << 20);
-    lab.config("[\"network\"]", "", None, Some(port));
+    lab.agent_config("[\"network\"]", "", None, Some(port));
     let mut child = cli::ferry()
+        .env("FERRY_PASSWORD", hyperv_lab::PASSWORD)
         .args(["-v", "restore", &id, "--to-source", "lab", "--name", "lost"])
         .envs(lab.env())
         .stderr(Stdio::piped())
@@ -352,10 +294,7 @@ fn an_agent_lost_mid_restore_leaves_no_vm_and_after_cleanup_no_file() {
     seen.push_str(&rest);
     assert!(!child.wait().unwrap().success(), "{seen}");
     assert!(seen.contains("removing the partial VM"), "{seen}");
-    assert!(
-        hyperv_lab::vm_probe(&lab.info, &["lost"])["lost"].is_null(),
-        "{seen}"
-    );
+    assert!(lab.probe(&["lost"])["lost"].is_null(), "{seen}");
     // The agent could not be asked to remove the folder: no disk in it, and it stays journaled.
     let folder = lab.restore_folder("lost");
     let left: Vec<String> = std::fs::read_dir(&folder)

@@ -7,41 +7,15 @@ usage: hyperv_vm_probe.py HTTPS_URL USER PASSWORD VM_NAME...
 """
 
 import json
-import sys
-import urllib.parse
-import xml.etree.ElementTree as ET
 
-from pypsrp.wsman import NAMESPACES, WSMan
+import hyperv_wsman
 
-url, user, password = sys.argv[1:4]
-names = sys.argv[4:]
-V2 = "http://schemas.microsoft.com/wbem/wsman/1/wmi/root/virtualization/v2/"
-N = NAMESPACES["wsen"]
-W = NAMESPACES["wsman"]
-u = urllib.parse.urlparse(url)
-wsman = WSMan(u.hostname, port=u.port, username=user, password=password, ssl=True,
-              auth="basic", cert_validation=False, path="wsman")
+wsman, names = hyperv_wsman.connect()
 
 
 def enumerate_all(query):
-    body = ET.Element("{%s}Enumerate" % N)
-    ET.SubElement(body, "{%s}OptimizeEnumeration" % W)
-    ET.SubElement(body, "{%s}MaxElements" % W).text = "100"
-    f = ET.SubElement(body, "{%s}Filter" % W, Dialect="http://schemas.microsoft.com/wbem/wsman/1/WQL")
-    f.text = query
-    r = wsman.enumerate(V2 + "*", body)
-    items = list(r.find("wsen:EnumerateResponse/wsman:Items", NAMESPACES) or [])
-    done = r.find("wsen:EnumerateResponse/wsman:EndOfSequence", NAMESPACES) is not None
-    ctx = r.find("wsen:EnumerateResponse/wsen:EnumerationContext", NAMESPACES).text
-    while not done:
-        pb = ET.Element("{%s}Pull" % N)
-        ET.SubElement(pb, "{%s}EnumerationContext" % N).text = ctx
-        ET.SubElement(pb, "{%s}MaxElements" % N).text = "100"
-        r = wsman.pull(V2 + "*", pb)
-        items += list(r.find("wsen:PullResponse/wsen:Items", NAMESPACES) or [])
-        done = r.find("wsen:PullResponse/wsen:EndOfSequence", NAMESPACES) is not None
-        c = r.find("wsen:PullResponse/wsen:EnumerationContext", NAMESPACES)
-        ctx = c.text if c is not None else ctx
+    """The instances of `query` as dicts of their properties, `_all` the element itself."""
+    items = hyperv_wsman.enumerate_all(wsman, query)
     return [{c.tag.split("}")[1]: c.text for c in i} | {"_all": i} for i in items]
 
 

@@ -10,11 +10,15 @@
 use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "common/xen_probe.rs"]
+mod xen_probe;
+use xen_probe::macs;
 
 const PASSWORD: &str = "test password";
 const CHUNK: u64 = 256 << 10;
@@ -649,39 +653,6 @@ fn restore_to_vsphere_creates_the_vm_and_removes_failed_and_killed_ones() {
     assert!(!ds.join("broken/broken-flat.vmdk").exists());
 }
 
-/// Asks the XenAPI SDK probe (`tests/xen_probe.py`) the requests `reqs` in one session.
-fn xen_probe(info: &Value, reqs: &[Value]) -> Vec<Value> {
-    let python = ferry_testkit::peers_dir().join("venv/bin/python");
-    let input: String = reqs.iter().map(|r| format!("{r}\n")).collect();
-    let mut child = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xen_probe.py"))
-        .args(["url", "username", "password"].map(|k| info[k].as_str().unwrap()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("peer `python` (venv with XenAPI): run tests/peers/install.sh");
-    {
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .zip(reqs)
-        .map(|(l, r)| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            v.get("ok")
-                .cloned()
-                .unwrap_or_else(|| panic!("xen probe failed on {r}: {v}"))
-        })
-        .collect()
-}
-
 #[test]
 fn cross_hypervisor_restores_between_vsphere_and_xen() {
     let lab = Lab::start("[\"san\"]", "nbdkit-stand-in = \"file\"");
@@ -719,7 +690,8 @@ fn cross_hypervisor_restores_between_vsphere_and_xen() {
         "from-vsphere",
     ]);
     let orig = lab.probe(&[&name])[name.as_str()].clone();
-    let x = &xen_probe(&xen, &[json!({"op": "vm", "name": "from-vsphere"})])[0];
+    let mut xp = xen_probe::Probe::start(&xen);
+    let x = &xp.assert_disks("from-vsphere", &expected, lab.dir.path());
     assert_eq!(
         x["VCPUs_max"].to_string().trim_matches('"'),
         orig["cpus"].to_string()
@@ -728,26 +700,7 @@ fn cross_hypervisor_restores_between_vsphere_and_xen() {
         x["memory_static_max"].to_string().trim_matches('"'),
         (orig["memory_mb"].as_u64().unwrap() << 20).to_string()
     );
-    let macs = |v: &Value, list: &str, key: &str| -> Vec<String> {
-        v[list]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n[key].as_str().unwrap().to_ascii_lowercase())
-            .collect()
-    };
     assert_eq!(macs(x, "vifs", "MAC"), macs(&orig, "nics", "mac"), "{x}");
-    let xdisks = x["disks"].as_array().unwrap();
-    assert_eq!(xdisks.len(), 2, "{x}");
-    for (i, (d, want)) in xdisks.iter().zip(&expected).enumerate() {
-        assert_eq!(d["userdevice"], i.to_string(), "{x}");
-        let got = lab.path(&format!("xen-{i}.raw"));
-        xen_probe(
-            &xen,
-            &[json!({"op": "export", "vdi": d["uuid"], "path": got})],
-        );
-        ferry_testkit::qemu_img_compare(&got, "raw", want, "raw");
-    }
     for w in [
         "position `scsi0:0` does not exist on Xen; attached as device 0",
         "is not kept (the pool picks the emulated model)",
@@ -757,21 +710,8 @@ fn cross_hypervisor_restores_between_vsphere_and_xen() {
     }
 
     // Xen → vSphere.
-    let web = &xen_probe(&xen, &[json!({"op": "vm", "name": "debian-web"})])[0];
-    let xen_disks: Vec<PathBuf> = web["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            let p = lab.path(&format!("web-{i}.raw"));
-            xen_probe(
-                &xen,
-                &[json!({"op": "export", "vdi": d["uuid"], "path": p})],
-            );
-            p
-        })
-        .collect();
+    let web = &xp.vm("debian-web");
+    let xen_disks = xp.export_disks("debian-web", lab.dir.path(), "web");
     let (out, _) = lab.ok(&["backup", "--source", "xen", "--vm", "debian-web", "--json"]);
     let r: Value = serde_json::from_str(&out).unwrap();
     let xid = r[0]["snapshot"].as_str().unwrap();

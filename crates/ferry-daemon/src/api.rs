@@ -525,6 +525,31 @@ pub(crate) fn precheck<T: serde::de::DeserializeOwned>(
         })
 }
 
+/// The body of a resource without a secret as its table, shape-checked against `T` (a 422
+/// before the ETag is looked at); a `password` in it is refused with `why`.
+pub(crate) fn plain_table<T: serde::de::DeserializeOwned>(
+    kind: Kind,
+    name: &str,
+    body: &Bytes,
+    why: &str,
+) -> ApiResult<toml::Table> {
+    let (t, pw, _) = json_to_table(body, &[])?;
+    if pw.is_some() {
+        return Err(Problem::invalid("password", why));
+    }
+    precheck::<T>(kind, name, &t)?;
+    Ok(t)
+}
+
+/// 201 for a resource a PUT created, 200 for one it changed.
+pub(crate) fn put_status(created: bool) -> StatusCode {
+    if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    }
+}
+
 fn saved(app: &App, kind: Kind, name: &str, tag: String, created: bool) -> ApiResult<Response> {
     let doc = app.store.load()?;
     let t = doc
@@ -532,14 +557,7 @@ fn saved(app: &App, kind: Kind, name: &str, tag: String, created: bool) -> ApiRe
         .ok_or_else(|| Problem::internal("the saved resource vanished"))?;
     app.wake.notify_one();
     Ok(with_etag(
-        json_ok(
-            if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            },
-            table_to_json(kind, name, t, &doc, app),
-        ),
+        json_ok(put_status(created), table_to_json(kind, name, t, &doc, app)),
         &tag,
     ))
 }
@@ -649,11 +667,8 @@ async fn put_job(
     body: Bytes,
 ) -> ApiResult<Response> {
     c.require(Role::Admin)?;
-    let (t, pw, _) = json_to_table(&body, &[])?;
-    if pw.is_some() {
-        return Err(Problem::invalid("password", "a job has no password"));
-    }
-    precheck::<crate::config::JobConfig>(Kind::Job, &name, &t)?;
+    let t =
+        plain_table::<crate::config::JobConfig>(Kind::Job, &name, &body, "a job has no password")?;
     let (tag, created) = app
         .store
         .put(Kind::Job, &name, t, None, &precondition(&h), |_| async {

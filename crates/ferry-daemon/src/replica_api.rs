@@ -6,7 +6,7 @@
 //! says what runs or ran last, and the record what it did.
 
 use crate::App;
-use crate::api::{json_ok, json_to_table, precheck, precondition, with_etag};
+use crate::api::{json_ok, plain_table, precondition, put_status, with_etag};
 use crate::auth::{Caller, Role};
 use crate::config::{Document, Kind, etag};
 use crate::problem::{ApiResult, Problem};
@@ -120,14 +120,12 @@ async fn put_one(
     body: Bytes,
 ) -> ApiResult<Response> {
     c.require(Role::Admin)?;
-    let (t, pw, _) = json_to_table(&body, &[])?;
-    if pw.is_some() {
-        return Err(Problem::invalid(
-            "password",
-            "a replica has no password (its repository's is used)",
-        ));
-    }
-    precheck::<ReplicaConfig>(Kind::Replica, &name, &t)?;
+    let t = plain_table::<ReplicaConfig>(
+        Kind::Replica,
+        &name,
+        &body,
+        "a replica has no password (its repository's is used)",
+    )?;
     if let Ok(cfg) = toml::Value::Table(t.clone()).try_into::<ReplicaConfig>() {
         cfg.check(&name)?;
     }
@@ -155,14 +153,7 @@ async fn put_one(
     let doc = app.store.load()?;
     let rec = crate::replicas::read_one(&app.state_dir, &name);
     Ok(with_etag(
-        json_ok(
-            if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            },
-            view(&app, &name, &doc, rec.as_ref()),
-        ),
+        json_ok(put_status(created), view(&app, &name, &doc, rec.as_ref())),
         &tag,
     ))
 }

@@ -103,6 +103,15 @@ async fn agent_client(
     ))
 }
 
+/// The `n`th name tried for the VM's folder: `root\base`, then `root\base (2)`, ….
+fn candidate(root: &str, base: &str, n: u32) -> String {
+    if n <= 1 {
+        format!("{root}\\{base}")
+    } else {
+        format!("{root}\\{base} ({n})")
+    }
+}
+
 /// `root\base`, else `root\base (2)`, … : a new folder through the agent.
 async fn agent_folder(
     c: &crate::client::WsmanClient,
@@ -112,15 +121,12 @@ async fn agent_folder(
     base: &str,
 ) -> Result<(Sink, String), String> {
     let (client, node) = agent_client(c, source, cfg).await?;
-    let mut folder = format!("{root}\\{base}");
     let mut n = 1;
     loop {
+        let folder = candidate(root, base, n);
         match client.mkdir(&folder).await {
             Ok(()) => return Ok((Sink::Agent { client, node }, folder)),
-            Err(e) if e.already_exists() && n < 100 => {
-                n += 1;
-                folder = format!("{root}\\{base} ({n})");
-            }
+            Err(e) if e.already_exists() && n < 100 => n += 1,
             Err(e) => return Err(format!("the agent of node {node}: {e}")),
         }
     }
@@ -133,12 +139,11 @@ fn local_folder(cfg: &SourceConfig, root: &str, base: &str) -> Result<(Sink, Str
             format!("no san-paths entry covers `{f}`: the proxy cannot write the VM's disks there (set restore-dir under one)")
         })
     };
-    let mut folder = format!("{root}\\{base}");
-    let mut local = map(&folder)?;
     let mut n = 1;
+    let (mut folder, mut local) = (candidate(root, base, n), map(&candidate(root, base, n))?);
     while local.exists() {
         n += 1;
-        folder = format!("{root}\\{base} ({n})");
+        folder = candidate(root, base, n);
         local = map(&folder)?;
     }
     std::fs::create_dir_all(&local)

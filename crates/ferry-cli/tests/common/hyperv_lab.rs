@@ -1,13 +1,17 @@
 //! What the Hyper-V tests share (`hyperv.rs`, `hyperv_cluster.rs`, `hyperv_paths.rs`,
-//! `hyperv_restore.rs`, `hyperv_kerberos.rs`): the lab's repository and a WS-Man client on the
-//! simulator's pinned HTTPS endpoint (for the side door and WMI checks).
+//! `hyperv_restore.rs`, `hyperv_kerberos.rs`): the [`Lab`] (a simulated host, its repository
+//! and config, the guest's side door, restores compared with `qemu-img`), and the pieces for
+//! labs of another shape (a repository; a WS-Man client on the simulator's pinned endpoint).
 #![allow(dead_code)]
 
+use base64::Engine as _;
 use ferry_core::Secret;
+use ferry_hv_hyperv::cim::{Epr, Param};
 use ferry_hv_hyperv::{Credentials, WsmanClient};
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use serde_json::Value;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 /// A new repository at `path` with `password` (fast KDF) and `chunk_size` (else the default).
 pub fn init_repo(
@@ -49,48 +53,211 @@ pub fn sim_client(rt: &tokio::runtime::Runtime, info: &Value) -> WsmanClient {
     .unwrap()
 }
 
-/// A side-door call on the simulator (`FerrySim_SideDoor`: fault injection, agent pins).
-pub fn side_door(
-    rt: &tokio::runtime::Runtime,
-    client: &WsmanClient,
-    method: &str,
-    params: &[(&str, &str)],
-) {
-    let epr = ferry_hv_hyperv::cim::Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
-    let p: Vec<ferry_hv_hyperv::cim::Param> = params
-        .iter()
-        .map(|(k, v)| ferry_hv_hyperv::cim::Param::Text(k.to_string(), v.to_string()))
-        .collect();
-    rt.block_on(client.invoke(&epr, method, &p))
-        .unwrap_or_else(|e| panic!("side door {method}: {e}"));
+/// The repository password of every Hyper-V lab.
+pub const PASSWORD: &str = "test password";
+/// The labs' chunk size: small, so that 8 MiB disks make many chunks.
+pub const CHUNK: u64 = 256 << 10;
+
+/// One `ferry sim hyperv` host in a scratch directory, with its password file (`hv.pw`), a
+/// repository (`repo`), the config file (`ferry.toml`, written by [`Lab::config`]) and a
+/// pinned WS-Man client for the side door.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub info: Value,
+    pub rt: tokio::runtime::Runtime,
+    pub client: WsmanClient,
+    _sim: ferry_testkit::Killed,
 }
 
-/// The VMs `names` as pypsrp reads them from the simulator's WMI (`tests/hyperv_vm_probe.py`;
-/// null: no such VM).
-pub fn vm_probe(info: &Value, names: &[&str]) -> Value {
-    let python = ferry_testkit::peers_dir().join("venv/bin/python");
-    assert!(
-        python.exists(),
-        "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
-    );
-    let out = ferry_testkit::run_ok(
-        std::process::Command::new(python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/hyperv_vm_probe.py"
-            ))
-            .args(["url", "username", "password"].map(|k| info[k].as_str().unwrap()))
-            .args(names),
-    );
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-}
-
-/// The simulator's local file for host path `p` (under `C:\`).
-pub fn sim_local(info: &Value, p: &str) -> std::path::PathBuf {
-    let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
-    let mut out = std::path::PathBuf::from(info["san_paths"]["C:\\"].as_str().unwrap());
-    for c in rest.split('\\') {
-        out.push(c);
+impl Lab {
+    /// `ferry sim hyperv --listen 127.0.0.1:0 --dir <scratch>/host ARGS`.
+    pub fn start(args: &[&str]) -> Self {
+        let dir = ferry_testkit::scratch_dir();
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.env_remove("RUST_LOG")
+            .env_remove("FERRY_CONFIG")
+            .env_remove("FERRY_PASSWORD")
+            .args(["sim", "hyperv", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .arg("--dir")
+            .arg(dir.path().join("host"));
+        let (sim, info) = ferry_testkit::Killed::spawn_json_line(&mut c);
+        std::fs::write(dir.path().join("hv.pw"), info["password"].as_str().unwrap()).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        init_repo(&rt, &dir.path().join("repo"), PASSWORD, Some(CHUNK as u32));
+        let client = sim_client(&rt, &info);
+        Self {
+            dir,
+            info,
+            rt,
+            client,
+            _sim: sim,
+        }
     }
-    out
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Writes `ferry.toml`: source `lab` on the simulator with `transports` (TOML array), then
+    /// `tail` (more keys of the source, then tables).
+    pub fn config(&self, transports: &str, tail: &str) {
+        let toml = format!(
+            "[sources.lab]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = {transports}\n{tail}",
+            self.info["url"].as_str().unwrap(),
+            self.info["username"].as_str().unwrap(),
+            self.path("hv.pw").display(),
+            self.info["tls_fingerprint"].as_str().unwrap(),
+            self.path("state").display(),
+        );
+        std::fs::write(self.path("ferry.toml"), toml).unwrap();
+    }
+
+    /// `[sources.lab.san-paths]`: the host's `C:\` as the proxy sees it.
+    pub fn san_paths_table(&self) -> String {
+        format!(
+            "[sources.lab.san-paths]\n'C:\\' = \"{}\"\n",
+            self.info["san_paths"]["C:\\"].as_str().unwrap()
+        )
+    }
+
+    pub fn env(&self) -> [(String, String); 3] {
+        [
+            ("FERRY_PASSWORD", PASSWORD.to_string()),
+            ("FERRY_REPO", self.path("repo").display().to_string()),
+            (
+                "FERRY_CONFIG",
+                self.path("ferry.toml").display().to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, &self.env())
+    }
+
+    /// [`Self::run`] that must succeed: (stdout, stderr).
+    pub fn ok(&self, args: &[&str]) -> (String, String) {
+        let out = self.run(args);
+        assert!(out.status.success(), "ferry {args:?} failed");
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    }
+
+    /// `ferry backup --source lab --json ARGS`: the reports, and stderr.
+    pub fn backup(&self, args: &[&str]) -> (Vec<Value>, String) {
+        let mut all = vec!["backup", "--source", "lab", "--json"];
+        all.extend_from_slice(args);
+        let (out, err) = self.ok(&all);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        (v.as_array().unwrap().clone(), err)
+    }
+
+    /// A side-door call (the guest, faults, migrations); every node has the side door.
+    pub fn door(&self, method: &str, params: &[(&str, &str)]) {
+        let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
+        let p: Vec<Param> = params
+            .iter()
+            .map(|(k, v)| Param::Text(k.to_string(), v.to_string()))
+            .collect();
+        self.rt
+            .block_on(self.client.invoke(&epr, method, &p))
+            .unwrap_or_else(|e| panic!("side door {method}: {e}"));
+    }
+
+    /// The guest of `vm` writes `data` at `offset` of its disk `disk`.
+    pub fn guest_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) {
+        let data = base64::engine::general_purpose::STANDARD.encode(data);
+        self.door(
+            "GuestWrite",
+            &[
+                ("VirtualSystem", vm),
+                ("Disk", disk),
+                ("Offset", &offset.to_string()),
+                ("Data", &data),
+            ],
+        );
+    }
+
+    /// Copies of what the guest of `vm` sees on its disks now.
+    pub fn guest_disks(&self, vm: &str, tag: &str) -> Vec<PathBuf> {
+        let v = self.info["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == vm)
+            .unwrap_or_else(|| panic!("no VM {vm} in the simulator"));
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                let to = self.path(&format!("{vm}-{}-{tag}.raw", d["name"].as_str().unwrap()));
+                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
+                to
+            })
+            .collect()
+    }
+
+    /// Restores disk `diskN` of `snapshot` to a raw file and compares it with `expected[N]`.
+    pub fn assert_restores(&self, snapshot: &str, expected: &[PathBuf]) {
+        for (i, want) in expected.iter().enumerate() {
+            let disk = format!("disk{i}");
+            let out = self.path(&format!("restored-{snapshot}-{disk}.raw"));
+            self.ok(&[
+                "restore",
+                snapshot,
+                "--disk",
+                &disk,
+                "--to",
+                out.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                std::fs::metadata(&out).unwrap().len(),
+                std::fs::metadata(want).unwrap().len()
+            );
+            ferry_testkit::qemu_img_compare(&out, "raw", want, "raw");
+        }
+    }
+
+    /// Restore point `id`'s manifest, read from the repository.
+    pub fn manifest(&self, id: &str) -> ferry_repo::Manifest {
+        self.rt.block_on(async {
+            let store = Store::open(self.path("repo").to_str().unwrap(), false).unwrap();
+            let repo = Repository::open(store, Some(&Secret::new(PASSWORD)))
+                .await
+                .unwrap();
+            repo.load_manifest(id).await.unwrap()
+        })
+    }
+
+    /// What a vendor client sees: `tests/SCRIPT URL USER PASSWORD ARGS` (pypsrp) as JSON.
+    pub fn probe_with(&self, script: &str, url: &str, args: &[&str]) -> Value {
+        let python = ferry_testkit::peers_dir().join("venv/bin/python");
+        assert!(
+            python.exists(),
+            "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
+        );
+        let out = ferry_testkit::run_ok(
+            std::process::Command::new(python)
+                .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
+                .arg(url)
+                .args(["username", "password"].map(|k| self.info[k].as_str().unwrap()))
+                .args(args),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{script}: {e}: {out}"))
+    }
+}
+
+/// Report `report`'s disk `name`.
+pub fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == name)
+        .unwrap_or_else(|| panic!("no disk {name} in {report}"))
 }

@@ -1,5 +1,7 @@
 //! The Python XenAPI SDK probe (`tests/xen_probe.py`) as the CLI tests drive it: one process,
-//! one session, one JSON line per request. Shared by `xen.rs` and `scale_out.rs`.
+//! one session, one JSON line per request. Shared by the tests that read a Xen pool (`xen.rs`,
+//! `scale_out.rs`, the replica tests, the cross-hypervisor restores of `vmware.rs` and
+//! `hyperv_restore.rs`).
 #![allow(dead_code)]
 
 use ferry_testkit::Killed;
@@ -108,6 +110,21 @@ impl Probe {
             .collect()
     }
 
+    /// Asserts that VM `name` has one disk per `expected`, at userdevices 0, 1, …, each equal
+    /// to its file (exported as `dir/<name>-<n>.raw`); the VM's record.
+    pub fn assert_disks(&mut self, name: &str, expected: &[PathBuf], dir: &Path) -> Value {
+        let vm = self.vm(name);
+        let disks = vm["disks"].as_array().unwrap();
+        assert_eq!(disks.len(), expected.len(), "{vm}");
+        for (i, (d, want)) in disks.iter().zip(expected).enumerate() {
+            assert_eq!(d["userdevice"], i.to_string(), "{vm}");
+            let got = dir.join(format!("{name}-{i}.raw"));
+            self.ask(json!({"op": "export", "vdi": d["uuid"], "path": got}));
+            ferry_testkit::qemu_img_compare(&got, "raw", want, "raw");
+        }
+        vm
+    }
+
     /// Asserts that the pool holds nothing a backup leaves behind, except `anchors` CBT
     /// metadata VDIs: no snapshot VM, no snapshot VDI with data, no VBD on the proxy or on a
     /// snapshot, no task.
@@ -129,4 +146,21 @@ impl Probe {
             "after {after}: CBT anchors: {l}"
         );
     }
+}
+
+/// The MAC addresses in list `list` (key `key`) of a VM record, normalized (lower case, no
+/// separators) so that records of different hypervisors compare.
+pub fn macs(v: &Value, list: &str, key: &str) -> Vec<String> {
+    v[list]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            n[key]
+                .as_str()
+                .unwrap()
+                .replace([':', '-'], "")
+                .to_ascii_lowercase()
+        })
+        .collect()
 }
