@@ -17,7 +17,8 @@
 //! * `delete:<folder>` — removes a marked folder: the files restores created in it (listed in
 //!   the marker), then empty subfolders and the folder. Anything else stays.
 //!
-//! A staged disk nobody commits is dropped once no connection has used it for 15 minutes.
+//! A staged disk nobody commits is dropped once no connection has used it for 15 minutes
+//! (checked every minute and at each request).
 
 use crate::export::RootedResolver;
 use crate::paths::{PathPolicy, PathRefused};
@@ -361,8 +362,8 @@ impl RestoreExports {
         Ok((folder, name))
     }
 
-    /// Drops staged disks nobody has used for [`IDLE`].
-    fn sweep(&self) {
+    /// Drops staged disks nobody has used for [`IDLE`] (the server calls it every minute).
+    pub fn sweep(&self) {
         let now = Instant::now();
         let mut staged = self.staged.lock().expect("restore lock");
         staged.retain(|k, s| {
