@@ -18,8 +18,17 @@ pub async fn open(
     host_path: &str,
 ) -> Result<Arc<dyn BlockSource>, AgentError> {
     let cfg = config(addr, agent_pin, identity, host_path)?;
+    Ok(Arc::new(connect(cfg, addr, identity).await?))
+}
+
+/// Connects with `cfg`, naming a refused client certificate as such.
+pub(crate) async fn connect(
+    cfg: NbdConfig,
+    addr: &str,
+    identity: &ClientIdentity,
+) -> Result<NbdClient, AgentError> {
     match NbdClient::connect(cfg).await {
-        Ok(c) => Ok(Arc::new(c)),
+        Ok(c) => Ok(c),
         // TLS 1.3 completes the client's side of the handshake before the server checks the
         // client certificate: a refusal arrives as an alert on the first read.
         Err(e) if refused_alert(&e.to_string()) => Err(AgentError::ClientRefused {

@@ -44,6 +44,10 @@ pub struct AgentConfig {
     /// Directories whose files may be exported (the VM storage locations, CSV mount points).
     #[serde(default)]
     pub roots: Vec<PathBuf>,
+    /// Directories under which restores may create new folders and VHDX files (ADR 0169);
+    /// none: the agent takes no restores.
+    #[serde(default)]
+    pub restore_roots: Vec<PathBuf>,
     /// Host-path translations (labs, tests).
     #[serde(default)]
     pub maps: Vec<PathMap>,
@@ -77,6 +81,7 @@ impl AgentConfig {
         Self {
             listen,
             roots: Vec::new(),
+            restore_roots: Vec::new(),
             maps: Vec::new(),
             cert: None,
             key: None,

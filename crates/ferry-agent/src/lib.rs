@@ -15,6 +15,8 @@
 //!   roots too), and a guard that fails reads once a file changes under an open export.
 //! * [`server`]: the listener with mutual TLS (ADR 0125).
 //! * [`client`]: what the Hyper-V driver calls on the appliance: [`client::open`].
+//! * [`restore`]: restore requests (ADR 0169): new folders and VHDX files under the restore
+//!   roots, written over NBD; [`restore_client`] is the appliance's side.
 //!
 //! The core is portable Rust built and tested on Linux; the Windows-only part (case-insensitive
 //! drive paths, the service wrapper) is a thin layer behind `cfg(windows)`.
@@ -23,6 +25,8 @@ pub mod client;
 pub mod config;
 pub mod export;
 pub mod paths;
+pub mod restore;
+pub mod restore_client;
 pub mod server;
 
 pub use config::{AgentConfig, PathMap};
@@ -59,6 +63,16 @@ pub enum AgentError {
         /// The certificate presented.
         fingerprint: String,
     },
+    /// The agent refused a restore request (ADR 0169).
+    #[error("the agent at {agent} refused `{request}`: {message}")]
+    RestoreRefused {
+        /// The agent's address.
+        agent: String,
+        /// What was asked (`mkdir C:\…`).
+        request: String,
+        /// The agent's reason.
+        message: String,
+    },
     /// The NBD connection to an agent failed.
     #[error(transparent)]
     Nbd(Box<ferry_nbd::NbdError>),
@@ -71,6 +85,11 @@ impl From<ferry_nbd::NbdError> for AgentError {
 }
 
 impl AgentError {
+    /// Whether a restore request was refused because its folder or file exists already.
+    pub fn already_exists(&self) -> bool {
+        matches!(self, Self::RestoreRefused { message, .. } if message.contains("already exists"))
+    }
+
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Self::Io {
             what: what.into(),

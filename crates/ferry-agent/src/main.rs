@@ -11,7 +11,7 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "ferry-agent", version, about)]
 struct Args {
-    /// TOML configuration file (keys: listen, roots, maps, cert, key, state_dir, client_pins);
+    /// TOML configuration file (keys: listen, roots, restore_roots, maps, cert, key, state_dir, client_pins);
     /// flags add to it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -21,6 +21,9 @@ struct Args {
     /// A directory whose virtual disks may be exported (repeatable).
     #[arg(long = "root")]
     roots: Vec<PathBuf>,
+    /// A directory under which restores may create new folders and VHDX files (repeatable).
+    #[arg(long = "restore-root")]
+    restore_roots: Vec<PathBuf>,
     /// Host path prefix translation, `C:\VMs=/srv/vms` (repeatable; labs and tests).
     #[arg(long = "map")]
     maps: Vec<PathMap>,
@@ -47,6 +50,7 @@ fn config(a: Args) -> anyhow::Result<AgentConfig> {
         cfg.listen = l;
     }
     cfg.roots.extend(a.roots);
+    cfg.restore_roots.extend(a.restore_roots);
     cfg.maps.extend(a.maps);
     cfg.client_pins.extend(a.client_pins);
     cfg.cert = a.cert.or(cfg.cert);

@@ -126,12 +126,27 @@ pub async fn start_with_pins(
     let addr = listener
         .local_addr()
         .map_err(|e| AgentError::io("local address", e))?;
-    let server =
-        NbdServer::with_provider(Arc::new(AgentExports::new(policy))).with_tls(ServerTls {
-            config: tls,
-            required: true,
-        });
+    let provider = Arc::new(crate::restore::AgentProvider {
+        read: AgentExports::new(policy),
+        restore: crate::restore::RestoreExports::new(&cfg.restore_roots, &cfg.maps)?,
+    });
+    let server = NbdServer::with_provider(provider.clone()).with_tls(ServerTls {
+        config: tls,
+        required: true,
+    });
     let shutdown = CancellationToken::new();
+    // Restored disks nobody commits are dropped (their staging files go) even when no request
+    // comes.
+    let idle = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = idle.cancelled() => return,
+                _ = tick.tick() => provider.restore.sweep(),
+            }
+        }
+    });
     let task = tokio::spawn(server.serve(listener, shutdown.clone()));
     Ok(RunningAgent {
         addr,

@@ -449,7 +449,10 @@ impl Inner {
                     }
                 }
                 crate::restore::FOLDER_ENTRY => {
-                    crate::restore::remove_folder(&self.name, &e.id);
+                    // Kept journaled while it cannot be removed (an agent that is down).
+                    if !crate::restore_agent::remove_folder(&self.name, &self.cfg, &e.id).await {
+                        continue;
+                    }
                 }
                 _ => {
                     for h in &hosts {

@@ -32,6 +32,7 @@ pub mod error;
 pub mod inventory;
 pub mod kerberos;
 pub mod restore;
+pub mod restore_agent;
 pub mod transport;
 pub mod wmi;
 

@@ -22,7 +22,6 @@ use crate::client::WsmanClient;
 use crate::config::NATIVE_FORMAT;
 use crate::driver::hv;
 use crate::error::HypervError;
-use crate::transport::map_host_path;
 use crate::wmi::{self, Wmi};
 use crate::xml::escape;
 use ferry_core::BlockSource;
@@ -404,6 +403,7 @@ fn refs(out: &Instance, k: &str) -> Vec<Epr> {
 struct Run<'a> {
     c: &'a WsmanClient,
     source: &'a str,
+    cfg: &'a SourceConfig,
     journal: &'a Journal,
     svc: Epr,
     host: String,
@@ -477,7 +477,7 @@ impl Run<'_> {
         }
         self.folder = None;
         if let Some(d) = self.folder_entry.take() {
-            if remove_folder(self.source, &d) {
+            if crate::restore_agent::remove_folder(self.source, self.cfg, &d).await {
                 self.note(false, FOLDER_ENTRY, &d);
             } else {
                 self.folder_entry = Some(d);
@@ -608,6 +608,7 @@ pub async fn restore(
     let mut run = Run {
         c,
         source,
+        cfg,
         journal,
         svc,
         host,
@@ -616,13 +617,13 @@ pub async fn restore(
         folder: None,
         folder_entry: None,
     };
-    match build(&mut run, cfg, plan, &vp, &name, &root, &switch_ids).await {
-        Ok(id) => {
+    match build(&mut run, plan, &vp, &name, &root, &switch_ids).await {
+        Ok((id, transport)) => {
             run.forget();
             Ok(RestoredVm {
                 id,
                 name,
-                transport: "san (VHDX written through san-paths)".into(),
+                transport: transport.into(),
             })
         }
         Err(e) => {
@@ -633,40 +634,27 @@ pub async fn restore(
     }
 }
 
-/// Writes the disks and defines the VM; its id.
+/// Writes the disks and defines the VM; its id and how the disks were written.
 async fn build(
     run: &mut Run<'_>,
-    cfg: &SourceConfig,
     plan: &RestorePlan,
     vp: &VmPlan,
     name: &str,
     root: &str,
     switch_ids: &[Option<String>],
-) -> Result<String, HvError> {
-    // A new folder for the VM; its disks inside, written through san-paths.
-    let mut folder = format!("{root}\\{}", safe_name(name));
-    let mut local = map_host_path(&cfg.san_paths, &folder).ok_or_else(|| {
-        run.fail(
-            "restore",
-            format!("no san-paths entry covers `{folder}`: the proxy cannot write the VM's disks there (set restore-dir under one)"),
-        )
-    })?;
-    let mut n = 1;
-    while local.exists() {
-        n += 1;
-        folder = format!("{root}\\{} ({n})", safe_name(name));
-        local = map_host_path(&cfg.san_paths, &folder)
-            .ok_or_else(|| run.fail("restore", format!("no san-paths entry covers `{folder}`")))?;
+) -> Result<(String, &'static str), HvError> {
+    // A new folder for the VM, its disks inside: through the host agent or san-paths, in the
+    // source's transports order (ADR 0170).
+    let (sink, folder) =
+        crate::restore_agent::make_folder(run.c, run.source, run.cfg, root, &safe_name(name))
+            .await
+            .map_err(|m| run.fail("restore", m))?;
+    let entry = sink.journal_id(&folder);
+    if let crate::restore_agent::Sink::Local { local } = &sink {
+        run.folder = Some(local.clone());
     }
-    std::fs::create_dir_all(&local).map_err(|e| {
-        run.fail(
-            "restore",
-            format!("cannot create {} (for {folder}): {e}", local.display()),
-        )
-    })?;
-    run.folder = Some(local.clone());
-    run.folder_entry = Some(local.display().to_string());
-    run.note(true, FOLDER_ENTRY, &local.display().to_string());
+    run.folder_entry = Some(entry.clone());
+    run.note(true, FOLDER_ENTRY, &entry);
     // The VM.
     let mut settings = vec![
         p("ElementName", "string", name),
@@ -766,15 +754,15 @@ async fn build(
         }
         used.push(file.to_lowercase());
         let host_path = format!("{folder}\\{file}.vhdx");
-        let path = local.join(format!("{file}.vhdx"));
-        let written = write_vhdx(d.source.as_ref(), &path)
+        let (written, path) = sink
+            .write(&host_path, &format!("{file}.vhdx"), d.source.as_ref())
             .await
             .map_err(|m| HvError::Disk {
                 source_name: run.source.into(),
                 disk: format!("{name}/{}", d.name),
                 message: format!("writing {host_path}: {m}"),
             })?;
-        run.files.push(path);
+        run.files.extend(path);
         tracing::info!(source = %run.source, vm = %name, disk = %d.name, file = %host_path, bytes = written, "disk written");
         vhdx.push(host_path);
     }
@@ -960,12 +948,12 @@ async fn build(
     // Done: nothing is undone any more (the journal entries go in `forget`).
     run.files.clear();
     run.folder = None;
-    Ok(id)
+    Ok((id, sink.label()))
 }
 
 /// Writes `src` as a dynamic VHDX at `path` (only its allocated, non-zero pieces); the bytes
 /// written. The file appears complete or not at all (the writer renames it into place).
-async fn write_vhdx(src: &dyn BlockSource, path: &Path) -> Result<u64, String> {
+pub(crate) async fn write_vhdx(src: &dyn BlockSource, path: &Path) -> Result<u64, String> {
     let size = src.size();
     let mut w = ferry_image::ImageWriter::create_with(
         path,

@@ -438,7 +438,8 @@ impl SourceConfig {
 }
 
 /// `restore-dir` is an absolute Windows path (`X:\…` or `\\server\share\…`) without `.`/`..`
-/// components, under one of the source's `san-paths` prefixes (component-wise, any case).
+/// components, under one of the source's `san-paths` prefixes (component-wise, any case) unless
+/// the source writes restores through its host agent (`network` with an `agent` table).
 fn check_restore_dir(src: &SourceConfig, d: &str) -> Result<(), String> {
     if src.kind != SourceKind::Hyperv {
         return Err("is a Hyper-V setting".into());
@@ -460,7 +461,10 @@ fn check_restore_dir(src: &SourceConfig, d: &str) -> Result<(), String> {
         let (k, p) = (norm(k), norm(&p));
         p == k || (p.starts_with(&k) && p[k.len()..].starts_with('\\'))
     });
-    if !covered {
+    // Through the host agent the restore needs no share (ADR 0170); the agent checks its
+    // restore roots.
+    let agent = src.agent.is_some() && src.transports.contains(&TransportMode::Network);
+    if !covered && !agent {
         return Err(format!(
             "`{d}` is under no san-paths prefix: the proxy cannot write there"
         ));

@@ -46,6 +46,19 @@ impl CowOverlay {
         })
     }
 
+    /// [`Self::new`] with the temporary file in `dir`: on the volume the data is meant for (a
+    /// host agent staging a restored disk), still unlinked, so nothing is left after a crash.
+    pub fn new_in(source: Arc<dyn BlockSource>, dir: &std::path::Path) -> std::io::Result<Self> {
+        let file = tempfile::tempfile_in(dir)?;
+        file.set_len(source.size())?;
+        Ok(Self {
+            source,
+            file: Arc::new(file),
+            cells: Mutex::new(ExtentMap::new()),
+            write_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
     /// Bytes (cell-aligned) held by the overlay rather than the source.
     pub fn written(&self) -> ExtentMap {
         self.cells.lock().expect("overlay lock").clone()
@@ -127,15 +140,29 @@ impl CowOverlay {
         Ok(())
     }
 
-    /// Makes `len` bytes at `offset` read as zeros.
+    /// Makes `len` bytes at `offset` read as zeros. Whole cells that read as zeros already
+    /// (neither written nor allocated in the source: a new disk staged over zeros) are left
+    /// alone, so zeroing a large range costs nothing there.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         BlockError::check_range(&self.name(), offset, len, self.size())?;
-        const STEP: u64 = 1 << 20;
-        let zeros = vec![0u8; STEP.min(len) as usize];
+        let end = offset + len;
+        let in_source = self.source.allocated(offset..end).await?;
+        let zeros = vec![0u8; CELL as usize];
         let mut pos = offset;
-        while pos < offset + len {
-            let n = STEP.min(offset + len - pos);
-            self.write(pos, &zeros[..n as usize]).await?;
+        while pos < end {
+            let cell = pos / CELL * CELL..(pos / CELL * CELL + CELL).min(self.size());
+            let n = cell.end.min(end) - pos;
+            let whole = pos == cell.start && pos + n == cell.end;
+            let zero_already = whole
+                && !in_source.intersects(cell.clone())
+                && !self
+                    .cells
+                    .lock()
+                    .expect("overlay lock")
+                    .intersects(cell.clone());
+            if !zero_already {
+                self.write(pos, &zeros[..n as usize]).await?;
+            }
             pos += n;
         }
         Ok(())
@@ -207,5 +234,21 @@ mod tests {
         assert_eq!(src.data(), &data[..], "source untouched");
         assert_eq!(ov.written().total_len(), 2 * CELL + (300_000 - 4 * CELL));
         assert!(ov.write(299_999, &[1, 2]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn zeroing_what_reads_as_zeros_writes_nothing() {
+        let mut data = vec![0u8; 8 * CELL as usize];
+        data[5 * CELL as usize] = 7;
+        let src = Arc::new(MemSource::new("m", data.clone(), CELL as usize));
+        let ov = CowOverlay::new(src).unwrap();
+        ov.write(CELL + 10, &[1; 10]).await.unwrap();
+        ov.write_zeroes(0, 8 * CELL).await.unwrap();
+        // Cell 1 (written) and cell 5 (allocated in the source) are zeroed in the overlay.
+        assert_eq!(ov.written().total_len(), 2 * CELL);
+        assert_eq!(read_all(&ov).await.unwrap(), vec![0u8; 8 * CELL as usize]);
+        // Partial cells are written as before.
+        ov.write_zeroes(3 * CELL + 1, 10).await.unwrap();
+        assert_eq!(ov.written().total_len(), 3 * CELL);
     }
 }

@@ -99,6 +99,17 @@ impl NbdExport {
         })
     }
 
+    /// Serves `overlay` read-write under `name`; exports made from one overlay share it (each
+    /// connection of a multi-connection client gets its own export, the same bytes).
+    pub fn writable(name: impl Into<String>, overlay: Arc<CowOverlay>) -> Self {
+        Self {
+            name: name.into(),
+            description: String::new(),
+            source: overlay.clone(),
+            overlay: Some(overlay),
+        }
+    }
+
     /// Sets the description shown by `NBD_OPT_LIST`.
     pub fn with_description(mut self, d: impl Into<String>) -> Self {
         self.description = d.into();

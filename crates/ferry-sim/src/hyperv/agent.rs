@@ -1,7 +1,8 @@
 //! The simulated host's data paths beside WinRM (ADR 0151):
 //!
 //! - the host agent (`ferry-agent`, the `network` transport) served in-process on a loopback
-//!   port with its own certificate, mapping the host's `C:\…` paths to its disk directory.
+//!   port with its own certificate, mapping the host's `C:\…` paths to its disk directory,
+//!   which is also its restore root (restores written through the agent, ADR 0169).
 //!   It admits the appliance certificates pinned with `--agent-client-pin` and those a test
 //!   registers later through the side door (`FerrySim_SideDoor.AgentPin`), so a test can start
 //!   the host before the appliance has made its identity;
@@ -66,6 +67,9 @@ pub(super) async fn start(
     let volumes = dir.join("volumes");
     let mut cfg = ferry_agent::AgentConfig::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     cfg.roots.push(volumes.clone());
+    // Restores through the agent (ADR 0169) land on the same volumes, where DefineSystem'd VMs
+    // find their VHDX files.
+    cfg.restore_roots.push(volumes.clone());
     for letter in ["C", "E"] {
         cfg.maps.push(ferry_agent::PathMap {
             host: format!("{letter}:\\"),
