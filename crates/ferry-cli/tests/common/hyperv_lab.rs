@@ -48,3 +48,42 @@ pub fn sim_client(rt: &tokio::runtime::Runtime, info: &Value) -> WsmanClient {
     )
     .unwrap()
 }
+
+/// A `FerrySim_SideDoor` call (the guest, faults, migrations) through `client`.
+pub fn side_door(
+    rt: &tokio::runtime::Runtime,
+    client: &WsmanClient,
+    method: &str,
+    params: &[(&str, String)],
+) {
+    use ferry_hv_hyperv::cim::{Epr, Param};
+    let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
+    let p: Vec<Param> = params
+        .iter()
+        .map(|(k, v)| Param::Text(k.to_string(), v.clone()))
+        .collect();
+    rt.block_on(client.invoke(&epr, method, &p))
+        .unwrap_or_else(|e| panic!("side door {method}: {e}"));
+}
+
+/// What pypsrp sees on the host at `url` with the simulator's login: `script` is a probe in
+/// `tests/` (`hyperv_probe.py`: Hyper-V's leftovers; `hyperv_cluster_probe.py`: the owners).
+pub fn pypsrp_probe(info: &Value, script: &str, url: &str) -> Value {
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "peer `python` (venv) not found: run tests/peers/install.sh"
+    );
+    let out = std::process::Command::new(python)
+        .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
+        .arg(url)
+        .args(["username", "password"].map(|k| info[k].as_str().unwrap()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

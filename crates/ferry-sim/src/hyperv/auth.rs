@@ -60,6 +60,8 @@ pub(super) struct Auth {
     /// AP-REPs to send with the answer to the request that carried the AP-REQ.
     ap_reps: Mutex<BTreeMap<(Channel, u64), HeaderValue>>,
     kerberos_logins: AtomicU64,
+    /// Extended Protection on the HTTPS listener ([`super::cbt`]).
+    cbt: std::sync::OnceLock<super::cbt::CbtCheck>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -121,6 +123,14 @@ impl Auth {
             kerberos: None,
             ap_reps: Mutex::default(),
             kerberos_logins: AtomicU64::new(0),
+            cbt: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Checks channel bindings over HTTPS from now on (ADR 0172).
+    pub(super) fn set_cbt(&self, check: Option<super::cbt::CbtCheck>) {
+        if let Some(c) = check {
+            let _ = self.cbt.set(c);
         }
     }
 
@@ -292,7 +302,7 @@ impl Auth {
         token: &[u8],
     ) -> Result<(), Box<Response>> {
         let mut conns = self.conns();
-        let pending = match conns.remove(&key) {
+        let mut pending = match conns.remove(&key) {
             // An AUTHENTICATE continues the connection's handshake; a NEGOTIATE starts over.
             Some(ConnState::Pending(p)) if token.get(8) == Some(&3) => *p,
             _ => NtlmServer::new(&self.user, &self.password).map_err(|e| {
@@ -300,6 +310,13 @@ impl Auth {
                 challenge_401(None)
             })?,
         };
+        if let (Some(c), Channel::Tls, Some(3)) = (self.cbt.get(), key.0, token.get(8)) {
+            if let Err(why) = c.check(token) {
+                tracing::info!(%why, "NTLM login refused: channel binding");
+                return Err(challenge_401(None));
+            }
+            pending.bind_channel(&c.binding);
+        }
         match pending.step(token) {
             Ok(Accepted::Challenge(t, server)) => {
                 conns.insert(key, ConnState::Pending(Box::new(server)));
