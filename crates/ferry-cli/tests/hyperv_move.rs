@@ -201,39 +201,12 @@ impl Lab {
 
     /// Copies of what the guest sees on its disks now.
     fn guest_disks(&self, tag: &str) -> Vec<PathBuf> {
-        let v = self.info["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == VM)
-            .unwrap();
-        v["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                let to = self.path(&format!("{}-{tag}.raw", d["name"].as_str().unwrap()));
-                std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
-                to
-            })
-            .collect()
+        hyperv_lab::guest_disks(&self.info, VM, self.dir.path(), tag)
     }
 
     /// Restores disk `diskN` of `snapshot` and compares it with `expected[N]`.
     fn assert_restores(&self, snapshot: &str, expected: &[PathBuf]) {
-        for (i, want) in expected.iter().enumerate() {
-            let disk = format!("disk{i}");
-            let out = self.path(&format!("restored-{snapshot}-{disk}.raw"));
-            self.ok(&[
-                "restore",
-                snapshot,
-                "--disk",
-                &disk,
-                "--to",
-                out.to_str().unwrap(),
-            ]);
-            ferry_testkit::qemu_img_compare(&out, "raw", want, "raw");
-        }
+        hyperv_lab::assert_restores(&self.env(), self.dir.path(), snapshot, expected);
     }
 }
 

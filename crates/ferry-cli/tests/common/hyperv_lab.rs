@@ -87,3 +87,49 @@ pub fn pypsrp_probe(info: &Value, script: &str, url: &str) -> Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// Copies, into `dir`, of what the guest of `vm` sees on its disks now (the simulator's `live`
+/// files from its JSON line `info`), named `<vm>-<disk>-<tag>.raw`.
+pub fn guest_disks(info: &Value, vm: &str, dir: &Path, tag: &str) -> Vec<std::path::PathBuf> {
+    let v = info["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == vm)
+        .unwrap_or_else(|| panic!("no VM {vm} in {info}"));
+    v["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let to = dir.join(format!("{vm}-{}-{tag}.raw", d["name"].as_str().unwrap()));
+            std::fs::copy(d["live"].as_str().unwrap(), &to).unwrap();
+            to
+        })
+        .collect()
+}
+
+/// `ferry restore SNAPSHOT --disk diskN` (environment `env`) of each disk into `dir`, compared
+/// with `expected[N]` by `qemu-img compare`.
+pub fn assert_restores(
+    env: &[(String, String)],
+    dir: &Path,
+    snapshot: &str,
+    expected: &[std::path::PathBuf],
+) {
+    for (i, want) in expected.iter().enumerate() {
+        let disk = format!("disk{i}");
+        let out = dir.join(format!("restored-{snapshot}-{disk}.raw"));
+        let args = [
+            "restore",
+            snapshot,
+            "--disk",
+            &disk,
+            "--to",
+            out.to_str().unwrap(),
+        ];
+        let r = ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), &args, env);
+        assert!(r.status.success(), "ferry {args:?} failed");
+        ferry_testkit::qemu_img_compare(&out, "raw", want, "raw");
+    }
+}
