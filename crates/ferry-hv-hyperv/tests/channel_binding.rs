@@ -119,3 +119,38 @@ fn a_login_bound_to_another_certificate_is_refused() {
         assert_eq!(server.step(&authenticate).is_ok(), ok);
     }
 }
+
+/// The source's `channel-binding` setting reaches the driver's client: on by default, and a
+/// strict host refuses the driver with `channel-binding = false`, saying so.
+#[tokio::test]
+async fn the_channel_binding_setting_of_a_source_is_used() {
+    use ferry_hv::HypervisorDriver;
+    let (d, sim) = sim(Cbt::Strict).await;
+    let toml = |extra: &str| {
+        format!(
+            "kind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\n{extra}",
+            sim.url(),
+            sim.username(),
+            sim.password(),
+            sim.tls_fingerprint(),
+            d.path().join("state").display(),
+        )
+    };
+    for (extra, ok) in [
+        ("", true),
+        ("channel-binding = true\n", true),
+        ("channel-binding = false\n", false),
+    ] {
+        let src: ferry_hv::SourceConfig = toml::from_str(&toml(extra)).unwrap();
+        let driver = ferry_hv_hyperv::HypervDriver::connect("lab", &src)
+            .await
+            .unwrap();
+        match driver.list_vms().await {
+            Ok(v) => assert!(ok && v.len() == 5, "{extra}: {v:?}"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(!ok && e.contains("channel binding"), "{extra}: {e}");
+            }
+        }
+    }
+}
