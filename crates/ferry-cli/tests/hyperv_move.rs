@@ -2,7 +2,8 @@
 //! against `ferry sim hyperv --cluster 2`: the backup follows the VM to its new node and stays
 //! an RCT incremental whose restores match the guest's disks (`qemu-img compare`), whether the
 //! move lands right after the checkpoint (side door `MigrateAfter`) or while the disks are read
-//! (`LiveMigrate`); no checkpoint is left on either node (pypsrp, `tests/hyperv_probe.py`) and
+//! (`LiveMigrate`); through the host agent, the reads go to the new node's agent (the old one's
+//! cannot be reached); no checkpoint is left on either node (pypsrp, `tests/hyperv_probe.py`) and
 //! `ferry source cleanup` finds nothing; a backup SIGKILLed after the move leaves its
 //! checkpoint on the new node, where cleanup finds and removes it; a VM that keeps moving is
 //! followed a bounded number of times, then the backup fails with the host's error.
@@ -75,7 +76,8 @@ impl Lab {
             dir.path().join("state").display(),
             info["san_paths"]["C:\\"].as_str().unwrap(),
         );
-        std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
+        std::fs::write(dir.path().join("ferry.toml"), &toml).unwrap();
+        std::fs::write(dir.path().join("ferry.base.toml"), toml).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         hyperv_lab::init_repo(&rt, &dir.path().join("repo"), PASSWORD, Some(CHUNK as u32));
         let client = hyperv_lab::sim_client(&rt, &info);
@@ -144,6 +146,28 @@ impl Lab {
     fn backup(&self) -> (Value, String) {
         let (out, err) = self.ok(&["-v", "backup", "--source", "lab", "--json", "--vm", VM]);
         (report(&out), err)
+    }
+
+    /// Reads through the host agent (`network` only), node `k`'s agent at `agents[k]`; pairs
+    /// the appliance with the simulated agent.
+    fn use_network(&self, agents: [&str; 2]) {
+        let base = std::fs::read_to_string(self.path("ferry.base.toml")).unwrap();
+        let mut toml = base.replace("transports = [\"san\"]", "transports = [\"network\"]");
+        toml.push_str(&format!(
+            "[sources.lab.agent]\nport = {}\nfingerprint = \"{}\"\n[sources.lab.agent.nodes]\n",
+            self.info["agent"]["port"],
+            self.info["agent"]["fingerprint"].as_str().unwrap()
+        ));
+        for (k, addr) in agents.iter().enumerate() {
+            toml.push_str(&format!("'{}' = \"{addr}\"\n", self.node(k).0));
+        }
+        std::fs::write(self.path("ferry.toml"), toml).unwrap();
+        let (out, _) = self.ok(&["source", "agent-pin", "lab", "--json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        self.door(
+            "AgentPin",
+            &[("Fingerprint", v["fingerprint"].as_str().unwrap().into())],
+        );
     }
 
     fn door(&self, method: &str, params: &[(&str, String)]) {
@@ -289,6 +313,33 @@ fn a_vm_that_moves_during_an_incremental_is_followed_and_stays_incremental() {
     lab.assert_restores(r3["snapshot"].as_str().unwrap(), &third);
     lab.assert_restores(r4["snapshot"].as_str().unwrap(), &fourth);
     assert_ne!(r1["snapshot"], r2["snapshot"]);
+}
+
+#[test]
+fn network_reads_follow_the_vm_to_the_agent_of_its_new_node() {
+    let lab = Lab::start();
+    let ((a, _), (b, _)) = (lab.node(0), lab.node(1));
+    let agent = lab.info["agent"]["address"].as_str().unwrap().to_string();
+    lab.use_network([&agent, &agent]);
+    let (r1, _) = lab.backup();
+    assert_eq!(r1["disks"][0]["transport"], "network", "{r1}");
+    // From now on node A's agent cannot be reached: the reads must go to node B's.
+    lab.use_network(["127.0.0.1:1", &agent]);
+    lab.guest_write("disk0", 3 * CHUNK, &[0x66; 4096]);
+    lab.guest_write("disk1", 9 * CHUNK, &[0x77; 4096]);
+    let second = lab.guest_disks("second");
+    lab.migrate_after(Some(CREATE_SNAPSHOT), 1, 1);
+    let (r2, err) = lab.backup();
+    assert!(
+        err.contains(&format!("VM moved from {a} to {b} during the backup")),
+        "{err}"
+    );
+    assert_incremental(&r2);
+    for d in r2["disks"].as_array().unwrap() {
+        assert_eq!(d["transport"], "network", "{r2}");
+    }
+    assert_eq!(lab.left(), [(0, 0), (0, 1)]);
+    lab.assert_restores(r2["snapshot"].as_str().unwrap(), &second);
 }
 
 #[test]
