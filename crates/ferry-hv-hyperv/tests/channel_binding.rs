@@ -154,3 +154,30 @@ async fn the_channel_binding_setting_of_a_source_is_used() {
         }
     }
 }
+
+/// Each node of a strict cluster has its own certificate: a login bound to it is let in there.
+#[tokio::test]
+async fn every_node_of_a_strict_cluster_lets_in_a_login_bound_to_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = HypervSimConfig::new(dir.path());
+    cfg.cbt = Cbt::Strict;
+    cfg.cluster_nodes = 2;
+    let sim = HypervSim::start(cfg).await.unwrap();
+    for n in sim.nodes() {
+        let pin = ferry_tls::parse_fingerprint(&n.tls_fingerprint).unwrap();
+        let mut o = ClientOptions::new("lab-hv", ferry_tls::Trust::Fingerprint(pin));
+        o.proxy = ferry_http::ProxySetting::Off;
+        let creds = Credentials {
+            user: sim.username().into(),
+            password: Secret::new(sim.password()),
+        };
+        let c = WsmanClient::new(&n.url, &o, creds.clone()).unwrap();
+        let q = "SELECT * FROM Msvm_ComputerSystem WHERE Caption = 'Hosting Computer System'";
+        let host = c.enumerate("Msvm_ComputerSystem", Some(q)).await.unwrap();
+        assert_eq!(host[0].text("Name"), Some(n.name.as_str()));
+        let unbound = WsmanClient::new(&n.url, &o, creds)
+            .unwrap()
+            .with_channel_binding(false);
+        assert!(vms(&unbound).await.is_err(), "{}", n.name);
+    }
+}

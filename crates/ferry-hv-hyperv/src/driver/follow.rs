@@ -7,9 +7,11 @@
 //! same), so the backup goes on where the VM is now, as Veeam and NAKIVO do: after a failed
 //! per-VM call on a cluster node, the owner is asked of `root/MSCluster` again; when it is
 //! another node, the step is run again there (INFO `VM moved from A to B during the backup`).
-//! Whether the VM moved is the cluster's answer, not the error's wording. At most
-//! [`MAX_FOLLOWS`] moves are followed while starting and as many while the backup runs; then
-//! the error stands as before.
+//! Whether the VM moved is the cluster's answer, not the error's wording. Some answers of a
+//! node that lost the VM are not errors but empty (the configuration's settings), so the
+//! cluster is also asked once the session has read everything, and after an abort (a removal
+//! takes a checkpoint it cannot see for gone). At most [`MAX_FOLLOWS`] moves are followed per
+//! stage (start, session, end); then the error stands as before.
 
 use super::{HypervDriver, HypervSession, Inner};
 use ferry_hv::{BackupOptions, BackupSession, ChangeTokens, HvError, Outcome};

@@ -61,7 +61,7 @@ pub(super) struct Auth {
     ap_reps: Mutex<BTreeMap<(Channel, u64), HeaderValue>>,
     kerberos_logins: AtomicU64,
     /// Extended Protection on the HTTPS listener ([`super::cbt`]).
-    cbt: std::sync::OnceLock<super::cbt::CbtCheck>,
+    cbt: Mutex<Option<super::cbt::CbtCheck>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -123,14 +123,21 @@ impl Auth {
             kerberos: None,
             ap_reps: Mutex::default(),
             kerberos_logins: AtomicU64::new(0),
-            cbt: std::sync::OnceLock::new(),
+            cbt: Mutex::default(),
         }
     }
 
     /// Checks channel bindings over HTTPS from now on (ADR 0172).
     pub(super) fn set_cbt(&self, check: Option<super::cbt::CbtCheck>) {
-        if let Some(c) = check {
-            let _ = self.cbt.set(c);
+        *self.cbt.lock().unwrap_or_else(|p| p.into_inner()) = check;
+    }
+
+    /// Another HTTPS listener (a cluster node) with certificate `cert_der`: its binding is
+    /// admitted too.
+    pub(super) fn cbt_listener(&self, cert_der: &[u8]) -> Result<(), String> {
+        match self.cbt.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(c) => c.add(cert_der),
+            None => Ok(()),
         }
     }
 
@@ -310,12 +317,21 @@ impl Auth {
                 challenge_401(None)
             })?,
         };
-        if let (Some(c), Channel::Tls, Some(3)) = (self.cbt.get(), key.0, token.get(8)) {
-            if let Err(why) = c.check(token) {
-                tracing::info!(%why, "NTLM login refused: channel binding");
-                return Err(challenge_401(None));
+        if let (Channel::Tls, Some(3)) = (key.0, token.get(8)) {
+            let verdict = self
+                .cbt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|c| c.check(token));
+            match verdict {
+                Some(Err(why)) => {
+                    tracing::info!(%why, "NTLM login refused: channel binding");
+                    return Err(challenge_401(None));
+                }
+                Some(Ok(Some(binding))) => pending.bind_channel(&binding),
+                _ => {}
             }
-            pending.bind_channel(&c.binding);
         }
         match pending.step(token) {
             Ok(Accepted::Challenge(t, server)) => {

@@ -9,8 +9,9 @@
 //!
 //! `sspi`'s acceptor checks a binding only when the client sent one, so whether one is there is
 //! read from the AUTHENTICATE message itself ([`ferry_wsman::cbt::authenticate_bindings`]); the
-//! acceptor is also given the expected binding, so both agree. The bindings are those of the
-//! first listener (a cluster's other nodes are not checked).
+//! acceptor is also given the expected binding, so both agree. On a cluster each node's listener
+//! has its own certificate: the binding of any of them is admitted (the connection does not say
+//! which listener it came in on).
 
 use ferry_wsman::cbt;
 
@@ -42,8 +43,8 @@ impl std::str::FromStr for Cbt {
 #[derive(Debug, Clone)]
 pub(super) struct CbtCheck {
     level: Cbt,
-    /// The listener's `tls-server-end-point` binding.
-    pub(super) binding: Vec<u8>,
+    /// The listeners' `tls-server-end-point` bindings.
+    bindings: Vec<Vec<u8>>,
 }
 
 impl CbtCheck {
@@ -53,21 +54,38 @@ impl CbtCheck {
         if level == Cbt::None {
             return Ok(None);
         }
-        let binding = cbt::tls_server_end_point(cert_der).map_err(|e| e.to_string())?;
-        Ok(Some(Self { level, binding }))
+        let mut c = Self {
+            level,
+            bindings: Vec::new(),
+        };
+        c.add(cert_der)?;
+        Ok(Some(c))
     }
 
-    /// Whether AUTHENTICATE `token` may go on: `Err(why)` is a 401.
-    pub(super) fn check(&self, token: &[u8]) -> Result<(), String> {
-        let sent = cbt::authenticate_bindings(token).map_err(|e| e.to_string())?;
-        match sent {
-            Some(h) if h != cbt::bindings_hash(&self.binding) => {
-                Err("the channel binding does not match this listener's certificate".into())
-            }
+    /// Admits the binding of another listener's certificate too.
+    pub(super) fn add(&mut self, cert_der: &[u8]) -> Result<(), String> {
+        let b = cbt::tls_server_end_point(cert_der).map_err(|e| e.to_string())?;
+        self.bindings.push(b);
+        Ok(())
+    }
+
+    /// Whether AUTHENTICATE `token` may go on, with the binding it carries (for the acceptor):
+    /// `Err(why)` is a 401.
+    pub(super) fn check(&self, token: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        match cbt::authenticate_bindings(token).map_err(|e| e.to_string())? {
+            Some(h) => self
+                .bindings
+                .iter()
+                .find(|b| cbt::bindings_hash(b) == h)
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| {
+                    "the channel binding does not match the listener's certificate".into()
+                }),
             None if self.level == Cbt::Strict => {
                 Err("no channel binding (CbtHardeningLevel = Strict)".into())
             }
-            _ => Ok(()),
+            None => Ok(None),
         }
     }
 }
