@@ -42,14 +42,6 @@ impl Lab {
         Self(lab)
     }
 
-    fn node(&self, k: usize) -> (String, String) {
-        let n = &self.info["cluster"]["nodes"][k];
-        (
-            n["name"].as_str().unwrap().to_string(),
-            n["url"].as_str().unwrap().to_string(),
-        )
-    }
-
     /// `ferry -v backup --source lab --json --vm VM`: the report and stderr.
     fn backup_vm(&self, vm: &str) -> (Value, String) {
         let (mut v, err) = self.backup(&["-v", "--vm", vm]);
@@ -63,15 +55,7 @@ impl Lab {
 
     /// (recovery checkpoints, reference points) on each node.
     fn left(&self) -> Vec<(usize, u64)> {
-        (0..2)
-            .map(|k| {
-                let p = self.probe_with("hyperv_probe.py", &self.node(k).1, &[]);
-                (
-                    p["checkpoints"].as_array().unwrap().len(),
-                    p["reference_points"].as_u64().unwrap(),
-                )
-            })
-            .collect()
+        self.left_on_nodes(2)
     }
 }
 

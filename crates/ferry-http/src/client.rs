@@ -185,6 +185,8 @@ impl HttpClient {
             .read_timeout(o.read_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // The server's certificate, for WinRM channel binding (ADR 0172).
+            .tls_info(true)
             .cookie_store(o.cookies);
         let no_proxy = || {
             let env = ["NO_PROXY", "no_proxy"]

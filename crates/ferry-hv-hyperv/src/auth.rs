@@ -70,6 +70,8 @@ pub(crate) struct Auth {
     host: String,
     kerberos: crate::kerberos::KerberosOptions,
     session: tokio::sync::Mutex<Option<Box<dyn Seal + Send>>>,
+    /// Bind NTLM to the TLS channel (`channel-binding`, ADR 0172); `None`: the default (on).
+    channel_binding: Option<bool>,
 }
 
 /// A reply: HTTP status and the (unsealed) body.
@@ -87,7 +89,13 @@ impl Auth {
             host: url.host_str().unwrap_or("localhost").to_string(),
             kerberos: Default::default(),
             session: tokio::sync::Mutex::new(None),
+            channel_binding: None,
         }
+    }
+
+    /// Whether NTLM binds its login to the TLS channel (ADR 0172).
+    pub(crate) fn set_channel_binding(&mut self, on: bool) {
+        self.channel_binding = Some(on);
     }
 
     pub(crate) fn method(&self) -> AuthMethod {
@@ -267,14 +275,19 @@ impl Auth {
             call: call.into(),
             user: creds.user.clone(),
         };
-        let (client, negotiate) = NtlmClient::start(
+        let (mut client, negotiate) = NtlmClient::start(
             &creds.user,
             self.domain.as_deref(),
             creds.password.expose(),
             &self.host,
         )
         .map_err(|e| proto(e.to_string()))?;
-        let (status, challenge) = leg(http, url, call, &negotiate).await?;
+        let (status, challenge, cert) = leg_cert(http, url, call, &negotiate).await?;
+        let binding =
+            crate::binding::for_login(http.source(), url, self.channel_binding, cert.as_deref());
+        if let Some(b) = &binding {
+            client.bind_channel(b);
+        }
         let challenge = match (status, challenge) {
             (401, Some(c)) => c,
             (401, None) => {
@@ -293,6 +306,9 @@ impl Auth {
                 tracing::debug!(call, user = %creds.user, "NTLM login");
                 Ok(session)
             }
+            401 if self.channel_binding == Some(false) && url.scheme() == "https" => Err(
+                crate::binding::refused_unbound(http.source(), call, &creds.user),
+            ),
             401 => Err(login()),
             s => Err(proto(format!("HTTP {s} to the NTLM AUTHENTICATE message"))),
         }
@@ -309,6 +325,17 @@ pub(crate) async fn leg(
     call: &str,
     token: &[u8],
 ) -> Result<(u16, Option<Vec<u8>>), HypervError> {
+    let (status, answer, _) = leg_cert(http, url, call, token).await?;
+    Ok((status, answer))
+}
+
+/// [`leg`], and the DER certificate of the server that answered (over HTTPS).
+pub(crate) async fn leg_cert(
+    http: &HttpClient,
+    url: &url::Url,
+    call: &str,
+    token: &[u8],
+) -> Result<(u16, Option<Vec<u8>>, Option<Vec<u8>>), HypervError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let rb = http
         .inner()
@@ -318,6 +345,11 @@ pub(crate) async fn leg(
         .body(Vec::new());
     let resp = http.send(call, rb).await?;
     let status = resp.status().as_u16();
+    let cert = resp
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|i| i.peer_certificate())
+        .map(<[u8]>::to_vec);
     let answer = resp
         .headers()
         .get_all(WWW_AUTHENTICATE)
@@ -334,5 +366,5 @@ pub(crate) async fn leg(
         });
     let _ = http.body_limited(call, resp, MAX_REPLY).await?;
     settle().await;
-    Ok((status, answer))
+    Ok((status, answer, cert))
 }

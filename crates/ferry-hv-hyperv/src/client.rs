@@ -95,6 +95,12 @@ impl WsmanClient {
         self
     }
 
+    /// Whether NTLM over HTTPS binds its login to the TLS channel (default true; ADR 0172).
+    pub fn with_channel_binding(mut self, on: bool) -> Self {
+        self.auth.set_channel_binding(on);
+        self
+    }
+
     /// How this client logs in.
     pub fn auth_method(&self) -> AuthMethod {
         self.auth.method()

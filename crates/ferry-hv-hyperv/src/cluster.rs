@@ -182,7 +182,8 @@ impl Clusters {
         Ok(Arc::new(
             WsmanClient::new(&url, &opts, self.creds.clone())?
                 .with_auth(self.auth, self.domain.clone())
-                .with_kerberos(crate::driver::kerberos_options(&self.cfg)),
+                .with_kerberos(crate::driver::kerberos_options(&self.cfg))
+                .with_channel_binding(self.cfg.channel_binding.unwrap_or(true)),
         ))
     }
 

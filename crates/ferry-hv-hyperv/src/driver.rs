@@ -39,6 +39,10 @@ use ferry_hv::{
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+mod follow;
+
+pub use follow::MAX_FOLLOWS;
+
 /// Start of the name of every checkpoint Ferry takes; the owning process follows in brackets.
 pub const CHECKPOINT_MARKER: &str = "Ferry backup";
 
@@ -237,7 +241,8 @@ impl HypervDriver {
         let client = WsmanClient::new(&cfg.url, &http, creds.clone())
             .map_err(|e| hv(name, e))?
             .with_auth(auth, cfg.domain.clone())
-            .with_kerberos(kerberos_options(cfg));
+            .with_kerberos(kerberos_options(cfg))
+            .with_channel_binding(cfg.channel_binding.unwrap_or(true));
         let clusters = Arc::new(Clusters::new(name, cfg, creds, auth, cfg.domain.clone()));
         // `san-luns` (snapshot LUNs read through NTFS) take the place of `san-paths` (mounted).
         let san: Arc<dyn Transport> = if cfg.san_luns.is_empty() {
@@ -564,7 +569,7 @@ impl HypervisorDriver for HypervDriver {
         self.inner.recover(false).await?;
         // On a cluster, every call of the backup goes to the node that runs the VM now.
         let node = self.inner.for_vm(vm).await?;
-        self.backup_on(&node, vm, opts, previous).await
+        self.backup_following(node, vm, opts, previous).await
     }
 
     async fn recover(&self) -> Result<CleanupReport, HvError> {
@@ -729,11 +734,15 @@ impl HypervDriver {
             disks: vec![],
             old_reference: None,
             done: false,
+            moves: 0,
         };
-        match session.open(&settings, &live, opts, previous).await {
+        match session
+            .open_following(&settings, &live, opts, previous)
+            .await
+        {
             Ok(()) => Ok(Box::new(session)),
             Err(e) => {
-                if let Err(c) = session.cleanup(Outcome::Aborted).await {
+                if let Err(c) = session.cleanup_following(Outcome::Aborted).await {
                     tracing::warn!(error = %c, "cleanup after a failed start left the checkpoint; the next run removes it");
                 }
                 Err(e)
@@ -801,6 +810,8 @@ pub struct HypervSession {
     /// The previous backup's reference point, dropped once this one's exists.
     old_reference: Option<String>,
     done: bool,
+    /// Cluster nodes the VM was followed to during this backup (ADR 0171).
+    moves: u32,
 }
 
 impl std::fmt::Debug for HypervSession {
@@ -1057,7 +1068,7 @@ impl BackupSession for HypervSession {
         Some(&self.method)
     }
     async fn finish(mut self: Box<Self>, outcome: Outcome) -> Result<ChangeTokens, HvError> {
-        self.cleanup(outcome).await
+        self.cleanup_following(outcome).await
     }
 }
 
@@ -1079,10 +1090,11 @@ impl Drop for HypervSession {
             disks: vec![],
             old_reference: None,
             done: true,
+            moves: self.moves,
         };
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             h.spawn(async move {
-                if let Err(e) = rest.cleanup(Outcome::Aborted).await {
+                if let Err(e) = rest.cleanup_following(Outcome::Aborted).await {
                     tracing::warn!(error = %e, "background cleanup of a dropped backup failed; the next run retries");
                 }
             });

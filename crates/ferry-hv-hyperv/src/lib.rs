@@ -13,7 +13,7 @@
 //!
 //! - [`agent`]: the `network` transport per owner node (`[sources.NAME.agent]`).
 //! - [`restore`]: whole-VM restore (VHDX through `san-paths`, `DefineSystem`, devices).
-//! - [`auth`]: NTLM with message encryption, Basic.
+//! - [`auth`]: NTLM with message encryption and channel binding over HTTPS (ADR 0172), Basic.
 //! - [`kerberos`]: Kerberos logins (tickets from the KDC, the AP-REQ/AP-REP leg), sealing as NTLM.
 //! - [`cluster`]: failover clusters: the node that owns a VM now, a client per node (ADR 0153).
 //! - [`controllers`]: each disk's controller and location (`ide0:0`, `scsi1:3`; ADR 0166).
@@ -23,6 +23,7 @@
 
 pub mod agent;
 pub mod auth;
+mod binding;
 pub mod client;
 pub mod cluster;
 pub mod config;

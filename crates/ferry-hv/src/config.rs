@@ -207,6 +207,11 @@ pub struct SourceConfig {
     /// backed-up VM's own folder.
     #[serde(default)]
     pub restore_dir: Option<String>,
+    /// Hyper-V over HTTPS: bind NTLM logins to the TLS channel (RFC 5929
+    /// `tls-server-end-point`), as a host with Extended Protection (`CbtHardeningLevel =
+    /// Strict`) requires (ADR 0172). Default true.
+    #[serde(default)]
+    pub channel_binding: Option<bool>,
 }
 
 /// One `[sources.NAME.nodes]` entry: `HV01 = "https://hv01.lab:5986/wsman"` or

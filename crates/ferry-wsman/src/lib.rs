@@ -6,6 +6,7 @@
 //! - [`cim`]: WMI objects on the wire: instances, endpoint references, method inputs, embedded
 //!   CIM-XML instances.
 //!
+//! - [`cbt`]: channel binding (`tls-server-end-point`) for NTLM over HTTPS (ADR 0172).
 //! - [`sealed`]: WinRM message encryption framing (`multipart/encrypted`).
 //! - [`ntlm`]: NTLM client and acceptor and its sealing session, through `sspi`.
 //! - [`kerberos`]: Kerberos client (KDC exchanges sans I/O) and acceptor (keytab), and its
@@ -13,6 +14,7 @@
 //!
 //! Decisions: ADR 0110, 0112.
 
+pub mod cbt;
 pub mod cim;
 pub mod envelope;
 pub mod kerberos;

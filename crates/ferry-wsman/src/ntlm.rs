@@ -121,6 +121,13 @@ impl NtlmClient {
         Ok((r.status, token))
     }
 
+    /// Binds the AUTHENTICATE to the TLS channel: `application_data` is its
+    /// `tls-server-end-point` binding ([`crate::cbt::tls_server_end_point`]), whose hash goes
+    /// into the `MsvAvChannelBindings` AV pair (ADR 0172).
+    pub fn bind_channel(&mut self, application_data: &[u8]) {
+        self.ntlm.set_channel_bindings(application_data);
+    }
+
     /// Answers the server's CHALLENGE: the AUTHENTICATE token to send and the session that
     /// seals messages from now on.
     pub fn authenticate(mut self, challenge: &[u8]) -> Result<(Vec<u8>, NtlmSession), NtlmError> {
@@ -169,6 +176,13 @@ impl NtlmServer {
             creds,
             user: user.to_string(),
         })
+    }
+
+    /// Expects `application_data` as the client's channel binding: an AUTHENTICATE whose
+    /// `MsvAvChannelBindings` differs is refused (one without it is not: see
+    /// [`crate::cbt::authenticate_bindings`]).
+    pub fn bind_channel(&mut self, application_data: &[u8]) {
+        self.ntlm.set_channel_bindings(application_data);
     }
 
     /// Takes the client's NEGOTIATE (→ a CHALLENGE) or AUTHENTICATE (→ the verdict).

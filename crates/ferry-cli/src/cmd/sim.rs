@@ -60,6 +60,10 @@ pub struct HypervArgs {
     /// A failover cluster of N nodes (each its own WinRM listener; the disks on a shared CSV).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(1..=8))]
     cluster: Option<u8>,
+    /// Extended Protection on the HTTPS listener (WinRM's CbtHardeningLevel): `strict` refuses
+    /// NTLM logins without the channel binding, `relaxed` checks one that is sent.
+    #[arg(long, default_value = "none")]
+    cbt: ferry_sim::hyperv::Cbt,
 }
 
 /// Arguments of `ferry sim vmware`.
@@ -157,6 +161,7 @@ async fn run_hyperv(a: HypervArgs) -> anyhow::Result<ExitCode> {
     cfg.data_paths.agent_client_pins = a.agent_client_pins;
     cfg.data_paths.san_luns = a.san_luns;
     cfg.cluster_nodes = a.cluster.map_or(0, usize::from);
+    cfg.cbt = a.cbt;
     let sim = HypervSim::start(cfg)
         .await
         .context("cannot start the Hyper-V simulator")?;

@@ -46,3 +46,28 @@ pub fn wait_for_stderr(child: &mut Child, needle: &str) {
     }
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
 }
+
+/// Waits (at most 30 s) until `child` prints a stderr line containing `needle`; the rest of its
+/// stderr is collected in the background: the handle gives everything it printed.
+#[allow(dead_code)]
+pub fn wait_for_stderr_keep(child: &mut Child, needle: &str) -> std::thread::JoinHandle<String> {
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut l = String::new();
+        assert!(
+            err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
+            "`{needle}` never came: {seen}"
+        );
+        seen.push_str(&l);
+        if l.contains(needle) {
+            break;
+        }
+    }
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        seen + &rest
+    })
+}

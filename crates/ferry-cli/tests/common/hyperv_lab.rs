@@ -254,6 +254,29 @@ impl Lab {
         format!("[sources.lab.nodes]\n{rows}")
     }
 
+    /// Cluster node `k`: (name, WinRM URL).
+    pub fn node(&self, k: usize) -> (String, String) {
+        let n = &self.info["cluster"]["nodes"][k];
+        (
+            n["name"].as_str().unwrap().to_string(),
+            n["url"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// (recovery checkpoints, reference points) on each of the `nodes` cluster nodes, as
+    /// pypsrp sees them.
+    pub fn left_on_nodes(&self, nodes: usize) -> Vec<(usize, u64)> {
+        (0..nodes)
+            .map(|k| {
+                let p = self.probe_with("hyperv_probe.py", &self.node(k).1, &[]);
+                (
+                    p["checkpoints"].as_array().unwrap().len(),
+                    p["reference_points"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
     /// A WMI method of the management service, as an administrator's script calls it.
     pub fn manage(&self, method: &str, params: Vec<Param>) -> ferry_hv_hyperv::Instance {
         let svc = Epr::new(

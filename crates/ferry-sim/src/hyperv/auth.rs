@@ -60,6 +60,8 @@ pub(super) struct Auth {
     /// AP-REPs to send with the answer to the request that carried the AP-REQ.
     ap_reps: Mutex<BTreeMap<(Channel, u64), HeaderValue>>,
     kerberos_logins: AtomicU64,
+    /// Extended Protection on the HTTPS listener ([`super::cbt`]).
+    cbt: Mutex<Option<super::cbt::CbtCheck>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -121,6 +123,21 @@ impl Auth {
             kerberos: None,
             ap_reps: Mutex::default(),
             kerberos_logins: AtomicU64::new(0),
+            cbt: Mutex::default(),
+        }
+    }
+
+    /// Checks channel bindings over HTTPS from now on (ADR 0172).
+    pub(super) fn set_cbt(&self, check: Option<super::cbt::CbtCheck>) {
+        *self.cbt.lock().unwrap_or_else(|p| p.into_inner()) = check;
+    }
+
+    /// Another HTTPS listener (a cluster node) with certificate `cert_der`: its binding is
+    /// admitted too.
+    pub(super) fn cbt_listener(&self, cert_der: &[u8]) -> Result<(), String> {
+        match self.cbt.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            Some(c) => c.add(cert_der),
+            None => Ok(()),
         }
     }
 
@@ -292,7 +309,7 @@ impl Auth {
         token: &[u8],
     ) -> Result<(), Box<Response>> {
         let mut conns = self.conns();
-        let pending = match conns.remove(&key) {
+        let mut pending = match conns.remove(&key) {
             // An AUTHENTICATE continues the connection's handshake; a NEGOTIATE starts over.
             Some(ConnState::Pending(p)) if token.get(8) == Some(&3) => *p,
             _ => NtlmServer::new(&self.user, &self.password).map_err(|e| {
@@ -300,6 +317,22 @@ impl Auth {
                 challenge_401(None)
             })?,
         };
+        if let (Channel::Tls, Some(3)) = (key.0, token.get(8)) {
+            let verdict = self
+                .cbt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|c| c.check(token));
+            match verdict {
+                Some(Err(why)) => {
+                    tracing::info!(%why, "NTLM login refused: channel binding");
+                    return Err(challenge_401(None));
+                }
+                Some(Ok(Some(binding))) => pending.bind_channel(&binding),
+                _ => {}
+            }
+        }
         match pending.step(token) {
             Ok(Accepted::Challenge(t, server)) => {
                 conns.insert(key, ConnState::Pending(Box::new(server)));

@@ -431,6 +431,10 @@ pub(super) async fn start_nodes(
         let tls = cert
             .server_config()
             .map_err(|e| HypervSimError::Other(e.to_string()))?;
+        shared
+            .auth
+            .cbt_listener(&cert.cert_der)
+            .map_err(HypervSimError::Other)?;
         let l = tokio::net::TcpListener::bind((ip, 0))
             .await
             .map_err(|source| HypervSimError::Io {

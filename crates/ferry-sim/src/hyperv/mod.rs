@@ -24,6 +24,7 @@
 
 mod agent;
 mod auth;
+mod cbt;
 mod cluster;
 mod config;
 mod controllers;
@@ -31,9 +32,11 @@ mod define;
 mod disks;
 mod kerberos;
 mod lun;
+mod migrate;
 mod rct;
 mod sidedoor;
 
+pub use cbt::Cbt;
 pub use kerberos::HypervKerberos;
 
 use axum::body::Bytes;
@@ -97,6 +100,8 @@ pub struct HypervSimConfig {
     pub data_paths: DataPathOptions,
     /// Nodes of a failover cluster (0 or 1: a standalone host; see [`cluster`]).
     pub cluster_nodes: usize,
+    /// Extended Protection (channel binding) on the HTTPS listener ([`cbt`]).
+    pub cbt: Cbt,
 }
 
 impl HypervSimConfig {
@@ -114,6 +119,7 @@ impl HypervSimConfig {
             kerberos: None,
             data_paths: DataPathOptions::default(),
             cluster_nodes: 0,
+            cbt: Cbt::None,
         }
     }
 }
@@ -159,6 +165,8 @@ struct State {
     cluster: Option<cluster::Cluster>,
     /// The node serving the request being answered.
     viewer: Option<String>,
+    /// A live migration armed to happen mid-backup ([`migrate`]).
+    pending_move: Option<migrate::Pending>,
 }
 
 #[derive(Debug, Clone)]
@@ -547,6 +555,9 @@ impl HypervSim {
         let cert = ferry_tls::SelfSigned::generate(&["localhost", "127.0.0.1"])
             .map_err(|e| HypervSimError::Other(e.to_string()))?;
         let fingerprint = cert.fingerprint();
+        shared
+            .auth
+            .set_cbt(cbt::CbtCheck::new(cfg.cbt, &cert.cert_der).map_err(HypervSimError::Other)?);
         let tls = cert
             .server_config()
             .map_err(|e| HypervSimError::Other(e.to_string()))?;
@@ -797,7 +808,9 @@ fn answer(shared: &Shared, viewer: &cluster::Viewer, body: &[u8]) -> Response {
     let result = {
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         st.viewer = viewer.0.clone();
-        dispatch(shared, &mut st, &action, &resource, &selectors, body)
+        let r = dispatch(shared, &mut st, &action, &resource, &selectors, body);
+        migrate::after(&mut st, &action, &resource);
+        r
     };
     match result {
         Ok((resp_action, xml)) => reply_ok(&resp_action, &message_id, &xml),
@@ -1062,6 +1075,9 @@ fn invoke(
 ) -> Result<Instance, Fault> {
     if class == sidedoor::CLASS {
         if let Some(r) = cluster::sidedoor(st, method, body) {
+            return r;
+        }
+        if let Some(r) = migrate::sidedoor(st, method, body) {
             return r;
         }
         return sidedoor::invoke(st, method, body);
