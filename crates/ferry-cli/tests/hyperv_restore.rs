@@ -552,8 +552,10 @@ fn hyperv_to_vsphere_and_vsphere_to_hyperv_keep_macs_and_disks() {
     );
     let hd = h["disks"].as_array().unwrap();
     assert_eq!(hd.len(), live.len(), "{h}");
-    for (d, (at, want)) in hd.iter().zip(&live) {
-        assert_eq!(&d["at"], at, "{h}");
+    for (i, (d, (at, want))) in hd.iter().zip(&live).enumerate() {
+        // A generation 1 VM boots from IDE only: the boot disk goes to IDE 0:0 (ADR 0167).
+        let at = if i == 0 { "ide0:0" } else { at.as_str() };
+        assert_eq!(d["at"], at, "{h}");
         ferry_testkit::qemu_img_compare(
             &lab.local(d["path"].as_str().unwrap()),
             "vhdx",
@@ -565,6 +567,7 @@ fn hyperv_to_vsphere_and_vsphere_to_hyperv_keep_macs_and_disks() {
         err.contains("does not exist on Hyper-V; it becomes a synthetic network adapter"),
         "{err}"
     );
+    assert!(err.contains("generation 1 boots from IDE only"), "{err}");
 }
 
 #[test]

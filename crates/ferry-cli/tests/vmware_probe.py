@@ -3,7 +3,7 @@ vim25 client, so tests compare what Ferry created with what vSphere reports.
 
 Usage: vmware_probe.py HOST PORT USER PASSWORD NAME... Prints one JSON object: each NAME → its
 configuration (CPUs, memory, firmware, guestId, disks with position and capacity, NICs with
-model, MAC and network), or null when no VM has that name."""
+model, MAC and network, the host's cluster), or null when no VM has that name."""
 import json
 import sys
 
@@ -39,7 +39,14 @@ def describe(vm):
                          "network": getattr(d.backing, "deviceName", None) or names.get(getattr(getattr(d.backing, "port", None), "portgroupKey", None)), "address_type": d.addressType})
     return {"cpus": vm.config.hardware.numCPU, "memory_mb": vm.config.hardware.memoryMB,
             "firmware": vm.config.firmware, "guest_id": vm.config.guestId,
-            "uuid": vm.config.uuid, "power": str(vm.runtime.powerState), "disks": disks, "nics": nics}
+            "uuid": vm.config.uuid, "power": str(vm.runtime.powerState), "disks": disks, "nics": nics,
+            "cluster": cluster(vm)}
+
+
+def cluster(vm):
+    """The name of the cluster of the VM's host; None for a standalone host."""
+    parent = vm.runtime.host.parent if vm.runtime.host else None
+    return parent.name if isinstance(parent, vim.ClusterComputeResource) else None
 
 
 print(json.dumps({n: describe(vms[n]) if n in vms else None for n in sys.argv[5:]}))

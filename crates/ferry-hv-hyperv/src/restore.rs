@@ -118,7 +118,8 @@ fn parse_slot(s: &str) -> Option<Slot> {
 
 /// Where each disk of `cfg` goes on a VM of generation `generation`: its own position when
 /// Hyper-V has it (IDE only on generation 1), else — for the boot disk of a generation 1 VM —
-/// IDE 0:0, else the next free SCSI 0 location. With a warning per disk that moved.
+/// IDE 0:0, else the next free SCSI 0 location; a generation 1 boot disk on SCSI goes to IDE 0:0
+/// (ADR 0167). With a warning per disk that moved.
 pub fn place_disks(cfg: &VmConfig, generation: u8) -> (Vec<Slot>, Vec<String>) {
     let mut own: Vec<Option<Slot>> = cfg
         .disks
