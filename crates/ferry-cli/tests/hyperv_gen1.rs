@@ -8,27 +8,16 @@
 //! `ferry vms --json`.
 
 use ferry_hv_hyperv::cim::{Epr, Param};
-use ferry_testkit::Killed;
-use hyperv_lab::PASSWORD;
 use serde_json::Value;
 use std::path::PathBuf;
-use std::process::Command;
 
 const GEN1: &str = "linux-web-01";
 const IDE: &str = "Microsoft:Hyper-V:Emulated IDE Controller";
 
-#[path = "common/cli.rs"]
-mod cli;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
-
-fn ferry() -> Command {
-    let mut c = cli::ferry();
-    c.env("FERRY_PASSWORD", PASSWORD);
-    c
-}
 
 /// The shared Hyper-V lab, with what these tests ask of it.
 struct Lab(hyperv_lab::Lab);
@@ -164,22 +153,6 @@ impl Lab {
         );
         want
     }
-
-    /// Appends source `name` for the simulator `sim` (its JSON line) of `kind`, with `extra`.
-    fn add_source(&self, name: &str, kind: &str, sim: &Value, extra: &str) {
-        let pw = self.path(&format!("{name}.pw"));
-        std::fs::write(&pw, sim["password"].as_str().unwrap()).unwrap();
-        let mut t = std::fs::read_to_string(self.path("ferry.toml")).unwrap();
-        t.push_str(&format!(
-            "[sources.{name}]\nkind = \"{kind}\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\n{extra}",
-            sim["url"].as_str().unwrap(),
-            sim["username"].as_str().unwrap(),
-            pw.display(),
-            sim["tls_fingerprint"].as_str().unwrap(),
-            self.path("state").display(),
-        ));
-        std::fs::write(self.path("ferry.toml"), t).unwrap();
-    }
 }
 
 fn positions(vm: &Value) -> Vec<&str> {
@@ -244,22 +217,8 @@ fn generation_1_boot_disk_is_captured_on_ide_and_restored_there() {
 #[test]
 fn a_generation_1_point_boots_from_ide_on_vsphere_and_from_device_0_on_xen() {
     let lab = Lab::standalone();
-    let (_vc_sim, vc) = Killed::spawn_json_line(
-        ferry()
-            .args(["sim", "vmware", "--listen", "127.0.0.1:0"])
-            .args(["--disk-mib", "8", "--vcsim"])
-            .arg(ferry_testkit::tool("vcsim"))
-            .arg("--dir")
-            .arg(lab.path("vc-sim")),
-    );
-    let mut vc_paths =
-        "transports = [\"san\"]\nnbdkit-stand-in = \"file\"\n[sources.vc.san-paths]\n".to_string();
-    for (ds, p) in vc["san_paths"].as_object().unwrap() {
-        vc_paths.push_str(&format!("\"{ds}\" = \"{}\"\n", p.as_str().unwrap()));
-    }
-    lab.add_source("vc", "vmware", &vc, &vc_paths);
-    let (_xen_sim, xen) = xen_probe::start_sim(ferry(), &lab.path("xen-sim"));
-    lab.add_source("xen", "xen", &xen, "transports = [\"network\"]\n");
+    let (_vc_sim, vc) = lab.with_vsphere();
+    let (_xen_sim, xen) = lab.with_xen();
 
     let expected = lab.guest_disks(GEN1, "live").remove(0);
     let id = lab.backup_vm(GEN1);

@@ -834,3 +834,20 @@ fn dropped_connections_retry_reads_and_a_lost_snapshot_answer_is_swept() {
     assert!(err.contains("leftover"), "{err}");
     assert_eq!(lab.snapshots_on_vcenter(), 0);
 }
+
+#[test]
+fn the_inventory_names_each_vms_cluster_as_pyvmomi_reads_it() {
+    let lab = Lab::start("[\"san\"]", "");
+    let (out, err) = lab.ok(&["vms", "--source", "lab", "--json"]);
+    let vms: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    let vms = vms.as_array().unwrap();
+    let names: Vec<&str> = vms.iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let p = lab.probe(&names);
+    for v in vms {
+        let want = &p[v["name"].as_str().unwrap()]["cluster"];
+        assert_eq!(&v["cluster"], want, "{v}\npyvmomi: {p}");
+    }
+    // vcsim's model has both: VMs in cluster DC0_C0 and VMs on the standalone host.
+    assert!(vms.iter().any(|v| v["cluster"] == "DC0_C0"), "{out}");
+    assert!(vms.iter().any(|v| v["cluster"].is_null()), "{out}");
+}

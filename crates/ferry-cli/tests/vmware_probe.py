@@ -3,9 +3,9 @@ vim25 client, so tests compare what Ferry created with what vSphere reports.
 
 Usage: vmware_probe.py HOST PORT USER PASSWORD NAME... Prints one JSON object: each NAME → its
 configuration (CPUs, memory, firmware, guestId, disks with position and capacity, NICs with
-model, MAC and network, Ferry's `ferry.*` extraConfig marks, snapshot names oldest first), or null
-when no VM has that name. `vmware_probe.py HOST PORT USER PASSWORD --inventory` prints the names of
-every VM and every network instead."""
+model, MAC and network, the host's cluster, Ferry's `ferry.*` extraConfig marks, snapshot names oldest
+first), or null when no VM has that name. `vmware_probe.py HOST PORT USER PASSWORD --inventory` prints
+the names of every VM and every network instead."""
 import json
 import sys
 
@@ -63,7 +63,14 @@ def describe(vm):
             "snapshots": [n for _, n in sorted(snaps)],
             "cpus": vm.config.hardware.numCPU, "memory_mb": vm.config.hardware.memoryMB,
             "firmware": vm.config.firmware, "guest_id": vm.config.guestId,
-            "uuid": vm.config.uuid, "power": str(vm.runtime.powerState), "disks": disks, "nics": nics}
+            "uuid": vm.config.uuid, "power": str(vm.runtime.powerState), "disks": disks, "nics": nics,
+            "cluster": cluster(vm)}
+
+
+def cluster(vm):
+    """The name of the cluster of the VM's host; None for a standalone host."""
+    parent = vm.runtime.host.parent if vm.runtime.host else None
+    return parent.name if isinstance(parent, vim.ClusterComputeResource) else None
 
 
 if sys.argv[5:] == ["--inventory"]:

@@ -117,9 +117,10 @@ fn parse_slot(s: &str) -> Option<Slot> {
 
 /// Where each disk of `cfg` goes on a VM of generation `generation`: its own position when
 /// Hyper-V has it (IDE only on generation 1), else — for the boot disk of a generation 1 VM —
-/// IDE 0:0, else the next free SCSI 0 location. With a warning per disk that moved.
+/// IDE 0:0, else the next free SCSI 0 location; a generation 1 boot disk on SCSI goes to IDE 0:0
+/// (ADR 0167). With a warning per disk that moved.
 pub fn place_disks(cfg: &VmConfig, generation: u8) -> (Vec<Slot>, Vec<String>) {
-    let own: Vec<Option<Slot>> = cfg
+    let mut own: Vec<Option<Slot>> = cfg
         .disks
         .iter()
         .map(|d| {
@@ -129,8 +130,11 @@ pub fn place_disks(cfg: &VmConfig, generation: u8) -> (Vec<Slot>, Vec<String>) {
                 .filter(|s| !s.ide || generation == 1)
         })
         .collect();
-    let mut taken: Vec<Slot> = own.iter().flatten().copied().collect();
     let mut warnings = Vec::new();
+    if generation == 1 {
+        warnings.extend(boot_from_ide(cfg, &mut own));
+    }
+    let mut taken: Vec<Slot> = own.iter().flatten().copied().collect();
     let mut out = Vec::new();
     for (d, slot) in cfg.disks.iter().zip(own) {
         let slot = slot.unwrap_or_else(|| {
@@ -166,6 +170,26 @@ pub fn place_disks(cfg: &VmConfig, generation: u8) -> (Vec<Slot>, Vec<String>) {
         out.push(slot);
     }
     (out, warnings)
+}
+
+/// A generation 1 VM boots from IDE 0:0 only, and restore points taken before ADR 0166 hold its
+/// boot disk as `scsi0:N`: that disk goes to IDE 0:0 (if no disk claims it), the others stay.
+fn boot_from_ide(cfg: &VmConfig, own: &mut [Option<Slot>]) -> Option<String> {
+    let boot = Slot {
+        ide: true,
+        controller: 0,
+        location: 0,
+    };
+    if own.contains(&Some(boot)) {
+        return None;
+    }
+    let i = cfg.disks.iter().position(|d| d.bootable)?;
+    let from = own[i].filter(|s| !s.ide)?;
+    own[i] = Some(boot);
+    Some(format!(
+        "disk `{}`: boot disk at `{from}`, but generation 1 boots from IDE only; attached at {boot}",
+        cfg.disks[i].name
+    ))
 }
 
 /// A NIC to create.
@@ -1027,6 +1051,62 @@ mod tests {
         };
         assert_eq!(place_disks(&ide, 2).0[0].to_string(), "scsi0:0");
         assert_eq!(place_disks(&ide, 1).0[0].to_string(), "ide0:1");
+    }
+
+    #[test]
+    fn a_generation_1_boot_disk_on_scsi_goes_to_ide() {
+        // A restore point from before ADR 0166: every disk on SCSI, the first one boots.
+        let old = VmConfig {
+            disks: vec![
+                disk("boot", Some("scsi0:0"), true),
+                disk("data", Some("scsi0:1"), false),
+            ],
+            ..Default::default()
+        };
+        let (s, w) = place_disks(&old, 1);
+        let s: Vec<String> = s.iter().map(ToString::to_string).collect();
+        assert_eq!(s, ["ide0:0", "scsi0:1"]);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("`boot`")
+                && w[0].contains("scsi0:0")
+                && w[0].contains("generation 1 boots from IDE only"),
+            "{w:?}"
+        );
+        // Generation 2 boots from SCSI: nothing moves.
+        let (s, w) = place_disks(&old, 2);
+        assert_eq!(s[0].to_string(), "scsi0:0");
+        assert!(w.is_empty(), "{w:?}");
+        // IDE 0:0 already held by another disk: the boot disk keeps its place.
+        let held = VmConfig {
+            disks: vec![
+                disk("boot", Some("scsi0:0"), true),
+                disk("other", Some("ide0:0"), false),
+            ],
+            ..Default::default()
+        };
+        let (s, w) = place_disks(&held, 1);
+        let s: Vec<String> = s.iter().map(ToString::to_string).collect();
+        assert_eq!(s, ["scsi0:0", "ide0:0"]);
+        assert!(w.is_empty(), "{w:?}");
+        // Through the plan: a generation 1 native record.
+        let plan = RestorePlan {
+            name: "x".into(),
+            config: old,
+            native: Some(NativeConfig {
+                format: NATIVE_FORMAT.into(),
+                record: r#"{"generation":1}"#.into(),
+            }),
+            disks: vec![],
+            power_on: false,
+        };
+        let v = vm_plan(&plan);
+        assert_eq!((v.generation, v.slots[0].to_string()), (1, "ide0:0".into()));
+        assert!(
+            v.warnings.iter().any(|w| w.contains("IDE only")),
+            "{:?}",
+            v.warnings
+        );
     }
 
     #[test]

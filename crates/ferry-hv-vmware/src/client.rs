@@ -243,21 +243,30 @@ impl VimClient {
         paths: &[&str],
         page: u32,
     ) -> Result<Vec<ObjectContent>, VimError> {
+        self.retrieve_kinds(&[(kind, paths)], page).await
+    }
+
+    /// [`Self::retrieve_all`] for several kinds at once, each with its own paths: one view and
+    /// one set of pages for all of them (tell them apart by `obj.kind`).
+    pub async fn retrieve_kinds(
+        &self,
+        kinds: &[(&str, &[&str])],
+        page: u32,
+    ) -> Result<Vec<ObjectContent>, VimError> {
+        let mut view = Body::new()
+            .moref("_this", &self.content.view_manager)
+            .moref("container", &self.content.root_folder);
+        for (kind, _) in kinds {
+            view = view.text("type", kind);
+        }
         let r = self
-            .call(
-                "CreateContainerView",
-                Body::new()
-                    .moref("_this", &self.content.view_manager)
-                    .moref("container", &self.content.root_folder)
-                    .text("type", kind)
-                    .text("recursive", "true"),
-            )
+            .call("CreateContainerView", view.text("recursive", "true"))
             .await?;
         let view = r
             .child("returnval")
             .and_then(Node::moref)
             .ok_or_else(|| self.protocol("CreateContainerView", "no view in the answer"))?;
-        let out = self.retrieve_view(&view, kind, paths, page).await;
+        let out = self.retrieve_view(&view, kinds, page).await;
         let d = self
             .call("DestroyView", Body::new().moref("_this", &view))
             .await;
@@ -270,8 +279,7 @@ impl VimClient {
     async fn retrieve_view(
         &self,
         view: &MoRef,
-        kind: &str,
-        paths: &[&str],
+        kinds: &[(&str, &[&str])],
         page: u32,
     ) -> Result<Vec<ObjectContent>, VimError> {
         let traversal = Body::new()
@@ -284,9 +292,11 @@ impl VimClient {
             Some("TraversalSpec"),
             traversal,
         );
-        let spec = Body::new()
-            .nested("propSet", None, prop_spec(kind, paths))
-            .nested("objectSet", None, obj_spec);
+        let mut spec = Body::new();
+        for (kind, paths) in kinds {
+            spec = spec.nested("propSet", None, prop_spec(kind, paths));
+        }
+        let spec = spec.nested("objectSet", None, obj_spec);
         let body = Body::new()
             .moref("_this", &self.content.property_collector)
             .nested("specSet", None, spec)

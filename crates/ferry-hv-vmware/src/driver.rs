@@ -94,10 +94,10 @@ impl Inner {
     }
 
     pub(crate) async fn vms(&self) -> Result<Vec<Vm>, HvError> {
-        let objs = self
-            .client
-            .retrieve_all("VirtualMachine", VM_PATHS, PAGE)
-            .await?;
+        let mut kinds = vec![("VirtualMachine", VM_PATHS)];
+        kinds.extend_from_slice(crate::cluster::PATHS);
+        let objs = self.client.retrieve_kinds(&kinds, PAGE).await?;
+        let clusters = crate::cluster::of_hosts(&objs);
         let nets: BTreeMap<String, String> = self
             .client
             .retrieve_all("Network", &["name"], PAGE)
@@ -107,10 +107,16 @@ impl Inner {
             .collect();
         Ok(objs
             .iter()
+            .filter(|o| o.obj.as_ref().is_some_and(|m| m.kind == "VirtualMachine"))
             .filter_map(Vm::from_object)
             .filter(|v| !v.template)
             .map(|mut v| {
                 v.resolve_networks(&nets);
+                v.cluster = v
+                    .host
+                    .as_ref()
+                    .and_then(|h| clusters.get(&h.value))
+                    .cloned();
                 v
             })
             .collect())
@@ -263,7 +269,7 @@ fn summary(vm: &Vm) -> VmSummary {
         name: vm.name.clone(),
         power_state: power(&vm.power_state),
         host: vm.host.as_ref().map(|h| h.value.clone()),
-        cluster: None,
+        cluster: vm.cluster.clone(),
         disks: vm
             .disks
             .iter()

@@ -10,6 +10,7 @@
 //! Decisions: ADR 0080 (SOAP client), docs/drivers.md (vSphere section).
 
 pub mod client;
+pub mod cluster;
 pub mod driver;
 pub mod error;
 mod hotadd;

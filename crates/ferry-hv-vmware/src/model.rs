@@ -120,6 +120,8 @@ pub struct Vm {
     pub power_state: String,
     /// The host it runs on.
     pub host: Option<MoRef>,
+    /// The cluster of that host (`None`: a standalone host, or not read).
+    pub cluster: Option<String>,
     /// `config.changeTrackingEnabled`.
     pub cbt_enabled: bool,
     /// Disks in device order.
@@ -160,6 +162,7 @@ impl Vm {
                 .unwrap_or(0),
             power_state: o.text("runtime.powerState").unwrap_or("").to_string(),
             host: o.prop("runtime.host").and_then(Node::moref),
+            cluster: None,
             cbt_enabled: o.text("config.changeTrackingEnabled") == Some("true"),
             disks,
             nics,

@@ -1,6 +1,7 @@
 //! What the Hyper-V tests share (`hyperv.rs`, `hyperv_cluster.rs`, `hyperv_paths.rs`,
 //! `hyperv_restore.rs`, `hyperv_kerberos.rs`): the [`Lab`] (a simulated host, its repository
-//! and config, the guest's side door, restores compared with `qemu-img`), and the pieces for
+//! and config, the guest's side door, restores compared with `qemu-img`, `ferry sim vmware` / `xen`
+//! as more sources of its config), and the pieces for
 //! labs of another shape (a repository; a WS-Man client on the simulator's pinned endpoint).
 #![allow(dead_code)]
 
@@ -145,6 +146,72 @@ impl Lab {
             String::from_utf8(out.stdout).unwrap(),
             String::from_utf8(out.stderr).unwrap(),
         )
+    }
+
+    /// Appends source `name` of `kind` on the simulator whose JSON line is `sim` to `ferry.toml`
+    /// (its password in `<name>.pw`, the lab's state directory), then `extra` (more keys, tables).
+    pub fn add_source(&self, name: &str, kind: &str, sim: &Value, extra: &str) {
+        let pw = self.path(&format!("{name}.pw"));
+        std::fs::write(&pw, sim["password"].as_str().unwrap()).unwrap();
+        let mut t = std::fs::read_to_string(self.path("ferry.toml")).unwrap();
+        t.push_str(&format!(
+            "[sources.{name}]\nkind = \"{kind}\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\n{extra}",
+            sim["url"].as_str().unwrap(),
+            sim["username"].as_str().unwrap(),
+            pw.display(),
+            sim["tls_fingerprint"].as_str().unwrap(),
+            self.path("state").display(),
+        ));
+        std::fs::write(self.path("ferry.toml"), t).unwrap();
+    }
+
+    /// `ferry sim ARGS` in this lab: the simulator (killed on drop) and its JSON line.
+    fn sim(&self, args: &[&str]) -> (ferry_testkit::Killed, Value) {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.env_remove("RUST_LOG").arg("sim").args(args);
+        ferry_testkit::Killed::spawn_json_line(&mut c)
+    }
+
+    /// `ferry sim vmware` (vcsim, 8 MiB disks) in `vc-sim` as source `vc`: SAN through its
+    /// datastores, the nbdkit file stand-in for writes.
+    pub fn with_vsphere(&self) -> (ferry_testkit::Killed, Value) {
+        let dir = self.path("vc-sim");
+        let vcsim = ferry_testkit::tool("vcsim");
+        let (sim, vc) = self.sim(&[
+            "vmware",
+            "--listen",
+            "127.0.0.1:0",
+            "--disk-mib",
+            "8",
+            "--vcsim",
+            vcsim.to_str().unwrap(),
+            "--dir",
+            dir.to_str().unwrap(),
+        ]);
+        let mut extra =
+            "transports = [\"san\"]\nnbdkit-stand-in = \"file\"\n[sources.vc.san-paths]\n"
+                .to_string();
+        for (ds, p) in vc["san_paths"].as_object().unwrap() {
+            extra.push_str(&format!("\"{ds}\" = \"{}\"\n", p.as_str().unwrap()));
+        }
+        self.add_source("vc", "vmware", &vc, &extra);
+        (sim, vc)
+    }
+
+    /// `ferry sim xen` (4 MiB disks) in `xen-sim` as source `xen`, over the network.
+    pub fn with_xen(&self) -> (ferry_testkit::Killed, Value) {
+        let dir = self.path("xen-sim");
+        let (sim, xen) = self.sim(&[
+            "xen",
+            "--listen",
+            "127.0.0.1:0",
+            "--disk-mib",
+            "4",
+            "--dir",
+            dir.to_str().unwrap(),
+        ]);
+        self.add_source("xen", "xen", &xen, "transports = [\"network\"]\n");
+        (sim, xen)
     }
 
     /// `ferry backup --source lab --json ARGS`: the reports, and stderr.
