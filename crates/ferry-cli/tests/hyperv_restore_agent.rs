@@ -75,32 +75,13 @@ impl Lab {
         reports[0]["snapshot"].as_str().unwrap().to_string()
     }
 
-    /// The VMs `names` as pypsrp reads them from the host's WMI (null: no such VM).
-    fn probe(&self, names: &[&str]) -> Value {
-        self.probe_with(
-            "hyperv_vm_probe.py",
-            self.info["url"].as_str().unwrap(),
-            names,
-        )
-    }
-
-    /// The simulator's file for host path `p` (under `C:\`).
-    fn local(&self, p: &str) -> PathBuf {
-        let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
-        let mut out = PathBuf::from(self.info["san_paths"]["C:\\"].as_str().unwrap());
-        for c in rest.split('\\') {
-            out.push(c);
-        }
-        out
-    }
-
     /// The folder a restore named `name` gets (the default restore-dir: where `VM` lives).
     fn restore_folder(&self, name: &str) -> PathBuf {
-        let orig = &self.probe(&[VM])[VM];
+        let orig = &self.vm_probe(&[VM])[VM];
         let disk = orig["disks"][0]["path"].as_str().unwrap();
         let vm_folder = disk.rsplit_once('\\').unwrap().0;
         let parent = vm_folder.rsplit_once('\\').unwrap().0;
-        self.local(&format!("{parent}\\{name}"))
+        self.host_local(&format!("{parent}\\{name}"))
     }
 }
 
@@ -128,7 +109,7 @@ fn whole_vm_restore_through_the_agent_alone_writes_vhdx_disks_and_brings_back_th
         err.contains("via network (VHDX written through the host agent, nbd+tls)"),
         "{err}"
     );
-    let p = lab.probe(&[VM, "sql-agent"]);
+    let p = lab.vm_probe(&[VM, "sql-agent"]);
     let (orig, copy) = (&p[VM], &p["sql-agent"]);
     assert!(copy.is_object(), "no restored VM: {p}\n{err}");
     assert_eq!(out.trim(), copy["id"], "{err}");
@@ -142,7 +123,7 @@ fn whole_vm_restore_through_the_agent_alone_writes_vhdx_disks_and_brings_back_th
     }
     let folder = lab.restore_folder("sql-agent");
     for (d, want) in copy["disks"].as_array().unwrap().iter().zip(&expected) {
-        let local = lab.local(d["path"].as_str().unwrap());
+        let local = lab.host_local(d["path"].as_str().unwrap());
         assert!(
             local.starts_with(&folder),
             "{} not in {}",
@@ -177,7 +158,7 @@ fn outside_the_restore_roots_or_a_wrong_pin_creates_nothing() {
             && err.contains("outside the agent's roots"),
         "{err}"
     );
-    assert!(lab.probe(&["outside"])["outside"].is_null());
+    assert!(lab.vm_probe(&["outside"])["outside"].is_null());
     // A wrong agent pin: a clear TLS error, nothing made.
     let wrong = format!("sha256:{}", "AB".repeat(32));
     lab.agent_config("[\"network\"]", "", Some(&wrong), None);
@@ -186,7 +167,7 @@ fn outside_the_restore_roots_or_a_wrong_pin_creates_nothing() {
         err.contains("network: the agent of node") && err.contains("TLS"),
         "{err}"
     );
-    assert!(lab.probe(&["pinned"])["pinned"].is_null());
+    assert!(lab.vm_probe(&["pinned"])["pinned"].is_null());
     assert!(!lab.restore_folder("pinned").exists());
     // With san after network, the restore falls back to san-paths, saying why.
     lab.agent_config(
@@ -204,7 +185,7 @@ fn outside_the_restore_roots_or_a_wrong_pin_creates_nothing() {
         err.contains("via san (VHDX written through san-paths)"),
         "{err}"
     );
-    assert!(lab.probe(&["pinned"])["pinned"].is_object());
+    assert!(lab.vm_probe(&["pinned"])["pinned"].is_object());
 }
 
 /// A TCP relay to `to` on `port` (0: any) that passes what the appliance sends at about
@@ -294,7 +275,7 @@ fn an_agent_lost_mid_restore_leaves_no_vm_and_after_cleanup_no_file() {
     seen.push_str(&rest);
     assert!(!child.wait().unwrap().success(), "{seen}");
     assert!(seen.contains("removing the partial VM"), "{seen}");
-    assert!(lab.probe(&["lost"])["lost"].is_null(), "{seen}");
+    assert!(lab.vm_probe(&["lost"])["lost"].is_null(), "{seen}");
     // The agent could not be asked to remove the folder: no disk in it, and it stays journaled.
     let folder = lab.restore_folder("lost");
     let left: Vec<String> = std::fs::read_dir(&folder)

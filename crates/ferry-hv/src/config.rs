@@ -704,6 +704,19 @@ mod tests {
     }
 
     #[test]
+    fn restore_dir_needs_no_san_paths_through_the_host_agent() {
+        let t = |transports: &str| {
+            format!(
+                "[sources.h]\nkind = \"hyperv\"\nurl = \"https://h:5986/wsman\"\nusername = \"r\"\ntls-insecure = true\ntransports = {transports}\nrestore-dir = 'D:\\Restores'\n[sources.h.agent]\nfingerprint = \"sha256:{}\"\n",
+                "AB".repeat(32)
+            )
+        };
+        parse(&t("[\"network\"]")).unwrap();
+        let e = parse(&t("[\"san\"]")).unwrap_err().to_string();
+        assert!(e.contains("under no san-paths prefix"), "{e}");
+    }
+
+    #[test]
     fn password_file_errors_name_the_file_not_the_secret() {
         let c = parse("[sources.x]\nkind = \"xen\"\nurl = \"https://h\"\nusername = \"r\"\ntls-insecure = true\npassword-file = \"/nonexistent/pw\"\n").unwrap();
         let e = c

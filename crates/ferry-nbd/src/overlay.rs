@@ -36,20 +36,16 @@ impl std::fmt::Debug for CowOverlay {
 impl CowOverlay {
     /// An empty overlay over `source`, backed by an unlinked temporary file.
     pub fn new(source: Arc<dyn BlockSource>) -> std::io::Result<Self> {
-        let file = tempfile::tempfile()?;
-        file.set_len(source.size())?;
-        Ok(Self {
-            source,
-            file: Arc::new(file),
-            cells: Mutex::new(ExtentMap::new()),
-            write_lock: tokio::sync::Mutex::new(()),
-        })
+        Self::with_file(source, tempfile::tempfile()?)
     }
 
     /// [`Self::new`] with the temporary file in `dir`: on the volume the data is meant for (a
     /// host agent staging a restored disk), still unlinked, so nothing is left after a crash.
     pub fn new_in(source: Arc<dyn BlockSource>, dir: &std::path::Path) -> std::io::Result<Self> {
-        let file = tempfile::tempfile_in(dir)?;
+        Self::with_file(source, tempfile::tempfile_in(dir)?)
+    }
+
+    fn with_file(source: Arc<dyn BlockSource>, file: File) -> std::io::Result<Self> {
         file.set_len(source.size())?;
         Ok(Self {
             source,
