@@ -20,15 +20,9 @@ mod cli;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 
-/// A two-node cluster with source `lab` reading through `san-paths`.
-struct Lab(hyperv_lab::Lab);
-
-impl std::ops::Deref for Lab {
-    type Target = hyperv_lab::Lab;
-    fn deref(&self) -> &hyperv_lab::Lab {
-        &self.0
-    }
-}
+lab_wrapper!(
+    /// A two-node cluster with source `lab` reading through `san-paths`.
+);
 
 impl Lab {
     /// A two-node cluster whose `[sources.lab.nodes]` sends node `k` to the endpoint (URL and

@@ -19,15 +19,9 @@ mod hyperv_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
 
-/// The shared Hyper-V lab, with what these tests ask of it.
-struct Lab(hyperv_lab::Lab);
-
-impl std::ops::Deref for Lab {
-    type Target = hyperv_lab::Lab;
-    fn deref(&self) -> &hyperv_lab::Lab {
-        &self.0
-    }
-}
+lab_wrapper!(
+    /// The shared Hyper-V lab, with what these tests ask of it.
+);
 
 impl Lab {
     /// A standalone host, source `lab` reading through `san-paths` and restoring into

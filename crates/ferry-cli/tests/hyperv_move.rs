@@ -22,15 +22,9 @@ mod cli;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 
-/// A two-node cluster; `san` reads the CSV through `san-paths`.
-struct Lab(hyperv_lab::Lab);
-
-impl std::ops::Deref for Lab {
-    type Target = hyperv_lab::Lab;
-    fn deref(&self) -> &hyperv_lab::Lab {
-        &self.0
-    }
-}
+lab_wrapper!(
+    /// A two-node cluster; `san` reads the CSV through `san-paths`.
+);
 
 impl Lab {
     fn start() -> Self {

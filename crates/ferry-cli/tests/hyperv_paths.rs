@@ -26,15 +26,9 @@ enum Path {
     Lun,
 }
 
-/// The lab's host (`luns`: with snapshot LUNs); the config is written per test.
-struct Lab(hyperv_lab::Lab);
-
-impl std::ops::Deref for Lab {
-    type Target = hyperv_lab::Lab;
-    fn deref(&self) -> &hyperv_lab::Lab {
-        &self.0
-    }
-}
+lab_wrapper!(
+    /// The lab's host (`luns`: with snapshot LUNs); the config is written per test.
+);
 
 impl Lab {
     fn start(luns: bool) -> Self {

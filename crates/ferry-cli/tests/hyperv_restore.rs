@@ -27,15 +27,9 @@ fn ferry() -> Command {
     c
 }
 
-/// The lab's host with source `lab` reading through `san-paths` and restoring to `restore-dir`.
-struct Lab(hyperv_lab::Lab);
-
-impl std::ops::Deref for Lab {
-    type Target = hyperv_lab::Lab;
-    fn deref(&self) -> &hyperv_lab::Lab {
-        &self.0
-    }
-}
+lab_wrapper!(
+    /// The lab's host with source `lab` reading through `san-paths` and restoring to `restore-dir`.
+);
 
 impl Lab {
     fn start() -> Self {

@@ -20,15 +20,9 @@ mod cli;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 
-/// The lab's host with source `lab` writing restores through the host agent.
-struct Lab(hyperv_lab::Lab);
-
-impl std::ops::Deref for Lab {
-    type Target = hyperv_lab::Lab;
-    fn deref(&self) -> &hyperv_lab::Lab {
-        &self.0
-    }
-}
+lab_wrapper!(
+    /// The lab's host with source `lab` writing restores through the host agent.
+);
 
 impl Lab {
     /// Guests with 8 MiB disks; source `lab` with `transports = ["network"]` only, its
@@ -77,11 +71,11 @@ impl Lab {
 
     /// The folder a restore named `name` gets (the default restore-dir: where `VM` lives).
     fn restore_folder(&self, name: &str) -> PathBuf {
-        let orig = &self.vm_probe(&[VM])[VM];
+        let orig = &self.probe_vms(&[VM])[VM];
         let disk = orig["disks"][0]["path"].as_str().unwrap();
         let vm_folder = disk.rsplit_once('\\').unwrap().0;
         let parent = vm_folder.rsplit_once('\\').unwrap().0;
-        self.host_local(&format!("{parent}\\{name}"))
+        self.local(&format!("{parent}\\{name}"))
     }
 }
 
@@ -109,7 +103,7 @@ fn whole_vm_restore_through_the_agent_alone_writes_vhdx_disks_and_brings_back_th
         err.contains("via network (VHDX written through the host agent, nbd+tls)"),
         "{err}"
     );
-    let p = lab.vm_probe(&[VM, "sql-agent"]);
+    let p = lab.probe_vms(&[VM, "sql-agent"]);
     let (orig, copy) = (&p[VM], &p["sql-agent"]);
     assert!(copy.is_object(), "no restored VM: {p}\n{err}");
     assert_eq!(out.trim(), copy["id"], "{err}");
@@ -123,7 +117,7 @@ fn whole_vm_restore_through_the_agent_alone_writes_vhdx_disks_and_brings_back_th
     }
     let folder = lab.restore_folder("sql-agent");
     for (d, want) in copy["disks"].as_array().unwrap().iter().zip(&expected) {
-        let local = lab.host_local(d["path"].as_str().unwrap());
+        let local = lab.local(d["path"].as_str().unwrap());
         assert!(
             local.starts_with(&folder),
             "{} not in {}",
@@ -158,7 +152,7 @@ fn outside_the_restore_roots_or_a_wrong_pin_creates_nothing() {
             && err.contains("outside the agent's roots"),
         "{err}"
     );
-    assert!(lab.vm_probe(&["outside"])["outside"].is_null());
+    assert!(lab.probe_vms(&["outside"])["outside"].is_null());
     // A wrong agent pin: a clear TLS error, nothing made.
     let wrong = format!("sha256:{}", "AB".repeat(32));
     lab.agent_config("[\"network\"]", "", Some(&wrong), None);
@@ -167,7 +161,7 @@ fn outside_the_restore_roots_or_a_wrong_pin_creates_nothing() {
         err.contains("network: the agent of node") && err.contains("TLS"),
         "{err}"
     );
-    assert!(lab.vm_probe(&["pinned"])["pinned"].is_null());
+    assert!(lab.probe_vms(&["pinned"])["pinned"].is_null());
     assert!(!lab.restore_folder("pinned").exists());
     // With san after network, the restore falls back to san-paths, saying why.
     lab.agent_config(
@@ -185,7 +179,7 @@ fn outside_the_restore_roots_or_a_wrong_pin_creates_nothing() {
         err.contains("via san (VHDX written through san-paths)"),
         "{err}"
     );
-    assert!(lab.vm_probe(&["pinned"])["pinned"].is_object());
+    assert!(lab.probe_vms(&["pinned"])["pinned"].is_object());
 }
 
 /// A TCP relay to `to` on `port` (0: any) that passes what the appliance sends at about
@@ -275,7 +269,7 @@ fn an_agent_lost_mid_restore_leaves_no_vm_and_after_cleanup_no_file() {
     seen.push_str(&rest);
     assert!(!child.wait().unwrap().success(), "{seen}");
     assert!(seen.contains("removing the partial VM"), "{seen}");
-    assert!(lab.vm_probe(&["lost"])["lost"].is_null(), "{seen}");
+    assert!(lab.probe_vms(&["lost"])["lost"].is_null(), "{seen}");
     // The agent could not be asked to remove the folder: no disk in it, and it stays journaled.
     let folder = lab.restore_folder("lost");
     let left: Vec<String> = std::fs::read_dir(&folder)

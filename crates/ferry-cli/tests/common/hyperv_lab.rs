@@ -409,28 +409,6 @@ impl Lab {
     }
 }
 
-impl Lab {
-    /// The VMs `names` as pypsrp reads them from the host's WMI (`tests/hyperv_vm_probe.py`;
-    /// null: no such VM).
-    pub fn vm_probe(&self, names: &[&str]) -> Value {
-        self.probe_with(
-            "hyperv_vm_probe.py",
-            self.info["url"].as_str().unwrap(),
-            names,
-        )
-    }
-
-    /// The simulator's file for host path `p` (under `C:\`), as the proxy's `san-paths` see it.
-    pub fn host_local(&self, p: &str) -> PathBuf {
-        let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
-        let mut out = PathBuf::from(self.info["san_paths"]["C:\\"].as_str().unwrap());
-        for c in rest.split('\\') {
-            out.push(c);
-        }
-        out
-    }
-}
-
 /// Report `report`'s disk `name`.
 pub fn disk<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["disks"]
@@ -464,4 +442,21 @@ pub fn vsphere_vm(vc: &Value, name: &str) -> Value {
     );
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     v[name].clone()
+}
+
+/// `struct Lab(hyperv_lab::Lab)` that derefs to the shared lab: each test file adds its own
+/// setup and checks to its `Lab`.
+#[macro_export]
+macro_rules! lab_wrapper {
+    ($(#[$m:meta])*) => {
+        $(#[$m])*
+        struct Lab(hyperv_lab::Lab);
+
+        impl std::ops::Deref for Lab {
+            type Target = hyperv_lab::Lab;
+            fn deref(&self) -> &hyperv_lab::Lab {
+                &self.0
+            }
+        }
+    };
 }
