@@ -8,13 +8,15 @@
 
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/replica_lab.rs"]
 mod replica_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
+use cli::ferry;
 use replica_lab::{assert_same_disks, init_repo};
 use xen_probe::Probe;
 
@@ -22,14 +24,6 @@ const REPO_PW: &str = "repo password";
 const ADMIN_PW: &str = "admin password 1";
 const VM: &str = "debian-web";
 const STANDBY: &str = "debian-web (replica)";
-
-fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG")
-        .env_remove("FERRY_CONFIG")
-        .env_remove("FERRY_PASSWORD");
-    c
-}
 
 /// An HTTPS client pinned to the service's certificate, logged in as one user.
 struct Api {
@@ -40,13 +34,7 @@ struct Api {
 
 impl Api {
     async fn login(info: &Value, user: &str, pw: &str) -> Self {
-        let fp = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
-        let tls = ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(fp)).unwrap();
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls((*tls).clone())
-            .no_proxy()
-            .build()
-            .unwrap();
+        let http = cli::pinned_client(info);
         let base = info["url"].as_str().unwrap().to_string();
         let mut api = Self {
             http,

@@ -16,6 +16,18 @@ pub fn ferry() -> Command {
     c
 }
 
+/// An HTTPS client pinned to the certificate of the service whose JSON line is `info`.
+#[allow(dead_code)]
+pub fn pinned_client(info: &Value) -> reqwest::Client {
+    let fp = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
+    let tls = ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(fp)).unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
 /// The first line `child` prints on stdout, parsed as JSON.
 #[allow(dead_code)]
 pub fn first_line(child: &mut Child) -> Value {

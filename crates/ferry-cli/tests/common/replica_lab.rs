@@ -44,6 +44,55 @@ impl Ferry {
     }
 }
 
+/// The `ferry` binary with the repository password `password` and no `RUST_LOG`.
+pub fn ferry_command(password: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", password);
+    c
+}
+
+/// `dir/NAME.pw` holding the password of the simulator whose JSON line is `info`.
+pub fn password_file(dir: &Path, name: &str, info: &serde_json::Value) -> PathBuf {
+    let p = dir.join(format!("{name}.pw"));
+    std::fs::write(&p, info["password"].as_str().unwrap()).unwrap();
+    p
+}
+
+/// A test's lab directory (`ferry.toml`, `repo/`, `state/`) with `ferry` run in it.
+pub trait LabDir {
+    /// The lab directory and its repository's password.
+    fn lab_dir(&self) -> (&Path, &str);
+
+    fn ferry(&self) -> Ferry {
+        let (dir, password) = self.lab_dir();
+        Ferry::in_dir(dir, password)
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.lab_dir().0.join(p)
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        self.ferry().env
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.ferry().run(args)
+    }
+
+    /// `ferry ARGS`, which must succeed: its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        self.ferry().ok(args)
+    }
+
+    /// Replica `name` as `ferry replica status NAME --json` shows it.
+    fn replica_status(&self, name: &str) -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["replica", "status", name, "--json"])).unwrap();
+        v[0].clone()
+    }
+}
+
 impl Ferry {
     /// Disks `disks` of restore point `rp`, restored to files `dir/rp-<rp>-<disk>.raw`.
     pub fn restored(&self, dir: &Path, rp: &str, disks: &[&str]) -> Vec<PathBuf> {
