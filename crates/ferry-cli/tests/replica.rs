@@ -7,7 +7,6 @@
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[path = "common/cli.rs"]
@@ -16,16 +15,11 @@ mod cli;
 mod replica_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
-use replica_lab::{Ferry, LabDir, assert_same_disks, init_repo, password_file};
+use replica_lab::{Ferry, LabDir, PASSWORD, assert_same_disks, ferry, init_repo, password_file};
 use xen_probe::Probe;
 
-const PASSWORD: &str = "test password";
 const VM: &str = "debian-web";
 const STANDBY: &str = "debian-web (replica)";
-
-fn ferry() -> Command {
-    replica_lab::ferry_command(PASSWORD)
-}
 
 /// Two pools, their probes, a repository, a `ferry.toml` and a state directory.
 struct Lab {
@@ -37,8 +31,8 @@ struct Lab {
 }
 
 impl LabDir for Lab {
-    fn lab_dir(&self) -> (&Path, &str) {
-        (self.dir.path(), PASSWORD)
+    fn lab_dir(&self) -> &Path {
+        self.dir.path()
     }
 }
 
@@ -342,23 +336,11 @@ fn serve_runs_replica_cycles_with_health_in_metrics_and_rpo_alerts() {
         pw.display()
     ));
     std::fs::write(lab.path("ferry.toml"), toml).unwrap();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    serve
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--init-admin",
-            "admin",
-            "--state-dir",
-        ])
-        .arg(lab.path("state"))
-        .arg("--config")
-        .arg(lab.path("ferry.toml"))
-        .env_remove("RUST_LOG")
-        .env_remove("FERRY_PASSWORD")
-        .env("FERRY_ADMIN_PASSWORD", "admin password");
-    let (_serve, info) = Killed::spawn_json_line(&mut serve);
+    let (_serve, info) = cli::serve_with_admin(
+        &lab.path("state"),
+        &lab.path("ferry.toml"),
+        "admin password",
+    );
 
     // The job's record appears and cycles run on their own.
     let first = wait_cycles(&lab, 1);

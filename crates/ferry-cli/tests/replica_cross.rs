@@ -8,7 +8,6 @@ use ferry_core::Secret;
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "common/replica_lab.rs"]
 mod replica_lab;
@@ -16,14 +15,8 @@ mod replica_lab;
 mod vsphere_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
-use replica_lab::{Ferry, LabDir, assert_same_disks, init_repo, password_file};
+use replica_lab::{Ferry, LabDir, PASSWORD, assert_same_disks, ferry, init_repo, password_file};
 use xen_probe::Probe;
-
-const PASSWORD: &str = "test password";
-
-fn ferry() -> Command {
-    replica_lab::ferry_command(PASSWORD)
-}
 
 /// vCenter `vc` (the primary's side) and Xen pool `dr`, a repository, `ferry.toml`, state.
 struct Lab {
@@ -36,8 +29,8 @@ struct Lab {
 }
 
 impl LabDir for Lab {
-    fn lab_dir(&self) -> (&Path, &str) {
-        (self.dir.path(), PASSWORD)
+    fn lab_dir(&self) -> &Path {
+        self.dir.path()
     }
 }
 
@@ -74,16 +67,7 @@ impl Lab {
 
     /// The vSphere VM's disks as they are now (copies of the simulator's flat files).
     fn vc_disks(&self, label: &str) -> Vec<PathBuf> {
-        self.vm
-            .2
-            .iter()
-            .enumerate()
-            .map(|(i, (_, live))| {
-                let p = self.path(&format!("{label}-{i}.raw"));
-                std::fs::copy(live, &p).unwrap();
-                p
-            })
-            .collect()
+        vsphere_lab::copy_live_disks(&self.vm.2, self.dir.path(), label)
     }
 
     /// Every disk of restore point `rp`, restored to files.

@@ -8,7 +8,6 @@
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[path = "common/replica_lab.rs"]
@@ -17,17 +16,12 @@ mod replica_lab;
 mod vsphere_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
-use replica_lab::{Ferry, LabDir, assert_same_disks, init_repo, password_file};
+use replica_lab::{Ferry, LabDir, PASSWORD, assert_same_disks, ferry, init_repo, password_file};
 use xen_probe::Probe;
 
-const PASSWORD: &str = "test password";
 const VM: &str = "debian-web";
 const STANDBY: &str = "debian-web (replica)";
 const COPY: &str = "debian-web (test failover)";
-
-fn ferry() -> Command {
-    replica_lab::ferry_command(PASSWORD)
-}
 
 /// Xen pool `prod` with `debian-web`, vCenter `vc`, a repository, `ferry.toml`, state.
 struct Lab {
@@ -38,8 +32,8 @@ struct Lab {
 }
 
 impl LabDir for Lab {
-    fn lab_dir(&self) -> (&Path, &str) {
-        (self.dir.path(), PASSWORD)
+    fn lab_dir(&self) -> &Path {
+        self.dir.path()
     }
 }
 

@@ -6,7 +6,6 @@
 //! replica's view, and a delete that ends replication. The pools are looked at through the
 //! XenAPI SDK (`tests/xen_probe.py`); disks are compared with `qemu-img compare`.
 
-use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -161,21 +160,7 @@ fn replicas_are_configured_watched_and_failed_over_through_the_api() {
         d.join("repo.pw").display()
     ));
     std::fs::write(d.join("ferry.toml"), toml).unwrap();
-    let (_serve, info) = Killed::spawn_json_line(
-        ferry()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--init-admin",
-                "admin",
-                "--state-dir",
-            ])
-            .arg(d.join("state"))
-            .arg("--config")
-            .arg(d.join("ferry.toml"))
-            .env("FERRY_ADMIN_PASSWORD", ADMIN_PW),
-    );
+    let (_serve, info) = cli::serve_with_admin(&d.join("state"), &d.join("ferry.toml"), ADMIN_PW);
     let mut prod = Probe::start(&prod_info);
     let mut dr = Probe::start(&dr_info);
     let rt = tokio::runtime::Runtime::new().unwrap();

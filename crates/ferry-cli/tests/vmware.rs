@@ -125,16 +125,7 @@ impl Lab {
     }
 
     fn copy_disks(&self, label: &str) -> Vec<PathBuf> {
-        self.vm()
-            .2
-            .iter()
-            .enumerate()
-            .map(|(i, (_, live))| {
-                let p = self.path(&format!("{label}-{i}.raw"));
-                std::fs::copy(live, &p).unwrap();
-                p
-            })
-            .collect()
+        vsphere_lab::copy_live_disks(&self.vm().2, self.dir.path(), label)
     }
 
     fn backup(&self, args: &[&str]) -> (Value, String) {

@@ -1,6 +1,7 @@
-//! What the replica tests share (`replica.rs`, `replica_cross.rs`, `serve_replicas.rs`): a lab
-//! directory laid out as `ferry.toml`, `repo/` and `state/`, the `ferry` binary run in it, a
-//! repository made for it, and disks compared byte for byte.
+//! What the replica tests share (`replica.rs`, `replica_cross.rs`, `replica_vsphere.rs`,
+//! `serve_replicas.rs`): a lab directory laid out as `ferry.toml`, `repo/` and `state/`, the
+//! `ferry` binary run in it (`LabDir`), a repository made for it, simulator password files, and
+//! disks compared byte for byte.
 #![allow(dead_code)]
 
 use ferry_core::Secret;
@@ -44,10 +45,13 @@ impl Ferry {
     }
 }
 
-/// The `ferry` binary with the repository password `password` and no `RUST_LOG`.
-pub fn ferry_command(password: &str) -> Command {
+/// The repository password of a `LabDir`.
+pub const PASSWORD: &str = "test password";
+
+/// The `ferry` binary with the repository password `PASSWORD` and no `RUST_LOG`.
+pub fn ferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", password);
+    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
     c
 }
 
@@ -58,31 +62,31 @@ pub fn password_file(dir: &Path, name: &str, info: &serde_json::Value) -> PathBu
     p
 }
 
-/// A test's lab directory (`ferry.toml`, `repo/`, `state/`) with `ferry` run in it.
+/// A test's lab directory (`ferry.toml`, `repo/` with password `PASSWORD`, `state/`) with
+/// `ferry` run in it.
 pub trait LabDir {
-    /// The lab directory and its repository's password.
-    fn lab_dir(&self) -> (&Path, &str);
+    /// The lab directory.
+    fn lab_dir(&self) -> &Path;
 
-    fn ferry(&self) -> Ferry {
-        let (dir, password) = self.lab_dir();
-        Ferry::in_dir(dir, password)
+    fn in_lab(&self) -> Ferry {
+        Ferry::in_dir(self.lab_dir(), PASSWORD)
     }
 
     fn path(&self, p: &str) -> PathBuf {
-        self.lab_dir().0.join(p)
+        self.lab_dir().join(p)
     }
 
     fn env(&self) -> Vec<(String, String)> {
-        self.ferry().env
+        self.in_lab().env
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.ferry().run(args)
+        self.in_lab().run(args)
     }
 
     /// `ferry ARGS`, which must succeed: its stdout.
     fn ok(&self, args: &[&str]) -> String {
-        self.ferry().ok(args)
+        self.in_lab().ok(args)
     }
 
     /// Replica `name` as `ferry replica status NAME --json` shows it.

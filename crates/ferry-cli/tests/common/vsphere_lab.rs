@@ -1,4 +1,4 @@
-//! What the vSphere replica tests share (`replica_cross.rs`, `replica_vsphere.rs`): a
+//! What the vSphere tests share (`vmware.rs`, `replica_cross.rs`, `replica_vsphere.rs`): a
 //! `ferry sim vmware` and its `[sources.NAME]` table, the simulator's side door (guest writes,
 //! snapshot count, sent with curl), VMware's own SDK (pyvmomi, `tests/vmware_probe.py`) as the
 //! test's eyes, and a VM's disks copied off the simulator's datastore directories.
@@ -182,6 +182,19 @@ pub fn api_vm_disks(vc: &Value, name: &str, dir: &Path, label: &str) -> Vec<Path
             let to = dir.join(format!("{label}-{i}.raw"));
             std::fs::copy(flat_file(vc, d["file"].as_str().unwrap()), &to).unwrap();
             to
+        })
+        .collect()
+}
+
+/// Copies of the live disk files `disks` (as `two_disk_vm` lists them) as `dir/<label>-<n>.raw`.
+pub fn copy_live_disks(disks: &[(i64, PathBuf)], dir: &Path, label: &str) -> Vec<PathBuf> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, (_, live))| {
+            let p = dir.join(format!("{label}-{i}.raw"));
+            std::fs::copy(live, &p).unwrap();
+            p
         })
         .collect()
 }
