@@ -7,42 +7,19 @@
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/replica_lab.rs"]
 mod replica_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
-use replica_lab::{Ferry, assert_same_disks, init_repo};
+use replica_lab::{Ferry, LabDir, PASSWORD, assert_same_disks, ferry, init_repo, password_file};
 use xen_probe::Probe;
 
-const PASSWORD: &str = "test password";
 const VM: &str = "debian-web";
 const STANDBY: &str = "debian-web (replica)";
-
-fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
-    c
-}
-
-fn start_sim(dir: &Path) -> (Killed, Value) {
-    xen_probe::start_sim(ferry(), dir)
-}
-
-fn source_toml(name: &str, info: &Value, pw: &Path, state: &Path) -> String {
-    let mut t = format!(
-        "[sources.{name}]\nkind = \"xen\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"network\"]\n",
-        info["url"].as_str().unwrap(),
-        info["username"].as_str().unwrap(),
-        pw.display(),
-        info["tls_fingerprint"].as_str().unwrap(),
-        state.display()
-    );
-    t.push_str(&format!("[sources.{name}.san-paths]\n"));
-    t
-}
 
 /// Two pools, their probes, a repository, a `ferry.toml` and a state directory.
 struct Lab {
@@ -53,16 +30,26 @@ struct Lab {
     _sims: (Killed, Killed),
 }
 
+impl LabDir for Lab {
+    fn lab_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
 impl Lab {
     fn start() -> Self {
         let dir = ferry_testkit::scratch_dir();
-        let (a, prod_info) = start_sim(&dir.path().join("prod"));
-        let (b, dr_info) = start_sim(&dir.path().join("dr"));
+        let (a, prod_info) = xen_probe::start_sim(ferry(), &dir.path().join("prod"));
+        let (b, dr_info) = xen_probe::start_sim(ferry(), &dir.path().join("dr"));
         let mut toml = String::new();
         for (name, info) in [("prod", &prod_info), ("dr", &dr_info)] {
-            let pw = dir.path().join(format!("{name}.pw"));
-            std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
-            toml.push_str(&source_toml(name, info, &pw, &dir.path().join("state")));
+            let pw = password_file(dir.path(), name, info);
+            toml.push_str(&xen_probe::source_toml(
+                name,
+                info,
+                &pw,
+                &dir.path().join("state"),
+            ));
         }
         std::fs::write(dir.path().join("ferry.toml"), toml).unwrap();
         init_repo(&dir.path().join("repo"), PASSWORD);
@@ -73,28 +60,6 @@ impl Lab {
             dir,
             _sims: (a, b),
         }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn env(&self) -> Vec<(String, String)> {
-        Ferry::in_dir(self.dir.path(), PASSWORD).env
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Ferry::in_dir(self.dir.path(), PASSWORD).run(args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        Ferry::in_dir(self.dir.path(), PASSWORD).ok(args)
-    }
-
-    fn status(&self) -> Value {
-        let v: Value =
-            serde_json::from_str(&self.ok(&["replica", "status", "web", "--json"])).unwrap();
-        v[0].clone()
     }
 
     fn create(&self, keep: &str) {
@@ -139,7 +104,7 @@ fn guest_writes(probe: &mut Probe, vm: &str, seed: u8) {
 fn replica_follows_guest_writes_and_unplanned_failover_starts_the_chosen_point() {
     let mut lab = Lab::start();
     lab.create("2");
-    let s = lab.status();
+    let s = lab.replica_status("web");
     assert_eq!(s["standby"], Value::Null);
     assert!(s["stale"].as_str().unwrap().contains("no recovery point"));
     // Failover of a replica that holds nothing is refused with the reason.
@@ -153,7 +118,7 @@ fn replica_follows_guest_writes_and_unplanned_failover_starts_the_chosen_point()
 
     // The first cycle creates the standby (halted) with the VM's disks.
     lab.ok(&["replica", "sync", "web"]);
-    let first = lab.status();
+    let first = lab.replica_status("web");
     assert_eq!(first["points"].as_array().unwrap().len(), 1, "{first}");
     assert_eq!(lab.dr.vm(STANDBY)["power_state"], "Halted");
     let want = lab.disks(false, VM, "prod-1");
@@ -163,7 +128,7 @@ fn replica_follows_guest_writes_and_unplanned_failover_starts_the_chosen_point()
     // Guest writes reach the standby within one cycle, sending only the changed blocks.
     guest_writes(&mut lab.prod, VM, 0x5a);
     lab.ok(&["replica", "sync", "web"]);
-    let second = lab.status();
+    let second = lab.replica_status("web");
     let want2 = lab.disks(false, VM, "prod-2");
     assert_same_disks(&lab.disks(true, STANDBY, "dr-2"), &want2);
     let bytes = second["health"]["last-bytes"].as_u64().unwrap();
@@ -175,7 +140,7 @@ fn replica_follows_guest_writes_and_unplanned_failover_starts_the_chosen_point()
     // A third cycle: --keep 2 prunes the oldest point on the pool too.
     guest_writes(&mut lab.prod, VM, 0x77);
     lab.ok(&["replica", "sync", "web"]);
-    let third = lab.status();
+    let third = lab.replica_status("web");
     let points = third["points"].as_array().unwrap().clone();
     assert_eq!(points.len(), 2, "{third}");
     assert!(points.iter().all(|p| p["restore-point"] != rp1.as_str()));
@@ -201,7 +166,7 @@ fn replica_follows_guest_writes_and_unplanned_failover_starts_the_chosen_point()
     let at = lab.restored(&older);
     assert_same_disks(&lab.disks(true, STANDBY, "dr-failed-over"), &at);
     assert_same_disks(&at, &want2);
-    let s = lab.status();
+    let s = lab.replica_status("web");
     assert_eq!(s["state"]["kind"], "failed-over", "{s}");
     // A failed-over replica is not synced into.
     let o = lab.run(&["replica", "sync", "web"]);
@@ -213,7 +178,7 @@ fn replica_follows_guest_writes_and_unplanned_failover_starts_the_chosen_point()
     lab.ok(&["replica", "reverse", "web"]);
     assert_eq!(lab.prod.vm(VM)["power_state"], "Halted");
     lab.ok(&["replica", "sync", "web"]);
-    let s = lab.status();
+    let s = lab.replica_status("web");
     assert_eq!(s["source"], "dr", "{s}");
     assert_eq!(lab.dr.vm(STANDBY)["power_state"], "Running");
     assert_same_disks(
@@ -275,7 +240,13 @@ fn test_failover_leaves_replication_alone_and_cleanup_leaves_nothing() {
     lab.ok(&["replica", "test", "web", "--cleanup"]);
     assert_eq!(lab.dr.ask(json!({"op": "networks"})), nets);
     assert_eq!(lab.dr.ask(json!({"op": "vm_names"})), names);
-    assert_eq!(lab.status()["points"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        lab.replica_status("web")["points"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[test]
@@ -301,7 +272,7 @@ fn planned_failover_killed_halfway_completes_when_run_again() {
         &lab.disks(true, STANDBY, "dr"),
         &lab.disks(false, VM, "prod"),
     );
-    let s = lab.status();
+    let s = lab.replica_status("web");
     assert_eq!(s["source"], "dr", "{s}");
     assert_eq!(s["target"], "prod", "{s}");
     assert_eq!(s["state"]["kind"], "replicating", "{s}");
@@ -324,13 +295,7 @@ fn planned_failover_killed_halfway_completes_when_run_again() {
 
 /// `GET base+path` over HTTPS pinned to the service's certificate, with an optional token.
 async fn get(info: &Value, path: &str, token: Option<&str>) -> (u16, String) {
-    let fp = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
-    let tls = ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(fp)).unwrap();
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls((*tls).clone())
-        .no_proxy()
-        .build()
-        .unwrap();
+    let http = cli::pinned_client(info);
     let mut r = http.get(format!("{}{path}", info["url"].as_str().unwrap()));
     if let Some(t) = token {
         r = r.bearer_auth(t);
@@ -371,23 +336,11 @@ fn serve_runs_replica_cycles_with_health_in_metrics_and_rpo_alerts() {
         pw.display()
     ));
     std::fs::write(lab.path("ferry.toml"), toml).unwrap();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    serve
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--init-admin",
-            "admin",
-            "--state-dir",
-        ])
-        .arg(lab.path("state"))
-        .arg("--config")
-        .arg(lab.path("ferry.toml"))
-        .env_remove("RUST_LOG")
-        .env_remove("FERRY_PASSWORD")
-        .env("FERRY_ADMIN_PASSWORD", "admin password");
-    let (_serve, info) = Killed::spawn_json_line(&mut serve);
+    let (_serve, info) = cli::serve_with_admin(
+        &lab.path("state"),
+        &lab.path("ferry.toml"),
+        "admin password",
+    );
 
     // The job's record appears and cycles run on their own.
     let first = wait_cycles(&lab, 1);
@@ -422,18 +375,7 @@ fn serve_runs_replica_cycles_with_health_in_metrics_and_rpo_alerts() {
         assert_eq!(value("ferry_replica_failing"), 0.0);
 
         // An RPO of one second is breached between cycles: an `rpo` alert names the replica.
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls(
-                (*ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(
-                    ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap())
-                        .unwrap(),
-                ))
-                .unwrap())
-                .clone(),
-            )
-            .no_proxy()
-            .build()
-            .unwrap();
+        let http = cli::pinned_client(&info);
         let login: Value = http
             .post(format!("{}/api/login", info["url"].as_str().unwrap()))
             .json(&json!({"username": "admin", "password": "admin password"}))

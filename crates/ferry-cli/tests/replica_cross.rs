@@ -7,8 +7,7 @@
 use ferry_core::Secret;
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
 
 #[path = "common/replica_lab.rs"]
 mod replica_lab;
@@ -16,16 +15,8 @@ mod replica_lab;
 mod vsphere_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
-use replica_lab::{Ferry, assert_same_disks, init_repo};
+use replica_lab::{Ferry, LabDir, PASSWORD, assert_same_disks, ferry, init_repo, password_file};
 use xen_probe::Probe;
-
-const PASSWORD: &str = "test password";
-
-fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
-    c
-}
 
 /// vCenter `vc` (the primary's side) and Xen pool `dr`, a repository, `ferry.toml`, state.
 struct Lab {
@@ -37,17 +28,19 @@ struct Lab {
     _sims: (Killed, Killed),
 }
 
+impl LabDir for Lab {
+    fn lab_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
 impl Lab {
     fn start() -> Self {
         let dir = ferry_testkit::scratch_dir();
         let (vc_sim, vc) = vsphere_lab::start_sim(ferry(), &dir.path().join("vc-sim"));
         let (xen_sim, xen) = xen_probe::start_sim(ferry(), &dir.path().join("dr-sim"));
         let state = dir.path().join("state");
-        let pw = |name: &str, info: &Value| {
-            let p = dir.path().join(format!("{name}.pw"));
-            std::fs::write(&p, info["password"].as_str().unwrap()).unwrap();
-            p
-        };
+        let pw = |name: &str, info: &Value| password_file(dir.path(), name, info);
         let mut t = vsphere_lab::source_toml("vc", &vc, &pw("vc", &vc), &state);
         t.push_str(&xen_probe::source_toml("dr", &xen, &pw("dr", &xen), &state));
         std::fs::write(dir.path().join("ferry.toml"), t).unwrap();
@@ -62,24 +55,6 @@ impl Lab {
         }
     }
 
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Ferry::in_dir(self.dir.path(), PASSWORD).run(args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        Ferry::in_dir(self.dir.path(), PASSWORD).ok(args)
-    }
-
-    fn status(&self) -> Value {
-        let v: Value =
-            serde_json::from_str(&self.ok(&["replica", "status", "web", "--json"])).unwrap();
-        v[0].clone()
-    }
-
     fn standby(&self) -> String {
         format!("{} (replica)", self.vm.0)
     }
@@ -92,16 +67,7 @@ impl Lab {
 
     /// The vSphere VM's disks as they are now (copies of the simulator's flat files).
     fn vc_disks(&self, label: &str) -> Vec<PathBuf> {
-        self.vm
-            .2
-            .iter()
-            .enumerate()
-            .map(|(i, (_, live))| {
-                let p = self.path(&format!("{label}-{i}.raw"));
-                std::fs::copy(live, &p).unwrap();
-                p
-            })
-            .collect()
+        vsphere_lab::copy_live_disks(&self.vm.2, self.dir.path(), label)
     }
 
     /// Every disk of restore point `rp`, restored to files.
@@ -169,7 +135,7 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
         "vSphere → Xen first cycle (whole-VM restore): {:?}",
         t.elapsed()
     );
-    let first = lab.status();
+    let first = lab.replica_status("web");
     let rp1 = first["applied"].as_str().unwrap().to_string();
     let x = lab.dr.vm(&standby);
     assert_eq!(x["power_state"], "Halted", "{x}");
@@ -184,7 +150,7 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
     let t = std::time::Instant::now();
     lab.ok(&["replica", "sync", "web"]);
     eprintln!("vSphere → Xen incremental cycle: {:?}", t.elapsed());
-    let second = lab.status();
+    let second = lab.replica_status("web");
     let rp2 = second["applied"].as_str().unwrap().to_string();
     assert_ne!(rp1, rp2);
     let now = lab.vc_disks("vc-2");
@@ -231,12 +197,12 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
     lab.ok(&["replica", "failover", "web", "--unplanned", "--point", &rp2]);
     assert_eq!(lab.dr.vm(&standby)["power_state"], "Running");
     assert_same_disks(&lab.xen_disks(&standby, "dr-failed-over"), &dr2);
-    let s = lab.status();
+    let s = lab.replica_status("web");
     assert_eq!(s["state"]["kind"], "failed-over", "{s}");
     // Reverse (vSphere holds replicas, ADR 0165): the Xen VM is the primary now, the
     // vSphere VM its standby, shut down.
     lab.ok(&["replica", "reverse", "web"]);
-    let s = lab.status();
+    let s = lab.replica_status("web");
     assert_eq!(s["state"]["kind"], "replicating", "{s}");
     assert_eq!(
         (&s["source"], &s["target"]),

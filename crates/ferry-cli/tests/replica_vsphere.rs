@@ -8,7 +8,6 @@
 use ferry_testkit::Killed;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 #[path = "common/replica_lab.rs"]
@@ -17,25 +16,12 @@ mod replica_lab;
 mod vsphere_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
-use replica_lab::{Ferry, assert_same_disks, init_repo};
+use replica_lab::{Ferry, LabDir, PASSWORD, assert_same_disks, ferry, init_repo, password_file};
 use xen_probe::Probe;
 
-const PASSWORD: &str = "test password";
 const VM: &str = "debian-web";
 const STANDBY: &str = "debian-web (replica)";
 const COPY: &str = "debian-web (test failover)";
-
-fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
-    c
-}
-
-fn password_file(dir: &Path, name: &str, info: &Value) -> PathBuf {
-    let p = dir.join(format!("{name}.pw"));
-    std::fs::write(&p, info["password"].as_str().unwrap()).unwrap();
-    p
-}
 
 /// Xen pool `prod` with `debian-web`, vCenter `vc`, a repository, `ferry.toml`, state.
 struct Lab {
@@ -43,6 +29,12 @@ struct Lab {
     prod: Probe,
     vc: Value,
     _sims: (Killed, Killed),
+}
+
+impl LabDir for Lab {
+    fn lab_dir(&self) -> &Path {
+        self.dir.path()
+    }
 }
 
 impl Lab {
@@ -67,24 +59,6 @@ impl Lab {
             dir,
             _sims: (a, b),
         }
-    }
-
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Ferry::in_dir(self.dir.path(), PASSWORD).run(args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        Ferry::in_dir(self.dir.path(), PASSWORD).ok(args)
-    }
-
-    fn status(&self) -> Value {
-        let v: Value =
-            serde_json::from_str(&self.ok(&["replica", "status", "web", "--json"])).unwrap();
-        v[0].clone()
     }
 
     fn create(&self, keep: &str) {
@@ -156,7 +130,7 @@ fn xen_to_vsphere_replica_follows_writes_and_fails_over_to_an_older_point() {
         "Xen → vSphere first cycle (whole-VM restore): {}",
         seconds(t)
     );
-    let first = lab.status();
+    let first = lab.replica_status("web");
     let rp1 = first["applied"].as_str().unwrap().to_string();
     let v = vsphere_lab::vm(&lab.vc, STANDBY);
     assert_eq!(v["power"], "poweredOff", "{v}");
@@ -182,7 +156,7 @@ fn xen_to_vsphere_replica_follows_writes_and_fails_over_to_an_older_point() {
     let t = Instant::now();
     lab.ok(&["replica", "sync", "web"]);
     eprintln!("Xen → vSphere incremental cycle: {}", seconds(t));
-    let second = lab.status();
+    let second = lab.replica_status("web");
     let rp2 = second["applied"].as_str().unwrap().to_string();
     let at2 = lab.restored(&rp2);
     let vc2 = lab.vc_disks(STANDBY, "vc-2");
@@ -199,7 +173,7 @@ fn xen_to_vsphere_replica_follows_writes_and_fails_over_to_an_older_point() {
     let d0 = lab.prod.disk_uuids(VM)[0].clone();
     lab.prod.guest_write(&d0, 1 << 20, &[0; 256 << 10]);
     lab.ok(&["replica", "sync", "web"]);
-    let third = lab.status();
+    let third = lab.replica_status("web");
     let rp3 = third["applied"].as_str().unwrap().to_string();
     assert_same_disks(&lab.vc_disks(STANDBY, "vc-3"), &lab.restored(&rp3));
     // Disk 2's changed chunk only: the zeroed chunk of disk 1 carried no payload.
@@ -223,7 +197,7 @@ fn xen_to_vsphere_replica_follows_writes_and_fails_over_to_an_older_point() {
     lab.ok(&["replica", "failover", "web", "--unplanned", "--point", &rp2]);
     assert_eq!(vsphere_lab::vm(&lab.vc, STANDBY)["power"], "poweredOn");
     assert_same_disks(&lab.vc_disks(STANDBY, "vc-failed-over"), &at2);
-    assert_eq!(lab.status()["state"]["kind"], "failed-over");
+    assert_eq!(lab.replica_status("web")["state"]["kind"], "failed-over");
 
     // Reverse: the replica on vCenter is the primary now, the Xen VM its standby, fully
     // resynchronized by the next cycle; the old direction's points are gone.
@@ -234,7 +208,7 @@ fn xen_to_vsphere_replica_follows_writes_and_fails_over_to_an_older_point() {
     assert!(v["snapshots"].as_array().unwrap().is_empty(), "{v}");
     assert!(v["extra"].get("ferry.replica.job").is_none(), "{v}");
     lab.ok(&["replica", "sync", "web"]);
-    let s = lab.status();
+    let s = lab.replica_status("web");
     assert_eq!(s["source"], "vc", "{s}");
     assert_eq!(s["target"], "prod", "{s}");
     assert_same_disks(
@@ -252,7 +226,10 @@ fn test_failover_on_vsphere_runs_an_isolated_copy_and_cleanup_leaves_nothing() {
     let mut lab = Lab::start();
     lab.create("3");
     lab.ok(&["replica", "sync", "web"]);
-    let rp1 = lab.status()["applied"].as_str().unwrap().to_string();
+    let rp1 = lab.replica_status("web")["applied"]
+        .as_str()
+        .unwrap()
+        .to_string();
     xen_guest_writes(&mut lab.prod, VM, 0x21);
     lab.ok(&["replica", "sync", "web"]);
     let before = vsphere_lab::probe(&lab.vc, &["--inventory"]);
@@ -310,8 +287,14 @@ fn test_failover_on_vsphere_runs_an_isolated_copy_and_cleanup_leaves_nothing() {
     // are what they were.
     lab.ok(&["replica", "test", "web", "--cleanup"]);
     assert_eq!(vsphere_lab::probe(&lab.vc, &["--inventory"]), before);
-    assert_eq!(lab.status()["test-vm"], Value::Null);
-    assert_eq!(lab.status()["points"].as_array().unwrap().len(), 3);
+    assert_eq!(lab.replica_status("web")["test-vm"], Value::Null);
+    assert_eq!(
+        lab.replica_status("web")["points"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
 }
 
 #[test]
@@ -356,7 +339,7 @@ fn planned_failover_to_vsphere_killed_halfway_completes_and_replicates_back() {
     );
     assert_eq!(vsphere_lab::vm(&lab.vc, STANDBY)["power"], "poweredOn");
     assert_same_disks(&lab.vc_disks(STANDBY, "vc"), &lab.xen_disks(VM, "prod"));
-    let s = lab.status();
+    let s = lab.replica_status("web");
     assert_eq!(s["source"], "vc", "{s}");
     assert_eq!(s["target"], "prod", "{s}");
     assert_eq!(s["state"]["kind"], "replicating", "{s}");

@@ -58,13 +58,7 @@ impl Appliance {
             .spawn()
             .unwrap();
         let info = first_line(&mut child);
-        let fp = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
-        let tls = ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(fp)).unwrap();
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls((*tls).clone())
-            .no_proxy()
-            .build()
-            .unwrap();
+        let http = cli::pinned_client(&info);
         let base = info["url"].as_str().unwrap().to_string();
         let r: Value = http
             .post(format!("{base}/api/login"))
@@ -167,24 +161,11 @@ retry-delay-seconds = 1
 async fn three_appliances_share_one_repository(repo_url: &str, env: Vec<(String, String)>) {
     let t0 = Instant::now();
     let dir = ferry_testkit::scratch_dir();
-    let mut sim_child = ferry()
-        .args([
-            "sim",
-            "xen",
-            "--listen",
-            "127.0.0.1:0",
-            "--disk-mib",
-            "8",
-            "--extra-vms",
-            &VMS.to_string(),
-            "--dir",
-        ])
-        .arg(dir.path().join("sim"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let sim = first_line(&mut sim_child);
-    let _sim = Killed(sim_child);
+    let (_sim, sim) = xen_probe::start_sim_with(
+        ferry(),
+        &dir.path().join("sim"),
+        &["--extra-vms", &VMS.to_string()],
+    );
     let mut probe = Probe::start(&sim);
 
     let store = Store::open_with(repo_url, true, &env).unwrap();

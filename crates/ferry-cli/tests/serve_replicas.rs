@@ -6,15 +6,16 @@
 //! replica's view, and a delete that ends replication. The pools are looked at through the
 //! XenAPI SDK (`tests/xen_probe.py`); disks are compared with `qemu-img compare`.
 
-use ferry_testkit::Killed;
 use serde_json::{Value, json};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/replica_lab.rs"]
 mod replica_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
+use cli::ferry;
 use replica_lab::{assert_same_disks, init_repo};
 use xen_probe::Probe;
 
@@ -22,14 +23,6 @@ const REPO_PW: &str = "repo password";
 const ADMIN_PW: &str = "admin password 1";
 const VM: &str = "debian-web";
 const STANDBY: &str = "debian-web (replica)";
-
-fn ferry() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    c.env_remove("RUST_LOG")
-        .env_remove("FERRY_CONFIG")
-        .env_remove("FERRY_PASSWORD");
-    c
-}
 
 /// An HTTPS client pinned to the service's certificate, logged in as one user.
 struct Api {
@@ -40,13 +33,7 @@ struct Api {
 
 impl Api {
     async fn login(info: &Value, user: &str, pw: &str) -> Self {
-        let fp = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
-        let tls = ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(fp)).unwrap();
-        let http = reqwest::Client::builder()
-            .use_preconfigured_tls((*tls).clone())
-            .no_proxy()
-            .build()
-            .unwrap();
+        let http = cli::pinned_client(info);
         let base = info["url"].as_str().unwrap().to_string();
         let mut api = Self {
             http,
@@ -173,21 +160,7 @@ fn replicas_are_configured_watched_and_failed_over_through_the_api() {
         d.join("repo.pw").display()
     ));
     std::fs::write(d.join("ferry.toml"), toml).unwrap();
-    let (_serve, info) = Killed::spawn_json_line(
-        ferry()
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--init-admin",
-                "admin",
-                "--state-dir",
-            ])
-            .arg(d.join("state"))
-            .arg("--config")
-            .arg(d.join("ferry.toml"))
-            .env("FERRY_ADMIN_PASSWORD", ADMIN_PW),
-    );
+    let (_serve, info) = cli::serve_with_admin(&d.join("state"), &d.join("ferry.toml"), ADMIN_PW);
     let mut prod = Probe::start(&prod_info);
     let mut dr = Probe::start(&dr_info);
     let rt = tokio::runtime::Runtime::new().unwrap();

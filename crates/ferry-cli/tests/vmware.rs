@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "common/vsphere_lab.rs"]
+mod vsphere_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
 use xen_probe::macs;
@@ -39,14 +41,7 @@ struct Lab {
 impl Lab {
     fn start(transports: &str, extra: &str) -> Self {
         let dir = ferry_testkit::scratch_dir();
-        let (sim, info) = Killed::spawn_json_line(
-            ferry()
-                .args(["sim", "vmware", "--listen", "127.0.0.1:0"])
-                .args(["--disk-mib", "8", "--cbt-page-kib", "1024", "--vcsim"])
-                .arg(ferry_testkit::tool("vcsim"))
-                .arg("--dir")
-                .arg(dir.path().join("sim")),
-        );
+        let (sim, info) = vsphere_lab::start_sim(ferry(), &dir.path().join("sim"));
         let pw = dir.path().join("vc.pw");
         std::fs::write(&pw, info["password"].as_str().unwrap()).unwrap();
         // The hot-add proxy: a VM with one disk (the 2-disk one is backed up).
@@ -63,17 +58,14 @@ impl Lab {
             "{hotadd-device-dir}",
             info["hotadd_device_dir"].as_str().unwrap(),
         );
-        let mut t = format!(
-            "[sources.lab]\nkind = \"vmware\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = {transports}\n{extra}\n[sources.lab.san-paths]\n",
-            info["url"].as_str().unwrap(),
-            info["username"].as_str().unwrap(),
-            pw.display(),
-            info["tls_fingerprint"].as_str().unwrap(),
-            dir.path().join("state").display(),
+        let t = vsphere_lab::source_toml_with(
+            "lab",
+            &info,
+            &pw,
+            &dir.path().join("state"),
+            transports,
+            &extra,
         );
-        for (ds, p) in info["san_paths"].as_object().unwrap() {
-            t.push_str(&format!("\"{ds}\" = \"{}\"\n", p.as_str().unwrap()));
-        }
         std::fs::write(dir.path().join("ferry.toml"), t).unwrap();
         init_repo(&dir.path().join("repo"));
         Self {
@@ -113,104 +105,27 @@ impl Lab {
         )
     }
 
-    /// The simulator's VM with two disks: (name, moref, [(device key, live file)]).
+    /// The simulator's VM with two disks: (name, moref, [(device key, live file)]), in
+    /// scsi0:0, scsi0:1 order (the seeded 1 MiB disk, then the 8 MiB one the simulator added).
     fn vm(&self) -> (String, String, Vec<(i64, PathBuf)>) {
-        let vm = self.info["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["disks"].as_array().unwrap().len() == 2)
-            .expect("a 2-disk VM");
-        // In scsi0:0, scsi0:1 order: the seeded 1 MiB disk, then the 8 MiB one the simulator added.
-        let mut disks: Vec<(u64, i64, PathBuf)> = vm["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                (
-                    d["capacity"].as_u64().unwrap(),
-                    d["key"].as_i64().unwrap(),
-                    PathBuf::from(d["live"].as_str().unwrap()),
-                )
-            })
-            .collect();
-        disks.sort();
-        let disks = disks.into_iter().map(|(_, k, p)| (k, p)).collect();
-        (
-            vm["name"].as_str().unwrap().into(),
-            vm["moref"].as_str().unwrap().into(),
-            disks,
-        )
+        vsphere_lab::two_disk_vm(&self.info)
     }
 
-    /// A vim25 call of the simulator's side door, with curl (TLS not checked: loopback test).
+    /// A vim25 call of the simulator's side door.
     fn side_door(&self, method: &str, body: &str) -> String {
-        let env = format!(
-            "<?xml version=\"1.0\"?><soapenv:Envelope xmlns:soapenv=\"http://schemas.xmlsoap.org/soap/envelope/\"><soapenv:Body><{method} xmlns=\"urn:vim25\">{body}</{method}></soapenv:Body></soapenv:Envelope>"
-        );
-        let out = Command::new(ferry_testkit::tool("curl"))
-            .args([
-                "-sS",
-                "-k",
-                "--noproxy",
-                "*",
-                "-H",
-                "Content-Type: text/xml",
-            ])
-            .args([
-                "-H",
-                "Cookie: vmware_soap_session=side-door",
-                "--data-binary",
-                "@-",
-            ])
-            .arg(self.info["url"].as_str().unwrap())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write as _;
-                c.stdin.take().unwrap().write_all(env.as_bytes())?;
-                c.wait_with_output()
-            })
-            .unwrap();
-        let s = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success() && !s.contains("Fault"),
-            "{method}: {s}"
-        );
-        s
+        vsphere_lab::side_door(&self.info, method, body)
     }
 
     fn guest_write(&self, moref: &str, key: i64, offset: u64, data: &[u8]) {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD.encode(data);
-        self.side_door(
-            "FerrySimGuestWrite",
-            &format!("<vm>{moref}</vm><deviceKey>{key}</deviceKey><offset>{offset}</offset><data>{b64}</data>"),
-        );
+        vsphere_lab::guest_write(&self.info, moref, key, offset, data);
     }
 
     fn snapshots_on_vcenter(&self) -> u64 {
-        let s = self.side_door("FerrySimSnapshotCount", "");
-        let n = s
-            .split("<returnval>")
-            .nth(1)
-            .and_then(|r| r.split('<').next());
-        n.and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("{s}"))
+        vsphere_lab::snapshot_count(&self.info)
     }
 
     fn copy_disks(&self, label: &str) -> Vec<PathBuf> {
-        self.vm()
-            .2
-            .iter()
-            .enumerate()
-            .map(|(i, (_, live))| {
-                let p = self.path(&format!("{label}-{i}.raw"));
-                std::fs::copy(live, &p).unwrap();
-                p
-            })
-            .collect()
+        vsphere_lab::copy_live_disks(&self.vm().2, self.dir.path(), label)
     }
 
     fn backup(&self, args: &[&str]) -> (Value, String) {
@@ -513,38 +428,12 @@ fn demo_runs_against_the_vsphere_simulator() {
 impl Lab {
     /// What VMware's own SDK (pyvmomi) reports of the VMs `names` (null: no such VM).
     fn probe(&self, names: &[&str]) -> Value {
-        let python = ferry_testkit::peers_dir().join("venv/bin/python");
-        assert!(
-            python.exists(),
-            "peer `python` (venv with pyvmomi) not found: run tests/peers/install.sh"
-        );
-        let url = self.info["url"].as_str().unwrap();
-        let (host, port) = url
-            .trim_start_matches("https://")
-            .trim_end_matches("/sdk")
-            .rsplit_once(':')
-            .unwrap_or_else(|| panic!("no port in {url}"));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vmware_probe.py");
-        let out = ferry_testkit::run_ok(
-            Command::new(python)
-                .arg(script)
-                .arg(host)
-                .arg(port)
-                .arg(self.info["username"].as_str().unwrap())
-                .arg(self.info["password"].as_str().unwrap())
-                .args(names)
-                .env("no_proxy", "*"),
-        );
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+        vsphere_lab::probe(&self.info, names)
     }
 
     /// The local file of a datastore path through the simulator's datastore directories.
     fn datastore_file(&self, file: &str) -> PathBuf {
-        let (ds, rel) = file
-            .strip_prefix('[')
-            .and_then(|r| r.split_once("] "))
-            .unwrap_or_else(|| panic!("not a datastore path: {file}"));
-        PathBuf::from(self.info["san_paths"][ds].as_str().unwrap()).join(rel)
+        vsphere_lab::datastore_file(&self.info, file)
     }
 }
 

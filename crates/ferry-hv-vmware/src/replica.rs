@@ -10,9 +10,7 @@ use crate::error::{FaultKind, VimError};
 use crate::xml::{Body, MoRef, Node};
 use async_trait::async_trait;
 use ferry_core::{BlockSource, ExtentMap};
-use ferry_hv::{
-    HvError, PowerState, RecoveryPoint, ReplicaRole, ReplicaTarget, ReplicaVm, RestorePlan,
-};
+use ferry_hv::{HvError, RecoveryPoint, ReplicaRole, ReplicaTarget, ReplicaVm, RestorePlan};
 use std::time::{Duration, Instant};
 
 /// `extraConfig` key: the replica job a VM belongs to.
@@ -387,19 +385,13 @@ fn flatten(t: &Node, out: &mut Vec<(i64, RecoveryPoint)>) {
 #[async_trait]
 impl ReplicaTarget for VmwareDriver {
     async fn replica_create(&self, plan: &RestorePlan, job: &str) -> Result<ReplicaVm, HvError> {
-        let mut plan = plan.clone();
-        plan.power_on = false;
         let vm = crate::restore::restore_marked(
             self.inner(),
-            &plan,
+            &ferry_hv::standby_plan(plan),
             &[(JOB_KEY, job), (ROLE_KEY, role_name(ReplicaRole::Standby))],
         )
         .await?;
-        Ok(ReplicaVm {
-            id: vm.id,
-            name: vm.name,
-            power_state: PowerState::Off,
-        })
+        Ok(ReplicaVm::standby(vm))
     }
 
     async fn replica_marked(

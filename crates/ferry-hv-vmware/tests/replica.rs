@@ -11,22 +11,13 @@ use ferry_sim::vmware::{VmwareSim, VmwareSimConfig};
 use std::path::Path;
 use std::sync::Arc;
 
+mod common;
+
 const SIZE: usize = 2 << 20;
 const NAME: &str = "web (replica)";
 
 fn config(sim: &VmwareSim, dir: &Path) -> FerryConfig {
-    let mut t = format!(
-        "[sources.vc]\nkind = \"vmware\"\nurl = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\ntls-fingerprint = \"{}\"\ntransports = [\"san\"]\nnbdkit-stand-in = \"file\"\nstate-dir = \"{}\"\nproxy = \"none\"\n[sources.vc.san-paths]\n",
-        sim.url(),
-        sim.username(),
-        sim.password(),
-        sim.tls_fingerprint(),
-        dir.join("state").display()
-    );
-    for (ds, p) in sim.san_paths() {
-        t.push_str(&format!("\"{ds}\" = \"{}\"\n", p.display()));
-    }
-    FerryConfig::parse(&t, Path::new("test.toml")).unwrap()
+    common::config(sim, dir, "[\"san\"]", "nbdkit-stand-in = \"file\"")
 }
 
 fn mem(data: Vec<u8>) -> Arc<dyn BlockSource> {

@@ -11,6 +11,8 @@ use ferry_hv_vmware::VmwareDriver;
 use ferry_sim::vmware::{BLOCK, VmwareSim, VmwareSimConfig};
 use std::path::Path;
 
+mod common;
+
 async fn sim(dir: &Path) -> VmwareSim {
     let mut cfg = VmwareSimConfig::new(dir.join("sim"));
     cfg.vcsim = ferry_testkit::tool("vcsim");
@@ -20,18 +22,7 @@ async fn sim(dir: &Path) -> VmwareSim {
 }
 
 fn config(sim: &VmwareSim, dir: &Path, transports: &str, extra: &str) -> FerryConfig {
-    let mut t = format!(
-        "[sources.vc]\nkind = \"vmware\"\nurl = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\ntls-fingerprint = \"{}\"\ntransports = {transports}\nstate-dir = \"{}\"\nproxy = \"none\"\n{extra}\n[sources.vc.san-paths]\n",
-        sim.url(),
-        sim.username(),
-        sim.password(),
-        sim.tls_fingerprint(),
-        dir.join("state").display()
-    );
-    for (ds, p) in sim.san_paths() {
-        t.push_str(&format!("\"{ds}\" = \"{}\"\n", p.display()));
-    }
-    FerryConfig::parse(&t, Path::new("test.toml")).unwrap()
+    common::config(sim, dir, transports, extra)
 }
 
 async fn read_all(src: &dyn BlockSource) -> Vec<u8> {

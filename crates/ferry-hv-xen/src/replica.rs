@@ -103,16 +103,11 @@ async fn destroy_with_disks(c: &XenClient, r: &str) -> Result<(), HvError> {
 impl ReplicaTarget for XenDriver {
     async fn replica_create(&self, plan: &RestorePlan, job: &str) -> Result<ReplicaVm, HvError> {
         let c = self.client();
-        let mut plan = plan.clone();
-        plan.power_on = false;
+        let plan = ferry_hv::standby_plan(plan);
         let vm =
             crate::restore::restore_marked(c, c.source(), &plan, json!({ REPLICA_MARKER: job }))
                 .await?;
-        Ok(ReplicaVm {
-            id: vm.id,
-            name: vm.name,
-            power_state: PowerState::Off,
-        })
+        Ok(ReplicaVm::standby(vm))
     }
 
     async fn replica_marked(

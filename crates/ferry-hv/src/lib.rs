@@ -317,6 +317,26 @@ pub struct ReplicaVm {
     pub power_state: PowerState,
 }
 
+impl ReplicaVm {
+    /// The standby that `ReplicaTarget::replica_create` restored (with `standby_plan`): off.
+    pub fn standby(vm: RestoredVm) -> Self {
+        Self {
+            id: vm.id,
+            name: vm.name,
+            power_state: PowerState::Off,
+        }
+    }
+}
+
+/// What `ReplicaTarget::replica_create` restores: `plan` with the VM left powered off (a
+/// standby stays off until a failover starts it).
+pub fn standby_plan(plan: &RestorePlan) -> RestorePlan {
+    RestorePlan {
+        power_on: false,
+        ..plan.clone()
+    }
+}
+
 /// A recovery point: a snapshot of the standby VM on the target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

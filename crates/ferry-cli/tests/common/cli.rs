@@ -1,5 +1,6 @@
-//! What the appliance and driver tests share: the `ferry` binary with a clean environment, the
-//! JSON line a child prints when it is ready, and waiting for a line on a child's stderr.
+//! What the appliance and driver tests share: the `ferry` binary with a clean environment,
+//! `ferry serve` with a first admin, an HTTPS client pinned to a service's certificate, the JSON
+//! line a child prints when it is ready, and waiting for a line on a child's stderr.
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -14,6 +15,43 @@ pub fn ferry() -> Command {
         .env_remove("FERRY_CONFIG")
         .env_remove("FERRY_PASSWORD");
     c
+}
+
+/// `ferry serve` on a free port with state in `state`, config `config` and a first admin
+/// `admin` (password `admin_pw`); its JSON line.
+#[allow(dead_code)]
+pub fn serve_with_admin(
+    state: &std::path::Path,
+    config: &std::path::Path,
+    admin_pw: &str,
+) -> (ferry_testkit::Killed, Value) {
+    ferry_testkit::Killed::spawn_json_line(
+        ferry()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--init-admin",
+                "admin",
+                "--state-dir",
+            ])
+            .arg(state)
+            .arg("--config")
+            .arg(config)
+            .env("FERRY_ADMIN_PASSWORD", admin_pw),
+    )
+}
+
+/// An HTTPS client pinned to the certificate of the service whose JSON line is `info`.
+#[allow(dead_code)]
+pub fn pinned_client(info: &Value) -> reqwest::Client {
+    let fp = ferry_tls::parse_fingerprint(info["tls_fingerprint"].as_str().unwrap()).unwrap();
+    let tls = ferry_tls::client_config(&ferry_tls::Trust::Fingerprint(fp)).unwrap();
+    reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
+        .no_proxy()
+        .build()
+        .unwrap()
 }
 
 /// The first line `child` prints on stdout, parsed as JSON.

@@ -1,6 +1,7 @@
-//! What the replica tests share (`replica.rs`, `replica_cross.rs`, `serve_replicas.rs`): a lab
-//! directory laid out as `ferry.toml`, `repo/` and `state/`, the `ferry` binary run in it, a
-//! repository made for it, and disks compared byte for byte.
+//! What the replica tests share (`replica.rs`, `replica_cross.rs`, `replica_vsphere.rs`,
+//! `serve_replicas.rs`): a lab directory laid out as `ferry.toml`, `repo/` and `state/`, the
+//! `ferry` binary run in it (`LabDir`), a repository made for it, simulator password files, and
+//! disks compared byte for byte.
 #![allow(dead_code)]
 
 use ferry_core::Secret;
@@ -41,6 +42,58 @@ impl Ferry {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// The repository password of a `LabDir`.
+pub const PASSWORD: &str = "test password";
+
+/// The `ferry` binary with the repository password `PASSWORD` and no `RUST_LOG`.
+pub fn ferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    c.env_remove("RUST_LOG").env("FERRY_PASSWORD", PASSWORD);
+    c
+}
+
+/// `dir/NAME.pw` holding the password of the simulator whose JSON line is `info`.
+pub fn password_file(dir: &Path, name: &str, info: &serde_json::Value) -> PathBuf {
+    let p = dir.join(format!("{name}.pw"));
+    std::fs::write(&p, info["password"].as_str().unwrap()).unwrap();
+    p
+}
+
+/// A test's lab directory (`ferry.toml`, `repo/` with password `PASSWORD`, `state/`) with
+/// `ferry` run in it.
+pub trait LabDir {
+    /// The lab directory.
+    fn lab_dir(&self) -> &Path;
+
+    fn in_lab(&self) -> Ferry {
+        Ferry::in_dir(self.lab_dir(), PASSWORD)
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.lab_dir().join(p)
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        self.in_lab().env
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.in_lab().run(args)
+    }
+
+    /// `ferry ARGS`, which must succeed: its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        self.in_lab().ok(args)
+    }
+
+    /// Replica `name` as `ferry replica status NAME --json` shows it.
+    fn replica_status(&self, name: &str) -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["replica", "status", name, "--json"])).unwrap();
+        v[0].clone()
     }
 }
 

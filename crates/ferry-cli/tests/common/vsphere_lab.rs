@@ -1,4 +1,4 @@
-//! What the vSphere replica tests share (`replica_cross.rs`, `replica_vsphere.rs`): a
+//! What the vSphere tests share (`vmware.rs`, `replica_cross.rs`, `replica_vsphere.rs`): a
 //! `ferry sim vmware` and its `[sources.NAME]` table, the simulator's side door (guest writes,
 //! snapshot count, sent with curl), VMware's own SDK (pyvmomi, `tests/vmware_probe.py`) as the
 //! test's eyes, and a VM's disks copied off the simulator's datastore directories.
@@ -25,8 +25,28 @@ pub fn start_sim(mut ferry: Command, dir: &Path) -> (Killed, Value) {
 /// `[sources.NAME]` for the simulator `vc` (password in `pw`): SAN reads off its datastore
 /// directories, nbdkit's file plugin standing in for the vddk plugin on writes.
 pub fn source_toml(name: &str, vc: &Value, pw: &Path, state: &Path) -> String {
+    source_toml_with(
+        name,
+        vc,
+        pw,
+        state,
+        "[\"san\"]",
+        "nbdkit-stand-in = \"file\"",
+    )
+}
+
+/// `[sources.NAME]` for the simulator `vc` with `transports` (a TOML array) and `extra` lines
+/// before its `san-paths` table.
+pub fn source_toml_with(
+    name: &str,
+    vc: &Value,
+    pw: &Path,
+    state: &Path,
+    transports: &str,
+    extra: &str,
+) -> String {
     let mut t = format!(
-        "[sources.{name}]\nkind = \"vmware\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = [\"san\"]\nnbdkit-stand-in = \"file\"\n[sources.{name}.san-paths]\n",
+        "[sources.{name}]\nkind = \"vmware\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\ntransports = {transports}\n{extra}\n[sources.{name}.san-paths]\n",
         vc["url"].as_str().unwrap(),
         vc["username"].as_str().unwrap(),
         pw.display(),
@@ -134,13 +154,18 @@ pub fn vm(vc: &Value, name: &str) -> Value {
 
 /// The local flat extent of datastore path `[ds] dir/disk.vmdk` (`dir/disk-flat.vmdk`).
 pub fn flat_file(vc: &Value, file: &str) -> PathBuf {
+    let desc = datastore_file(vc, file);
+    let stem = desc.file_stem().unwrap().to_string_lossy().into_owned();
+    desc.with_file_name(format!("{stem}-flat.vmdk"))
+}
+
+/// The local file of datastore path `[ds] rel` through the simulator's datastore directories.
+pub fn datastore_file(vc: &Value, file: &str) -> PathBuf {
     let (ds, rel) = file
         .strip_prefix('[')
         .and_then(|r| r.split_once("] "))
         .unwrap_or_else(|| panic!("not a datastore path: {file}"));
-    let desc = PathBuf::from(vc["san_paths"][ds].as_str().unwrap()).join(rel);
-    let stem = desc.file_stem().unwrap().to_string_lossy().into_owned();
-    desc.with_file_name(format!("{stem}-flat.vmdk"))
+    PathBuf::from(vc["san_paths"][ds].as_str().unwrap()).join(rel)
 }
 
 /// Copies of the disks of VM `name` (made through the API, so its disks are flat extents on
@@ -157,6 +182,19 @@ pub fn api_vm_disks(vc: &Value, name: &str, dir: &Path, label: &str) -> Vec<Path
             let to = dir.join(format!("{label}-{i}.raw"));
             std::fs::copy(flat_file(vc, d["file"].as_str().unwrap()), &to).unwrap();
             to
+        })
+        .collect()
+}
+
+/// Copies of the live disk files `disks` (as `two_disk_vm` lists them) as `dir/<label>-<n>.raw`.
+pub fn copy_live_disks(disks: &[(i64, PathBuf)], dir: &Path, label: &str) -> Vec<PathBuf> {
+    disks
+        .iter()
+        .enumerate()
+        .map(|(i, (_, live))| {
+            let p = dir.join(format!("{label}-{i}.raw"));
+            std::fs::copy(live, &p).unwrap();
+            p
         })
         .collect()
 }

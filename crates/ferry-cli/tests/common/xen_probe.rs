@@ -12,18 +12,17 @@ use std::process::{ChildStdin, ChildStdout, Command, Stdio};
 
 /// `ferry sim xen` (`ferry`: the binary with the test's environment) on a free port with 8 MiB
 /// disks in `dir`; its JSON line.
-pub fn start_sim(mut ferry: Command, dir: &Path) -> (Killed, Value) {
+pub fn start_sim(ferry: Command, dir: &Path) -> (Killed, Value) {
+    start_sim_with(ferry, dir, &[])
+}
+
+/// `start_sim` with `extra` options of `ferry sim xen` (e.g. `--extra-vms N`).
+pub fn start_sim_with(mut ferry: Command, dir: &Path, extra: &[&str]) -> (Killed, Value) {
     Killed::spawn_json_line(
         ferry
-            .args([
-                "sim",
-                "xen",
-                "--listen",
-                "127.0.0.1:0",
-                "--disk-mib",
-                "8",
-                "--dir",
-            ])
+            .args(["sim", "xen", "--listen", "127.0.0.1:0", "--disk-mib", "8"])
+            .args(extra)
+            .arg("--dir")
             .arg(dir),
     )
 }
