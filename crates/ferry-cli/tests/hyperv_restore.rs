@@ -9,7 +9,6 @@
 use ferry_hv_hyperv::cim::{Epr, Param};
 use hyperv_lab::PASSWORD;
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -529,21 +528,10 @@ fn a_restore_killed_halfway_is_removed_by_source_cleanup() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut l = String::new();
-        assert!(
-            err.read_line(&mut l).unwrap() > 0,
-            "restore ended before it defined the VM: {seen}"
-        );
-        seen.push_str(&l);
-        if l.contains("VM defined; writing its disks") {
-            break;
-        }
-    }
+    let log = cli::wait_for_stderr_keep(&mut child, "VM defined; writing its disks");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    let seen = log.join().unwrap();
     let folder = lab.local("C:\\ClusterStorage\\Volume1\\Restores\\killed");
     assert!(lab.probe(&["killed"])["killed"].is_object(), "{seen}");
     assert!(folder.exists());

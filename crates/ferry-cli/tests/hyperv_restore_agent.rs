@@ -8,7 +8,6 @@
 //! lost mid-restore leaves no VM, and after `ferry source cleanup` no file.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::Stdio;
 use tokio_util::sync::CancellationToken;
@@ -250,23 +249,9 @@ fn an_agent_lost_mid_restore_leaves_no_vm_and_after_cleanup_no_file() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut l = String::new();
-        assert!(
-            err.read_line(&mut l).unwrap() > 0,
-            "restore ended before it defined the VM: {seen}"
-        );
-        seen.push_str(&l);
-        if l.contains("VM defined; writing its disks") {
-            break;
-        }
-    }
+    let log = cli::wait_for_stderr_keep(&mut child, "VM defined; writing its disks");
     stop.cancel();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
-    seen.push_str(&rest);
+    let seen = log.join().unwrap();
     assert!(!child.wait().unwrap().success(), "{seen}");
     assert!(seen.contains("removing the partial VM"), "{seen}");
     assert!(lab.probe_vms(&["lost"])["lost"].is_null(), "{seen}");

@@ -11,11 +11,12 @@ use ferry_core::Secret;
 use ferry_repo::{InitOptions, KdfParams, Repository, Store};
 use ferry_testkit::Killed;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/vsphere_lab.rs"]
 mod vsphere_lab;
 #[path = "common/xen_probe.rs"]
@@ -195,21 +196,7 @@ impl Lab {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut seen = String::new();
-        loop {
-            let mut l = String::new();
-            assert!(
-                err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
-                "backup ended before it read: {seen}"
-            );
-            seen.push_str(&l);
-            if l.contains("backing up disk") {
-                break;
-            }
-        }
-        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        cli::wait_for_stderr(&mut child, "backing up disk");
         std::thread::sleep(Duration::from_millis(300));
         child.kill().unwrap();
         child.wait().unwrap();
@@ -518,19 +505,7 @@ fn restore_to_vsphere_creates_the_vm_and_removes_failed_and_killed_ones() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut l = String::new();
-        assert!(
-            err.read_line(&mut l).unwrap() > 0,
-            "restore ended before it created the VM: {seen}"
-        );
-        seen.push_str(&l);
-        if l.contains("VM created; writing its disks") {
-            break;
-        }
-    }
+    cli::wait_for_stderr(&mut child, "VM created; writing its disks");
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(lab.probe(&["killed"])["killed"].is_object());

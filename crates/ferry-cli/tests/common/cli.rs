@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command};
+use std::process::{Child, ChildStderr, Command};
 use std::time::{Duration, Instant};
 
 /// The `ferry` binary, with no inherited log level, config or repository password.
@@ -64,13 +64,12 @@ pub fn first_line(child: &mut Child) -> Value {
     serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
 }
 
-/// Waits (at most 30 s) until `child` prints a stderr line containing `needle`, then keeps
-/// draining its stderr in the background so it never blocks on a full pipe.
-#[allow(dead_code)]
-pub fn wait_for_stderr(child: &mut Child, needle: &str) {
+/// Reads `child`'s stderr until a line contains `needle` (at most 60 s): the reader, and what
+/// it read so far.
+fn read_stderr_until(child: &mut Child, needle: &str) -> (BufReader<ChildStderr>, String) {
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let mut l = String::new();
         assert!(
@@ -79,30 +78,24 @@ pub fn wait_for_stderr(child: &mut Child, needle: &str) {
         );
         seen.push_str(&l);
         if l.contains(needle) {
-            break;
+            return (err, seen);
         }
     }
+}
+
+/// Waits until `child` prints a stderr line containing `needle`, then keeps draining its
+/// stderr in the background so it never blocks on a full pipe.
+#[allow(dead_code)]
+pub fn wait_for_stderr(child: &mut Child, needle: &str) {
+    let (mut err, _) = read_stderr_until(child, needle);
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
 }
 
-/// Waits (at most 30 s) until `child` prints a stderr line containing `needle`; the rest of its
-/// stderr is collected in the background: the handle gives everything it printed.
+/// Waits until `child` prints a stderr line containing `needle`; the rest of its stderr is
+/// collected in the background: the handle gives everything it printed.
 #[allow(dead_code)]
 pub fn wait_for_stderr_keep(child: &mut Child, needle: &str) -> std::thread::JoinHandle<String> {
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut l = String::new();
-        assert!(
-            err.read_line(&mut l).unwrap() > 0 && Instant::now() < deadline,
-            "`{needle}` never came: {seen}"
-        );
-        seen.push_str(&l);
-        if l.contains(needle) {
-            break;
-        }
-    }
+    let (mut err, seen) = read_stderr_until(child, needle);
     std::thread::spawn(move || {
         let mut rest = String::new();
         let _ = std::io::Read::read_to_string(&mut err, &mut rest);
