@@ -8,8 +8,7 @@
 use base64::Engine as _;
 use hyperv_lab::{CHUNK, PASSWORD, disk};
 use serde_json::Value;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 const RCT_BLOCK: u64 = 64 << 10;
 
@@ -66,32 +65,6 @@ impl Lab {
     /// The labels of restore point `id`.
     fn labels(&self, id: &str) -> std::collections::BTreeMap<String, String> {
         self.manifest(id).meta.labels
-    }
-
-    /// A throttled backup of `vm`, returned once the engine reads its disks.
-    fn throttled_backup_reading(&self, vm: &str) -> Child {
-        let mut c = ferry();
-        for (k, v) in self.env() {
-            c.env(k, v);
-        }
-        let mut child = c
-            .args([
-                "-v",
-                "backup",
-                "--source",
-                "lab",
-                "--vm",
-                vm,
-                "--full",
-                "--limit-rate",
-                "1M",
-            ])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        cli::wait_for_stderr(&mut child, "backing up disk");
-        std::thread::sleep(Duration::from_millis(300));
-        child
     }
 }
 
@@ -210,7 +183,7 @@ fn the_method_per_guest_matches_its_qualification() {
 fn sigkill_mid_backup_leaves_no_checkpoint_after_the_next_run_or_cleanup() {
     let lab = Lab::start();
     let vm = "linux-web-01";
-    let mut child = lab.throttled_backup_reading(vm);
+    let mut child = lab.throttled_backup_reading(vm, &["--full"]);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert_eq!(lab.checkpoints(), 1, "the kill should land mid-backup");
@@ -228,7 +201,7 @@ fn sigkill_mid_backup_leaves_no_checkpoint_after_the_next_run_or_cleanup() {
     assert_eq!(lab.checkpoints(), 0);
     lab.assert_restores(r["snapshot"].as_str().unwrap(), &expected);
     // Killed again: `ferry source cleanup` removes it; the administrator's own checkpoints stay.
-    let mut child = lab.throttled_backup_reading(vm);
+    let mut child = lab.throttled_backup_reading(vm, &["--full"]);
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(lab.checkpoints(), 1);

@@ -9,8 +9,6 @@
 
 use hyperv_lab::{CHUNK, disk};
 use serde_json::Value;
-use std::process::Stdio;
-use std::time::Duration;
 
 const RCT_BLOCK: u64 = 64 << 10;
 const DISK: u64 = 8 << 20;
@@ -165,26 +163,7 @@ fn a_backup_killed_on_the_second_node_leaves_nothing_after_cleanup() {
     let lab = Lab::start(|k| k);
     let vm = "win-file-01";
     let (b, _) = lab.node(1);
-    let mut c = cli::ferry();
-    for (k, v) in lab.env() {
-        c.env(k, v);
-    }
-    let mut child = c
-        .args([
-            "-v",
-            "backup",
-            "--source",
-            "lab",
-            "--vm",
-            vm,
-            "--limit-rate",
-            "1M",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    cli::wait_for_stderr(&mut child, "backing up disk");
-    std::thread::sleep(Duration::from_millis(300));
+    let mut child = lab.throttled_backup_reading(vm, &[]);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert_eq!(

@@ -14,6 +14,8 @@ use std::path::PathBuf;
 const GEN1: &str = "linux-web-01";
 const IDE: &str = "Microsoft:Hyper-V:Emulated IDE Controller";
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 #[path = "common/xen_probe.rs"]

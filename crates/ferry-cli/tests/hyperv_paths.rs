@@ -14,6 +14,8 @@ use serde_json::Value;
 const DISK: u64 = 8 << 20;
 const VM: &str = "win-sql-01";
 
+#[path = "common/cli.rs"]
+mod cli;
 #[path = "common/hyperv_lab.rs"]
 mod hyperv_lab;
 

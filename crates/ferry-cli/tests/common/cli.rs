@@ -1,6 +1,7 @@
 //! What the appliance and driver tests share: the `ferry` binary with a clean environment,
 //! `ferry serve` with a first admin, an HTTPS client pinned to a service's certificate, the JSON
 //! line a child prints when it is ready, and waiting for a line on a child's stderr.
+#![allow(dead_code)]
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};

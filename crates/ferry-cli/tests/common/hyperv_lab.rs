@@ -321,6 +321,23 @@ impl Lab {
         format!("[sources.lab.nodes]\n{rows}")
     }
 
+    /// `ferry -v backup --source lab --vm VM ARGS --limit-rate 1M` in the background, returned
+    /// once the engine reads its disks (for a kill mid-backup).
+    pub fn throttled_backup_reading(&self, vm: &str, args: &[&str]) -> std::process::Child {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.env_remove("RUST_LOG").envs(self.env());
+        let mut child = c
+            .args(["-v", "backup", "--source", "lab", "--vm", vm])
+            .args(args)
+            .args(["--limit-rate", "1M"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        crate::cli::wait_for_stderr(&mut child, "backing up disk");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        child
+    }
+
     /// Cluster node `k`: (name, WinRM URL).
     pub fn node(&self, k: usize) -> (String, String) {
         let n = &self.info["cluster"]["nodes"][k];
