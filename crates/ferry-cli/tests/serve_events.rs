@@ -9,6 +9,7 @@
 //! behind and gets a `resync`, and still every line.
 
 use serde_json::{Value, json};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -114,6 +115,18 @@ impl Lab {
         let text = resp.text().await.unwrap();
         assert_eq!(st, want, "{method} {path}: {text}");
         serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// A job `name` of `vms` whose reads are throttled to `rate` MiB/s all day (so its runs
+    /// can be watched), with more `settings`.
+    async fn throttled_job(&self, name: &str, vms: Value, rate: u32, settings: Value) {
+        let mut body = json!({"source": "lab", "repository": "local", "vms": vms, "retries": 0,
+            "throttle": [{"start": "00:00", "end": "12:00", "rate": rate}, {"start": "12:00", "end": "00:00", "rate": rate}]});
+        for (k, v) in settings.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        self.call("PUT", &format!("/api/jobs/{name}"), Some(body), 201)
+            .await;
     }
 
     /// The session's log as `GET /api/sessions/{id}/log` gives it: (line, message).
@@ -259,14 +272,8 @@ async fn run(lab: &Lab, job: &str) -> String {
 async fn a_session_streams_progress_and_each_log_line_once_and_resumes_exactly() {
     let lab = Lab::start("", &[]).await;
     // Reads throttled to 2 MiB/s: debian-web's 12 MiB take some seconds.
-    lab.call(
-        "PUT",
-        "/api/jobs/watch",
-        Some(json!({"source": "lab", "repository": "local", "vms": ["debian-web"], "retries": 0,
-            "throttle": [{"start": "00:00", "end": "12:00", "rate": 2}, {"start": "12:00", "end": "00:00", "rate": 2}]})),
-        201,
-    )
-    .await;
+    lab.throttled_job("watch", json!(["debian-web"]), 2, json!({}))
+        .await;
     lab.call(
         "POST",
         "/api/users",
@@ -489,14 +496,8 @@ async fn a_client_that_falls_behind_gets_a_resync_and_still_every_line() {
         &["--extra-vms", "16"],
     )
     .await;
-    lab.call(
-        "PUT",
-        "/api/jobs/many",
-        Some(json!({"source": "lab", "repository": "local", "vms": ["vm-*"], "retries": 0, "parallel_vms": 16,
-            "throttle": [{"start": "00:00", "end": "12:00", "rate": 1}, {"start": "12:00", "end": "00:00", "rate": 1}]})),
-        201,
-    )
-    .await;
+    lab.throttled_job("many", json!(["vm-*"]), 1, json!({"parallel_vms": 16}))
+        .await;
     let id = run(&lab, "many").await;
     let mut slow = lab
         .open(
@@ -518,4 +519,58 @@ async fn a_client_that_falls_behind_gets_a_resync_and_still_every_line() {
     assert!(resync.data["status"].is_string(), "{resync:?}");
     assert_eq!(lines(&evs), lab.log(&id).await);
     assert_eq!(evs.last().unwrap().name, "end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_follows_running_sessions_from_the_streams_in_chromium() {
+    let node_modules = ferry_testkit::peers_dir().join("node/node_modules");
+    assert!(
+        node_modules.join("playwright-core").is_dir() && Path::new("/usr/bin/chromium").exists(),
+        "peers `playwright-core` (npm) and `chromium` (Debian) are needed: run tests/peers/install.sh"
+    );
+    let lab = Lab::start("", &[]).await;
+    lab.throttled_job("slow", json!(["debian-web"]), 3, json!({}))
+        .await;
+    lab.throttled_job("other", json!(["win-db"]), 2, json!({}))
+        .await;
+    let shots = lab.dir.path().join("shots");
+    std::fs::create_dir_all(&shots).unwrap();
+    let out = std::process::Command::new(ferry_testkit::tool("node"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console_stream_e2e.js"))
+        .env("NODE_PATH", &node_modules)
+        .env("FERRY_URL", lab.info["url"].as_str().unwrap())
+        .env("FERRY_USER", "admin")
+        .env("FERRY_PASSWORD", ADMIN_PW)
+        .env("FERRY_JOB", "slow")
+        .env("FERRY_JOB2", "other")
+        .env("FERRY_SHOTS", &shots)
+        .env("FERRY_PROFILE", lab.dir.path().join("chromium-profile"))
+        .env("NO_PROXY", "127.0.0.1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the console stream test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert!(report["streamed"].as_u64().unwrap() > 5, "{report}");
+    let png = std::fs::read(report["shot"].as_str().unwrap()).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "{report}"
+    );
+    // What the browser watched is real: three runs, all successful.
+    let sessions = lab.call("GET", "/api/sessions", None, 200).await;
+    let ok = |job: &str| {
+        sessions
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["job"] == job && s["status"] == "success")
+            .count()
+    };
+    assert_eq!((ok("slow"), ok("other")), (2, 1), "{sessions}");
 }
