@@ -177,6 +177,11 @@ impl Hub {
             if v.status.done() {
                 break;
             }
+            if self.tx.receiver_count() == 0 {
+                // Nobody follows: a stream that opens later starts from the whole view.
+                last.clear();
+                continue;
+            }
             for vm in &v.vms {
                 let Ok(mut j) = serde_json::to_value(vm) else {
                     continue;
