@@ -10,28 +10,15 @@
 // profile directory) set. Prints one JSON line: {"ok": true, ...} or exits non-zero with the
 // reason.
 'use strict';
-const { chromium } = require('playwright-core');
+const { env, launch, watchProblems } = require('./console_common.js');
 const path = require('path');
-
-const env = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 
 const LIVE = ['queued', 'running', 'retrying'];
 
 async function main() {
   const url = env('FERRY_URL');
   const job = env('FERRY_JOB');
-  const ctx = await chromium.launchPersistentContext(env('FERRY_PROFILE'), {
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    ignoreHTTPSErrors: true,
-    viewport: { width: 1280, height: 900 },
-  });
+  const ctx = await launch();
   // Counts the page's EventSources and the events they deliver.
   await ctx.addInitScript(() => {
     const Base = window.EventSource;
@@ -46,11 +33,7 @@ async function main() {
     };
   });
   const page = ctx.pages()[0] || (await ctx.newPage());
-  const problems = [];
-  page.on('console', (m) => {
-    if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) problems.push('console: ' + m.text());
-  });
-  page.on('pageerror', (e) => problems.push('page error: ' + e.message));
+  const problems = watchProblems(page);
   const requests = [];
   page.on('request', (r) => requests.push({ method: r.method(), path: new URL(r.url()).pathname + new URL(r.url()).search }));
   const gets = (p) => requests.filter((r) => r.method === 'GET' && r.path === p).length;

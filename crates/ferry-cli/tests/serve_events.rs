@@ -9,7 +9,6 @@
 //! behind and gets a `resync`, and still every line.
 
 use serde_json::{Value, json};
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -523,11 +522,6 @@ async fn a_client_that_falls_behind_gets_a_resync_and_still_every_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_follows_running_sessions_from_the_streams_in_chromium() {
-    let node_modules = ferry_testkit::peers_dir().join("node/node_modules");
-    assert!(
-        node_modules.join("playwright-core").is_dir() && Path::new("/usr/bin/chromium").exists(),
-        "peers `playwright-core` (npm) and `chromium` (Debian) are needed: run tests/peers/install.sh"
-    );
     let lab = Lab::start("", &[]).await;
     lab.throttled_job("slow", json!(["debian-web"]), 3, json!({}))
         .await;
@@ -535,27 +529,19 @@ async fn the_console_follows_running_sessions_from_the_streams_in_chromium() {
         .await;
     let shots = lab.dir.path().join("shots");
     std::fs::create_dir_all(&shots).unwrap();
-    let out = std::process::Command::new(ferry_testkit::tool("node"))
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console_stream_e2e.js"))
-        .env("NODE_PATH", &node_modules)
-        .env("FERRY_URL", lab.info["url"].as_str().unwrap())
-        .env("FERRY_USER", "admin")
-        .env("FERRY_PASSWORD", ADMIN_PW)
-        .env("FERRY_JOB", "slow")
-        .env("FERRY_JOB2", "other")
-        .env("FERRY_SHOTS", &shots)
-        .env("FERRY_PROFILE", lab.dir.path().join("chromium-profile"))
-        .env("NO_PROXY", "127.0.0.1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "the console stream test failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let profile = lab.dir.path().join("chromium-profile");
+    let report = cli::chromium_script(
+        "console_stream_e2e.js",
+        &[
+            ("FERRY_URL", lab.info["url"].as_str().unwrap().as_ref()),
+            ("FERRY_USER", "admin".as_ref()),
+            ("FERRY_PASSWORD", ADMIN_PW.as_ref()),
+            ("FERRY_JOB", "slow".as_ref()),
+            ("FERRY_JOB2", "other".as_ref()),
+            ("FERRY_SHOTS", shots.as_os_str()),
+            ("FERRY_PROFILE", profile.as_os_str()),
+        ],
     );
-    let report: Value =
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     assert!(report["streamed"].as_u64().unwrap() > 5, "{report}");
     let png = std::fs::read(report["shot"].as_str().unwrap()).unwrap();
     assert!(

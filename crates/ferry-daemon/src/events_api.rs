@@ -49,7 +49,7 @@ const TICKET_SECONDS: i64 = 60;
 /// Tickets alive at once (a client asks for one per stream it opens).
 const MAX_TICKETS: usize = 10_000;
 /// Log lines read from the catalog at once when catching up.
-const PAGE: i64 = 500;
+const PAGE: u32 = 500;
 /// Events queued per connection between its task and the response body.
 const QUEUE: usize = 16;
 
@@ -244,7 +244,7 @@ impl Out {
     /// Sends the lines of `session` after the last one sent, from the catalog.
     async fn catch_up(&mut self, app: &App, session: &str) -> bool {
         loop {
-            let page = match lines_after(app, session, self.last_log) {
+            let page = match app.catalog.events_page(session, self.last_log, Some(PAGE)) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(session, error = %e, "event stream: cannot read the log");
@@ -269,29 +269,6 @@ impl Out {
         )
         .await;
     }
-}
-
-/// At most [`PAGE`] log lines of `session` after `after`.
-fn lines_after(
-    app: &App,
-    session: &str,
-    after: u64,
-) -> Result<Vec<Event>, crate::catalog::CatalogError> {
-    app.catalog.with(|c| {
-        let mut st = c.prepare(
-            "SELECT seq, time, level, vm, message FROM events WHERE session = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let rows = st.query_map(rusqlite::params![session, after as i64, PAGE], |r| {
-            Ok(Event {
-                seq: r.get::<_, i64>(0)? as u64,
-                time: r.get(1)?,
-                level: r.get(2)?,
-                vm: r.get(3)?,
-                message: r.get(4)?,
-            })
-        })?;
-        rows.collect()
-    })
 }
 
 fn heartbeat() -> tokio::time::Interval {
