@@ -326,7 +326,10 @@ async fn follow_session(
         return;
     }
     if is_done(&view) {
-        out.end(&id, &view).await;
+        // Its last lines may have come after the catch-up above.
+        if out.catch_up(&app, &id).await {
+            out.end(&id, &view).await;
+        }
         return;
     }
     let mut beat = heartbeat();
