@@ -91,7 +91,11 @@ async function main() {
     const l = window.__es.last;
     return l && l.readyState === 1 && l.url.includes('/api/events?') && location.hash === '#sessions';
   });
+  // The stream opens with a resync, which reloads the list once (it covers the moment
+  // between the first load and the stream); from then on rows change in place.
+  for (let i = 0; i < 100 && gets('/api/sessions?limit=100') < 2; i++) await page.waitForTimeout(100);
   const listLoads = gets('/api/sessions?limit=100');
+  if (listLoads !== 2) throw new Error(`the Sessions list was loaded ${listLoads} times before the run`);
   const listed = await run(job);
   await page.waitForSelector(`tr[data-session="${listed}"]`, { timeout: 30000 });
   await page.waitForFunction((i) => document.querySelector(`tr[data-session="${i}"] .status-success`), listed, { timeout: 60000 });
