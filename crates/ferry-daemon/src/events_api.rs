@@ -183,11 +183,46 @@ fn resume_point(h: &HeaderMap, q: Option<&str>) -> ApiResult<u64> {
         })
 }
 
+/// What a connection's task hands to its response body.
+#[derive(Debug, Clone, PartialEq)]
+enum Item {
+    /// How long a browser waits before reconnecting.
+    Retry(Duration),
+    /// A comment that keeps the connection warm.
+    Heartbeat,
+    /// An event.
+    Event {
+        name: &'static str,
+        id: String,
+        data: String,
+    },
+}
+
+impl Item {
+    fn event(name: &'static str, id: String, data: &Value) -> Self {
+        Item::Event {
+            name,
+            id,
+            data: data.to_string(),
+        }
+    }
+
+    fn into_sse(self) -> SseEvent {
+        match self {
+            Item::Retry(d) => SseEvent::default().retry(d),
+            Item::Heartbeat => SseEvent::default().comment("heartbeat"),
+            Item::Event { name, id, data } => SseEvent::default().event(name).id(id).data(data),
+        }
+    }
+}
+
 /// The response: the body drains `rx`.
-fn sse(rx: mpsc::Receiver<SseEvent>) -> Response {
+fn sse(rx: mpsc::Receiver<Item>) -> Response {
     let mut rx = rx;
-    let body =
-        futures::stream::poll_fn(move |cx| rx.poll_recv(cx).map(|e| e.map(Ok::<_, Infallible>)));
+    let body = futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|i| i.map(|i| Ok::<_, Infallible>(i.into_sse())))
+    });
     let mut r = Sse::new(body).into_response();
     let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -205,40 +240,28 @@ fn is_done(v: &Value) -> bool {
 
 /// One connection's writing side.
 struct Out {
-    tx: mpsc::Sender<SseEvent>,
+    tx: mpsc::Sender<Item>,
     last_log: u64,
     k: u64,
 }
 
 impl Out {
     /// Queues `e`; false once the client is gone.
-    async fn put(&self, e: SseEvent) -> bool {
+    async fn put(&self, e: Item) -> bool {
         self.tx.send(e).await.is_ok()
     }
 
-    async fn event(&mut self, name: &str, data: &Value) -> bool {
+    async fn event(&mut self, name: &'static str, data: &Value) -> bool {
         self.k += 1;
         let id = format!("{}.{}", self.last_log, self.k);
-        self.put(
-            SseEvent::default()
-                .event(name)
-                .id(id)
-                .data(data.to_string()),
-        )
-        .await
+        self.put(Item::event(name, id, data)).await
     }
 
     async fn line(&mut self, e: &Event) -> bool {
         self.last_log = e.seq;
         self.k = 0;
-        let data = serde_json::to_string(e).unwrap_or_default();
-        self.put(
-            SseEvent::default()
-                .event("log")
-                .id(e.seq.to_string())
-                .data(data),
-        )
-        .await
+        let data = serde_json::to_value(e).unwrap_or_default();
+        self.put(Item::event("log", e.seq.to_string(), &data)).await
     }
 
     /// Sends the lines of `session` after the last one sent, from the catalog.
@@ -312,11 +335,7 @@ async fn follow_session(
     mut rx: broadcast::Receiver<Arc<crate::events::Published>>,
     mut out: Out,
 ) {
-    if !out
-        .put(SseEvent::default().retry(Duration::from_secs(2)))
-        .await
-        || !out.catch_up(&app, &id).await
-    {
+    if !out.put(Item::Retry(Duration::from_secs(2))).await || !out.catch_up(&app, &id).await {
         return;
     }
     let Ok(view) = app.session_json(&id) else {
@@ -338,7 +357,7 @@ async fn follow_session(
             _ = app.events.closing.cancelled() => return,
             _ = out.tx.closed() => return,
             _ = beat.tick() => {
-                if !alive(&app, &c) || !out.put(SseEvent::default().comment("heartbeat")).await {
+                if !alive(&app, &c) || !out.put(Item::Heartbeat).await {
                     return;
                 }
                 continue;
@@ -423,20 +442,12 @@ async fn follow_all(
     app: Arc<App>,
     c: Caller,
     mut rx: broadcast::Receiver<Arc<crate::events::Published>>,
-    tx: mpsc::Sender<SseEvent>,
+    tx: mpsc::Sender<Item>,
 ) {
-    let send = |name: &str, id: u64, data: &Value| {
-        tx.send(
-            SseEvent::default()
-                .event(name)
-                .id(id.to_string())
-                .data(data.to_string()),
-        )
+    let send = |name: &'static str, id: u64, data: &Value| {
+        tx.send(Item::event(name, id.to_string(), data))
     };
-    if tx
-        .send(SseEvent::default().retry(Duration::from_secs(2)))
-        .await
-        .is_err()
+    if tx.send(Item::Retry(Duration::from_secs(2))).await.is_err()
         || send("resync", app.events.position(), &running(&app))
             .await
             .is_err()
@@ -449,7 +460,7 @@ async fn follow_all(
             _ = app.events.closing.cancelled() => return,
             _ = tx.closed() => return,
             _ = beat.tick() => {
-                if !alive(&app, &c) || tx.send(SseEvent::default().comment("heartbeat")).await.is_err() {
+                if !alive(&app, &c) || tx.send(Item::Heartbeat).await.is_err() {
                     return;
                 }
                 continue;
@@ -477,6 +488,168 @@ async fn follow_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::{LiveSession, SessionView, Status};
+    use crate::{Backend, BackendError, DaemonConfig, VmRestore};
+    use ferry_hv::{HypervisorDriver, SourceConfig, VmSummary};
+
+    /// The streams need no hypervisor.
+    struct NoHypervisor;
+
+    #[async_trait::async_trait]
+    impl Backend for NoHypervisor {
+        async fn connect(
+            &self,
+            _: &str,
+            _: &SourceConfig,
+        ) -> Result<Arc<dyn HypervisorDriver>, BackendError> {
+            Err(BackendError("no hypervisor here".into()))
+        }
+        async fn backup_vm(
+            &self,
+            _: &dyn HypervisorDriver,
+            _: &str,
+            _: &ferry_repo::Repository,
+            _: &VmSummary,
+            _: ferry_engine::BackupOptions,
+        ) -> Result<ferry_engine::BackupReport, BackendError> {
+            Err(BackendError("no hypervisor here".into()))
+        }
+        async fn restore_vm(
+            &self,
+            _: &dyn HypervisorDriver,
+            _: &ferry_repo::Repository,
+            _: &ferry_repo::Manifest,
+            _: VmRestore,
+        ) -> Result<ferry_hv::RestoredVm, BackendError> {
+            Err(BackendError("no hypervisor here".into()))
+        }
+    }
+
+    /// A service state (events buffer of 4), a running session `s1` in it, and a viewer's
+    /// token behind a caller.
+    fn lab() -> (tempfile::TempDir, Arc<App>, Arc<LiveSession>, Caller) {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("ferry.toml");
+        std::fs::write(&toml, "[appliance]\nevents-buffer = 4\n").unwrap();
+        let mut cfg = DaemonConfig::new(dir.path().join("state"), toml, Arc::new(NoHypervisor));
+        cfg.plain_http = true;
+        let (app, _) = crate::build(cfg).unwrap();
+        let s = Arc::new(LiveSession {
+            id: "s1".into(),
+            cancel: Default::default(),
+            state: std::sync::Mutex::new((
+                SessionView {
+                    id: "s1".into(),
+                    job: "j".into(),
+                    trigger: "manual".into(),
+                    status: Status::Running,
+                    started: 1,
+                    ended: None,
+                    started_by: "vic".into(),
+                    vms: Vec::new(),
+                    pruned: 0,
+                    error: None,
+                    kind: "backup",
+                    restore: None,
+                },
+                Default::default(),
+            )),
+            seq: Default::default(),
+        });
+        app.live.lock().unwrap().insert("s1".into(), s.clone());
+        let (_, t) = app
+            .users
+            .issue("vic", crate::auth::TokenKind::Api, "t", None)
+            .unwrap();
+        let c = Caller {
+            user: "vic".into(),
+            role: Role::Viewer,
+            token_id: t.id,
+        };
+        (dir, app, s, c)
+    }
+
+    fn open(app: &Arc<App>, c: &Caller, after: u64, queue: usize) -> mpsc::Receiver<Item> {
+        let (tx, rx) = mpsc::channel(queue);
+        let sub = app.events.subscribe();
+        tokio::spawn(follow_session(
+            app.clone(),
+            c.clone(),
+            "s1".into(),
+            sub,
+            Out {
+                tx,
+                last_log: after,
+                k: 0,
+            },
+        ));
+        rx
+    }
+
+    fn name(i: &Item) -> &str {
+        match i {
+            Item::Event { name, .. } => name,
+            Item::Retry(_) => "retry",
+            Item::Heartbeat => "heartbeat",
+        }
+    }
+
+    fn line_no(i: &Item) -> Option<u64> {
+        match i {
+            Item::Event {
+                name: "log", id, ..
+            } => Some(id.parse().unwrap()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_gets_a_resync_then_every_line_once() {
+        let (_d, app, s, c) = lab();
+        let mut rx = open(&app, &c, 0, 1);
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            Item::Retry(Duration::from_secs(2))
+        );
+        assert_eq!(name(&rx.recv().await.unwrap()), "state");
+        // The task now waits for events; 24 lines come before it runs again, 20 more than
+        // the channel's 4 (this runtime has one thread): the reader falls behind.
+        for i in 1..=24 {
+            app.log(&s, "info", None, format!("line {i}"));
+        }
+        s.update(|v, _| {
+            v.status = Status::Success;
+            v.ended = Some(2);
+        });
+        app.log(&s, "info", None, "session ended: success".into());
+        app.persist(&s);
+        let mut got = Vec::new();
+        while let Some(i) = rx.recv().await {
+            got.push(i);
+        }
+        let names: Vec<&str> = got.iter().map(name).collect();
+        assert!(names.contains(&"resync"), "{names:?}");
+        assert_eq!(names.last(), Some(&"end"), "{names:?}");
+        let lines: Vec<u64> = got.iter().filter_map(line_no).collect();
+        assert_eq!(lines, (1..=25).collect::<Vec<u64>>(), "{names:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_streams_get_heartbeats_until_the_token_is_revoked() {
+        let (_d, app, s, c) = lab();
+        app.log(&s, "info", None, "line 1".into());
+        // Resumed after line 1: no line again, the state, then heartbeats every 15 s.
+        let mut rx = open(&app, &c, 1, 16);
+        let t0 = tokio::time::Instant::now();
+        let first: Vec<Item> = vec![rx.recv().await.unwrap(), rx.recv().await.unwrap()];
+        assert_eq!(name(&first[1]), "state", "{first:?}");
+        assert_eq!(rx.recv().await.unwrap(), Item::Heartbeat);
+        assert_eq!(t0.elapsed(), HEARTBEAT);
+        assert_eq!(rx.recv().await.unwrap(), Item::Heartbeat);
+        app.users.revoke(&c, &c.token_id).unwrap();
+        assert_eq!(rx.recv().await, None, "the stream ends with its token");
+        assert_eq!(t0.elapsed(), 3 * HEARTBEAT);
+    }
 
     #[test]
     fn the_resume_point_is_the_last_log_line() {
