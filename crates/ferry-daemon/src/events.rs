@@ -158,8 +158,11 @@ impl Hub {
         {
             return;
         }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         let hub = self.clone();
-        tokio::spawn(async move { hub.sample(s).await });
+        rt.spawn(async move { hub.sample(s).await });
     }
 
     /// Sends the VMs of `s` whose live figures changed, every `progress_every`, until the

@@ -11,7 +11,7 @@
 //! reconnect gets exactly the lines after it, then the current state. Browsers cannot send a
 //! header with `EventSource`: `POST /api/events/ticket` gives a 60-second ticket for
 //! `?ticket=`, good for these two streams only and only while the token that asked for it
-//! lives.
+//! lives (ADR 0179).
 
 use crate::App;
 use crate::auth::{Caller, Role, random_b64, token_hash};

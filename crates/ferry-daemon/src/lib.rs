@@ -215,7 +215,7 @@ pub struct App {
     pub replica_actions: Mutex<HashMap<String, replicas::ActionView>>,
     /// What the event streams are fed from (ADR 0178).
     pub events: Arc<events::Hub>,
-    /// Tickets that open an event stream without a header (ADR 0178).
+    /// Tickets that open an event stream without a header (ADR 0179).
     pub tickets: events_api::Tickets,
 }
 
