@@ -204,8 +204,12 @@ function chart(repos) {
   return svg;
 }
 
+const onDashboard = () => ['', '#', '#dashboard'].includes(location.hash);
+
 async function dashboard() {
   await drawDashboard();
+  // Another page was asked for meanwhile: it follows its own stream.
+  if (!onDashboard()) return;
   // Drawn again when a session ends (from the event stream; without it the page stays as is).
   let pending = null;
   follow('/api/events', {
@@ -213,7 +217,7 @@ async function dashboard() {
       if (LIVE.includes(v.status) || pending) return;
       pending = setTimeout(() => {
         pending = null;
-        if (location.hash === '#dashboard' || location.hash === '') drawDashboard().catch(showError);
+        if (onDashboard()) drawDashboard().catch(showError);
       }, 500);
     },
   }, () => {});
@@ -341,6 +345,7 @@ async function sessions() {
     const n = await api('GET', '/api/sessions?limit=100');
     box.querySelector('table').replaceWith(sessionTable(n.body));
   };
+  if (location.hash !== '#sessions') return;
   const poll = () => {
     state.timer = setTimeout(async () => {
       if (location.hash !== '#sessions') return;
@@ -426,7 +431,7 @@ async function session(id) {
     card('Log', logBox),
   );
   applyView(v);
-  if (!LIVE.includes(v.status)) return;
+  if (!LIVE.includes(v.status) || !here()) return;
   // Polling, when the stream cannot be had.
   const poll = () => {
     state.timer = setTimeout(async () => {
