@@ -148,6 +148,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/alerts", get(list_alerts))
         .route("/api/usage", get(usage))
         .merge(crate::replica_api::routes())
+        .merge(crate::events_api::routes())
         .route("/", get(crate::console::index))
         .route("/console/app.js", get(crate::console::script))
         .route("/console/app.css", get(crate::console::style))
@@ -1040,6 +1041,7 @@ mod tests {
         let mut routes: Vec<(String, String)> = ROUTES
             .iter()
             .chain(crate::replica_api::ROUTES)
+            .chain(crate::events_api::ROUTES)
             .map(|(m, p)| (m.to_string(), p.to_string()))
             .collect();
         routes.sort();

@@ -41,6 +41,13 @@ pub struct ApplianceConfig {
     /// Seconds between two checks of the jobs' RPOs.
     #[serde(default = "default_rpo_check")]
     pub rpo_check_seconds: u64,
+    /// Events held for the event streams' clients (ADR 0178): a client further behind gets a
+    /// `resync` instead of what it missed.
+    #[serde(default = "crate::events::default_buffer")]
+    pub events_buffer: usize,
+    /// Milliseconds between two samples of running VMs' progress for the event streams.
+    #[serde(default = "crate::events::default_progress_ms")]
+    pub events_progress_ms: u64,
 }
 
 fn default_rpo_check() -> u64 {
@@ -67,6 +74,8 @@ impl Default for ApplianceConfig {
             name: None,
             lease_ttl_seconds: default_lease_ttl(),
             rpo_check_seconds: default_rpo_check(),
+            events_buffer: crate::events::default_buffer(),
+            events_progress_ms: crate::events::default_progress_ms(),
         }
     }
 }
@@ -601,6 +610,7 @@ impl Document {
                 "lease-ttl-seconds must be at least 3 (the lease is renewed every third of it)",
             ));
         }
+        crate::events::validate(&doc.appliance)?;
         if let Some(n) = &doc.appliance.name {
             valid_name(Kind::Job, n).map_err(|_| {
                 Problem::invalid(

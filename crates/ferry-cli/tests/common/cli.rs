@@ -103,3 +103,34 @@ pub fn wait_for_stderr_keep(child: &mut Child, needle: &str) -> std::thread::Joi
         seen + &rest
     })
 }
+
+/// Runs the console script `tests/<script>` in headless Chromium (node with the npm
+/// `playwright-core` peer and Debian's `chromium`) with `env`; the JSON line it reports.
+#[allow(dead_code)]
+pub fn chromium_script(script: &str, env: &[(&str, &std::ffi::OsStr)]) -> Value {
+    let node_modules = ferry_testkit::peers_dir().join("node/node_modules");
+    assert!(
+        node_modules.join("playwright-core").is_dir()
+            && std::path::Path::new("/usr/bin/chromium").exists(),
+        "peers `playwright-core` (npm) and `chromium` (Debian) are needed: run tests/peers/install.sh"
+    );
+    let mut cmd = Command::new(ferry_testkit::tool("node"));
+    cmd.arg(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests")
+            .join(script),
+    )
+    .env("NODE_PATH", &node_modules)
+    .env("NO_PROXY", "127.0.0.1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
