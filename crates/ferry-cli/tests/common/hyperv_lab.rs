@@ -114,6 +114,18 @@ impl Lab {
         std::fs::write(self.path("ferry.toml"), toml).unwrap();
     }
 
+    /// Source `lab` reads through `san-paths` and restores whole VMs to `restore-dir`
+    /// (`C:\ClusterStorage\Volume1\Restores`).
+    pub fn san_restore_config(&self) {
+        self.config(
+            "[\"san\"]",
+            &format!(
+                "restore-dir = 'C:\\ClusterStorage\\Volume1\\Restores'\n{}",
+                self.san_paths_table()
+            ),
+        );
+    }
+
     /// `[sources.lab.san-paths]`: the host's `C:\` as the proxy sees it.
     pub fn san_paths_table(&self) -> String {
         format!(

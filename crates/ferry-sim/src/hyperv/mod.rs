@@ -34,6 +34,7 @@ mod kerberos;
 mod lun;
 mod migrate;
 mod node_agent;
+mod port_features;
 mod rct;
 mod sidedoor;
 
