@@ -98,7 +98,8 @@ impl Reopening {
         Err(BlockError::Other {
             disk: self.label.clone(),
             message: format!("{what} through node {node} failed ({why}): {e}"),
-            retryable: false,
+            // A new backup may succeed (the agent restarted); this one does not retry.
+            retryable: e.is_retryable(),
             source: Some(Box::new(e)),
         })
     }
