@@ -1,8 +1,9 @@
 //! A network adapter's switch port features through backup and whole-VM restore (ADR 0181),
 //! through the `ferry` binary against `ferry sim hyperv`: `win-file-01`'s port is a trunk
-//! (native VLAN 5, VLANs 10, 20, 30) with a bandwidth limit; the restore point's native record
-//! holds them, the restored VM's port has the same settings as pypsrp reads them from the host's
-//! WMI (`tests/hyperv_port_probe.py`), and a restore to Xen names what it cannot keep.
+//! (native VLAN 5, VLANs 10, 20, 30) with a bandwidth limit, `win-dyn-01`'s a private VLAN; the
+//! restore point's native record holds them, the restored VM's port has the same settings as
+//! pypsrp reads them from the host's WMI (`tests/hyperv_port_probe.py`), and a restore to Xen
+//! names what it cannot keep.
 
 use serde_json::{Value, json};
 
@@ -25,7 +26,11 @@ impl Lab {
     }
 
     fn backup(&self) -> String {
-        let (out, _) = self.ok(&["backup", "--source", "lab", "--vm", VM, "--json"]);
+        self.backup_of(VM)
+    }
+
+    fn backup_of(&self, vm: &str) -> String {
+        let (out, _) = self.ok(&["backup", "--source", "lab", "--vm", vm, "--json"]);
         let v: Value = serde_json::from_str(&out).unwrap();
         v[0]["snapshot"].as_str().unwrap().to_string()
     }
@@ -97,4 +102,23 @@ fn a_restore_to_xen_says_the_trunk_and_bandwidth_are_not_kept() {
     ] {
         assert!(err.contains(w), "no warning `{w}`: {err}");
     }
+}
+
+#[test]
+fn a_private_vlan_comes_back_on_the_restored_port() {
+    let lab = Lab::start();
+    let vm = "win-dyn-01";
+    let id = lab.backup_of(vm);
+    let (_, err) = lab.ok(&["restore", &id, "--to-source", "lab", "--name", "dyn-copy"]);
+    let p = lab.ports(&[vm, "dyn-copy"]);
+    assert!(p["dyn-copy"].is_array(), "no restored VM: {p}\n{err}");
+    assert_eq!(p["dyn-copy"], p[vm], "{p}");
+    assert_eq!(
+        p["dyn-copy"][0]["vlan"],
+        json!({"OperationMode": 3, "AccessVlanId": 0, "NativeVlanId": 0, "PvlanMode": 2,
+            "PrimaryVlanId": 100, "SecondaryVlanId": 101, "TrunkVlanIdArray": [],
+            "SecondaryVlanIdArray": []}),
+        "{p}"
+    );
+    assert!(p["dyn-copy"][0]["bandwidth"].is_null(), "{p}");
 }

@@ -155,6 +155,13 @@ fn check_config(vm: &str, c: &ferry_hv::VmConfig, native: &str) {
                 serde_json::json!([10, 20, 30])
             );
             assert_eq!(n["nics"][0]["port"]["bandwidth"]["limit"], 100_000_000u64);
+        } else if vm == "win-dyn-01" {
+            let v = &n["nics"][0]["port"]["vlan"];
+            assert_eq!(
+                (&v["mode"], &v["pvlan_mode"], &v["primary"], &v["secondary"]),
+                (&"private".into(), &2.into(), &100.into(), &101.into()),
+                "{n}"
+            );
         } else {
             assert_eq!(n["nics"][0]["vlan"], 10, "{n}");
             assert_eq!(n["nics"][0]["port"]["vlan"]["access"], 10, "{n}");

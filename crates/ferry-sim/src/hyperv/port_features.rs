@@ -1,7 +1,8 @@
 //! Switch port features of the guests' network adapters (ADR 0181): VLANs in every operation
 //! mode (`Msvm_EthernetSwitchPortVlanSettingData`: 1 access, 2 trunk, 3 private) and bandwidth
 //! (`Msvm_EthernetSwitchPortBandwidthSettingData`). `win-file-01` is seeded with a trunk port
-//! (native VLAN 5, VLANs 10, 20, 30) and a bandwidth limit; `AddFeatureSettings` takes each of
+//! (native VLAN 5, VLANs 10, 20, 30) and a bandwidth limit, `win-dyn-01` with a private VLAN
+//! (community, primary 100, secondary 101); `AddFeatureSettings` takes each of
 //! them for a connection (once per class), checks it as the host does, records it as a setting
 //! of the connection (what WMI reads back) and logs what it received.
 
@@ -14,6 +15,8 @@ const BANDWIDTH: &str = "Msvm_EthernetSwitchPortBandwidthSettingData";
 
 /// The guest seeded with a trunk port and a bandwidth limit.
 pub const SEEDED: &str = "win-file-01";
+/// The guest seeded with a private VLAN.
+pub const PRIVATE: &str = "win-dyn-01";
 
 /// The properties `AddFeatureSettings` accepts for `class`.
 pub fn known(class: &str) -> Option<&'static [&'static str]> {
@@ -46,6 +49,19 @@ pub fn known(class: &str) -> Option<&'static [&'static str]> {
 
 /// The features of the seeded guest's connection `conn` (none for the other guests).
 pub fn seed(name: &str, conn: &str) -> Vec<Instance> {
+    if name == PRIVATE {
+        return vec![inst(
+            VLAN,
+            &[
+                ("InstanceID", text(format!("{conn}\\{}", guid("pvlan")))),
+                ("ElementName", text("Ethernet Switch Port VLAN Settings")),
+                ("OperationMode", text("3")),
+                ("PvlanMode", text("2")),
+                ("PrimaryVlanId", text("100")),
+                ("SecondaryVlanId", text("101")),
+            ],
+        )];
+    }
     if name != SEEDED {
         return vec![];
     }
