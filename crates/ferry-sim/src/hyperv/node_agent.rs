@@ -157,25 +157,7 @@ pub(super) fn before(st: &mut State) {
             .unwrap_or_else(|p| p.into_inner()),
     );
     for vm in vms {
-        let to = st.cluster.as_ref().and_then(|c| {
-            let id = st
-                .objects
-                .get("Msvm_ComputerSystem")?
-                .iter()
-                .find(|i| i.text("Name") == Some(&vm) || i.text("ElementName") == Some(&vm))?
-                .text("Name")?
-                .to_string();
-            let from = c.owners.get(&id)?;
-            let at = c.nodes.iter().position(|n| n == from)?;
-            Some(c.nodes[(at + 1) % c.nodes.len()].clone())
-        });
-        match to.map(|to| (st.migrate(&vm, &to, true), to)) {
-            Some((Ok(()), to)) => {
-                tracing::info!(vm, node = %to, "live migration (NodeAgentFailAfter)");
-            }
-            Some((Err(e), _)) => tracing::warn!(vm, error = %e, "NodeAgentFailAfter: no migration"),
-            None => tracing::warn!(vm, "NodeAgentFailAfter: no cluster or no such VM"),
-        }
+        st.migrate_to_next(&vm, "NodeAgentFailAfter");
     }
 }
 
