@@ -3,6 +3,9 @@
 //! rotated with AWS's own SDK (`tests/kms_probe.py`, boto3), which also decrypts a slot's
 //! ciphertext independently of ferry to show the slot file holds no plaintext master key.
 
+#[path = "common/cli.rs"]
+mod cli;
+
 use base64::Engine as _;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -451,4 +454,97 @@ fn s3_repository_unlocked_by_kms_and_slots_bound_to_their_repository() {
     assert!(out.contains("(password)"), "{out}");
     probe(&moto, &["disable", &key]);
     ok(&["snapshots", "--repo", &a], &env, true);
+}
+
+/// The appliance: a repository created through the API with a KMS key and no password
+/// (`kms` in `ferry.toml`), opened by the service through its KMS slot; a disabled key is a
+/// clear API error, re-enabled it works again.
+#[test]
+fn appliance_repository_unlocked_by_kms() {
+    let moto = ferry_testkit::Moto::start();
+    let env = env(&moto, false);
+    let key = create_key(&moto);
+    let dir = ferry_testkit::scratch_dir();
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(&config, "").unwrap();
+    let repo = dir.path().join("repo").display().to_string();
+    let (_serve, info) =
+        cli::serve_with_admin_env(&dir.path().join("state"), &config, "admin pw", &env);
+    let http = cli::pinned_client(&info);
+    let base = info["url"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let call = |method: reqwest::Method,
+                path: &str,
+                body: Option<serde_json::Value>,
+                token: Option<&str>| {
+        let mut r = http.request(method, format!("{base}{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        rt.block_on(async {
+            let resp = r.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&text).unwrap_or_default(),
+                text,
+            )
+        })
+    };
+    let (s, login, text) = call(
+        reqwest::Method::POST,
+        "/api/login",
+        Some(serde_json::json!({"username": "admin", "password": "admin pw"})),
+        None,
+    );
+    assert_eq!(s, 200, "{text}");
+    let token = login["token"].as_str().unwrap().to_string();
+    let t = Some(token.as_str());
+
+    let (s, _, text) = call(
+        reqwest::Method::PUT,
+        "/api/repositories/kms",
+        Some(serde_json::json!({
+            "url": repo,
+            "kms": {"key_id": key, "endpoint": moto.endpoint()},
+            "init": true,
+        })),
+        t,
+    );
+    assert_eq!(s, 201, "{text}");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        toml.contains("[repositories.kms") && toml.contains(&key) && !toml.contains("password"),
+        "{toml}"
+    );
+    assert_eq!(kms_slots(&repo, &env).len(), 1);
+    let points = "/api/repositories/kms/restore-points";
+    let (s, body, text) = call(reqwest::Method::GET, points, None, t);
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(body.as_array().unwrap().len(), 0);
+    // A backup by the CLI (no password either) shows up through the service.
+    let (spec, _) = disk(dir.path());
+    ok(
+        &["backup", "--repo", &repo, "--vm", "apvm", "--disk", &spec],
+        &env,
+        false,
+    );
+    let (s, body, text) = call(reqwest::Method::GET, points, None, t);
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(body.as_array().unwrap().len(), 1, "{text}");
+
+    probe(&moto, &["disable", &key]);
+    let (s, _, text) = call(reqwest::Method::GET, points, None, t);
+    assert_eq!(s, 502, "{text}");
+    assert!(
+        text.contains("disabled") && !text.contains(SECRET),
+        "{text}"
+    );
+    probe(&moto, &["enable", &key]);
+    let (s, _, text) = call(reqwest::Method::GET, points, None, t);
+    assert_eq!(s, 200, "{text}");
 }

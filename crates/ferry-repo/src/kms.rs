@@ -45,7 +45,9 @@ const MAX_KEY_ID: usize = 2048;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct KmsKey {
-    /// Key id, key ARN, alias name (`alias/…`) or alias ARN.
+    /// Key id, key ARN, alias name (`alias/…`) or alias ARN (`key_id` accepted too, as the
+    /// appliance's JSON API spells fields).
+    #[serde(alias = "key_id")]
     pub key_id: String,
     /// AWS region; default: the ARN's region, else `AWS_REGION` / `AWS_DEFAULT_REGION`, else
     /// `us-east-1`.
