@@ -29,6 +29,24 @@ fn env(moto: &ferry_testkit::Moto, endpoint_env: bool) -> Vec<(String, String)> 
         .collect()
 }
 
+/// moto with one KMS key, its environment (see [`env`]) and a scratch directory.
+struct Lab {
+    moto: ferry_testkit::Moto,
+    env: Vec<(String, String)>,
+    key: String,
+    dir: tempfile::TempDir,
+}
+
+fn lab(endpoint_env: bool) -> Lab {
+    let moto = ferry_testkit::Moto::start();
+    Lab {
+        env: env(&moto, endpoint_env),
+        key: create_key(&moto),
+        dir: ferry_testkit::scratch_dir(),
+        moto,
+    }
+}
+
 fn ferry(args: &[&str], env: &[(String, String)], password: bool) -> Output {
     let mut c = Command::new(FERRY);
     c.args(args)
@@ -163,10 +181,12 @@ fn repo_id(repo: &str, env: &[(String, String)]) -> String {
 /// endpoint and a tampered ciphertext fail clearly.
 #[test]
 fn local_repository_unlocked_by_kms() {
-    let moto = ferry_testkit::Moto::start();
-    let env = env(&moto, false);
-    let key = create_key(&moto);
-    let dir = ferry_testkit::scratch_dir();
+    let Lab {
+        moto,
+        env,
+        key,
+        dir,
+    } = lab(false);
     let repo = dir.path().join("repo").display().to_string();
     let endpoint = moto.endpoint();
 
@@ -370,10 +390,12 @@ fn local_repository_unlocked_by_kms() {
 /// `repo init` without password or key is refused.
 #[test]
 fn s3_repository_unlocked_by_kms_and_slots_bound_to_their_repository() {
-    let moto = ferry_testkit::Moto::start();
-    let env = env(&moto, true);
-    let key = create_key(&moto);
-    let dir = ferry_testkit::scratch_dir();
+    let Lab {
+        moto,
+        env,
+        key,
+        dir,
+    } = lab(true);
     let a = format!("{}/a", moto.url());
     let b = format!("{}/b", moto.url());
 
@@ -461,10 +483,12 @@ fn s3_repository_unlocked_by_kms_and_slots_bound_to_their_repository() {
 /// clear API error, re-enabled it works again.
 #[test]
 fn appliance_repository_unlocked_by_kms() {
-    let moto = ferry_testkit::Moto::start();
-    let env = env(&moto, false);
-    let key = create_key(&moto);
-    let dir = ferry_testkit::scratch_dir();
+    let Lab {
+        moto,
+        env,
+        key,
+        dir,
+    } = lab(false);
     let config = dir.path().join("ferry.toml");
     std::fs::write(&config, "").unwrap();
     let repo = dir.path().join("repo").display().to_string();

@@ -25,8 +25,7 @@ use crate::error::{RepoError, Result};
 use base64::Engine as _;
 use bytes::Bytes;
 use ferry_http::{ClientOptions, HttpClient};
-use object_store::aws::{AwsAuthorizer, AwsCredentialProvider};
-use object_store::client::HttpRequestBody;
+use object_store::aws::AwsCredentialProvider;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -326,23 +325,20 @@ impl KmsClient {
                 .get_credential()
                 .await
                 .map_err(|e| self.error(format!("no AWS credentials for KMS: {e}")))?;
-            let mut req = http::Request::builder()
-                .method(http::Method::POST)
-                .uri(self.endpoint.as_str())
-                .header("content-type", "application/x-amz-json-1.1")
-                .header("x-amz-target", &target)
-                .body(HttpRequestBody::from(body.clone()))
-                .map_err(|e| self.error(format!("building the {action} request: {e}")))?;
-            AwsAuthorizer::new(&cred, "kms", &self.region).authorize(&mut req, None);
-            let (parts, _) = req.into_parts();
-            let mut rb = self
-                .http
-                .inner()
-                .post(self.endpoint.clone())
-                .body(body.clone());
-            for (k, v) in &parts.headers {
-                rb = rb.header(k, v);
-            }
+            let rb = crate::sigv4::signed_request(
+                &self.http,
+                &cred,
+                "kms",
+                &self.region,
+                http::Method::POST,
+                &self.endpoint,
+                &[
+                    ("content-type", "application/x-amz-json-1.1".into()),
+                    ("x-amz-target", target.clone()),
+                ],
+                body.clone(),
+            )
+            .map_err(|e| self.error(format!("building the {action} request: {e}")))?;
             let resp = match self.http.send(action, rb).await {
                 Ok(r) => r,
                 Err(e) if e.is_retryable() && attempt < 3 => {

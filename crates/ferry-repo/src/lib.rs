@@ -77,6 +77,7 @@ pub mod locks;
 mod maintenance;
 pub mod manifest;
 mod repo;
+mod sigv4;
 pub mod store;
 pub mod testdata;
 pub mod time;
