@@ -168,6 +168,18 @@ fn backup_and_restore(repo: &str, env: &[(String, String)], dir: &Path, name: &s
     );
 }
 
+/// Rewrites the JSON body of the slot object at `path` (header kept, length updated).
+fn rewrite_slot(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let raw = std::fs::read(path).unwrap();
+    let mut body: serde_json::Value = serde_json::from_slice(&raw[12..]).unwrap();
+    edit(&mut body);
+    let json = serde_json::to_vec(&body).unwrap();
+    let mut out = raw[..8].to_vec();
+    out.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&json);
+    std::fs::write(path, out).unwrap();
+}
+
 fn repo_id(repo: &str, env: &[(String, String)]) -> String {
     let out = ok(&["repo", "info", "--repo", repo, "--json"], env, false);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -287,6 +299,8 @@ fn local_repository_unlocked_by_kms() {
     assert!(out.contains("added key slot keys/"), "{out}");
     assert_eq!(kms_slots(&repo, &env).len(), 2);
     probe(&moto, &["disable", &key]);
+    // A key policy without kms:DescribeKey: the state check is skipped, Decrypt still opens.
+    probe(&moto, &["deny-describe", &key2]);
     ok(&["snapshots", "--repo", &repo, "--kms", &key2], &env, false);
     let err = fails(&["snapshots", "--repo", &repo, "--kms", &key], &env, false);
     assert!(err.contains("disabled"), "{err}");
@@ -360,20 +374,25 @@ fn local_repository_unlocked_by_kms() {
     );
     assert!(err.contains("no key slot"), "{err}");
 
-    // A tampered ciphertext: KMS refuses it; ferry says so and does not panic.
+    // The slot naming another key than its ciphertext's: KMS denies access; ferry says so.
     let last_key = last[0]["key"].as_str().unwrap();
     let path = Path::new(&repo).join(last_key);
-    let raw = std::fs::read(&path).unwrap();
-    let mut body: serde_json::Value = serde_json::from_slice(&raw[12..]).unwrap();
-    let mut blob = b64.decode(body["ciphertext"].as_str().unwrap()).unwrap();
-    let n = blob.len();
-    blob[n - 5] ^= 0x40;
-    body["ciphertext"] = b64.encode(&blob).into();
-    let json = serde_json::to_vec(&body).unwrap();
-    let mut tampered = raw[..8].to_vec();
-    tampered.extend_from_slice(&(json.len() as u32).to_le_bytes());
-    tampered.extend_from_slice(&json);
-    std::fs::write(&path, tampered).unwrap();
+    let original = std::fs::read(&path).unwrap();
+    rewrite_slot(&path, |body| body["key-id"] = key.as_str().into());
+    let err = fails(&["snapshots", "--repo", &repo], &env, false);
+    assert!(
+        err.contains("access denied") && err.contains("AccessDeniedException"),
+        "{err}"
+    );
+    std::fs::write(&path, &original).unwrap();
+    ok(&["snapshots", "--repo", &repo], &env, false);
+    // A tampered ciphertext: KMS refuses it; ferry says so and does not panic.
+    rewrite_slot(&path, |body| {
+        let mut blob = b64.decode(body["ciphertext"].as_str().unwrap()).unwrap();
+        let n = blob.len();
+        blob[n - 5] ^= 0x40;
+        body["ciphertext"] = b64.encode(&blob).into();
+    });
     let err = fails(&["snapshots", "--repo", &repo], &env, false);
     assert!(
         err.contains("refused the ciphertext") && err.contains(last_key),

@@ -9,6 +9,7 @@ Commands:
   enable KEY        EnableKey
   rotate KEY        EnableKeyRotation, then RotateKeyOnDemand: {"rotation_enabled"}
   state KEY         {"state"} (KeyState)
+  deny-describe KEY key policy denying kms:DescribeKey (Decrypt stays allowed)
   decrypt BLOB REPO SLOT   Decrypt base64 BLOB with ferry's encryption context: {"plaintext"} (base64)
 """
 import base64
@@ -47,6 +48,16 @@ def main():
             EncryptionContext={"ferry-repository": repo, "ferry-key-slot": slot},
         )
         out = {"plaintext": base64.b64encode(r["Plaintext"]).decode()}
+    elif cmd == "deny-describe":
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": ["kms:*"], "Resource": "*"},
+                {"Effect": "Deny", "Principal": {"AWS": "*"}, "Action": ["kms:DescribeKey"], "Resource": "*"},
+            ],
+        }
+        kms.put_key_policy(KeyId=key, PolicyName="default", Policy=json.dumps(policy))
+        out = {"ok": True}
     elif cmd == "state":
         out = {"state": kms.describe_key(KeyId=key)["KeyMetadata"]["KeyState"]}
     else:
