@@ -231,6 +231,8 @@ fn local_repository_unlocked_by_kms() {
     assert!(kms[0].get("ciphertext").is_none(), "no ciphertext listed");
     let human = ok(&["repo", "key", "list", "--repo", &repo], &env, false);
     assert!(human.contains("aws-kms") && human.contains(&key), "{human}");
+    let info = ok(&["repo", "info", "--repo", &repo], &env, false);
+    assert!(info.contains(&format!("AWS KMS keys: {key}")), "{info}");
 
     // The raw slot: our format, the KMS ciphertext, and not the master key in any spelling
     // (the master key comes from AWS's SDK decrypting the ciphertext with ferry's context).

@@ -443,6 +443,9 @@ struct Info {
     compression_level: i32,
     encryption: Encryption,
     key_slots: usize,
+    /// AWS KMS keys that wrap a slot (ADR 0182).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    kms_keys: Vec<String>,
     snapshots: usize,
     chunks: usize,
     chunk_bytes: u64,
@@ -454,6 +457,7 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     let repo = a.repo.open().await?;
     let c = repo.config();
     let chunks = repo.store().list("chunks").await?;
+    let slots = repo.key_slots().await?;
     let info = Info {
         location: a.repo.repo.clone(),
         id: c.id.clone(),
@@ -463,7 +467,8 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         compression: c.compression,
         compression_level: c.compression_level,
         encryption: c.encryption,
-        key_slots: repo.store().list("keys").await?.len(),
+        key_slots: slots.len(),
+        kms_keys: slots.iter().filter_map(|s| s.kms_key_id.clone()).collect(),
         snapshots: repo.snapshot_ids().await?.len(),
         chunks: chunks.len(),
         chunk_bytes: chunks.iter().map(|o| o.size).sum(),
@@ -495,6 +500,9 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             println!("immutable:    {}", describe_immutability(i));
         }
         println!("key slots:    {}", info.key_slots);
+        if !info.kms_keys.is_empty() {
+            println!("AWS KMS keys: {}", info.kms_keys.join(", "));
+        }
         println!("snapshots:    {}", info.snapshots);
         println!(
             "chunks:       {} ({})",
