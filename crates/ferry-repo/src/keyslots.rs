@@ -249,3 +249,118 @@ impl Repository {
         Ok(key)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InitOptions, KdfParams};
+    use std::sync::Arc;
+
+    fn store() -> Store {
+        Store::new(Arc::new(object_store::memory::InMemory::new()), "memory")
+    }
+
+    #[tokio::test]
+    async fn slots_are_listed_and_the_last_one_cannot_go() {
+        let pw = Secret::new("one");
+        let opts = InitOptions {
+            chunk_size: 64 << 10,
+            kdf: KdfParams::insecure_fast(),
+            ..Default::default()
+        };
+        let s = store();
+        let repo = Repository::init(s.clone(), Some(&pw), opts).await.unwrap();
+        let second = repo
+            .add_password(&Secret::new("two"), KdfParams::insecure_fast())
+            .await
+            .unwrap();
+        let slots = repo.key_slots().await.unwrap();
+        assert_eq!(slots.len(), 2);
+        assert!(
+            slots
+                .iter()
+                .all(|s| s.kind == "password" && s.created.is_some())
+        );
+        let e = repo.remove_key_slot("keys/nosuch").await.unwrap_err();
+        assert!(e.to_string().contains("no key slot"), "{e}");
+        let first = slots.iter().find(|s| s.key != second).unwrap().key.clone();
+        // By id without the prefix.
+        repo.remove_key_slot(first.trim_start_matches("keys/"))
+            .await
+            .unwrap();
+        let e = repo.remove_key_slot(&second).await.unwrap_err();
+        assert!(e.to_string().contains("last usable key slot"), "{e}");
+        assert!(matches!(
+            Repository::open(s.clone(), Some(&pw)).await,
+            Err(RepoError::WrongPassword { .. })
+        ));
+        Repository::open(s.clone(), Some(&Secret::new("two")))
+            .await
+            .unwrap();
+        // No password and no KMS slot: the password is required, as before KMS slots existed.
+        assert!(matches!(
+            Repository::open(s.clone(), None).await,
+            Err(RepoError::PasswordRequired { .. })
+        ));
+        // Forcing KMS (or naming a key) on a repository without KMS slots says so.
+        let unlock = Unlock {
+            password: Some(Secret::new("two")),
+            kms: KmsUnlock {
+                force: true,
+                ..Default::default()
+            },
+        };
+        let e = Repository::open_with(s.clone(), &unlock).await.unwrap_err();
+        assert!(e.to_string().contains("has no KMS key slot"), "{e}");
+        let unlock = Unlock {
+            password: None,
+            kms: KmsUnlock {
+                key_id: Some("alias/x".into()),
+                ..Default::default()
+            },
+        };
+        let e = Repository::open_with(s, &unlock).await.unwrap_err();
+        assert!(
+            e.to_string().contains("no KMS key slot of key alias/x"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_kms_repository_needs_encryption_and_a_garbled_kms_slot_is_named() {
+        let opts = InitOptions {
+            chunk_size: 64 << 10,
+            encrypted: false,
+            ..Default::default()
+        };
+        let e = Repository::init_kms(store(), None, &KmsKey::new("alias/x"), opts)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("insecure-no-encryption"), "{e}");
+        // A KMS slot that does not parse: opening without a password names it as corrupt
+        // (before any KMS request), and the password slot still opens.
+        let pw = Secret::new("pw");
+        let s = store();
+        let opts = InitOptions {
+            chunk_size: 64 << 10,
+            kdf: KdfParams::insecure_fast(),
+            ..Default::default()
+        };
+        Repository::init(s.clone(), Some(&pw), opts).await.unwrap();
+        s.create(
+            "keys/00000000000000ff",
+            b"FRYW\x01\x00\x00\x00\x02\x00\x00\x00{}".to_vec(),
+        )
+        .await
+        .unwrap();
+        let e = Repository::open(s.clone(), None).await.unwrap_err();
+        assert!(
+            e.to_string().contains("keys/00000000000000ff") && e.to_string().contains("corrupt"),
+            "{e}"
+        );
+        let repo = Repository::open(s, Some(&pw)).await.unwrap();
+        let slots = repo.key_slots().await.unwrap();
+        let bad = slots.iter().find(|s| s.kind == "unreadable").unwrap();
+        assert!(bad.error.as_deref().unwrap().contains("KMS key slot JSON"));
+    }
+}
