@@ -467,6 +467,44 @@ fn s3_repository_unlocked_by_kms_and_slots_bound_to_their_repository() {
         "no endpoint stored: {slots:?}"
     );
     backup_and_restore(&a, &env, dir.path(), "s3vm");
+    // Credentials from the shared credentials file (profile), as for S3 itself.
+    let creds = dir.path().join("credentials");
+    std::fs::write(
+        &creds,
+        format!("[other]\naws_access_key_id = testing\naws_secret_access_key = {SECRET}\n"),
+    )
+    .unwrap();
+    let mut file_env: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("AWS_ACCESS_KEY") && !k.starts_with("AWS_SECRET"))
+        .cloned()
+        .collect();
+    file_env.push((
+        "AWS_SHARED_CREDENTIALS_FILE".into(),
+        creds.display().to_string(),
+    ));
+    let err = fails(&["snapshots", "--repo", &a], &file_env, false);
+    assert!(err.contains("no S3 credentials found"), "{err}");
+    file_env.push(("AWS_PROFILE".into(), "other".into()));
+    ok(&["snapshots", "--repo", &a], &file_env, false);
+    // The key in another region: KMS there does not know it.
+    let err = fails(
+        &[
+            "repo",
+            "key",
+            "add",
+            "--repo",
+            &a,
+            "--kms",
+            &key,
+            "--kms-region",
+            "eu-west-1",
+        ],
+        &env,
+        false,
+    );
+    assert!(err.contains("does not exist in region eu-west-1"), "{err}");
+    assert_eq!(key_list(&a, &env).len(), 1, "nothing added");
 
     // Repository b has only a password; a's KMS slot copied into it (same object key) does not
     // decrypt there: the encryption context names repository a.
