@@ -639,12 +639,14 @@ async fn put_repository(
                 if init {
                     let store = ferry_repo::Store::open(&cfg.url, true)
                         .map_err(|e| Problem::invalid("url", e.to_string()))?;
-                    ferry_repo::Repository::init(
-                        store,
-                        password.as_ref(),
-                        ferry_repo::InitOptions::default(),
-                    )
-                    .await
+                    let opts = ferry_repo::InitOptions::default();
+                    match &cfg.kms {
+                        Some(kms) => {
+                            ferry_repo::Repository::init_kms(store, password.as_ref(), kms, opts)
+                                .await
+                        }
+                        None => ferry_repo::Repository::init(store, password.as_ref(), opts).await,
+                    }
                     .map_err(|e| {
                         Problem::invalid("url", format!("cannot create the repository: {e}"))
                     })?;

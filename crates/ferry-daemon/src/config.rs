@@ -89,9 +89,27 @@ pub struct RepositoryConfig {
     /// File holding the repository password (first line).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// AWS KMS key whose key slot unlocks the repository when no password is configured
+    /// (`kms = { key-id = "…", region = "…", endpoint = "…" }`; ADR 0182). `init` wraps the
+    /// new repository's key with it.
+    #[serde(default)]
+    pub kms: Option<ferry_repo::KmsKey>,
 }
 
 impl RepositoryConfig {
+    /// How to unlock the repository: the password if one is configured, else a KMS key slot
+    /// (of the configured key, through its endpoint, if one is configured).
+    pub fn unlock(&self) -> Result<ferry_repo::Unlock, String> {
+        Ok(ferry_repo::Unlock {
+            password: self.password()?,
+            kms: ferry_repo::KmsUnlock {
+                force: false,
+                key_id: self.kms.as_ref().map(|k| k.key_id.clone()),
+                endpoint: self.kms.as_ref().and_then(|k| k.endpoint.clone()),
+            },
+        })
+    }
+
     /// The password, if any.
     pub fn password(&self) -> Result<Option<ferry_core::Secret>, String> {
         match &self.password_file {

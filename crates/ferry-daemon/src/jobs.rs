@@ -1064,9 +1064,9 @@ fn name_owned(s: &LiveSession) -> String {
 
 /// Opens a configured repository.
 pub async fn open_repository(cfg: &RepositoryConfig) -> Result<Repository, String> {
-    let password = cfg.password()?;
+    let unlock = cfg.unlock()?;
     let store = Store::open(&cfg.url, false).map_err(|e| e.to_string())?;
-    Repository::open(store, password.as_ref())
+    Repository::open_with(store, &unlock)
         .await
         .map_err(|e| e.to_string())
 }

@@ -43,6 +43,26 @@ pub fn serve_with_admin(
     )
 }
 
+/// Like [`serve_with_admin`], with extra environment variables for the service (cloud
+/// credentials, endpoints).
+#[allow(dead_code)]
+pub fn serve_with_admin_env(
+    state: &std::path::Path,
+    config: &std::path::Path,
+    admin_pw: &str,
+    env: &[(String, String)],
+) -> (ferry_testkit::Killed, Value) {
+    let mut c = ferry();
+    c.args(["serve", "--listen", "127.0.0.1:0", "--init-admin", "admin"])
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--config")
+        .arg(config)
+        .env("FERRY_ADMIN_PASSWORD", admin_pw)
+        .envs(env.iter().cloned());
+    ferry_testkit::Killed::spawn_json_line(&mut c)
+}
+
 /// An HTTPS client pinned to the certificate of the service whose JSON line is `info`.
 #[allow(dead_code)]
 pub fn pinned_client(info: &Value) -> reqwest::Client {
