@@ -70,6 +70,6 @@ pub fn load_vhdx_for_update(data: &[u8]) -> Result<u64, ImageError> {
     for b in 0..blocks {
         let _ = l.state(b);
     }
-    let _ = l.next_header();
+    let _ = l.next_header(true);
     Ok(l.geo.data_blocks)
 }

@@ -55,7 +55,9 @@ pub use open::{
     DirResolver, MAX_CHAIN_DEPTH, NoFiles, OpenOptions, OpenedImage, Resolver, detect,
     format_named_by, open_image, open_image_direct, open_image_with, open_source,
 };
-pub use vhdx_update::{VhdxBlockState, VhdxUpdater, create_vhdx_child};
+pub use vhdx_update::{
+    VhdxBlockState, VhdxUpdater, create_vhdx_child, merge_vhdx_child, set_vhdx_parent,
+};
 pub use writer::{ImageWriter, OutputFormat, Reproducible, WriterOptions};
 
 use serde::Serialize;

@@ -37,6 +37,8 @@ pub(crate) struct Layout {
     pub differencing: bool,
     pub bat_offset: u64,
     pub bat: Vec<u64>,
+    /// The metadata region: offset and length.
+    pub md: (u64, u32),
     /// The valid header with the higher sequence number: (slot, raw 4 KiB).
     pub header: (usize, Vec<u8>),
 }
@@ -171,6 +173,7 @@ pub(crate) fn load_layout(
         differencing: md.has_parent,
         bat_offset: bat_off,
         bat,
+        md: (md_off, md_len),
         header: (slot, raw_header),
     })
 }
@@ -190,14 +193,16 @@ impl Layout {
     }
 
     /// The header that supersedes the current one: the other slot, sequence + 1, fresh file
-    /// and data write GUIDs, log GUID zero.
-    pub(crate) fn next_header(&self) -> (u64, Vec<u8>) {
+    /// write GUID (and data write GUID when `data` changes), log GUID zero.
+    pub(crate) fn next_header(&self, data: bool) -> (u64, Vec<u8>) {
         let (slot, raw) = &self.header;
         let mut h = raw.clone();
         let seq = le64(&h, 8).wrapping_add(1);
         put_le64(&mut h, 8, seq);
         h[16..32].copy_from_slice(&fresh_id());
-        h[32..48].copy_from_slice(&fresh_id());
+        if data {
+            h[32..48].copy_from_slice(&fresh_id());
+        }
         h[48..64].fill(0);
         let crc = crc32c_without(&h[..vhdx::HEADER_LEN], 4);
         put_le32(&mut h, 4, crc);
@@ -319,7 +324,7 @@ impl VhdxUpdater {
         if self.touched {
             return Ok(());
         }
-        let (off, h) = self.layout.next_header();
+        let (off, h) = self.layout.next_header(true);
         self.file
             .write_all_at(&h, off)
             .map_err(io(&self.name, "write VHDX header"))?;
@@ -434,6 +439,137 @@ impl VhdxUpdater {
                 .map(|_| b)
         })
     }
+}
+
+/// Points the differencing VHDX `child` at the VHDX `parent`: its parent locator (linkage to
+/// the parent's DataWriteGuid, relative and absolute paths) is rewritten in place in its
+/// metadata region. Its own DataWriteGuid stays, so its children still match it. Used after
+/// a merge removed the child's old parent (the simulator's checkpoint deletion, ADR 0174).
+pub fn set_vhdx_parent(child: &Path, parent: &Path) -> Result<(), ImageError> {
+    let info = crate::writer::read_parent(child, parent, crate::OutputFormat::Vhdx)?;
+    let mut u = VhdxUpdater::open(child)?;
+    if !u.layout.differencing {
+        return Err(ImageError::Usage {
+            file: u.name.clone(),
+            message: "not a differencing VHDX: it has no parent to change".into(),
+        });
+    }
+    let (md_off, md_len) = u.layout.md;
+    let mut old = vec![0u8; md_len as usize];
+    u.file
+        .read_exact_at(&mut old, md_off)
+        .map_err(io(&u.name, "read VHDX metadata"))?;
+    let count = crate::bytes::le16(&old, 10) as usize;
+    let mut items: Vec<([u8; 16], Vec<u8>, u32)> = Vec::new();
+    for i in 0..count.min(2047) {
+        let e = 32 + i * 32;
+        let id = vhdx_guid_at(&old, e);
+        let (off, len) = (
+            crate::bytes::le32(&old, e + 16) as usize,
+            crate::bytes::le32(&old, e + 20) as usize,
+        );
+        let flags = crate::bytes::le32(&old, e + 24);
+        if id == crate::vhdx::PARENT_LOCATOR.0 || len == 0 {
+            continue;
+        }
+        let data = off
+            .checked_add(len)
+            .and_then(|end| old.get(off..end))
+            .ok_or_else(|| {
+                ImageError::corrupt(
+                    &u.name,
+                    "VHDX metadata table",
+                    "an item lies outside the region",
+                )
+            })?;
+        items.push((id, data.to_vec(), flags));
+    }
+    items.push((
+        crate::vhdx::PARENT_LOCATOR.0,
+        crate::writer::parent_locator(info.vhdx_guid, &info.name, &info.absolute),
+        4,
+    ));
+    let mut md = vec![0u8; md_len as usize];
+    md[..8].copy_from_slice(b"metadata");
+    crate::bytes::put_le16(&mut md, 10, items.len() as u16);
+    let mut at = 64 * 1024;
+    for (i, (id, data, flags)) in items.iter().enumerate() {
+        let e = 32 + i * 32;
+        if at + data.len() > md.len() {
+            return Err(ImageError::unsupported(
+                &u.name,
+                "the new parent locator does not fit in the metadata region",
+            ));
+        }
+        md[e..e + 16].copy_from_slice(id);
+        put_le32(&mut md, e + 16, at as u32);
+        put_le32(&mut md, e + 20, data.len() as u32);
+        put_le32(&mut md, e + 24, *flags);
+        md[at..at + data.len()].copy_from_slice(data);
+        at += data.len().div_ceil(8) * 8;
+    }
+    let (hoff, h) = u.layout.next_header(false);
+    u.file
+        .write_all_at(&h, hoff)
+        .map_err(io(&u.name, "write VHDX header"))?;
+    u.file
+        .write_all_at(&md, md_off)
+        .map_err(io(&u.name, "write VHDX metadata"))?;
+    u.touched = true;
+    u.finish()
+}
+
+fn vhdx_guid_at(b: &[u8], off: usize) -> [u8; 16] {
+    let mut g = [0u8; 16];
+    g.copy_from_slice(&b[off..off + 16]);
+    g
+}
+
+/// Merges the differencing VHDX `child` into its parent `parent` in place, whole blocks: the
+/// blocks `child` holds (data or zero) are written into `parent`, which then reads as `child`
+/// did. The caller deletes `child` and re-points its children ([`set_vhdx_parent`]): the
+/// parent's DataWriteGuid changes. Returns the payload bytes written.
+pub async fn merge_vhdx_child(child: &Path, parent: &Path) -> Result<u64, ImageError> {
+    let layout = VhdxUpdater::open_read_only(child)?;
+    let name = child.display().to_string();
+    if !layout.differencing {
+        return Err(ImageError::Usage {
+            file: name,
+            message: "not a differencing VHDX: nothing to merge".into(),
+        });
+    }
+    let img = crate::open_image(child).await?;
+    let mut u = VhdxUpdater::open(parent)?;
+    if u.block_size() != layout.geo.block_size || u.size() != layout.virtual_size {
+        return Err(ImageError::unsupported(
+            &name,
+            format!(
+                "block size or virtual size differs from the parent's ({} / {} vs {} / {})",
+                layout.geo.block_size,
+                layout.virtual_size,
+                u.block_size(),
+                u.size()
+            ),
+        ));
+    }
+    let mut written = 0;
+    let mut buf = Vec::new();
+    for b in 0..layout.geo.data_blocks {
+        let n = u.block_len(b) as usize;
+        buf.resize(n, 0);
+        match layout.state(b) {
+            VhdxBlockState::Absent => continue,
+            VhdxBlockState::Zero => buf.fill(0),
+            VhdxBlockState::Present => img
+                .source
+                .read_at(b * layout.geo.block_size, &mut buf)
+                .await
+                .map_err(ImageError::from)?,
+        }
+        written += u.write_block(b, &buf)?;
+    }
+    u.finish()?;
+    Ok(written)
 }
 
 /// The layout's data write GUID (what a child's `parent_linkage` names).

@@ -227,3 +227,36 @@ proptest! {
         let _ = fuzzing::load_vhdx_for_update(&data);
     }
 }
+
+/// A checkpoint deleted the way Hyper-V does it: the middle file of base ← a ← b is merged
+/// into base, b re-pointed at base; b reads the same, qemu-img checks base.
+#[test]
+fn merging_a_child_into_its_parent_and_repointing_the_grandchild_keeps_the_content() {
+    let (_d, dir) = scratch();
+    let size = 4 * MIB;
+    let mut model: Vec<u8> = vec![3u8; size as usize];
+    let base = dir.join("base.vhdx");
+    make_dynamic(&base, &model);
+    let a = dir.join("base_a.avhdx");
+    create_vhdx_child(&a, &base).expect("a");
+    apply(&a, &mut model, &[(1, 5), (2, 0)]);
+    let at_a = model.clone();
+    let b = dir.join("base_b.avhdx");
+    create_vhdx_child(&b, &a).expect("b");
+    apply(&b, &mut model, &[(1, 7), (3, 9)]);
+    let sent = rt()
+        .block_on(ferry_image::merge_vhdx_child(&a, &base))
+        .expect("merge");
+    // Block 1's data and block 2's zeros (the base stores block 2: zeroed in place).
+    assert_eq!(sent, 2 * MIB);
+    assert_eq!(rt().block_on(flat(&base)), at_a, "base now holds a's point");
+    // b still names a: re-point it, then a can go.
+    ferry_image::set_vhdx_parent(&b, &base).expect("repoint");
+    std::fs::remove_file(&a).expect("rm a");
+    assert_eq!(rt().block_on(flat(&b)), model);
+    ferry_testkit::qemu_img(&["check", "-f", "vhdx", s(&base)]);
+    let raw = raw_file(&dir, "at_a.raw", &at_a);
+    ferry_testkit::qemu_img_compare(&raw, "raw", &base, "vhdx");
+    // A dynamic disk has no parent to change.
+    assert!(ferry_image::set_vhdx_parent(&base, &b).is_err());
+}
