@@ -533,6 +533,19 @@ pub async fn restore(
     journal: &Journal,
     plan: &RestorePlan,
 ) -> Result<RestoredVm, HvError> {
+    restore_noted(c, source, cfg, journal, plan, "").await
+}
+
+/// [`restore`] with `marks` appended to the VM's `Notes` from `DefineSystem` on (a replica's
+/// marks, so a killed run finds the VM).
+pub async fn restore_noted(
+    c: &WsmanClient,
+    source: &str,
+    cfg: &SourceConfig,
+    journal: &Journal,
+    plan: &RestorePlan,
+    marks: &str,
+) -> Result<RestoredVm, HvError> {
     let vm_err = |m: String| HvError::Vm {
         source_name: source.into(),
         vm: plan.name.clone(),
@@ -545,7 +558,8 @@ pub async fn restore(
             plan.config.disks.len()
         )));
     }
-    let vp = vm_plan(plan);
+    let mut vp = vm_plan(plan);
+    vp.notes.push_str(marks);
     for w in &vp.warnings {
         tracing::warn!(source = %source, vm = %plan.name, "restore: {w}");
     }

@@ -415,11 +415,16 @@ impl VhdxUpdater {
 
 /// Creates an empty differencing VHDX at `path` whose parent is the VHDX at `parent` (parent
 /// locator with relative and absolute paths, `parent_linkage` = the parent's DataWriteGuid), as
-/// Hyper-V makes for a checkpoint (`.avhdx`). The block size is the parent's.
-pub fn create_vhdx_child(path: &Path, parent: &Path) -> Result<(), ImageError> {
+/// Hyper-V makes for a checkpoint (`.avhdx`). The block size is `block_size`, else the parent's
+/// (Hyper-V makes differencing disks with 2 MiB blocks).
+pub fn create_vhdx_child(
+    path: &Path,
+    parent: &Path,
+    block_size: Option<u64>,
+) -> Result<(), ImageError> {
     let p = VhdxUpdater::open_read_only(parent)?;
     let opts = crate::WriterOptions {
-        block_size: Some(p.geo.block_size),
+        block_size: Some(block_size.unwrap_or(p.geo.block_size)),
         parent: Some(parent.to_path_buf()),
     };
     let w =
@@ -540,32 +545,35 @@ pub async fn merge_vhdx_child(child: &Path, parent: &Path) -> Result<u64, ImageE
     }
     let img = crate::open_image(child).await?;
     let mut u = VhdxUpdater::open(parent)?;
-    if u.block_size() != layout.geo.block_size || u.size() != layout.virtual_size {
+    if u.size() != layout.virtual_size {
         return Err(ImageError::unsupported(
             &name,
             format!(
-                "block size or virtual size differs from the parent's ({} / {} vs {} / {})",
-                layout.geo.block_size,
+                "virtual size {} differs from the parent's ({})",
                 layout.virtual_size,
-                u.block_size(),
                 u.size()
             ),
         ));
     }
+    // Parent block by parent block: where any child block overlapping it holds something,
+    // the child's view of the whole parent block is written (block sizes may differ).
+    let (pbs, cbs) = (u.block_size(), layout.geo.block_size);
     let mut written = 0;
     let mut buf = Vec::new();
-    for b in 0..layout.geo.data_blocks {
-        let n = u.block_len(b) as usize;
-        buf.resize(n, 0);
-        match layout.state(b) {
-            VhdxBlockState::Absent => continue,
-            VhdxBlockState::Zero => buf.fill(0),
-            VhdxBlockState::Present => img
-                .source
-                .read_at(b * layout.geo.block_size, &mut buf)
-                .await
-                .map_err(ImageError::from)?,
+    for b in 0..u.blocks() {
+        let n = u.block_len(b);
+        let start = b * pbs;
+        let held = (start / cbs..=(start + n - 1) / cbs)
+            .filter(|c| *c < layout.geo.data_blocks)
+            .any(|c| layout.state(c) != VhdxBlockState::Absent);
+        if !held {
+            continue;
         }
+        buf.resize(n as usize, 0);
+        img.source
+            .read_at(start, &mut buf)
+            .await
+            .map_err(ImageError::from)?;
         written += u.write_block(b, &buf)?;
     }
     u.finish()?;

@@ -106,7 +106,7 @@ fn differencing_child_reads_parent_until_written_and_zero_blocks_hide_it() {
     let base = dir.join("base.vhdx");
     make_dynamic(&base, &model);
     let child = dir.join("base_1.avhdx");
-    create_vhdx_child(&child, &base).expect("child");
+    create_vhdx_child(&child, &base, None).expect("child");
     let parent_before = std::fs::read(&base).expect("read parent");
     assert_eq!(
         rt().block_on(flat(&child)),
@@ -128,7 +128,7 @@ fn differencing_child_reads_parent_until_written_and_zero_blocks_hide_it() {
     drop(u);
     // A grandchild still finds its parent by DataWriteGuid after the child was updated.
     let grand = dir.join("base_2.avhdx");
-    create_vhdx_child(&grand, &child).expect("grandchild");
+    create_vhdx_child(&grand, &child, Some(2 * MIB)).expect("grandchild");
     apply(&grand, &mut model, &[(0, 9)]);
     let flat_grand = rt().block_on(flat(&grand));
     assert_eq!(flat_grand, model);
@@ -142,9 +142,9 @@ fn a_child_of_a_missing_or_bad_parent_is_refused_and_leaves_nothing() {
     let (_d, dir) = scratch();
     let bad = raw_file(&dir, "bad.vhdx", &[1u8; 4096]);
     let child = dir.join("c.avhdx");
-    let err = create_vhdx_child(&child, &bad).expect_err("bad parent");
+    let err = create_vhdx_child(&child, &bad, None).expect_err("bad parent");
     assert!(err.to_string().contains("vhdxfile"), "{err}");
-    assert!(create_vhdx_child(&child, &dir.join("missing.vhdx")).is_err());
+    assert!(create_vhdx_child(&child, &dir.join("missing.vhdx"), None).is_err());
     let left: Vec<_> = std::fs::read_dir(&dir)
         .expect("ls")
         .map(|e| e.expect("entry").file_name())
@@ -207,7 +207,7 @@ proptest! {
         apply(&p, &mut model, &first);
         prop_assert_eq!(rt().block_on(flat(&p)), model.clone());
         let child = dir.join("d_1.avhdx");
-        create_vhdx_child(&child, &p).expect("child");
+        create_vhdx_child(&child, &p, Some(2 * MIB)).expect("child");
         apply(&child, &mut model, &second);
         prop_assert_eq!(rt().block_on(flat(&child)), model);
     }
@@ -228,8 +228,9 @@ proptest! {
     }
 }
 
-/// A checkpoint deleted the way Hyper-V does it: the middle file of base ← a ← b is merged
-/// into base, b re-pointed at base; b reads the same, qemu-img checks base.
+/// A checkpoint deleted the way Hyper-V does it: the middle file of base ← a ← b (a with 2 MiB
+/// blocks over 1 MiB ones) is merged into base, b re-pointed at base; b reads the same,
+/// qemu-img checks base.
 #[test]
 fn merging_a_child_into_its_parent_and_repointing_the_grandchild_keeps_the_content() {
     let (_d, dir) = scratch();
@@ -238,17 +239,18 @@ fn merging_a_child_into_its_parent_and_repointing_the_grandchild_keeps_the_conte
     let base = dir.join("base.vhdx");
     make_dynamic(&base, &model);
     let a = dir.join("base_a.avhdx");
-    create_vhdx_child(&a, &base).expect("a");
+    create_vhdx_child(&a, &base, Some(2 * MIB)).expect("a");
     apply(&a, &mut model, &[(1, 5), (2, 0)]);
     let at_a = model.clone();
     let b = dir.join("base_b.avhdx");
-    create_vhdx_child(&b, &a).expect("b");
+    create_vhdx_child(&b, &a, None).expect("b");
     apply(&b, &mut model, &[(1, 7), (3, 9)]);
     let sent = rt()
         .block_on(ferry_image::merge_vhdx_child(&a, &base))
         .expect("merge");
-    // Block 1's data and block 2's zeros (the base stores block 2: zeroed in place).
-    assert_eq!(sent, 2 * MIB);
+    // a's 2 MiB blocks cover all four 1 MiB blocks of the base: 2 MiB of data, 2 MiB of
+    // zeros written in place (the base stores those blocks).
+    assert_eq!(sent, 4 * MIB);
     assert_eq!(rt().block_on(flat(&base)), at_a, "base now holds a's point");
     // b still names a: re-point it, then a can go.
     ferry_image::set_vhdx_parent(&b, &base).expect("repoint");

@@ -276,6 +276,7 @@ pub(super) fn invoke(
         "ModifyResourceSettings" => modify_resources(st, body, out),
         "AddFeatureSettings" => add_features(st, body, out),
         "DestroySystem" => destroy(st, body),
+        "ModifySystemSettings" => super::checkpoints::modify_system_settings(st, body, out),
         other => {
             return Err(fault(
                 "ActionNotSupported",
