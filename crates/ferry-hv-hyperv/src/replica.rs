@@ -11,6 +11,8 @@
 //! - Recovery points are standard checkpoints (`Msvm_VirtualSystemSnapshotService`:
 //!   `CreateSnapshot` with `SnapshotType` 2, `ApplySnapshot`, `DestroySnapshot` — the host
 //!   merges), listed oldest first by `CreationTime`.
+//! - A test copy is a whole-VM restore of the point's content (its checkpoint's images read
+//!   through `san-paths`), marked `role=test`, its network adapters connected to no switch.
 //! - Power is `RequestStateChange` (2 on, 3 off), marks are `ModifySystemSettings` of `Notes`,
 //!   removal is `DestroySystem` plus the VM's folder (through `san-paths`).
 
@@ -244,12 +246,30 @@ async fn write_blocks(
 impl ReplicaTarget for HypervDriver {
     async fn replica_create(&self, plan: &RestorePlan, job: &str) -> Result<ReplicaVm, HvError> {
         let (c, name, cfg, journal) = self.parts();
+        let mut plan = ferry_hv::standby_plan(plan);
+        // A standby is off until a failover: a NIC whose switch this host lacks is added
+        // unconnected (said in a WARN) rather than refusing the replica.
+        let switches: Vec<String> = c
+            .enumerate("Msvm_VirtualEthernetSwitch", None)
+            .await
+            .map_err(|e| self.err(e))?
+            .iter()
+            .filter_map(|s| s.text("ElementName").map(str::to_string))
+            .collect();
+        for (i, n) in plan.config.nics.iter_mut().enumerate() {
+            if let Some(net) = n.network.clone()
+                && !switches.iter().any(|s| s.eq_ignore_ascii_case(&net))
+            {
+                tracing::warn!(source = %name, vm = %plan.name, "replica: NIC {i}: the host has no virtual switch `{net}` (its switches: {}); the standby's adapter is left unconnected: connect it before a failover", switches.join(", "));
+                n.network = None;
+            }
+        }
         let vm = crate::restore::restore_noted(
             c,
             name,
             cfg,
             journal,
-            &ferry_hv::standby_plan(plan),
+            &plan,
             &mark_lines(job, ReplicaRole::Standby),
         )
         .await?;
@@ -449,12 +469,94 @@ impl ReplicaTarget for HypervDriver {
     }
 
     async fn test_copy(&self, point: &str, name: &str, job: &str) -> Result<ReplicaVm, HvError> {
-        let _ = (point, name, job);
-        Err(self.api(
-            "test_copy",
-            "test failover copies on a Hyper-V target are not supported yet: fail over \
-             --unplanned to a point, or test on a Xen or vSphere target",
-        ))
+        let (c, src, cfg, journal) = self.parts();
+        let gone = |m: &str| HvError::Vm {
+            source_name: src.into(),
+            vm: point.into(),
+            message: m.into(),
+        };
+        let snap = self
+            .checkpoint(point)
+            .await?
+            .ok_or_else(|| gone("no such recovery point (standard checkpoint) on the host"))?;
+        let vm = snap
+            .text("VirtualSystemIdentifier")
+            .ok_or_else(|| gone("the checkpoint names no VM"))?
+            .to_string();
+        let vssd = self.vssd(&vm).await?;
+        let w = Wmi::new(c);
+        let all = w.all_disks().await.map_err(|e| self.err(e))?;
+        let live = Wmi::disks_of(&all, &format!("Microsoft:{vm}"));
+        let frozen = Wmi::disks_of(&all, point);
+        let places = crate::controllers::Layout::read(c)
+            .await
+            .map_err(|e| self.err(e))?
+            .positions(src, &vm);
+        // The copy's disks are the point's content, read through san-paths and written as new
+        // VHDX files by the restore (a full copy, not differencing disks on the point).
+        let mut disks = Vec::new();
+        let mut sources = Vec::new();
+        for (k, d) in live.iter().enumerate() {
+            let f = frozen
+                .iter()
+                .find(|f| f.key.eq_ignore_ascii_case(&d.key))
+                .ok_or_else(|| gone(&format!("the checkpoint holds no copy of disk {k}")))?;
+            let local =
+                crate::transport::map_host_path(&cfg.san_paths, &f.path).ok_or_else(|| {
+                    HvError::NoTransport {
+                        source_name: src.into(),
+                        disk: f.path.clone(),
+                        tried: "san: no san-paths entry covers the checkpoint's image".into(),
+                    }
+                })?;
+            let img = ferry_image::open_image(&local)
+                .await
+                .map_err(|e| HvError::Disk {
+                    source_name: src.into(),
+                    disk: f.path.clone(),
+                    message: e.to_string(),
+                })?;
+            let disk = format!("disk{k}");
+            disks.push(ferry_core::vm::DiskConfig {
+                name: disk.clone(),
+                size: img.source.size(),
+                controller: places.of(&d.key),
+                bootable: false,
+            });
+            sources.push(ferry_hv::RestoreDisk {
+                name: disk,
+                source: img.source,
+            });
+        }
+        crate::controllers::mark_boot(&mut disks);
+        let (mut config, _) = crate::config::capture(c, &vm, &vssd, disks)
+            .await
+            .map_err(|e| self.err(e))?;
+        // Isolated: the copy's adapters (MACs kept) are connected to no switch.
+        for n in &mut config.nics {
+            n.network = None;
+        }
+        let plan = RestorePlan {
+            name: name.into(),
+            config,
+            native: None,
+            disks: sources,
+            power_on: false,
+        };
+        let r = crate::restore::restore_noted(
+            c,
+            src,
+            cfg,
+            journal,
+            &plan,
+            &mark_lines(job, ReplicaRole::Test),
+        )
+        .await?;
+        Ok(ReplicaVm {
+            id: r.id,
+            name: r.name,
+            power_state: PowerState::Off,
+        })
     }
 
     async fn replica_remove(&self, vm: &str) -> Result<(), HvError> {

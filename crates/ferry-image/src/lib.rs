@@ -57,6 +57,7 @@ pub use open::{
 };
 pub use vhdx_update::{
     VhdxBlockState, VhdxUpdater, create_vhdx_child, merge_vhdx_child, set_vhdx_parent,
+    vhdx_parent_locator,
 };
 pub use writer::{ImageWriter, OutputFormat, Reproducible, WriterOptions};
 

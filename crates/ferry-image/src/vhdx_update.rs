@@ -39,6 +39,8 @@ pub(crate) struct Layout {
     pub bat: Vec<u64>,
     /// The metadata region: offset and length.
     pub md: (u64, u32),
+    /// The parent locator's key/value pairs (differencing disks).
+    pub parent: Vec<(String, String)>,
     /// The valid header with the higher sequence number: (slot, raw 4 KiB).
     pub header: (usize, Vec<u8>),
 }
@@ -174,6 +176,7 @@ pub(crate) fn load_layout(
         bat_offset: bat_off,
         bat,
         md: (md_off, md_len),
+        parent: md.parent,
         header: (slot, raw_header),
     })
 }
@@ -578,6 +581,20 @@ pub async fn merge_vhdx_child(child: &Path, parent: &Path) -> Result<u64, ImageE
     }
     u.finish()?;
     Ok(written)
+}
+
+/// The parent a differencing VHDX names, as its locator holds it (`relative_path` first, then
+/// `absolute_win32_path`), without opening the parent; empty for a disk without parent.
+pub fn vhdx_parent_locator(path: &Path) -> Result<Vec<String>, ImageError> {
+    let l = VhdxUpdater::open_read_only(path)?;
+    if !l.differencing {
+        return Ok(Vec::new());
+    }
+    Ok(["relative_path", "absolute_win32_path"]
+        .iter()
+        .filter_map(|k| l.parent.iter().find(|(key, _)| key == k))
+        .map(|(_, v)| v.clone())
+        .collect())
 }
 
 /// The layout's data write GUID (what a child's `parent_linkage` names).

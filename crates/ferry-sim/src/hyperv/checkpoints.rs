@@ -9,7 +9,7 @@
 //! - `DestroySnapshot`: the checkpoint's settings go; where its file has exactly one child, the
 //!   child is merged into it (whole blocks, `ferry-image`), the child's children are re-pointed
 //!   at it and whatever named the child (the VM or a newer checkpoint) names it — Hyper-V's
-//!   merge. A file with several children stays until it has one.
+//!   merge. A file with several children stays; one with none is deleted.
 //!
 //! Also `ModifySystemSettings` of a VM's `Notes` and `ElementName` (the replica marks). Recovery
 //! checkpoints (backups, `SnapshotType` 32768) keep the frozen-live model of [`super::disks`].
@@ -310,10 +310,15 @@ pub(super) fn apply(st: &mut State, body: &Node, out: &mut Instance) -> Result<(
     Ok(())
 }
 
-/// The parent image (local path) of local image `p`, if it is a differencing disk.
+/// The parent image (local path) of local image `p`, as its locator names it (`.\name`, next
+/// to it), if it is a differencing disk. The parent is not opened: during a merge its
+/// DataWriteGuid no longer matches the child's linkage.
 fn parent_of(p: &std::path::Path) -> Option<PathBuf> {
-    let img = futures::executor::block_on(ferry_image::open_image(p)).ok()?;
-    img.info.parent.map(|x| PathBuf::from(&x.file))
+    let names = ferry_image::vhdx_parent_locator(p).ok()?;
+    let rel = names.first()?.strip_prefix(".\\")?;
+    let mut out = p.parent()?.to_path_buf();
+    out.extend(rel.split('\\'));
+    Some(out)
 }
 
 fn same(a: &std::path::Path, b: &std::path::Path) -> bool {
@@ -378,10 +383,17 @@ pub(super) fn destroy(st: &mut State, snap: &Instance, out: &mut Instance) {
         let mut kids: Vec<PathBuf> = chain.iter().map(|(k, _, _)| k.clone()).collect();
         kids.sort();
         kids.dedup_by(|a, b| same(a, b));
-        let [child] = kids.as_slice() else {
-            // Several children (or none): the file stays until one remains.
-            continue;
+        let child = match kids.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                // Nothing builds on it any more (a reverted-away branch): it goes.
+                let _ = std::fs::remove_file(&fl);
+                continue;
+            }
+            // Several children: the file stays until one remains.
+            _ => continue,
         };
+        let child = &child;
         let merged = futures::executor::block_on(ferry_image::merge_vhdx_child(child, &fl));
         if let Err(e) = merged {
             r = Err(format!("Failed to merge '{}': {e}", child.display()));

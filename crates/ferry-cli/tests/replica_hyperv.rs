@@ -1,0 +1,309 @@
+//! Hyper-V as a replica target through the `ferry` binary (docs/replication.md, ADR 0175): the
+//! 2-disk VM `debian-web` of a `ferry sim xen` pool (`prod`) replicated to a `ferry sim hyperv`
+//! host (`hv`, disks written through `san-paths`). The Xen guest writes through the pool's side
+//! door; the Hyper-V side is read with pypsrp (`tests/hyperv_replica_probe.py`); the standby's
+//! VHDX chains are flattened with `ferry image convert` and compared with `qemu-img compare`.
+
+use ferry_testkit::Killed;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[path = "common/replica_lab.rs"]
+mod replica_lab;
+#[path = "common/xen_probe.rs"]
+mod xen_probe;
+use replica_lab::{Ferry, LabDir, PASSWORD, assert_same_disks, ferry, init_repo, password_file};
+use xen_probe::Probe;
+
+const VM: &str = "debian-web";
+const STANDBY: &str = "debian-web (replica)";
+const COPY: &str = "debian-web (test failover)";
+const MIB: u64 = 1 << 20;
+
+/// Xen pool `prod` with `debian-web`, Hyper-V host `hv`, a repository, `ferry.toml`, state.
+struct Lab {
+    dir: tempfile::TempDir,
+    prod: Probe,
+    hv: Value,
+    _sims: (Killed, Killed),
+}
+
+impl LabDir for Lab {
+    fn lab_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Lab {
+    fn start() -> Self {
+        let dir = ferry_testkit::scratch_dir();
+        let d = dir.path();
+        let (a, xen) = xen_probe::start_sim(ferry(), &d.join("prod-sim"));
+        let (b, hv) = Killed::spawn_json_line(
+            ferry()
+                .args([
+                    "sim",
+                    "hyperv",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--disk-mib",
+                    "8",
+                ])
+                .arg("--dir")
+                .arg(d.join("hv-sim")),
+        );
+        let state = d.join("state");
+        let mut t = xen_probe::source_toml("prod", &xen, &password_file(d, "prod", &xen), &state);
+        t.push_str(&format!(
+            "[sources.hv]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\nrestore-dir = 'C:\\ClusterStorage\\Volume1\\Replicas'\n[sources.hv.san-paths]\n'C:\\' = \"{}\"\n",
+            hv["url"].as_str().unwrap(),
+            hv["username"].as_str().unwrap(),
+            password_file(d, "hv", &hv).display(),
+            hv["tls_fingerprint"].as_str().unwrap(),
+            state.display(),
+            hv["san_paths"]["C:\\"].as_str().unwrap(),
+        ));
+        std::fs::write(d.join("ferry.toml"), t).unwrap();
+        init_repo(&d.join("repo"), PASSWORD);
+        Self {
+            prod: Probe::start(&xen),
+            hv,
+            dir,
+            _sims: (a, b),
+        }
+    }
+
+    /// What pypsrp reads of VM `name` on the host with `tests/SCRIPT` (null: no such VM).
+    fn probe(&self, script: &str, name: &str) -> Value {
+        let python = ferry_testkit::peers_dir().join("venv/bin/python");
+        assert!(
+            python.exists(),
+            "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
+        );
+        let out = ferry_testkit::run_ok(
+            std::process::Command::new(python)
+                .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
+                .arg(self.hv["url"].as_str().unwrap())
+                .args(["username", "password"].map(|k| self.hv[k].as_str().unwrap()))
+                .arg(name),
+        );
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        v[name].clone()
+    }
+
+    /// The replica view of VM `name`: state, notes, images, standard checkpoints.
+    fn hv_vm(&self, name: &str) -> Value {
+        self.probe("hyperv_replica_probe.py", name)
+    }
+
+    /// VM `name`'s configuration (NICs with their switch) as `hyperv_vm_probe.py` reads it.
+    fn hv_config(&self, name: &str) -> Value {
+        self.probe("hyperv_vm_probe.py", name)
+    }
+
+    /// The proxy's view of host path `p` (under `C:\`).
+    fn local(&self, p: &str) -> PathBuf {
+        let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
+        let mut out = PathBuf::from(self.hv["san_paths"]["C:\\"].as_str().unwrap());
+        out.extend(rest.split('\\'));
+        out
+    }
+
+    /// The images `paths` (host paths) flattened to raw files by Ferry's own reader.
+    fn flat(&self, paths: &[Value], label: &str) -> Vec<PathBuf> {
+        paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let out = self.path(&format!("hv-{label}-{i}.raw"));
+                let src = self.local(p.as_str().unwrap());
+                self.ok(&[
+                    "image",
+                    "convert",
+                    src.to_str().unwrap(),
+                    out.to_str().unwrap(),
+                    "--format",
+                    "raw",
+                ]);
+                out
+            })
+            .collect()
+    }
+
+    /// The standby's disks now (its drives' current images, flattened).
+    fn standby_disks(&self, label: &str) -> Vec<PathBuf> {
+        let v = self.hv_vm(STANDBY);
+        self.flat(v["disks"].as_array().unwrap(), label)
+    }
+
+    fn restored(&self, rp: &str) -> Vec<PathBuf> {
+        Ferry::in_dir(self.dir.path(), PASSWORD).restored(self.dir.path(), rp, &["xvda", "xvdb"])
+    }
+
+    fn xen_disks(&mut self, label: &str) -> Vec<PathBuf> {
+        let dir = self.dir.path().to_path_buf();
+        self.prod.export_disks(VM, &dir, label)
+    }
+}
+
+/// The guest of the Xen VM writes into both its disks (one 2 MiB VHDX block each).
+fn xen_guest_writes(p: &mut Probe, seed: u8) {
+    let disks = p.disk_uuids(VM);
+    p.guest_write(&disks[0], MIB, &[seed; 70_000]);
+    p.guest_write(&disks[1], 3 * MIB, &[seed.wrapping_add(1); 4096]);
+}
+
+fn point_names(v: &Value) -> Vec<String> {
+    v["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_to_an_older_point() {
+    let mut lab = Lab::start();
+    let out = lab.run(&[
+        "replica",
+        "create",
+        "web",
+        "--source",
+        "prod",
+        "--vm",
+        VM,
+        "--to-source",
+        "hv",
+        "--keep",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The first cycle: a whole-VM restore onto the host, off, marked in its Notes, one
+    // standard checkpoint; its disks are the restore point's.
+    lab.ok(&["replica", "sync", "web"]);
+    let first = lab.replica_status("web");
+    let rp1 = first["applied"].as_str().unwrap().to_string();
+    let v = lab.hv_vm(STANDBY);
+    assert_eq!(v["state"], "3", "{v}");
+    let notes = v["notes"].as_str().unwrap();
+    assert!(notes.contains("ferry.replica.job=web"), "{v}");
+    assert!(notes.contains("ferry.replica.role=standby"), "{v}");
+    assert_eq!(first["standby"], v["id"], "{first}");
+    assert_eq!(point_names(&v), [format!("ferry-replica web {rp1}")], "{v}");
+    // The drives hold the checkpoint's new children; the checkpoint holds the restored files.
+    for (cur, held) in v["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(v["checkpoints"][0]["disks"].as_array().unwrap())
+    {
+        assert!(cur.as_str().unwrap().ends_with(".avhdx"), "{v}");
+        assert!(held.as_str().unwrap().ends_with(".vhdx"), "{v}");
+    }
+    let at1 = lab.restored(&rp1);
+    assert_same_disks(&lab.standby_disks("1"), &at1);
+    assert_same_disks(&at1, &lab.xen_disks("prod-1"));
+
+    // Guest writes on both disks: one 2 MiB block of each disk's .avhdx is written.
+    xen_guest_writes(&mut lab.prod, 0x5a);
+    lab.ok(&["replica", "sync", "web"]);
+    let second = lab.replica_status("web");
+    let rp2 = second["applied"].as_str().unwrap().to_string();
+    assert_eq!(second["health"]["last-bytes"], 4 * MIB, "{second}");
+    let at2 = lab.restored(&rp2);
+    assert_same_disks(&lab.standby_disks("2"), &at2);
+    assert_same_disks(&at2, &lab.xen_disks("prod-2"));
+    // The older point is untouched: its images still hold rp1.
+    let v = lab.hv_vm(STANDBY);
+    assert_same_disks(
+        &lab.flat(v["checkpoints"][0]["disks"].as_array().unwrap(), "p1"),
+        &at1,
+    );
+
+    // A third cycle: `--keep 2` deletes the oldest checkpoint (the host merges its files);
+    // the points left are the newer two, and the disks are rp3's.
+    xen_guest_writes(&mut lab.prod, 0x77);
+    lab.ok(&["replica", "sync", "web"]);
+    let third = lab.replica_status("web");
+    let rp3 = third["applied"].as_str().unwrap().to_string();
+    let v = lab.hv_vm(STANDBY);
+    assert_eq!(
+        point_names(&v),
+        [
+            format!("ferry-replica web {rp2}"),
+            format!("ferry-replica web {rp3}")
+        ],
+        "{v}"
+    );
+    let ids: Vec<&str> = third["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    let on_host: Vec<&str> = v["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, on_host, "{third}");
+    let at3 = lab.restored(&rp3);
+    assert_same_disks(&lab.standby_disks("3"), &at3);
+    assert_same_disks(
+        &lab.flat(v["checkpoints"][0]["disks"].as_array().unwrap(), "p2"),
+        &at2,
+    );
+
+    // A test failover copy of the older point: a new VM with that point's disks and its
+    // adapters on no switch, running, while the standby stays off and unchanged; cleanup
+    // removes it with its folder.
+    let before = lab.standby_disks("before-test");
+    lab.ok(&["replica", "test", "web", "--point", &rp2]);
+    let copies = lab.hv_vm(COPY);
+    assert_eq!(copies["state"], "2", "{copies}");
+    assert_eq!(lab.replica_status("web")["test-vm"], copies["id"]);
+    assert!(
+        copies["notes"]
+            .as_str()
+            .unwrap()
+            .contains("ferry.replica.role=test"),
+        "{copies}"
+    );
+    assert_same_disks(&lab.flat(copies["disks"].as_array().unwrap(), "copy"), &at2);
+    let probe = lab.hv_config(COPY);
+    let nics = probe["nics"].as_array().unwrap();
+    assert!(!nics.is_empty(), "{probe}");
+    assert!(nics.iter().all(|n| n["switch"].is_null()), "{probe}");
+    assert_eq!(lab.hv_vm(STANDBY)["state"], "3");
+    assert_same_disks(&lab.standby_disks("during-test"), &before);
+    let folder = lab.local(copies["folder"].as_str().unwrap());
+    assert!(folder.exists());
+    lab.ok(&["replica", "test", "web", "--cleanup"]);
+    assert!(lab.hv_vm(COPY).is_null());
+    assert!(!folder.exists(), "{}", folder.display());
+    assert_eq!(point_names(&lab.hv_vm(STANDBY)), point_names(&v));
+
+    // Unplanned failover to the older point: running, with exactly rp2's disks.
+    lab.ok(&["replica", "failover", "web", "--unplanned", "--point", &rp2]);
+    let v = lab.hv_vm(STANDBY);
+    assert_eq!(v["state"], "2", "{v}");
+    assert_same_disks(&lab.standby_disks("failed-over"), &at2);
+    assert_eq!(lab.replica_status("web")["state"]["kind"], "failed-over");
+
+    // Cancel: the checkpoints go (merged), the VM stays, unmarked, with rp2's disks.
+    lab.ok(&["replica", "cancel", "web"]);
+    let v = lab.hv_vm(STANDBY);
+    assert_eq!(v["checkpoints"].as_array().unwrap().len(), 0, "{v}");
+    assert!(
+        !v["notes"].as_str().unwrap_or("").contains("ferry.replica"),
+        "{v}"
+    );
+    assert_same_disks(&lab.standby_disks("cancelled"), &at2);
+}
