@@ -11,6 +11,10 @@
 //!   at it and whatever named the child (the VM or a newer checkpoint) names it — Hyper-V's
 //!   merge. A file with several children stays; one with none is deleted.
 //!
+//! After a standard checkpoint is made or applied, the guest's live disk (what the side door
+//! writes and recovery checkpoints freeze) is refilled from the images, so a VM Ferry wrote into
+//! in place can be backed up again (a reversed replica).
+//!
 //! Also `ModifySystemSettings` of a VM's `Notes` and `ElementName` (the replica marks). Recovery
 //! checkpoints (backups, `SnapshotType` 32768) keep the frozen-live model of [`super::disks`].
 
@@ -83,6 +87,31 @@ fn rename_image(st: &mut State, from: &str, to: &str) {
             }
         }
     }
+}
+
+/// What the guest of `vm_id` sees becomes what its current images hold (Ferry writes into
+/// them in place, bypassing the simulated guest): each disk's live file is refilled from
+/// `images` (host path per disk key) and its change log cleared.
+fn refresh_live(st: &mut State, vm_id: &str, images: &[(String, String)]) -> Result<(), String> {
+    let storage = st
+        .storage
+        .as_mut()
+        .ok_or("The host's storage is not available.")?;
+    for i in 0..storage.disks.len() {
+        if storage.disks[i].vm_id != vm_id {
+            continue;
+        }
+        let key = storage.disks[i].id.clone();
+        let Some((_, path)) = images.iter().find(|(k, _)| k.eq_ignore_ascii_case(&key)) else {
+            continue;
+        };
+        let local = storage.local(path)?;
+        let img = futures::executor::block_on(ferry_image::open_image(&local))
+            .map_err(|e| format!("{path}: {e}"))?;
+        super::define::fill_live(&storage.live_path(&storage.disks[i]), img.source.as_ref())?;
+        storage.disks[i].forget_changes();
+    }
+    Ok(())
 }
 
 /// `<folder>\<disk>_<tag>.avhdx` for a child of `path` (a `.vhdx` or an earlier `.avhdx`).
@@ -221,7 +250,12 @@ pub(super) fn create(st: &mut State, body: &Node, out: &mut Instance) -> Result<
             }
         }
     }
-    job_out(st, out, "CreateSnapshot", Ok(()));
+    let frozen: Vec<(String, String)> = current
+        .iter()
+        .map(|d| (d.key.clone(), d.path.clone()))
+        .collect();
+    let r = refresh_live(st, &vm_id, &frozen);
+    job_out(st, out, "CreateSnapshot", r);
     out.props
         .insert("ResultingSnapshot".into(), Value::Ref(epr));
     Ok(())
@@ -305,6 +339,13 @@ pub(super) fn apply(st: &mut State, body: &Node, out: &mut Instance) -> Result<(
         {
             let _ = std::fs::remove_file(p);
         }
+    }
+    if r.is_ok() {
+        let images: Vec<(String, String)> = frozen
+            .iter()
+            .map(|f| (f.key.clone(), f.path.clone()))
+            .collect();
+        r = refresh_live(st, &vm_id, &images);
     }
     job_out(st, out, "ApplySnapshot", r);
     Ok(())

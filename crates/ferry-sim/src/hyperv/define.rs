@@ -745,7 +745,7 @@ fn add_vhd(st: &mut State, vm: &str, e: &Embedded) -> Result<Epr, String> {
 }
 
 /// Writes what `src` holds into the sparse raw file `live` (the guest's view of the disk).
-fn fill_live(live: &std::path::Path, src: &dyn BlockSource) -> Result<(), String> {
+pub(super) fn fill_live(live: &std::path::Path, src: &dyn BlockSource) -> Result<(), String> {
     let io = |e: std::io::Error| format!("{}: {e}", live.display());
     if let Some(p) = live.parent() {
         std::fs::create_dir_all(p).map_err(io)?;
