@@ -8,6 +8,10 @@ use ferry_testkit::Killed;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+#[path = "common/cli.rs"]
+mod cli;
+#[path = "common/hyperv_lab.rs"]
+mod hyperv_lab;
 #[path = "common/replica_lab.rs"]
 mod replica_lab;
 #[path = "common/xen_probe.rs"]
@@ -54,15 +58,7 @@ impl Lab {
         );
         let state = d.join("state");
         let mut t = xen_probe::source_toml("prod", &xen, &password_file(d, "prod", &xen), &state);
-        t.push_str(&format!(
-            "[sources.hv]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\nrestore-dir = 'C:\\ClusterStorage\\Volume1\\Replicas'\n[sources.hv.san-paths]\n'C:\\' = \"{}\"\n",
-            hv["url"].as_str().unwrap(),
-            hv["username"].as_str().unwrap(),
-            password_file(d, "hv", &hv).display(),
-            hv["tls_fingerprint"].as_str().unwrap(),
-            state.display(),
-            hv["san_paths"]["C:\\"].as_str().unwrap(),
-        ));
+        t.push_str(&hv_source_toml("hv", &hv, d, &state));
         std::fs::write(d.join("ferry.toml"), t).unwrap();
         init_repo(&d.join("repo"), PASSWORD);
         Self {
@@ -73,22 +69,8 @@ impl Lab {
         }
     }
 
-    /// What pypsrp reads of VM `name` on the host with `tests/SCRIPT` (null: no such VM).
     fn probe(&self, script: &str, name: &str) -> Value {
-        let python = ferry_testkit::peers_dir().join("venv/bin/python");
-        assert!(
-            python.exists(),
-            "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
-        );
-        let out = ferry_testkit::run_ok(
-            std::process::Command::new(python)
-                .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
-                .arg(self.hv["url"].as_str().unwrap())
-                .args(["username", "password"].map(|k| self.hv[k].as_str().unwrap()))
-                .arg(name),
-        );
-        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        v[name].clone()
+        probe(&self.hv, script, name)
     }
 
     /// The replica view of VM `name`: state, notes, images, standard checkpoints.
@@ -101,33 +83,13 @@ impl Lab {
         self.probe("hyperv_vm_probe.py", name)
     }
 
-    /// The proxy's view of host path `p` (under `C:\`).
-    fn local(&self, p: &str) -> PathBuf {
-        let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
-        let mut out = PathBuf::from(self.hv["san_paths"]["C:\\"].as_str().unwrap());
-        out.extend(rest.split('\\'));
-        out
-    }
-
     /// The images `paths` (host paths) flattened to raw files by Ferry's own reader.
     fn flat(&self, paths: &[Value], label: &str) -> Vec<PathBuf> {
-        paths
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let out = self.path(&format!("hv-{label}-{i}.raw"));
-                let src = self.local(p.as_str().unwrap());
-                self.ok(&[
-                    "image",
-                    "convert",
-                    src.to_str().unwrap(),
-                    out.to_str().unwrap(),
-                    "--format",
-                    "raw",
-                ]);
-                out
-            })
-            .collect()
+        flat(self.dir.path(), &self.hv, paths, label)
+    }
+
+    fn local(&self, p: &str) -> PathBuf {
+        local(&self.hv, p)
     }
 
     /// The standby's disks now (its drives' current images, flattened).
@@ -144,6 +106,114 @@ impl Lab {
         let dir = self.dir.path().to_path_buf();
         self.prod.export_disks(VM, &dir, label)
     }
+}
+
+/// `[sources.NAME]` for the Hyper-V simulator `info`: writes through `san-paths` (its `C:\`),
+/// restores under `C:\ClusterStorage\Volume1\Replicas`.
+fn hv_source_toml(name: &str, info: &Value, dir: &Path, state: &Path) -> String {
+    format!(
+        "[sources.{name}]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\nrestore-dir = 'C:\\ClusterStorage\\Volume1\\Replicas'\n[sources.{name}.san-paths]\n'C:\\' = \"{}\"\n",
+        info["url"].as_str().unwrap(),
+        info["username"].as_str().unwrap(),
+        password_file(dir, name, info).display(),
+        info["tls_fingerprint"].as_str().unwrap(),
+        state.display(),
+        info["san_paths"]["C:\\"].as_str().unwrap(),
+    )
+}
+
+/// `ferry sim hyperv` (8 MiB disks) in `dir`.
+fn start_hv(dir: &Path) -> (Killed, Value) {
+    Killed::spawn_json_line(
+        ferry()
+            .args([
+                "sim",
+                "hyperv",
+                "--listen",
+                "127.0.0.1:0",
+                "--disk-mib",
+                "8",
+            ])
+            .arg("--dir")
+            .arg(dir),
+    )
+}
+
+/// What pypsrp reads of VM `name` on the host `hv` with `tests/SCRIPT` (null: no such VM).
+fn probe(hv: &Value, script: &str, name: &str) -> Value {
+    let python = ferry_testkit::peers_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "peer `python` (venv with pypsrp) not found: run tests/peers/install.sh"
+    );
+    let out = ferry_testkit::run_ok(
+        std::process::Command::new(python)
+            .arg(format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR")))
+            .arg(hv["url"].as_str().unwrap())
+            .args(["username", "password"].map(|k| hv[k].as_str().unwrap()))
+            .arg(name),
+    );
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    v[name].clone()
+}
+
+/// The proxy's view of host path `p` (under `C:\`) of host `hv`.
+fn local(hv: &Value, p: &str) -> PathBuf {
+    let rest = p.strip_prefix("C:\\").unwrap_or_else(|| panic!("{p}"));
+    let mut out = PathBuf::from(hv["san_paths"]["C:\\"].as_str().unwrap());
+    out.extend(rest.split('\\'));
+    out
+}
+
+/// Images `paths` (host paths on `hv`) flattened to raw files in `dir` by `ferry image convert`.
+fn flat(dir: &Path, hv: &Value, paths: &[Value], label: &str) -> Vec<PathBuf> {
+    paths
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let out = dir.join(format!("hv-{label}-{i}.raw"));
+            let src = local(hv, p.as_str().unwrap());
+            Ferry::in_dir(dir, PASSWORD).ok(&[
+                "image",
+                "convert",
+                src.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--format",
+                "raw",
+            ]);
+            out
+        })
+        .collect()
+}
+
+/// A side-door call on the Hyper-V simulator `hv`.
+fn door(hv: &Value, method: &str, params: &[(&str, &str)]) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = hyperv_lab::sim_client(&rt, hv);
+    let epr = ferry_hv_hyperv::cim::Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
+    let p: Vec<ferry_hv_hyperv::cim::Param> = params
+        .iter()
+        .map(|(k, v)| ferry_hv_hyperv::cim::Param::Text(k.to_string(), v.to_string()))
+        .collect();
+    rt.block_on(client.invoke(&epr, method, &p))
+        .unwrap_or_else(|e| panic!("side door {method}: {e}"));
+}
+
+/// The guest of Hyper-V VM `vm` on `hv` writes `data` at `offset` of its disk `disk`.
+fn hv_guest_write(hv: &Value, vm: &str, disk: &str, offset: u64, data: &[u8]) {
+    use base64::Engine as _;
+    let data = base64::engine::general_purpose::STANDARD.encode(data);
+    let offset = offset.to_string();
+    door(
+        hv,
+        "GuestWrite",
+        &[
+            ("VirtualSystem", vm),
+            ("Disk", disk),
+            ("Offset", &offset),
+            ("Data", &data),
+        ],
+    );
 }
 
 /// The guest of the Xen VM writes into both its disks (one 2 MiB VHDX block each).
@@ -306,4 +376,112 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
         "{v}"
     );
     assert_same_disks(&lab.standby_disks("cancelled"), &at2);
+}
+
+/// Two Hyper-V hosts: `win-sql-01` of `hv1` replicated to `hv2`.
+#[test]
+fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates_back() {
+    const PRIMARY: &str = "win-sql-01";
+    const REPLICA: &str = "win-sql-01 (replica)";
+    let dir = ferry_testkit::scratch_dir();
+    let d = dir.path();
+    let (_a, hv1) = start_hv(&d.join("hv1-sim"));
+    let (_b, hv2) = start_hv(&d.join("hv2-sim"));
+    let state = d.join("state");
+    let mut t = hv_source_toml("hv1", &hv1, d, &state);
+    t.push_str(&hv_source_toml("hv2", &hv2, d, &state));
+    std::fs::write(d.join("ferry.toml"), t).unwrap();
+    init_repo(&d.join("repo"), PASSWORD);
+    let lab = Ferry::in_dir(d, PASSWORD);
+    let status = || -> Value {
+        serde_json::from_str::<Value>(&lab.ok(&["replica", "status", "web", "--json"])).unwrap()[0]
+            .clone()
+    };
+    let restored = |rp: &str| lab.restored(d, rp, &["disk0", "disk1"]);
+    let current = |hv: &Value, vm: &str, label: &str| {
+        let v = probe(hv, "hyperv_replica_probe.py", vm);
+        flat(d, hv, v["disks"].as_array().unwrap(), label)
+    };
+    lab.ok(&[
+        "replica",
+        "create",
+        "web",
+        "--source",
+        "hv1",
+        "--vm",
+        PRIMARY,
+        "--to-source",
+        "hv2",
+        "--keep",
+        "3",
+    ]);
+    lab.ok(&["replica", "sync", "web"]);
+    let rp1 = status()["applied"].as_str().unwrap().to_string();
+    let at1 = restored(&rp1);
+    assert_same_disks(&current(&hv2, REPLICA, "1"), &at1);
+
+    // A cycle whose recovery point cannot be taken (an injected CreateSnapshot fault on the
+    // target) fails after writing; the point the standby holds is intact; the next cycle
+    // completes.
+    hv_guest_write(&hv1, PRIMARY, "disk0", 3 * MIB, &[0x42; 8192]);
+    door(
+        &hv2,
+        "FailNext",
+        &[
+            ("Method", "Msvm_VirtualSystemSnapshotService.CreateSnapshot"),
+            ("Count", "1"),
+        ],
+    );
+    let o = lab.run(&["replica", "sync", "web"]);
+    assert!(!o.status.success());
+    let s = status();
+    assert!(s["health"]["last-error"].as_str().is_some(), "{s}");
+    let v = probe(&hv2, "hyperv_replica_probe.py", REPLICA);
+    assert_eq!(v["checkpoints"].as_array().unwrap().len(), 1, "{v}");
+    assert_same_disks(
+        &flat(
+            d,
+            &hv2,
+            v["checkpoints"][0]["disks"].as_array().unwrap(),
+            "kept",
+        ),
+        &at1,
+    );
+    hv_guest_write(&hv1, PRIMARY, "disk1", 5 * MIB, &[0x24; 4096]);
+    lab.ok(&["replica", "sync", "web"]);
+    let s = status();
+    let rp3 = s["applied"].as_str().unwrap().to_string();
+    assert_eq!(s["points"].as_array().unwrap().len(), 2, "{s}");
+    assert_same_disks(&current(&hv2, REPLICA, "3"), &restored(&rp3));
+
+    // Planned failover: the primary is turned off, the replica runs on hv2, and hv1's VM is
+    // the standby (off, marked) that the next cycle writes into.
+    lab.ok(&["replica", "failover", "web", "--planned"]);
+    let s = status();
+    assert_eq!(s["source"], "hv2", "{s}");
+    assert_eq!(s["target"], "hv1", "{s}");
+    assert_eq!(
+        probe(&hv2, "hyperv_replica_probe.py", REPLICA)["state"],
+        "2"
+    );
+    let old = probe(&hv1, "hyperv_replica_probe.py", PRIMARY);
+    assert_eq!(old["state"], "3", "{old}");
+    assert!(
+        old["notes"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ferry.replica.role=standby"),
+        "{old}"
+    );
+    hv_guest_write(&hv2, REPLICA, "disk0", MIB, &[0x99; 4096]);
+    lab.ok(&["replica", "sync", "web"]);
+    let back = status()["applied"].as_str().unwrap().to_string();
+    assert_same_disks(&current(&hv1, PRIMARY, "back"), &restored(&back));
+    lab.ok(&["replica", "cancel", "web"]);
+    assert!(
+        probe(&hv1, "hyperv_replica_probe.py", PRIMARY)["checkpoints"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
