@@ -267,7 +267,6 @@ fn hyperv_to_xen_replica_follows_writes_and_fails_over_planned_and_back() {
     std::fs::write(d.join("ferry.toml"), toml).unwrap();
     init_repo(&d.join("repo"), PASSWORD);
     let lab = Ferry::in_dir(d, PASSWORD);
-    let run = |args: &[&str]| lab.run(args);
     let ok = |args: &[&str]| lab.ok(args);
     let status = || -> Value {
         serde_json::from_str::<Value>(&ok(&["replica", "status", "web", "--json"])).unwrap()[0]

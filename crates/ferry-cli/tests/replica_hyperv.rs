@@ -43,19 +43,7 @@ impl Lab {
         let dir = ferry_testkit::scratch_dir();
         let d = dir.path();
         let (a, xen) = xen_probe::start_sim(ferry(), &d.join("prod-sim"));
-        let (b, hv) = Killed::spawn_json_line(
-            ferry()
-                .args([
-                    "sim",
-                    "hyperv",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--disk-mib",
-                    "8",
-                ])
-                .arg("--dir")
-                .arg(d.join("hv-sim")),
-        );
+        let (b, hv) = start_hv(&d.join("hv-sim"));
         let state = d.join("state");
         let mut t = xen_probe::source_toml("prod", &xen, &password_file(d, "prod", &xen), &state);
         t.push_str(&hv_source_toml("hv", &hv, d, &state));

@@ -71,25 +71,11 @@ pub(crate) fn load_layout(
             "no `vhdxfile` signature",
         ));
     }
-    let mut best: Option<(usize, vhdx::Header, Vec<u8>)> = None;
-    let mut errors = Vec::new();
-    for (i, off) in vhdx::HEADER_OFFSETS.iter().enumerate() {
-        let raw = checked("VHDX header", *off, vhdx::HEADER_LEN as u64)?;
-        match vhdx::parse_header(name, i, &raw) {
-            Ok(h) if best.as_ref().is_none_or(|(_, b, _)| h.seq > b.seq) => {
-                best = Some((i, h, raw))
-            }
-            Ok(_) => {}
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    let Some((slot, header, raw_header)) = best else {
-        return Err(ImageError::corrupt(
-            name,
-            "VHDX headers",
-            format!("neither header is valid: {}", errors.join("; ")),
-        ));
-    };
+    let copies = vhdx::HEADER_OFFSETS
+        .iter()
+        .map(|off| checked("VHDX header", *off, vhdx::HEADER_LEN as u64))
+        .collect();
+    let (slot, header, raw_header) = vhdx::pick_header(name, copies)?;
     if !header.log_guid.is_zero() {
         return Err(ImageError::unsupported(
             name,
@@ -100,53 +86,11 @@ pub(crate) fn load_layout(
             ),
         ));
     }
-    let mut regions = None;
-    let mut errors = Vec::new();
-    for (i, off) in vhdx::REGION_OFFSETS.iter().enumerate() {
-        let raw = checked("VHDX region table", *off, vhdx::REGION_LEN as u64)?;
-        match vhdx::parse_region_table(name, i, &raw) {
-            Ok(r) => {
-                regions = Some(r);
-                break;
-            }
-            Err(e) => errors.push(e.to_string()),
-        }
-    }
-    let regions = regions.ok_or_else(|| {
-        ImageError::corrupt(
-            name,
-            "VHDX region tables",
-            format!("neither copy is valid: {}", errors.join("; ")),
-        )
-    })?;
-    let (mut bat_region, mut md_region) = (None, None);
-    for (id, off, len, required) in regions {
-        match id {
-            vhdx::BAT_GUID => bat_region = Some((off, len)),
-            vhdx::METADATA_GUID => md_region = Some((off, len)),
-            _ if required => {
-                return Err(ImageError::unsupported(
-                    name,
-                    format!("required VHDX region {id} is unknown"),
-                ));
-            }
-            _ => {}
-        }
-    }
-    let (Some((bat_off, bat_len)), Some((md_off, md_len))) = (bat_region, md_region) else {
-        return Err(ImageError::corrupt(
-            name,
-            "VHDX region table",
-            "BAT or metadata region missing",
-        ));
-    };
-    if md_len as u64 > 16 * MIB {
-        return Err(ImageError::corrupt(
-            name,
-            "VHDX metadata region",
-            format!("{md_len} bytes is absurdly large"),
-        ));
-    }
+    let copies = vhdx::REGION_OFFSETS
+        .iter()
+        .map(|off| checked("VHDX region table", *off, vhdx::REGION_LEN as u64))
+        .collect();
+    let ((bat_off, bat_len), (md_off, md_len)) = vhdx::locate_regions(name, copies)?;
     let md = vhdx::parse_metadata(
         name,
         &checked("VHDX metadata region", md_off, md_len as u64)?,
