@@ -156,13 +156,16 @@ pub(crate) fn pick_header(
     })
 }
 
+/// A region of the file: offset and length.
+pub(crate) type Region = (u64, u32);
+
 /// The BAT and metadata regions, (offset, length) each, from the first valid of the two
 /// region-table copies (`copies[i]`: its raw 64 KiB, or why it could not be read). A metadata
 /// region over 16 MiB is refused.
 pub(crate) fn locate_regions(
     file: &str,
     copies: Vec<Result<Vec<u8>, ImageError>>,
-) -> Result<((u64, u32), (u64, u32)), ImageError> {
+) -> Result<(Region, Region), ImageError> {
     let mut errors = Vec::new();
     let mut regions = None;
     for (i, raw) in copies.into_iter().enumerate() {
