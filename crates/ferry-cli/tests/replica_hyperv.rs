@@ -473,3 +473,67 @@ fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates
             .is_empty()
     );
 }
+
+/// Xen → Hyper-V with a target source that has no `san-paths`: the standby's disks are made
+/// and updated through the host agent alone (`update:vhdx` requests, ADR 0176).
+#[test]
+fn xen_to_hyperv_through_the_host_agent_alone() {
+    let dir = ferry_testkit::scratch_dir();
+    let d = dir.path();
+    let (_a, xen) = xen_probe::start_sim(ferry(), &d.join("prod-sim"));
+    let (_b, hv) = start_hv(&d.join("hv-sim"));
+    let state = d.join("state");
+    let agent = &hv["agent"];
+    let mut t = xen_probe::source_toml("prod", &xen, &password_file(d, "prod", &xen), &state);
+    t.push_str(&format!(
+        "[sources.hv]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"network\"]\nrestore-dir = 'C:\\ClusterStorage\\Volume1\\Replicas'\n[sources.hv.agent]\nport = {}\nfingerprint = \"{}\"\n",
+        hv["url"].as_str().unwrap(),
+        hv["username"].as_str().unwrap(),
+        password_file(d, "hv", &hv).display(),
+        hv["tls_fingerprint"].as_str().unwrap(),
+        state.display(),
+        agent["port"],
+        agent["fingerprint"].as_str().unwrap(),
+    ));
+    std::fs::write(d.join("ferry.toml"), t).unwrap();
+    init_repo(&d.join("repo"), PASSWORD);
+    let lab = Ferry::in_dir(d, PASSWORD);
+    let pin = lab.ok(&["source", "agent-pin", "hv"]);
+    door(&hv, "AgentPin", &[("Fingerprint", pin.trim())]);
+    let mut prod = Probe::start(&xen);
+    let status = || -> Value {
+        serde_json::from_str::<Value>(&lab.ok(&["replica", "status", "web", "--json"])).unwrap()[0]
+            .clone()
+    };
+    let current = |label: &str| {
+        let v = probe(&hv, "hyperv_replica_probe.py", STANDBY);
+        flat(d, &hv, v["disks"].as_array().unwrap(), label)
+    };
+    lab.ok(&[
+        "replica",
+        "create",
+        "web",
+        "--source",
+        "prod",
+        "--vm",
+        VM,
+        "--to-source",
+        "hv",
+    ]);
+    lab.ok(&["replica", "sync", "web"]);
+    let rp1 = status()["applied"].as_str().unwrap().to_string();
+    let at1 = lab.restored(d, &rp1, &["xvda", "xvdb"]);
+    assert_same_disks(&current("1"), &at1);
+    xen_guest_writes(&mut prod, 0x3c);
+    lab.ok(&["replica", "sync", "web"]);
+    let s = status();
+    let rp2 = s["applied"].as_str().unwrap().to_string();
+    // The changed 256 KiB chunks are sent; the agent writes their VHDX blocks.
+    let bytes = s["health"]["last-bytes"].as_u64().unwrap();
+    assert!(bytes > 0 && bytes <= 3 * (256 << 10), "{s}");
+    assert_same_disks(&current("2"), &lab.restored(d, &rp2, &["xvda", "xvdb"]));
+    lab.ok(&["replica", "failover", "web", "--unplanned", "--point", &rp1]);
+    assert_same_disks(&current("failed-over"), &at1);
+    lab.ok(&["replica", "cancel", "web", "--delete-vm"]);
+    assert!(probe(&hv, "hyperv_replica_probe.py", STANDBY).is_null());
+}

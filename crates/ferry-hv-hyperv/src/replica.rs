@@ -7,7 +7,8 @@
 //! - Changed extents are written in place into each disk's *current* file (the drive's
 //!   `HostResource`: after the first recovery point, the newest checkpoint's `.avhdx`), whole
 //!   VHDX blocks at a time with `ferry-image`'s updater (data, fsync, BAT entry, fsync), through
-//!   `san-paths`. The point a checkpoint holds is never written.
+//!   `san-paths` or the host agent's `update:vhdx` request (ADR 0176), in the source's
+//!   `transports` order. The point a checkpoint holds is never written.
 //! - Recovery points are standard checkpoints (`Msvm_VirtualSystemSnapshotService`:
 //!   `CreateSnapshot` with `SnapshotType` 2, `ApplySnapshot`, `DestroySnapshot` — the host
 //!   merges), listed oldest first by `CreationTime`.
@@ -22,6 +23,7 @@ use crate::restore::destroy_vm;
 use crate::wmi::{self, Wmi};
 use async_trait::async_trait;
 use ferry_core::{BlockSource, ExtentMap};
+use ferry_hv::TransportMode;
 use ferry_hv::{
     HvError, PowerState, RecoveryPoint, ReplicaRole, ReplicaTarget, ReplicaVm, RestorePlan,
 };
@@ -331,21 +333,50 @@ impl ReplicaTarget for HypervDriver {
         if extents.is_empty() {
             return Ok(0);
         }
-        let Some(local) = crate::transport::map_host_path(&cfg.san_paths, &disk.path) else {
-            return Err(HvError::NoTransport {
-                source_name: name.into(),
-                disk: disk.path.clone(),
-                tried:
-                    "san: no san-paths entry covers the disk's folder; network: writing into an \
-                        existing VHDX through the host agent is not supported yet"
-                        .into(),
-            });
-        };
-        let sent = write_blocks(local, source, extents)
-            .await
-            .map_err(|m| disk_err(format!("writing {}: {m}", disk.path)))?;
-        tracing::debug!(source = %name, vm = %vm, disk = %disk.path, bytes = sent, "replica disk written (san-paths)");
-        Ok(sent)
+        // The source's transports in order: `san` writes the file through san-paths, `network`
+        // through the host agent (ADR 0176).
+        let mut why = Vec::new();
+        for mode in &cfg.transports {
+            match mode {
+                TransportMode::San => {
+                    let Some(local) = crate::transport::map_host_path(&cfg.san_paths, &disk.path)
+                    else {
+                        why.push("san: no san-paths entry covers the disk's folder".to_string());
+                        continue;
+                    };
+                    let sent = write_blocks(local, source, extents)
+                        .await
+                        .map_err(|m| disk_err(format!("writing {}: {m}", disk.path)))?;
+                    tracing::debug!(source = %name, vm = %vm, disk = %disk.path, bytes = sent, "replica disk written (san-paths)");
+                    return Ok(sent);
+                }
+                TransportMode::Network if cfg.agent.is_some() => {
+                    let (client, node) = crate::restore_agent::agent_client(c, name, cfg)
+                        .await
+                        .map_err(|m| disk_err(format!("network: {m}")))?;
+                    let sent = client
+                        .update_vhdx(&disk.path, source, extents)
+                        .await
+                        .map_err(|e| {
+                            disk_err(format!(
+                                "writing {} through the agent of node {node}: {e}",
+                                disk.path
+                            ))
+                        })?;
+                    tracing::debug!(source = %name, vm = %vm, disk = %disk.path, bytes = sent, "replica disk written (host agent)");
+                    return Ok(sent);
+                }
+                TransportMode::Network => why.push(format!(
+                    "network: source `{name}` has no [sources.{name}.agent] table"
+                )),
+                other => why.push(format!("{other}: cannot write a replica's disk")),
+            }
+        }
+        Err(HvError::NoTransport {
+            source_name: name.into(),
+            disk: disk.path.clone(),
+            tried: why.join("; "),
+        })
     }
 
     async fn point_create(&self, vm: &str, name: &str) -> Result<RecoveryPoint, HvError> {
@@ -584,8 +615,17 @@ impl ReplicaTarget for HypervDriver {
                     tracing::warn!(source = %name, vm = %vm, folder = %local.display(), error = %e, "cannot remove the VM's folder")
                 }
             }
+        } else if let (Some(f), Some(_)) = (folder.as_deref(), cfg.agent.as_ref()) {
+            // Through the agent: the files restores and updates wrote in its marked folder.
+            let r = match crate::restore_agent::agent_client(c, name, cfg).await {
+                Ok((client, _)) => client.delete(f).await.map_err(|e| e.to_string()),
+                Err(m) => Err(m),
+            };
+            if let Err(e) = r {
+                tracing::warn!(source = %name, vm = %vm, folder = %f, error = %e, "cannot remove the VM's folder through the agent: its files stay");
+            }
         } else {
-            tracing::warn!(source = %name, vm = %vm, folder = ?folder, "the removed VM's folder is not under san-paths: its files stay");
+            tracing::warn!(source = %name, vm = %vm, folder = ?folder, "the removed VM's folder is neither under san-paths nor reachable through an agent: its files stay");
         }
         Ok(())
     }
