@@ -161,9 +161,14 @@ impl HypervDriver {
             "ModifySystemSettings",
             &[Param::Embedded(
                 "SystemSettings".into(),
-                cim::embedded_instance(
+                // `Notes` is `string Notes[]` in root/virtualization/v2.
+                crate::restore::embedded(
                     VSSD,
-                    &[("InstanceID", "string", &iid), ("Notes", "string", &notes)],
+                    &[
+                        ("InstanceID", "string", vec![iid]),
+                        ("Notes", "string", vec![notes]),
+                    ],
+                    &["Notes"],
                 ),
             )],
         )

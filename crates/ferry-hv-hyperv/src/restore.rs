@@ -360,7 +360,11 @@ fn safe_name(s: &str) -> String {
 
 /// CIM-XML of an embedded instance with scalar and array properties (`(name, CIM type,
 /// values)`; one value is a scalar unless the name is in `arrays`).
-fn embedded(class: &str, props: &[(&str, &str, Vec<String>)], arrays: &[&str]) -> String {
+pub(crate) fn embedded(
+    class: &str,
+    props: &[(&str, &str, Vec<String>)],
+    arrays: &[&str],
+) -> String {
     let mut s = format!("<INSTANCE CLASSNAME=\"{}\">", escape(class));
     for (name, ty, values) in props {
         if arrays.contains(name) {
@@ -713,7 +717,8 @@ async fn build(
             "DefineSystem",
             &[Param::Embedded(
                 "SystemSettings".into(),
-                embedded("Msvm_VirtualSystemSettingData", &settings, &[]),
+                // `Notes` is `string Notes[]` in root/virtualization/v2.
+                embedded("Msvm_VirtualSystemSettingData", &settings, &["Notes"]),
             )],
         )
         .await?;

@@ -465,16 +465,41 @@ pub(super) fn destroy(st: &mut State, snap: &Instance, out: &mut Instance) {
     job_out(st, out, "DestroySnapshot", r);
 }
 
+/// The class and properties of a CIM-XML embedded instance; an array (`Notes[]` in
+/// `root/virtualization/v2`) is its values joined by newlines.
+fn embedded_props(text: &str) -> Option<(String, std::collections::BTreeMap<String, String>)> {
+    let n = ferry_wsman::xml::parse(text.as_bytes()).ok()?;
+    if n.name != "INSTANCE" {
+        return None;
+    }
+    let mut props = std::collections::BTreeMap::new();
+    for p in n.all("PROPERTY") {
+        props.insert(
+            p.attr("NAME")?.to_string(),
+            p.text_at("VALUE").unwrap_or("").to_string(),
+        );
+    }
+    for p in n.all("PROPERTY.ARRAY") {
+        let values: Vec<&str> = p
+            .child("VALUE.ARRAY")
+            .map(|a| a.all("VALUE").map(|v| v.text.as_str()).collect())
+            .unwrap_or_default();
+        props.insert(p.attr("NAME")?.to_string(), values.join("\n"));
+    }
+    Some((n.attr("CLASSNAME")?.to_string(), props))
+}
+
 /// `ModifySystemSettings`: a VM's `Notes` and `ElementName`.
 pub(super) fn modify_system_settings(
     st: &mut State,
     body: &Node,
     _out: &mut Instance,
 ) -> Result<(), String> {
-    let (class, props) = body
-        .text_at("SystemSettings")
-        .and_then(cim::parse_embedded)
-        .ok_or("ModifySystemSettings needs SystemSettings (an embedded Msvm_VirtualSystemSettingData).")?;
+    let raw = body.text_at("SystemSettings").ok_or(
+        "ModifySystemSettings needs SystemSettings (an embedded Msvm_VirtualSystemSettingData).",
+    )?;
+    let (class, props) = embedded_props(raw)
+        .ok_or("SystemSettings is not an embedded instance (CIM-XML INSTANCE).")?;
     if class != VSSD {
         return Err(format!(
             "SystemSettings must be an embedded {VSSD}, not {class}."
