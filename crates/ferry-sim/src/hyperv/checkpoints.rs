@@ -306,12 +306,8 @@ pub(super) fn apply(st: &mut State, body: &Node, out: &mut Instance) -> Result<(
         )
         .is_some_and(|v| v.text("EnabledState") == Some("3"));
     if !off {
-        job_out(
-            st,
-            out,
-            "ApplySnapshot",
-            Err("The operation cannot be performed while the virtual machine is in its current state (turn it off first).".into()),
-        );
+        // Invalid State, as the host answers for a running VM.
+        set_rv(out, 32775);
         return Ok(());
     }
     let tag = guid(&st.id(&format!("{vm_id}-apply")));
