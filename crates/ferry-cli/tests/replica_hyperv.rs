@@ -14,6 +14,8 @@ mod cli;
 mod hyperv_lab;
 #[path = "common/replica_lab.rs"]
 mod replica_lab;
+#[path = "common/vsphere_lab.rs"]
+mod vsphere_lab;
 #[path = "common/xen_probe.rs"]
 mod xen_probe;
 use replica_lab::{Ferry, LabDir, PASSWORD, assert_same_disks, ferry, init_repo, password_file};
@@ -536,4 +538,65 @@ fn xen_to_hyperv_through_the_host_agent_alone() {
     assert_same_disks(&current("failed-over"), &at1);
     lab.ok(&["replica", "cancel", "web", "--delete-vm"]);
     assert!(probe(&hv, "hyperv_replica_probe.py", STANDBY).is_null());
+}
+
+/// vSphere → Hyper-V: the 2-disk VM of `ferry sim vmware` replicated to a Hyper-V host; guest
+/// writes reach the standby's `.avhdx` in one cycle and an unplanned failover runs it.
+#[test]
+fn vsphere_to_hyperv_replica_follows_writes() {
+    let dir = ferry_testkit::scratch_dir();
+    let d = dir.path();
+    let (_a, vc) = vsphere_lab::start_sim(ferry(), &d.join("vc-sim"));
+    let (_b, hv) = start_hv(&d.join("hv-sim"));
+    let state = d.join("state");
+    let mut t = vsphere_lab::source_toml("vc", &vc, &password_file(d, "vc", &vc), &state);
+    t.push_str(&hv_source_toml("hv", &hv, d, &state));
+    std::fs::write(d.join("ferry.toml"), t).unwrap();
+    init_repo(&d.join("repo"), PASSWORD);
+    let (vm, moref, disks) = vsphere_lab::two_disk_vm(&vc);
+    let standby = format!("{vm} (replica)");
+    let lab = Ferry::in_dir(d, PASSWORD);
+    let status = || -> Value {
+        serde_json::from_str::<Value>(&lab.ok(&["replica", "status", "web", "--json"])).unwrap()[0]
+            .clone()
+    };
+    let current = |label: &str| {
+        let v = probe(&hv, "hyperv_replica_probe.py", &standby);
+        flat(d, &hv, v["disks"].as_array().unwrap(), label)
+    };
+    let restored = |rp: &str| lab.restored(d, rp, &["scsi0:0", "scsi0:1"]);
+    lab.ok(&[
+        "replica",
+        "create",
+        "web",
+        "--source",
+        "vc",
+        "--vm",
+        &vm,
+        "--to-source",
+        "hv",
+    ]);
+    lab.ok(&["replica", "sync", "web"]);
+    let rp1 = status()["applied"].as_str().unwrap().to_string();
+    let at1 = restored(&rp1);
+    assert_same_disks(&current("1"), &at1);
+    assert_same_disks(&at1, &vsphere_lab::copy_live_disks(&disks, d, "vc-1"));
+    vsphere_lab::guest_write(&vc, &moref, disks[0].0, 300 << 10, &[0x6b; 70_000]);
+    vsphere_lab::guest_write(&vc, &moref, disks[1].0, 5 << 20, &[0x6c; 4096]);
+    lab.ok(&["replica", "sync", "web"]);
+    let s = status();
+    let rp2 = s["applied"].as_str().unwrap().to_string();
+    // At most one 2 MiB block of each disk's .avhdx (a disk's last block may be short).
+    let bytes = s["health"]["last-bytes"].as_u64().unwrap();
+    assert!(bytes > 2 * MIB && bytes <= 4 * MIB, "{s}");
+    let at2 = restored(&rp2);
+    assert_same_disks(&current("2"), &at2);
+    assert_same_disks(&at2, &vsphere_lab::copy_live_disks(&disks, d, "vc-2"));
+    lab.ok(&["replica", "failover", "web", "--unplanned"]);
+    assert_eq!(
+        probe(&hv, "hyperv_replica_probe.py", &standby)["state"],
+        "2"
+    );
+    assert_same_disks(&current("failed-over"), &at2);
+    lab.ok(&["replica", "cancel", "web"]);
 }
