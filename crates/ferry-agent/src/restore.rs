@@ -286,6 +286,18 @@ fn write_marker(folder: &Path, files: &[String]) -> std::io::Result<()> {
 }
 
 /// A plain file name a restore may have made (no separators, not `.`/`..`, not hidden).
+/// Adds `file` (host path `path`) to the marker of `folder`: `delete` removes what it lists.
+fn list_in_marker(folder: &Path, file: &str, path: &str) -> Result<(), ExportRefused> {
+    let mut files =
+        marker_files(folder).map_err(|e| unknown(format!("{path}: the folder's {MARKER}: {e}")))?;
+    if !files.iter().any(|f| f == file) {
+        files.push(file.to_string());
+        write_marker(folder, &files)
+            .map_err(|e| unknown(format!("{path}: cannot update {MARKER}: {e}")))?;
+    }
+    Ok(())
+}
+
 fn plain_name(n: &str) -> bool {
     !n.is_empty() && !n.starts_with('.') && !n.contains(['/', '\\', '\0']) && n != MARKER
 }
@@ -500,13 +512,7 @@ impl RestoreExports {
                 "{path} already exists: a restore creates new files only"
             )));
         }
-        let mut files = marker_files(&folder)
-            .map_err(|e| unknown(format!("{path}: the folder's {MARKER}: {e}")))?;
-        if !files.contains(&file) {
-            files.push(file.clone());
-            write_marker(&folder, &files)
-                .map_err(|e| unknown(format!("{path}: cannot update {MARKER}: {e}")))?;
-        }
+        list_in_marker(&folder, &file, path)?;
         let overlay = CowOverlay::new_in(Arc::new(Zeros { size }), &folder)
             .map_err(|e| unknown(format!("{path}: cannot stage the disk: {e}")))?;
         let overlay = Arc::new(overlay);
@@ -612,13 +618,7 @@ impl RestoreExports {
         }
         let size = opened.source.size();
         // Listed in the marker: `delete` of the folder removes it too.
-        let mut files = marker_files(&folder)
-            .map_err(|e| unknown(format!("{path}: the folder's {MARKER}: {e}")))?;
-        if !files.contains(&file) {
-            files.push(file.clone());
-            write_marker(&folder, &files)
-                .map_err(|e| unknown(format!("{path}: cannot update {MARKER}: {e}")))?;
-        }
+        list_in_marker(&folder, &file, path)?;
         let overlay = CowOverlay::new_in(opened.source, &folder)
             .map_err(|e| unknown(format!("{path}: cannot stage the writes: {e}")))?;
         let overlay = Arc::new(overlay);

@@ -410,16 +410,7 @@ fn hyperv_to_xen_replica_follows_writes_and_fails_over_planned_and_back() {
         .map(|(k, p)| {
             let mut src = PathBuf::from(hv["san_paths"]["C:\\"].as_str().unwrap());
             src.extend(p.strip_prefix("C:\\").unwrap().split('\\'));
-            let out = d.join(format!("hv-reversed-{k}.raw"));
-            ok(&[
-                "image",
-                "convert",
-                src.to_str().unwrap(),
-                out.to_str().unwrap(),
-                "--format",
-                "raw",
-            ]);
-            out
+            lab.image_to_raw(&src, &d.join(format!("hv-reversed-{k}.raw")))
         })
         .collect();
     assert_same_disks(&hv_now, &dr.export_disks(&standby, d, "dr-reversed"));

@@ -98,17 +98,33 @@ impl Lab {
     }
 }
 
-/// `[sources.NAME]` for the Hyper-V simulator `info`: writes through `san-paths` (its `C:\`),
-/// restores under `C:\ClusterStorage\Volume1\Replicas`.
+/// `[sources.NAME]` for the Hyper-V simulator `info`: writes through `san-paths` (its `C:\\`),
+/// restores under `C:\\ClusterStorage\\Volume1\\Replicas`.
 fn hv_source_toml(name: &str, info: &Value, dir: &Path, state: &Path) -> String {
+    let san = format!(
+        "[sources.{name}.san-paths]\n'C:\\' = \"{}\"\n",
+        info["san_paths"]["C:\\"].as_str().unwrap()
+    );
+    hv_source_toml_with(name, info, dir, state, "san", &san)
+}
+
+/// `[sources.NAME]` for the Hyper-V simulator `info` with `transports = [TRANSPORT]`, then
+/// `tables` (its `san-paths` or `agent` table).
+fn hv_source_toml_with(
+    name: &str,
+    info: &Value,
+    dir: &Path,
+    state: &Path,
+    transport: &str,
+    tables: &str,
+) -> String {
     format!(
-        "[sources.{name}]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"san\"]\nrestore-dir = 'C:\\ClusterStorage\\Volume1\\Replicas'\n[sources.{name}.san-paths]\n'C:\\' = \"{}\"\n",
+        "[sources.{name}]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"{transport}\"]\nrestore-dir = 'C:\\ClusterStorage\\Volume1\\Replicas'\n{tables}",
         info["url"].as_str().unwrap(),
         info["username"].as_str().unwrap(),
         password_file(dir, name, info).display(),
         info["tls_fingerprint"].as_str().unwrap(),
         state.display(),
-        info["san_paths"]["C:\\"].as_str().unwrap(),
     )
 }
 
@@ -161,17 +177,10 @@ fn flat(dir: &Path, hv: &Value, paths: &[Value], label: &str) -> Vec<PathBuf> {
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let out = dir.join(format!("hv-{label}-{i}.raw"));
-            let src = local(hv, p.as_str().unwrap());
-            Ferry::in_dir(dir, PASSWORD).ok(&[
-                "image",
-                "convert",
-                src.to_str().unwrap(),
-                out.to_str().unwrap(),
-                "--format",
-                "raw",
-            ]);
-            out
+            Ferry::in_dir(dir, PASSWORD).image_to_raw(
+                &local(hv, p.as_str().unwrap()),
+                &dir.join(format!("hv-{label}-{i}.raw")),
+            )
         })
         .collect()
 }
@@ -487,15 +496,17 @@ fn xen_to_hyperv_through_the_host_agent_alone() {
     let state = d.join("state");
     let agent = &hv["agent"];
     let mut t = xen_probe::source_toml("prod", &xen, &password_file(d, "prod", &xen), &state);
-    t.push_str(&format!(
-        "[sources.hv]\nkind = \"hyperv\"\nurl = \"{}\"\nusername = \"{}\"\npassword-file = \"{}\"\ntls-fingerprint = \"{}\"\nstate-dir = \"{}\"\nproxy = \"none\"\ntransports = [\"network\"]\nrestore-dir = 'C:\\ClusterStorage\\Volume1\\Replicas'\n[sources.hv.agent]\nport = {}\nfingerprint = \"{}\"\n",
-        hv["url"].as_str().unwrap(),
-        hv["username"].as_str().unwrap(),
-        password_file(d, "hv", &hv).display(),
-        hv["tls_fingerprint"].as_str().unwrap(),
-        state.display(),
-        agent["port"],
-        agent["fingerprint"].as_str().unwrap(),
+    t.push_str(&hv_source_toml_with(
+        "hv",
+        &hv,
+        d,
+        &state,
+        "network",
+        &format!(
+            "[sources.hv.agent]\nport = {}\nfingerprint = \"{}\"\n",
+            agent["port"],
+            agent["fingerprint"].as_str().unwrap()
+        ),
     ));
     std::fs::write(d.join("ferry.toml"), t).unwrap();
     init_repo(&d.join("repo"), PASSWORD);
