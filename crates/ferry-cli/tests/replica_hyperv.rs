@@ -49,8 +49,7 @@ impl Lab {
         let state = d.join("state");
         let mut t = xen_probe::source_toml("prod", &xen, &password_file(d, "prod", &xen), &state);
         t.push_str(&hv_source_toml("hv", &hv, d, &state));
-        std::fs::write(d.join("ferry.toml"), t).unwrap();
-        init_repo(&d.join("repo"), PASSWORD);
+        lab_files(d, &t);
         Self {
             prod: Probe::start(&xen),
             hv,
@@ -126,6 +125,18 @@ fn hv_source_toml_with(
         info["tls_fingerprint"].as_str().unwrap(),
         state.display(),
     )
+}
+
+/// `ferry.toml` (`toml`) and a repository in lab directory `d`.
+fn lab_files(d: &Path, toml: &str) {
+    std::fs::write(d.join("ferry.toml"), toml).unwrap();
+    init_repo(&d.join("repo"), PASSWORD);
+}
+
+/// Replica `web` as `ferry replica status web --json` shows it.
+fn status_of(lab: &Ferry) -> Value {
+    serde_json::from_str::<Value>(&lab.ok(&["replica", "status", "web", "--json"])).unwrap()[0]
+        .clone()
 }
 
 /// `ferry sim hyperv` (8 MiB disks) in `dir`.
@@ -389,13 +400,9 @@ fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates
     let state = d.join("state");
     let mut t = hv_source_toml("hv1", &hv1, d, &state);
     t.push_str(&hv_source_toml("hv2", &hv2, d, &state));
-    std::fs::write(d.join("ferry.toml"), t).unwrap();
-    init_repo(&d.join("repo"), PASSWORD);
+    lab_files(d, &t);
     let lab = Ferry::in_dir(d, PASSWORD);
-    let status = || -> Value {
-        serde_json::from_str::<Value>(&lab.ok(&["replica", "status", "web", "--json"])).unwrap()[0]
-            .clone()
-    };
+    let status = || status_of(&lab);
     let restored = |rp: &str| lab.restored(d, rp, &["disk0", "disk1"]);
     let current = |hv: &Value, vm: &str, label: &str| {
         let v = probe(hv, "hyperv_replica_probe.py", vm);
@@ -508,16 +515,12 @@ fn xen_to_hyperv_through_the_host_agent_alone() {
             agent["fingerprint"].as_str().unwrap()
         ),
     ));
-    std::fs::write(d.join("ferry.toml"), t).unwrap();
-    init_repo(&d.join("repo"), PASSWORD);
+    lab_files(d, &t);
     let lab = Ferry::in_dir(d, PASSWORD);
     let pin = lab.ok(&["source", "agent-pin", "hv"]);
     door(&hv, "AgentPin", &[("Fingerprint", pin.trim())]);
     let mut prod = Probe::start(&xen);
-    let status = || -> Value {
-        serde_json::from_str::<Value>(&lab.ok(&["replica", "status", "web", "--json"])).unwrap()[0]
-            .clone()
-    };
+    let status = || status_of(&lab);
     let current = |label: &str| {
         let v = probe(&hv, "hyperv_replica_probe.py", STANDBY);
         flat(d, &hv, v["disks"].as_array().unwrap(), label)
@@ -562,15 +565,11 @@ fn vsphere_to_hyperv_replica_follows_writes() {
     let state = d.join("state");
     let mut t = vsphere_lab::source_toml("vc", &vc, &password_file(d, "vc", &vc), &state);
     t.push_str(&hv_source_toml("hv", &hv, d, &state));
-    std::fs::write(d.join("ferry.toml"), t).unwrap();
-    init_repo(&d.join("repo"), PASSWORD);
+    lab_files(d, &t);
     let (vm, moref, disks) = vsphere_lab::two_disk_vm(&vc);
     let standby = format!("{vm} (replica)");
     let lab = Ferry::in_dir(d, PASSWORD);
-    let status = || -> Value {
-        serde_json::from_str::<Value>(&lab.ok(&["replica", "status", "web", "--json"])).unwrap()[0]
-            .clone()
-    };
+    let status = || status_of(&lab);
     let current = |label: &str| {
         let v = probe(&hv, "hyperv_replica_probe.py", &standby);
         flat(d, &hv, v["disks"].as_array().unwrap(), label)
