@@ -14,6 +14,11 @@
 //! * `commit:<path>` — once no connection writes any more, the staged disk is written as a
 //!   dynamic VHDX by `ferry-image` (a hidden temporary name renamed into place: complete or
 //!   absent); the answer is a read-only export of the new file, whose size the client checks.
+//! * `update:vhdx:<path>` — a writable export of an EXISTING `.vhdx` / `.avhdx` in a marked
+//!   folder (a replica standby's current disk, ADR 0176): it reads as the file's disk (its chain
+//!   resolved under the roots) and stages writes like `create`; `commit:<path>` then writes the
+//!   whole VHDX blocks the writes touched into the file in place (`ferry_image::VhdxUpdater`:
+//!   data, fsync, BAT entry, fsync). Nothing changes in the file before the commit.
 //! * `delete:<folder>` — removes a marked folder: the files restores created in it (listed in
 //!   the marker), then empty subfolders and the folder. Anything else stays.
 //!
@@ -66,6 +71,11 @@ pub enum RestoreRequest {
         /// Host path of the file.
         path: String,
     },
+    /// Stage writes into the existing VHDX at `path`, applied in place by `Commit`.
+    Update {
+        /// Host path of the file, in a folder `Mkdir` made.
+        path: String,
+    },
     /// Remove a folder `Mkdir` made, with what restores created in it.
     Delete {
         /// Host path of the folder.
@@ -95,6 +105,12 @@ impl RestoreRequest {
                 folder: path(args)?,
             }),
             "commit" => Ok(Self::Commit { path: path(args)? }),
+            "update" => {
+                let p = args
+                    .strip_prefix("vhdx:")
+                    .ok_or("update: the form is update:vhdx:PATH")?;
+                Ok(Self::Update { path: path(p)? })
+            }
             "delete" => Ok(Self::Delete {
                 folder: path(args)?,
             }),
@@ -131,7 +147,7 @@ impl RestoreRequest {
                 })
             }
             other => Err(format!(
-                "unknown restore request `{other}` (mkdir, create, commit, delete)"
+                "unknown restore request `{other}` (mkdir, create, update, commit, delete)"
             )),
         }
     }
@@ -142,6 +158,7 @@ impl RestoreRequest {
             Self::Mkdir { folder } => format!("{PREFIX}mkdir:{folder}"),
             Self::Create { size, path } => format!("{PREFIX}create:vhdx:{size}:{path}"),
             Self::Commit { path } => format!("{PREFIX}commit:{path}"),
+            Self::Update { path } => format!("{PREFIX}update:vhdx:{path}"),
             Self::Delete { folder } => format!("{PREFIX}delete:{folder}"),
         }
     }
@@ -152,6 +169,7 @@ impl RestoreRequest {
             Self::Mkdir { folder } => format!("mkdir {folder}"),
             Self::Create { size, path } => format!("create {path} ({size} bytes)"),
             Self::Commit { path } => format!("commit {path}"),
+            Self::Update { path } => format!("update {path}"),
             Self::Delete { folder } => format!("delete {folder}"),
         }
     }
@@ -198,6 +216,8 @@ impl BlockSource for Zeros {
 struct Staged {
     overlay: Arc<CowOverlay>,
     size: u64,
+    /// Writes into an existing file (`update`), not a new disk.
+    update: bool,
     folder: PathBuf,
     /// Last time a connection was seen using it.
     seen: Instant,
@@ -266,6 +286,18 @@ fn write_marker(folder: &Path, files: &[String]) -> std::io::Result<()> {
 }
 
 /// A plain file name a restore may have made (no separators, not `.`/`..`, not hidden).
+/// Adds `file` (host path `path`) to the marker of `folder`: `delete` removes what it lists.
+fn list_in_marker(folder: &Path, file: &str, path: &str) -> Result<(), ExportRefused> {
+    let mut files =
+        marker_files(folder).map_err(|e| unknown(format!("{path}: the folder's {MARKER}: {e}")))?;
+    if !files.iter().any(|f| f == file) {
+        files.push(file.to_string());
+        write_marker(folder, &files)
+            .map_err(|e| unknown(format!("{path}: cannot update {MARKER}: {e}")))?;
+    }
+    Ok(())
+}
+
 fn plain_name(n: &str) -> bool {
     !n.is_empty() && !n.starts_with('.') && !n.contains(['/', '\\', '\0']) && n != MARKER
 }
@@ -348,9 +380,10 @@ impl RestoreExports {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if !plain_name(&name) || !name.to_ascii_lowercase().ends_with(".vhdx") {
+        let lower = name.to_ascii_lowercase();
+        if !plain_name(&name) || !(lower.ends_with(".vhdx") || lower.ends_with(".avhdx")) {
             return Err(policy(format!(
-                "{path}: a restored disk is a plain file name ending in .vhdx"
+                "{path}: a restored disk is a plain file name ending in .vhdx (or .avhdx)"
             )));
         }
         let parent = local.parent().unwrap_or(Path::new("/"));
@@ -388,6 +421,7 @@ impl RestoreExports {
             RestoreRequest::Mkdir { folder } => self.mkdir(name, &folder),
             RestoreRequest::Create { size, path } => self.create(name, size, &path),
             RestoreRequest::Commit { path } => self.commit(name, &path).await,
+            RestoreRequest::Update { path } => self.update(name, &path).await,
             RestoreRequest::Delete { folder } => self.delete(name, &folder),
         };
         match &r {
@@ -448,6 +482,9 @@ impl RestoreExports {
 
     fn create(&self, name: &str, size: u64, path: &str) -> Result<NbdExport, ExportRefused> {
         let (folder, file) = self.file_key(path)?;
+        if !file.to_ascii_lowercase().ends_with(".vhdx") {
+            return Err(policy(format!("{path}: a new disk is a .vhdx file")));
+        }
         let key = folder.join(&file);
         let mut staged = self.staged.lock().expect("restore lock");
         // A staged disk nobody writes any more (a cut connection) starts over.
@@ -475,13 +512,7 @@ impl RestoreExports {
                 "{path} already exists: a restore creates new files only"
             )));
         }
-        let mut files = marker_files(&folder)
-            .map_err(|e| unknown(format!("{path}: the folder's {MARKER}: {e}")))?;
-        if !files.contains(&file) {
-            files.push(file.clone());
-            write_marker(&folder, &files)
-                .map_err(|e| unknown(format!("{path}: cannot update {MARKER}: {e}")))?;
-        }
+        list_in_marker(&folder, &file, path)?;
         let overlay = CowOverlay::new_in(Arc::new(Zeros { size }), &folder)
             .map_err(|e| unknown(format!("{path}: cannot stage the disk: {e}")))?;
         let overlay = Arc::new(overlay);
@@ -490,6 +521,7 @@ impl RestoreExports {
             Staged {
                 overlay: overlay.clone(),
                 size,
+                update: false,
                 folder,
                 seen: Instant::now(),
             },
@@ -501,7 +533,7 @@ impl RestoreExports {
     async fn commit(&self, name: &str, path: &str) -> Result<NbdExport, ExportRefused> {
         let (folder, file) = self.file_key(path)?;
         let key = folder.join(&file);
-        let (overlay, size) = {
+        let (overlay, size, update) = {
             let staged = self.staged.lock().expect("restore lock");
             let s = staged.get(&key).ok_or_else(|| {
                 unknown(format!(
@@ -509,7 +541,7 @@ impl RestoreExports {
                     IDLE.as_secs() / 60
                 ))
             })?;
-            (s.overlay.clone(), s.size)
+            (s.overlay.clone(), s.size, s.update)
         };
         // The writer's connections close after their last replies; the table and this hold
         // the only references once they have.
@@ -533,10 +565,16 @@ impl RestoreExports {
         }
         let dest = key.clone();
         let rt = tokio::runtime::Handle::current();
-        let written = tokio::task::spawn_blocking(move || to_vhdx(&overlay, size, &dest, &rt))
-            .await
-            .map_err(|e| unknown(format!("{path}: {e}")))?
-            .map_err(|e| unknown(format!("{path}: cannot write the VHDX: {e}")))?;
+        let written = tokio::task::spawn_blocking(move || {
+            if update {
+                update_vhdx(&overlay, &dest, &rt)
+            } else {
+                to_vhdx(&overlay, size, &dest, &rt)
+            }
+        })
+        .await
+        .map_err(|e| unknown(format!("{path}: {e}")))?
+        .map_err(|e| unknown(format!("{path}: cannot write the VHDX: {e}")))?;
         tracing::info!(file = %path, size, written, "restored disk written");
         let file = FileSource::open(&key).map_err(|e| unknown(format!("{path}: {e}")))?;
         let resolver = RootedResolver::new(self.policy()?.clone());
@@ -545,6 +583,62 @@ impl RestoreExports {
             .map_err(|e| unknown(format!("{path}: the written VHDX does not open: {e}")))?;
         Ok(NbdExport::read_only(name, opened.source)
             .with_description(format!("{} {}", opened.info.format, opened.info.subformat)))
+    }
+
+    async fn update(&self, name: &str, path: &str) -> Result<NbdExport, ExportRefused> {
+        let (folder, file) = self.file_key(path)?;
+        let key = folder.join(&file);
+        {
+            let mut staged = self.staged.lock().expect("restore lock");
+            if staged
+                .get(&key)
+                .is_some_and(|s| Arc::strong_count(&s.overlay) == 1)
+            {
+                staged.remove(&key);
+            }
+            if let Some(s) = staged.get_mut(&key) {
+                if !s.update {
+                    return Err(policy(format!("{path} is being created, not updated")));
+                }
+                s.seen = Instant::now();
+                return Ok(NbdExport::writable(name, s.overlay.clone()));
+            }
+        }
+        let f = FileSource::open(&key).map_err(|e| {
+            unknown(format!(
+                "{path}: {e}: an update writes into an existing disk"
+            ))
+        })?;
+        let resolver = RootedResolver::new(self.policy()?.clone());
+        let opened = ferry_image::open_source(Arc::new(f), &resolver)
+            .await
+            .map_err(|e| unknown(format!("{path}: {e}")))?;
+        if opened.info.format != ferry_image::Format::Vhdx {
+            return Err(policy(format!("{path} is not a VHDX")));
+        }
+        let size = opened.source.size();
+        // Listed in the marker: `delete` of the folder removes it too.
+        list_in_marker(&folder, &file, path)?;
+        let overlay = CowOverlay::new_in(opened.source, &folder)
+            .map_err(|e| unknown(format!("{path}: cannot stage the writes: {e}")))?;
+        let overlay = Arc::new(overlay);
+        let mut staged = self.staged.lock().expect("restore lock");
+        if let Some(s) = staged.get(&key) {
+            // Another connection won the race: share its staging.
+            return Ok(NbdExport::writable(name, s.overlay.clone()));
+        }
+        staged.insert(
+            key,
+            Staged {
+                overlay: overlay.clone(),
+                size,
+                update: true,
+                folder,
+                seen: Instant::now(),
+            },
+        );
+        tracing::info!(file = %path, size, "staging writes into a disk");
+        Ok(NbdExport::writable(name, overlay))
     }
 
     fn delete(&self, name: &str, host: &str) -> Result<NbdExport, ExportRefused> {
@@ -619,6 +713,36 @@ fn remove_empty_dirs(dir: &Path) {
 
 /// Writes the staged bytes of `overlay` as a dynamic VHDX at `dest` (blocking; reads through
 /// `rt`); the non-zero bytes. `ferry-image` writes under a hidden name and renames at the end.
+/// Writes the whole VHDX blocks that the staged writes of `overlay` touch into the existing file
+/// `dest`, in place (crash-ordered by `VhdxUpdater`); the payload bytes written.
+fn update_vhdx(
+    overlay: &CowOverlay,
+    dest: &Path,
+    rt: &tokio::runtime::Handle,
+) -> Result<u64, ferry_image::ImageError> {
+    let mut u = ferry_image::VhdxUpdater::open(dest)?;
+    let bs = u.block_size();
+    let mut blocks = std::collections::BTreeSet::new();
+    for e in overlay.written().iter() {
+        if e.length > 0 {
+            blocks.extend(e.offset / bs..=(e.end() - 1) / bs);
+        }
+    }
+    let mut written = 0;
+    let count = u.blocks();
+    for b in blocks.into_iter().filter(|b| *b < count) {
+        let mut buf = vec![0u8; u.block_len(b) as usize];
+        rt.block_on(overlay.read_at(b * bs, &mut buf))
+            .map_err(|x| ferry_image::ImageError::Usage {
+                file: dest.display().to_string(),
+                message: format!("reading the staged writes at block {b}: {x}"),
+            })?;
+        written += u.write_block(b, &buf)?;
+    }
+    u.finish()?;
+    Ok(written)
+}
+
 fn to_vhdx(
     overlay: &CowOverlay,
     size: u64,
@@ -668,6 +792,9 @@ mod tests {
             RestoreRequest::Delete {
                 folder: "C:\\R\\vm".into(),
             },
+            RestoreRequest::Update {
+                path: "C:\\R\\vm\\d_1.avhdx".into(),
+            },
         ] {
             assert_eq!(RestoreRequest::parse(&r.export_name()), Some(Ok(r)));
         }
@@ -686,6 +813,8 @@ mod tests {
                 "not a number",
             ),
             ("ferry-restore:1:create:vhdx:512", "create:vhdx:SIZE:PATH"),
+            ("ferry-restore:1:update:vhd:C:\\x", "update:vhdx:PATH"),
+            ("ferry-restore:1:update:vhdx:", "host path"),
         ] {
             let e = RestoreRequest::parse(bad).unwrap().unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
@@ -696,7 +825,7 @@ mod tests {
         #[test]
         fn any_name_parses_or_is_refused_never_panics(
             data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
-            verb in "(mkdir|create|commit|delete|x)",
+            verb in "(mkdir|create|update|commit|delete|x)",
             tail in "[a-zA-Z0-9:\\\\.]{0,24}",
         ) {
             fuzz_request(&data);

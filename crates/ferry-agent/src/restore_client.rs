@@ -3,7 +3,7 @@
 
 use crate::AgentError;
 use crate::restore::RestoreRequest;
-use ferry_core::BlockSource;
+use ferry_core::{BlockSource, ExtentMap};
 use ferry_nbd::{NbdClient, NbdError};
 use ferry_tls::ClientIdentity;
 use futures::{StreamExt, TryStreamExt};
@@ -156,6 +156,52 @@ impl RestoreClient {
             });
         }
         Ok(())
+    }
+
+    /// Writes the `extents` of `src` into the EXISTING VHDX `path` (host path, in a folder
+    /// [`Self::mkdir`] made): staged over NBD (zero pieces as WRITE_ZEROES), then the commit
+    /// that writes the touched VHDX blocks into the file in place. Returns the data bytes sent.
+    pub async fn update_vhdx(
+        &self,
+        path: &str,
+        src: &dyn BlockSource,
+        extents: &ExtentMap,
+    ) -> Result<u64, AgentError> {
+        let disk = self
+            .ask(&RestoreRequest::Update { path: path.into() }, 1)
+            .await?;
+        let size = disk.size();
+        let end = src.size().min(size);
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; PIECE as usize];
+        let r: Result<(), AgentError> = async {
+            for e in extents.iter() {
+                let mut at = e.offset;
+                while at < e.end().min(end) {
+                    let n = (e.end().min(end) - at).min(PIECE) as usize;
+                    src.read_at(at, &mut buf[..n])
+                        .await
+                        .map_err(|x| AgentError::Io {
+                            what: format!("read {} at {at}", src.name()),
+                            source: std::io::Error::other(x),
+                        })?;
+                    if buf[..n].iter().all(|b| *b == 0) {
+                        disk.write_zeroes(at, n as u64).await?;
+                    } else {
+                        disk.write(at, &buf[..n]).await?;
+                        sent += n as u64;
+                    }
+                    at += n as u64;
+                }
+            }
+            disk.flush().await?;
+            Ok(())
+        }
+        .await;
+        disk.close().await;
+        r?;
+        self.commit(path, size).await?;
+        Ok(sent)
     }
 
     async fn send(&self, disk: &NbdClient, src: &dyn BlockSource) -> Result<u64, AgentError> {

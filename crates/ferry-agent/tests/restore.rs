@@ -341,3 +341,55 @@ fn restore_requests_are_a_parser_that_never_panics() {
         }
     }
 }
+
+/// `update:vhdx` (ADR 0176): writes into an existing VHDX are staged and the commit writes the
+/// touched VHDX blocks in place (`qemu-img check` and `compare` against the expected raw); a
+/// missing file, one outside the restore roots or not a VHDX is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_exports_write_whole_blocks_into_an_existing_vhdx_at_commit() {
+    let agent = start(ferry_testkit::scratch_dir(), TlsFiles::generate());
+    let c = agent.client();
+    let scratch = ferry_testkit::scratch_dir();
+    let raw = scratch.path().join("disk.raw");
+    let mut want = raw_disk(&raw);
+    c.mkdir("C:\\VMs\\restores\\vm3").await.unwrap();
+    let src = ferry_image::open_image(&raw).await.unwrap().source;
+    let path = "C:\\VMs\\restores\\vm3\\disk0.vhdx";
+    c.write_vhdx(path, src.as_ref()).await.unwrap();
+    let file = agent.local("vm3/disk0.vhdx");
+    // New content for two ranges; only they are sent.
+    for (off, len, byte) in [(5usize << 20, 8192usize, 0x77u8), (0, 512, 0)] {
+        want[off..off + len].fill(byte);
+    }
+    std::fs::write(&raw, &want).unwrap();
+    let src = ferry_image::open_image(&raw).await.unwrap().source;
+    let mut ext = ferry_core::ExtentMap::new();
+    ext.insert((5 << 20)..(5 << 20) + 8192);
+    ext.insert(0..512);
+    let before = std::fs::read(&file).unwrap();
+    let sent = c.update_vhdx(path, src.as_ref(), &ext).await.unwrap();
+    assert_eq!(sent, 8192, "the zeroed piece is sent as WRITE_ZEROES");
+    assert_ne!(std::fs::read(&file).unwrap(), before);
+    qemu_img(&["check", "-f", "vhdx", file.to_str().unwrap()]);
+    qemu_img_compare(&raw, "raw", &file, "vhdx");
+    for (p, why) in [
+        (
+            "C:\\VMs\\restores\\vm3\\none.vhdx",
+            "an update writes into an existing disk",
+        ),
+        (
+            "C:\\VMs\\other\\x.vhdx",
+            "outside the agent's restore roots",
+        ),
+        ("C:\\VMs\\restores\\vm3\\notes.txt", "ending in .vhdx"),
+    ] {
+        let e = c
+            .update_vhdx(p, src.as_ref(), &ext)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{p}: {e}");
+    }
+    c.delete("C:\\VMs\\restores\\vm3").await.unwrap();
+    assert!(!agent.local("vm3").exists());
+}

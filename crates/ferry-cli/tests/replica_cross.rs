@@ -225,7 +225,7 @@ fn vsphere_to_xen_replica_follows_writes_and_fails_over_to_a_chosen_point() {
 /// `ferry sim hyperv` (the 2-disk guest `win-sql-01`) as source `hv`, a `ferry sim xen` pool
 /// as `dr`; the guest writes through the simulator's WMI side door.
 #[test]
-fn hyperv_to_xen_replica_follows_writes_and_starts_on_xen() {
+fn hyperv_to_xen_replica_follows_writes_and_fails_over_planned_and_back() {
     use base64::Engine as _;
     use ferry_hv_hyperv::cim::{Epr, Param};
     const VM: &str = "win-sql-01";
@@ -267,7 +267,6 @@ fn hyperv_to_xen_replica_follows_writes_and_starts_on_xen() {
     std::fs::write(d.join("ferry.toml"), toml).unwrap();
     init_repo(&d.join("repo"), PASSWORD);
     let lab = Ferry::in_dir(d, PASSWORD);
-    let run = |args: &[&str]| lab.run(args);
     let ok = |args: &[&str]| lab.ok(args);
     let status = || -> Value {
         serde_json::from_str::<Value>(&ok(&["replica", "status", "web", "--json"])).unwrap()[0]
@@ -369,17 +368,52 @@ fn hyperv_to_xen_replica_follows_writes_and_starts_on_xen() {
         .sum();
     eprintln!("Hyper-V → Xen incremental cycle wrote {bytes} of {size} bytes");
 
-    // The way back to Hyper-V is refused up front; an unplanned failover starts the VM on Xen.
-    let o = run(&["replica", "failover", "web", "--planned"]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
-    assert!(
-        err.contains("reverse replication to Hyper-V needs Hyper-V to hold replicas"),
-        "{err}"
-    );
-    ok(&["replica", "failover", "web", "--unplanned"]);
+    // Hyper-V holds replicas (ADR 0175): a planned failover turns the Hyper-V VM off, sends
+    // its last changes, starts the Xen VM and reverses the direction; the next cycle writes the
+    // Xen guest's disks into the Hyper-V VM's current VHDX files in place.
+    ok(&["replica", "failover", "web", "--planned"]);
     assert_eq!(dr.vm(&standby)["power_state"], "Running");
-    assert_same_disks(&dr.export_disks(&standby, d, "dr-up"), &dr2);
+    assert_same_disks(
+        &dr.export_disks(&standby, d, "dr-planned"),
+        &guest_disks("3"),
+    );
+    let s = status();
+    assert_eq!(s["source"], "dr", "{s}");
+    assert_eq!(s["target"], "hv", "{s}");
+    let disks = dr.disk_uuids(&standby);
+    dr.guest_write(&disks[0], 2 << 20, &[0x33; 8192]);
+    ok(&["replica", "sync", "web"]);
+    let vm_id = hv["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == VM)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let sasds = rt
+        .block_on(client.enumerate("Msvm_StorageAllocationSettingData", None))
+        .unwrap();
+    let mut current: Vec<String> = sasds
+        .iter()
+        .filter(|i| {
+            i.text("InstanceID")
+                .is_some_and(|x| x.starts_with(&format!("Microsoft:{vm_id}\\")))
+        })
+        .map(|i| i.texts("HostResource")[0].to_string())
+        .collect();
+    current.sort();
+    let hv_now: Vec<PathBuf> = current
+        .iter()
+        .enumerate()
+        .map(|(k, p)| {
+            let mut src = PathBuf::from(hv["san_paths"]["C:\\"].as_str().unwrap());
+            src.extend(p.strip_prefix("C:\\").unwrap().split('\\'));
+            lab.image_to_raw(&src, &d.join(format!("hv-reversed-{k}.raw")))
+        })
+        .collect();
+    assert_same_disks(&hv_now, &dr.export_disks(&standby, d, "dr-reversed"));
     ok(&["replica", "cancel", "web"]);
     let l = dr.ask(json!({"op": "leftovers"}));
     assert!(l["snapshot_vms"].as_array().unwrap().is_empty(), "{l}");

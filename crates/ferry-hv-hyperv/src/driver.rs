@@ -97,7 +97,7 @@ pub(crate) fn hv(source: &str, e: HypervError) -> HvError {
     }
 }
 
-fn power(state: Option<&str>) -> PowerState {
+pub(crate) fn power(state: Option<&str>) -> PowerState {
     match state {
         Some("2") => PowerState::Running,
         Some("3") => PowerState::Off,
@@ -601,6 +601,19 @@ impl HypervisorDriver for HypervDriver {
     async fn restore_vm(&self, plan: &RestorePlan) -> Result<RestoredVm, HvError> {
         let i = &self.inner;
         crate::restore::restore(&i.client, &i.name, &i.cfg, &i.journal, plan).await
+    }
+
+    fn replica(&self) -> Option<&dyn ferry_hv::ReplicaTarget> {
+        Some(self)
+    }
+}
+
+impl HypervDriver {
+    /// What the replica target (`crate::replica`) works with: client, source name, its
+    /// configuration and journal.
+    pub(crate) fn parts(&self) -> (&WsmanClient, &str, &SourceConfig, &Journal) {
+        let i = &self.inner;
+        (&i.client, &i.name, &i.cfg, &i.journal)
     }
 }
 

@@ -18,6 +18,7 @@
 //! - [`cluster`]: failover clusters: the node that owns a VM now, a client per node (ADR 0153).
 //! - [`controllers`]: each disk's controller and location (`ide0:0`, `scsi1:3`; ADR 0166).
 //! - [`inventory`]: the failover cluster's name for the inventory.
+//! - [`replica`]: Hyper-V as a replica target (standard checkpoints, in-place VHDX writes).
 //!
 //! Decisions: ADR 0110 (WS-Man on quick-xml), ADR 0112 (NTLM and message encryption), ADR 0159 (Kerberos), docs/drivers.md (Hyper-V section).
 
@@ -33,6 +34,7 @@ pub mod error;
 pub mod inventory;
 pub mod kerberos;
 pub mod port;
+pub mod replica;
 pub mod restore;
 pub mod restore_agent;
 pub mod transport;

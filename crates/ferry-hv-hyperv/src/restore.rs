@@ -363,7 +363,11 @@ fn safe_name(s: &str) -> String {
 
 /// CIM-XML of an embedded instance with scalar and array properties (`(name, CIM type,
 /// values)`; one value is a scalar unless the name is in `arrays`).
-fn embedded(class: &str, props: &[(&str, &str, Vec<String>)], arrays: &[&str]) -> String {
+pub(crate) fn embedded(
+    class: &str,
+    props: &[(&str, &str, Vec<String>)],
+    arrays: &[&str],
+) -> String {
     let mut s = format!("<INSTANCE CLASSNAME=\"{}\">", escape(class));
     for (name, ty, values) in props {
         if arrays.contains(name) {
@@ -536,6 +540,19 @@ pub async fn restore(
     journal: &Journal,
     plan: &RestorePlan,
 ) -> Result<RestoredVm, HvError> {
+    restore_noted(c, source, cfg, journal, plan, "").await
+}
+
+/// [`restore`] with `marks` appended to the VM's `Notes` from `DefineSystem` on (a replica's
+/// marks, so a killed run finds the VM).
+pub async fn restore_noted(
+    c: &WsmanClient,
+    source: &str,
+    cfg: &SourceConfig,
+    journal: &Journal,
+    plan: &RestorePlan,
+    marks: &str,
+) -> Result<RestoredVm, HvError> {
     let vm_err = |m: String| HvError::Vm {
         source_name: source.into(),
         vm: plan.name.clone(),
@@ -548,7 +565,8 @@ pub async fn restore(
             plan.config.disks.len()
         )));
     }
-    let vp = vm_plan(plan);
+    let mut vp = vm_plan(plan);
+    vp.notes.push_str(marks);
     for w in &vp.warnings {
         tracing::warn!(source = %source, vm = %plan.name, "restore: {w}");
     }
@@ -702,7 +720,8 @@ async fn build(
             "DefineSystem",
             &[Param::Embedded(
                 "SystemSettings".into(),
-                embedded("Msvm_VirtualSystemSettingData", &settings, &[]),
+                // `Notes` is `string Notes[]` in root/virtualization/v2.
+                embedded("Msvm_VirtualSystemSettingData", &settings, &["Notes"]),
             )],
         )
         .await?;

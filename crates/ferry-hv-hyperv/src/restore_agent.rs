@@ -78,7 +78,7 @@ impl Sink {
 }
 
 /// The restore client of the agent on the host behind `c`.
-async fn agent_client(
+pub(crate) async fn agent_client(
     c: &crate::client::WsmanClient,
     source: &str,
     cfg: &SourceConfig,

@@ -58,3 +58,18 @@ async fn run(format: Option<Format>, data: &[u8]) -> Result<u64, ImageError> {
 pub fn parse_vmdk_descriptor(text: &str) -> bool {
     crate::vmdk::parse_descriptor("fuzz-input", text).is_ok()
 }
+
+/// Loads `data` as a VHDX for an in-place update (the updater's parser); errors are fine,
+/// panics are bugs. Returns the number of payload blocks.
+pub fn load_vhdx_for_update(data: &[u8]) -> Result<u64, ImageError> {
+    let l = crate::vhdx_update::load_layout("fuzz-input", data.len() as u64, |off, n| {
+        Ok(data[off as usize..off as usize + n].to_vec())
+    })?;
+    // Every block's state must be answerable without a panic.
+    let blocks = l.geo.data_blocks.min(1 << 16);
+    for b in 0..blocks {
+        let _ = l.state(b);
+    }
+    let _ = l.next_header(true);
+    Ok(l.geo.data_blocks)
+}

@@ -27,6 +27,11 @@
 //! offset order. Output goes to a temporary name and is renamed into place by `finish()`, so
 //! a half-written image never looks complete.
 //!
+//! # Updating in place
+//! [`VhdxUpdater`] writes whole payload blocks into an existing VHDX (a replica standby's
+//! current disk), crash-ordered (data, fsync, BAT entry, fsync); [`create_vhdx_child`] makes an
+//! empty differencing `.avhdx` over a VHDX, as a Hyper-V checkpoint does.
+//!
 //! # Local files
 //! [`FileSource`] and [`FileTarget`] are the raw `BlockSource`/`BlockTarget` for files and
 //! block devices (`SEEK_DATA`/`SEEK_HOLE`, hole punching).
@@ -38,6 +43,7 @@ mod layout;
 mod open;
 mod vhd;
 mod vhdx;
+mod vhdx_update;
 mod vmdk;
 mod writer;
 
@@ -48,6 +54,10 @@ pub use file::{FileSource, FileTarget};
 pub use open::{
     DirResolver, MAX_CHAIN_DEPTH, NoFiles, OpenOptions, OpenedImage, Resolver, detect,
     format_named_by, open_image, open_image_direct, open_image_with, open_source,
+};
+pub use vhdx_update::{
+    VhdxBlockState, VhdxUpdater, create_vhdx_child, merge_vhdx_child, set_vhdx_parent,
+    vhdx_parent_locator,
 };
 pub use writer::{ImageWriter, OutputFormat, Reproducible, WriterOptions};
 

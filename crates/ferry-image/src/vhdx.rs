@@ -130,6 +130,91 @@ pub(crate) fn parse_region_table(
         .collect())
 }
 
+/// The valid header with the higher sequence number among the two copies (`copies[i]`: the raw
+/// 4 KiB of header `i`, or why it could not be read): its slot, decoded, and raw bytes.
+pub(crate) fn pick_header(
+    file: &str,
+    copies: Vec<Result<Vec<u8>, ImageError>>,
+) -> Result<(usize, Header, Vec<u8>), ImageError> {
+    let mut best: Option<(usize, Header, Vec<u8>)> = None;
+    let mut errors = Vec::new();
+    for (i, raw) in copies.into_iter().enumerate() {
+        match raw.and_then(|b| parse_header(file, i, &b).map(|h| (h, b))) {
+            Ok((h, b)) if best.as_ref().is_none_or(|(_, x, _)| h.seq > x.seq) => {
+                best = Some((i, h, b))
+            }
+            Ok(_) => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    best.ok_or_else(|| {
+        ImageError::corrupt(
+            file,
+            "VHDX headers",
+            format!("neither header is valid: {}", errors.join("; ")),
+        )
+    })
+}
+
+/// A region of the file: offset and length.
+pub(crate) type Region = (u64, u32);
+
+/// The BAT and metadata regions, (offset, length) each, from the first valid of the two
+/// region-table copies (`copies[i]`: its raw 64 KiB, or why it could not be read). A metadata
+/// region over 16 MiB is refused.
+pub(crate) fn locate_regions(
+    file: &str,
+    copies: Vec<Result<Vec<u8>, ImageError>>,
+) -> Result<(Region, Region), ImageError> {
+    let mut errors = Vec::new();
+    let mut regions = None;
+    for (i, raw) in copies.into_iter().enumerate() {
+        match raw.and_then(|b| parse_region_table(file, i, &b)) {
+            Ok(r) => {
+                regions = Some(r);
+                break;
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let regions = regions.ok_or_else(|| {
+        ImageError::corrupt(
+            file,
+            "VHDX region tables",
+            format!("neither copy is valid: {}", errors.join("; ")),
+        )
+    })?;
+    let (mut bat, mut md) = (None, None);
+    for (id, off, len, required) in regions {
+        match id {
+            BAT_GUID => bat = Some((off, len)),
+            METADATA_GUID => md = Some((off, len)),
+            _ if required => {
+                return Err(ImageError::unsupported(
+                    file,
+                    format!("required VHDX region {id} is unknown"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    let (Some(bat), Some(md)) = (bat, md) else {
+        return Err(ImageError::corrupt(
+            file,
+            "VHDX region table",
+            "BAT or metadata region missing",
+        ));
+    };
+    if md.1 as u64 > 16 * MIB {
+        return Err(ImageError::corrupt(
+            file,
+            "VHDX metadata region",
+            format!("{} bytes is absurdly large", md.1),
+        ));
+    }
+    Ok((bat, md))
+}
+
 /// Decoded metadata items.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Metadata {
@@ -474,24 +559,11 @@ pub(crate) async fn open(src: Arc<dyn BlockSource>) -> Result<Level, ImageError>
             "no `vhdxfile` signature",
         ));
     }
-    let mut headers = Vec::new();
-    let mut errors = Vec::new();
-    for (i, off) in HEADER_OFFSETS.iter().enumerate() {
-        match read_vec(src.as_ref(), &name, "VHDX header", *off, HEADER_LEN as u64)
-            .await
-            .and_then(|b| parse_header(&name, i, &b))
-        {
-            Ok(h) => headers.push(h),
-            Err(e) => errors.push(e.to_string()),
-        }
+    let mut copies = Vec::new();
+    for off in HEADER_OFFSETS {
+        copies.push(read_vec(src.as_ref(), &name, "VHDX header", off, HEADER_LEN as u64).await);
     }
-    let Some(header) = headers.into_iter().max_by_key(|h| h.seq) else {
-        return Err(ImageError::corrupt(
-            &name,
-            "VHDX headers",
-            format!("neither header is valid: {}", errors.join("; ")),
-        ));
-    };
+    let (_, header, _) = pick_header(&name, copies)?;
     if !header.log_guid.is_zero() {
         return Err(ImageError::unsupported(
             &name,
@@ -502,61 +574,20 @@ pub(crate) async fn open(src: Arc<dyn BlockSource>) -> Result<Level, ImageError>
             ),
         ));
     }
-    let mut regions = None;
-    let mut errors = Vec::new();
-    for (i, off) in REGION_OFFSETS.iter().enumerate() {
-        match read_vec(
-            src.as_ref(),
-            &name,
-            "VHDX region table",
-            *off,
-            REGION_LEN as u64,
-        )
-        .await
-        .and_then(|b| parse_region_table(&name, i, &b))
-        {
-            Ok(r) => {
-                regions = Some(r);
-                break;
-            }
-            Err(e) => errors.push(e.to_string()),
-        }
+    let mut copies = Vec::new();
+    for off in REGION_OFFSETS {
+        copies.push(
+            read_vec(
+                src.as_ref(),
+                &name,
+                "VHDX region table",
+                off,
+                REGION_LEN as u64,
+            )
+            .await,
+        );
     }
-    let regions = regions.ok_or_else(|| {
-        ImageError::corrupt(
-            &name,
-            "VHDX region tables",
-            format!("neither copy is valid: {}", errors.join("; ")),
-        )
-    })?;
-    let (mut bat_region, mut md_region) = (None, None);
-    for (id, off, len, required) in regions {
-        match id {
-            BAT_GUID => bat_region = Some((off, len)),
-            METADATA_GUID => md_region = Some((off, len)),
-            _ if required => {
-                return Err(ImageError::unsupported(
-                    &name,
-                    format!("required VHDX region {id} is unknown"),
-                ));
-            }
-            _ => {}
-        }
-    }
-    let (Some((bat_off, bat_len)), Some((md_off, md_len))) = (bat_region, md_region) else {
-        return Err(ImageError::corrupt(
-            &name,
-            "VHDX region table",
-            "BAT or metadata region missing",
-        ));
-    };
-    if md_len as u64 > 16 * MIB {
-        return Err(ImageError::corrupt(
-            &name,
-            "VHDX metadata region",
-            format!("{md_len} bytes is absurdly large"),
-        ));
-    }
+    let ((bat_off, bat_len), (md_off, md_len)) = locate_regions(&name, copies)?;
     let md = read_vec(
         src.as_ref(),
         &name,

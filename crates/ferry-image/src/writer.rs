@@ -190,12 +190,12 @@ struct Grains {
 }
 
 #[derive(Clone)]
-struct ParentInfo {
+pub(crate) struct ParentInfo {
     /// How the child names the parent (relative when possible).
-    name: String,
-    absolute: String,
+    pub(crate) name: String,
+    pub(crate) absolute: String,
     vhd_id: [u8; 16],
-    vhdx_guid: Guid,
+    pub(crate) vhdx_guid: Guid,
     vmdk_cid: u32,
 }
 
@@ -205,7 +205,7 @@ fn io(file: &str, op: impl Into<String>) -> impl FnOnce(std::io::Error) -> Image
     move |e| ImageError::io(file, op, e)
 }
 
-fn read_parent(
+pub(crate) fn read_parent(
     child: &Path,
     parent: &Path,
     format: OutputFormat,
@@ -707,26 +707,7 @@ impl ImageWriter {
         items.push((vhdx::LOGICAL_SECTOR, 512u32.to_le_bytes().to_vec(), 6));
         items.push((vhdx::PHYSICAL_SECTOR, 4096u32.to_le_bytes().to_vec(), 6));
         if let Some(p) = &b.differencing {
-            let pairs = [
-                ("parent_linkage", format!("{{{}}}", p.vhdx_guid)),
-                ("relative_path", format!(".\\{}", p.name.replace('/', "\\"))),
-                ("absolute_win32_path", p.absolute.clone()),
-            ];
-            let mut loc = vec![0u8; 20 + pairs.len() * 12];
-            loc[..16].copy_from_slice(&vhdx::LOCATOR_TYPE.0);
-            put_le16(&mut loc, 18, pairs.len() as u16);
-            for (i, (k, v)) in pairs.iter().enumerate() {
-                let (k, v) = (to_utf16(k, false), to_utf16(v, false));
-                let e = 20 + i * 12;
-                let ko = loc.len();
-                loc.extend_from_slice(&k);
-                let vo = loc.len();
-                loc.extend_from_slice(&v);
-                put_le32(&mut loc, e, ko as u32);
-                put_le32(&mut loc, e + 4, vo as u32);
-                put_le16(&mut loc, e + 8, k.len() as u16);
-                put_le16(&mut loc, e + 10, v.len() as u16);
-            }
+            let loc = parent_locator(p.vhdx_guid, &p.name, &p.absolute);
             items.push((vhdx::PARENT_LOCATOR, loc, 4));
         }
         put_le16(&mut md, 10, items.len() as u16);
@@ -920,6 +901,32 @@ impl Drop for ImageWriter {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// A VHDX parent locator item: `parent_linkage` (the parent's DataWriteGuid), the parent's
+/// path relative to the child (`name`) and absolute.
+pub(crate) fn parent_locator(linkage: Guid, name: &str, absolute: &str) -> Vec<u8> {
+    let pairs = [
+        ("parent_linkage", format!("{{{linkage}}}")),
+        ("relative_path", format!(".\\{}", name.replace('/', "\\"))),
+        ("absolute_win32_path", absolute.to_string()),
+    ];
+    let mut loc = vec![0u8; 20 + pairs.len() * 12];
+    loc[..16].copy_from_slice(&vhdx::LOCATOR_TYPE.0);
+    put_le16(&mut loc, 18, pairs.len() as u16);
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        let (k, v) = (to_utf16(k, false), to_utf16(v, false));
+        let e = 20 + i * 12;
+        let ko = loc.len();
+        loc.extend_from_slice(&k);
+        let vo = loc.len();
+        loc.extend_from_slice(&v);
+        put_le32(&mut loc, e, ko as u32);
+        put_le32(&mut loc, e + 4, vo as u32);
+        put_le16(&mut loc, e + 8, k.len() as u16);
+        put_le16(&mut loc, e + 10, v.len() as u16);
+    }
+    loc
 }
 
 fn locator_space(p: &Option<ParentInfo>) -> u64 {

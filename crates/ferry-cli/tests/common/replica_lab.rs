@@ -111,6 +111,22 @@ impl Ferry {
     }
 }
 
+impl Ferry {
+    /// The disk image `src` (any format Ferry reads, its chain followed) as the raw file
+    /// `out`, by `ferry image convert`.
+    pub fn image_to_raw(&self, src: &Path, out: &Path) -> PathBuf {
+        self.ok(&[
+            "image",
+            "convert",
+            src.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--format",
+            "raw",
+        ]);
+        out.to_path_buf()
+    }
+}
+
 /// A repository at `path` with 256 KiB chunks and a fast KDF.
 pub fn init_repo(path: &Path, password: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();

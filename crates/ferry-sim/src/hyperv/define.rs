@@ -270,6 +270,7 @@ pub(super) fn invoke(
         "ModifyResourceSettings" => modify_resources(st, body, out),
         "AddFeatureSettings" => add_features(st, body, out),
         "DestroySystem" => destroy(st, body),
+        "ModifySystemSettings" => super::checkpoints::modify_system_settings(st, body, out),
         other => {
             return Err(fault(
                 "ActionNotSupported",
@@ -738,7 +739,7 @@ fn add_vhd(st: &mut State, vm: &str, e: &Embedded) -> Result<Epr, String> {
 }
 
 /// Writes what `src` holds into the sparse raw file `live` (the guest's view of the disk).
-fn fill_live(live: &std::path::Path, src: &dyn BlockSource) -> Result<(), String> {
+pub(super) fn fill_live(live: &std::path::Path, src: &dyn BlockSource) -> Result<(), String> {
     let io = |e: std::io::Error| format!("{}: {e}", live.display());
     if let Some(p) = live.parent() {
         std::fs::create_dir_all(p).map_err(io)?;

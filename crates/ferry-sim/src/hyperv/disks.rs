@@ -42,6 +42,14 @@ pub struct Disk {
     epochs: u64,
 }
 
+impl Disk {
+    /// Forgets what changed since the base was written (the live disk was refilled from the
+    /// images); RCT keeps its log.
+    pub fn forget_changes(&mut self) {
+        self.dirty.clear();
+    }
+}
+
 /// One disk frozen by a checkpoint.
 #[derive(Debug, Clone)]
 pub struct Frozen {

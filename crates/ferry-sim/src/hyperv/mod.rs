@@ -25,6 +25,7 @@
 mod agent;
 mod auth;
 mod cbt;
+mod checkpoints;
 mod cluster;
 mod config;
 mod controllers;
@@ -1119,6 +1120,14 @@ fn invoke(
     }
     match (class, method) {
         (define::SERVICE, m) => define::invoke(st, m, body, &mut out)?,
+        ("Msvm_VirtualSystemSnapshotService", "CreateSnapshot")
+            if checkpoints::is_standard(body) =>
+        {
+            checkpoints::create(st, body, &mut out)?;
+        }
+        ("Msvm_VirtualSystemSnapshotService", "ApplySnapshot") => {
+            checkpoints::apply(st, body, &mut out)?;
+        }
         ("Msvm_VirtualSystemSnapshotService", "CreateSnapshot") => {
             create_snapshot(st, body, &mut out)?;
         }
@@ -1153,6 +1162,10 @@ fn invoke(
                 }
                 return Ok(out);
             };
+            if !convert && found.text("VirtualSystemType") == Some(checkpoints::STANDARD) {
+                checkpoints::destroy(st, &found, &mut out);
+                return Ok(out);
+            }
             let id = found.text("InstanceID").unwrap_or("").to_string();
             let vm = found
                 .text("VirtualSystemIdentifier")
