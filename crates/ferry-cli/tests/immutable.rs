@@ -158,24 +158,7 @@ fn init_is_refused_without_object_lock() {
     // Nothing was written: a plain repository can still be made there.
     ferry_ok(&["repo", "init", "--repo", &moto.url()], &env);
 
-    // A local directory cannot lock objects at all.
-    let dir = ferry_testkit::scratch_dir();
-    let local = dir.path().join("repo");
-    let out = ferry(
-        &[
-            "repo",
-            "init",
-            "--repo",
-            local.to_str().unwrap(),
-            "--immutable-days",
-            "7",
-        ],
-        &env,
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("S3 bucket with Object Lock"), "{err}");
-    assert!(!local.join("config").exists());
+    // (A local directory can be hardened with the inode flag instead: tests/hardened.rs.)
 
     // Azure immutability is not implemented (Azurite cannot emulate it): refused, and says so.
     let az = ferry_testkit::Azurite::start();

@@ -484,6 +484,9 @@ pub struct Ledger {
     pub until: HashMap<ChunkId, i64>,
     /// Segment keys with their dates.
     pub segments: Vec<(String, i64)>,
+    /// Segment tag (the restore point id of the commit that wrote it) → its latest date:
+    /// what a hardened local repository keeps that restore point's own objects until.
+    pub by_tag: HashMap<String, i64>,
 }
 
 /// Key of a ledger segment.
@@ -511,6 +514,13 @@ impl Ledger {
                 continue;
             };
             out.segments.push((key.clone(), until));
+            if let Some((_, tag)) = key
+                .strip_prefix("retention/")
+                .and_then(|r| r.split_once('-'))
+            {
+                let e = out.by_tag.entry(tag.to_string()).or_insert(until);
+                *e = (*e).max(until);
+            }
             if until < min_until {
                 continue;
             }
@@ -535,15 +545,17 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Writes a segment: `ids` are locked until at least `until`.
+    /// Writes a segment: `ids` are locked until at least `until` (an empty segment only when
+    /// `always`: it still dates its restore point's own objects).
     pub async fn write(
         store: &crate::Store,
         keys: &Keys,
         until: i64,
         tag: &str,
         ids: &[ChunkId],
+        always: bool,
     ) -> Result<()> {
-        if ids.is_empty() {
+        if ids.is_empty() && !always {
             return Ok(());
         }
         let key = ledger_key(until, tag);
@@ -593,6 +605,94 @@ pub(crate) enum Removal {
     Gone,
 }
 
+/// Wraps an I/O error of the local backend.
+pub(crate) fn local_err(op: &'static str, key: &str, e: std::io::Error) -> RepoError {
+    RepoError::backend(
+        op,
+        key,
+        object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(e),
+        },
+    )
+}
+
+/// What enforces retention: the store (S3 Object Lock) or the inode immutable flag of a
+/// hardened local repository (ADR 0185). GC, prune and commit ask both the same questions.
+#[derive(Clone, Debug)]
+pub(crate) enum Retainer {
+    /// S3 Object Lock: the store knows each object's date.
+    S3(std::sync::Arc<S3Lock>),
+    /// `FS_IMMUTABLE_FL`: the dates come from the ledger and the frozen modification times.
+    Local(std::sync::Arc<crate::immutable_local::LocalLock>),
+}
+
+impl Retainer {
+    /// Whether `key` may be deleted at `now`. The local backend needs the ledger loaded
+    /// (segments still in force are enough).
+    pub(crate) async fn removal(
+        &self,
+        key: &str,
+        now: i64,
+        policy: Immutability,
+        ledger: &Ledger,
+    ) -> Result<Removal> {
+        let local = match self {
+            Self::S3(lock) => return removal(lock, key, now).await,
+            Self::Local(l) => l,
+        };
+        let (mtime, size) = match local.stat(key) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(Removal::Gone),
+            Err(e) => return Err(local_err("stat", key, e)),
+        };
+        // Written at `mtime` (frozen by the flag), extended by any ledger segment naming it.
+        let mut until = policy.retain_until(mtime);
+        let owner = key
+            .strip_prefix("snapshots/")
+            .or_else(|| key.strip_prefix("indexes/"))
+            .and_then(|r| r.split('/').next());
+        if let Some(u) = owner.and_then(|id| ledger.by_tag.get(id)) {
+            until = until.max(*u);
+        }
+        if let Some(u) = key
+            .strip_prefix("chunks/")
+            .and_then(|r| r.rsplit('/').next())
+            .and_then(ChunkId::from_hex)
+            .and_then(|id| ledger.until.get(&id))
+        {
+            until = until.max(*u);
+        }
+        if let Some(u) = ledger_until(key) {
+            until = until.max(u);
+        }
+        Ok(if until > now {
+            Removal::Keep(Some(until), size)
+        } else {
+            Removal::Delete(None)
+        })
+    }
+
+    /// Deletes `key` (the given version on S3; clearing the flag first locally).
+    pub(crate) async fn delete(&self, key: &str, version: Option<&str>) -> Result<Deleted> {
+        match self {
+            Self::S3(lock) => lock.delete_version(key, version).await,
+            Self::Local(l) => {
+                let (l, k) = (l.clone(), key.to_string());
+                tokio::task::spawn_blocking(move || l.remove(&k))
+                    .await
+                    .map_err(|e| local_err("delete", key, std::io::Error::other(e)))?
+                    .map_err(|e| local_err("delete", key, e))
+            }
+        }
+    }
+
+    /// Whether the retain-until dates come from the ledger (so callers must load it).
+    pub(crate) fn needs_ledger(&self) -> bool {
+        matches!(self, Self::Local(_))
+    }
+}
+
 /// Decides whether an object may be deleted now, by asking the store for its lock.
 pub(crate) async fn removal(lock: &S3Lock, key: &str, now: i64) -> Result<Removal> {
     Ok(match lock.head(key).await? {
@@ -617,7 +717,7 @@ pub(crate) async fn secure_commit(
 ) -> Result<u64> {
     use futures::StreamExt as _;
     let store = repo.store();
-    let (Some(p), Some(lock)) = (store.immutability(), store.object_lock().cloned()) else {
+    let (Some(p), Some(retainer)) = (store.immutability(), store.retainer()) else {
         return Ok(0);
     };
     let keys = &repo.inner.keys;
@@ -644,6 +744,26 @@ pub(crate) async fn secure_commit(
     extend.sort_unstable();
     extend.dedup();
     let mut calls = 0u64;
+    let lock = match retainer {
+        Retainer::S3(lock) => lock,
+        Retainer::Local(local) => {
+            // The flag has no date: an extension is only the ledger segment below. Flagging the
+            // reused chunks again is idempotent and seals a crash's unflagged leftovers.
+            let l = local.clone();
+            let objs: Vec<String> = extend.iter().map(|id| id.object_key()).collect();
+            tokio::task::spawn_blocking(move || objs.iter().try_for_each(|k| l.seal(k)))
+                .await
+                .map_err(|e| local_err("seal", "chunks", std::io::Error::other(e)))?
+                .map_err(|e| local_err("seal", "chunks", e))?;
+            let mut ids = locked;
+            ids.extend(extend);
+            ids.sort_unstable();
+            ids.dedup();
+            // Everything it names, and the restore point `tag` itself, is kept until then.
+            Ledger::write(store, keys, new_until, tag, &ids, true).await?;
+            return Ok(0);
+        }
+    };
     // `config` and the key slots must outlive every restore point too.
     let config_lock = lock.head(crate::config::CONFIG_KEY).await?;
     if config_lock.and_then(|i| i.until).is_none_or(|u| u < needed) {
@@ -678,7 +798,7 @@ pub(crate) async fn secure_commit(
     ids.extend(extend);
     ids.sort_unstable();
     ids.dedup();
-    Ledger::write(store, keys, locked_until.min(new_until), tag, &ids).await?;
+    Ledger::write(store, keys, locked_until.min(new_until), tag, &ids, false).await?;
     Ok(calls)
 }
 

@@ -71,6 +71,7 @@ mod direct;
 mod error;
 pub mod fuzz;
 pub mod immutable;
+pub mod immutable_local;
 pub mod locks;
 mod maintenance;
 pub mod manifest;
