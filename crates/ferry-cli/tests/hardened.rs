@@ -195,6 +195,19 @@ fn flagged_objects_survive_prune_and_gc_until_retention_passes() {
     assert!(all.iter().any(|(k, _)| k.starts_with("retention/")));
     assert!(all.iter().any(|(k, _)| k.starts_with("catalog/")));
 
+    // A crash between a write and its flag leaves an unflagged object: `ferry verify` flags it.
+    let loose = root.join(chunks[1].iter().last().unwrap());
+    ferry_testkit::run_ok(Command::new(system_tool("chattr")).arg("-i").arg(&loose));
+    let report = ferry_json(&["verify", "--repo", &repo], &env());
+    assert_eq!(report["sealed"], 1, "{report}");
+    assert!(report["bad"].as_array().unwrap().is_empty(), "{report}");
+    let rel = loose
+        .strip_prefix(&root)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(flags(&root).contains(&(rel, true)));
+
     // The kernel refuses to delete a chunk or a restore point, even to root.
     let chunk = root.join(chunks[0].first().unwrap());
     let manifest1 = root.join(format!("snapshots/{s1}/manifest"));
@@ -354,6 +367,13 @@ fn init_refuses_where_the_flag_cannot_be_set() {
         err.contains("does not support the inode immutable flag"),
         "{err}"
     );
+
+    // S3's lock modes mean nothing to the flag.
+    let modes = dir.path().join("modes");
+    let mut args = init(&modes);
+    args.extend(["--lock-mode".to_string(), "governance".into()]);
+    let out = ferry(&args.iter().map(String::as_str).collect::<Vec<_>>(), &env());
+    check_refused(out, "--lock-mode applies to S3 Object Lock only", &modes);
 
     // A process without CAP_LINUX_IMMUTABLE (root minus that one capability).
     let nocap = dir.path().join("nocap");

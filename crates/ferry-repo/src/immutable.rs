@@ -617,6 +617,13 @@ pub(crate) fn local_err(op: &'static str, key: &str, e: std::io::Error) -> RepoE
     )
 }
 
+/// Retain-until of an object of a hardened local repository written at `mtime` (which the
+/// flag freezes) and named by ledger segments with `dates`: its own write's date, extended by
+/// every segment (segments only ever add time).
+pub fn local_until(policy: Immutability, mtime: i64, dates: impl IntoIterator<Item = i64>) -> i64 {
+    dates.into_iter().fold(policy.retain_until(mtime), i64::max)
+}
+
 /// What enforces retention: the store (S3 Object Lock) or the inode immutable flag of a
 /// hardened local repository (ADR 0185). GC, prune and commit ask both the same questions.
 #[derive(Clone, Debug)]
@@ -646,26 +653,21 @@ impl Retainer {
             Ok(None) => return Ok(Removal::Gone),
             Err(e) => return Err(local_err("stat", key, e)),
         };
-        // Written at `mtime` (frozen by the flag), extended by any ledger segment naming it.
-        let mut until = policy.retain_until(mtime);
+        let mut dates = Vec::new();
         let owner = key
             .strip_prefix("snapshots/")
             .or_else(|| key.strip_prefix("indexes/"))
             .and_then(|r| r.split('/').next());
-        if let Some(u) = owner.and_then(|id| ledger.by_tag.get(id)) {
-            until = until.max(*u);
-        }
-        if let Some(u) = key
-            .strip_prefix("chunks/")
-            .and_then(|r| r.rsplit('/').next())
-            .and_then(ChunkId::from_hex)
-            .and_then(|id| ledger.until.get(&id))
-        {
-            until = until.max(*u);
-        }
-        if let Some(u) = ledger_until(key) {
-            until = until.max(u);
-        }
+        dates.extend(owner.and_then(|id| ledger.by_tag.get(id)).copied());
+        dates.extend(
+            key.strip_prefix("chunks/")
+                .and_then(|r| r.rsplit('/').next())
+                .and_then(ChunkId::from_hex)
+                .and_then(|id| ledger.until.get(&id))
+                .copied(),
+        );
+        dates.extend(ledger_until(key));
+        let until = local_until(policy, mtime, dates);
         Ok(if until > now {
             Removal::Keep(Some(until), size)
         } else {
@@ -822,6 +824,62 @@ mod tests {
             assert_eq!(u % 10, 0);
             // Good for every commit up to one generation later.
             assert!(u >= p.needed_until(t + 10), "t={t} u={u}");
+        }
+    }
+
+    proptest::proptest! {
+        /// A hardened local repository never lets a restore point's objects go before the
+        /// retention: written at `w`, committed at `t` (segment date `retain_until(t)`), its
+        /// manifest written at `m` within a generation of `t`; whatever other segments say.
+        #[test]
+        fn local_retention_never_ends_early(
+            r in 1i64..100_000, l in 1i64..50_000, w in 0i64..1_000_000,
+            dt in 0i64..50_000, others in proptest::collection::vec(0i64..2_000_000, 0..5),
+        ) {
+            let p = Immutability {
+                mode: LockMode::Compliance,
+                retention_secs: r as u64,
+                generation_secs: l as u64,
+            };
+            let t = w + dt % l;
+            let m = t + (dt % l) / 2;
+            let seg = p.retain_until(t);
+            let with = |extra: &[i64]| {
+                local_until(p, m, extra.iter().copied().chain([seg]))
+            };
+            proptest::prop_assert!(with(&[]) >= m + r);
+            proptest::prop_assert!(local_until(p, w, [seg]) >= t + r);
+            // More segments never shorten it; it is always a generation boundary or a date
+            // some segment wrote.
+            proptest::prop_assert!(with(&others) >= with(&[]));
+            let u = with(&others);
+            proptest::prop_assert!(u % l == 0 || others.contains(&u));
+        }
+
+        /// A chunk reused by commits at increasing times is extended (a ledger segment) at
+        /// most once per generation, and is always covered until each commit's `t + R`.
+        #[test]
+        fn reuse_extends_once_per_generation(
+            r in 1i64..10_000, l in 1i64..5_000,
+            steps in proptest::collection::vec(0i64..3_000, 1..40),
+        ) {
+            let p = Immutability {
+                mode: LockMode::Compliance,
+                retention_secs: r as u64,
+                generation_secs: l as u64,
+            };
+            let mut t = 0;
+            let mut covered = p.retain_until(0);
+            let mut extensions = 0i64;
+            for s in &steps {
+                t += s;
+                if covered < p.needed_until(t) {
+                    covered = p.retain_until(t);
+                    extensions += 1;
+                }
+                proptest::prop_assert!(covered >= p.needed_until(t));
+            }
+            proptest::prop_assert!(extensions <= t / l + 1, "{} extensions in {} s", extensions, t);
         }
     }
 

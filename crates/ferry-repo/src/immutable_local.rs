@@ -179,6 +179,30 @@ impl LocalLock {
         }
     }
 
+    /// Flags each of `keys` that lacks the flag; returns how many did.
+    pub fn seal_all(
+        &self,
+        keys: &[String],
+    ) -> std::result::Result<usize, (String, std::io::Error)> {
+        let mut n = 0;
+        for k in keys {
+            let res = match open_for_flags(&self.path(k)) {
+                Ok(f) => get_flags(&f).and_then(|flags| {
+                    if flags & FS_IMMUTABLE_FL == 0 {
+                        n += 1;
+                        set_immutable(&f, true)
+                    } else {
+                        Ok(())
+                    }
+                }),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                Err(e) => return Err((k.clone(), e)),
+            };
+            res.map_err(|e| (k.clone(), e.into()))?;
+        }
+        Ok(n)
+    }
+
     /// Modification time (Unix seconds) and size of `key`, `None` if missing.
     pub fn stat(&self, key: &str) -> std::io::Result<Option<(i64, u64)>> {
         use std::os::unix::fs::MetadataExt as _;

@@ -44,6 +44,10 @@ pub struct VerifyReport {
     pub chunks_checked: usize,
     /// Bad objects.
     pub bad: Vec<BadObject>,
+    /// Hardened local repositories: data objects found without the immutable flag (a crash
+    /// between an object's write and its flag) and flagged now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<usize>,
 }
 
 impl VerifyReport {
@@ -261,6 +265,13 @@ impl Repository {
                 }
             }
         }
+        if let (Some(_), Some(local), None) = (
+            self.store().immutability(),
+            self.store().local_lock(),
+            &opts.snapshot,
+        ) {
+            report.sealed = Some(self.seal_local(local).await?);
+        }
         report.chunks_referenced = users.len();
         let pct = opts.sample_percent.clamp(0.0, 100.0);
         let seed: [u8; 32] = crate::codec::random_bytes();
@@ -400,6 +411,36 @@ impl Repository {
             tracing::info!(snapshot = %d.id, "restore point removed");
         }
         Ok(())
+    }
+
+    /// Flags every data object and ledger segment of a hardened local repository that lacks
+    /// the flag; returns how many did.
+    async fn seal_local(
+        &self,
+        local: &std::sync::Arc<crate::immutable_local::LocalLock>,
+    ) -> Result<usize> {
+        let mut keys = vec![crate::config::CONFIG_KEY.to_string()];
+        for prefix in ["keys", "chunks", "indexes", "snapshots", "retention"] {
+            keys.extend(
+                self.store()
+                    .list(prefix)
+                    .await?
+                    .into_iter()
+                    .map(|o| o.location.to_string()),
+            );
+        }
+        let l = local.clone();
+        let sealed = tokio::task::spawn_blocking(move || l.seal_all(&keys))
+            .await
+            .map_err(|e| crate::immutable::local_err("seal", "", std::io::Error::other(e)))?
+            .map_err(|(k, e)| crate::immutable::local_err("seal", &k, e))?;
+        if sealed > 0 {
+            tracing::warn!(
+                objects = sealed,
+                "flagged data objects found without the immutable flag (left by a crash)"
+            );
+        }
+        Ok(sealed)
     }
 
     /// Mark and sweep: takes the GC lock, waits until no backup holds a lease, marks every chunk

@@ -606,6 +606,9 @@ pub async fn verify(a: VerifyArgs, _global: &crate::Global) -> anyhow::Result<Ex
                 println!("    affects restore points: {}", b.snapshots.join(", "));
             }
         }
+        if let Some(n) = report.sealed.filter(|n| *n > 0) {
+            println!("sealed {n} data objects that lacked the immutable flag (left by a crash)");
+        }
         println!(
             "{}: {} restore points, {} of {} chunks checked, {} bad objects",
             if report.ok() { "OK" } else { "FAILED" },
