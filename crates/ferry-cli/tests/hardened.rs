@@ -6,6 +6,10 @@
 //! without inode flags (a private ramfs mount) and for a process without CAP_LINUX_IMMUTABLE
 //! (`setpriv`). Every test clears the flags it leaves (`chattr -R -i`) so its directory can go.
 
+#[path = "common/immutability.rs"]
+mod immutability;
+
+use immutability::{ferry, ferry_json, ferry_ok, make_disk, now, unix};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -20,27 +24,6 @@ fn ahead(secs: u64) -> Vec<(String, String)> {
     let mut e = env();
     e.push(("FERRY_CLOCK_OFFSET_SECS".into(), secs.to_string()));
     e
-}
-
-fn ferry(args: &[&str], env: &[(String, String)]) -> Output {
-    ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, env)
-}
-
-fn ferry_ok(args: &[&str], env: &[(String, String)]) -> String {
-    let out = ferry(args, env);
-    assert!(
-        out.status.success(),
-        "ferry {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn ferry_json(args: &[&str], env: &[(String, String)]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = ferry_ok(&a, env);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ferry {args:?}: not JSON ({e}): {out}"))
 }
 
 /// A system tool the test needs (e2fsprogs, util-linux): fails loudly when missing.
@@ -101,13 +84,6 @@ fn flags(root: &Path) -> Vec<(String, bool)> {
     out
 }
 
-/// A 4 MiB disk: 2 MiB shared by every version, 2 MiB unique to `seed`.
-fn make_disk(path: &Path, seed: u64) {
-    let mut data = ferry_testkit::noise(2 << 20, 100);
-    data.extend(ferry_testkit::noise(2 << 20, seed));
-    std::fs::write(path, data).unwrap();
-}
-
 fn backup(repo: &str, disk: &Path) -> String {
     let args = ["backup", "--repo", repo, "--vm", "vm-1", "--disk"];
     let mut a = args.to_vec();
@@ -121,18 +97,6 @@ fn chunk_files(repo: &Path) -> BTreeSet<String> {
         .map(|(k, _)| k)
         .filter(|k| k.starts_with("chunks/"))
         .collect()
-}
-
-fn unix(rfc3339: &str) -> i64 {
-    ferry_repo::immutable::parse_date(rfc3339)
-        .unwrap_or_else(|| panic!("`{rfc3339}`: not RFC 3339"))
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 fn decision<'a>(plan: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {

@@ -152,11 +152,7 @@ impl LocalLock {
             .and_then(|()| file.sync_all())
             .and_then(|()| {
                 drop(file);
-                match std::fs::hard_link(&staging, &dest) {
-                    Ok(()) => Ok(Created::Written),
-                    Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(Created::AlreadyExists),
-                    Err(e) => Err(e),
-                }
+                crate::direct::link_new(&staging, &dest)
             });
         // Before the flag: an immutable inode's other names cannot be unlinked.
         let _ = std::fs::remove_file(&staging);
@@ -233,25 +229,11 @@ impl LocalLock {
         }
     }
 
-    /// A new staging file beside `dest` (`<key>#<digits>`, which the local store's listing
-    /// ignores), creating parent directories as needed.
+    /// A new staging file beside `dest`, created exclusively.
     fn staging(&self, dest: &Path) -> std::io::Result<(File, PathBuf)> {
-        let open = |p: &Path| OpenOptions::new().write(true).create_new(true).open(p);
-        loop {
-            let n = self.next.fetch_add(1, Ordering::Relaxed);
-            let mut path = dest.as_os_str().to_owned();
-            path.push(format!("#{}{n:06}", std::process::id()));
-            let path = PathBuf::from(path);
-            match open(&path) {
-                Ok(f) => return Ok((f, path)),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    std::fs::create_dir_all(path.parent().unwrap_or(&self.root))?;
-                    return open(&path).map(|f| (f, path));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        crate::direct::open_staging(&self.root, dest, &self.next, |p| {
+            OpenOptions::new().write(true).create_new(true).open(p)
+        })
     }
 }
 
