@@ -10,36 +10,17 @@
 // FERRY_SHOTS (a directory) and FERRY_PROFILE (a fresh Chromium profile directory) set.
 // Prints one JSON line: {"ok": true, "shots": [...]} or exits non-zero with the reason.
 'use strict';
-const { chromium } = require('playwright-core');
+const { env, launch, watchProblems } = require('./console_common.js');
 const fs = require('fs');
 const path = require('path');
-
-const env = (k) => {
-  const v = process.env[k];
-  if (!v) throw new Error(`${k} is not set`);
-  return v;
-};
 
 async function main() {
   const url = env('FERRY_URL');
   const sim = JSON.parse(env('FERRY_SIM'));
   const shotsDir = env('FERRY_SHOTS');
-  const ctx = await chromium.launchPersistentContext(env('FERRY_PROFILE'), {
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    // The appliance's certificate is self-signed; the Rust side pins it for its own calls.
-    ignoreHTTPSErrors: true,
-    viewport: { width: 1280, height: 900 },
-  });
+  const ctx = await launch();
   const page = ctx.pages()[0] || (await ctx.newPage());
-  const problems = [];
-  // Refused requests (401, 422) are expected and logged by Chromium as failed loads.
-  page.on('console', (m) => {
-    if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) problems.push('console: ' + m.text());
-  });
-  page.on('pageerror', (e) => problems.push('page error: ' + e.message));
+  const problems = watchProblems(page);
   const shots = [];
   const checker = await ctx.newPage();
 

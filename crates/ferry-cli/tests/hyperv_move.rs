@@ -57,27 +57,6 @@ impl Lab {
         (report(&out), err)
     }
 
-    /// Reads through the host agent (`network` only), node `k`'s agent at `agents[k]`; pairs
-    /// the appliance with the simulated agent.
-    fn use_network(&self, agents: [&str; 2]) {
-        let mut tail = format!(
-            "{}[sources.lab.agent]\nport = {}\nfingerprint = \"{}\"\n[sources.lab.agent.nodes]\n",
-            self.nodes_table(|k| k),
-            self.info["agent"]["port"],
-            self.info["agent"]["fingerprint"].as_str().unwrap()
-        );
-        for (k, addr) in agents.iter().enumerate() {
-            tail.push_str(&format!("'{}' = \"{addr}\"\n", self.node(k).0));
-        }
-        self.config("[\"network\"]", &tail);
-        let (out, _) = self.ok(&["source", "agent-pin", "lab", "--json"]);
-        let v: Value = serde_json::from_str(&out).unwrap();
-        self.door(
-            "AgentPin",
-            &[("Fingerprint", v["fingerprint"].as_str().unwrap())],
-        );
-    }
-
     /// The VM moves to the other node right after `calls` more calls of `method`, `times` times.
     fn migrate_after(&self, method: Option<&str>, calls: u64, times: u64) {
         let (calls, times) = (calls.to_string(), times.to_string());

@@ -38,13 +38,7 @@ impl Lab {
     /// A lab whose guests have disks of `mib` MiB.
     fn with_disks(mib: &str) -> Self {
         let lab = hyperv_lab::Lab::start(&["--disk-mib", mib]);
-        lab.config(
-            "[\"san\"]",
-            &format!(
-                "restore-dir = 'C:\\ClusterStorage\\Volume1\\Restores'\n{}",
-                lab.san_paths_table()
-            ),
-        );
+        lab.san_restore_config();
         Self(lab)
     }
 

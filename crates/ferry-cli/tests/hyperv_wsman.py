@@ -55,3 +55,8 @@ def prop(el, name):
         if c.tag.endswith("}" + name):
             return c.text
     return None
+
+
+def props(el, name):
+    """The texts of every value of property `name` of instance `el` (an array property)."""
+    return [c.text for c in el if c.tag.endswith("}" + name)]

@@ -148,6 +148,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/alerts", get(list_alerts))
         .route("/api/usage", get(usage))
         .merge(crate::replica_api::routes())
+        .merge(crate::events_api::routes())
         .route("/", get(crate::console::index))
         .route("/console/app.js", get(crate::console::script))
         .route("/console/app.css", get(crate::console::style))
@@ -638,12 +639,14 @@ async fn put_repository(
                 if init {
                     let store = ferry_repo::Store::open(&cfg.url, true)
                         .map_err(|e| Problem::invalid("url", e.to_string()))?;
-                    ferry_repo::Repository::init(
-                        store,
-                        password.as_ref(),
-                        ferry_repo::InitOptions::default(),
-                    )
-                    .await
+                    let opts = ferry_repo::InitOptions::default();
+                    match &cfg.kms {
+                        Some(kms) => {
+                            ferry_repo::Repository::init_kms(store, password.as_ref(), kms, opts)
+                                .await
+                        }
+                        None => ferry_repo::Repository::init(store, password.as_ref(), opts).await,
+                    }
                     .map_err(|e| {
                         Problem::invalid("url", format!("cannot create the repository: {e}"))
                     })?;
@@ -1040,6 +1043,7 @@ mod tests {
         let mut routes: Vec<(String, String)> = ROUTES
             .iter()
             .chain(crate::replica_api::ROUTES)
+            .chain(crate::events_api::ROUTES)
             .map(|(m, p)| (m.to_string(), p.to_string()))
             .collect();
         routes.sort();

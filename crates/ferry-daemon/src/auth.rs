@@ -152,14 +152,14 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-fn token_hash(token: &str) -> String {
+pub(crate) fn token_hash(token: &str) -> String {
     sha2::Sha256::digest(token.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
 }
 
-fn random_b64(n: usize) -> Result<String, Problem> {
+pub(crate) fn random_b64(n: usize) -> Result<String, Problem> {
     let mut b = vec![0u8; n];
     getrandom::fill(&mut b).map_err(|e| Problem::internal(format!("no randomness: {e}")))?;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))

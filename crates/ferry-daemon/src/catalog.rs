@@ -230,11 +230,23 @@ impl Catalog {
 
     /// Events of `session` after `seq`.
     pub fn events(&self, session: &str, after: u64) -> Result<Vec<Event>, CatalogError> {
+        self.events_page(session, after, None)
+    }
+
+    /// At most `limit` events of `session` after `seq` (all without a limit).
+    pub fn events_page(
+        &self,
+        session: &str,
+        after: u64,
+        limit: Option<u32>,
+    ) -> Result<Vec<Event>, CatalogError> {
+        // SQLite reads a negative LIMIT as none.
+        let limit = limit.map_or(-1, i64::from);
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT seq, time, level, vm, message FROM events WHERE session = ?1 AND seq > ?2 ORDER BY seq",
+                "SELECT seq, time, level, vm, message FROM events WHERE session = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
             )?;
-            let rows = st.query_map(params![session, after as i64], |r| {
+            let rows = st.query_map(params![session, after as i64, limit], |r| {
                 Ok(Event {
                     seq: r.get::<_, i64>(0)? as u64,
                     time: r.get(1)?,

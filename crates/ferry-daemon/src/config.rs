@@ -41,6 +41,13 @@ pub struct ApplianceConfig {
     /// Seconds between two checks of the jobs' RPOs.
     #[serde(default = "default_rpo_check")]
     pub rpo_check_seconds: u64,
+    /// Events held for the event streams' clients (ADR 0178): a client further behind gets a
+    /// `resync` instead of what it missed.
+    #[serde(default = "crate::events::default_buffer")]
+    pub events_buffer: usize,
+    /// Milliseconds between two samples of running VMs' progress for the event streams.
+    #[serde(default = "crate::events::default_progress_ms")]
+    pub events_progress_ms: u64,
 }
 
 fn default_rpo_check() -> u64 {
@@ -67,6 +74,8 @@ impl Default for ApplianceConfig {
             name: None,
             lease_ttl_seconds: default_lease_ttl(),
             rpo_check_seconds: default_rpo_check(),
+            events_buffer: crate::events::default_buffer(),
+            events_progress_ms: crate::events::default_progress_ms(),
         }
     }
 }
@@ -80,9 +89,27 @@ pub struct RepositoryConfig {
     /// File holding the repository password (first line).
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// AWS KMS key whose key slot unlocks the repository when no password is configured
+    /// (`kms = { key-id = "…", region = "…", endpoint = "…" }`; ADR 0182). `init` wraps the
+    /// new repository's key with it.
+    #[serde(default)]
+    pub kms: Option<ferry_repo::KmsKey>,
 }
 
 impl RepositoryConfig {
+    /// How to unlock the repository: the password if one is configured, else a KMS key slot
+    /// (of the configured key, through its endpoint, if one is configured).
+    pub fn unlock(&self) -> Result<ferry_repo::Unlock, String> {
+        Ok(ferry_repo::Unlock {
+            password: self.password()?,
+            kms: ferry_repo::KmsUnlock {
+                force: false,
+                key_id: self.kms.as_ref().map(|k| k.key_id.clone()),
+                endpoint: self.kms.as_ref().and_then(|k| k.endpoint.clone()),
+            },
+        })
+    }
+
     /// The password, if any.
     pub fn password(&self) -> Result<Option<ferry_core::Secret>, String> {
         match &self.password_file {
@@ -601,6 +628,7 @@ impl Document {
                 "lease-ttl-seconds must be at least 3 (the lease is renewed every third of it)",
             ));
         }
+        crate::events::validate(&doc.appliance)?;
         if let Some(n) = &doc.appliance.name {
             valid_name(Kind::Job, n).map_err(|_| {
                 Problem::invalid(

@@ -338,22 +338,25 @@ impl LiveSession {
 impl App {
     /// Appends a line to a session's log (and the service's own log).
     pub(crate) fn log(&self, s: &LiveSession, level: &str, vm: Option<&str>, message: String) {
-        let seq = s.seq.fetch_add(1, Ordering::SeqCst) + 1;
         match level {
             "error" => tracing::error!(session = %s.id, vm, "{message}"),
             "warn" => tracing::warn!(session = %s.id, vm, "{message}"),
             _ => tracing::info!(session = %s.id, vm, "{message}"),
         }
-        let e = Event {
-            seq,
-            time: now(),
-            level: level.into(),
-            vm: vm.map(str::to_string),
-            message,
-        };
-        if let Err(err) = self.catalog.add_event(&s.id, &e) {
-            tracing::warn!(error = %err, "cannot record a session event");
-        }
+        // Numbered, stored and streamed in one step: streams see the lines in order.
+        self.events.log(&s.id, || {
+            let e = Event {
+                seq: s.seq.fetch_add(1, Ordering::SeqCst) + 1,
+                time: now(),
+                level: level.into(),
+                vm: vm.map(str::to_string),
+                message,
+            };
+            if let Err(err) = self.catalog.add_event(&s.id, &e) {
+                tracing::warn!(error = %err, "cannot record a session event");
+            }
+            e
+        });
     }
 
     pub(crate) fn persist(&self, s: &LiveSession) {
@@ -370,6 +373,7 @@ impl App {
         ) {
             tracing::warn!(error = %e, "cannot record the session");
         }
+        self.events.changed(self, &detail, v.status.done());
     }
 
     /// Starts a run of job `name`; refused while the appliance is stopping or the job is
@@ -1060,9 +1064,9 @@ fn name_owned(s: &LiveSession) -> String {
 
 /// Opens a configured repository.
 pub async fn open_repository(cfg: &RepositoryConfig) -> Result<Repository, String> {
-    let password = cfg.password()?;
+    let unlock = cfg.unlock()?;
     let store = Store::open(&cfg.url, false).map_err(|e| e.to_string())?;
-    Repository::open(store, password.as_ref())
+    Repository::open_with(store, &unlock)
         .await
         .map_err(|e| e.to_string())
 }

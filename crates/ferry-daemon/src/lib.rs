@@ -13,6 +13,8 @@ pub mod auth;
 pub mod catalog;
 pub mod config;
 pub mod console;
+pub mod events;
+pub mod events_api;
 pub mod fsutil;
 pub mod jobs;
 pub mod metrics;
@@ -211,6 +213,10 @@ pub struct App {
     pub state_dir: PathBuf,
     /// The replica action each replica runs or ran last through the API.
     pub replica_actions: Mutex<HashMap<String, replicas::ActionView>>,
+    /// What the event streams are fed from (ADR 0178).
+    pub events: Arc<events::Hub>,
+    /// Tickets that open an event stream without a header (ADR 0179).
+    pub tickets: events_api::Tickets,
 }
 
 impl std::fmt::Debug for App {
@@ -301,6 +307,11 @@ pub fn build(config: DaemonConfig) -> Result<(Arc<App>, Option<tls::Identity>), 
         fingerprint: identity.as_ref().map(|i| i.fingerprint.clone()),
         state_dir: state.clone(),
         replica_actions: Default::default(),
+        events: Arc::new(events::Hub::new(
+            doc.appliance.events_buffer,
+            Duration::from_millis(doc.appliance.events_progress_ms),
+        )),
+        tickets: Default::default(),
     });
     Ok((app, identity))
 }
@@ -398,6 +409,8 @@ pub async fn serve(
         app.stopping_jobs.cancel();
         app.tracker.wait().await;
     }
+    // Open event streams end now rather than hold the server's grace period.
+    app.events.closing.cancel();
     http_stop.cancel();
     let _ = http.await;
     tracing::info!("stopped");

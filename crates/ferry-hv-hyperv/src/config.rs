@@ -78,7 +78,8 @@ pub async fn capture(
     let mem = get("Msvm_MemorySettingData").await?;
     let ports = get("Msvm_SyntheticEthernetPortSettingData").await?;
     let conns = get("Msvm_EthernetPortAllocationSettingData").await?;
-    let vlans = get("Msvm_EthernetSwitchPortVlanSettingData").await?;
+    let vlans = get(crate::port::VLAN_CLASS).await?;
+    let bandwidths = get(crate::port::BANDWIDTH_CLASS).await?;
     let switches = get("Msvm_VirtualEthernetSwitch").await?;
     let cpu = owned_by(&cpus, &mine).into_iter().next();
     let mem = owned_by(&mem, &mine).into_iter().next();
@@ -111,6 +112,14 @@ pub async fn capture(
                 .and_then(|v| v.u64("AccessVlanId"))
                 .filter(|v| *v != 0)
         });
+        // Trunk/private VLANs and bandwidth (ADR 0181).
+        let port = conn.map(|c| {
+            let under = format!("{}\\", c.text("InstanceID").unwrap_or(""));
+            crate::port::PortFeatures::from_wmi(
+                owned_by(&vlans, &under).into_iter().next(),
+                owned_by(&bandwidths, &under).into_iter().next(),
+            )
+        });
         let m = p.text("Address").and_then(mac);
         nics.push(NicConfig {
             mac: m.clone(),
@@ -123,6 +132,7 @@ pub async fn capture(
             "static_mac": p.bool("StaticMacAddress").unwrap_or(false),
             "switch": switch,
             "vlan": vlan,
+            "port": port.map_or(J::Null, |p| p.to_json()),
         }));
     }
     let mib = |i: Option<&Instance>, k: &str| i.and_then(|i| i.u64(k));

@@ -40,8 +40,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 mod follow;
+mod reopen;
 
 pub use follow::MAX_FOLLOWS;
+pub use reopen::MAX_REOPENS;
 
 /// Start of the name of every checkpoint Ferry takes; the owning process follows in brackets.
 pub const CHECKPOINT_MARKER: &str = "Ferry backup";
@@ -882,6 +884,8 @@ impl HypervSession {
                 host_path: f.path.clone(),
             };
             let (source, transport) = open_disk(&i, &label, &cd, node.as_ref()).await?;
+            // A read that fails after the VM moved goes on through its new node (ADR 0180).
+            let source = reopen::Reopening::wrap(i.clone(), cd, &label, &self.vm.name, source);
             let size = source.size();
             let changed = if opts.force_full {
                 Changed::Full {

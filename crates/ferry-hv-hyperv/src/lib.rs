@@ -32,6 +32,7 @@ pub mod driver;
 pub mod error;
 pub mod inventory;
 pub mod kerberos;
+pub mod port;
 pub mod restore;
 pub mod restore_agent;
 pub mod transport;

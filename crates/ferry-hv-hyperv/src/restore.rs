@@ -5,7 +5,7 @@
 //! that held the backed-up VM's folder), through `san-paths` (a share or CSV the proxy mounts),
 //! and attached: `AddResourceSettings` of the SCSI controller, a drive and its VHDX per disk; per
 //! NIC a synthetic adapter with its MAC, static, and its connection to the switch of the same
-//! name, then `AddFeatureSettings` for its access VLAN.
+//! name, then `AddFeatureSettings` for its port's VLAN (access, trunk, private) and bandwidth.
 //!
 //! Before anything is made, every NIC's switch must exist on the host (a missing one is an
 //! error naming the host's switches and `--network-map`). A VM of the same name makes the new
@@ -201,6 +201,9 @@ pub struct NicPlan {
     pub switch: Option<String>,
     /// Access VLAN.
     pub vlan: Option<u64>,
+    /// The port's VLAN in any mode and its bandwidth, given back by `AddFeatureSettings`
+    /// (ADR 0181).
+    pub port: crate::port::PortFeatures,
 }
 
 /// The VM to define, from the plan's configuration and (from Hyper-V) its native record.
@@ -296,6 +299,10 @@ pub fn vm_plan(plan: &RestorePlan) -> VmPlan {
                 .get(i)
                 .and_then(|x| x["vlan"].as_u64())
                 .filter(|v| *v != 0),
+            port: native_nics
+                .get(i)
+                .map(crate::port::PortFeatures::from_json)
+                .unwrap_or_default(),
         });
     }
     let notes = rec
@@ -329,12 +336,8 @@ pub fn not_carried(native: &NativeConfig) -> Vec<String> {
         ));
     }
     for (i, n) in r["nics"].as_array().into_iter().flatten().enumerate() {
-        if let Some(v) = n["vlan"].as_u64().filter(|v| *v != 0) {
-            out.push(format!(
-                "NIC {i}: access VLAN {v} on switch `{}` is not kept: attach the NIC to a network that carries it",
-                n["switch"].as_str().unwrap_or("")
-            ));
-        }
+        let switch = n["switch"].as_str().unwrap_or("");
+        out.extend(crate::port::PortFeatures::from_json(n).lost(i, switch));
     }
     if r["generation"].as_u64() == Some(2) && r["secure_boot"].as_bool() == Some(true) {
         out.push("Hyper-V generation 2 with secure boot: the target boots UEFI with secure boot if it offers it".into());
@@ -937,7 +940,13 @@ async fn build(
                 ),
             )
             .await?;
-        if let Some(v) = nic.vlan {
+        let features: Vec<String> = nic
+            .port
+            .settings()
+            .iter()
+            .map(|f| embedded(f.class, &f.props, &f.arrays))
+            .collect();
+        if !features.is_empty() {
             run.call(
                 "AddFeatureSettings",
                 &[
@@ -948,17 +957,7 @@ async fn build(
                             &[("InstanceID", &conn)],
                         ),
                     ),
-                    Param::Texts(
-                        "FeatureSettings".into(),
-                        vec![embedded(
-                            "Msvm_EthernetSwitchPortVlanSettingData",
-                            &[
-                                p("OperationMode", "uint32", 1),
-                                p("AccessVlanId", "uint16", v),
-                            ],
-                            &[],
-                        )],
-                    ),
+                    Param::Texts("FeatureSettings".into(), features),
                 ],
             )
             .await?;

@@ -146,7 +146,26 @@ fn check_config(vm: &str, c: &ferry_hv::VmConfig, native: &str) {
     } else {
         assert_eq!(c.firmware, Firmware::UefiSecureBoot, "{vm}");
         assert_eq!(nic.network.as_deref(), Some("vSwitch-Prod"), "{vm}");
-        assert_eq!(n["nics"][0]["vlan"], 10, "{n}");
+        if vm == "win-file-01" {
+            // A trunk port with a bandwidth limit (ADR 0181).
+            assert!(n["nics"][0]["vlan"].is_null(), "{n}");
+            assert_eq!(n["nics"][0]["port"]["vlan"]["mode"], "trunk", "{n}");
+            assert_eq!(
+                n["nics"][0]["port"]["vlan"]["allowed"],
+                serde_json::json!([10, 20, 30])
+            );
+            assert_eq!(n["nics"][0]["port"]["bandwidth"]["limit"], 100_000_000u64);
+        } else if vm == "win-dyn-01" {
+            let v = &n["nics"][0]["port"]["vlan"];
+            assert_eq!(
+                (&v["mode"], &v["pvlan_mode"], &v["primary"], &v["secondary"]),
+                (&"private".into(), &2.into(), &100.into(), &101.into()),
+                "{n}"
+            );
+        } else {
+            assert_eq!(n["nics"][0]["vlan"], 10, "{n}");
+            assert_eq!(n["nics"][0]["port"]["vlan"]["access"], 10, "{n}");
+        }
         assert_eq!(n["generation"], 2);
     }
     if vm == "win-sql-01" {

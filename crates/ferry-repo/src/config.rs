@@ -268,7 +268,7 @@ impl KeySlot {
     }
 }
 
-fn encode_small(magic: [u8; 4], body: &[u8], mac: Option<[u8; 32]>) -> Vec<u8> {
+pub(crate) fn encode_small(magic: [u8; 4], body: &[u8], mac: Option<[u8; 32]>) -> Vec<u8> {
     let mut out = Vec::with_capacity(12 + body.len() + 32);
     out.extend_from_slice(&magic);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -282,7 +282,7 @@ fn encode_small(magic: [u8; 4], body: &[u8], mac: Option<[u8; 32]>) -> Vec<u8> {
 }
 
 /// Splits a small object into (body, trailer), checking magic, version and length.
-fn decode_small<'a>(
+pub(crate) fn decode_small<'a>(
     magic: [u8; 4],
     key: &str,
     data: &'a [u8],

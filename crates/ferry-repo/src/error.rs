@@ -123,6 +123,17 @@ pub enum RepoError {
         /// Why.
         reason: String,
     },
+    /// A KMS key slot cannot be created or opened (KMS unreachable, access denied, key
+    /// disabled, ciphertext refused). Never carries key material.
+    #[error("KMS key slot `{slot}` (key {key_id}): {reason}")]
+    Kms {
+        /// The slot object key (`keys/…`).
+        slot: String,
+        /// The KMS key as the slot names it.
+        key_id: String,
+        /// What went wrong and what to do.
+        reason: String,
+    },
     /// The caller broke the API contract (an index out of range, a chunk never written).
     #[error("{0}")]
     Usage(String),

@@ -28,6 +28,7 @@ pub fn decode_all(data: &[u8]) {
     let _ = crate::verification::BootVerification::from_payload("snapshots/f/verify/x", data);
     let _ = RepoConfig::decode_unauthenticated(data);
     let _ = KeySlot::decode("keys/f", data);
+    crate::kms::fuzz(data);
     let _ = crate::locks::Lease::decode(data);
     s3_responses(data);
 }
@@ -98,6 +99,21 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         .expect("slot");
         out.push(("sealed_objects", format!("keyslot-{tag}"), slot.encode()));
     }
+    let kms = crate::kms::KmsSlot {
+        provider: crate::kms::PROVIDER_AWS_KMS.into(),
+        key_id: "alias/ferry".into(),
+        key_arn: "arn:aws:kms:us-east-1:123456789012:key/0b3e".into(),
+        region: "us-east-1".into(),
+        endpoint: Some("http://127.0.0.1:5000".into()),
+        ciphertext: "AQIDBA==".into(),
+        created: "2026-01-01T00:00:00Z".into(),
+    };
+    out.push(("kms_slot", "slot".into(), kms.encode()));
+    out.push((
+        "kms_slot",
+        "fault".into(),
+        br#"{"__type":"DisabledException","message":"disabled"}"#.to_vec(),
+    ));
     let manifest = br#"{"version":1,"id":"fuzz","started":"2026-01-01T00:00:00Z","finished":"2026-01-01T00:00:01Z","time":0,"writer":"w","vm":{"id":"v","name":"n"},"source":"s","hypervisor":"xen","consistency":"crash","config":{"cpus":1,"memory":1,"firmware":"bios","guest-os":null,"disks":[],"nics":[]},"disks":[]}"#;
     out.push(("manifest_payload", "manifest".into(), manifest.to_vec()));
     let lock = br#"<?xml version="1.0" encoding="UTF-8"?><ObjectLockConfiguration xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><ObjectLockEnabled>Enabled</ObjectLockEnabled><Rule><DefaultRetention><Mode>COMPLIANCE</Mode><Days>30</Days></DefaultRetention></Rule></ObjectLockConfiguration>"#;
@@ -129,6 +145,9 @@ mod tests {
                     )
                     .unwrap();
                     assert_eq!(c.object_lock_enabled.as_deref(), Some("Enabled"));
+                }
+                ("kms_slot", "slot") => {
+                    crate::kms::KmsSlot::decode("keys/f", &data).unwrap();
                 }
                 ("index_payload", _) => {
                     DiskIndex::from_payload("indexes/f/0", &data).unwrap();

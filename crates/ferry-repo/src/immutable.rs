@@ -26,8 +26,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use chrono::{SecondsFormat, TimeZone, Utc};
 use ferry_http::{ClientOptions, HttpClient};
-use object_store::aws::{AwsAuthorizer, AwsCredentialProvider};
-use object_store::client::HttpRequestBody;
+use object_store::aws::AwsCredentialProvider;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -273,25 +272,17 @@ impl S3Lock {
                 .get_credential()
                 .await
                 .map_err(|e| RepoError::backend("sign", key, e))?;
-            let mut req = http::Request::builder()
-                .method(method.clone())
-                .uri(url.as_str());
-            for (k, v) in headers {
-                req = req.header(*k, v);
-            }
-            let mut req = req
-                .body(HttpRequestBody::from(body.clone()))
-                .map_err(|e| http_err(op, key, e))?;
-            AwsAuthorizer::new(&cred, "s3", &self.target.region).authorize(&mut req, None);
-            let (parts, _) = req.into_parts();
-            let mut rb = self
-                .http
-                .inner()
-                .request(parts.method, url.clone())
-                .body(body.clone());
-            for (k, v) in &parts.headers {
-                rb = rb.header(k, v);
-            }
+            let rb = crate::sigv4::signed_request(
+                &self.http,
+                &cred,
+                "s3",
+                &self.target.region,
+                method.clone(),
+                &url,
+                headers,
+                body.clone(),
+            )
+            .map_err(|e| http_err(op, key, e))?;
             match self.http.send(op, rb).await {
                 Ok(r)
                     if (r.status().is_server_error() || r.status().as_u16() == 429)

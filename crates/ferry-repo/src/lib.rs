@@ -71,11 +71,17 @@ mod direct;
 mod error;
 pub mod fuzz;
 pub mod immutable;
+<<<<<<< HEAD
 pub mod immutable_local;
+=======
+mod keyslots;
+pub mod kms;
+>>>>>>> main
 pub mod locks;
 mod maintenance;
 pub mod manifest;
 mod repo;
+mod sigv4;
 pub mod store;
 pub mod testdata;
 pub mod time;
@@ -86,6 +92,8 @@ pub use codec::{ChunkCodec, ChunkId, Compression, DiskIndex, EncodedChunk, Keys}
 pub use config::{CompressionMethod, Encryption, KdfParams, RepoConfig};
 pub use error::{RepoError, Result};
 pub use immutable::{Immutability, KeptLocked, LockMode};
+pub use keyslots::{KmsUnlock, SlotInfo, Unlock};
+pub use kms::KmsKey;
 pub use maintenance::{
     BadObject, GcOptions, GcReport, PruneDecision, Retention, VerifyOptions, VerifyReport,
     plan_retention,

@@ -117,6 +117,31 @@ fn new_snapshot_id() -> String {
 impl Repository {
     /// Creates a repository at `store`. Encrypted repositories need a password.
     pub async fn init(store: Store, password: Option<&Secret>, opts: InitOptions) -> Result<Self> {
+        Self::init_with(store, password, None, opts).await
+    }
+
+    /// Creates an encrypted repository whose master key is wrapped by the AWS KMS key `kms`
+    /// (ADR 0182), and by `password` too when given.
+    pub async fn init_kms(
+        store: Store,
+        password: Option<&Secret>,
+        kms: &crate::KmsKey,
+        opts: InitOptions,
+    ) -> Result<Self> {
+        if !opts.encrypted {
+            return Err(RepoError::Usage(
+                "a KMS key wraps the key of an encrypted repository; it does not apply with --insecure-no-encryption".into(),
+            ));
+        }
+        Self::init_with(store, password.filter(|p| !p.is_empty()), Some(kms), opts).await
+    }
+
+    async fn init_with(
+        store: Store,
+        password: Option<&Secret>,
+        kms: Option<&crate::KmsKey>,
+        opts: InitOptions,
+    ) -> Result<Self> {
         let cs = opts.chunk_size;
         if !cs.is_power_of_two()
             || !(crate::codec::MIN_CHUNK_SIZE..=crate::codec::MAX_CHUNK_SIZE).contains(&cs)
@@ -176,24 +201,44 @@ impl Repository {
             immutability: opts.immutability,
         };
         let keys = Keys::from_master(master, opts.encrypted);
-        let mut slot_key = None;
+        let mut slots: Vec<(String, Vec<u8>)> = Vec::new();
         if opts.encrypted {
-            let password = password.filter(|p| !p.is_empty()).ok_or_else(|| {
-                RepoError::Usage(
-                    "an encrypted repository needs a password (or choose --insecure-no-encryption)"
-                        .into(),
-                )
-            })?;
-            let slot = KeySlot::create(&id, &master, password, opts.kdf)?;
-            let key = format!("keys/{}", hex(&random_bytes::<8>()));
-            store.create(&key, slot.encode()).await?;
-            slot_key = Some(key);
+            // KMS first: it can fail (unreachable, denied) before anything is written.
+            if let Some(kms) = kms {
+                slots.push(crate::keyslots::kms_slot(&id, &master, kms).await?);
+            }
+            match password.filter(|p| !p.is_empty()) {
+                Some(password) => {
+                    let slot = KeySlot::create(&id, &master, password, opts.kdf)?;
+                    slots.push((format!("keys/{}", hex(&random_bytes::<8>())), slot.encode()));
+                }
+                None if kms.is_none() => {
+                    return Err(RepoError::Usage(
+                        "an encrypted repository needs a password or a KMS key (or choose --insecure-no-encryption)"
+                            .into(),
+                    ));
+                }
+                None => {}
+            }
+        }
+        let mut written = Vec::new();
+        for (key, data) in slots {
+            if let Err(e) = store.create(&key, data).await {
+                crate::keyslots::delete_all(&store, &written).await;
+                return Err(e);
+            }
+            written.push(key);
         }
         // The config goes last and only if absent: two racing inits cannot both win.
-        if store.create(CONFIG_KEY, config.encode(&keys)).await? == Created::AlreadyExists {
-            if let Some(k) = slot_key {
-                store.delete(&k).await?;
+        let created = match store.create(CONFIG_KEY, config.encode(&keys)).await {
+            Ok(c) => c,
+            Err(e) => {
+                crate::keyslots::delete_all(&store, &written).await;
+                return Err(e);
             }
+        };
+        if created == Created::AlreadyExists {
+            crate::keyslots::delete_all(&store, &written).await;
             return Err(RepoError::AlreadyInitialized {
                 location: store.location().into(),
             });
@@ -202,8 +247,19 @@ impl Repository {
         Ok(Self::assemble(store, config, keys))
     }
 
-    /// Opens the repository at `store`, unlocking it with `password` (ignored when unencrypted).
+    /// Opens the repository at `store`, unlocking it with `password` (ignored when unencrypted);
+    /// without a password, with its KMS key slots.
     pub async fn open(store: Store, password: Option<&Secret>) -> Result<Self> {
+        let unlock = crate::keyslots::Unlock {
+            password: password.cloned(),
+            ..Default::default()
+        };
+        Self::open_with(store, &unlock).await
+    }
+
+    /// Opens the repository at `store`, unlocking it as `unlock` says: with the password if
+    /// one is given (and KMS is not forced), else with a KMS key slot.
+    pub async fn open_with(store: Store, unlock: &crate::keyslots::Unlock) -> Result<Self> {
         let data = match store.get(CONFIG_KEY).await {
             Ok(d) => d,
             Err(RepoError::Missing { .. }) => {
@@ -217,10 +273,18 @@ impl Repository {
         let keys = match config.encryption {
             Encryption::None => Keys::from_master(config.plain_master()?, false),
             Encryption::Aes256Gcm => {
-                let password = password.ok_or_else(|| RepoError::PasswordRequired {
-                    location: store.location().into(),
-                })?;
-                let master = Self::unlock(&store, &config.id, password).await?;
+                let master = match unlock.password.as_ref() {
+                    Some(password) if !unlock.kms.force => {
+                        Self::unlock(&store, &config.id, password).await?
+                    }
+                    _ => {
+                        crate::keyslots::unlock_kms(&store, &config.id, unlock, |m| {
+                            RepoConfig::authenticate(&body, &mac, &Keys::from_master(*m, true))
+                                .is_ok()
+                        })
+                        .await?
+                    }
+                };
                 Keys::from_master(master, true)
             }
         };
@@ -241,6 +305,9 @@ impl Repository {
         for meta in slots {
             let key = meta.location.to_string();
             let data = store.get(&key).await?;
+            if data.starts_with(&crate::kms::MAGIC_KMS_SLOT) {
+                continue; // a KMS slot: no password opens it
+            }
             let slot = match KeySlot::decode(&key, &data) {
                 Ok(s) => s,
                 Err(e) => {

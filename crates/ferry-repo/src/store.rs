@@ -153,6 +153,32 @@ fn s3_credentials(
     })
 }
 
+/// AWS credentials from the same sources as S3 locations (environment, shared credentials
+/// file, web identity; the instance metadata service only when opted into), for other AWS
+/// services such as KMS (`service` names it in the error).
+pub(crate) fn aws_credentials(
+    options: &[(String, String)],
+    service: &'static str,
+) -> Result<object_store::aws::AwsCredentialProvider> {
+    let b = object_store::aws::AmazonS3Builder::from_env();
+    let b = s3_credentials(b, options, service).map_err(|e| match e {
+        RepoError::NoCredentials { help, .. } => RepoError::NoCredentials {
+            cloud: service,
+            help,
+        },
+        e => e,
+    })?;
+    // The bucket is never contacted: the builder only assembles the credential chain.
+    let s3 = b
+        .with_bucket_name("credentials-only")
+        .build()
+        .map_err(|e| RepoError::InvalidLocation {
+            location: service.into(),
+            reason: format!("AWS configuration: {e}"),
+        })?;
+    Ok(s3.credentials().clone())
+}
+
 /// Keys of one profile of the AWS shared credentials file.
 struct FileCredentials {
     key_id: String,

@@ -17,6 +17,7 @@ pub mod instant;
 pub mod nbd;
 pub mod replica;
 pub mod repo;
+pub mod repo_key;
 pub mod restore;
 pub mod serve;
 pub mod sim;

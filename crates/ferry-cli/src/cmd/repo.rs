@@ -23,9 +23,19 @@ pub struct RepoArgs {
     /// Repository location: a path, file://PATH, s3://BUCKET/PREFIX or az://CONTAINER/PREFIX.
     #[arg(long = "repo", env = "FERRY_REPO")]
     repo: String,
+    /// Boxed: every command embeds these arguments, and their enums stay small.
+    #[command(flatten)]
+    unlock: Box<UnlockArgs>,
+}
+
+/// How to unlock the repository: password file, AWS KMS options.
+#[derive(Debug, Clone, clap::Args)]
+struct UnlockArgs {
     /// Read the password from this file (first line); default: the FERRY_PASSWORD variable.
     #[arg(long)]
     password_file: Option<PathBuf>,
+    #[command(flatten)]
+    kms: crate::cmd::repo_key::KmsArgs,
 }
 
 /// A password from the first line of `file`, else from the environment variable `var`.
@@ -52,13 +62,28 @@ pub(crate) async fn open_repository(
 }
 
 impl RepoArgs {
-    fn password(&self) -> anyhow::Result<Option<Secret>> {
-        read_password(self.password_file.as_deref(), "FERRY_PASSWORD")
+    /// The location as given.
+    pub(crate) fn location(&self) -> &str {
+        &self.repo
     }
 
-    /// Opens the repository, unlocking it with the password.
+    pub(crate) fn password(&self) -> anyhow::Result<Option<Secret>> {
+        read_password(self.unlock.password_file.as_deref(), "FERRY_PASSWORD")
+    }
+
+    /// The `--kms` options.
+    pub(crate) fn kms(&self) -> &crate::cmd::repo_key::KmsArgs {
+        &self.unlock.kms
+    }
+
+    /// Opens the repository, unlocking it with the password, else (or with `--kms`) with a KMS
+    /// key slot.
     pub(crate) async fn open(&self) -> anyhow::Result<Repository> {
-        open_repository(&self.repo, self.password()?.as_ref()).await
+        let store = Store::open(&self.repo, false)
+            .with_context(|| format!("cannot open repository {}", self.repo))?;
+        Repository::open_with(store, &self.kms().unlock(self.password()?))
+            .await
+            .with_context(|| format!("cannot open repository {}", self.repo))
     }
 }
 
@@ -71,6 +96,9 @@ pub enum Command {
     Info(InfoArgs),
     /// Add another password (key slot).
     AddPassword(AddPasswordArgs),
+    /// Key slots: list, add (password or AWS KMS key), remove.
+    #[command(subcommand)]
+    Key(crate::cmd::repo_key::KeyCommand),
 }
 
 /// Arguments of `ferry repo init`.
@@ -318,14 +346,22 @@ pub async fn run(cmd: Command, _global: &crate::Global) -> anyhow::Result<ExitCo
         Command::Init(a) => init(a).await,
         Command::Info(a) => info(a).await,
         Command::AddPassword(a) => add_password(a).await,
+        Command::Key(c) => crate::cmd::repo_key::run(c).await,
     }
 }
 
 async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
     let password = a.repo.password()?;
-    if !a.insecure_no_encryption && password.as_ref().is_none_or(Secret::is_empty) {
+    let kms = a.repo.kms().new_slot_key()?;
+    if kms.is_some() && a.insecure_no_encryption {
         bail!(
-            "a password is required to create an encrypted repository (FERRY_PASSWORD or --password-file); or pass --insecure-no-encryption"
+            "--kms wraps the key of an encrypted repository; it does not go with --insecure-no-encryption"
+        );
+    }
+    if !a.insecure_no_encryption && kms.is_none() && password.as_ref().is_none_or(Secret::is_empty)
+    {
+        bail!(
+            "a password is required to create an encrypted repository (FERRY_PASSWORD or --password-file), or an AWS KMS key (--kms KEYID); or pass --insecure-no-encryption"
         );
     }
     let compression = match (a.compression, a.compression_level) {
@@ -353,6 +389,7 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
     };
     let store = Store::open(&a.repo.repo, true)
         .with_context(|| format!("cannot create repository {}", a.repo.repo))?;
+<<<<<<< HEAD
     if opts.immutability.is_some() && a.lock_mode.is_some() && store.local_lock().is_some() {
         bail!(
             "--lock-mode applies to S3 Object Lock only: a hardened local repository's inode flag \
@@ -360,8 +397,14 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let repo = Repository::init(store, password.as_ref(), opts).await?;
+=======
+    let repo = match &kms {
+        Some(k) => Repository::init_kms(store, password.as_ref(), k, opts).await?,
+        None => Repository::init(store, password.as_ref(), opts).await?,
+    };
+>>>>>>> main
     println!(
-        "created repository {} at {} (chunk size {}, {}{})",
+        "created repository {} at {} (chunk size {}, {}{}{})",
         repo.config().id,
         a.repo.repo,
         human_bytes(u64::from(repo.config().chunk_size)),
@@ -372,10 +415,17 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         },
         repo.config()
             .immutability
+<<<<<<< HEAD
             .map(|i| format!(
                 ", immutable: {}",
                 describe_immutability(&i, repo.store().local_lock().is_some())
             ))
+=======
+            .map(|i| format!(", immutable: {}", describe_immutability(&i)))
+            .unwrap_or_default(),
+        kms.as_ref()
+            .map(|k| format!(", key wrapped by AWS KMS key {}", k.key_id))
+>>>>>>> main
             .unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
@@ -414,6 +464,9 @@ struct Info {
     compression_level: i32,
     encryption: Encryption,
     key_slots: usize,
+    /// AWS KMS keys that wrap a slot (ADR 0182).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    kms_keys: Vec<String>,
     snapshots: usize,
     chunks: usize,
     chunk_bytes: u64,
@@ -428,6 +481,7 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     let repo = a.repo.open().await?;
     let c = repo.config();
     let chunks = repo.store().list("chunks").await?;
+    let slots = repo.key_slots().await?;
     let info = Info {
         location: a.repo.repo.clone(),
         id: c.id.clone(),
@@ -437,7 +491,8 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         compression: c.compression,
         compression_level: c.compression_level,
         encryption: c.encryption,
-        key_slots: repo.store().list("keys").await?.len(),
+        key_slots: slots.len(),
+        kms_keys: slots.iter().filter_map(|s| s.kms_key_id.clone()).collect(),
         snapshots: repo.snapshot_ids().await?.len(),
         chunks: chunks.len(),
         chunk_bytes: chunks.iter().map(|o| o.size).sum(),
@@ -479,6 +534,9 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             );
         }
         println!("key slots:    {}", info.key_slots);
+        if !info.kms_keys.is_empty() {
+            println!("AWS KMS keys: {}", info.kms_keys.join(", "));
+        }
         println!("snapshots:    {}", info.snapshots);
         println!(
             "chunks:       {} ({})",
@@ -489,9 +547,9 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn add_password(a: AddPasswordArgs) -> anyhow::Result<ExitCode> {
-    let repo = a.repo.open().await?;
-    let new = match &a.new_password_file {
+/// The new password of `repo add-password` / `repo key add`.
+pub(crate) fn read_new_password(file: Option<&Path>) -> anyhow::Result<Secret> {
+    Ok(match file {
         Some(p) => Secret::new(
             std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read password file {}", p.display()))?
@@ -503,7 +561,12 @@ async fn add_password(a: AddPasswordArgs) -> anyhow::Result<ExitCode> {
             std::env::var("FERRY_NEW_PASSWORD")
                 .context("no new password: set FERRY_NEW_PASSWORD or pass --new-password-file")?,
         ),
-    };
+    })
+}
+
+async fn add_password(a: AddPasswordArgs) -> anyhow::Result<ExitCode> {
+    let repo = a.repo.open().await?;
+    let new = read_new_password(a.new_password_file.as_deref())?;
     let key = repo.add_password(&new, KdfParams::default()).await?;
     println!("added key slot {key}");
     Ok(ExitCode::SUCCESS)

@@ -43,6 +43,26 @@ pub fn serve_with_admin(
     )
 }
 
+/// Like [`serve_with_admin`], with extra environment variables for the service (cloud
+/// credentials, endpoints).
+#[allow(dead_code)]
+pub fn serve_with_admin_env(
+    state: &std::path::Path,
+    config: &std::path::Path,
+    admin_pw: &str,
+    env: &[(String, String)],
+) -> (ferry_testkit::Killed, Value) {
+    let mut c = ferry();
+    c.args(["serve", "--listen", "127.0.0.1:0", "--init-admin", "admin"])
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--config")
+        .arg(config)
+        .env("FERRY_ADMIN_PASSWORD", admin_pw)
+        .envs(env.iter().cloned());
+    ferry_testkit::Killed::spawn_json_line(&mut c)
+}
+
 /// An HTTPS client pinned to the certificate of the service whose JSON line is `info`.
 #[allow(dead_code)]
 pub fn pinned_client(info: &Value) -> reqwest::Client {
@@ -102,4 +122,35 @@ pub fn wait_for_stderr_keep(child: &mut Child, needle: &str) -> std::thread::Joi
         let _ = std::io::Read::read_to_string(&mut err, &mut rest);
         seen + &rest
     })
+}
+
+/// Runs the console script `tests/<script>` in headless Chromium (node with the npm
+/// `playwright-core` peer and Debian's `chromium`) with `env`; the JSON line it reports.
+#[allow(dead_code)]
+pub fn chromium_script(script: &str, env: &[(&str, &std::ffi::OsStr)]) -> Value {
+    let node_modules = ferry_testkit::peers_dir().join("node/node_modules");
+    assert!(
+        node_modules.join("playwright-core").is_dir()
+            && std::path::Path::new("/usr/bin/chromium").exists(),
+        "peers `playwright-core` (npm) and `chromium` (Debian) are needed: run tests/peers/install.sh"
+    );
+    let mut cmd = Command::new(ferry_testkit::tool("node"));
+    cmd.arg(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests")
+            .join(script),
+    )
+    .env("NODE_PATH", &node_modules)
+    .env("NO_PROXY", "127.0.0.1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }

@@ -114,6 +114,18 @@ impl Lab {
         std::fs::write(self.path("ferry.toml"), toml).unwrap();
     }
 
+    /// Source `lab` reads through `san-paths` and restores whole VMs to `restore-dir`
+    /// (`C:\ClusterStorage\Volume1\Restores`).
+    pub fn san_restore_config(&self) {
+        self.config(
+            "[\"san\"]",
+            &format!(
+                "restore-dir = 'C:\\ClusterStorage\\Volume1\\Restores'\n{}",
+                self.san_paths_table()
+            ),
+        );
+    }
+
     /// `[sources.lab.san-paths]`: the host's `C:\` as the proxy sees it.
     pub fn san_paths_table(&self) -> String {
         format!(
@@ -225,6 +237,12 @@ impl Lab {
 
     /// A side-door call (the guest, faults, migrations); every node has the side door.
     pub fn door(&self, method: &str, params: &[(&str, &str)]) {
+        self.door_out(method, params);
+    }
+
+    /// A side-door call that answers with properties (the per-node agents' addresses and
+    /// counters).
+    pub fn door_out(&self, method: &str, params: &[(&str, &str)]) -> ferry_hv_hyperv::Instance {
         let epr = Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
         let p: Vec<Param> = params
             .iter()
@@ -232,7 +250,28 @@ impl Lab {
             .collect();
         self.rt
             .block_on(self.client.invoke(&epr, method, &p))
-            .unwrap_or_else(|e| panic!("side door {method}: {e}"));
+            .unwrap_or_else(|e| panic!("side door {method}: {e}"))
+    }
+
+    /// Reads through the host agent (`network` only), node `k`'s agent at `agents[k]`; pairs
+    /// the appliance with the simulated agent.
+    pub fn use_network(&self, agents: [&str; 2]) {
+        let mut tail = format!(
+            "{}[sources.lab.agent]\nport = {}\nfingerprint = \"{}\"\n[sources.lab.agent.nodes]\n",
+            self.nodes_table(|k| k),
+            self.info["agent"]["port"],
+            self.info["agent"]["fingerprint"].as_str().unwrap()
+        );
+        for (k, addr) in agents.iter().enumerate() {
+            tail.push_str(&format!("'{}' = \"{addr}\"\n", self.node(k).0));
+        }
+        self.config("[\"network\"]", &tail);
+        let (out, _) = self.ok(&["source", "agent-pin", "lab", "--json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        self.door(
+            "AgentPin",
+            &[("Fingerprint", v["fingerprint"].as_str().unwrap())],
+        );
     }
 
     /// The guest of `vm` writes `data` at `offset` of its disk `disk`.

@@ -1,9 +1,10 @@
 // Ferry's web console: a single page over the appliance's REST API. The token lives in this
 // script's memory only (never in storage or cookies): reloading the page logs out. Every text
-// from the API goes into the page as text, never as markup.
+// from the API goes into the page as text, never as markup. Running sessions are followed
+// through the API's event streams (EventSource), by polling when a stream fails.
 'use strict';
 
-const state = { token: null, user: null, role: null, timer: null };
+const state = { token: null, user: null, role: null, timer: null, stream: null };
 
 function el(tag, attrs, ...kids) {
   const e = document.createElement(tag);
@@ -80,7 +81,56 @@ function mount(...kids) {
   m.replaceChildren(...kids);
 }
 
+// --- Event streams (ADR 0178) -------------------------------------------------------------------
+
+const LIVE = ['queued', 'running', 'retrying'];
+
+function stopFollowing() {
+  if (state.stream) state.stream.stop();
+  state.stream = null;
+}
+
+// Follows the event stream at `path`: `on` maps event names to handlers of their JSON. An
+// EventSource cannot send the token, so each connection opens with a 60-second ticket; when
+// a connection fails it is opened again with a new ticket from the last event id (the server
+// sends what came after it). After 3 failures in a row `fallback()` takes over (polling).
+function follow(path, on, fallback, lastId) {
+  stopFollowing();
+  const s = { es: null, lastId: lastId || null, failures: 0, stopped: false };
+  s.stop = () => { s.stopped = true; if (s.es) s.es.close(); };
+  state.stream = s;
+  const fail = () => {
+    if (s.stopped) return;
+    s.failures += 1;
+    if (s.failures >= 3) { s.stop(); fallback(); return; }
+    setTimeout(connect, 500 * s.failures);
+  };
+  const connect = async () => {
+    if (s.stopped) return;
+    let t;
+    try { t = await api('POST', '/api/events/ticket'); } catch (_) { fail(); return; }
+    if (s.stopped) return;
+    const q = new URLSearchParams({ ticket: t.body.ticket });
+    if (s.lastId) q.set('last_event_id', s.lastId);
+    const es = new EventSource(path + '?' + q.toString());
+    s.es = es;
+    for (const [name, f] of Object.entries(on)) {
+      es.addEventListener(name, (ev) => {
+        if (s.stopped) return;
+        if (ev.lastEventId) s.lastId = ev.lastEventId;
+        s.failures = 0;
+        if (name === 'end') s.stop();
+        f(JSON.parse(ev.data));
+      });
+    }
+    // The browser would reconnect with the old ticket; a new one is asked for instead.
+    es.onerror = () => { es.close(); fail(); };
+  };
+  connect();
+}
+
 function logout() {
+  stopFollowing();
   if (state.token) fetch('/api/logout', { method: 'POST', headers: { Authorization: 'Bearer ' + state.token } }).catch(() => {});
   state.token = null;
   $('nav').hidden = true;
@@ -154,7 +204,26 @@ function chart(repos) {
   return svg;
 }
 
+const onDashboard = () => ['', '#', '#dashboard'].includes(location.hash);
+
 async function dashboard() {
+  await drawDashboard();
+  // Another page was asked for meanwhile: it follows its own stream.
+  if (!onDashboard()) return;
+  // Drawn again when a session ends (from the event stream; without it the page stays as is).
+  let pending = null;
+  follow('/api/events', {
+    state: (v) => {
+      if (LIVE.includes(v.status) || pending) return;
+      pending = setTimeout(() => {
+        pending = null;
+        if (onDashboard()) drawDashboard().catch(showError);
+      }, 500);
+    },
+  }, () => {});
+}
+
+async function drawDashboard() {
   const [vms, sessions, alerts, usage] = await Promise.all([
     api('GET', '/api/vms'), api('GET', '/api/sessions?limit=200'), api('GET', '/api/alerts?limit=200'), api('GET', '/api/usage'),
   ]);
@@ -247,44 +316,142 @@ async function jobForm(name) {
 
 // --- Sessions -----------------------------------------------------------------------------------
 
-function sessionTable(list) {
-  return table(['started', 'what', 'status', 'VMs', 'by'], list.map((s) => el('tr', {},
+function sessionRow(s) {
+  return el('tr', { 'data-session': s.id },
     el('td', {}, el('a', { href: '#session/' + s.id }, when(s.started))),
     el('td', {}, s.kind === 'restore' ? 'restore (' + (s.restore ? s.restore.kind : '') + ')' : s.job),
-    el('td', {}, status(s.status)), el('td', {}, (s.vms || []).map((v) => v.vm_name).join(', ')), el('td', {}, s.started_by || ''))));
+    el('td', {}, status(s.status)), el('td', {}, (s.vms || []).map((v) => v.vm_name).join(', ')), el('td', {}, s.started_by || ''));
+}
+
+function sessionTable(list) {
+  return table(['started', 'what', 'status', 'VMs', 'by'], list.map(sessionRow));
+}
+
+// Puts session `v` into the table in `box`: its row replaced in place, or a new row on top.
+function putSession(box, v) {
+  const body = box.querySelector('tbody');
+  if (!body) return;
+  const row = sessionRow(v);
+  const old = body.querySelector('tr[data-session="' + CSS.escape(v.id) + '"]');
+  if (old) old.replaceWith(row);
+  else body.prepend(row);
 }
 
 async function sessions() {
   const r = await api('GET', '/api/sessions?limit=100');
-  mount(el('h1', {}, 'Sessions'), card('Sessions', sessionTable(r.body)));
+  const box = card('Sessions', sessionTable(r.body));
+  mount(el('h1', {}, 'Sessions'), box);
+  const reload = async () => {
+    const n = await api('GET', '/api/sessions?limit=100');
+    box.querySelector('table').replaceWith(sessionTable(n.body));
+  };
+  if (location.hash !== '#sessions') return;
+  const poll = () => {
+    state.timer = setTimeout(async () => {
+      if (location.hash !== '#sessions') return;
+      try { await reload(); } catch (e) { showError(e); }
+      poll();
+    }, 2000);
+  };
+  follow('/api/events', {
+    state: (v) => putSession(box, v),
+    resync: () => reload().catch(showError),
+  }, poll);
 }
+
+function vmRow(m) {
+  const pct = m.total ? Math.min(100, Math.round((100 * m.done) / m.total)) : (m.status === 'success' ? 100 : 0);
+  const split = (t) => t.bottleneck + ' (source ' + Math.round(t.source_pct) + '%, CPU ' + Math.round(t.cpu_pct) + '%, target ' + Math.round(t.target_pct) + '%)';
+  return el('tr', { class: 'vm-row', 'data-vm': m.vm_id }, el('td', {}, m.vm_name),
+    el('td', {}, status(m.status), m.waiting_for ? el('div', { class: 'waiting' }, 'waiting for ' + m.waiting_for) : null),
+    el('td', {}, el('span', { class: 'bar' }, el('span', { width: pct + '%' })), ' ', el('span', { class: 'pct' }, pct + '%'), m.current_disk ? ' ' + m.current_disk : ''),
+    el('td', {}, bytes(m.read)), el('td', {}, bytes(m.written)), el('td', { class: 'rate' }, m.rate ? bytes(m.rate) + '/s' : ''),
+    el('td', { class: 'eta' }, m.eta_seconds === null || m.eta_seconds === undefined ? '' : m.eta_seconds + ' s'),
+    el('td', { class: 'bottleneck' }, m.time_split ? split(m.time_split) : '',
+      ...(m.disk_time_splits || []).map((d) => el('div', { class: 'disk-split' }, d.disk + ': ' + split(d)))),
+    el('td', {}, m.restore_point || ''));
+}
+
+// Updates the cells of a VM's row in place (the row, its bar and the log stay put: no
+// flicker); a VM new to the table gets a row.
+function putVm(body, m) {
+  const fresh = vmRow(m);
+  const old = body.querySelector('tr[data-vm="' + CSS.escape(m.vm_id) + '"]');
+  if (!old) { body.append(fresh); return; }
+  [...fresh.children].forEach((td, i) => {
+    const cur = old.children[i];
+    if (!cur) { old.append(td); return; }
+    if (i === 2) {
+      // The bar: only its width and the numbers change.
+      cur.querySelector('.bar span').style.width = td.querySelector('.bar span').style.width;
+      [...cur.childNodes].slice(1).forEach((n) => n.remove());
+      cur.append(...[...td.childNodes].slice(1));
+    } else if (cur.textContent !== td.textContent) {
+      cur.replaceWith(td);
+    }
+  });
+}
+
+const logLine = (e) => el('div', { 'data-seq': e.seq }, new Date(e.time * 1000).toLocaleTimeString() + ' ' + e.level + ' ' + (e.vm ? '[' + e.vm + '] ' : '') + e.message);
 
 async function session(id) {
   const [s, log] = await Promise.all([api('GET', '/api/sessions/' + id), api('GET', '/api/sessions/' + id + '/log')]);
   const v = s.body;
-  const live = ['queued', 'running', 'retrying'].includes(v.status);
   const info = v.restore ? Object.entries(v.restore).filter(([, x]) => x !== null).map(([k, x]) => el('div', {}, k + ': ' + (typeof x === 'object' ? JSON.stringify(x) : x))) : [];
+  const statusEl = el('span', { id: 'session-status', class: 'status-' + v.status }, v.status);
+  const times = el('span', { id: 'session-times' });
+  const cancel = el('button', { id: 'cancel-session', on: { click: guard(async () => { await api('POST', '/api/sessions/' + id + '/cancel'); }) } }, 'Cancel');
+  const vmsBody = el('tbody', {}, v.vms.map(vmRow));
+  const logBox = el('div', { class: 'log', id: 'session-log' }, log.body.map(logLine));
+  let lastSeq = log.body.length ? log.body[log.body.length - 1].seq : 0;
+  const here = () => location.hash === '#session/' + id;
+  const applyView = (x) => {
+    statusEl.textContent = x.status;
+    statusEl.className = 'status-' + x.status;
+    times.textContent = ' · started ' + when(x.started) + (x.ended ? ' · ended ' + when(x.ended) : '') + (x.error ? ' · ' + x.error : '');
+    cancel.hidden = !LIVE.includes(x.status);
+    for (const m of x.vms || []) putVm(vmsBody, m);
+  };
+  // Lines come numbered: each goes in once, in order, whichever way it came.
+  const addLines = (lines) => {
+    const stick = logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 4;
+    for (const e of lines) {
+      if (e.seq <= lastSeq) continue;
+      logBox.append(logLine(e));
+      lastSeq = e.seq;
+    }
+    if (stick) logBox.scrollTop = logBox.scrollHeight;
+  };
   mount(
     el('h1', {}, v.kind === 'restore' ? 'Restore session' : 'Session of job ' + v.job),
-    el('p', {}, 'Status: ', el('span', { id: 'session-status', class: 'status-' + v.status }, v.status), ' · started ', when(v.started),
-      v.ended ? ' · ended ' + when(v.ended) : '', v.error ? ' · ' + v.error : ''),
-    live ? el('button', { id: 'cancel-session', on: { click: guard(async () => { await api('POST', '/api/sessions/' + id + '/cancel'); }) } }, 'Cancel') : null,
+    el('p', {}, 'Status: ', statusEl, times),
+    cancel,
     info.length ? card('Restore', ...info) : null,
-    card('VMs', table(['VM', 'status', 'progress', 'read', 'written', 'rate', 'ETA', 'bottleneck', 'restore point'], v.vms.map((m) => {
-      const pct = m.total ? Math.min(100, Math.round((100 * m.done) / m.total)) : (m.status === 'success' ? 100 : 0);
-      const split = (t) => t.bottleneck + ' (source ' + Math.round(t.source_pct) + '%, CPU ' + Math.round(t.cpu_pct) + '%, target ' + Math.round(t.target_pct) + '%)';
-      return el('tr', { class: 'vm-row' }, el('td', {}, m.vm_name),
-        el('td', {}, status(m.status), m.waiting_for ? el('div', { class: 'waiting' }, 'waiting for ' + m.waiting_for) : null),
-        el('td', {}, el('span', { class: 'bar' }, el('span', { width: pct + '%' })), ' ', el('span', { class: 'pct' }, pct + '%'), m.current_disk ? ' ' + m.current_disk : ''),
-        el('td', {}, bytes(m.read)), el('td', {}, bytes(m.written)), el('td', {}, m.rate ? bytes(m.rate) + '/s' : ''),
-        el('td', {}, m.eta_seconds === null || m.eta_seconds === undefined ? '' : m.eta_seconds + ' s'),
-        el('td', { class: 'bottleneck' }, m.time_split ? split(m.time_split) : '',
-          ...(m.disk_time_splits || []).map((d) => el('div', { class: 'disk-split' }, d.disk + ': ' + split(d)))),
-        el('td', {}, m.restore_point || ''));
-    }))),
-    card('Log', el('div', { class: 'log', id: 'session-log' }, log.body.map((e) => el('div', {}, new Date(e.time * 1000).toLocaleTimeString() + ' ' + e.level + ' ' + (e.vm ? '[' + e.vm + '] ' : '') + e.message)))),
+    card('VMs', el('table', {}, el('thead', {}, el('tr', {}, ['VM', 'status', 'progress', 'read', 'written', 'rate', 'ETA', 'bottleneck', 'restore point'].map((h) => el('th', {}, h)))), vmsBody)),
+    card('Log', logBox),
   );
-  if (live) state.timer = setTimeout(() => { if (location.hash === '#session/' + id) session(id).catch(showError); }, 1000);
+  applyView(v);
+  if (!LIVE.includes(v.status) || !here()) return;
+  // Polling, when the stream cannot be had.
+  const poll = () => {
+    state.timer = setTimeout(async () => {
+      if (!here()) return;
+      try {
+        const [n, more] = await Promise.all([api('GET', '/api/sessions/' + id), api('GET', '/api/sessions/' + id + '/log?after=' + lastSeq)]);
+        addLines(more.body);
+        applyView(n.body);
+        if (!LIVE.includes(n.body.status)) return;
+      } catch (e) { showError(e); }
+      poll();
+    }, 1000);
+  };
+  follow('/api/sessions/' + id + '/events', {
+    log: (e) => addLines([e]),
+    progress: (m) => putVm(vmsBody, m),
+    state: applyView,
+    resync: applyView,
+    end: () => {},
+  }, poll, String(lastSeq));
 }
 
 // --- Restore ------------------------------------------------------------------------------------
@@ -453,6 +620,7 @@ const routes = [
 
 async function route() {
   clearTimeout(state.timer);
+  stopFollowing();
   if (!state.token) { showLogin(); return; }
   showError(null);
   const h = location.hash;

@@ -47,7 +47,7 @@ fn before_checkpoint(e: &HvError) -> bool {
 impl Inner {
     /// The view of the node that runs VM `vm` now, if that is no longer this view's node
     /// (`None` on a standalone host, when it did not move, or when the cluster cannot say).
-    async fn moved(self: &Arc<Self>, vm: &str) -> Option<Arc<Inner>> {
+    pub(super) async fn moved(self: &Arc<Self>, vm: &str) -> Option<Arc<Inner>> {
         let from = self.node.as_ref()?;
         let to = match self.clusters.owner(&self.client, vm).await {
             Ok(Some(n)) => n,

@@ -26,6 +26,8 @@ pub struct DataPathOptions {
 pub(super) struct DataPaths {
     pins: ferry_tls::ClientPins,
     pub(super) luns: Option<lun::Luns>,
+    /// Where the agent listens (what [`super::node_agent`]'s relays pass through to).
+    pub(super) agent: Option<std::net::SocketAddr>,
 }
 
 impl DataPaths {
@@ -55,9 +57,10 @@ pub(super) async fn start(
     opts: &DataPathOptions,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(SimAgent, DataPaths), HypervSimError> {
-    let paths = DataPaths {
+    let mut paths = DataPaths {
         pins: ferry_tls::ClientPins::default(),
         luns: opts.san_luns.then(|| lun::Luns::new(dir.join("luns"))),
+        agent: None,
     };
     for p in &opts.agent_client_pins {
         paths
@@ -79,6 +82,7 @@ pub(super) async fn start(
     let agent = ferry_agent::start_with_pins(cfg, paths.pins.clone())
         .await
         .map_err(|e| HypervSimError::Other(format!("the host agent: {e}")))?;
+    paths.agent = Some(agent.addr);
     let info = SimAgent {
         addr: agent.addr,
         fingerprint: agent.fingerprint.clone(),

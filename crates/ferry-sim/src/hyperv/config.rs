@@ -83,7 +83,8 @@ pub fn hardware(n: usize, name: &str, vm: &str, host: &str) -> Vec<Instance> {
             ],
         ),
     ];
-    if !linux {
+    let seeded = super::port_features::seed(name, &format!("{port}\\C"));
+    if !linux && seeded.is_empty() {
         out.push(inst(
             "Msvm_EthernetSwitchPortVlanSettingData",
             &[
@@ -93,5 +94,6 @@ pub fn hardware(n: usize, name: &str, vm: &str, host: &str) -> Vec<Instance> {
             ],
         ));
     }
+    out.extend(seeded);
     out
 }

@@ -97,14 +97,8 @@ fn known(class: &str) -> Option<&'static [&'static str]> {
             "HostResource",
             "EnabledState",
         ],
-        "Msvm_EthernetSwitchPortVlanSettingData" => &[
-            "InstanceID",
-            "ElementName",
-            "OperationMode",
-            "AccessVlanId",
-            "NativeVlanId",
-        ],
-        _ => return None,
+        // VLANs in every mode and bandwidth (ADR 0181).
+        other => return super::port_features::known(other),
     })
 }
 
@@ -859,42 +853,10 @@ fn add_features(st: &mut State, body: &Node, out: &mut Instance) -> Result<(), S
     let mut added = Vec::new();
     for f in body.all("FeatureSettings") {
         let e = parse("FeatureSettings", f.text.trim())?;
-        if e.class != "Msvm_EthernetSwitchPortVlanSettingData" {
-            return Err(format!(
-                "The feature {} is not supported by this simulator.",
-                e.class
-            ));
-        }
-        let mode = e.num("OperationMode")?.unwrap_or(0);
-        let vlan = e.num("AccessVlanId")?.unwrap_or(0);
-        if mode != 1 {
-            return Err(format!(
-                "VLAN operation mode {mode} is not supported by this simulator (1: access)."
-            ));
-        }
-        if !(1..=4094).contains(&vlan) {
-            return Err(format!(
-                "Failed to add feature 'Ethernet Switch Port VLAN Settings'. The VLAN identifier {vlan} is not valid (1 to 4094)."
-            ));
-        }
-        let prefix = format!("{conn}\\");
-        let exists = st.objects.get(&e.class).is_some_and(|v| {
-            v.iter()
-                .any(|i| i.text("InstanceID").is_some_and(|x| x.starts_with(&prefix)))
-        });
-        if exists {
-            return Err("The connection has VLAN settings already; modify them.".into());
-        }
-        let id = format!("{conn}\\{}", guid(&st.id("vlan-")));
-        st.push(inst(
-            &e.class,
-            &[
-                ("InstanceID", text(&id)),
-                ("ElementName", text("Ethernet Switch Port VLAN Settings")),
-                ("OperationMode", text(mode.to_string())),
-                ("AccessVlanId", text(vlan.to_string())),
-            ],
-        ));
+        let id = format!("{conn}\\{}", guid(&st.id("feature-")));
+        let existing = st.objects.get(&e.class).cloned().unwrap_or_default();
+        let i = super::port_features::feature(&conn, &id, &e.class, &e.props, &existing)?;
+        st.push(i);
         added.push(Value::Ref(epr(&e.class, &id)));
     }
     out.props

@@ -62,17 +62,7 @@ pub(super) fn after(st: &mut State, action: &str, resource: &str) {
     if p.times == 0 {
         st.pending_move = None;
     }
-    let to = st.cluster.as_ref().and_then(|c| {
-        let id = st.vm_id_of(&vm)?;
-        let from = c.owners.get(&id)?;
-        let at = c.nodes.iter().position(|n| n == from)?;
-        Some(c.nodes[(at + 1) % c.nodes.len()].clone())
-    });
-    match to.map(|to| (st.migrate(&vm, &to, true), to)) {
-        Some((Ok(()), to)) => tracing::info!(vm, node = %to, "live migration (MigrateAfter)"),
-        Some((Err(e), _)) => tracing::warn!(vm, error = %e, "MigrateAfter: no migration"),
-        None => tracing::warn!(vm, "MigrateAfter: no cluster or no such VM"),
-    }
+    st.migrate_to_next(&vm, "MigrateAfter");
 }
 
 /// `MigrateAfter`, or `None` for the other side-door methods.
@@ -120,6 +110,22 @@ pub(super) fn sidedoor(
 }
 
 impl State {
+    /// Live-migrates VM `vm` (RCT kept) to the node after the one that runs it, as side door
+    /// `door` asked.
+    pub(super) fn migrate_to_next(&mut self, vm: &str, door: &str) {
+        let to = self.cluster.as_ref().and_then(|c| {
+            let id = self.vm_id_of(vm)?;
+            let from = c.owners.get(&id)?;
+            let at = c.nodes.iter().position(|n| n == from)?;
+            Some(c.nodes[(at + 1) % c.nodes.len()].clone())
+        });
+        match to.map(|to| (self.migrate(vm, &to, true), to)) {
+            Some((Ok(()), to)) => tracing::info!(vm, node = %to, "live migration ({door})"),
+            Some((Err(e), _)) => tracing::warn!(vm, error = %e, "{door}: no migration"),
+            None => tracing::warn!(vm, "{door}: no cluster or no such VM"),
+        }
+    }
+
     /// The id of VM `vm` (name or id).
     fn vm_id_of(&self, vm: &str) -> Option<String> {
         self.objects

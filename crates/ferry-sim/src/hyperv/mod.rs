@@ -33,6 +33,8 @@ mod disks;
 mod kerberos;
 mod lun;
 mod migrate;
+mod node_agent;
+mod port_features;
 mod rct;
 mod sidedoor;
 
@@ -167,6 +169,8 @@ struct State {
     viewer: Option<String>,
     /// A live migration armed to happen mid-backup ([`migrate`]).
     pending_move: Option<migrate::Pending>,
+    /// Each cluster node's own agent address, one of which a test kills ([`node_agent`]).
+    node_agents: node_agent::NodeAgents,
 }
 
 #[derive(Debug, Clone)]
@@ -808,6 +812,7 @@ fn answer(shared: &Shared, viewer: &cluster::Viewer, body: &[u8]) -> Response {
     let result = {
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         st.viewer = viewer.0.clone();
+        node_agent::before(&mut st);
         let r = dispatch(shared, &mut st, &action, &resource, &selectors, body);
         migrate::after(&mut st, &action, &resource);
         r
@@ -1078,6 +1083,9 @@ fn invoke(
             return r;
         }
         if let Some(r) = migrate::sidedoor(st, method, body) {
+            return r;
+        }
+        if let Some(r) = node_agent::sidedoor(st, method, body) {
             return r;
         }
         return sidedoor::invoke(st, method, body);
