@@ -195,6 +195,26 @@ fn flagged_objects_survive_prune_and_gc_until_retention_passes() {
         "{out:?}"
     );
 
+    // Key slots are flagged too: a second one can be added, none removed (a thief holding one
+    // password could otherwise remove the owner's).
+    let mut with_new = env();
+    with_new.push(("FERRY_NEW_PASSWORD".into(), "second password".into()));
+    let added = ferry_ok(&["repo", "key", "add", "--repo", &repo], &with_new);
+    let slot = added
+        .split_whitespace()
+        .find(|w| w.starts_with("keys/"))
+        .unwrap_or_else(|| panic!("no slot in: {added}"))
+        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
+    assert_eq!(
+        flags(&root).iter().find(|(k, _)| *k == slot).map(|f| f.1),
+        Some(true)
+    );
+    let out = ferry(&["repo", "key", "remove", "--repo", &repo, &slot], &env());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "slot removed: {err}");
+    assert!(err.contains("inode immutable flag"), "{err}");
+
     // Prune keeps restore points 1 and 2 (retention), with the date.
     let plan = ferry_json(&["prune", "--repo", &repo, "--keep-last", "1"], &env());
     for s in [s1, s2] {

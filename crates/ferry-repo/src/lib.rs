@@ -71,12 +71,9 @@ mod direct;
 mod error;
 pub mod fuzz;
 pub mod immutable;
-<<<<<<< HEAD
 pub mod immutable_local;
-=======
 mod keyslots;
 pub mod kms;
->>>>>>> main
 pub mod locks;
 mod maintenance;
 pub mod manifest;

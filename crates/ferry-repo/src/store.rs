@@ -590,9 +590,23 @@ impl Store {
         }
     }
 
-    /// Deletes an object (missing is fine).
+    /// Deletes an object (missing is fine). A flagged object of a hardened local repository
+    /// is refused with a clear error: only prune and GC, past its retention, unflag and delete.
     pub async fn delete(&self, key: &str) -> Result<()> {
         let _p = self.permit().await;
+        if let (Some(_), Some(local)) = (self.policy, &self.local) {
+            if crate::immutable_local::is_immutable(&local.path(key)).unwrap_or(None) == Some(true)
+            {
+                return Err(RepoError::Immutability {
+                    location: self.location.clone(),
+                    reason: format!(
+                        "`{key}` carries the inode immutable flag of this hardened repository and \
+                         cannot be deleted (prune and GC delete data past its retention; an \
+                         administrator with CAP_LINUX_IMMUTABLE can clear the flag with chattr -i)"
+                    ),
+                });
+            }
+        }
         match self.inner.delete(&Path::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(RepoError::backend("delete", key, e)),

@@ -389,20 +389,16 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
     };
     let store = Store::open(&a.repo.repo, true)
         .with_context(|| format!("cannot create repository {}", a.repo.repo))?;
-<<<<<<< HEAD
     if opts.immutability.is_some() && a.lock_mode.is_some() && store.local_lock().is_some() {
         bail!(
             "--lock-mode applies to S3 Object Lock only: a hardened local repository's inode flag \
              has a single mode (only a process with CAP_LINUX_IMMUTABLE can clear it)"
         );
     }
-    let repo = Repository::init(store, password.as_ref(), opts).await?;
-=======
     let repo = match &kms {
         Some(k) => Repository::init_kms(store, password.as_ref(), k, opts).await?,
         None => Repository::init(store, password.as_ref(), opts).await?,
     };
->>>>>>> main
     println!(
         "created repository {} at {} (chunk size {}, {}{}{})",
         repo.config().id,
@@ -415,17 +411,13 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         },
         repo.config()
             .immutability
-<<<<<<< HEAD
             .map(|i| format!(
                 ", immutable: {}",
                 describe_immutability(&i, repo.store().local_lock().is_some())
             ))
-=======
-            .map(|i| format!(", immutable: {}", describe_immutability(&i)))
             .unwrap_or_default(),
         kms.as_ref()
             .map(|k| format!(", key wrapped by AWS KMS key {}", k.key_id))
->>>>>>> main
             .unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
