@@ -5,11 +5,15 @@
 //! generation, not once per restore point. AWS's own SDK (`tests/s3_lock_probe.py`, boto3)
 //! checks the store independently of ferry.
 
+#[path = "common/immutability.rs"]
+mod immutability;
+
 use ferry_core::Secret;
 use ferry_repo::{Repository, Store};
+use immutability::{ferry, ferry_json, ferry_ok, make_disk, now, unix};
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 const PW: &str = "immutable test password";
 const BUCKET: &str = "locked";
@@ -21,27 +25,6 @@ fn env_with(moto: &ferry_testkit::Moto, extra: &[(&str, &str)]) -> Vec<(String, 
         env.push((k.to_string(), v.to_string()));
     }
     env
-}
-
-fn ferry(args: &[&str], env: &[(String, String)]) -> Output {
-    ferry_testkit::run_logged(env!("CARGO_BIN_EXE_ferry"), args, env)
-}
-
-fn ferry_ok(args: &[&str], env: &[(String, String)]) -> String {
-    let out = ferry(args, env);
-    assert!(
-        out.status.success(),
-        "ferry {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn ferry_json(args: &[&str], env: &[(String, String)]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.push("--json");
-    let out = ferry_ok(&a, env);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ferry {args:?}: not JSON ({e}): {out}"))
 }
 
 /// Runs the boto3 probe and returns its JSON answer.
@@ -68,26 +51,12 @@ fn probe(
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("probe {cmd}: {e}: {out}"))
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 /// Number of `PutObjectRetention` requests moto has answered so far (from its request log).
 fn retention_calls(moto: &ferry_testkit::Moto) -> usize {
     moto.log()
         .lines()
         .filter(|l| l.contains("\"PUT /") && l.contains("?retention"))
         .count()
-}
-
-/// A 4 MiB disk: 2 MiB shared by every version, 2 MiB unique to `seed`.
-fn make_disk(path: &Path, seed: u64) {
-    let mut data = ferry_testkit::noise(2 << 20, 100);
-    data.extend(ferry_testkit::noise(2 << 20, seed));
-    std::fs::write(path, data).unwrap();
 }
 
 fn backup(repo: &str, disk: &Path, env: &[(String, String)]) -> String {
@@ -130,11 +99,6 @@ fn chunk_keys(moto: &ferry_testkit::Moto, repo: &str, id: &str) -> BTreeSet<Stri
     })
 }
 
-fn unix(rfc3339: &str) -> i64 {
-    ferry_repo::immutable::parse_date(rfc3339)
-        .unwrap_or_else(|| panic!("`{rfc3339}`: not RFC 3339"))
-}
-
 #[test]
 fn init_is_refused_without_object_lock() {
     let moto = ferry_testkit::Moto::start();
@@ -158,24 +122,7 @@ fn init_is_refused_without_object_lock() {
     // Nothing was written: a plain repository can still be made there.
     ferry_ok(&["repo", "init", "--repo", &moto.url()], &env);
 
-    // A local directory cannot lock objects at all.
-    let dir = ferry_testkit::scratch_dir();
-    let local = dir.path().join("repo");
-    let out = ferry(
-        &[
-            "repo",
-            "init",
-            "--repo",
-            local.to_str().unwrap(),
-            "--immutable-days",
-            "7",
-        ],
-        &env,
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("S3 bucket with Object Lock"), "{err}");
-    assert!(!local.join("config").exists());
+    // (A local directory can be hardened with the inode flag instead: tests/hardened.rs.)
 
     // Azure immutability is not implemented (Azurite cannot emulate it): refused, and says so.
     let az = ferry_testkit::Azurite::start();

@@ -67,11 +67,7 @@ impl DirectWriter {
         };
         let written = self.write(&file, data).and_then(|()| {
             drop(file);
-            match std::fs::hard_link(&staging, &dest) {
-                Ok(()) => Ok(Created::Written),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(Created::AlreadyExists),
-                Err(e) => Err(e),
-            }
+            link_new(&staging, &dest)
         });
         let _ = std::fs::remove_file(&staging);
         written.map(Some)
@@ -79,29 +75,13 @@ impl DirectWriter {
 
     /// Opens a new staging file beside `dest`, creating parent directories as needed.
     fn staging(&self, dest: &Path) -> Result<(File, PathBuf)> {
-        let open = |p: &Path| {
+        open_staging(&self.root, dest, &self.next, |p| {
             OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .custom_flags(OFlag::O_DIRECT.bits())
                 .open(p)
-        };
-        loop {
-            let n = self.next.fetch_add(1, Ordering::Relaxed);
-            let mut path = dest.as_os_str().to_owned();
-            path.push(format!("#{}{n:06}", std::process::id()));
-            let path = PathBuf::from(path);
-            match open(&path) {
-                Ok(f) => return Ok((f, path)),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    std::fs::create_dir_all(path.parent().unwrap_or(&self.root))?;
-                    // Once more now that the directory exists; a second NotFound is real.
-                    return open(&path).map(|f| (f, path));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        })
     }
 
     /// Writes `data`: its whole blocks with `O_DIRECT` (from where they are when `data` starts
@@ -136,6 +116,42 @@ fn plain_key(key: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
         })
+}
+
+/// Gives the complete `staging` file the name `dest` unless something has it already.
+pub(crate) fn link_new(staging: &Path, dest: &Path) -> Result<Created> {
+    match std::fs::hard_link(staging, dest) {
+        Ok(()) => Ok(Created::Written),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(Created::AlreadyExists),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens (with `open`, which must create exclusively) a new staging file `<dest>#<pid><n>`
+/// beside `dest` — a name the local store's listing ignores — creating parent directories
+/// under `root` as needed.
+pub(crate) fn open_staging(
+    root: &Path,
+    dest: &Path,
+    next: &AtomicU64,
+    open: impl Fn(&Path) -> Result<File>,
+) -> Result<(File, PathBuf)> {
+    loop {
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        let mut path = dest.as_os_str().to_owned();
+        path.push(format!("#{}{n:06}", std::process::id()));
+        let path = PathBuf::from(path);
+        match open(&path) {
+            Ok(f) => return Ok((f, path)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                std::fs::create_dir_all(path.parent().unwrap_or(root))?;
+                // Once more now that the directory exists; a second NotFound is real.
+                return open(&path).map(|f| (f, path));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -475,6 +475,9 @@ pub struct Ledger {
     pub until: HashMap<ChunkId, i64>,
     /// Segment keys with their dates.
     pub segments: Vec<(String, i64)>,
+    /// Segment tag (the restore point id of the commit that wrote it) → its latest date:
+    /// what a hardened local repository keeps that restore point's own objects until.
+    pub by_tag: HashMap<String, i64>,
 }
 
 /// Key of a ledger segment.
@@ -502,6 +505,13 @@ impl Ledger {
                 continue;
             };
             out.segments.push((key.clone(), until));
+            if let Some((_, tag)) = key
+                .strip_prefix("retention/")
+                .and_then(|r| r.split_once('-'))
+            {
+                let e = out.by_tag.entry(tag.to_string()).or_insert(until);
+                *e = (*e).max(until);
+            }
             if until < min_until {
                 continue;
             }
@@ -526,15 +536,17 @@ impl Ledger {
         Ok(out)
     }
 
-    /// Writes a segment: `ids` are locked until at least `until`.
+    /// Writes a segment: `ids` are locked until at least `until` (an empty segment only when
+    /// `always`: it still dates its restore point's own objects).
     pub async fn write(
         store: &crate::Store,
         keys: &Keys,
         until: i64,
         tag: &str,
         ids: &[ChunkId],
+        always: bool,
     ) -> Result<()> {
-        if ids.is_empty() {
+        if ids.is_empty() && !always {
             return Ok(());
         }
         let key = ledger_key(until, tag);
@@ -584,6 +596,96 @@ pub(crate) enum Removal {
     Gone,
 }
 
+/// Wraps an I/O error of the local backend.
+pub(crate) fn local_err(op: &'static str, key: &str, e: std::io::Error) -> RepoError {
+    RepoError::backend(
+        op,
+        key,
+        object_store::Error::Generic {
+            store: "LocalFileSystem",
+            source: Box::new(e),
+        },
+    )
+}
+
+/// Retain-until of an object of a hardened local repository written at `mtime` (which the
+/// flag freezes) and named by ledger segments with `dates`: its own write's date, extended by
+/// every segment (segments only ever add time).
+pub fn local_until(policy: Immutability, mtime: i64, dates: impl IntoIterator<Item = i64>) -> i64 {
+    dates.into_iter().fold(policy.retain_until(mtime), i64::max)
+}
+
+/// What enforces retention: the store (S3 Object Lock) or the inode immutable flag of a
+/// hardened local repository (ADR 0185). GC, prune and commit ask both the same questions.
+#[derive(Clone, Debug)]
+pub(crate) enum Retainer {
+    /// S3 Object Lock: the store knows each object's date.
+    S3(std::sync::Arc<S3Lock>),
+    /// `FS_IMMUTABLE_FL`: the dates come from the ledger and the frozen modification times.
+    Local(std::sync::Arc<crate::immutable_local::LocalLock>),
+}
+
+impl Retainer {
+    /// Whether `key` may be deleted at `now`. The local backend needs the ledger loaded
+    /// (segments still in force are enough).
+    pub(crate) async fn removal(
+        &self,
+        key: &str,
+        now: i64,
+        policy: Immutability,
+        ledger: &Ledger,
+    ) -> Result<Removal> {
+        let local = match self {
+            Self::S3(lock) => return removal(lock, key, now).await,
+            Self::Local(l) => l,
+        };
+        let (mtime, size) = match local.stat(key) {
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(Removal::Gone),
+            Err(e) => return Err(local_err("stat", key, e)),
+        };
+        let mut dates = Vec::new();
+        let owner = key
+            .strip_prefix("snapshots/")
+            .or_else(|| key.strip_prefix("indexes/"))
+            .and_then(|r| r.split('/').next());
+        dates.extend(owner.and_then(|id| ledger.by_tag.get(id)).copied());
+        dates.extend(
+            key.strip_prefix("chunks/")
+                .and_then(|r| r.rsplit('/').next())
+                .and_then(ChunkId::from_hex)
+                .and_then(|id| ledger.until.get(&id))
+                .copied(),
+        );
+        dates.extend(ledger_until(key));
+        let until = local_until(policy, mtime, dates);
+        Ok(if until > now {
+            Removal::Keep(Some(until), size)
+        } else {
+            Removal::Delete(None)
+        })
+    }
+
+    /// Deletes `key` (the given version on S3; clearing the flag first locally).
+    pub(crate) async fn delete(&self, key: &str, version: Option<&str>) -> Result<Deleted> {
+        match self {
+            Self::S3(lock) => lock.delete_version(key, version).await,
+            Self::Local(l) => {
+                let (l, k) = (l.clone(), key.to_string());
+                tokio::task::spawn_blocking(move || l.remove(&k))
+                    .await
+                    .map_err(|e| local_err("delete", key, std::io::Error::other(e)))?
+                    .map_err(|e| local_err("delete", key, e))
+            }
+        }
+    }
+
+    /// Whether the retain-until dates come from the ledger (so callers must load it).
+    pub(crate) fn needs_ledger(&self) -> bool {
+        matches!(self, Self::Local(_))
+    }
+}
+
 /// Decides whether an object may be deleted now, by asking the store for its lock.
 pub(crate) async fn removal(lock: &S3Lock, key: &str, now: i64) -> Result<Removal> {
     Ok(match lock.head(key).await? {
@@ -608,7 +710,7 @@ pub(crate) async fn secure_commit(
 ) -> Result<u64> {
     use futures::StreamExt as _;
     let store = repo.store();
-    let (Some(p), Some(lock)) = (store.immutability(), store.object_lock().cloned()) else {
+    let (Some(p), Some(retainer)) = (store.immutability(), store.retainer()) else {
         return Ok(0);
     };
     let keys = &repo.inner.keys;
@@ -635,6 +737,26 @@ pub(crate) async fn secure_commit(
     extend.sort_unstable();
     extend.dedup();
     let mut calls = 0u64;
+    let lock = match retainer {
+        Retainer::S3(lock) => lock,
+        Retainer::Local(local) => {
+            // The flag has no date: an extension is only the ledger segment below. Flagging the
+            // reused chunks again is idempotent and seals a crash's unflagged leftovers.
+            let l = local.clone();
+            let objs: Vec<String> = extend.iter().map(|id| id.object_key()).collect();
+            tokio::task::spawn_blocking(move || objs.iter().try_for_each(|k| l.seal(k)))
+                .await
+                .map_err(|e| local_err("seal", "chunks", std::io::Error::other(e)))?
+                .map_err(|e| local_err("seal", "chunks", e))?;
+            let mut ids = locked;
+            ids.extend(extend);
+            ids.sort_unstable();
+            ids.dedup();
+            // Everything it names, and the restore point `tag` itself, is kept until then.
+            Ledger::write(store, keys, new_until, tag, &ids, true).await?;
+            return Ok(0);
+        }
+    };
     // `config` and the key slots must outlive every restore point too.
     let config_lock = lock.head(crate::config::CONFIG_KEY).await?;
     if config_lock.and_then(|i| i.until).is_none_or(|u| u < needed) {
@@ -669,7 +791,7 @@ pub(crate) async fn secure_commit(
     ids.extend(extend);
     ids.sort_unstable();
     ids.dedup();
-    Ledger::write(store, keys, locked_until.min(new_until), tag, &ids).await?;
+    Ledger::write(store, keys, locked_until.min(new_until), tag, &ids, false).await?;
     Ok(calls)
 }
 
@@ -693,6 +815,62 @@ mod tests {
             assert_eq!(u % 10, 0);
             // Good for every commit up to one generation later.
             assert!(u >= p.needed_until(t + 10), "t={t} u={u}");
+        }
+    }
+
+    proptest::proptest! {
+        /// A hardened local repository never lets a restore point's objects go before the
+        /// retention: written at `w`, committed at `t` (segment date `retain_until(t)`), its
+        /// manifest written at `m` within a generation of `t`; whatever other segments say.
+        #[test]
+        fn local_retention_never_ends_early(
+            r in 1i64..100_000, l in 1i64..50_000, w in 0i64..1_000_000,
+            dt in 0i64..50_000, others in proptest::collection::vec(0i64..2_000_000, 0..5),
+        ) {
+            let p = Immutability {
+                mode: LockMode::Compliance,
+                retention_secs: r as u64,
+                generation_secs: l as u64,
+            };
+            let t = w + dt % l;
+            let m = t + (dt % l) / 2;
+            let seg = p.retain_until(t);
+            let with = |extra: &[i64]| {
+                local_until(p, m, extra.iter().copied().chain([seg]))
+            };
+            proptest::prop_assert!(with(&[]) >= m + r);
+            proptest::prop_assert!(local_until(p, w, [seg]) >= t + r);
+            // More segments never shorten it; it is always a generation boundary or a date
+            // some segment wrote.
+            proptest::prop_assert!(with(&others) >= with(&[]));
+            let u = with(&others);
+            proptest::prop_assert!(u % l == 0 || others.contains(&u));
+        }
+
+        /// A chunk reused by commits at increasing times is extended (a ledger segment) at
+        /// most once per generation, and is always covered until each commit's `t + R`.
+        #[test]
+        fn reuse_extends_once_per_generation(
+            r in 1i64..10_000, l in 1i64..5_000,
+            steps in proptest::collection::vec(0i64..3_000, 1..40),
+        ) {
+            let p = Immutability {
+                mode: LockMode::Compliance,
+                retention_secs: r as u64,
+                generation_secs: l as u64,
+            };
+            let mut t = 0;
+            let mut covered = p.retain_until(0);
+            let mut extensions = 0i64;
+            for s in &steps {
+                t += s;
+                if covered < p.needed_until(t) {
+                    covered = p.retain_until(t);
+                    extensions += 1;
+                }
+                proptest::prop_assert!(covered >= p.needed_until(t));
+            }
+            proptest::prop_assert!(extensions <= t / l + 1, "{} extensions in {} s", extensions, t);
         }
     }
 

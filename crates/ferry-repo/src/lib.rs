@@ -71,6 +71,7 @@ mod direct;
 mod error;
 pub mod fuzz;
 pub mod immutable;
+pub mod immutable_local;
 mod keyslots;
 pub mod kms;
 pub mod locks;

@@ -44,6 +44,10 @@ pub struct VerifyReport {
     pub chunks_checked: usize,
     /// Bad objects.
     pub bad: Vec<BadObject>,
+    /// Hardened local repositories: data objects found without the immutable flag (a crash
+    /// between an object's write and its flag) and flagged now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<usize>,
 }
 
 impl VerifyReport {
@@ -261,6 +265,13 @@ impl Repository {
                 }
             }
         }
+        if let (Some(_), Some(local), None) = (
+            self.store().immutability(),
+            self.store().local_lock(),
+            &opts.snapshot,
+        ) {
+            report.sealed = Some(self.seal_local(local).await?);
+        }
         report.chunks_referenced = users.len();
         let pct = opts.sample_percent.clamp(0.0, 100.0);
         let seed: [u8; 32] = crate::codec::random_bytes();
@@ -350,15 +361,22 @@ impl Repository {
     /// retention is kept (reason `immutable`, with its date); the others are deleted version by
     /// version (manifest first). Index objects still locked are left for GC.
     async fn prune_locked(&self, plan: &mut [PruneDecision], dry_run: bool) -> Result<()> {
-        use crate::immutable::{Deleted, Removal, removal};
+        use crate::immutable::{Deleted, Ledger, Removal};
         let store = self.store();
-        let lock = store
-            .object_lock()
-            .expect("immutable repositories have a lock client");
+        let (Some(policy), Some(lock)) = (store.immutability(), store.retainer()) else {
+            return Err(RepoError::Usage(
+                "immutable repository without a retention backend".into(),
+            ));
+        };
         let now = crate::immutable::now();
+        let ledger = if lock.needs_ledger() {
+            Ledger::load(store, &self.inner.keys, now + 1).await?
+        } else {
+            Ledger::default()
+        };
         for d in plan.iter_mut().filter(|d| !d.keep) {
             let key = Manifest::key_for(&d.id);
-            match removal(lock, &key, now).await? {
+            match lock.removal(&key, now, policy, &ledger).await? {
                 Removal::Keep(u, _) => {
                     d.keep = true;
                     d.reasons.push("immutable".into());
@@ -370,7 +388,7 @@ impl Repository {
                     if dry_run {
                         continue;
                     }
-                    if lock.delete_version(&key, version.as_deref()).await? == Deleted::Refused {
+                    if lock.delete(&key, version.as_deref()).await? == Deleted::Refused {
                         d.keep = true;
                         d.reasons.push("immutable".into());
                         d.reasons.push("refused-by-store".into());
@@ -386,13 +404,43 @@ impl Repository {
                 .chain(verify)
             {
                 let k = o.location.to_string();
-                if let Removal::Delete(v) = removal(lock, &k, now).await? {
-                    lock.delete_version(&k, v.as_deref()).await?;
+                if let Removal::Delete(v) = lock.removal(&k, now, policy, &ledger).await? {
+                    lock.delete(&k, v.as_deref()).await?;
                 }
             }
             tracing::info!(snapshot = %d.id, "restore point removed");
         }
         Ok(())
+    }
+
+    /// Flags every data object and ledger segment of a hardened local repository that lacks
+    /// the flag; returns how many did.
+    async fn seal_local(
+        &self,
+        local: &std::sync::Arc<crate::immutable_local::LocalLock>,
+    ) -> Result<usize> {
+        let mut keys = vec![crate::config::CONFIG_KEY.to_string()];
+        for prefix in ["keys", "chunks", "indexes", "snapshots", "retention"] {
+            keys.extend(
+                self.store()
+                    .list(prefix)
+                    .await?
+                    .into_iter()
+                    .map(|o| o.location.to_string()),
+            );
+        }
+        let l = local.clone();
+        let sealed = tokio::task::spawn_blocking(move || l.seal_all(&keys))
+            .await
+            .map_err(|e| crate::immutable::local_err("seal", "", std::io::Error::other(e)))?
+            .map_err(|(k, e)| crate::immutable::local_err("seal", &k, e))?;
+        if sealed > 0 {
+            tracing::warn!(
+                objects = sealed,
+                "flagged data objects found without the immutable flag (left by a crash)"
+            );
+        }
+        Ok(sealed)
     }
 
     /// Mark and sweep: takes the GC lock, waits until no backup holds a lease, marks every chunk
@@ -481,9 +529,11 @@ impl Repository {
         // catalog, so backups keep reusing it); the rest is deleted version by version.
         let mut versions: HashMap<String, Option<String>> = HashMap::new();
         let mut ledger_gone = Vec::new();
-        if let (Some(_), Some(lock)) = (store.immutability(), store.object_lock()) {
+        let retainer = store.retainer();
+        let mut ledger = crate::immutable::Ledger::default();
+        if let (Some(policy), Some(lock)) = (store.immutability(), &retainer) {
             let now = crate::immutable::now();
-            let ledger = crate::immutable::Ledger::load(store, &self.inner.keys, now + 1).await?;
+            ledger = crate::immutable::Ledger::load(store, &self.inner.keys, now + 1).await?;
             let mut kept = Vec::new();
             for key in std::mem::take(&mut doomed) {
                 let size = doomed_sizes.get(&key).copied().unwrap_or(0);
@@ -496,7 +546,7 @@ impl Repository {
                     kept.push((key, size));
                     continue;
                 }
-                match crate::immutable::removal(lock, &key, now).await? {
+                match lock.removal(&key, now, policy, &ledger).await? {
                     crate::immutable::Removal::Keep(u, size) => {
                         report.kept_locked.add(size, u);
                         kept.push((key, size));
@@ -529,10 +579,10 @@ impl Repository {
                 orphan_indexes.push(key);
             }
         }
-        if let (Some(_), Some(lock)) = (store.immutability(), store.object_lock()) {
+        if let (Some(policy), Some(lock)) = (store.immutability(), &retainer) {
             let now = crate::immutable::now();
             for key in std::mem::take(&mut orphan_indexes) {
-                match crate::immutable::removal(lock, &key, now).await? {
+                match lock.removal(&key, now, policy, &ledger).await? {
                     crate::immutable::Removal::Keep(u, size) => report.kept_locked.add(size, u),
                     crate::immutable::Removal::Delete(v) => {
                         versions.insert(key.clone(), v);
@@ -568,27 +618,29 @@ impl Repository {
             store.delete(s).await?;
         }
         for k in &ledger_gone {
-            store.delete(k).await?;
+            match &retainer {
+                // Sealed segments carry the flag too.
+                Some(r) if r.needs_ledger() => {
+                    r.delete(k, None).await?;
+                }
+                _ => store.delete(k).await?,
+            }
         }
-        let lock = store
-            .object_lock()
-            .filter(|_| store.immutability().is_some());
+        let lock = retainer;
         let results: Vec<Result<Option<String>>> =
             futures::stream::iter(doomed.into_iter().chain(orphan_indexes))
                 .map(|k| {
                     let store = store.clone();
-                    let lock = lock.cloned();
+                    let lock = lock.clone();
                     let version = versions.remove(&k).flatten();
                     async move {
                         match lock {
                             // A plain DELETE would only add a delete marker on a versioned
                             // bucket: delete the version itself to free the space.
-                            Some(lock) => {
-                                match lock.delete_version(&k, version.as_deref()).await? {
-                                    crate::immutable::Deleted::Deleted => Ok(None),
-                                    crate::immutable::Deleted::Refused => Ok(Some(k)),
-                                }
-                            }
+                            Some(lock) => match lock.delete(&k, version.as_deref()).await? {
+                                crate::immutable::Deleted::Deleted => Ok(None),
+                                crate::immutable::Deleted::Refused => Ok(Some(k)),
+                            },
                             None => store.delete(&k).await.map(|()| None),
                         }
                     }

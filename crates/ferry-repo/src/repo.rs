@@ -165,12 +165,19 @@ impl Repository {
             Some(p) => {
                 p.validate()?;
                 let store = store.with_immutability(p)?;
-                let lock = store.object_lock().expect("checked by with_immutability");
-                if !lock.bucket_lock_enabled().await? {
-                    return Err(RepoError::Immutability {
-                        location: store.location().into(),
-                        reason: "the bucket does not have S3 Object Lock enabled; create a bucket with Object Lock (`aws s3api create-bucket --object-lock-enabled-for-bucket`) or enable it on this one (`put-object-lock-configuration`, which needs versioning)".into(),
-                    });
+                if let Some(lock) = store.object_lock() {
+                    if !lock.bucket_lock_enabled().await? {
+                        return Err(RepoError::Immutability {
+                            location: store.location().into(),
+                            reason: "the bucket does not have S3 Object Lock enabled; create a bucket with Object Lock (`aws s3api create-bucket --object-lock-enabled-for-bucket`) or enable it on this one (`put-object-lock-configuration`, which needs versioning)".into(),
+                        });
+                    }
+                } else if let Some(local) = store.local_lock() {
+                    // The flag must work here, for this process, before anything is written.
+                    let (l, loc) = (local.clone(), store.location().to_string());
+                    tokio::task::spawn_blocking(move || l.probe(&loc))
+                        .await
+                        .map_err(|e| RepoError::Usage(format!("probe task failed: {e}")))??;
                 }
                 store
             }

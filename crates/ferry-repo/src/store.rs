@@ -3,7 +3,8 @@
 
 use crate::direct::DirectWriter;
 use crate::error::{RepoError, Result};
-use crate::immutable::{Immutability, S3Lock, S3Target};
+use crate::immutable::{Immutability, Retainer, S3Lock, S3Target};
+use crate::immutable_local::LocalLock;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
@@ -37,6 +38,8 @@ pub struct Store {
     lock: Option<Arc<S3Lock>>,
     /// Set for immutable repositories: data objects are created with retention.
     policy: Option<Immutability>,
+    /// Local repositories: the inode immutable flag of a hardened repository (ADR 0185).
+    local: Option<Arc<LocalLock>>,
 }
 
 impl fmt::Debug for Store {
@@ -313,6 +316,7 @@ impl Store {
             direct: None,
             lock: None,
             policy: None,
+            local: None,
         }
     }
 
@@ -340,6 +344,7 @@ impl Store {
         };
         let mut direct = None;
         let mut lock = None;
+        let mut local = None;
         let store: Arc<dyn ObjectStore> = if let Some(rest) = location.strip_prefix("s3://") {
             let (bucket, prefix) = split_bucket(location, rest)?;
             let mut b = object_store::aws::AmazonS3Builder::from_env();
@@ -394,14 +399,15 @@ impl Store {
             }
             let fs = object_store::local::LocalFileSystem::new_with_prefix(path)
                 .map_err(|e| invalid(format!("cannot open directory: {e}")))?;
-            direct = std::fs::canonicalize(path)
-                .ok()
-                .map(|root| Arc::new(DirectWriter::new(root)));
+            let root = std::fs::canonicalize(path).ok();
+            direct = root.clone().map(|root| Arc::new(DirectWriter::new(root)));
+            local = root.map(|root| Arc::new(LocalLock::new(root)));
             Arc::new(fs)
         };
         Ok(Self {
             direct,
             lock,
+            local,
             ..Self::new(store, location)
         })
     }
@@ -416,13 +422,29 @@ impl Store {
         self.policy
     }
 
+    /// The inode-flag backend of a local directory (local locations only).
+    pub fn local_lock(&self) -> Option<&Arc<LocalLock>> {
+        self.local.as_ref()
+    }
+
+    /// What enforces retention, for immutable repositories.
+    pub(crate) fn retainer(&self) -> Option<Retainer> {
+        self.policy?;
+        match (&self.lock, &self.local) {
+            (Some(l), _) => Some(Retainer::S3(l.clone())),
+            (None, Some(l)) => Some(Retainer::Local(l.clone())),
+            (None, None) => None,
+        }
+    }
+
     /// Writes data objects with retention from now on. Fails where the store cannot lock
-    /// objects (only S3 Object Lock is implemented; see docs/immutability.md).
+    /// objects (S3 Object Lock and the inode flag of a local directory are implemented; see
+    /// docs/immutability.md).
     pub fn with_immutability(mut self, policy: Immutability) -> Result<Self> {
-        if self.lock.is_none() {
+        if self.lock.is_none() && self.local.is_none() {
             return Err(RepoError::Immutability {
                 location: self.location.clone(),
-                reason: "immutability needs an S3 bucket with Object Lock; this store cannot lock objects (Azure immutability policies are not implemented yet, see docs/immutability.md)".into(),
+                reason: "immutability needs an S3 bucket with Object Lock or a local directory on a file system with the inode immutable flag; this store cannot lock objects (Azure immutability policies are not implemented yet, see docs/immutability.md)".into(),
             });
         }
         self.policy = Some(policy);
@@ -482,6 +504,16 @@ impl Store {
     pub async fn create(&self, key: &str, data: impl Into<Bytes>) -> Result<Created> {
         let _p = self.permit().await;
         let data = data.into();
+        if let (Some(_), Some(local)) = (self.policy, &self.local) {
+            // Hardened local repository: data objects and sealed ledger segments get the flag.
+            if crate::immutable::is_data_key(key) || key.starts_with("retention/") {
+                let (l, k) = (local.clone(), key.to_string());
+                return tokio::task::spawn_blocking(move || l.create(&k, &data))
+                    .await
+                    .map_err(|e| crate::immutable::local_err("put", key, std::io::Error::other(e)))?
+                    .map_err(|e| crate::immutable::local_err("put", key, e));
+            }
+        }
         if let Some(d) = self.direct.as_ref().filter(|d| d.accepts(key, data.len())) {
             let (d, k, bytes) = (d.clone(), key.to_string(), data.clone());
             let local = |e: std::io::Error| {
@@ -558,9 +590,23 @@ impl Store {
         }
     }
 
-    /// Deletes an object (missing is fine).
+    /// Deletes an object (missing is fine). A flagged object of a hardened local repository
+    /// is refused with a clear error: only prune and GC, past its retention, unflag and delete.
     pub async fn delete(&self, key: &str) -> Result<()> {
         let _p = self.permit().await;
+        if let (Some(_), Some(local)) = (self.policy, &self.local) {
+            if crate::immutable_local::is_immutable(&local.path(key)).unwrap_or(None) == Some(true)
+            {
+                return Err(RepoError::Immutability {
+                    location: self.location.clone(),
+                    reason: format!(
+                        "`{key}` carries the inode immutable flag of this hardened repository and \
+                         cannot be deleted (prune and GC delete data past its retention; an \
+                         administrator with CAP_LINUX_IMMUTABLE can clear the flag with chattr -i)"
+                    ),
+                });
+            }
+        }
         match self.inner.delete(&Path::from(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(RepoError::backend("delete", key, e)),

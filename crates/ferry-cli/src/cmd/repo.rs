@@ -120,8 +120,10 @@ pub struct InitArgs {
     /// Store data unencrypted (anyone with access to the storage can read it).
     #[arg(long)]
     insecure_no_encryption: bool,
-    /// Make every restore point undeletable for N days with S3 Object Lock (the bucket must
-    /// have Object Lock enabled). Prune and GC then delete only what is past its retention.
+    /// Make every restore point undeletable for N days: with S3 Object Lock (the bucket must
+    /// have Object Lock enabled) or, for a local directory, with the inode immutable flag
+    /// (`chattr +i`; needs ext4/XFS/btrfs and CAP_LINUX_IMMUTABLE). Prune and GC then delete
+    /// only what is past its retention.
     #[arg(long, value_name = "N")]
     immutable_days: Option<u64>,
     /// Object Lock mode: `compliance` (default: nobody can delete early, not even the
@@ -387,6 +389,12 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
     };
     let store = Store::open(&a.repo.repo, true)
         .with_context(|| format!("cannot create repository {}", a.repo.repo))?;
+    if opts.immutability.is_some() && a.lock_mode.is_some() && store.local_lock().is_some() {
+        bail!(
+            "--lock-mode applies to S3 Object Lock only: a hardened local repository's inode flag \
+             has a single mode (only a process with CAP_LINUX_IMMUTABLE can clear it)"
+        );
+    }
     let repo = match &kms {
         Some(k) => Repository::init_kms(store, password.as_ref(), k, opts).await?,
         None => Repository::init(store, password.as_ref(), opts).await?,
@@ -403,7 +411,10 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
         },
         repo.config()
             .immutability
-            .map(|i| format!(", immutable: {}", describe_immutability(&i)))
+            .map(|i| format!(
+                ", immutable: {}",
+                describe_immutability(&i, repo.store().local_lock().is_some())
+            ))
             .unwrap_or_default(),
         kms.as_ref()
             .map(|k| format!(", key wrapped by AWS KMS key {}", k.key_id))
@@ -412,8 +423,9 @@ async fn init(a: InitArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `S3 Object Lock compliance, 30 days (generation 10 days)`.
-fn describe_immutability(i: &Immutability) -> String {
+/// `S3 Object Lock compliance, 30 days (generation 10 days)`, or for a hardened local
+/// repository `inode immutable flag (chattr +i), 30 days (generation 10 days)`.
+fn describe_immutability(i: &Immutability, local: bool) -> String {
     let span = |s: u64| {
         if s % 86_400 == 0 {
             format!("{} days", s / 86_400)
@@ -421,12 +433,13 @@ fn describe_immutability(i: &Immutability) -> String {
             format!("{s} s")
         }
     };
+    let how = match i.mode {
+        _ if local => "inode immutable flag (chattr +i)",
+        LockMode::Governance => "S3 Object Lock governance",
+        LockMode::Compliance => "S3 Object Lock compliance",
+    };
     format!(
-        "S3 Object Lock {}, {} (generation {})",
-        match i.mode {
-            LockMode::Governance => "governance",
-            LockMode::Compliance => "compliance",
-        },
+        "{how}, {} (generation {})",
         span(i.retention_secs),
         span(i.generation_secs)
     )
@@ -451,6 +464,9 @@ struct Info {
     chunk_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     immutability: Option<Immutability>,
+    /// What enforces it: `s3-object-lock` or `inode-flag` (hardened local repository).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    immutable_by: Option<&'static str>,
 }
 
 async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
@@ -473,6 +489,13 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         chunks: chunks.len(),
         chunk_bytes: chunks.iter().map(|o| o.size).sum(),
         immutability: c.immutability,
+        immutable_by: c.immutability.map(|_| {
+            if repo.store().local_lock().is_some() {
+                "inode-flag"
+            } else {
+                "s3-object-lock"
+            }
+        }),
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info)?);
@@ -497,7 +520,10 @@ async fn info(a: InfoArgs) -> anyhow::Result<ExitCode> {
             }
         );
         if let Some(i) = &info.immutability {
-            println!("immutable:    {}", describe_immutability(i));
+            println!(
+                "immutable:    {}",
+                describe_immutability(i, repo.store().local_lock().is_some())
+            );
         }
         println!("key slots:    {}", info.key_slots);
         if !info.kms_keys.is_empty() {
@@ -634,6 +660,9 @@ pub async fn verify(a: VerifyArgs, _global: &crate::Global) -> anyhow::Result<Ex
             if !b.snapshots.is_empty() {
                 println!("    affects restore points: {}", b.snapshots.join(", "));
             }
+        }
+        if let Some(n) = report.sealed.filter(|n| *n > 0) {
+            println!("sealed {n} data objects that lacked the immutable flag (left by a crash)");
         }
         println!(
             "{}: {} restore points, {} of {} chunks checked, {} bad objects",
