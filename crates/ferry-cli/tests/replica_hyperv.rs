@@ -209,6 +209,24 @@ fn door(hv: &Value, method: &str, params: &[(&str, &str)]) {
         .unwrap_or_else(|e| panic!("side door {method}: {e}"));
 }
 
+/// The shutdown requests the guest of Hyper-V VM `vm` on `hv` received (side door).
+fn shutdowns_of(hv: &Value, vm: &str) -> Vec<String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = hyperv_lab::sim_client(&rt, hv);
+    let epr = ferry_hv_hyperv::cim::Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
+    let p = [ferry_hv_hyperv::cim::Param::Text(
+        "VirtualSystem".into(),
+        vm.into(),
+    )];
+    let out = rt
+        .block_on(client.invoke(&epr, "ShutdownsOf", &p))
+        .unwrap_or_else(|e| panic!("side door ShutdownsOf: {e}"));
+    out.texts("Requests")
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
 /// The guest of Hyper-V VM `vm` on `hv` writes `data` at `offset` of its disk `disk`.
 fn hv_guest_write(hv: &Value, vm: &str, disk: &str, offset: u64, data: &[u8]) {
     use base64::Engine as _;
@@ -472,6 +490,14 @@ fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates
     );
     let old = probe(&hv1, "hyperv_replica_probe.py", PRIMARY);
     assert_eq!(old["state"], "3", "{old}");
+    // Shut down by its guest, not turned off (ADR 0187).
+    assert_eq!(
+        shutdowns_of(&hv1, PRIMARY),
+        [format!(
+            "force=false reason={}",
+            ferry_hv_hyperv::shutdown::SHUTDOWN_REASON
+        )]
+    );
     assert!(
         old["notes"]
             .as_str()
@@ -609,4 +635,50 @@ fn vsphere_to_hyperv_replica_follows_writes() {
     );
     assert_same_disks(&current("failed-over"), &at2);
     lab.ok(&["replica", "cancel", "web"]);
+}
+
+/// Planned failover of a Hyper-V primary whose guest refuses the shutdown (its integration
+/// service does not answer): the VM is turned off with a WARN, and the failover completes.
+#[test]
+fn hyperv_planned_failover_turns_off_a_guest_that_refuses_to_shut_down() {
+    const PRIMARY: &str = "win-sql-01";
+    let dir = ferry_testkit::scratch_dir();
+    let d = dir.path();
+    let (_a, hv1) = start_hv(&d.join("hv1-sim"));
+    let (_b, hv2) = start_hv(&d.join("hv2-sim"));
+    let state = d.join("state");
+    let mut t = hv_source_toml("hv1", &hv1, d, &state);
+    t.push_str(&hv_source_toml("hv2", &hv2, d, &state));
+    lab_files(d, &t);
+    let lab = Ferry::in_dir(d, PASSWORD);
+    lab.ok(&[
+        "replica",
+        "create",
+        "web",
+        "--source",
+        "hv1",
+        "--vm",
+        PRIMARY,
+        "--to-source",
+        "hv2",
+    ]);
+    lab.ok(&["replica", "sync", "web"]);
+    door(
+        &hv1,
+        "GuestShutdown",
+        &[("VirtualSystem", PRIMARY), ("Answer", "refuse")],
+    );
+    let o = lab.run(&["replica", "failover", "web", "--planned"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("clean shutdown failed") && err.contains("32775"),
+        "{err}"
+    );
+    assert_eq!(
+        probe(&hv1, "hyperv_replica_probe.py", PRIMARY)["state"],
+        "3"
+    );
+    assert!(shutdowns_of(&hv1, PRIMARY).is_empty());
+    assert_eq!(status_of(&lab)["source"], "hv2");
 }

@@ -37,6 +37,7 @@ pub mod port;
 pub mod replica;
 pub mod restore;
 pub mod restore_agent;
+pub mod shutdown;
 pub mod transport;
 pub mod wmi;
 

@@ -14,7 +14,7 @@
 //!   merges), listed oldest first by `CreationTime`.
 //! - A test copy is a whole-VM restore of the point's content (its checkpoint's images read
 //!   through `san-paths`), marked `role=test`, its network adapters connected to no switch.
-//! - Power is `RequestStateChange` (2 on, 3 off), marks are `ModifySystemSettings` of `Notes`,
+//! - Power is `RequestStateChange` (2 on; off after a clean guest shutdown, [`crate::shutdown`]), marks are `ModifySystemSettings` of `Notes`,
 //!   removal is `DestroySystem` plus the VM's folder (through `san-paths`).
 
 use crate::cim::{self, Epr, Instance, Param};
@@ -480,7 +480,8 @@ impl ReplicaTarget for HypervDriver {
     async fn power(&self, vm: &str, on: bool) -> Result<(), HvError> {
         let v = self.vm_must(vm).await?;
         if !on {
-            return self.off(&v).await;
+            // A clean guest shutdown, forced when refused (ADR 0187).
+            return self.shut_down(&v).await;
         }
         if power_state(v.text("EnabledState")) != PowerState::Running {
             Wmi::new(self.parts().0)
