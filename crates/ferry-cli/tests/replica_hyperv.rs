@@ -576,8 +576,26 @@ fn xen_to_hyperv_through_the_host_agent_alone() {
     assert_same_disks(&current("2"), &lab.restored(d, &rp2, &["xvda", "xvdb"]));
     lab.ok(&["replica", "failover", "web", "--unplanned", "--point", &rp1]);
     assert_same_disks(&current("failed-over"), &at1);
+    // The standby's folder: the agent's disks and Hyper-V's checkpoint files over them.
+    let v = probe(&hv, "hyperv_replica_probe.py", STANDBY);
+    let folder = local(&hv, v["disks"][0].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let avhdx = |f: &Path| {
+        std::fs::read_dir(f)
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".avhdx"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert!(avhdx(&folder) > 0, "{}", folder.display());
     lab.ok(&["replica", "cancel", "web", "--delete-vm"]);
     assert!(probe(&hv, "hyperv_replica_probe.py", STANDBY).is_null());
+    // `delete` through the agent removed the checkpoint files too, so the folder is gone.
+    assert!(!folder.exists(), "{}", folder.display());
 }
 
 /// vSphere → Hyper-V: the 2-disk VM of `ferry sim vmware` replicated to a Hyper-V host; guest
