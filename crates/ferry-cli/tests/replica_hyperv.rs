@@ -209,6 +209,17 @@ fn door(hv: &Value, method: &str, params: &[(&str, &str)]) {
         .unwrap_or_else(|e| panic!("side door {method}: {e}"));
 }
 
+/// The names of the virtual switches of host `hv`.
+fn switches(hv: &Value) -> Vec<String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = hyperv_lab::sim_client(&rt, hv);
+    rt.block_on(client.enumerate("Msvm_VirtualEthernetSwitch", None))
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.text("ElementName").map(str::to_string))
+        .collect()
+}
+
 /// The shutdown requests the guest of Hyper-V VM `vm` on `hv` received (side door).
 fn shutdowns_of(hv: &Value, vm: &str) -> Vec<String> {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -360,7 +371,7 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
     );
 
     // A test failover copy of the older point: a new VM with that point's disks and its
-    // adapters on no switch, running, while the standby stays off and unchanged; cleanup
+    // adapters on a private switch, running, while the standby stays off and unchanged; cleanup
     // removes it with its folder.
     let before = lab.standby_disks("before-test");
     lab.ok(&["replica", "test", "web", "--point", &rp2]);
@@ -378,7 +389,13 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
     let probe = lab.hv_config(COPY);
     let nics = probe["nics"].as_array().unwrap();
     assert!(!nics.is_empty(), "{probe}");
-    assert!(nics.iter().all(|n| n["switch"].is_null()), "{probe}");
+    // On the new private switch `<copy> (isolated)` (ADR 0187).
+    let isolated = format!("{COPY} (isolated)");
+    assert!(
+        nics.iter().all(|n| n["switch"] == isolated.as_str()),
+        "{probe}"
+    );
+    assert!(switches(&lab.hv).contains(&isolated));
     assert_eq!(lab.hv_vm(STANDBY)["state"], "3");
     assert_same_disks(&lab.standby_disks("during-test"), &before);
     let folder = lab.local(copies["folder"].as_str().unwrap());
@@ -386,6 +403,7 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
     lab.ok(&["replica", "test", "web", "--cleanup"]);
     assert!(lab.hv_vm(COPY).is_null());
     assert!(!folder.exists(), "{}", folder.display());
+    assert!(!switches(&lab.hv).contains(&isolated));
     assert_eq!(point_names(&lab.hv_vm(STANDBY)), point_names(&v));
 
     // Unplanned failover to the older point: running, with exactly rp2's disks.

@@ -32,6 +32,7 @@ pub mod controllers;
 pub mod driver;
 pub mod error;
 pub mod inventory;
+pub mod isolated;
 pub mod kerberos;
 pub mod port;
 pub mod replica;

@@ -39,6 +39,7 @@ mod port_features;
 mod rct;
 mod shutdown;
 mod sidedoor;
+mod switches;
 
 pub use cbt::Cbt;
 pub use kerberos::HypervKerberos;
@@ -324,6 +325,11 @@ impl State {
                 "Msvm_VirtualSystemManagementService",
                 "vmms",
                 "Microsoft Hyper-V Virtual System Management Service",
+            ),
+            (
+                switches::SERVICE,
+                "nvspwmi",
+                "Microsoft Hyper-V Virtual Ethernet Switch Management Service",
             ),
         ] {
             add(inst(
@@ -1128,6 +1134,7 @@ fn invoke(
     match (class, method) {
         (define::SERVICE, m) => define::invoke(st, m, body, &mut out)?,
         (shutdown::CLASS, m) => shutdown::invoke(st, selectors, m, body, &mut out)?,
+        (switches::SERVICE, m) => switches::invoke(st, m, body, &mut out)?,
         ("Msvm_VirtualSystemSnapshotService", "CreateSnapshot")
             if checkpoints::is_standard(body) =>
         {
