@@ -424,6 +424,17 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
     assert_same_disks(&lab.standby_disks("cancelled"), &at2);
 }
 
+/// Two Hyper-V simulators `hv1`, `hv2` (sources of that name) and the lab files in `d`.
+fn hv_pair(d: &Path) -> ((Killed, Value), (Killed, Value), Ferry) {
+    let (a, hv1) = start_hv(&d.join("hv1-sim"));
+    let (b, hv2) = start_hv(&d.join("hv2-sim"));
+    let state = d.join("state");
+    let mut t = hv_source_toml("hv1", &hv1, d, &state);
+    t.push_str(&hv_source_toml("hv2", &hv2, d, &state));
+    lab_files(d, &t);
+    ((a, hv1), (b, hv2), Ferry::in_dir(d, PASSWORD))
+}
+
 /// Two Hyper-V hosts: `win-sql-01` of `hv1` replicated to `hv2`.
 #[test]
 fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates_back() {
@@ -431,13 +442,7 @@ fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates
     const REPLICA: &str = "win-sql-01 (replica)";
     let dir = ferry_testkit::scratch_dir();
     let d = dir.path();
-    let (_a, hv1) = start_hv(&d.join("hv1-sim"));
-    let (_b, hv2) = start_hv(&d.join("hv2-sim"));
-    let state = d.join("state");
-    let mut t = hv_source_toml("hv1", &hv1, d, &state);
-    t.push_str(&hv_source_toml("hv2", &hv2, d, &state));
-    lab_files(d, &t);
-    let lab = Ferry::in_dir(d, PASSWORD);
+    let ((_a, hv1), (_b, hv2), lab) = hv_pair(d);
     let status = || status_of(&lab);
     let restored = |rp: &str| lab.restored(d, rp, &["disk0", "disk1"]);
     let current = |hv: &Value, vm: &str, label: &str| {
@@ -680,13 +685,7 @@ fn hyperv_planned_failover_turns_off_a_guest_that_refuses_to_shut_down() {
     const PRIMARY: &str = "win-sql-01";
     let dir = ferry_testkit::scratch_dir();
     let d = dir.path();
-    let (_a, hv1) = start_hv(&d.join("hv1-sim"));
-    let (_b, hv2) = start_hv(&d.join("hv2-sim"));
-    let state = d.join("state");
-    let mut t = hv_source_toml("hv1", &hv1, d, &state);
-    t.push_str(&hv_source_toml("hv2", &hv2, d, &state));
-    lab_files(d, &t);
-    let lab = Ferry::in_dir(d, PASSWORD);
+    let ((_a, hv1), (_b, hv2), lab) = hv_pair(d);
     lab.ok(&[
         "replica",
         "create",
