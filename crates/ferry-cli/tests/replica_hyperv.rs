@@ -424,15 +424,31 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
     assert_same_disks(&lab.standby_disks("cancelled"), &at2);
 }
 
-/// Two Hyper-V simulators `hv1`, `hv2` (sources of that name) and the lab files in `d`.
-fn hv_pair(d: &Path) -> ((Killed, Value), (Killed, Value), Ferry) {
+/// Two Hyper-V simulators `hv1`, `hv2` (sources of that name), the lab files in `d`, and
+/// replica `web` of `vm` (on `hv1`) to `hv2` keeping `keep` points, after its first cycle.
+fn hv_pair(d: &Path, vm: &str, keep: &str) -> ((Killed, Value), (Killed, Value), Ferry) {
     let (a, hv1) = start_hv(&d.join("hv1-sim"));
     let (b, hv2) = start_hv(&d.join("hv2-sim"));
     let state = d.join("state");
     let mut t = hv_source_toml("hv1", &hv1, d, &state);
     t.push_str(&hv_source_toml("hv2", &hv2, d, &state));
     lab_files(d, &t);
-    ((a, hv1), (b, hv2), Ferry::in_dir(d, PASSWORD))
+    let lab = Ferry::in_dir(d, PASSWORD);
+    lab.ok(&[
+        "replica",
+        "create",
+        "web",
+        "--source",
+        "hv1",
+        "--vm",
+        vm,
+        "--to-source",
+        "hv2",
+        "--keep",
+        keep,
+    ]);
+    lab.ok(&["replica", "sync", "web"]);
+    ((a, hv1), (b, hv2), lab)
 }
 
 /// Two Hyper-V hosts: `win-sql-01` of `hv1` replicated to `hv2`.
@@ -442,27 +458,13 @@ fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates
     const REPLICA: &str = "win-sql-01 (replica)";
     let dir = ferry_testkit::scratch_dir();
     let d = dir.path();
-    let ((_a, hv1), (_b, hv2), lab) = hv_pair(d);
+    let ((_a, hv1), (_b, hv2), lab) = hv_pair(d, PRIMARY, "3");
     let status = || status_of(&lab);
     let restored = |rp: &str| lab.restored(d, rp, &["disk0", "disk1"]);
     let current = |hv: &Value, vm: &str, label: &str| {
         let v = probe(hv, "hyperv_replica_probe.py", vm);
         flat(d, hv, v["disks"].as_array().unwrap(), label)
     };
-    lab.ok(&[
-        "replica",
-        "create",
-        "web",
-        "--source",
-        "hv1",
-        "--vm",
-        PRIMARY,
-        "--to-source",
-        "hv2",
-        "--keep",
-        "3",
-    ]);
-    lab.ok(&["replica", "sync", "web"]);
     let rp1 = status()["applied"].as_str().unwrap().to_string();
     let at1 = restored(&rp1);
     assert_same_disks(&current(&hv2, REPLICA, "1"), &at1);
@@ -685,19 +687,7 @@ fn hyperv_planned_failover_turns_off_a_guest_that_refuses_to_shut_down() {
     const PRIMARY: &str = "win-sql-01";
     let dir = ferry_testkit::scratch_dir();
     let d = dir.path();
-    let ((_a, hv1), (_b, hv2), lab) = hv_pair(d);
-    lab.ok(&[
-        "replica",
-        "create",
-        "web",
-        "--source",
-        "hv1",
-        "--vm",
-        PRIMARY,
-        "--to-source",
-        "hv2",
-    ]);
-    lab.ok(&["replica", "sync", "web"]);
+    let ((_a, hv1), _hv2, lab) = hv_pair(d, PRIMARY, "2");
     door(
         &hv1,
         "GuestShutdown",
