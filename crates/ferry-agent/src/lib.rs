@@ -26,6 +26,7 @@ pub mod config;
 pub mod export;
 pub mod paths;
 pub mod restore;
+pub mod restore_children;
 pub mod restore_client;
 pub mod server;
 

@@ -20,7 +20,8 @@
 //!   whole VHDX blocks the writes touched into the file in place (`ferry_image::VhdxUpdater`:
 //!   data, fsync, BAT entry, fsync). Nothing changes in the file before the commit.
 //! * `delete:<folder>` — removes a marked folder: the files restores created in it (listed in
-//!   the marker), then empty subfolders and the folder. Anything else stays.
+//!   the marker) and the `.avhdx` checkpoint children Hyper-V made over them
+//!   ([`crate::restore_children`]), then empty subfolders and the folder. Anything else stays.
 //!
 //! A staged disk nobody commits is dropped once no connection has used it for 15 minutes
 //! (checked every minute and at each request).
@@ -657,8 +658,12 @@ impl RestoreExports {
             .lock()
             .expect("restore lock")
             .retain(|_, s| s.folder != folder);
-        let files =
+        let mut files =
             marker_files(&folder).map_err(|e| unknown(format!("{host}: its {MARKER}: {e}")))?;
+        // Hyper-V's checkpoint files over the listed disks go too (ADR 0187).
+        files.extend(crate::restore_children::checkpoint_children(
+            &folder, &files,
+        ));
         for f in files.iter().filter(|f| plain_name(f)) {
             for n in [f.clone(), part_name(f)] {
                 match std::fs::remove_file(folder.join(&n)) {

@@ -209,6 +209,35 @@ fn door(hv: &Value, method: &str, params: &[(&str, &str)]) {
         .unwrap_or_else(|e| panic!("side door {method}: {e}"));
 }
 
+/// The names of the virtual switches of host `hv`.
+fn switches(hv: &Value) -> Vec<String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = hyperv_lab::sim_client(&rt, hv);
+    rt.block_on(client.enumerate("Msvm_VirtualEthernetSwitch", None))
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.text("ElementName").map(str::to_string))
+        .collect()
+}
+
+/// The shutdown requests the guest of Hyper-V VM `vm` on `hv` received (side door).
+fn shutdowns_of(hv: &Value, vm: &str) -> Vec<String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = hyperv_lab::sim_client(&rt, hv);
+    let epr = ferry_hv_hyperv::cim::Epr::new("FerrySim_SideDoor", &[("Name", "sidedoor")]);
+    let p = [ferry_hv_hyperv::cim::Param::Text(
+        "VirtualSystem".into(),
+        vm.into(),
+    )];
+    let out = rt
+        .block_on(client.invoke(&epr, "ShutdownsOf", &p))
+        .unwrap_or_else(|e| panic!("side door ShutdownsOf: {e}"));
+    out.texts("Requests")
+        .into_iter()
+        .map(str::to_string)
+        .collect()
+}
+
 /// The guest of Hyper-V VM `vm` on `hv` writes `data` at `offset` of its disk `disk`.
 fn hv_guest_write(hv: &Value, vm: &str, disk: &str, offset: u64, data: &[u8]) {
     use base64::Engine as _;
@@ -342,7 +371,7 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
     );
 
     // A test failover copy of the older point: a new VM with that point's disks and its
-    // adapters on no switch, running, while the standby stays off and unchanged; cleanup
+    // adapters on a private switch, running, while the standby stays off and unchanged; cleanup
     // removes it with its folder.
     let before = lab.standby_disks("before-test");
     lab.ok(&["replica", "test", "web", "--point", &rp2]);
@@ -360,7 +389,13 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
     let probe = lab.hv_config(COPY);
     let nics = probe["nics"].as_array().unwrap();
     assert!(!nics.is_empty(), "{probe}");
-    assert!(nics.iter().all(|n| n["switch"].is_null()), "{probe}");
+    // On the new private switch `<copy> (isolated)` (ADR 0187).
+    let isolated = format!("{COPY} (isolated)");
+    assert!(
+        nics.iter().all(|n| n["switch"] == isolated.as_str()),
+        "{probe}"
+    );
+    assert!(switches(&lab.hv).contains(&isolated));
     assert_eq!(lab.hv_vm(STANDBY)["state"], "3");
     assert_same_disks(&lab.standby_disks("during-test"), &before);
     let folder = lab.local(copies["folder"].as_str().unwrap());
@@ -368,6 +403,7 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
     lab.ok(&["replica", "test", "web", "--cleanup"]);
     assert!(lab.hv_vm(COPY).is_null());
     assert!(!folder.exists(), "{}", folder.display());
+    assert!(!switches(&lab.hv).contains(&isolated));
     assert_eq!(point_names(&lab.hv_vm(STANDBY)), point_names(&v));
 
     // Unplanned failover to the older point: running, with exactly rp2's disks.
@@ -388,26 +424,16 @@ fn xen_to_hyperv_replica_writes_changed_blocks_into_checkpoints_and_fails_over_t
     assert_same_disks(&lab.standby_disks("cancelled"), &at2);
 }
 
-/// Two Hyper-V hosts: `win-sql-01` of `hv1` replicated to `hv2`.
-#[test]
-fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates_back() {
-    const PRIMARY: &str = "win-sql-01";
-    const REPLICA: &str = "win-sql-01 (replica)";
-    let dir = ferry_testkit::scratch_dir();
-    let d = dir.path();
-    let (_a, hv1) = start_hv(&d.join("hv1-sim"));
-    let (_b, hv2) = start_hv(&d.join("hv2-sim"));
+/// Two Hyper-V simulators `hv1`, `hv2` (sources of that name), the lab files in `d`, and
+/// replica `web` of `vm` (on `hv1`) to `hv2` keeping `keep` points, after its first cycle.
+fn hv_pair(d: &Path, vm: &str, keep: &str) -> ((Killed, Value), (Killed, Value), Ferry) {
+    let (a, hv1) = start_hv(&d.join("hv1-sim"));
+    let (b, hv2) = start_hv(&d.join("hv2-sim"));
     let state = d.join("state");
     let mut t = hv_source_toml("hv1", &hv1, d, &state);
     t.push_str(&hv_source_toml("hv2", &hv2, d, &state));
     lab_files(d, &t);
     let lab = Ferry::in_dir(d, PASSWORD);
-    let status = || status_of(&lab);
-    let restored = |rp: &str| lab.restored(d, rp, &["disk0", "disk1"]);
-    let current = |hv: &Value, vm: &str, label: &str| {
-        let v = probe(hv, "hyperv_replica_probe.py", vm);
-        flat(d, hv, v["disks"].as_array().unwrap(), label)
-    };
     lab.ok(&[
         "replica",
         "create",
@@ -415,13 +441,30 @@ fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates
         "--source",
         "hv1",
         "--vm",
-        PRIMARY,
+        vm,
         "--to-source",
         "hv2",
         "--keep",
-        "3",
+        keep,
     ]);
     lab.ok(&["replica", "sync", "web"]);
+    ((a, hv1), (b, hv2), lab)
+}
+
+/// Two Hyper-V hosts: `win-sql-01` of `hv1` replicated to `hv2`.
+#[test]
+fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates_back() {
+    const PRIMARY: &str = "win-sql-01";
+    const REPLICA: &str = "win-sql-01 (replica)";
+    let dir = ferry_testkit::scratch_dir();
+    let d = dir.path();
+    let ((_a, hv1), (_b, hv2), lab) = hv_pair(d, PRIMARY, "3");
+    let status = || status_of(&lab);
+    let restored = |rp: &str| lab.restored(d, rp, &["disk0", "disk1"]);
+    let current = |hv: &Value, vm: &str, label: &str| {
+        let v = probe(hv, "hyperv_replica_probe.py", vm);
+        flat(d, hv, v["disks"].as_array().unwrap(), label)
+    };
     let rp1 = status()["applied"].as_str().unwrap().to_string();
     let at1 = restored(&rp1);
     assert_same_disks(&current(&hv2, REPLICA, "1"), &at1);
@@ -472,6 +515,14 @@ fn hyperv_to_hyperv_failed_cycle_keeps_the_point_and_planned_failover_replicates
     );
     let old = probe(&hv1, "hyperv_replica_probe.py", PRIMARY);
     assert_eq!(old["state"], "3", "{old}");
+    // Shut down by its guest, not turned off (ADR 0187).
+    assert_eq!(
+        shutdowns_of(&hv1, PRIMARY),
+        [format!(
+            "force=false reason={}",
+            ferry_hv_hyperv::shutdown::SHUTDOWN_REASON
+        )]
+    );
     assert!(
         old["notes"]
             .as_str()
@@ -550,8 +601,26 @@ fn xen_to_hyperv_through_the_host_agent_alone() {
     assert_same_disks(&current("2"), &lab.restored(d, &rp2, &["xvda", "xvdb"]));
     lab.ok(&["replica", "failover", "web", "--unplanned", "--point", &rp1]);
     assert_same_disks(&current("failed-over"), &at1);
+    // The standby's folder: the agent's disks and Hyper-V's checkpoint files over them.
+    let v = probe(&hv, "hyperv_replica_probe.py", STANDBY);
+    let folder = local(&hv, v["disks"][0].as_str().unwrap())
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let avhdx = |f: &Path| {
+        std::fs::read_dir(f)
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".avhdx"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert!(avhdx(&folder) > 0, "{}", folder.display());
     lab.ok(&["replica", "cancel", "web", "--delete-vm"]);
     assert!(probe(&hv, "hyperv_replica_probe.py", STANDBY).is_null());
+    // `delete` through the agent removed the checkpoint files too, so the folder is gone.
+    assert!(!folder.exists(), "{}", folder.display());
 }
 
 /// vSphere → Hyper-V: the 2-disk VM of `ferry sim vmware` replicated to a Hyper-V host; guest
@@ -609,4 +678,32 @@ fn vsphere_to_hyperv_replica_follows_writes() {
     );
     assert_same_disks(&current("failed-over"), &at2);
     lab.ok(&["replica", "cancel", "web"]);
+}
+
+/// Planned failover of a Hyper-V primary whose guest refuses the shutdown (its integration
+/// service does not answer): the VM is turned off with a WARN, and the failover completes.
+#[test]
+fn hyperv_planned_failover_turns_off_a_guest_that_refuses_to_shut_down() {
+    const PRIMARY: &str = "win-sql-01";
+    let dir = ferry_testkit::scratch_dir();
+    let d = dir.path();
+    let ((_a, hv1), _hv2, lab) = hv_pair(d, PRIMARY, "2");
+    door(
+        &hv1,
+        "GuestShutdown",
+        &[("VirtualSystem", PRIMARY), ("Answer", "refuse")],
+    );
+    let o = lab.run(&["replica", "failover", "web", "--planned"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("clean shutdown failed") && err.contains("32775"),
+        "{err}"
+    );
+    assert_eq!(
+        probe(&hv1, "hyperv_replica_probe.py", PRIMARY)["state"],
+        "3"
+    );
+    assert!(shutdowns_of(&hv1, PRIMARY).is_empty());
+    assert_eq!(status_of(&lab)["source"], "hv2");
 }

@@ -32,11 +32,13 @@ pub mod controllers;
 pub mod driver;
 pub mod error;
 pub mod inventory;
+pub mod isolated;
 pub mod kerberos;
 pub mod port;
 pub mod replica;
 pub mod restore;
 pub mod restore_agent;
+pub mod shutdown;
 pub mod transport;
 pub mod wmi;
 

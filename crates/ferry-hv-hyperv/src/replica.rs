@@ -13,8 +13,9 @@
 //!   `CreateSnapshot` with `SnapshotType` 2, `ApplySnapshot`, `DestroySnapshot` — the host
 //!   merges), listed oldest first by `CreationTime`.
 //! - A test copy is a whole-VM restore of the point's content (its checkpoint's images read
-//!   through `san-paths`), marked `role=test`, its network adapters connected to no switch.
-//! - Power is `RequestStateChange` (2 on, 3 off), marks are `ModifySystemSettings` of `Notes`,
+//!   through `san-paths`), marked `role=test`, its network adapters on a new private switch
+//!   `<copy> (isolated)` ([`crate::isolated`]) removed with it.
+//! - Power is `RequestStateChange` (2 on; off after a clean guest shutdown, [`crate::shutdown`]), marks are `ModifySystemSettings` of `Notes`,
 //!   removal is `DestroySystem` plus the VM's folder (through `san-paths`).
 
 use crate::cim::{self, Epr, Instance, Param};
@@ -480,7 +481,8 @@ impl ReplicaTarget for HypervDriver {
     async fn power(&self, vm: &str, on: bool) -> Result<(), HvError> {
         let v = self.vm_must(vm).await?;
         if !on {
-            return self.off(&v).await;
+            // A clean guest shutdown, forced when refused (ADR 0187).
+            return self.shut_down(&v).await;
         }
         if power_state(v.text("EnabledState")) != PowerState::Running {
             Wmi::new(self.parts().0)
@@ -568,9 +570,10 @@ impl ReplicaTarget for HypervDriver {
         let (mut config, _) = crate::config::capture(c, &vm, &vssd, disks)
             .await
             .map_err(|e| self.err(e))?;
-        // Isolated: the copy's adapters (MACs kept) are connected to no switch.
+        // Isolated: the copy's adapters (MACs kept) are on a new private switch (ADR 0187).
+        let isolated = self.isolated_switch(name).await?;
         for n in &mut config.nics {
-            n.network = None;
+            n.network = Some(isolated.clone());
         }
         let plan = RestorePlan {
             name: name.into(),
@@ -600,12 +603,13 @@ impl ReplicaTarget for HypervDriver {
         if self.vm_now(vm).await?.is_none() {
             return Ok(());
         }
-        let folder = self
-            .vssd(vm)
-            .await?
-            .text("ConfigurationDataRoot")
-            .map(str::to_string);
+        let settings = self.vssd(vm).await?;
+        let folder = settings.text("ConfigurationDataRoot").map(str::to_string);
         destroy_vm(c, name, vm).await?;
+        // A test copy's private switch goes with it (ADR 0187).
+        if let Some(n) = settings.text("ElementName") {
+            self.remove_isolated_switch(n).await;
+        }
         // Like Hyper-V, DestroySystem leaves the files: the VM's own folder goes.
         if let Some(local) = folder
             .as_deref()

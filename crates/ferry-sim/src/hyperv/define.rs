@@ -385,6 +385,7 @@ fn define(st: &mut State, body: &Node, out: &mut Instance) -> Result<(), String>
             ("OperationalStatus", text("2")),
         ],
     ));
+    st.push(super::shutdown::component(&id, true));
     if subtype == GEN1 {
         for c in controllers::ide_controllers(&id) {
             st.push(c);
@@ -892,7 +893,8 @@ fn remove_vm(st: &mut State, id: &str) {
             });
             let of_vm = i.text("VirtualSystemIdentifier") == Some(id)
                 || (class == "Msvm_ComputerSystem" && i.text("Name") == Some(id))
-                || (class == "Msvm_VssComponent" && i.text("SystemName") == Some(id));
+                || ((class == "Msvm_VssComponent" || class == super::shutdown::CLASS)
+                    && i.text("SystemName") == Some(id));
             !(own || of_vm)
         });
     }

@@ -10,7 +10,7 @@
 //! - classes: the host and guests (`Msvm_ComputerSystem`), their settings
 //!   (`Msvm_VirtualSystemSettingData`, realized and snapshot), `Msvm_VirtualSystemSnapshotService`
 //!   (CreateSnapshot, DestroySnapshot, ConvertToReferencePoint), `Msvm_VirtualSystemReferencePoint`,
-//!   `Msvm_ConcreteJob`; `Msvm_ComputerSystem.RequestStateChange`;
+//!   `Msvm_ConcreteJob`; `Msvm_ComputerSystem.RequestStateChange`; `Msvm_ShutdownComponent` ([`shutdown`]);
 //! - the WinRS `cmd` shell cycle (Create, Command, Receive, Signal, Delete) with `hostname`,
 //!   `whoami`, `echo` and `exit N`, enough for pywinrm's `run_cmd`;
 //! - faults as WinRM words them (`w:InvalidSelectors`, `w:ActionNotSupported`, …).
@@ -37,7 +37,9 @@ mod migrate;
 mod node_agent;
 mod port_features;
 mod rct;
+mod shutdown;
 mod sidedoor;
+mod switches;
 
 pub use cbt::Cbt;
 pub use kerberos::HypervKerberos;
@@ -172,6 +174,8 @@ struct State {
     pending_move: Option<migrate::Pending>,
     /// Each cluster node's own agent address, one of which a test kills ([`node_agent`]).
     node_agents: node_agent::NodeAgents,
+    /// The shutdown requests the guests received ([`shutdown`]).
+    shutdowns: shutdown::Log,
 }
 
 #[derive(Debug, Clone)]
@@ -322,6 +326,11 @@ impl State {
                 "vmms",
                 "Microsoft Hyper-V Virtual System Management Service",
             ),
+            (
+                switches::SERVICE,
+                "nvspwmi",
+                "Microsoft Hyper-V Virtual Ethernet Switch Management Service",
+            ),
         ] {
             add(inst(
                 class,
@@ -396,6 +405,7 @@ impl State {
             for i in config::hardware(n, g.name, &id, host) {
                 add(i);
             }
+            add(shutdown::component(&id, true));
             // The backup (VSS) integration service: disabled in the Linux guest.
             add(inst(
                 "Msvm_VssComponent",
@@ -1089,6 +1099,9 @@ fn invoke(
         if let Some(r) = node_agent::sidedoor(st, method, body) {
             return r;
         }
+        if let Some(r) = shutdown::sidedoor(st, method, body) {
+            return r;
+        }
         return sidedoor::invoke(st, method, body);
     }
     if st.find(class, selectors).is_none() {
@@ -1120,6 +1133,8 @@ fn invoke(
     }
     match (class, method) {
         (define::SERVICE, m) => define::invoke(st, m, body, &mut out)?,
+        (shutdown::CLASS, m) => shutdown::invoke(st, selectors, m, body, &mut out)?,
+        (switches::SERVICE, m) => switches::invoke(st, m, body, &mut out)?,
         ("Msvm_VirtualSystemSnapshotService", "CreateSnapshot")
             if checkpoints::is_standard(body) =>
         {
