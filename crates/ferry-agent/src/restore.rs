@@ -488,13 +488,7 @@ impl RestoreExports {
         }
         let key = folder.join(&file);
         let mut staged = self.staged.lock().expect("restore lock");
-        // A staged disk nobody writes any more (a cut connection) starts over.
-        if staged
-            .get(&key)
-            .is_some_and(|s| Arc::strong_count(&s.overlay) == 1)
-        {
-            staged.remove(&key);
-        }
+        drop_abandoned(&mut staged, &key);
         if let Some(s) = staged.get_mut(&key) {
             // Another connection of the same writer.
             if s.size != size {
@@ -591,12 +585,7 @@ impl RestoreExports {
         let key = folder.join(&file);
         {
             let mut staged = self.staged.lock().expect("restore lock");
-            if staged
-                .get(&key)
-                .is_some_and(|s| Arc::strong_count(&s.overlay) == 1)
-            {
-                staged.remove(&key);
-            }
+            drop_abandoned(&mut staged, &key);
             if let Some(s) = staged.get_mut(&key) {
                 if !s.update {
                     return Err(policy(format!("{path} is being created, not updated")));
@@ -775,6 +764,17 @@ fn to_vhdx(
     }
     w.finish()?;
     Ok(written)
+}
+
+/// Forgets the staged disk at `key` when nobody writes it any more (a cut connection): the
+/// next `create` or `update` of it starts over.
+fn drop_abandoned(staged: &mut HashMap<PathBuf, Staged>, key: &Path) {
+    if staged
+        .get(key)
+        .is_some_and(|s| Arc::strong_count(&s.overlay) == 1)
+    {
+        staged.remove(key);
+    }
 }
 
 #[cfg(test)]
